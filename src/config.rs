@@ -1,0 +1,806 @@
+//! Configuration: the TOML file (plus `REKEYD__...` environment overrides)
+//! is read into raw serde structs that reject unknown keys, then validated
+//! into a typed [`Config`]. Every validation error names the key it is about,
+//! so an operator can fix the file without reading our source.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/rekeyd/rekeyd.toml";
+/// Default listen address of the local API when `[api]` gives none.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9860";
+/// Default grace period between promoting a new secret and deleting the old one.
+pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(30);
+/// Default mode of token files: readable by the owner only (I7).
+pub const DEFAULT_SINK_MODE: u32 = 0o600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load config {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw shape of the file. Strings where the value needs validation, so that the
+// error can say which key was wrong and why.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<PathBuf>,
+    api: Option<RawApi>,
+    log: Option<RawLog>,
+    #[serde(default)]
+    credentials: Vec<RawCredential>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<String>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_non_loopback: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    name: Option<String>,
+    provider: Option<String>,
+    client_id: Option<String>,
+    customer_id: Option<String>,
+    initial_secret_file: Option<PathBuf>,
+    initial_secret_id: Option<String>,
+    scope: Option<String>,
+    audience: Option<String>,
+    auth_method: Option<String>,
+    #[serde(default)]
+    extra_params: BTreeMap<String, String>,
+    endpoints: Option<RawEndpoints>,
+    refresh: Option<RawRefresh>,
+    rotation: Option<RawRotation>,
+    #[serde(default)]
+    sinks: Vec<RawSink>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoints {
+    token_url: Option<String>,
+    secrets_url: Option<String>,
+    #[serde(default)]
+    allow_insecure_http: bool,
+    connect_timeout: Option<String>,
+    request_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRefresh {
+    before_expiry: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRotation {
+    every: Option<String>,
+    schedule: Option<String>,
+    grace: Option<String>,
+    #[serde(default)]
+    on_login: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    path: Option<PathBuf>,
+    format: Option<String>,
+    mode: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated configuration.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub api: Option<ApiConfig>,
+    pub log: LogConfig,
+    pub credentials: Vec<CredentialConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: ListenAddr,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    MapsIndoors,
+    Mappls,
+    OAuth2,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::MapsIndoors => "mapsindoors",
+            ProviderKind::Mappls => "mappls",
+            ProviderKind::OAuth2 => "oauth2",
+        }
+    }
+
+    fn default_token_url(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::MapsIndoors => Some("https://auth.mapsindoors.com/connect/token"),
+            ProviderKind::Mappls => Some("https://outpost.mapmyindia.com/api/security/oauth/token"),
+            ProviderKind::OAuth2 => None,
+        }
+    }
+
+    fn default_secrets_url(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::MapsIndoors => Some("https://auth.mapsindoors.com/api/clientcredentials"),
+            _ => None,
+        }
+    }
+}
+
+/// How the client authenticates at an RFC 6749 token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+#[derive(Debug, Clone)]
+pub struct EndpointsConfig {
+    pub token_url: Url,
+    pub secrets_url: Option<Url>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RefreshConfig {
+    /// Refresh this long before expiry (jittered); `None` means 70-80% of the lifetime.
+    pub before_expiry: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotationTrigger {
+    Every(Duration),
+    Schedule(String),
+    /// Only `on_login` (or manual requests) rotate.
+    Manual,
+}
+
+#[derive(Debug, Clone)]
+pub struct RotationConfig {
+    pub trigger: RotationTrigger,
+    pub grace: Duration,
+    pub on_login: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkFormat {
+    /// The bare token, no trailing newline.
+    Raw,
+    /// `{"access_token","token_type","expires_at"}`.
+    Json,
+    /// `Authorization: Bearer <token>` and a newline.
+    Header,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub path: PathBuf,
+    pub format: SinkFormat,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct CredentialConfig {
+    pub name: String,
+    pub provider: ProviderKind,
+    pub client_id: String,
+    pub customer_id: Option<String>,
+    pub initial_secret_file: Option<PathBuf>,
+    pub initial_secret_id: Option<String>,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub auth_method: AuthMethod,
+    pub extra_params: BTreeMap<String, String>,
+    pub endpoints: EndpointsConfig,
+    pub refresh: RefreshConfig,
+    pub rotation: Option<RotationConfig>,
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl Config {
+    /// Reads `path` and applies `REKEYD__...` environment overrides
+    /// (`REKEYD__STATE_DIR`, `REKEYD__API__LISTEN`, `REKEYD__LOG__FORMAT`, ...).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// Like [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let load_err = |message: String| ConfigError::Load {
+            path: path.to_path_buf(),
+            message,
+        };
+        // Read the file ourselves so that a missing file is reported as such,
+        // not as an empty configuration.
+        let text = std::fs::read_to_string(path).map_err(|e| load_err(e.to_string()))?;
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("REKEYD__"))
+            .collect();
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("REKEYD")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env)),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| load_err(e.to_string()))?;
+        validate(raw)
+    }
+
+    /// Parses a TOML document without environment overrides.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load {
+                path: PathBuf::from("<inline>"),
+                message: e.to_string(),
+            })?;
+        validate(raw)
+    }
+
+    pub fn credential(&self, name: &str) -> Option<&CredentialConfig> {
+        self.credentials.iter().find(|c| c.name == name)
+    }
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/rekeyd"));
+    if !state_dir.is_absolute() {
+        return Err(ConfigError::invalid(
+            "state_dir",
+            format!("must be an absolute path, got {:?}", state_dir),
+        ));
+    }
+
+    let api = raw
+        .api
+        .map(|api| validate_api(api, &state_dir))
+        .transpose()?;
+
+    let log = LogConfig {
+        format: match raw.log.and_then(|l| l.format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "log.format",
+                    format!("must be \"text\" or \"json\", got {other:?}"),
+                ));
+            }
+        },
+    };
+
+    if raw.credentials.is_empty() {
+        return Err(ConfigError::invalid(
+            "credentials",
+            "at least one [[credentials]] entry is required",
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut credentials = Vec::with_capacity(raw.credentials.len());
+    for (i, rc) in raw.credentials.into_iter().enumerate() {
+        let cred = validate_credential(i, rc)?;
+        if !names.insert(cred.name.clone()) {
+            return Err(ConfigError::invalid(
+                format!("credentials[{i}].name"),
+                format!("duplicate credential name {:?}", cred.name),
+            ));
+        }
+        credentials.push(cred);
+    }
+    let mut sink_paths = HashSet::new();
+    for (i, cred) in credentials.iter().enumerate() {
+        for (j, sink) in cred.sinks.iter().enumerate() {
+            if !sink_paths.insert(sink.path.clone()) {
+                return Err(ConfigError::invalid(
+                    format!("credentials[{i}].sinks[{j}].path"),
+                    format!("{} is used by another sink", sink.path.display()),
+                ));
+            }
+        }
+    }
+
+    Ok(Config {
+        state_dir,
+        api,
+        log,
+        credentials,
+    })
+}
+
+fn validate_api(api: RawApi, state_dir: &Path) -> Result<ApiConfig, ConfigError> {
+    let listen_text = api.listen.as_deref().unwrap_or(DEFAULT_API_LISTEN);
+    let listen = if let Some(path) = listen_text.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(ConfigError::invalid(
+                "api.listen",
+                format!("unix socket path must be absolute, got {listen_text:?}"),
+            ));
+        }
+        ListenAddr::Unix(path)
+    } else {
+        let addr: SocketAddr = listen_text.parse().map_err(|_| {
+            ConfigError::invalid(
+                "api.listen",
+                format!("expected \"IP:PORT\" or \"unix:/path\", got {listen_text:?}"),
+            )
+        })?;
+        // The token endpoint hands out bearer tokens: exposing it beyond the
+        // host must be a deliberate choice.
+        if !addr.ip().is_loopback() && !api.allow_non_loopback {
+            return Err(ConfigError::invalid(
+                "api.listen",
+                format!(
+                    "{addr} is not a loopback address; set api.allow_non_loopback = true to expose the API beyond this host"
+                ),
+            ));
+        }
+        ListenAddr::Tcp(addr)
+    };
+    let key_file = api.key_file.unwrap_or_else(|| state_dir.join("api.key"));
+    if !key_file.is_absolute() {
+        return Err(ConfigError::invalid(
+            "api.key_file",
+            format!("must be an absolute path, got {:?}", key_file),
+        ));
+    }
+    Ok(ApiConfig { listen, key_file })
+}
+
+fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, ConfigError> {
+    let key = |field: &str| format!("credentials[{i}].{field}");
+    let required = |value: Option<String>, field: &str| {
+        value
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| ConfigError::invalid(key(field), "is required"))
+    };
+
+    let name = required(rc.name, "name")?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(ConfigError::invalid(
+            key("name"),
+            format!("{name:?} may contain only a-z, 0-9 and '-'"),
+        ));
+    }
+    let provider_text = required(rc.provider, "provider")?;
+    let provider = match provider_text.as_str() {
+        "mapsindoors" => ProviderKind::MapsIndoors,
+        "mappls" => ProviderKind::Mappls,
+        "oauth2" => ProviderKind::OAuth2,
+        other => {
+            return Err(ConfigError::invalid(
+                key("provider"),
+                format!("unknown provider {other:?}; expected mapsindoors, mappls or oauth2"),
+            ));
+        }
+    };
+    let client_id = required(rc.client_id, "client_id")?;
+
+    let auth_method = match (provider, rc.auth_method.as_deref()) {
+        (ProviderKind::OAuth2, None | Some("client_secret_basic")) => AuthMethod::ClientSecretBasic,
+        (_, Some("client_secret_post")) => AuthMethod::ClientSecretPost,
+        (ProviderKind::OAuth2, Some(other)) => {
+            return Err(ConfigError::invalid(
+                key("auth_method"),
+                format!("expected client_secret_basic or client_secret_post, got {other:?}"),
+            ));
+        }
+        // MapsIndoors and Mappls only accept the secret in the form body.
+        (_, None) => AuthMethod::ClientSecretPost,
+        (_, Some(other)) => {
+            return Err(ConfigError::invalid(
+                key("auth_method"),
+                format!(
+                    "{} only supports client_secret_post, got {other:?}",
+                    provider.as_str()
+                ),
+            ));
+        }
+    };
+
+    if rc.initial_secret_file.is_none() {
+        return Err(ConfigError::invalid(
+            key("initial_secret_file"),
+            "is required (it is read only while the store holds no secret for this credential)",
+        ));
+    }
+    if let Some(path) = &rc.initial_secret_file
+        && !path.is_absolute()
+    {
+        return Err(ConfigError::invalid(
+            key("initial_secret_file"),
+            format!("must be an absolute path, got {:?}", path),
+        ));
+    }
+
+    for param in rc.extra_params.keys() {
+        if matches!(
+            param.as_str(),
+            "grant_type" | "client_id" | "client_secret" | "scope" | "audience"
+        ) {
+            return Err(ConfigError::invalid(
+                key(&format!("extra_params.{param}")),
+                "is set by rekeyd itself and cannot be overridden",
+            ));
+        }
+    }
+    if rc.audience.is_some() && provider != ProviderKind::OAuth2 {
+        return Err(ConfigError::invalid(
+            key("audience"),
+            format!("is only supported by provider oauth2, not {}", provider.as_str()),
+        ));
+    }
+
+    let endpoints = validate_endpoints(i, provider, rc.endpoints)?;
+
+    let refresh = RefreshConfig {
+        before_expiry: rc
+            .refresh
+            .and_then(|r| r.before_expiry)
+            .map(|text| parse_duration(&key("refresh.before_expiry"), &text))
+            .transpose()?
+            .map(|d| {
+                if d.is_zero() {
+                    Err(ConfigError::invalid(
+                        key("refresh.before_expiry"),
+                        "must be greater than zero",
+                    ))
+                } else {
+                    Ok(d)
+                }
+            })
+            .transpose()?,
+    };
+
+    let rotation = rc
+        .rotation
+        .map(|r| validate_rotation(i, provider, r))
+        .transpose()?;
+    if rotation.is_some() && rc.customer_id.is_none() {
+        return Err(ConfigError::invalid(
+            key("customer_id"),
+            "is required when [credentials.rotation] is set (the MapsIndoors secret API is per customer)",
+        ));
+    }
+
+    let sinks = rc
+        .sinks
+        .into_iter()
+        .enumerate()
+        .map(|(j, s)| validate_sink(&key(&format!("sinks[{j}]")), s))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    Ok(CredentialConfig {
+        name,
+        provider,
+        client_id,
+        customer_id: rc.customer_id,
+        initial_secret_file: rc.initial_secret_file,
+        initial_secret_id: rc.initial_secret_id,
+        scope: rc.scope,
+        audience: rc.audience,
+        auth_method,
+        extra_params: rc.extra_params,
+        endpoints,
+        refresh,
+        rotation,
+        sinks,
+    })
+}
+
+fn validate_endpoints(
+    i: usize,
+    provider: ProviderKind,
+    raw: Option<RawEndpoints>,
+) -> Result<EndpointsConfig, ConfigError> {
+    let key = |field: &str| format!("credentials[{i}].endpoints.{field}");
+    let raw = raw.unwrap_or(RawEndpoints {
+        token_url: None,
+        secrets_url: None,
+        allow_insecure_http: false,
+        connect_timeout: None,
+        request_timeout: None,
+    });
+    let token_text = raw
+        .token_url
+        .or_else(|| provider.default_token_url().map(str::to_owned))
+        .ok_or_else(|| {
+            ConfigError::invalid(key("token_url"), "is required for provider oauth2")
+        })?;
+    let token_url = parse_url(&key("token_url"), &token_text, raw.allow_insecure_http)?;
+    let secrets_url = match raw
+        .secrets_url
+        .or_else(|| provider.default_secrets_url().map(str::to_owned))
+    {
+        Some(_) if provider != ProviderKind::MapsIndoors => {
+            return Err(ConfigError::invalid(
+                key("secrets_url"),
+                format!("provider {} has no secret API", provider.as_str()),
+            ));
+        }
+        Some(text) => Some(parse_url(
+            &key("secrets_url"),
+            &text,
+            raw.allow_insecure_http,
+        )?),
+        None => None,
+    };
+    let connect_timeout = raw
+        .connect_timeout
+        .map(|t| parse_duration(&key("connect_timeout"), &t))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(10));
+    let request_timeout = raw
+        .request_timeout
+        .map(|t| parse_duration(&key("request_timeout"), &t))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(30));
+    Ok(EndpointsConfig {
+        token_url,
+        secrets_url,
+        connect_timeout,
+        request_timeout,
+    })
+}
+
+/// Secrets travel in these requests, so plain HTTP is only allowed where no
+/// network sees it (loopback) unless the operator opts in explicitly.
+fn parse_url(key: &str, text: &str, allow_insecure_http: bool) -> Result<Url, ConfigError> {
+    let url = Url::parse(text)
+        .map_err(|e| ConfigError::invalid(key, format!("invalid URL {text:?}: {e}")))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_insecure_http || host_is_loopback(&url) => {}
+        "http" => {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "plain http to a non-loopback host ({text}) would expose secrets; use https or set endpoints.allow_insecure_http = true"
+                ),
+            ));
+        }
+        other => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("unsupported scheme {other:?}; expected https"),
+            ));
+        }
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::invalid(
+            key,
+            "must not embed credentials in the URL",
+        ));
+    }
+    Ok(url)
+}
+
+fn host_is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
+fn validate_rotation(
+    i: usize,
+    provider: ProviderKind,
+    raw: RawRotation,
+) -> Result<RotationConfig, ConfigError> {
+    let key = |field: &str| format!("credentials[{i}].rotation.{field}");
+    if provider != ProviderKind::MapsIndoors {
+        return Err(ConfigError::invalid(
+            format!("credentials[{i}].rotation"),
+            format!(
+                "provider {} has no secret API, so its secret cannot be rotated by rekeyd",
+                provider.as_str()
+            ),
+        ));
+    }
+    let trigger = match (raw.every, raw.schedule) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                key("every"),
+                "set either `every` or `schedule`, not both",
+            ));
+        }
+        (Some(every), None) => {
+            let d = parse_duration(&key("every"), &every)?;
+            if d < Duration::from_secs(1) {
+                return Err(ConfigError::invalid(key("every"), "must be at least 1s"));
+            }
+            RotationTrigger::Every(d)
+        }
+        (None, Some(schedule)) => {
+            validate_cron(&key("schedule"), &schedule)?;
+            RotationTrigger::Schedule(schedule)
+        }
+        (None, None) if raw.on_login => RotationTrigger::Manual,
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                key("every"),
+                "one of `every`, `schedule` or `on_login = true` is required",
+            ));
+        }
+    };
+    let grace = raw
+        .grace
+        .map(|g| parse_duration(&key("grace"), &g))
+        .transpose()?
+        .unwrap_or(DEFAULT_ROTATION_GRACE);
+    Ok(RotationConfig {
+        trigger,
+        grace,
+        on_login: raw.on_login,
+    })
+}
+
+/// Checks a cron expression with seconds ("sec min hour day month weekday"),
+/// as tokio-cron-scheduler reads it.
+fn validate_cron(key: &str, expr: &str) -> Result<(), ConfigError> {
+    let fields = expr.split_whitespace().count();
+    if !(6..=7).contains(&fields) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "cron expression {expr:?} has {fields} fields; expected 6 (sec min hour day month weekday)"
+            ),
+        ));
+    }
+    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map(|_| ())
+        .map_err(|e| ConfigError::invalid(key, format!("invalid cron expression {expr:?}: {e}")))
+}
+
+fn validate_sink(key: &str, raw: RawSink) -> Result<SinkConfig, ConfigError> {
+    let path = raw
+        .path
+        .ok_or_else(|| ConfigError::invalid(format!("{key}.path"), "is required"))?;
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(ConfigError::invalid(
+            format!("{key}.path"),
+            format!("must be an absolute file path, got {:?}", path),
+        ));
+    }
+    let format = match raw.format.as_deref() {
+        None | Some("raw") => SinkFormat::Raw,
+        Some("json") => SinkFormat::Json,
+        Some("header") => SinkFormat::Header,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                format!("{key}.format"),
+                format!("expected raw, json or header, got {other:?}"),
+            ));
+        }
+    };
+    let mode = match raw.mode {
+        None => DEFAULT_SINK_MODE,
+        Some(text) => {
+            let mode = u32::from_str_radix(&text, 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        format!("{key}.mode"),
+                        format!("expected an octal file mode such as \"0640\", got {text:?}"),
+                    )
+                })?;
+            // I7: a token file is never world-readable.
+            if mode & 0o007 != 0 {
+                return Err(ConfigError::invalid(
+                    format!("{key}.mode"),
+                    format!("{text} gives access to all users; token files must not be world-accessible"),
+                ));
+            }
+            if mode & 0o400 == 0 {
+                return Err(ConfigError::invalid(
+                    format!("{key}.mode"),
+                    format!("{text} does not let the owner read the file"),
+                ));
+            }
+            mode
+        }
+    };
+    Ok(SinkConfig { path, format, mode })
+}
+
+fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text).map_err(|e| {
+        ConfigError::invalid(
+            key,
+            format!("invalid duration {text:?} ({e}); use e.g. \"30s\", \"5m\", \"24h\""),
+        )
+    })
+}

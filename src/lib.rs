@@ -1,0 +1,20 @@
+//! rekeyd keeps OAuth2 machine credentials alive for the programs beside it.
+//!
+//! Module map:
+//! - [`config`]: TOML + environment → validated [`config::Config`].
+//! - [`provider`]: one [`provider::TokenProvider`] per provider dialect.
+//! - [`token`]: the token value, the pure refresh policy and the engine task.
+//! - [`store`]: durable per-credential record (secret + rotation journal).
+//! - [`credential`]: watch channels through which tokens and status flow.
+//! - [`serve`]: token files and the local HTTP API.
+//! - [`daemon`]: wires credentials, serving, signals and shutdown together.
+//! - [`sim`]: simulated providers for `rekeyd demo` and the tests.
+//! - [`fsutil`]: atomic, durable file writes.
+
+pub mod config;
+pub mod credential;
+pub mod fsutil;
+pub mod provider;
+pub mod sim;
+pub mod store;
+pub mod token;

@@ -1,0 +1,74 @@
+//! Mappls (MapmyIndia) outpost token endpoint.
+//!
+//! Quirks: success may be 200 or 201 (any 2xx is success); `token_type` is a
+//! lowercase `bearer` and the reply carries extra fields; `401` is a bad
+//! client; `403` means a daily or hourly quota is used up, so hammering it
+//! only prolongs the outage; `503` during maintenance.
+
+use futures_util::future::BoxFuture;
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use super::http::{self, HttpClient};
+use super::{ErrorKind, ProviderError, TokenProvider};
+use crate::config::CredentialConfig;
+use crate::token::Token;
+
+pub struct Mappls {
+    http: HttpClient,
+    token_url: Url,
+    client_id: String,
+    scope: Option<String>,
+}
+
+impl Mappls {
+    pub fn new(http: HttpClient, cred: &CredentialConfig) -> Self {
+        Mappls {
+            http,
+            token_url: cred.endpoints.token_url.clone(),
+            client_id: cred.client_id.clone(),
+            scope: cred.scope.clone(),
+        }
+    }
+}
+
+fn classify(status: u16, code: Option<&str>) -> ErrorKind {
+    match (status, code) {
+        (401, _) | (400, Some("invalid_client")) => ErrorKind::Rejected,
+        (403 | 429, _) => ErrorKind::Quota,
+        (400..=499, _) => ErrorKind::Refused,
+        _ => ErrorKind::Transient,
+    }
+}
+
+impl TokenProvider for Mappls {
+    fn login<'a>(&'a self, secret: &'a SecretString) -> BoxFuture<'a, Result<Token, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "mappls login";
+            let mut form = vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", self.client_id.as_str()),
+                ("client_secret", secret.expose_secret()),
+            ];
+            if let Some(scope) = &self.scope {
+                form.push(("scope", scope));
+            }
+            // `.form()` sets Content-Type: application/x-www-form-urlencoded,
+            // which this endpoint insists on.
+            let request = self.http.inner().post(self.token_url.clone()).form(&form);
+            http::token_request(&self.http, OP, request, secret, classify).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_is_403() {
+        assert_eq!(classify(403, None), ErrorKind::Quota);
+        assert_eq!(classify(401, Some("invalid_client")), ErrorKind::Rejected);
+        assert_eq!(classify(503, None), ErrorKind::Transient);
+    }
+}

@@ -1,0 +1,90 @@
+//! Any RFC 6749 §4.4 client-credentials token endpoint.
+//!
+//! The client authenticates with HTTP Basic (`client_secret_basic`, the
+//! default, id and secret form-encoded first as §2.3.1 demands) or in the
+//! form body (`client_secret_post`). Errors follow §5.2; `invalid_client`
+//! may come as 400 or 401 depending on the server.
+
+use futures_util::future::BoxFuture;
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use super::http::{self, HttpClient};
+use super::{ErrorKind, ProviderError, TokenProvider};
+use crate::config::{AuthMethod, CredentialConfig};
+use crate::token::Token;
+
+pub struct OAuth2 {
+    http: HttpClient,
+    token_url: Url,
+    client_id: String,
+    auth_method: AuthMethod,
+    /// scope, audience and operator-given extra form fields.
+    params: Vec<(String, String)>,
+}
+
+impl OAuth2 {
+    pub fn new(http: HttpClient, cred: &CredentialConfig) -> Self {
+        let mut params = Vec::new();
+        if let Some(scope) = &cred.scope {
+            params.push(("scope".to_string(), scope.clone()));
+        }
+        if let Some(audience) = &cred.audience {
+            params.push(("audience".to_string(), audience.clone()));
+        }
+        params.extend(cred.extra_params.clone());
+        OAuth2 {
+            http,
+            token_url: cred.endpoints.token_url.clone(),
+            client_id: cred.client_id.clone(),
+            auth_method: cred.auth_method,
+            params,
+        }
+    }
+}
+
+fn classify(status: u16, code: Option<&str>) -> ErrorKind {
+    match (status, code) {
+        (_, Some("invalid_client")) | (401, _) => ErrorKind::Rejected,
+        (429, _) => ErrorKind::Quota,
+        (400..=499, _) => ErrorKind::Refused,
+        _ => ErrorKind::Transient,
+    }
+}
+
+impl TokenProvider for OAuth2 {
+    fn login<'a>(&'a self, secret: &'a SecretString) -> BoxFuture<'a, Result<Token, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "oauth2 login";
+            let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+            form.extend(self.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let mut request = self.http.inner().post(self.token_url.clone());
+            match self.auth_method {
+                AuthMethod::ClientSecretBasic => {
+                    request = request.basic_auth(
+                        http::form_encode(&self.client_id),
+                        Some(http::form_encode(secret.expose_secret())),
+                    );
+                }
+                AuthMethod::ClientSecretPost => {
+                    form.push(("client_id", &self.client_id));
+                    form.push(("client_secret", secret.expose_secret()));
+                }
+            }
+            http::token_request(&self.http, OP, request.form(&form), secret, classify).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_client_as_400_or_401() {
+        assert_eq!(classify(400, Some("invalid_client")), ErrorKind::Rejected);
+        assert_eq!(classify(401, Some("invalid_client")), ErrorKind::Rejected);
+        assert_eq!(classify(400, Some("invalid_scope")), ErrorKind::Refused);
+        assert_eq!(classify(500, None), ErrorKind::Transient);
+    }
+}

@@ -1,0 +1,187 @@
+//! The local file store: one JSON record per credential under
+//! `<state_dir>/credentials/`, mode 0600 in a 0700 directory, replaced
+//! atomically and durably (see [`crate::fsutil::write_atomic`]).
+//!
+//! Compare-and-swap holds an exclusive lock on a per-credential lock file
+//! while it reads, compares and writes, so two processes sharing the state
+//! directory (the daemon and `rekeyd rotate`) never overwrite each other.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use futures_util::future::BoxFuture;
+
+use super::record::Document;
+use super::{CredentialRecord, Store, StoreError, Versioned};
+use crate::fsutil;
+
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+impl FileStore {
+    /// Opens (creating if needed) the store under `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<FileStore, StoreError> {
+        let dir = state_dir.join("credentials");
+        for d in [state_dir, dir.as_path()] {
+            fsutil::ensure_private_dir(d, 0o700).map_err(|source| StoreError::Io {
+                path: d.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(FileStore { dir })
+    }
+
+    pub fn record_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    fn lock_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.lock"))
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Versioned<CredentialRecord>>, StoreError> {
+        let path = self.record_path(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(io_err(&path, source)),
+        };
+        let corrupt = |reason: String| StoreError::Corrupt {
+            path: path.display().to_string(),
+            reason,
+        };
+        // serde_json's message names line and column only, never the value.
+        let doc: Document = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let (version, value) = doc.into_record().map_err(corrupt)?;
+        Ok(Some(Versioned { version, value }))
+    }
+
+}
+
+/// Reads, compares and writes under the credential's lock. A free function
+/// over owned data so it can run on the blocking pool.
+fn swap(dir: &Path, name: &str, expected: Option<u64>, bytes: &[u8]) -> Result<u64, StoreError> {
+    let store = FileStore {
+        dir: dir.to_path_buf(),
+    };
+    let lock_path = store.lock_path(name);
+    let lock = open_lock_file(&lock_path).map_err(|e| io_err(&lock_path, e))?;
+    // Released when `lock` is dropped at the end of this function.
+    lock.lock().map_err(|e| io_err(&lock_path, e))?;
+    let found = store.read(name)?.map(|v| v.version);
+    if found != expected {
+        return Err(StoreError::Conflict {
+            name: name.to_string(),
+            expected,
+        });
+    }
+    let path = store.record_path(name);
+    fsutil::write_atomic(&path, bytes, 0o600).map_err(|e| io_err(&path, e))?;
+    Ok(next_version(expected))
+}
+
+fn next_version(expected: Option<u64>) -> u64 {
+    expected.map_or(1, |v| v + 1)
+}
+
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+}
+
+fn io_err(path: &Path, source: io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Store for FileStore {
+    fn load<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<CredentialRecord>>, StoreError>> {
+        // Small local files: a blocking read is cheaper than a thread hop.
+        Box::pin(async move { self.read(name) })
+    }
+
+    fn compare_and_swap<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Option<u64>,
+        record: &'a CredentialRecord,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let doc = Document::from_record(record, next_version(expected));
+        let bytes = serde_json::to_vec_pretty(&doc).expect("record serializes");
+        let dir = self.dir.clone();
+        let name = name.to_string();
+        // fsync can take long on a busy disk: keep it off the async workers.
+        Box::pin(async move {
+            let path = dir.join(format!("{name}.json"));
+            tokio::task::spawn_blocking(move || swap(&dir, &name, expected, &bytes))
+                .await
+                .map_err(|e| io_err(&path, io::Error::other(e)))?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Rotation, SecretEntry};
+    use secrecy::{ExposeSecret, SecretString};
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::SystemTime;
+
+    fn record(value: &str) -> CredentialRecord {
+        CredentialRecord::new(SecretEntry {
+            id: Some("id1".into()),
+            value: SecretString::from(value),
+            created_at: SystemTime::UNIX_EPOCH,
+        })
+    }
+
+    #[tokio::test]
+    async fn cas_round_trip_and_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        assert!(store.load("a").await.unwrap().is_none());
+        let v1 = store.compare_and_swap("a", None, &record("one")).await.unwrap();
+        assert!(matches!(
+            store.compare_and_swap("a", None, &record("x")).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        let mut r = record("two");
+        r.rotation = Rotation::Creating { rid: "r1".into() };
+        let v2 = store.compare_and_swap("a", Some(v1), &r).await.unwrap();
+        assert_eq!(v2, v1 + 1);
+        let got = store.load("a").await.unwrap().unwrap();
+        assert_eq!(got.version, v2);
+        assert_eq!(got.value.current.value.expose_secret(), "two");
+        assert_eq!(got.value.rotation.phase(), "creating");
+        let path = store.record_path("a");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn corrupt_record_is_loud_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let path = store.record_path("a");
+        std::fs::write(&path, b"{\"format\":1,\"vers").unwrap();
+        let err = store.load("a").await.unwrap_err();
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+        assert!(store.compare_and_swap("a", Some(1), &record("x")).await.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"format\":1,\"vers");
+    }
+}

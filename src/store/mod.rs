@@ -1,0 +1,53 @@
+//! Durable per-credential state: the secret in use and the rotation journal.
+//!
+//! The [`Store`] trait is shaped for compare-and-swap on a version number, so
+//! the same rotation driver works on the local file store and on shared
+//! stores where other replicas write concurrently.
+
+pub mod file;
+mod record;
+
+use futures_util::future::BoxFuture;
+
+pub use record::{CredentialRecord, Rotation, SecretEntry};
+
+/// A value together with the version it was read at.
+#[derive(Debug, Clone)]
+pub struct Versioned<T> {
+    pub version: u64,
+    pub value: T,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Someone else wrote since we read: re-read and decide again.
+    #[error("store record for {name} changed concurrently (expected version {expected:?})")]
+    Conflict { name: String, expected: Option<u64> },
+    /// The record exists but cannot be understood. Never silently replaced:
+    /// it may hold the only copy of a working secret.
+    #[error("store record {path} is corrupt: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("store I/O on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub trait Store: Send + Sync {
+    /// Reads the record of credential `name`, if there is one.
+    fn load<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<CredentialRecord>>, StoreError>>;
+
+    /// Writes `record` if the stored version is still `expected` (`None`:
+    /// only if no record exists) and returns the new version.
+    fn compare_and_swap<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Option<u64>,
+        record: &'a CredentialRecord,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+}

@@ -1,0 +1,200 @@
+//! The token engine: one task per credential that logs in, publishes the
+//! token, sleeps until the refresh point and starts over; on failure it
+//! backs off (see [`super::policy`]) while the old token keeps being served
+//! until it expires (I8).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::Token;
+use super::policy::{self, RefreshPolicy};
+use crate::credential::CredentialChannels;
+use crate::provider::{ErrorKind, ProviderError, TokenProvider};
+use crate::store::Store;
+
+/// The secrets a login may use, freshest first.
+pub struct Secrets {
+    /// The secret the store holds as current.
+    pub current: SecretString,
+    /// A replacement created by an unfinished rotation, not yet promoted.
+    pub pending: Option<SecretString>,
+}
+
+/// Where the engine gets secrets from. Read before every login, so a
+/// rotation (here or in another replica) is picked up without a signal.
+pub trait SecretSource: Send + Sync {
+    fn secrets(&self) -> BoxFuture<'_, Result<Secrets, String>>;
+}
+
+/// Reads a credential's secrets from the store.
+pub struct StoreSecrets {
+    pub store: Arc<dyn Store>,
+    pub name: String,
+}
+
+impl SecretSource for StoreSecrets {
+    fn secrets(&self) -> BoxFuture<'_, Result<Secrets, String>> {
+        Box::pin(async move {
+            let record = self
+                .store
+                .load(&self.name)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "the store holds no secret for this credential".to_string())?
+                .value;
+            Ok(Secrets {
+                pending: record.pending().map(|p| p.value.clone()),
+                current: record.current.value,
+            })
+        })
+    }
+}
+
+pub struct Engine {
+    pub name: String,
+    pub provider: Arc<dyn TokenProvider>,
+    pub secrets: Arc<dyn SecretSource>,
+    pub policy: RefreshPolicy,
+    pub channels: CredentialChannels,
+}
+
+/// Outcome of one refresh attempt.
+type Attempt = Result<Token, ProviderError>;
+
+impl Engine {
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let span = info_span!("credential", name = %self.name);
+        self.run_inner(shutdown).instrument(span).await
+    }
+
+    async fn run_inner(self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        loop {
+            let wait = match self.attempt().await {
+                Ok(token) => {
+                    failures = 0;
+                    let wait = self.policy.refresh_delay(token.lifetime, rand::random());
+                    info!(
+                        step = "refresh",
+                        expires_in = %humantime::format_duration(whole_seconds(token.lifetime)),
+                        next_refresh_in = %humantime::format_duration(whole_seconds(wait)),
+                        "token refreshed"
+                    );
+                    self.publish(token);
+                    wait
+                }
+                Err(err) => {
+                    failures = failures.saturating_add(1);
+                    let time_left = self
+                        .channels
+                        .token
+                        .borrow()
+                        .as_ref()
+                        .map(|t| t.remaining(Instant::now()));
+                    let wait = policy::retry_delay(
+                        failures,
+                        err.kind,
+                        err.retry_after,
+                        time_left,
+                        rand::random(),
+                    );
+                    let serving = time_left.is_some_and(|l| !l.is_zero());
+                    warn!(
+                        step = "refresh",
+                        error = %err,
+                        failures,
+                        retry_in = %humantime::format_duration(whole_millis(wait)),
+                        serving_previous_token = serving,
+                        "token refresh failed"
+                    );
+                    self.record_failure(&err, failures);
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.channels.refresh_now.notified() => {
+                    debug!(step = "refresh", "refresh requested");
+                }
+            }
+        }
+        debug!(step = "shutdown", "token engine stopped");
+    }
+
+    /// Logs in with the current secret; if the provider rejects it, re-reads
+    /// the store (another process may have rotated it) and tries the pending
+    /// secret of an unfinished rotation before giving up.
+    async fn attempt(&self) -> Attempt {
+        let secrets = self.load_secrets().await?;
+        let first = self.provider.login(&secrets.current).await;
+        let rejected = match first {
+            Err(e) if e.kind == ErrorKind::Rejected => e,
+            other => return other,
+        };
+        let fresh = self.load_secrets().await?;
+        let mut tried = vec![secrets.current];
+        for candidate in [Some(fresh.current), fresh.pending].into_iter().flatten() {
+            if tried
+                .iter()
+                .any(|t| t.expose_secret() == candidate.expose_secret())
+            {
+                continue;
+            }
+            info!(step = "refresh", "secret rejected; trying the newer secret from the store");
+            match self.provider.login(&candidate).await {
+                Err(e) if e.kind == ErrorKind::Rejected => tried.push(candidate),
+                other => return other,
+            }
+        }
+        Err(rejected)
+    }
+
+    async fn load_secrets(&self) -> Result<Secrets, ProviderError> {
+        self.secrets.secrets().await.map_err(|reason| ProviderError {
+            // Not the provider's fault, but handled the same way: retry
+            // with backoff and keep serving the current token.
+            kind: ErrorKind::Transient,
+            operation: "read secret",
+            status: None,
+            code: None,
+            detail: reason,
+            retry_after: None,
+        })
+    }
+
+    fn publish(&self, token: Token) {
+        let expires_at = token.expires_at_wall();
+        self.channels.token.send_replace(Some(Arc::new(token)));
+        self.channels.status.send_modify(|s| {
+            s.token_expires_at = Some(expires_at);
+            s.last_refresh_at = Some(SystemTime::now());
+            s.consecutive_failures = 0;
+            s.last_error = None;
+            s.locked_out = false;
+        });
+    }
+
+    fn record_failure(&self, err: &ProviderError, failures: u32) {
+        self.channels.status.send_modify(|s| {
+            s.consecutive_failures = failures;
+            s.last_error = Some(err.to_string());
+            s.locked_out = err.kind == ErrorKind::Rejected;
+        });
+    }
+}
+
+fn whole_seconds(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+fn whole_millis(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}

@@ -1,0 +1,342 @@
+//! A real third-party OAuth2 server for integration tests: the npm package
+//! `oidc-provider`, driven by `tests/oidc/server.js`.
+//!
+//! Include from an integration test with
+//! ```ignore
+//! #[path = "support/oidc.rs"]
+//! mod oidc;
+//! ```
+//!
+//! Needs Node.js >= 20 and npm on `PATH`. The first use runs
+//! `npm ci --prefix tests/oidc` (once, serialised across threads and
+//! processes) when `tests/oidc/node_modules` is missing or stale.
+//!
+//! The server has two static clients, both limited to `client_credentials`:
+//! * [`BASIC_CLIENT`] — `client_secret_basic`, secret [`OidcServer::basic_secret`]
+//! * [`POST_CLIENT`] — `client_secret_post`, secret [`OidcServer::post_secret`]
+//!
+//! Secrets are random alphanumeric strings. Known scopes: `openid`,
+//! `offline_access`, `api:read`, `api:write`, `api:admin` (unknown scopes are
+//! silently dropped from the grant, not rejected).
+//!
+//! Behaviour worth knowing (oidc-provider 9.13.3):
+//! * token endpoint `/token`, introspection `/token/introspection`,
+//!   revocation `/token/revocation`;
+//! * success: `200 {"access_token","expires_in","token_type":"Bearer","scope"?}`;
+//! * wrong secret / unknown client: `401 {"error":"invalid_client"}` for both
+//!   auth methods (basic additionally gets a `WWW-Authenticate: Basic` header);
+//! * no client credentials at all: `400 {"error":"invalid_request"}`;
+//! * using the other auth method than the one registered (e.g. basic-client
+//!   sending `client_secret` in the form) at `/token` or `/token/revocation`:
+//!   `401 invalid_client` — this check is added by server.js (stock
+//!   oidc-provider accepts either); disable it with
+//!   [`OidcOptions::strict_auth_method`] = false. Introspection accepts either
+//!   method from any client.
+//! * any client may introspect any client's token.
+#![allow(dead_code)]
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use rand::{Rng, distr::Alphanumeric};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+/// Client registered with `token_endpoint_auth_method = client_secret_basic`.
+pub const BASIC_CLIENT: &str = "basic-client";
+/// Client registered with `token_endpoint_auth_method = client_secret_post`.
+pub const POST_CLIENT: &str = "post-client";
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_LOG_LINES: usize = 2000;
+
+/// Knobs for [`OidcServer::start_with`].
+#[derive(Debug, Clone)]
+pub struct OidcOptions {
+    /// Lifetime of client_credentials access tokens (`expires_in`), seconds.
+    /// `None` = server default (600).
+    pub token_ttl_secs: Option<u64>,
+    /// Reject a client that authenticates at /token or /token/revocation
+    /// with the other method than the one it is registered with (server.js
+    /// extension; default true).
+    pub strict_auth_method: bool,
+    /// Replace the two default clients with this JSON array of client
+    /// metadata (oidc-provider / RFC 7591 field names).
+    pub clients: Option<serde_json::Value>,
+}
+
+impl Default for OidcOptions {
+    fn default() -> Self {
+        Self { token_ttl_secs: None, strict_auth_method: true, clients: None }
+    }
+}
+
+pub struct OidcServer {
+    pub port: u16,
+    pub basic_secret: String,
+    pub post_secret: String,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl OidcServer {
+    /// Starts a server with the default options. See the module docs.
+    pub async fn start() -> OidcServer {
+        Self::start_with(OidcOptions::default()).await
+    }
+
+    /// Ensures node_modules exist, spawns `node tests/oidc/server.js` with
+    /// random secrets, waits for its `LISTENING <port>` line. The process is
+    /// killed when the returned value is dropped.
+    pub async fn start_with(opts: OidcOptions) -> OidcServer {
+        let node = find_tool("node");
+        tokio::task::spawn_blocking(ensure_node_modules)
+            .await
+            .expect("npm ci task panicked");
+
+        let basic_secret = random_secret();
+        let post_secret = random_secret();
+        let dir = oidc_dir();
+
+        let mut cmd = Command::new(node);
+        cmd.arg(dir.join("server.js"))
+            .current_dir(&dir)
+            .env("OIDC_PORT", "0")
+            .env("OIDC_BASIC_SECRET", &basic_secret)
+            .env("OIDC_POST_SECRET", &post_secret)
+            .env("OIDC_STRICT_AUTH_METHOD", if opts.strict_auth_method { "1" } else { "0" })
+            .env_remove("OIDC_CLIENTS")
+            .env_remove("OIDC_TOKEN_TTL")
+            .env_remove("NODE_OPTIONS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(ttl) = opts.token_ttl_secs {
+            cmd.env("OIDC_TOKEN_TTL", ttl.to_string());
+        }
+        if let Some(clients) = &opts.clients {
+            cmd.env("OIDC_CLIENTS", clients.to_string());
+        }
+
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to spawn `node {}`: {e}", dir.join("server.js").display()));
+
+        // Always drain stderr (a full pipe would block the server) into a
+        // bounded buffer that failure messages can show.
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr piped");
+        {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut logs = logs.lock().unwrap();
+                    if logs.len() >= MAX_LOG_LINES {
+                        logs.remove(0);
+                    }
+                    logs.push(line);
+                }
+            });
+        }
+
+        let stdout = child.stdout.take().expect("stdout piped");
+        let mut stdout = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(START_TIMEOUT, stdout.next_line()).await;
+        let line = match first {
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                // stdout closed: the server died. Give stderr a moment to drain.
+                let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                panic!(
+                    "oidc test server exited before printing `LISTENING <port>` (status: {status:?})\n--- server stderr ---\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                panic!(
+                    "oidc test server did not print `LISTENING <port>` within {START_TIMEOUT:?}\n--- server stderr ---\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let port: u16 = line
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "oidc test server printed {line:?} instead of `LISTENING <port>`\n--- server stderr ---\n{}",
+                    logs.lock().unwrap().join("\n")
+                )
+            });
+        // Keep draining stdout (nothing more is expected there).
+        tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+
+        OidcServer { port, basic_secret, post_secret, child, logs }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn issuer(&self) -> String {
+        self.base_url()
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("{}/token", self.base_url())
+    }
+
+    pub fn introspection_url(&self) -> String {
+        format!("{}/token/introspection", self.base_url())
+    }
+
+    pub fn revocation_url(&self) -> String {
+        format!("{}/token/revocation", self.base_url())
+    }
+
+    pub fn discovery_url(&self) -> String {
+        format!("{}/.well-known/openid-configuration", self.base_url())
+    }
+
+    /// The server's stderr so far (oidc-provider notices and one
+    /// `METHOD /path -> status` line per request), for debugging.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Calls the introspection endpoint authenticated as `client_id`/`secret`
+    /// with HTTP Basic (works for every client, whatever its registered
+    /// method) and returns the parsed JSON. Panics on a non-2xx answer. An unknown/expired token gives
+    /// `{"active": false}`.
+    pub async fn introspect(&self, client_id: &str, secret: &str, token: &str) -> serde_json::Value {
+        let req = reqwest::Client::new()
+            .post(self.introspection_url())
+            .basic_auth(form_encode(client_id), Some(form_encode(secret)))
+            .form(&[("token", token)]);
+        self.send_json(req).await
+    }
+
+    /// Like [`Self::introspect`], authenticating with `client_secret_post`.
+    pub async fn introspect_post(&self, client_id: &str, secret: &str, token: &str) -> serde_json::Value {
+        let req = reqwest::Client::new().post(self.introspection_url()).form(&[
+            ("token", token),
+            ("client_id", client_id),
+            ("client_secret", secret),
+        ]);
+        self.send_json(req).await
+    }
+
+    async fn send_json(&self, req: reqwest::RequestBuilder) -> serde_json::Value {
+        let resp = req.send().await.expect("request to oidc test server failed");
+        let status = resp.status();
+        let body = resp.bytes().await.expect("reading oidc test server response");
+        if !status.is_success() {
+            panic!(
+                "oidc test server answered {status}: {}\n--- server stderr ---\n{}",
+                String::from_utf8_lossy(&body),
+                self.logs()
+            );
+        }
+        serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!("oidc test server sent non-JSON ({e}): {}", String::from_utf8_lossy(&body))
+        })
+    }
+}
+
+/// RFC 6749 §2.3.1: client_id and secret are form-urlencoded before Basic.
+/// (Identity for the alphanumeric secrets used here.)
+fn form_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn random_secret() -> String {
+    rand::rng().sample_iter(&Alphanumeric).take(32).map(char::from).collect()
+}
+
+fn oidc_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("oidc")
+}
+
+/// Panics with an install hint when `tool` is not runnable.
+fn find_tool(tool: &str) -> &str {
+    match std::process::Command::new(tool)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => tool,
+        Ok(s) => panic!("`{tool} --version` failed ({s}); the OAuth2 integration tests need Node.js >= 20 with npm"),
+        Err(e) => panic!(
+            "`{tool}` not found on PATH ({e}): the OAuth2 integration tests run a real \
+             oidc-provider server and need Node.js >= 20 with npm \
+             (e.g. `apt-get install nodejs npm`, or from nodejs.org)"
+        ),
+    }
+}
+
+/// True when node_modules holds a finished install of the pinned version.
+fn node_modules_ready(dir: &Path) -> bool {
+    let read = |p: PathBuf| -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+    };
+    let Some(pkg) = read(dir.join("package.json")) else { return false };
+    let Some(want) = pkg["dependencies"]["oidc-provider"].as_str().map(str::to_owned) else {
+        return false;
+    };
+    // npm writes node_modules/.package-lock.json last.
+    if !dir.join("node_modules").join(".package-lock.json").is_file() {
+        return false;
+    }
+    let Some(have) = read(dir.join("node_modules").join("oidc-provider").join("package.json")) else {
+        return false;
+    };
+    have["version"].as_str() == Some(want.as_str())
+}
+
+/// Runs `npm ci --prefix tests/oidc` if needed: once per process
+/// (OnceLock) and under an exclusive file lock across processes.
+fn ensure_node_modules() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        let dir = oidc_dir();
+        if node_modules_ready(&dir) {
+            return;
+        }
+        let lock_path = dir.join(".npm-ci.lock");
+        let lock = File::create(&lock_path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
+        lock.lock().unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
+        if node_modules_ready(&dir) {
+            return; // another process installed it while we waited
+        }
+        let npm = find_tool("npm");
+        let out = std::process::Command::new(npm)
+            .args(["ci", "--prefix", "tests/oidc", "--no-audit", "--no-fund"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running `npm ci --prefix tests/oidc`: {e}"));
+        if !out.status.success() || !node_modules_ready(&dir) {
+            panic!(
+                "`npm ci --prefix tests/oidc` failed ({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // `lock` is released when dropped here.
+    });
+}
