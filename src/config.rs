@@ -517,7 +517,10 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
     if rc.audience.is_some() && provider != ProviderKind::OAuth2 {
         return Err(ConfigError::invalid(
             key("audience"),
-            format!("is only supported by provider oauth2, not {}", provider.as_str()),
+            format!(
+                "is only supported by provider oauth2, not {}",
+                provider.as_str()
+            ),
         ));
     }
 
@@ -594,9 +597,7 @@ fn validate_endpoints(
     let token_text = raw
         .token_url
         .or_else(|| provider.default_token_url().map(str::to_owned))
-        .ok_or_else(|| {
-            ConfigError::invalid(key("token_url"), "is required for provider oauth2")
-        })?;
+        .ok_or_else(|| ConfigError::invalid(key("token_url"), "is required for provider oauth2"))?;
     let token_url = parse_url(&key("token_url"), &token_text, raw.allow_insecure_http)?;
     let secrets_url = match raw
         .secrets_url
@@ -781,7 +782,9 @@ fn validate_sink(key: &str, raw: RawSink) -> Result<SinkConfig, ConfigError> {
             if mode & 0o007 != 0 {
                 return Err(ConfigError::invalid(
                     format!("{key}.mode"),
-                    format!("{text} gives access to all users; token files must not be world-accessible"),
+                    format!(
+                        "{text} gives access to all users; token files must not be world-accessible"
+                    ),
                 ));
             }
             if mode & 0o400 == 0 {

@@ -52,7 +52,10 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Creates `dir` (and parents) if missing and sets its mode.
 pub fn ensure_private_dir(dir: &Path, mode: u32) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(mode).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
     let meta = fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
         return Err(io::Error::new(
@@ -85,7 +88,10 @@ mod tests {
         write_atomic(&path, b"one", 0o600).unwrap();
         write_atomic(&path, b"two", 0o640).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
         // No temp files left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -99,7 +105,12 @@ mod tests {
         symlink(&victim, &path).unwrap();
         write_atomic(&path, b"secret", 0o600).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"keep");
-        assert!(!fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert!(
+            !fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(fs::read(&path).unwrap(), b"secret");
     }
 }

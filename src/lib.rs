@@ -11,10 +11,17 @@
 //! - [`sim`]: simulated providers for `rekeyd demo` and the tests.
 //! - [`fsutil`]: atomic, durable file writes.
 
+pub mod cli;
+pub mod client;
+pub mod commands;
 pub mod config;
 pub mod credential;
+pub mod daemon;
+pub mod demo;
 pub mod fsutil;
+pub mod logging;
 pub mod provider;
+pub mod serve;
 pub mod sim;
 pub mod store;
 pub mod token;

@@ -16,17 +16,34 @@ async fn post_form(req: reqwest::RequestBuilder) -> (StatusCode, serde_json::Val
     (status, json)
 }
 
-async fn token_basic(srv: &OidcServer, id: &str, secret: &str, scope: Option<&str>) -> (StatusCode, serde_json::Value) {
+async fn token_basic(
+    srv: &OidcServer,
+    id: &str,
+    secret: &str,
+    scope: Option<&str>,
+) -> (StatusCode, serde_json::Value) {
     let mut form = vec![("grant_type", "client_credentials")];
     if let Some(scope) = scope {
         form.push(("scope", scope));
     }
-    let req = reqwest::Client::new().post(srv.token_url()).basic_auth(id, Some(secret)).form(&form);
+    let req = reqwest::Client::new()
+        .post(srv.token_url())
+        .basic_auth(id, Some(secret))
+        .form(&form);
     post_form(req).await
 }
 
-async fn token_post(srv: &OidcServer, id: &str, secret: &str, scope: Option<&str>) -> (StatusCode, serde_json::Value) {
-    let mut form = vec![("grant_type", "client_credentials"), ("client_id", id), ("client_secret", secret)];
+async fn token_post(
+    srv: &OidcServer,
+    id: &str,
+    secret: &str,
+    scope: Option<&str>,
+) -> (StatusCode, serde_json::Value) {
+    let mut form = vec![
+        ("grant_type", "client_credentials"),
+        ("client_id", id),
+        ("client_secret", secret),
+    ];
     if let Some(scope) = scope {
         form.push(("scope", scope));
     }
@@ -35,7 +52,9 @@ async fn token_post(srv: &OidcServer, id: &str, secret: &str, scope: Option<&str
 }
 
 fn access_token(body: &serde_json::Value) -> &str {
-    body["access_token"].as_str().unwrap_or_else(|| panic!("no access_token in {body}"))
+    body["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no access_token in {body}"))
 }
 
 #[tokio::test]
@@ -59,7 +78,9 @@ async fn client_secret_basic_token_is_active() {
     assert_eq!(body["scope"], "api:read");
     assert!(body["expires_in"].as_u64().unwrap() > 0, "{body}");
 
-    let info = srv.introspect(BASIC_CLIENT, &srv.basic_secret, access_token(&body)).await;
+    let info = srv
+        .introspect(BASIC_CLIENT, &srv.basic_secret, access_token(&body))
+        .await;
     assert_eq!(info["active"], true, "{info}");
     assert_eq!(info["client_id"], BASIC_CLIENT);
     assert_eq!(info["scope"], "api:read");
@@ -78,12 +99,16 @@ async fn client_secret_post_token_is_active() {
     let info = srv.introspect(POST_CLIENT, &srv.post_secret, token).await;
     assert_eq!(info["active"], true, "{info}");
     assert_eq!(info["client_id"], POST_CLIENT);
-    let info = srv.introspect_post(POST_CLIENT, &srv.post_secret, token).await;
+    let info = srv
+        .introspect_post(POST_CLIENT, &srv.post_secret, token)
+        .await;
     assert_eq!(info["client_id"], POST_CLIENT);
     let info = srv.introspect(BASIC_CLIENT, &srv.basic_secret, token).await;
     assert_eq!(info["client_id"], POST_CLIENT);
 
-    let info = srv.introspect(POST_CLIENT, &srv.post_secret, "not-a-token").await;
+    let info = srv
+        .introspect(POST_CLIENT, &srv.post_secret, "not-a-token")
+        .await;
     assert_eq!(info, serde_json::json!({ "active": false }));
 }
 
@@ -111,7 +136,9 @@ async fn wrong_secrets_and_wrong_methods_are_rejected() {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
 
     // No credentials at all.
-    let req = reqwest::Client::new().post(srv.token_url()).form(&[("grant_type", "client_credentials")]);
+    let req = reqwest::Client::new()
+        .post(srv.token_url())
+        .form(&[("grant_type", "client_credentials")]);
     let (status, body) = post_form(req).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"], "invalid_request");
@@ -119,11 +146,17 @@ async fn wrong_secrets_and_wrong_methods_are_rejected() {
 
 #[tokio::test]
 async fn short_ttl_tokens_expire() {
-    let srv = OidcServer::start_with(OidcOptions { token_ttl_secs: Some(1), ..Default::default() }).await;
+    let srv = OidcServer::start_with(OidcOptions {
+        token_ttl_secs: Some(1),
+        ..Default::default()
+    })
+    .await;
     let (status, body) = token_basic(&srv, BASIC_CLIENT, &srv.basic_secret, None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["expires_in"], 1);
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
-    let info = srv.introspect(BASIC_CLIENT, &srv.basic_secret, access_token(&body)).await;
+    let info = srv
+        .introspect(BASIC_CLIENT, &srv.basic_secret, access_token(&body))
+        .await;
     assert_eq!(info["active"], false, "{info}");
 }

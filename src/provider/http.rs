@@ -145,7 +145,10 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate_parse(value)?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 fn httpdate_parse(value: &str) -> Option<SystemTime> {
@@ -197,11 +200,7 @@ pub fn parse_oauth_error(body: &[u8], secret: &SecretString) -> OAuthError {
 /// Trims a provider-supplied text for an error message and removes the secret
 /// in case the provider echoed it.
 fn scrub(text: &str, secret: &SecretString) -> String {
-    let mut text: String = text
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(200)
-        .collect();
+    let mut text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
     let s = secret.expose_secret();
     if !s.is_empty() && text.contains(s) {
         text = text.replace(s, "[REDACTED]");
@@ -211,11 +210,7 @@ fn scrub(text: &str, secret: &SecretString) -> String {
 
 /// Describes an unexpected body for an error message: status and content type,
 /// never the body itself (it might hold a token).
-pub fn unexpected_body(
-    operation: &'static str,
-    reply: &Reply,
-    problem: &str,
-) -> ProviderError {
+pub fn unexpected_body(operation: &'static str, reply: &Reply, problem: &str) -> ProviderError {
     ProviderError {
         kind: ErrorKind::Transient,
         operation,
@@ -272,9 +267,19 @@ pub fn parse_token_reply(operation: &'static str, reply: &Reply) -> Result<Token
     let raw: Raw = match serde_json::from_slice(&reply.body) {
         Ok(raw) => raw,
         Err(_) if !is_json => {
-            return Err(unexpected_body(operation, reply, "expected a JSON token reply"));
+            return Err(unexpected_body(
+                operation,
+                reply,
+                "expected a JSON token reply",
+            ));
         }
-        Err(_) => return Err(unexpected_body(operation, reply, "malformed JSON token reply")),
+        Err(_) => {
+            return Err(unexpected_body(
+                operation,
+                reply,
+                "malformed JSON token reply",
+            ));
+        }
     };
     let access_token = raw
         .access_token

@@ -42,7 +42,10 @@ fn classify(status: u16, code: Option<&str>) -> ErrorKind {
 }
 
 impl TokenProvider for Mappls {
-    fn login<'a>(&'a self, secret: &'a SecretString) -> BoxFuture<'a, Result<Token, ProviderError>> {
+    fn login<'a>(
+        &'a self,
+        secret: &'a SecretString,
+    ) -> BoxFuture<'a, Result<Token, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "mappls login";
             let mut form = vec![

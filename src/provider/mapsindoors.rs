@@ -41,7 +41,10 @@ fn classify(status: u16, code: Option<&str>) -> ErrorKind {
 }
 
 impl TokenProvider for MapsIndoors {
-    fn login<'a>(&'a self, secret: &'a SecretString) -> BoxFuture<'a, Result<Token, ProviderError>> {
+    fn login<'a>(
+        &'a self,
+        secret: &'a SecretString,
+    ) -> BoxFuture<'a, Result<Token, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "mapsindoors login";
             let mut form = vec![

@@ -24,7 +24,8 @@ pub use http::HttpClient;
 
 /// Logs in with a client secret and returns a token.
 pub trait TokenProvider: Send + Sync {
-    fn login<'a>(&'a self, secret: &'a SecretString) -> BoxFuture<'a, Result<Token, ProviderError>>;
+    fn login<'a>(&'a self, secret: &'a SecretString)
+    -> BoxFuture<'a, Result<Token, ProviderError>>;
 }
 
 /// How the token engine should treat a failure.

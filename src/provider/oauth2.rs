@@ -53,7 +53,10 @@ fn classify(status: u16, code: Option<&str>) -> ErrorKind {
 }
 
 impl TokenProvider for OAuth2 {
-    fn login<'a>(&'a self, secret: &'a SecretString) -> BoxFuture<'a, Result<Token, ProviderError>> {
+    fn login<'a>(
+        &'a self,
+        secret: &'a SecretString,
+    ) -> BoxFuture<'a, Result<Token, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "oauth2 login";
             let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];

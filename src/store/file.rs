@@ -22,16 +22,21 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// Opens (creating if needed) the store under `state_dir`.
-    pub fn open(state_dir: &Path) -> Result<FileStore, StoreError> {
-        let dir = state_dir.join("credentials");
-        for d in [state_dir, dir.as_path()] {
-            fsutil::ensure_private_dir(d, 0o700).map_err(|source| StoreError::Io {
-                path: d.display().to_string(),
-                source,
-            })?;
+    /// The store under `state_dir`. Touches nothing until the first write,
+    /// so a start-up that fails validation leaves the disk as it was.
+    pub fn new(state_dir: &Path) -> FileStore {
+        FileStore {
+            dir: state_dir.join("credentials"),
         }
-        Ok(FileStore { dir })
+    }
+
+    /// Creates the state directories (0700) if missing.
+    fn ensure_dirs(&self) -> Result<(), StoreError> {
+        let state_dir = self.dir.parent().unwrap_or(&self.dir);
+        for d in [state_dir, self.dir.as_path()] {
+            fsutil::ensure_private_dir(d, 0o700).map_err(|e| io_err(d, e))?;
+        }
+        Ok(())
     }
 
     pub fn record_path(&self, name: &str) -> PathBuf {
@@ -58,7 +63,6 @@ impl FileStore {
         let (version, value) = doc.into_record().map_err(corrupt)?;
         Ok(Some(Versioned { version, value }))
     }
-
 }
 
 /// Reads, compares and writes under the credential's lock. A free function
@@ -67,6 +71,7 @@ fn swap(dir: &Path, name: &str, expected: Option<u64>, bytes: &[u8]) -> Result<u
     let store = FileStore {
         dir: dir.to_path_buf(),
     };
+    store.ensure_dirs()?;
     let lock_path = store.lock_path(name);
     let lock = open_lock_file(&lock_path).map_err(|e| io_err(&lock_path, e))?;
     // Released when `lock` is dropped at the end of this function.
@@ -152,9 +157,12 @@ mod tests {
     #[tokio::test]
     async fn cas_round_trip_and_conflict() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path()).unwrap();
+        let store = FileStore::new(dir.path());
         assert!(store.load("a").await.unwrap().is_none());
-        let v1 = store.compare_and_swap("a", None, &record("one")).await.unwrap();
+        let v1 = store
+            .compare_and_swap("a", None, &record("one"))
+            .await
+            .unwrap();
         assert!(matches!(
             store.compare_and_swap("a", None, &record("x")).await,
             Err(StoreError::Conflict { .. })
@@ -168,20 +176,35 @@ mod tests {
         assert_eq!(got.value.current.value.expose_secret(), "two");
         assert_eq!(got.value.rotation.phase(), "creating");
         let path = store.record_path("a");
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
     }
 
     #[tokio::test]
     async fn corrupt_record_is_loud_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path()).unwrap();
+        let store = FileStore::new(dir.path());
         let path = store.record_path("a");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"{\"format\":1,\"vers").unwrap();
         let err = store.load("a").await.unwrap_err();
-        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
-        assert!(store.compare_and_swap("a", Some(1), &record("x")).await.is_err());
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert!(
+            store
+                .compare_and_swap("a", Some(1), &record("x"))
+                .await
+                .is_err()
+        );
         assert_eq!(std::fs::read(&path).unwrap(), b"{\"format\":1,\"vers");
     }
 }

@@ -148,7 +148,10 @@ impl Engine {
             {
                 continue;
             }
-            info!(step = "refresh", "secret rejected; trying the newer secret from the store");
+            info!(
+                step = "refresh",
+                "secret rejected; trying the newer secret from the store"
+            );
             match self.provider.login(&candidate).await {
                 Err(e) if e.kind == ErrorKind::Rejected => tried.push(candidate),
                 other => return other,
@@ -158,16 +161,19 @@ impl Engine {
     }
 
     async fn load_secrets(&self) -> Result<Secrets, ProviderError> {
-        self.secrets.secrets().await.map_err(|reason| ProviderError {
-            // Not the provider's fault, but handled the same way: retry
-            // with backoff and keep serving the current token.
-            kind: ErrorKind::Transient,
-            operation: "read secret",
-            status: None,
-            code: None,
-            detail: reason,
-            retry_after: None,
-        })
+        self.secrets
+            .secrets()
+            .await
+            .map_err(|reason| ProviderError {
+                // Not the provider's fault, but handled the same way: retry
+                // with backoff and keep serving the current token.
+                kind: ErrorKind::Transient,
+                operation: "read secret",
+                status: None,
+                code: None,
+                detail: reason,
+                retry_after: None,
+            })
     }
 
     fn publish(&self, token: Token) {

@@ -74,7 +74,11 @@ pub struct OidcOptions {
 
 impl Default for OidcOptions {
     fn default() -> Self {
-        Self { token_ttl_secs: None, strict_auth_method: true, clients: None }
+        Self {
+            token_ttl_secs: None,
+            strict_auth_method: true,
+            clients: None,
+        }
     }
 }
 
@@ -111,7 +115,10 @@ impl OidcServer {
             .env("OIDC_PORT", "0")
             .env("OIDC_BASIC_SECRET", &basic_secret)
             .env("OIDC_POST_SECRET", &post_secret)
-            .env("OIDC_STRICT_AUTH_METHOD", if opts.strict_auth_method { "1" } else { "0" })
+            .env(
+                "OIDC_STRICT_AUTH_METHOD",
+                if opts.strict_auth_method { "1" } else { "0" },
+            )
             .env_remove("OIDC_CLIENTS")
             .env_remove("OIDC_TOKEN_TTL")
             .env_remove("NODE_OPTIONS")
@@ -126,9 +133,12 @@ impl OidcServer {
             cmd.env("OIDC_CLIENTS", clients.to_string());
         }
 
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to spawn `node {}`: {e}", dir.join("server.js").display()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "failed to spawn `node {}`: {e}",
+                dir.join("server.js").display()
+            )
+        });
 
         // Always drain stderr (a full pipe would block the server) into a
         // bounded buffer that failure messages can show.
@@ -182,7 +192,13 @@ impl OidcServer {
         // Keep draining stdout (nothing more is expected there).
         tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
 
-        OidcServer { port, basic_secret, post_secret, child, logs }
+        OidcServer {
+            port,
+            basic_secret,
+            post_secret,
+            child,
+            logs,
+        }
     }
 
     pub fn base_url(&self) -> String {
@@ -219,7 +235,12 @@ impl OidcServer {
     /// with HTTP Basic (works for every client, whatever its registered
     /// method) and returns the parsed JSON. Panics on a non-2xx answer. An unknown/expired token gives
     /// `{"active": false}`.
-    pub async fn introspect(&self, client_id: &str, secret: &str, token: &str) -> serde_json::Value {
+    pub async fn introspect(
+        &self,
+        client_id: &str,
+        secret: &str,
+        token: &str,
+    ) -> serde_json::Value {
         let req = reqwest::Client::new()
             .post(self.introspection_url())
             .basic_auth(form_encode(client_id), Some(form_encode(secret)))
@@ -228,19 +249,32 @@ impl OidcServer {
     }
 
     /// Like [`Self::introspect`], authenticating with `client_secret_post`.
-    pub async fn introspect_post(&self, client_id: &str, secret: &str, token: &str) -> serde_json::Value {
-        let req = reqwest::Client::new().post(self.introspection_url()).form(&[
-            ("token", token),
-            ("client_id", client_id),
-            ("client_secret", secret),
-        ]);
+    pub async fn introspect_post(
+        &self,
+        client_id: &str,
+        secret: &str,
+        token: &str,
+    ) -> serde_json::Value {
+        let req = reqwest::Client::new()
+            .post(self.introspection_url())
+            .form(&[
+                ("token", token),
+                ("client_id", client_id),
+                ("client_secret", secret),
+            ]);
         self.send_json(req).await
     }
 
     async fn send_json(&self, req: reqwest::RequestBuilder) -> serde_json::Value {
-        let resp = req.send().await.expect("request to oidc test server failed");
+        let resp = req
+            .send()
+            .await
+            .expect("request to oidc test server failed");
         let status = resp.status();
-        let body = resp.bytes().await.expect("reading oidc test server response");
+        let body = resp
+            .bytes()
+            .await
+            .expect("reading oidc test server response");
         if !status.is_success() {
             panic!(
                 "oidc test server answered {status}: {}\n--- server stderr ---\n{}",
@@ -249,7 +283,10 @@ impl OidcServer {
             );
         }
         serde_json::from_slice(&body).unwrap_or_else(|e| {
-            panic!("oidc test server sent non-JSON ({e}): {}", String::from_utf8_lossy(&body))
+            panic!(
+                "oidc test server sent non-JSON ({e}): {}",
+                String::from_utf8_lossy(&body)
+            )
         })
     }
 }
@@ -261,11 +298,17 @@ fn form_encode(s: &str) -> String {
 }
 
 fn random_secret() -> String {
-    rand::rng().sample_iter(&Alphanumeric).take(32).map(char::from).collect()
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
 }
 
 fn oidc_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("oidc")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("oidc")
 }
 
 /// Panics with an install hint when `tool` is not runnable.
@@ -278,7 +321,9 @@ fn find_tool(tool: &str) -> &str {
         .status()
     {
         Ok(s) if s.success() => tool,
-        Ok(s) => panic!("`{tool} --version` failed ({s}); the OAuth2 integration tests need Node.js >= 20 with npm"),
+        Ok(s) => panic!(
+            "`{tool} --version` failed ({s}); the OAuth2 integration tests need Node.js >= 20 with npm"
+        ),
         Err(e) => panic!(
             "`{tool}` not found on PATH ({e}): the OAuth2 integration tests run a real \
              oidc-provider server and need Node.js >= 20 with npm \
@@ -292,15 +337,28 @@ fn node_modules_ready(dir: &Path) -> bool {
     let read = |p: PathBuf| -> Option<serde_json::Value> {
         serde_json::from_slice(&std::fs::read(p).ok()?).ok()
     };
-    let Some(pkg) = read(dir.join("package.json")) else { return false };
-    let Some(want) = pkg["dependencies"]["oidc-provider"].as_str().map(str::to_owned) else {
+    let Some(pkg) = read(dir.join("package.json")) else {
+        return false;
+    };
+    let Some(want) = pkg["dependencies"]["oidc-provider"]
+        .as_str()
+        .map(str::to_owned)
+    else {
         return false;
     };
     // npm writes node_modules/.package-lock.json last.
-    if !dir.join("node_modules").join(".package-lock.json").is_file() {
+    if !dir
+        .join("node_modules")
+        .join(".package-lock.json")
+        .is_file()
+    {
         return false;
     }
-    let Some(have) = read(dir.join("node_modules").join("oidc-provider").join("package.json")) else {
+    let Some(have) = read(
+        dir.join("node_modules")
+            .join("oidc-provider")
+            .join("package.json"),
+    ) else {
         return false;
     };
     have["version"].as_str() == Some(want.as_str())
@@ -318,7 +376,8 @@ fn ensure_node_modules() {
         let lock_path = dir.join(".npm-ci.lock");
         let lock = File::create(&lock_path)
             .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
-        lock.lock().unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
+        lock.lock()
+            .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
         if node_modules_ready(&dir) {
             return; // another process installed it while we waited
         }

@@ -1,0 +1,57 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rekeyd",
+    version,
+    about = "Keeps OAuth2 machine credentials alive: refreshes tokens, rotates client secrets, serves tokens locally.",
+    after_help = "Exit status: 0 success, 1 runtime failure, 69 daemon or token unavailable, 78 configuration error.\n\
+                  Logging: RUST_LOG (default \"info\"), e.g. RUST_LOG=rekeyd=debug."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Configuration file (TOML). REKEYD__* environment variables override its keys.
+    #[arg(long, short, env = "REKEYD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground until SIGTERM or SIGINT.
+    Run(ConfigArg),
+    /// Validate the configuration and print the effective settings.
+    Check(ConfigArg),
+    /// Print a currently valid token of credential NAME (asks the running daemon).
+    Token {
+        /// Credential name, as in `[[credentials]] name`.
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show each credential's token expiry, rotation phase and last error.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Run rekeyd against a built-in simulated provider, with short token lifetimes.
+    Demo {
+        /// Stop after this long (e.g. "90s"); "0s" runs until Ctrl-C.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+}

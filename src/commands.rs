@@ -1,0 +1,242 @@
+//! What each subcommand does. `main` only parses arguments and calls
+//! [`execute`]; everything here is testable in-process.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::cli::{Cli, Command};
+use crate::config::{Config, ConfigError, CredentialConfig, RotationTrigger};
+use crate::store::Store;
+use crate::store::file::FileStore;
+use crate::{client, daemon, demo, logging};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILURE: u8 = 1;
+/// EX_UNAVAILABLE: the daemon is not running or has no valid token.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// EX_CONFIG.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Runs a parsed command line and returns the process exit status.
+pub async fn execute(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Run(args) => {
+            let Some(config) = load(&args.config) else {
+                return EXIT_CONFIG;
+            };
+            logging::init(config.log.format);
+            match daemon::run(&config).await {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    tracing::error!(error = %e, "rekeyd cannot start");
+                    eprintln!("rekeyd: {e}");
+                    e.exit_code()
+                }
+            }
+        }
+        Command::Check(args) => match load(&args.config) {
+            Some(config) => {
+                println!("{}", effective_config(&config));
+                eprintln!("rekeyd: {} is valid", args.config.display());
+                EXIT_OK
+            }
+            None => EXIT_CONFIG,
+        },
+        Command::Token { name, config } => {
+            let Some(config) = load(&config.config) else {
+                return EXIT_CONFIG;
+            };
+            if config.credential(&name).is_none() {
+                eprintln!("rekeyd: no credential named {name:?} in the configuration");
+                return EXIT_CONFIG;
+            }
+            match client::get_json(config.api.as_ref(), &format!("/v1/token/{name}")).await {
+                Ok(body) => match body["access_token"].as_str() {
+                    Some(token) => {
+                        println!("{token}");
+                        EXIT_OK
+                    }
+                    None => {
+                        eprintln!("rekeyd: the daemon's reply has no access_token");
+                        EXIT_FAILURE
+                    }
+                },
+                Err(e) => {
+                    eprintln!("rekeyd: {e}");
+                    EXIT_UNAVAILABLE
+                }
+            }
+        }
+        Command::Status { json, config } => {
+            let Some(config) = load(&config.config) else {
+                return EXIT_CONFIG;
+            };
+            status(&config, json).await
+        }
+        Command::Demo { duration } => {
+            logging::init(Default::default());
+            let duration = (!duration.is_zero()).then_some(duration);
+            match demo::run(duration).await {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("rekeyd demo: {e}");
+                    EXIT_FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            report_config_error(&e);
+            None
+        }
+    }
+}
+
+fn report_config_error(e: &ConfigError) {
+    eprintln!("rekeyd: configuration error: {e}");
+}
+
+async fn status(config: &Config, as_json: bool) -> u8 {
+    let (rows, daemon_error) = match client::get_json(config.api.as_ref(), "/v1/status").await {
+        Ok(body) => (
+            body["credentials"].as_array().cloned().unwrap_or_default(),
+            None,
+        ),
+        // The daemon is down: the store still tells the rotation state.
+        Err(e) => (stored_status(config).await, Some(e.to_string())),
+    };
+    if as_json {
+        let out = json!({"daemon_reachable": daemon_error.is_none(), "daemon_error": daemon_error, "credentials": rows});
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    } else {
+        if let Some(e) = &daemon_error {
+            println!("daemon: not reachable ({e}); showing stored state only");
+        }
+        println!(
+            "{:<20} {:<12} {:<6} {:<22} {:<10} {:<22} LAST ERROR",
+            "NAME", "PROVIDER", "READY", "TOKEN EXPIRES", "ROTATION", "LAST ROTATED"
+        );
+        for row in &rows {
+            let s = |k: &str| row[k].as_str().unwrap_or("-").to_string();
+            println!(
+                "{:<20} {:<12} {:<6} {:<22} {:<10} {:<22} {}",
+                s("name"),
+                s("provider"),
+                row["ready"]
+                    .as_bool()
+                    .map_or("-", |r| if r { "yes" } else { "no" }),
+                s("token_expires_at"),
+                s("rotation_phase"),
+                s("last_rotated_at"),
+                s("last_error"),
+            );
+        }
+    }
+    if daemon_error.is_some() {
+        EXIT_UNAVAILABLE
+    } else {
+        EXIT_OK
+    }
+}
+
+async fn stored_status(config: &Config) -> Vec<Value> {
+    let store = FileStore::new(&config.state_dir);
+    let mut rows = Vec::new();
+    for cred in &config.credentials {
+        let mut row = json!({"name": cred.name, "provider": cred.provider.as_str()});
+        match store.load(&cred.name).await {
+            Ok(Some(record)) => {
+                row["rotation_phase"] = json!(record.value.rotation.phase());
+                row["last_rotated_at"] = json!(
+                    record
+                        .value
+                        .last_rotated_at
+                        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                );
+            }
+            Ok(None) => row["last_error"] = json!("no secret stored yet"),
+            Err(e) => row["last_error"] = json!(e.to_string()),
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+/// The configuration as rekeyd understood it, defaults filled in. Holds no
+/// secret values (those live in files); operator-supplied extra form fields
+/// are redacted because they may carry assertions.
+pub fn effective_config(config: &Config) -> String {
+    let dur = |d: Duration| humantime::format_duration(d).to_string();
+    let credentials: Vec<Value> = config
+        .credentials
+        .iter()
+        .map(|c| credential_json(c, &dur))
+        .collect();
+    let doc = json!({
+        "state_dir": config.state_dir.display().to_string(),
+        "api": config.api.as_ref().map(|a| json!({
+            "listen": a.listen.to_string(),
+            "key_file": a.key_file.display().to_string(),
+        })),
+        "log": {"format": format!("{:?}", config.log.format).to_lowercase()},
+        "credentials": credentials,
+    });
+    serde_json::to_string_pretty(&strip_nulls(doc)).expect("json")
+}
+
+fn credential_json(c: &CredentialConfig, dur: &dyn Fn(Duration) -> String) -> Value {
+    json!({
+        "name": c.name,
+        "provider": c.provider.as_str(),
+        "client_id": c.client_id,
+        "customer_id": c.customer_id,
+        "initial_secret_file": c.initial_secret_file.as_ref().map(|p| p.display().to_string()),
+        "initial_secret_id": c.initial_secret_id,
+        "scope": c.scope,
+        "audience": c.audience,
+        "auth_method": match c.auth_method {
+            crate::config::AuthMethod::ClientSecretBasic => "client_secret_basic",
+            crate::config::AuthMethod::ClientSecretPost => "client_secret_post",
+        },
+        "extra_params": c.extra_params.keys().map(|k| (k.clone(), json!("[redacted]"))).collect::<serde_json::Map<_, _>>(),
+        "endpoints": {
+            "token_url": c.endpoints.token_url.as_str(),
+            "secrets_url": c.endpoints.secrets_url.as_ref().map(|u| u.as_str()),
+            "connect_timeout": dur(c.endpoints.connect_timeout),
+            "request_timeout": dur(c.endpoints.request_timeout),
+        },
+        "refresh": {
+            "before_expiry": c.refresh.before_expiry.map(dur).unwrap_or_else(|| "70-80% of lifetime".into()),
+        },
+        "rotation": c.rotation.as_ref().map(|r| json!({
+            "every": match &r.trigger { RotationTrigger::Every(d) => Some(dur(*d)), _ => None },
+            "schedule": match &r.trigger { RotationTrigger::Schedule(s) => Some(s.clone()), _ => None },
+            "grace": dur(r.grace),
+            "on_login": r.on_login,
+        })),
+        "sinks": c.sinks.iter().map(|s| json!({
+            "path": s.path.display().to_string(),
+            "format": format!("{:?}", s.format).to_lowercase(),
+            "mode": format!("{:04o}", s.mode),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn strip_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, strip_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(strip_nulls).collect()),
+        other => other,
+    }
+}

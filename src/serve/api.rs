@@ -1,0 +1,224 @@
+//! The local HTTP API.
+//!
+//! - `GET /v1/token/{name}`: the current token (needs `X-Rekeyd-Key`).
+//! - `GET /v1/status`: per-credential status (needs `X-Rekeyd-Key`).
+//! - `GET /livez`, `GET /readyz`: health; no key, they hold no secrets.
+//!
+//! Requests carrying `X-Forwarded-For` are refused: the API is meant for
+//! programs on the same host or pod, and a proxy in front of it would turn a
+//! local secret into a remote one (the SSRF pattern).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ListenAddr;
+use crate::credential::CredentialHandle;
+use crate::fsutil;
+
+pub const KEY_HEADER: &str = "x-rekeyd-key";
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub credentials: Arc<BTreeMap<String, CredentialHandle>>,
+    pub key: Arc<SecretString>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/token/{name}", get(get_token))
+        .route("/v1/status", get(get_status))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .layer(middleware::from_fn(refuse_forwarded))
+        .with_state(state)
+}
+
+async fn refuse_forwarded(request: Request, next: Next) -> Response {
+    if request.headers().contains_key("x-forwarded-for") {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forwarded_request",
+            "requests relayed by a proxy (X-Forwarded-For) are refused",
+        );
+    }
+    next.run(request).await
+}
+
+fn error(status: StatusCode, code: &str, detail: &str) -> Response {
+    (status, Json(json!({"error": code, "detail": detail}))).into_response()
+}
+
+/// The refusal to send, if the request lacks the right key.
+fn check_key(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
+    let given = headers
+        .get(KEY_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let expected = state.key.expose_secret().as_bytes();
+    if given.is_empty() || !bool::from(given.ct_eq(expected)) {
+        return Some(error(
+            StatusCode::UNAUTHORIZED,
+            "missing_or_wrong_key",
+            "send the content of the API key file in the X-Rekeyd-Key header",
+        ));
+    }
+    None
+}
+
+async fn get_token(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = check_key(&state, &headers) {
+        return denied;
+    }
+    let Some(handle) = state.credentials.get(&name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_credential",
+            "no credential of that name",
+        );
+    };
+    let Some(token) = handle.valid_token() else {
+        let detail = handle
+            .status
+            .borrow()
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "no token obtained yet".to_string());
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no_valid_token", &detail);
+    };
+    let body = json!({
+        "access_token": token.access_token.expose_secret(),
+        "token_type": token.token_type,
+        "expires_at": humantime::format_rfc3339_seconds(token.expires_at_wall()).to_string(),
+        "expires_in": token.remaining(Instant::now()).as_secs(),
+    });
+    let mut response = Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn get_status(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Some(denied) = check_key(&state, &headers) {
+        return denied;
+    }
+    let credentials: Vec<_> = state
+        .credentials
+        .values()
+        .map(|h| {
+            let mut value = serde_json::to_value(&*h.status.borrow()).expect("status serializes");
+            value["ready"] = json!(h.valid_token().is_some());
+            value
+        })
+        .collect();
+    Json(json!({ "credentials": credentials })).into_response()
+}
+
+async fn livez() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    let per: BTreeMap<&str, bool> = state
+        .credentials
+        .iter()
+        .map(|(name, h)| (name.as_str(), h.valid_token().is_some()))
+        .collect();
+    let ready = per.values().all(|r| *r);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": ready, "credentials": per}))).into_response()
+}
+
+/// Reads the API key, creating a random one (mode 0640) if the file is missing.
+pub fn load_or_create_key(path: &Path) -> io::Result<SecretString> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let key = text.trim();
+            if key.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("API key file {} is empty", path.display()),
+                ));
+            }
+            Ok(SecretString::from(key.to_string()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key = hex::encode(rand::random::<[u8; 32]>());
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            fsutil::write_atomic(path, format!("{key}\n").as_bytes(), 0o640)?;
+            Ok(SecretString::from(key))
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot read API key file {}: {e}", path.display()),
+        )),
+    }
+}
+
+/// A bound listener, so bind errors surface at start-up, before serving.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
+            ListenAddr::Unix(path) => {
+                // A stale socket from a previous run would make bind fail.
+                match std::fs::symlink_metadata(path) {
+                    Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+                        std::fs::remove_file(path)?
+                    }
+                    _ => {}
+                }
+                let listener = tokio::net::UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Listener::Unix(listener))
+            }
+        }
+    }
+
+    /// The address actually bound (resolves port 0).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
+    }
+
+    /// Serves until `shutdown`; in-flight requests finish first.
+    pub async fn serve(self, router: Router, shutdown: CancellationToken) -> io::Result<()> {
+        let stop = async move { shutdown.cancelled().await };
+        match self {
+            Listener::Tcp(l) => axum::serve(l, router).with_graceful_shutdown(stop).await,
+            Listener::Unix(l) => axum::serve(l, router).with_graceful_shutdown(stop).await,
+        }
+    }
+}

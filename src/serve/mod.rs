@@ -1,0 +1,5 @@
+//! Handing tokens to applications: files ([`sink`]) and the local HTTP API
+//! ([`api`]).
+
+pub mod api;
+pub mod sink;

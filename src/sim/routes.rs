@@ -1,0 +1,741 @@
+//! HTTP face of the simulation: one handler per provider endpoint, plus a
+//! middleware that counts requests and injects the scripted faults.
+//!
+//! Each handler reproduces its provider's wire quirks on purpose (status
+//! codes, casing of `token_type`, content-type strictness), because those
+//! quirks are exactly what the daemon's provider modules must cope with.
+//! Request bodies are parsed by hand rather than with axum's `Form`
+//! extractor so that a wrong content type gets the provider's own error body
+//! instead of axum's generic rejection.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, PRAGMA, RETRY_AFTER,
+    WWW_AUTHENTICATE,
+};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use futures_util::stream;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::Shared;
+use super::faults::{Endpoint, Fault};
+use super::state::{AuthError, Issued, Issuer};
+
+/// Size of the body sent by the `huge` fault, and the chunk it is cut into.
+const HUGE_BODY_BYTES: usize = 50 * 1024 * 1024;
+const HUGE_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The scope MapsIndoors grants when none is requested.
+const MAPSINDOORS_DEFAULT_SCOPE: &str = "client-apis";
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/connect/token", post(mapsindoors_token))
+        .route(
+            "/api/clientcredentials",
+            get(list_secrets).post(create_secret).delete(delete_secret),
+        )
+        .route("/api/security/oauth/token", post(mappls_token))
+        .route("/oauth2/token", post(oauth2_token))
+        .route("/oauth2/introspect", post(oauth2_introspect))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            faults_and_stats,
+        ))
+        .with_state(shared)
+}
+
+// ---------------------------------------------------------------------------
+// Fault injection
+// ---------------------------------------------------------------------------
+
+async fn faults_and_stats(State(sh): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let Some(endpoint) = Endpoint::classify(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let decision = {
+        let mut st = sh.lock();
+        *st.stats.requests.entry(endpoint).or_default() += 1;
+        let decision = st.faults.decide(endpoint, &mut rand::rng());
+        if let Some(fault) = decision.fault {
+            st.stats.faults_injected += 1;
+            if fault == Fault::Drop {
+                st.stats.responses_dropped += 1;
+            }
+            debug!(?endpoint, ?fault, "sim: injecting fault");
+        }
+        decision
+    };
+    if let Some(delay) = decision.latency {
+        tokio::time::sleep(delay).await;
+    }
+    let mut response = match decision.fault {
+        None => next.run(req).await,
+        Some(Fault::Hang) => {
+            // Released only by shutdown, so that a hung request cannot keep
+            // the server (and the test that owns it) alive forever.
+            sh.cancel.cancelled().await;
+            html(StatusCode::SERVICE_UNAVAILABLE, SERVICE_UNAVAILABLE_PAGE)
+        }
+        Some(Fault::Fail) => html(StatusCode::SERVICE_UNAVAILABLE, SERVICE_UNAVAILABLE_PAGE),
+        Some(Fault::Random5xx(code)) => server_error(code),
+        Some(Fault::Quota { retry_after }) => quota_exceeded(endpoint, retry_after),
+        Some(Fault::Garbage) => html(StatusCode::OK, GARBAGE_PAGE),
+        Some(Fault::Huge) => huge_json(&sh),
+        Some(Fault::Drop) => lose_response(next.run(req).await).await,
+    };
+    if endpoint != Endpoint::Health {
+        // Tokens and secret values must never be cached by an intermediary.
+        let headers = response.headers_mut();
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if endpoint.is_token() {
+            headers.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+        }
+    }
+    response
+}
+
+const SERVICE_UNAVAILABLE_PAGE: &str = "<html>Service Unavailable</html>";
+
+const GARBAGE_PAGE: &str = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\
+<body><h1>Please sign in</h1><p>Your session has expired. \
+This page is what a captive portal or a misrouted WAF returns with a 200.</p></body></html>\n";
+
+fn html(status: StatusCode, page: &'static str) -> Response {
+    (status, [(CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
+}
+
+/// A load balancer's error page; the request never reached the provider.
+fn server_error(code: u16) -> Response {
+    match code {
+        503 => html(StatusCode::SERVICE_UNAVAILABLE, SERVICE_UNAVAILABLE_PAGE),
+        502 => html(
+            StatusCode::BAD_GATEWAY,
+            "<html><head><title>502 Bad Gateway</title></head><body><center>\
+             <h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>",
+        ),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "Internal Server Error",
+        )
+            .into_response(),
+    }
+}
+
+/// Mappls reports an exhausted daily/hourly quota as 403; the others use
+/// the conventional 429.
+fn quota_exceeded(endpoint: Endpoint, retry_after: Option<u64>) -> Response {
+    let status = if endpoint == Endpoint::MapplsToken {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::TOO_MANY_REQUESTS
+    };
+    let mut response = json_response(status, json!({"error": "quota_exceeded"}));
+    if let Some(secs) = retry_after {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// A 200 whose JSON body never seems to end: produced chunk by chunk as the
+/// client reads it, so the sim itself never holds more than one chunk.
+fn huge_json(sh: &Shared) -> Response {
+    let filler = Bytes::from(vec![b'A'; HUGE_CHUNK_BYTES]);
+    let chunks = std::iter::once(Bytes::from_static(b"{\"access_token\":\"")).chain(
+        std::iter::repeat_n(filler, HUGE_BODY_BYTES / HUGE_CHUNK_BYTES),
+    );
+    let body = stream::iter(chunks)
+        .map(Ok::<_, Infallible>)
+        // A client that stops reading must not be able to stall shutdown.
+        .take_until(sh.cancel.clone().cancelled_owned());
+    (
+        StatusCode::OK,
+        [(CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// The request has been performed; now lose the reply. Status and headers
+/// go out with the first half of the body, then the body fails, which makes
+/// hyper abort the connection: the client sees a transport error after the
+/// server's state has already changed.
+async fn lose_response(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let full = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let prefix = full.slice(..full.len() / 2);
+    parts.headers.remove(CONTENT_LENGTH);
+    let body = stream::unfold(Some(prefix), |state| async move {
+        match state {
+            Some(prefix) => Some((Ok(prefix), None)),
+            None => {
+                // Give hyper a chance to flush the head before the error
+                // tears the connection down.
+                tokio::task::yield_now().await;
+                Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "simulated lost response",
+                    )),
+                    None,
+                ))
+            }
+        }
+    })
+    // The error ends the body for hyper; `take` keeps the stream finite
+    // should anything poll it again.
+    .take(2);
+    Response::from_parts(parts, Body::from_stream(body))
+}
+
+// ---------------------------------------------------------------------------
+// Token endpoints
+// ---------------------------------------------------------------------------
+
+enum LoginError {
+    InvalidClient,
+    UnsupportedGrantType,
+}
+
+impl Shared {
+    /// Authenticates the client and issues a token; shared by all three token
+    /// endpoints because a client is a client whichever door it uses.
+    fn login(
+        &self,
+        endpoint: Endpoint,
+        client_id: Option<&str>,
+        secret: Option<&str>,
+        grant_type: Option<&str>,
+        issuer: Issuer,
+        scope: Option<String>,
+    ) -> Result<Issued, LoginError> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let checked = match (client_id, secret) {
+            (Some(id), Some(secret)) => st.registry.authenticate(id, secret, now),
+            _ => Err(AuthError::UnknownClient),
+        };
+        if let Err(why) = checked {
+            st.stats.logins_rejected += 1;
+            debug!(
+                ?endpoint,
+                client_id,
+                reason = why.as_str(),
+                "sim: login rejected"
+            );
+            return Err(LoginError::InvalidClient);
+        }
+        // Like IdentityServer, the client is authenticated before the grant
+        // type is looked at.
+        if grant_type != Some("client_credentials") {
+            debug!(?endpoint, client_id, "sim: unsupported grant type");
+            return Err(LoginError::UnsupportedGrantType);
+        }
+        let client_id = client_id.unwrap_or_default();
+        let issued = st
+            .registry
+            .issue_token(client_id, issuer, scope, now, &mut rand::rng());
+        st.stats.logins_ok += 1;
+        debug!(?endpoint, client_id, "sim: login ok");
+        Ok(issued)
+    }
+}
+
+async fn mapsindoors_token(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !is_form(&headers) {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    let form = parse_form(&body);
+    let scope = field(&form, "scope")
+        .unwrap_or(MAPSINDOORS_DEFAULT_SCOPE)
+        .to_owned();
+    match sh.login(
+        Endpoint::MapsIndoorsToken,
+        field(&form, "client_id"),
+        field(&form, "client_secret"),
+        field(&form, "grant_type"),
+        Issuer::MapsIndoors,
+        Some(scope.clone()),
+    ) {
+        Ok(t) => json_response(
+            StatusCode::OK,
+            json!({
+                "access_token": t.access_token,
+                "expires_in": t.expires_in,
+                "token_type": "Bearer",
+                "scope": scope,
+            }),
+        ),
+        // IdentityServer answers a bad secret with 400, not 401.
+        Err(LoginError::InvalidClient) => oauth_error(StatusCode::BAD_REQUEST, "invalid_client"),
+        Err(LoginError::UnsupportedGrantType) => {
+            oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type")
+        }
+    }
+}
+
+async fn mappls_token(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if !is_form(&headers) {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    let form = parse_form(&body);
+    let client_id = field(&form, "client_id");
+    match sh.login(
+        Endpoint::MapplsToken,
+        client_id,
+        field(&form, "client_secret"),
+        field(&form, "grant_type"),
+        Issuer::Mappls,
+        Some("READ".to_owned()),
+    ) {
+        Ok(t) => json_response(
+            sh.mappls_success,
+            json!({
+                "access_token": t.access_token,
+                "token_type": "bearer",
+                "expires_in": t.expires_in,
+                "scope": "READ",
+                "project_code": "prj123",
+                "client_id": client_id,
+            }),
+        ),
+        Err(LoginError::InvalidClient) => json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid_client", "error_description": "Bad client credentials"}),
+        ),
+        Err(LoginError::UnsupportedGrantType) => json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unsupported_grant_type", "error_description": "Unsupported grant type"}),
+        ),
+    }
+}
+
+async fn oauth2_token(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if !is_form(&headers) {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    let form = parse_form(&body);
+    let authorization = headers.get(AUTHORIZATION);
+    let post_secret = field(&form, "client_secret");
+    // RFC 6749 §2.3: a client must not use more than one authentication
+    // method in a request.
+    if authorization.is_some() && post_secret.is_some() {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    let via_basic = authorization.is_some() || post_secret.is_none();
+    let (client_id, secret) = if via_basic {
+        match authorization.and_then(parse_basic) {
+            Some((id, secret)) => (Some(id), Some(secret)),
+            None => (None, None),
+        }
+    } else {
+        (
+            field(&form, "client_id").map(str::to_owned),
+            post_secret.map(str::to_owned),
+        )
+    };
+    let scope = field(&form, "scope").map(str::to_owned);
+    let result = sh.login(
+        Endpoint::OAuth2Token,
+        client_id.as_deref(),
+        secret.as_deref(),
+        field(&form, "grant_type"),
+        Issuer::OAuth2,
+        scope.clone(),
+    );
+    match result {
+        Ok(t) => {
+            {
+                let mut st = sh.lock();
+                if via_basic {
+                    st.stats.oauth2_basic_logins += 1;
+                } else {
+                    st.stats.oauth2_post_logins += 1;
+                }
+            }
+            let mut body = json!({
+                "access_token": t.access_token,
+                "token_type": "Bearer",
+                "expires_in": t.expires_in,
+            });
+            if let Some(scope) = scope {
+                body["scope"] = Value::String(scope);
+            }
+            json_response(StatusCode::OK, body)
+        }
+        // RFC 6749 §5.2: a client that tried the Authorization header gets
+        // 401 with a challenge; one that authenticated in the body gets 400.
+        Err(LoginError::InvalidClient) if via_basic => {
+            let mut response = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"sim\""),
+            );
+            response
+        }
+        Err(LoginError::InvalidClient) => oauth_error(StatusCode::BAD_REQUEST, "invalid_client"),
+        Err(LoginError::UnsupportedGrantType) => {
+            oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type")
+        }
+    }
+}
+
+/// RFC 7662 token introspection. The real thing requires the caller to
+/// authenticate; the sim does not, since only tests call it.
+async fn oauth2_introspect(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !is_form(&headers) {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    let form = parse_form(&body);
+    let now = Instant::now();
+    let st = sh.lock();
+    let Some(token) = field(&form, "token").and_then(|t| st.registry.token(t, now)) else {
+        return json_response(StatusCode::OK, json!({"active": false}));
+    };
+    // `exp` is wall-clock seconds; derive it from the monotonic remainder so
+    // that it agrees with what the registry enforces.
+    let exp = (SystemTime::now() + token.expires_at.saturating_duration_since(now))
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    let mut body = json!({
+        "active": true,
+        "client_id": token.client_id,
+        "token_type": "Bearer",
+        "exp": exp,
+    });
+    if let Some(scope) = &token.scope {
+        body["scope"] = Value::String(scope.clone());
+    }
+    json_response(StatusCode::OK, body)
+}
+
+// ---------------------------------------------------------------------------
+// MapsIndoors secret API
+// ---------------------------------------------------------------------------
+
+type Params = Query<HashMap<String, String>>;
+
+/// Who is calling the secret API: the token's client and its customer.
+struct Caller {
+    client_id: String,
+    customer_id: String,
+}
+
+/// Why the secret API refused a caller.
+enum Denied {
+    /// No, unknown, expired or foreign-issuer bearer token: 401, empty body.
+    Unauthorized,
+    MissingCustomer,
+    /// The token's client belongs to another customer.
+    Forbidden,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::Unauthorized => {
+                (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")]).into_response()
+            }
+            Denied::MissingCustomer => json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "customerId is required"}),
+            ),
+            Denied::Forbidden => StatusCode::FORBIDDEN.into_response(),
+        }
+    }
+}
+
+impl Shared {
+    /// Checks the bearer token and that it belongs to the customer named in
+    /// the query.
+    fn authorize(
+        &self,
+        headers: &HeaderMap,
+        params: &HashMap<String, String>,
+    ) -> Result<Caller, Denied> {
+        let token = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| strip_scheme(v, "Bearer"))
+            .ok_or(Denied::Unauthorized)?;
+        let st = self.lock();
+        let token = st
+            .registry
+            .token(token, Instant::now())
+            .filter(|t| t.issuer == Issuer::MapsIndoors)
+            .ok_or(Denied::Unauthorized)?;
+        let customer_id = params
+            .get("customerId")
+            .filter(|c| !c.is_empty())
+            .ok_or(Denied::MissingCustomer)?;
+        if st.registry.customer_of(&token.client_id) != Some(customer_id.as_str()) {
+            debug!(client_id = %token.client_id, "sim: secret API call for another customer");
+            return Err(Denied::Forbidden);
+        }
+        Ok(Caller {
+            client_id: token.client_id.clone(),
+            customer_id: customer_id.clone(),
+        })
+    }
+}
+
+/// Lists every secret of the customer, whichever client owns it: the
+/// daemon must not assume that what it sees is its own.
+async fn list_secrets(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    let caller = match sh.authorize(&headers, &params) {
+        Ok(c) => c,
+        Err(denied) => return denied.into_response(),
+    };
+    let st = sh.lock();
+    let list: Vec<Value> = st
+        .registry
+        .secrets_of_customer(&caller.customer_id)
+        .map(|s| {
+            json!({
+                "id": s.id,
+                "description": s.description,
+                "client_id": s.client_id,
+                "createdAt": rfc3339(s.created_at),
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, Value::Array(list))
+}
+
+async fn create_secret(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    let caller = match sh.authorize(&headers, &params) {
+        Ok(c) => c,
+        Err(denied) => return denied.into_response(),
+    };
+    let Some(description) = params.get("description").filter(|d| !d.is_empty()) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "description is required"}),
+        );
+    };
+    let mut st = sh.lock();
+    let Some(secret) = st.registry.create_secret(
+        &caller.client_id,
+        description,
+        Instant::now(),
+        true,
+        &mut rand::rng(),
+    ) else {
+        // The client was removed between authorisation and now; cannot
+        // happen with the current API, but answer like a vanished resource.
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    st.stats.secrets_created += 1;
+    debug!(client_id = %caller.client_id, id = %secret.id, "sim: secret created");
+    json_response(
+        StatusCode::OK,
+        json!({
+            "id": secret.id,
+            "description": secret.description,
+            "createdAt": rfc3339(secret.created_at),
+            "secret": secret.value,
+        }),
+    )
+}
+
+async fn delete_secret(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    let caller = match sh.authorize(&headers, &params) {
+        Ok(c) => c,
+        Err(denied) => return denied.into_response(),
+    };
+    let Some(id) = params.get("id").filter(|i| !i.is_empty()) else {
+        return json_response(StatusCode::BAD_REQUEST, json!({"error": "id is required"}));
+    };
+    let mut st = sh.lock();
+    if st.registry.delete_secret(&caller.customer_id, id) {
+        st.stats.secrets_deleted += 1;
+        debug!(client_id = %caller.client_id, %id, "sim: secret deleted");
+        StatusCode::OK.into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Wire helpers
+// ---------------------------------------------------------------------------
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+fn oauth_error(status: StatusCode, error: &'static str) -> Response {
+    json_response(status, json!({ "error": error }))
+}
+
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            mime.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+fn parse_form(body: &[u8]) -> HashMap<String, String> {
+    url::form_urlencoded::parse(body).into_owned().collect()
+}
+
+/// A form field; empty counts as absent, as it does for the real servers.
+fn field<'a>(form: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    form.get(name).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+/// `value` without its auth scheme prefix (scheme compared
+/// case-insensitively), or `None` if it uses another scheme.
+fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let (given, rest) = value.split_once(' ')?;
+    let rest = rest.trim();
+    (given.eq_ignore_ascii_case(scheme) && !rest.is_empty()).then_some(rest)
+}
+
+/// Parses `Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 §2.3.1).
+fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
+    let encoded = strip_scheme(value.to_str().ok()?, "Basic")?;
+    let decoded = String::from_utf8(decode_base64(encoded)?).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    Some((form_decode(id)?, form_decode(secret)?))
+}
+
+/// Standard base64 with optional padding; no crate for twenty lines.
+fn decode_base64(input: &str) -> Option<Vec<u8>> {
+    fn sextet(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let data = input.trim_end_matches('=').as_bytes();
+    if data.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() * 3 / 4);
+    for chunk in data.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= sextet(c)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+/// Decodes one `application/x-www-form-urlencoded` component: `%XX`
+/// escapes and `+` for space.
+fn form_decode(input: &str) -> Option<String> {
+    let bytes = input.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_decodes_with_and_without_padding() {
+        assert_eq!(decode_base64("YWJj").unwrap(), b"abc");
+        assert_eq!(decode_base64("YWI=").unwrap(), b"ab");
+        assert_eq!(decode_base64("YWI").unwrap(), b"ab");
+        assert_eq!(decode_base64("YQ==").unwrap(), b"a");
+        assert_eq!(decode_base64("").unwrap(), b"");
+        assert!(decode_base64("Y").is_none());
+        assert!(decode_base64("Y!==").is_none());
+    }
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        // "my+client%3A1:s%25cret" = base64 below
+        let header = HeaderValue::from_static("basic bXkrY2xpZW50JTNBMTpzJTI1Y3JldA==");
+        assert_eq!(
+            parse_basic(&header),
+            Some(("my client:1".to_owned(), "s%cret".to_owned()))
+        );
+        assert_eq!(parse_basic(&HeaderValue::from_static("Bearer abc")), None);
+        assert_eq!(form_decode("%zz"), None);
+        assert_eq!(form_decode("%4"), None);
+    }
+
+    #[test]
+    fn form_content_type_is_recognised_with_parameters() {
+        let mut h = HeaderMap::new();
+        assert!(!is_form(&h));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("Application/X-WWW-Form-Urlencoded; charset=UTF-8"),
+        );
+        assert!(is_form(&h));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert!(!is_form(&h));
+    }
+}
