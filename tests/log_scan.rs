@@ -1,0 +1,228 @@
+//! I7: no secret, token or API key in any log line. The daemon binary runs
+//! through a full cycle (bootstrap, logins, refreshes, rejected secret,
+//! 5xx, garbage and dropped replies, API and file serving, shutdown) with
+//! `RUST_LOG=trace`, in text and JSON format, and every byte it wrote is
+//! scanned for the values.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rekeyd::sim::{FaultScope, Faults, SimOptions, SimProvider};
+
+/// Polling is the only way to observe another process; bounded.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn config(dir: &Path, sim: &SimProvider, log_format: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"state_dir = "{d}/state"
+[api]
+listen = "unix:{d}/api.sock"
+key_file = "{d}/api.key"
+[log]
+format = "{log_format}"
+
+[[credentials]]
+name = "maps"
+provider = "mapsindoors"
+client_id = "maps-client"
+initial_secret_file = "{d}/maps.secret"
+[credentials.endpoints]
+token_url = "{maps}"
+secrets_url = "{secrets}"
+[[credentials.sinks]]
+path = "{d}/maps.token"
+format = "header"
+
+[[credentials]]
+name = "places"
+provider = "mappls"
+client_id = "places-client"
+initial_secret_file = "{d}/places.secret"
+[credentials.endpoints]
+token_url = "{mappls}"
+[[credentials.sinks]]
+path = "{d}/places.json"
+format = "json"
+
+[[credentials]]
+name = "idp"
+provider = "oauth2"
+client_id = "idp-client"
+initial_secret_file = "{d}/idp.secret"
+[credentials.endpoints]
+token_url = "{oauth2}"
+"#,
+        maps = sim.mapsindoors_token_url(),
+        secrets = sim.mapsindoors_secrets_url(),
+        mappls = sim.mappls_token_url(),
+        oauth2 = sim.oauth2_token_url(),
+    )
+}
+
+fn rekeyd(args: &[&str], config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekeyd"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "trace");
+    cmd
+}
+
+async fn full_cycle_leaks_nothing(log_format: &str) {
+    let sim = SimProvider::start(SimOptions {
+        token_lifetime: Duration::from_secs(2),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut secrets = Vec::new();
+    for (client, file) in [
+        ("maps-client", "maps"),
+        ("places-client", "places"),
+        ("idp-client", "idp"),
+    ] {
+        sim.add_client(client, "cust");
+        let (_, value) = sim.add_secret(client, "bootstrap");
+        secrets.push(value.clone());
+        // places starts with a wrong secret: the rejection path logs too.
+        let value = if file == "places" {
+            format!("wrong-{value}")
+        } else {
+            value
+        };
+        std::fs::write(dir.path().join(format!("{file}.secret")), &value).unwrap();
+        secrets.push(value);
+    }
+    let config_path = dir.path().join("rekeyd.toml");
+    std::fs::write(&config_path, config(dir.path(), &sim, log_format)).unwrap();
+
+    let mut child = rekeyd(&["run"], &config_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        stderr.read_to_end(&mut buf).unwrap();
+        buf
+    });
+
+    wait_until("first logins", || sim.stats().logins_ok >= 2).await;
+    // Transient trouble on every token endpoint, one kind after another.
+    sim.set_faults(Faults {
+        scope: FaultScope::Token,
+        fail_next: 2,
+        garbage_next: 1,
+        drop_next: 1,
+        ..Faults::default()
+    });
+    wait_until("faults consumed", || {
+        let f = sim.faults();
+        f.fail_next + f.garbage_next + f.drop_next == 0
+    })
+    .await;
+    let logins = sim.stats().logins_ok;
+    wait_until("refreshes after the faults", || {
+        sim.stats().logins_ok >= logins + 4
+    })
+    .await;
+
+    // Serve tokens through the API (the CLI) and read the token files.
+    let mut served = Vec::new();
+    for name in ["maps", "idp"] {
+        let out = rekeyd(&["token", name], &config_path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "rekeyd token {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(token.starts_with("sim_"), "a sim token was served");
+        served.push(token);
+        // The CLI's own logs are scanned too.
+        let cli_logs = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !cli_logs.contains("sim_"),
+            "rekeyd token logged a token: {cli_logs}"
+        );
+    }
+    let file = std::fs::read_to_string(dir.path().join("maps.token")).unwrap();
+    assert!(file.starts_with("Authorization: Bearer sim_"));
+    let status = rekeyd(&["status", "--json"], &config_path)
+        .output()
+        .unwrap();
+    let status_text = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        status_text.contains("invalid_client"),
+        "status shows the rejection: {status_text}"
+    );
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "daemon exits 0 on SIGTERM: {exit:?}");
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let logs = String::from_utf8(stderr_reader.join().unwrap()).unwrap() + &stdout + &status_text;
+
+    assert!(
+        logs.len() > 10_000,
+        "trace logging was on ({} bytes)",
+        logs.len()
+    );
+    assert!(logs.contains("token refreshed"), "the cycle was logged");
+    // Every token the sim issues starts with "sim_": none may appear at all.
+    if let Some(at) = logs.find("sim_") {
+        panic!(
+            "a token reached the logs: ...{}...",
+            &logs[at.saturating_sub(200)..at + 10]
+        );
+    }
+    let key = std::fs::read_to_string(dir.path().join("api.key")).unwrap();
+    for value in secrets
+        .iter()
+        .chain(served.iter())
+        .chain([&key.trim().to_string()])
+    {
+        assert!(
+            !logs.contains(value.as_str()),
+            "a secret value reached the logs"
+        );
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_logs_at_trace_hold_no_secret_or_token() {
+    full_cycle_leaks_nothing("text").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_at_trace_hold_no_secret_or_token() {
+    full_cycle_leaks_nothing("json").await;
+}
