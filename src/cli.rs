@@ -48,6 +48,28 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Rotate the client secret of NAME now (or finish an interrupted rotation);
+    /// returns once the credential is stable. Safe while the daemon runs.
+    Rotate {
+        /// Credential name, as in `[[credentials]] name`.
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Install a client secret by hand (value read from stdin), e.g. after
+    /// someone else replaced the secret at the provider.
+    SetSecret {
+        /// Credential name, as in `[[credentials]] name`.
+        name: String,
+        /// The provider's id of the secret, so that a later rotation may delete it.
+        #[arg(long)]
+        id: Option<String>,
+        /// Install it even if the provider does not accept it right now.
+        #[arg(long)]
+        no_verify: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Run rekeyd against a built-in simulated provider, with short token lifetimes.
     Demo {
         /// Stop after this long (e.g. "90s"); "0s" runs until Ctrl-C.

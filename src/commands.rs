@@ -7,9 +7,16 @@ use serde_json::{Value, json};
 
 use crate::cli::{Cli, Command};
 use crate::config::{Config, ConfigError, CredentialConfig, RotationTrigger};
-use crate::store::Store;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+
+use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Outcome, Rotator};
 use crate::store::file::FileStore;
-use crate::{client, daemon, demo, logging};
+use crate::store::{CredentialRecord, Rotation, SecretEntry, Store};
+use crate::{client, daemon, demo, logging, provider};
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
@@ -74,6 +81,25 @@ pub async fn execute(cli: Cli) -> u8 {
             };
             status(&config, json).await
         }
+        Command::Rotate { name, config } => {
+            let Some(config) = load(&config.config) else {
+                return EXIT_CONFIG;
+            };
+            logging::init(config.log.format);
+            rotate(&config, &name).await
+        }
+        Command::SetSecret {
+            name,
+            id,
+            no_verify,
+            config,
+        } => {
+            let Some(config) = load(&config.config) else {
+                return EXIT_CONFIG;
+            };
+            logging::init(config.log.format);
+            set_secret(&config, &name, id, no_verify).await
+        }
         Command::Demo { duration } => {
             logging::init(Default::default());
             let duration = (!duration.is_zero()).then_some(duration);
@@ -84,6 +110,137 @@ pub async fn execute(cli: Cli) -> u8 {
                     EXIT_FAILURE
                 }
             }
+        }
+    }
+}
+
+async fn rotate(config: &Config, name: &str) -> u8 {
+    let Some(cred) = config.credential(name) else {
+        eprintln!("rekeyd: no credential named {name:?} in the configuration");
+        return EXIT_CONFIG;
+    };
+    let Some(rotation) = &cred.rotation else {
+        eprintln!("rekeyd: credential {name:?} has no [credentials.rotation] section");
+        return EXIT_CONFIG;
+    };
+    let (provider, secret_api) = match (provider::build(cred), provider::build_secret_api(cred)) {
+        (Ok(p), Ok(Some(api))) => (p, api),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("rekeyd: {e}");
+            return EXIT_FAILURE;
+        }
+        (_, Ok(None)) => {
+            eprintln!("rekeyd: credential {name:?} has no secret API configured");
+            return EXIT_CONFIG;
+        }
+    };
+    let rotator = Rotator {
+        name: cred.name.clone(),
+        client_id: cred.client_id.clone(),
+        provider,
+        secret_api,
+        store: Arc::new(FileStore::new(&config.state_dir)),
+        grace: rotation.grace,
+        verify_window: DEFAULT_VERIFY_WINDOW,
+        status: None,
+    };
+    let shutdown = CancellationToken::new();
+    daemon::spawn_signal_listener(shutdown.clone());
+    // Waits for a rotation the daemon may be running, then does its own.
+    let span = tracing::info_span!("credential", name = %name);
+    let result = tracing::Instrument::instrument(rotator.rotate(true, true, &shutdown), span).await;
+    match result {
+        Ok(Outcome::Rotated) => {
+            eprintln!("rekeyd: {name}: secret rotated");
+            EXIT_OK
+        }
+        Ok(Outcome::Aborted) => {
+            eprintln!("rekeyd: {name}: the provider refused the new secret; the old one is kept");
+            EXIT_FAILURE
+        }
+        Ok(Outcome::Idle) => EXIT_OK,
+        Err(e) => {
+            eprintln!("rekeyd: {name}: rotation stopped: {e} (the journal resumes it next time)");
+            EXIT_FAILURE
+        }
+    }
+}
+
+async fn set_secret(config: &Config, name: &str, id: Option<String>, no_verify: bool) -> u8 {
+    let Some(cred) = config.credential(name) else {
+        eprintln!("rekeyd: no credential named {name:?} in the configuration");
+        return EXIT_CONFIG;
+    };
+    let mut input = String::new();
+    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
+        eprintln!("rekeyd: cannot read the secret from stdin: {e}");
+        return EXIT_FAILURE;
+    }
+    let value = SecretString::from(input.trim().to_string());
+    if value.expose_secret().is_empty() {
+        eprintln!("rekeyd: no secret on stdin");
+        return EXIT_FAILURE;
+    }
+    if !no_verify {
+        let provider = match provider::build(cred) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("rekeyd: {e}");
+                return EXIT_FAILURE;
+            }
+        };
+        if let Err(e) = provider.login(&value).await {
+            eprintln!(
+                "rekeyd: {name}: the provider does not accept this secret: {e} (use --no-verify to install it anyway)"
+            );
+            return EXIT_FAILURE;
+        }
+    }
+    let store = FileStore::new(&config.state_dir);
+    // Not while a rotation runs: its journal would be overwritten.
+    let _claim = match store.claim(name, true).await {
+        Ok(claim) => claim,
+        Err(e) => {
+            eprintln!("rekeyd: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let existing = match store.load(name).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rekeyd: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    if let Some(r) = &existing
+        && !matches!(r.value.rotation, Rotation::Idle)
+    {
+        eprintln!(
+            "rekeyd: {name}: a rotation is in phase {}; run `rekeyd rotate {name}` to finish it first",
+            r.value.rotation.phase()
+        );
+        return EXIT_FAILURE;
+    }
+    let record = CredentialRecord {
+        current: SecretEntry {
+            id,
+            value,
+            created_at: SystemTime::now(),
+        },
+        rotation: Rotation::Idle,
+        last_rotated_at: existing.as_ref().and_then(|r| r.value.last_rotated_at),
+    };
+    match store
+        .compare_and_swap(name, existing.map(|r| r.version), &record)
+        .await
+    {
+        Ok(_) => {
+            eprintln!("rekeyd: {name}: secret installed; the daemon uses it from its next login");
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("rekeyd: {e}");
+            EXIT_FAILURE
         }
     }
 }

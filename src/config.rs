@@ -224,6 +224,7 @@ pub struct RefreshConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RotationTrigger {
     Every(Duration),
+    /// Cron with seconds, evaluated in UTC; the text is kept for display.
     Schedule(String),
     /// Only `on_login` (or manual requests) rotate.
     Manual,
@@ -728,21 +729,11 @@ fn validate_rotation(
     })
 }
 
-/// Checks a cron expression with seconds ("sec min hour day month weekday"),
-/// as tokio-cron-scheduler reads it.
+/// Checks a cron expression with seconds ("sec min hour day month weekday").
 fn validate_cron(key: &str, expr: &str) -> Result<(), ConfigError> {
-    let fields = expr.split_whitespace().count();
-    if !(6..=7).contains(&fields) {
-        return Err(ConfigError::invalid(
-            key,
-            format!(
-                "cron expression {expr:?} has {fields} fields; expected 6 (sec min hour day month weekday)"
-            ),
-        ));
-    }
-    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+    crate::rotation::schedule::parse_cron(expr)
         .map(|_| ())
-        .map_err(|e| ConfigError::invalid(key, format!("invalid cron expression {expr:?}: {e}")))
+        .map_err(|reason| ConfigError::invalid(key, reason))
 }
 
 fn validate_sink(key: &str, raw: RawSink) -> Result<SinkConfig, ConfigError> {

@@ -26,6 +26,7 @@ pub struct CredentialStatus {
     /// Every secret we know of was rejected by the provider.
     pub locked_out: bool,
     pub rotation_phase: String,
+    pub last_rotation_error: Option<String>,
     #[serde(serialize_with = "serialize_time")]
     pub last_rotated_at: Option<SystemTime>,
 }
@@ -45,6 +46,8 @@ pub struct CredentialHandle {
     pub status: watch::Receiver<CredentialStatus>,
     /// Wakes the token engine for an immediate refresh.
     pub refresh_now: Arc<Notify>,
+    /// Asks for a rotation now (credentials with rotation configured).
+    pub rotate_now: Arc<Notify>,
 }
 
 impl CredentialHandle {
@@ -64,6 +67,7 @@ pub struct CredentialChannels {
     pub token: watch::Sender<Option<Arc<Token>>>,
     pub status: watch::Sender<CredentialStatus>,
     pub refresh_now: Arc<Notify>,
+    pub rotate_now: Arc<Notify>,
 }
 
 /// Creates the channels of a credential and the handle that reads them.
@@ -76,17 +80,20 @@ pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHa
         ..Default::default()
     });
     let refresh_now = Arc::new(Notify::new());
+    let rotate_now = Arc::new(Notify::new());
     (
         CredentialChannels {
             token: token_tx,
             status: status_tx,
             refresh_now: refresh_now.clone(),
+            rotate_now: rotate_now.clone(),
         },
         CredentialHandle {
             name: name.to_string(),
             token: token_rx,
             status: status_rx,
             refresh_now,
+            rotate_now,
         },
     )
 }

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError, CredentialConfig};
 use crate::credential::{self, CredentialHandle};
 use crate::provider;
+use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule};
 use crate::serve::{api, sink};
 use crate::store::file::FileStore;
 use crate::store::{CredentialRecord, SecretEntry, Store, StoreError};
@@ -84,16 +85,20 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
             name: cred.name.clone(),
             reason: e.to_string(),
         })?;
+        let secret_api = provider::build_secret_api(cred).map_err(|e| DaemonError::Setup {
+            name: cred.name.clone(),
+            reason: e.to_string(),
+        })?;
         let bootstrap = match store.load(&cred.name).await? {
             Some(_) => None,
             None => Some(read_initial_secret(i, cred)?),
         };
-        prepared.push((cred, provider, bootstrap));
+        prepared.push((cred, provider, secret_api, bootstrap));
     }
 
     let mut tasks = JoinSet::new();
     let mut handles = BTreeMap::new();
-    for (cred, provider, bootstrap) in prepared {
+    for (cred, provider, secret_api, bootstrap) in prepared {
         if let Some(secret) = bootstrap {
             let record = CredentialRecord::new(SecretEntry {
                 id: cred.initial_secret_id.clone(),
@@ -108,6 +113,24 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
             info!(credential = %cred.name, step = "bootstrap", "initial secret stored");
         }
         let (channels, handle) = credential::channels(&cred.name, cred.provider.as_str());
+        if let (Some(rotation), Some(secret_api)) = (&cred.rotation, secret_api) {
+            let rotator = Arc::new(Rotator {
+                name: cred.name.clone(),
+                client_id: cred.client_id.clone(),
+                provider: provider.clone(),
+                secret_api,
+                store: store.clone(),
+                grace: rotation.grace,
+                verify_window: DEFAULT_VERIFY_WINDOW,
+                status: Some(channels.status.clone()),
+            });
+            tasks.spawn(run_schedule(
+                rotator,
+                rotation.clone(),
+                channels.rotate_now.clone(),
+                shutdown.clone(),
+            ));
+        }
         if let Some(record) = store.load(&cred.name).await? {
             channels.status.send_modify(|s| {
                 s.rotation_phase = record.value.rotation.phase().to_string();
@@ -124,6 +147,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
             policy: RefreshPolicy {
                 before_expiry: cred.refresh.before_expiry,
             },
+            rotate_on_login: cred.rotation.as_ref().is_some_and(|r| r.on_login),
             channels,
         };
         tasks.spawn(engine.run(shutdown.clone()));
@@ -174,8 +198,10 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
 /// Starts the daemon and runs it until SIGTERM or SIGINT.
 pub async fn run(config: &Config) -> Result<(), DaemonError> {
     let shutdown = CancellationToken::new();
-    let running = start(config, shutdown.clone()).await?;
-    spawn_signal_listener(shutdown);
+    // Listen before starting: a SIGTERM that arrives while start-up runs
+    // must stop the daemon cleanly, not kill it with the default action.
+    spawn_signal_listener(shutdown.clone());
+    let running = start(config, shutdown).await?;
     running.wait().await;
     Ok(())
 }

@@ -15,6 +15,12 @@ use crate::sim::{Endpoint, FaultScope, Faults, SimOptions, SimProvider};
 
 /// Short enough to see several refreshes a minute, long enough to read.
 const DEMO_TOKEN_LIFETIME: Duration = Duration::from_secs(10);
+/// The "maps" credential's secret is rotated this often...
+const DEMO_ROTATE_EVERY: Duration = Duration::from_secs(25);
+/// ...and the old secret is deleted this long after the new one is in use.
+const DEMO_GRACE: Duration = Duration::from_secs(5);
+/// New secrets take this long to be accepted, as at a real provider.
+const DEMO_PROPAGATION: Duration = Duration::from_secs(1);
 /// When the demo breaks the Mappls endpoint for a while.
 const OUTAGE_AT: Duration = Duration::from_secs(20);
 
@@ -35,6 +41,7 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
     let dir = tempfile::tempdir().map_err(setup)?;
     let sim = SimProvider::start(SimOptions {
         token_lifetime: DEMO_TOKEN_LIFETIME,
+        propagation_delay: DEMO_PROPAGATION,
         ..SimOptions::default()
     })
     .await
@@ -69,6 +76,9 @@ initial_secret_id = "{maps_id}"
 [credentials.endpoints]
 token_url = "{maps_token}"
 secrets_url = "{maps_secrets}"
+[credentials.rotation]
+every = "{rotate_every}s"
+grace = "{grace}s"
 [[credentials.sinks]]
 path = "{maps_token_file}"
 format = "header"
@@ -87,6 +97,8 @@ path = "{places_token_file}"
 format = "json"
 "#,
         state = path("state"),
+        rotate_every = DEMO_ROTATE_EVERY.as_secs(),
+        grace = DEMO_GRACE.as_secs(),
         key = path("api.key"),
         maps_secret = path("maps.secret"),
         maps_token = sim.mapsindoors_token_url(),
@@ -169,11 +181,19 @@ format = "json"
 
     let stats = sim.stats();
     println!(
-        "\ndemo finished after {}s: {} logins served by the simulated provider, {} faults injected.",
+        "\ndemo finished after {}s: {} logins, {} secrets created and {} deleted at the simulated provider, {} faults injected.",
         started.elapsed().as_secs(),
         stats.logins_ok,
+        stats.secrets_created,
+        stats.secrets_deleted,
         stats.faults_injected
     );
+    let live: Vec<String> = sim
+        .secrets("demo-maps")
+        .into_iter()
+        .map(|s| s.description)
+        .collect();
+    println!("secrets the \"maps\" client has now: {live:?}");
     sim.shutdown().await;
     Ok(())
 }

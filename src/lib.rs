@@ -21,6 +21,7 @@ pub mod demo;
 pub mod fsutil;
 pub mod logging;
 pub mod provider;
+pub mod rotation;
 pub mod serve;
 pub mod sim;
 pub mod store;

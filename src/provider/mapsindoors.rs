@@ -5,10 +5,11 @@
 
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use url::Url;
 
-use super::http::{self, HttpClient};
-use super::{ErrorKind, ProviderError, TokenProvider};
+use super::http::{self, HttpClient, Reply};
+use super::{Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret, SecretApi, TokenProvider};
 use crate::config::CredentialConfig;
 use crate::token::Token;
 
@@ -57,6 +58,151 @@ impl TokenProvider for MapsIndoors {
             }
             let request = self.http.inner().post(self.token_url.clone()).form(&form);
             http::token_request(&self.http, OP, request, secret, classify).await
+        })
+    }
+}
+
+/// The client-credentials API (`/api/clientcredentials`): list, create and
+/// delete secrets of the customer, with a bearer token from `/connect/token`.
+/// The list may include other clients' secrets; rotation filters by tag.
+pub struct MapsIndoorsSecrets {
+    http: HttpClient,
+    url: Url,
+    customer_id: String,
+}
+
+impl MapsIndoorsSecrets {
+    pub fn new(http: HttpClient, url: Url, customer_id: String) -> Self {
+        MapsIndoorsSecrets {
+            http,
+            url,
+            customer_id,
+        }
+    }
+
+    fn url_with(&self, params: &[(&str, &str)]) -> Url {
+        let mut url = self.url.clone();
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("customerId", &self.customer_id);
+            for (k, v) in params {
+                query.append_pair(k, v);
+            }
+        }
+        url
+    }
+
+    async fn call(
+        &self,
+        operation: &'static str,
+        request: reqwest::RequestBuilder,
+        bearer: &Token,
+    ) -> Result<Reply, ProviderError> {
+        let request = request.bearer_auth(bearer.access_token.expose_secret());
+        self.http.send(operation, request).await
+    }
+}
+
+/// Secret API failures: 401 means our token is not accepted.
+fn classify_secret_api(status: u16) -> ErrorKind {
+    match status {
+        401 => ErrorKind::Rejected,
+        429 => ErrorKind::Quota,
+        400..=499 => ErrorKind::Refused,
+        _ => ErrorKind::Transient,
+    }
+}
+
+fn secret_api_error(operation: &'static str, reply: &Reply) -> ProviderError {
+    // The body is not parsed: on this API it is empty or free text.
+    http::error_reply(
+        operation,
+        reply,
+        classify_secret_api(reply.status),
+        http::OAuthError::default(),
+    )
+}
+
+impl SecretApi for MapsIndoorsSecrets {
+    fn list<'a>(
+        &'a self,
+        bearer: &'a Token,
+    ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "mapsindoors list secrets";
+            #[derive(Deserialize)]
+            struct Item {
+                id: String,
+                #[serde(default)]
+                description: Option<String>,
+                #[serde(default)]
+                client_id: Option<String>,
+            }
+            let request = self.http.inner().get(self.url_with(&[]));
+            let reply = self.call(OP, request, bearer).await?;
+            if !(200..300).contains(&reply.status) {
+                return Err(secret_api_error(OP, &reply));
+            }
+            let items: Vec<Item> = serde_json::from_slice(&reply.body).map_err(|_| {
+                http::unexpected_body(OP, &reply, "expected a JSON list of secrets")
+            })?;
+            Ok(items
+                .into_iter()
+                .map(|i| RemoteSecret {
+                    id: i.id,
+                    description: i.description.unwrap_or_default(),
+                    client_id: i.client_id,
+                })
+                .collect())
+        })
+    }
+
+    fn create<'a>(
+        &'a self,
+        bearer: &'a Token,
+        description: &'a str,
+    ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "mapsindoors create secret";
+            #[derive(Deserialize)]
+            struct Created {
+                id: String,
+                secret: String,
+            }
+            let request = self
+                .http
+                .inner()
+                .post(self.url_with(&[("description", description)]));
+            let reply = self.call(OP, request, bearer).await?;
+            if !(200..300).contains(&reply.status) {
+                return Err(secret_api_error(OP, &reply));
+            }
+            let created: Created = serde_json::from_slice(&reply.body)
+                .map_err(|_| http::unexpected_body(OP, &reply, "expected {id, secret} JSON"))?;
+            if created.secret.is_empty() || created.id.is_empty() {
+                return Err(http::unexpected_body(OP, &reply, "empty id or secret"));
+            }
+            Ok(NewSecret {
+                id: created.id,
+                value: SecretString::from(created.secret),
+            })
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        bearer: &'a Token,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "mapsindoors delete secret";
+            let request = self.http.inner().delete(self.url_with(&[("id", id)]));
+            let reply = self.call(OP, request, bearer).await?;
+            match reply.status {
+                200..=299 => Ok(Deleted::Deleted),
+                404 => Ok(Deleted::NotFound),
+                _ => Err(secret_api_error(OP, &reply)),
+            }
         })
     }
 }

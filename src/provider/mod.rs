@@ -28,6 +28,48 @@ pub trait TokenProvider: Send + Sync {
     -> BoxFuture<'a, Result<Token, ProviderError>>;
 }
 
+/// A secret as the provider lists it (never with its value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSecret {
+    pub id: String,
+    pub description: String,
+    /// The client the secret belongs to, when the provider says.
+    pub client_id: Option<String>,
+}
+
+/// A secret just created; the provider shows its value only this once.
+#[derive(Debug, Clone)]
+pub struct NewSecret {
+    pub id: String,
+    pub value: SecretString,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    Deleted,
+    /// Already gone: for an idempotent step that is as good as deleted.
+    NotFound,
+}
+
+/// A provider's API for managing a client's secrets, authenticated with a
+/// bearer token of that client.
+pub trait SecretApi: Send + Sync {
+    fn list<'a>(
+        &'a self,
+        bearer: &'a Token,
+    ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>>;
+    fn create<'a>(
+        &'a self,
+        bearer: &'a Token,
+        description: &'a str,
+    ) -> BoxFuture<'a, Result<NewSecret, ProviderError>>;
+    fn delete<'a>(
+        &'a self,
+        bearer: &'a Token,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>>;
+}
+
 /// How the token engine should treat a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -81,6 +123,28 @@ impl ProviderError {
             detail: detail.into(),
             retry_after: None,
         }
+    }
+}
+
+/// The secret API of a credential, if its provider has one and the
+/// configuration enables rotation.
+pub fn build_secret_api(
+    cred: &CredentialConfig,
+) -> Result<Option<Arc<dyn SecretApi>>, ProviderError> {
+    match (
+        cred.provider,
+        &cred.endpoints.secrets_url,
+        &cred.customer_id,
+    ) {
+        (ProviderKind::MapsIndoors, Some(url), Some(customer)) => {
+            let http = HttpClient::new(&cred.endpoints)?;
+            Ok(Some(Arc::new(mapsindoors::MapsIndoorsSecrets::new(
+                http,
+                url.clone(),
+                customer.clone(),
+            ))))
+        }
+        _ => Ok(None),
     }
 }
 

@@ -192,8 +192,21 @@ impl Listener {
             ListenAddr::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
             ListenAddr::Unix(path) => {
                 // A stale socket from a previous run would make bind fail.
+                // A live one belongs to a running daemon: removing it would
+                // silently take its API away, so refuse instead.
                 match std::fs::symlink_metadata(path) {
                     Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+                        let probe = tokio::time::timeout(
+                            std::time::Duration::from_secs(1),
+                            tokio::net::UnixStream::connect(path),
+                        )
+                        .await;
+                        if !matches!(probe, Ok(Err(_))) {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                "another process is listening on this socket",
+                            ));
+                        }
                         std::fs::remove_file(path)?
                     }
                     _ => {}

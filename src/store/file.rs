@@ -109,7 +109,75 @@ fn io_err(path: &Path, source: io::Error) -> StoreError {
     }
 }
 
+/// An exclusive lock on `<name>.rotate.lock`, released on drop (and by the
+/// kernel if the process dies, so a crash never leaves a stale claim).
+struct FileClaim {
+    _file: File,
+}
+
+impl super::Claim for FileClaim {}
+
+/// Larger than any record, so a disk that takes the probe takes the record.
+const PROBE_BYTES: usize = 64 * 1024;
+
+fn claim(dir: &Path, name: &str, wait: bool) -> Result<Option<FileClaim>, StoreError> {
+    let store = FileStore {
+        dir: dir.to_path_buf(),
+    };
+    store.ensure_dirs()?;
+    let path = dir.join(format!("{name}.rotate.lock"));
+    let file = open_lock_file(&path).map_err(|e| io_err(&path, e))?;
+    if wait {
+        file.lock().map_err(|e| io_err(&path, e))?;
+    } else {
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path, e)),
+        }
+    }
+    Ok(Some(FileClaim { _file: file }))
+}
+
+fn check_writable(dir: &Path, name: &str) -> Result<(), StoreError> {
+    let store = FileStore {
+        dir: dir.to_path_buf(),
+    };
+    store.ensure_dirs()?;
+    let path = dir.join(format!(".{name}.probe"));
+    let result = fsutil::write_atomic(&path, &[0u8; PROBE_BYTES], 0o600);
+    let _ = std::fs::remove_file(&path);
+    result.map_err(|e| io_err(&path, e))
+}
+
 impl Store for FileStore {
+    fn claim<'a>(
+        &'a self,
+        name: &'a str,
+        wait: bool,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn super::Claim>>, StoreError>> {
+        let dir = self.dir.clone();
+        let name = name.to_string();
+        Box::pin(async move {
+            let path = dir.join(format!("{name}.rotate.lock"));
+            let claimed = tokio::task::spawn_blocking(move || claim(&dir, &name, wait))
+                .await
+                .map_err(|e| io_err(&path, io::Error::other(e)))??;
+            Ok(claimed.map(|c| Box::new(c) as Box<dyn super::Claim>))
+        })
+    }
+
+    fn check_writable<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        let dir = self.dir.clone();
+        let name = name.to_string();
+        Box::pin(async move {
+            let path = dir.clone();
+            tokio::task::spawn_blocking(move || check_writable(&dir, &name))
+                .await
+                .map_err(|e| io_err(&path, io::Error::other(e)))?
+        })
+    }
+
     fn load<'a>(
         &'a self,
         name: &'a str,

@@ -35,7 +35,23 @@ pub enum StoreError {
     },
 }
 
+/// Held while one process drives a rotation of a credential (I6); dropping
+/// it releases the claim.
+pub trait Claim: Send {}
+
 pub trait Store: Send + Sync {
+    /// Claims the right to rotate credential `name`. `wait`: block until the
+    /// current holder lets go; otherwise `Ok(None)` when someone holds it.
+    fn claim<'a>(
+        &'a self,
+        name: &'a str,
+        wait: bool,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn Claim>>, StoreError>>;
+
+    /// Proves that a record for `name` can be written now (space, permissions),
+    /// so a rotation stops before the provider creates anything (I2).
+    fn check_writable<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
     /// Reads the record of credential `name`, if there is one.
     fn load<'a>(
         &'a self,

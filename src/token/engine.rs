@@ -62,6 +62,8 @@ pub struct Engine {
     pub secrets: Arc<dyn SecretSource>,
     pub policy: RefreshPolicy,
     pub channels: CredentialChannels,
+    /// `rotation.on_login`: ask for a rotation after every login.
+    pub rotate_on_login: bool,
 }
 
 /// Outcome of one refresh attempt.
@@ -88,6 +90,9 @@ impl Engine {
                         "token refreshed"
                     );
                     self.publish(token);
+                    if self.rotate_on_login {
+                        self.channels.rotate_now.notify_one();
+                    }
                     wait
                 }
                 Err(err) => {
