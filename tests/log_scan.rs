@@ -1,8 +1,8 @@
 //! I7: no secret, token or API key in any log line. The daemon binary runs
-//! through a full cycle (bootstrap, logins, refreshes, rejected secret,
-//! 5xx, garbage and dropped replies, API and file serving, shutdown) with
-//! `RUST_LOG=trace`, in text and JSON format, and every byte it wrote is
-//! scanned for the values.
+//! through a full cycle (bootstrap, logins, refreshes, secret rotations,
+//! rejected secret, 5xx, garbage and dropped replies, API and file serving,
+//! shutdown) with `RUST_LOG=trace`, in text and JSON format, and every byte
+//! it wrote is scanned for the values.
 
 use std::io::Read;
 use std::path::Path;
@@ -37,10 +37,14 @@ format = "{log_format}"
 name = "maps"
 provider = "mapsindoors"
 client_id = "maps-client"
+customer_id = "cust"
 initial_secret_file = "{d}/maps.secret"
 [credentials.endpoints]
 token_url = "{maps}"
 secrets_url = "{secrets}"
+[credentials.rotation]
+every = "1s"
+grace = "0s"
 [[credentials.sinks]]
 path = "{d}/maps.token"
 format = "header"
@@ -122,6 +126,18 @@ async fn full_cycle_leaks_nothing(log_format: &str) {
     });
 
     wait_until("first logins", || sim.stats().logins_ok >= 2).await;
+    // Rotated secrets of "maps" are collected while they live.
+    let mut seen_secrets = std::collections::HashSet::new();
+    let mut remember = |sim: &SimProvider| {
+        for s in sim.secrets("maps-client") {
+            seen_secrets.insert(s.value);
+        }
+    };
+    wait_until("two completed rotations", || {
+        remember(&sim);
+        sim.stats().secrets_deleted >= 2
+    })
+    .await;
     // Transient trouble on every token endpoint, one kind after another.
     sim.set_faults(Faults {
         scope: FaultScope::Token,
@@ -171,6 +187,8 @@ async fn full_cycle_leaks_nothing(log_format: &str) {
         "status shows the rejection: {status_text}"
     );
 
+    remember(&sim);
+    secrets.extend(seen_secrets);
     let pid = child.id().to_string();
     assert!(
         Command::new("kill")
