@@ -71,7 +71,10 @@ pub async fn execute(cli: Cli) -> u8 {
                 },
                 Err(e) => {
                     eprintln!("rekeyd: {e}");
-                    EXIT_UNAVAILABLE
+                    match e {
+                        client::ClientError::NoApi => EXIT_CONFIG,
+                        _ => EXIT_UNAVAILABLE,
+                    }
                 }
             }
         }

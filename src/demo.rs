@@ -139,8 +139,8 @@ format = "json"
     }
 
     let shutdown = CancellationToken::new();
-    let running = daemon::start(&config, shutdown.clone()).await?;
     daemon::spawn_signal_listener(shutdown.clone());
+    let running = daemon::start(&config, shutdown.clone()).await?;
     let api = running
         .api_addr
         .ok_or_else(|| DemoError::Setup("the API has no TCP address".into()))?;
@@ -206,7 +206,10 @@ async fn narrate(
     key: String,
     shutdown: CancellationToken,
 ) {
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("http client");
     let mut seen = 0u32;
     loop {
         tokio::select! {

@@ -4,9 +4,10 @@
 //! - `GET /v1/status`: per-credential status (needs `X-Rekeyd-Key`).
 //! - `GET /livez`, `GET /readyz`: health; no key, they hold no secrets.
 //!
-//! Requests carrying `X-Forwarded-For` are refused: the API is meant for
-//! programs on the same host or pod, and a proxy in front of it would turn a
-//! local secret into a remote one (the SSRF pattern).
+//! Requests carrying `X-Forwarded-For` (or `Forwarded`, `X-Real-IP`) are
+//! refused: the API is meant for programs on the same host or pod, and a
+//! proxy in front of it would turn a local secret into a remote one (the
+//! SSRF pattern).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -49,11 +50,14 @@ pub fn router(state: ApiState) -> Router {
 }
 
 async fn refuse_forwarded(request: Request, next: Next) -> Response {
-    if request.headers().contains_key("x-forwarded-for") {
+    let relayed = ["x-forwarded-for", "forwarded", "x-real-ip"]
+        .iter()
+        .any(|h| request.headers().contains_key(*h));
+    if relayed {
         return error(
             StatusCode::FORBIDDEN,
             "forwarded_request",
-            "requests relayed by a proxy (X-Forwarded-For) are refused",
+            "requests relayed by a proxy (X-Forwarded-For, Forwarded, X-Real-IP) are refused",
         );
     }
     next.run(request).await
