@@ -17,6 +17,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/rekeyd/rekeyd.toml";
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9860";
 /// Default grace period between promoting a new secret and deleting the old one.
 pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(30);
+/// An old secret kept longer than this defeats the point of rotating.
+pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 86400);
 /// Default mode of token files: readable by the owner only (I7).
 pub const DEFAULT_SINK_MODE: u32 = 0o600;
 
@@ -86,6 +88,19 @@ struct RawCredential {
     rotation: Option<RawRotation>,
     #[serde(default)]
     sinks: Vec<RawSink>,
+    #[serde(default)]
+    hooks: Vec<RawHook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    #[serde(default)]
+    on: Vec<String>,
+    command: Option<Vec<String>>,
+    timeout: Option<String>,
+    signal: Option<String>,
+    pid_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,7 +222,7 @@ pub enum AuthMethod {
     ClientSecretPost,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EndpointsConfig {
     pub token_url: Url,
     pub secrets_url: Option<Url>,
@@ -215,7 +230,7 @@ pub struct EndpointsConfig {
     pub request_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RefreshConfig {
     /// Refresh this long before expiry (jittered); `None` means 70-80% of the lifetime.
     pub before_expiry: Option<Duration>,
@@ -230,7 +245,7 @@ pub enum RotationTrigger {
     Manual,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RotationConfig {
     pub trigger: RotationTrigger,
     pub grace: Duration,
@@ -247,14 +262,53 @@ pub enum SinkFormat {
     Header,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
     pub path: PathBuf,
     pub format: SinkFormat,
     pub mode: u32,
 }
 
-#[derive(Debug, Clone)]
+/// When a hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HookEvent {
+    /// A new token was obtained.
+    Token,
+    /// A secret rotation completed.
+    Rotation,
+}
+
+impl HookEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookEvent::Token => "token",
+            HookEvent::Rotation => "rotation",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookAction {
+    /// Run a program (argv, no shell) with a timeout.
+    Command {
+        argv: Vec<String>,
+        timeout: Duration,
+    },
+    /// Send a signal to the process whose pid is in `pid_file` (re-read each time).
+    Signal {
+        signal: i32,
+        name: String,
+        pid_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookConfig {
+    pub on: Vec<HookEvent>,
+    pub action: HookAction,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct CredentialConfig {
     pub name: String,
     pub provider: ProviderKind,
@@ -270,6 +324,7 @@ pub struct CredentialConfig {
     pub refresh: RefreshConfig,
     pub rotation: Option<RotationConfig>,
     pub sinks: Vec<SinkConfig>,
+    pub hooks: Vec<HookConfig>,
 }
 
 impl Config {
@@ -564,6 +619,13 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         .map(|(j, s)| validate_sink(&key(&format!("sinks[{j}]")), s))
         .collect::<Result<Vec<_>, _>>()?;
 
+    let hooks = rc
+        .hooks
+        .into_iter()
+        .enumerate()
+        .map(|(j, h)| validate_hook(&key(&format!("hooks[{j}]")), h, rotation.is_some()))
+        .collect::<Result<Vec<_>, _>>()?;
+
     Ok(CredentialConfig {
         name,
         provider,
@@ -579,7 +641,117 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         refresh,
         rotation,
         sinks,
+        hooks,
     })
+}
+
+/// Signals a hook may send, by name.
+const HOOK_SIGNALS: &[(&str, i32)] = &[
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("USR1", 10),
+    ("USR2", 12),
+    ("TERM", 15),
+];
+
+fn validate_hook(key: &str, raw: RawHook, rotates: bool) -> Result<HookConfig, ConfigError> {
+    let mut on = Vec::new();
+    for (i, event) in raw.on.iter().enumerate() {
+        let event = match event.as_str() {
+            "token" => HookEvent::Token,
+            "rotation" if rotates => HookEvent::Rotation,
+            "rotation" => {
+                return Err(ConfigError::invalid(
+                    format!("{key}.on[{i}]"),
+                    "\"rotation\" needs a [credentials.rotation] section",
+                ));
+            }
+            other => {
+                return Err(ConfigError::invalid(
+                    format!("{key}.on[{i}]"),
+                    format!("expected \"token\" or \"rotation\", got {other:?}"),
+                ));
+            }
+        };
+        if !on.contains(&event) {
+            on.push(event);
+        }
+    }
+    if on.is_empty() {
+        return Err(ConfigError::invalid(
+            format!("{key}.on"),
+            "list at least one event: [\"token\"], [\"rotation\"] or both",
+        ));
+    }
+    let action = match (raw.command, raw.signal, raw.pid_file) {
+        (Some(argv), None, None) => {
+            if argv.is_empty() || argv[0].is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.command"),
+                    "must name a program: [\"/path/to/program\", \"arg\", ...]",
+                ));
+            }
+            if !Path::new(&argv[0]).is_absolute() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.command"),
+                    format!(
+                        "the program must be an absolute path (no shell, no PATH search), got {:?}",
+                        argv[0]
+                    ),
+                ));
+            }
+            let timeout = raw
+                .timeout
+                .map(|t| parse_duration(&format!("{key}.timeout"), &t))
+                .transpose()?
+                .unwrap_or(Duration::from_secs(30));
+            HookAction::Command { argv, timeout }
+        }
+        (None, Some(signal), Some(pid_file)) => {
+            let name = signal.trim_start_matches("SIG").to_ascii_uppercase();
+            let number = HOOK_SIGNALS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| *s)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        format!("{key}.signal"),
+                        format!("expected one of HUP, INT, QUIT, USR1, USR2, TERM, got {signal:?}"),
+                    )
+                })?;
+            if !pid_file.is_absolute() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.pid_file"),
+                    "must be an absolute path",
+                ));
+            }
+            if raw.timeout.is_some() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.timeout"),
+                    "only applies to `command` hooks",
+                ));
+            }
+            HookAction::Signal {
+                signal: number,
+                name,
+                pid_file,
+            }
+        }
+        (None, Some(_), None) => {
+            return Err(ConfigError::invalid(
+                format!("{key}.pid_file"),
+                "is required with `signal`",
+            ));
+        }
+        _ => {
+            return Err(ConfigError::invalid(
+                key.to_string(),
+                "set either `command` or `signal` with `pid_file`",
+            ));
+        }
+    };
+    Ok(HookConfig { on, action })
 }
 
 fn validate_endpoints(
@@ -700,8 +872,11 @@ fn validate_rotation(
         }
         (Some(every), None) => {
             let d = parse_duration(&key("every"), &every)?;
-            if d < Duration::from_secs(1) {
-                return Err(ConfigError::invalid(key("every"), "must be at least 1s"));
+            if d < Duration::from_secs(1) || d > Duration::from_secs(10 * 365 * 86400) {
+                return Err(ConfigError::invalid(
+                    key("every"),
+                    "must be between 1s and 10 years",
+                ));
             }
             RotationTrigger::Every(d)
         }
@@ -722,6 +897,12 @@ fn validate_rotation(
         .map(|g| parse_duration(&key("grace"), &g))
         .transpose()?
         .unwrap_or(DEFAULT_ROTATION_GRACE);
+    if grace > MAX_ROTATION_GRACE {
+        return Err(ConfigError::invalid(
+            key("grace"),
+            "must be at most 30 days: the old secret stays valid that long",
+        ));
+    }
     Ok(RotationConfig {
         trigger,
         grace,

@@ -142,7 +142,11 @@ pub fn step(
         }
 
         (Rotation::Created { rid, pending }, Event::Verified) => {
-            let delete_after = now + grace;
+            // Config bounds grace; saturate anyway so a bad record cannot
+            // make every resume panic.
+            let delete_after = now
+                .checked_add(grace)
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86400));
             let next = CredentialRecord {
                 current: pending.clone(),
                 rotation: Rotation::Promoted {
