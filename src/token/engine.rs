@@ -197,7 +197,11 @@ impl Engine {
         self.channels.status.send_modify(|s| {
             s.consecutive_failures = failures;
             s.last_error = Some(err.to_string());
-            s.locked_out = err.kind == ErrorKind::Rejected;
+            // Only a successful login clears it: a 503 during a lockout says
+            // nothing about the secret.
+            if err.kind == ErrorKind::Rejected {
+                s.locked_out = true;
+            }
         });
     }
 }
