@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
-use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Outcome, Rotator};
+use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Outcome, RotationError, Rotator};
 use crate::store::file::FileStore;
 use crate::store::{CredentialRecord, Rotation, SecretEntry, Store};
 use crate::{client, daemon, demo, logging, provider};
@@ -163,7 +163,13 @@ async fn rotate(config: &Config, name: &str) -> u8 {
         }
         Ok(Outcome::Idle) => EXIT_OK,
         Err(e) => {
-            eprintln!("rekeyd: {name}: rotation stopped: {e} (the journal resumes it next time)");
+            let resumable = matches!(e, RotationError::Provider(_) | RotationError::Shutdown);
+            let hint = if resumable {
+                " (the journal resumes it next time)"
+            } else {
+                ""
+            };
+            eprintln!("rekeyd: {name}: rotation stopped: {e}{hint}");
             EXIT_FAILURE
         }
     }

@@ -48,6 +48,8 @@ pub struct CredentialHandle {
     pub refresh_now: Arc<Notify>,
     /// Asks for a rotation now (credentials with rotation configured).
     pub rotate_now: Arc<Notify>,
+    /// Whether this credential's secret is rotated by rekeyd.
+    pub rotates: bool,
 }
 
 impl CredentialHandle {
@@ -94,6 +96,7 @@ pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHa
             status: status_rx,
             refresh_now,
             rotate_now,
+            rotates: false,
         },
     )
 }

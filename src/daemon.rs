@@ -112,7 +112,8 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
             }
             info!(credential = %cred.name, step = "bootstrap", "initial secret stored");
         }
-        let (channels, handle) = credential::channels(&cred.name, cred.provider.as_str());
+        let (channels, mut handle) = credential::channels(&cred.name, cred.provider.as_str());
+        handle.rotates = cred.rotation.is_some();
         if let (Some(rotation), Some(secret_api)) = (&cred.rotation, secret_api) {
             let rotator = Arc::new(Rotator {
                 name: cred.name.clone(),

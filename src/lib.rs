@@ -20,6 +20,8 @@ pub mod daemon;
 pub mod demo;
 pub mod fsutil;
 pub mod logging;
+pub mod metrics;
+pub mod notify;
 pub mod provider;
 pub mod rotation;
 pub mod serve;

@@ -57,11 +57,21 @@ impl HttpClient {
         operation: &'static str,
         request: reqwest::RequestBuilder,
     ) -> Result<Reply, ProviderError> {
-        let mut response = request
-            .send()
-            .await
-            .map_err(|e| ProviderError::transient(operation, describe_reqwest_error(&e)))?;
+        let started = tokio::time::Instant::now();
+        let sent = request.send().await;
+        let metrics = crate::metrics::global();
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                metrics.observe_request(operation, None, started.elapsed());
+                return Err(ProviderError::transient(
+                    operation,
+                    describe_reqwest_error(&e),
+                ));
+            }
+        };
         let status = response.status().as_u16();
+        metrics.observe_request(operation, Some(status), started.elapsed());
         let headers = response.headers();
         let content_type = headers
             .get(reqwest::header::CONTENT_TYPE)

@@ -111,47 +111,44 @@ impl Rotator {
         wait_claim: bool,
         shutdown: &CancellationToken,
     ) -> Result<Outcome, RotationError> {
-        async {
-            let _claim = self
-                .store
-                .claim(&self.name, wait_claim)
-                .await?
-                .ok_or(RotationError::Busy)?;
-            // Read after claiming: the previous holder may have moved on.
-            let record = self
-                .store
-                .load(&self.name)
-                .await?
-                .ok_or(RotationError::NoRecord)?;
-            let idle = matches!(record.value.rotation, Rotation::Idle);
-            let event = if begin && idle {
-                // I2: a full or read-only disk stops us before the provider
-                // creates a secret we could not record.
-                self.store.check_writable(&self.name).await?;
-                let rid = new_rotation_id();
-                info!(step = "rotate", rid = %rid, "rotation started");
-                Event::Begin { rid }
-            } else {
-                if !idle {
-                    info!(
-                        step = "rotate",
-                        phase = record.value.rotation.phase(),
-                        "resuming rotation"
-                    );
-                }
-                Event::Resume
-            };
-            let mut run = Run {
-                rotator: self,
-                record,
-                bearer: None,
-            };
-            tokio::select! {
-                result = run.drive(event) => result,
-                _ = shutdown.cancelled() => Err(RotationError::Shutdown),
+        let _claim = self
+            .store
+            .claim(&self.name, wait_claim)
+            .await?
+            .ok_or(RotationError::Busy)?;
+        // Read after claiming: the previous holder may have moved on.
+        let record = self
+            .store
+            .load(&self.name)
+            .await?
+            .ok_or(RotationError::NoRecord)?;
+        let idle = matches!(record.value.rotation, Rotation::Idle);
+        let event = if begin && idle {
+            // I2: a full or read-only disk stops us before the provider
+            // creates a secret we could not record.
+            self.store.check_writable(&self.name).await?;
+            let rid = new_rotation_id();
+            info!(step = "rotate", rid = %rid, "rotation started");
+            Event::Begin { rid }
+        } else {
+            if !idle {
+                info!(
+                    step = "rotate",
+                    phase = record.value.rotation.phase(),
+                    "resuming rotation"
+                );
             }
+            Event::Resume
+        };
+        let mut run = Run {
+            rotator: self,
+            record,
+            bearer: None,
+        };
+        tokio::select! {
+            result = run.drive(event) => result,
+            _ = shutdown.cancelled() => Err(RotationError::Shutdown),
         }
-        .await
     }
 
     fn publish(&self, record: &CredentialRecord) {

@@ -2,7 +2,9 @@
 //!
 //! - `GET /v1/token/{name}`: the current token (needs `X-Rekeyd-Key`).
 //! - `GET /v1/status`: per-credential status (needs `X-Rekeyd-Key`).
-//! - `GET /livez`, `GET /readyz`: health; no key, they hold no secrets.
+//! - `POST /v1/rotate/{name}`: request a secret rotation now (needs the key).
+//! - `GET /livez`, `GET /readyz`, `GET /readyz/{name}`, `GET /metrics`: no
+//!   key, they hold no secrets.
 //!
 //! Requests carrying `X-Forwarded-For` (or `Forwarded`, `X-Real-IP`) are
 //! refused: the API is meant for programs on the same host or pod, and a
@@ -19,7 +21,7 @@ use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
@@ -43,8 +45,11 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/token/{name}", get(get_token))
         .route("/v1/status", get(get_status))
+        .route("/v1/rotate/{name}", post(post_rotate))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
+        .route("/readyz/{name}", get(readyz_one))
+        .route("/metrics", get(metrics))
         .layer(middleware::from_fn(refuse_forwarded))
         .with_state(state)
 }
@@ -135,6 +140,72 @@ async fn get_status(State(state): State<ApiState>, headers: HeaderMap) -> Respon
         })
         .collect();
     Json(json!({ "credentials": credentials })).into_response()
+}
+
+async fn post_rotate(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = check_key(&state, &headers) {
+        return denied;
+    }
+    let Some(handle) = state.credentials.get(&name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_credential",
+            "no credential of that name",
+        );
+    };
+    if !handle.rotates {
+        return error(
+            StatusCode::CONFLICT,
+            "rotation_not_configured",
+            "this credential has no [credentials.rotation] section",
+        );
+    }
+    handle.rotate_now.notify_one();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"status": "rotation requested", "credential": name})),
+    )
+        .into_response()
+}
+
+async fn readyz_one(State(state): State<ApiState>, UrlPath(name): UrlPath<String>) -> Response {
+    let Some(handle) = state.credentials.get(&name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_credential",
+            "no credential of that name",
+        );
+    };
+    let ready = handle.valid_token().is_some();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": ready, "credential": name}))).into_response()
+}
+
+/// OpenMetrics exposition. Token validity changes with time alone, so it is
+/// brought up to date at each scrape.
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let m = crate::metrics::global();
+    for (name, handle) in state.credentials.iter() {
+        m.token_valid
+            .get_or_create(&crate::metrics::credential(name))
+            .set(i64::from(handle.valid_token().is_some()));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response()
 }
 
 async fn livez() -> Response {

@@ -2,4 +2,5 @@
 //! ([`api`]).
 
 pub mod api;
+pub mod hooks;
 pub mod sink;

@@ -58,11 +58,30 @@ impl FileStore {
             path: path.display().to_string(),
             reason,
         };
-        // serde_json's message names line and column only, never the value.
-        let doc: Document = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let doc: Document =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(describe_json_error(&e)))?;
         let (version, value) = doc.into_record().map_err(corrupt)?;
         Ok(Some(Versioned { version, value }))
     }
+}
+
+/// What is wrong with a record that does not parse, and where, without
+/// serde_json's wording for type and value errors: that quotes the
+/// offending value (`invalid type: string "...", expected ...`), which may
+/// be a secret in the wrong place (I7).
+fn describe_json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "unreadable",
+        Category::Syntax => "not valid JSON",
+        Category::Eof => "truncated (unexpected end of the file)",
+        // Names only one of our own fields: safe and helpful.
+        Category::Data if e.to_string().starts_with("missing field `") => {
+            return e.to_string();
+        }
+        Category::Data => "not a record of the expected shape",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
 }
 
 /// Reads, compares and writes under the credential's lock. A free function

@@ -115,7 +115,8 @@ fn time_to_text(t: SystemTime) -> String {
 }
 
 fn time_from_text(field: &str, s: &str) -> Result<SystemTime, String> {
-    humantime::parse_rfc3339(s).map_err(|e| format!("{field}: invalid timestamp {s:?}: {e}"))
+    // The value is not quoted: a hand-edited record may hold a secret here.
+    humantime::parse_rfc3339(s).map_err(|e| format!("{field}: invalid timestamp ({e})"))
 }
 
 impl DocSecret {

@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::Token;
 use super::policy::{self, RefreshPolicy};
 use crate::credential::CredentialChannels;
+use crate::metrics::{self, RefreshLabels};
 use crate::provider::{ErrorKind, ProviderError, TokenProvider};
 use crate::store::Store;
 
@@ -183,6 +184,18 @@ impl Engine {
 
     fn publish(&self, token: Token) {
         let expires_at = token.expires_at_wall();
+        let m = metrics::global();
+        let label = metrics::credential(&self.name);
+        m.refresh_attempts
+            .get_or_create(&RefreshLabels {
+                credential: self.name.clone(),
+                result: "success",
+            })
+            .inc();
+        m.token_expiry
+            .get_or_create(&label)
+            .set(metrics::unix_seconds(expires_at));
+        m.locked_out.get_or_create(&label).set(0);
         self.channels.token.send_replace(Some(Arc::new(token)));
         self.channels.status.send_modify(|s| {
             s.token_expires_at = Some(expires_at);
@@ -194,6 +207,23 @@ impl Engine {
     }
 
     fn record_failure(&self, err: &ProviderError, failures: u32) {
+        let m = metrics::global();
+        m.refresh_attempts
+            .get_or_create(&RefreshLabels {
+                credential: self.name.clone(),
+                result: match err.kind {
+                    ErrorKind::Transient => "transient",
+                    ErrorKind::Quota => "quota",
+                    ErrorKind::Rejected => "rejected",
+                    ErrorKind::Refused => "refused",
+                },
+            })
+            .inc();
+        if err.kind == ErrorKind::Rejected {
+            m.locked_out
+                .get_or_create(&metrics::credential(&self.name))
+                .set(1);
+        }
         self.channels.status.send_modify(|s| {
             s.consecutive_failures = failures;
             s.last_error = Some(err.to_string());

@@ -1,0 +1,185 @@
+//! Prometheus/OpenMetrics metrics, served at `GET /metrics`.
+//!
+//! One process-wide registry, like the default registry of most Prometheus
+//! clients: the HTTP layer records request latency without every provider
+//! having to carry a handle. Labels carry credential names, operations and
+//! outcomes, never a secret or token.
+
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabel {
+    pub credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    pub credential: String,
+    /// success | transient | quota | rejected | refused
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RotationLabels {
+    pub credential: String,
+    /// success | aborted | error
+    pub result: &'static str,
+    /// The journal phase the attempt ended in.
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub operation: &'static str,
+    /// HTTP status, or "error" when no response arrived.
+    pub status: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub token_expiry: Family<CredentialLabel, FloatGauge>,
+    pub token_valid: Family<CredentialLabel, Gauge>,
+    pub refresh_attempts: Family<RefreshLabels, Counter>,
+    pub rotation_attempts: Family<RotationLabels, Counter>,
+    pub last_rotation: Family<CredentialLabel, FloatGauge>,
+    pub rotation_next_due: Family<CredentialLabel, FloatGauge>,
+    pub locked_out: Family<CredentialLabel, Gauge>,
+    pub request_duration: Family<RequestLabels, Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 5 ms .. ~20 s
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("rekeyd"),
+            token_expiry: Family::default(),
+            token_valid: Family::default(),
+            refresh_attempts: Family::default(),
+            rotation_attempts: Family::default(),
+            last_rotation: Family::default(),
+            rotation_next_due: Family::default(),
+            locked_out: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "token_expiry_timestamp_seconds",
+            "Unix time at which the served token expires",
+            m.token_expiry.clone(),
+        );
+        r.register(
+            "token_valid",
+            "1 while a valid token is being served",
+            m.token_valid.clone(),
+        );
+        r.register(
+            "refresh_attempts",
+            "Token refresh attempts by result",
+            m.refresh_attempts.clone(),
+        );
+        r.register(
+            "rotation_attempts",
+            "Secret rotation attempts by result and the phase they ended in",
+            m.rotation_attempts.clone(),
+        );
+        r.register(
+            "last_rotation_timestamp_seconds",
+            "Unix time of the last completed rotation",
+            m.last_rotation.clone(),
+        );
+        r.register(
+            "rotation_next_due_timestamp_seconds",
+            "Unix time at which the next scheduled rotation is due",
+            m.rotation_next_due.clone(),
+        );
+        r.register(
+            "locked_out",
+            "1 while the provider rejects every secret rekeyd holds",
+            m.locked_out.clone(),
+        );
+        r.register(
+            "provider_request_duration_seconds",
+            "Provider request latency by operation and HTTP status",
+            m.request_duration.clone(),
+        );
+        m
+    }
+
+    /// OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn observe_request(&self, operation: &'static str, status: Option<u16>, took: Duration) {
+        let status = status.map_or_else(|| "error".to_string(), |s| s.to_string());
+        self.request_duration
+            .get_or_create(&RequestLabels { operation, status })
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+pub fn credential(name: &str) -> CredentialLabel {
+    CredentialLabel {
+        credential: name.to_string(),
+    }
+}
+
+/// Seconds since the Unix epoch, for timestamp gauges.
+pub fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_the_metrics() {
+        let m = Metrics::new();
+        m.refresh_attempts
+            .get_or_create(&RefreshLabels {
+                credential: "maps".into(),
+                result: "success",
+            })
+            .inc();
+        m.observe_request("mapsindoors login", Some(200), Duration::from_millis(12));
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "rekeyd_refresh_attempts_total{credential=\"maps\",result=\"success\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("rekeyd_provider_request_duration_seconds_bucket{"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
