@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cli::{Cli, Command};
-use crate::config::{Config, ConfigError, CredentialConfig, RotationTrigger};
+use crate::config::{Config, CredentialConfig, RotationTrigger};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -33,11 +33,12 @@ pub async fn execute(cli: Cli) -> u8 {
                 return EXIT_CONFIG;
             };
             logging::init(config.log.format);
-            match daemon::run(&config).await {
+            match daemon::run(&args.config, config).await {
                 Ok(()) => EXIT_OK,
                 Err(e) => {
                     tracing::error!(error = %e, "rekeyd cannot start");
                     eprintln!("rekeyd: {e}");
+                    write_termination_log(&e.to_string());
                     e.exit_code()
                 }
             }
@@ -137,12 +138,23 @@ async fn rotate(config: &Config, name: &str) -> u8 {
             return EXIT_CONFIG;
         }
     };
+    let store: Arc<dyn Store> = Arc::new(FileStore::new(&config.state_dir));
+    // A first rotation may come before the daemon ever ran.
+    let index = config
+        .credentials
+        .iter()
+        .position(|c| c.name == name)
+        .expect("credential found above");
+    if let Err(e) = daemon::ensure_bootstrapped(config, index, store.as_ref()).await {
+        eprintln!("rekeyd: {e}");
+        return e.exit_code();
+    }
     let rotator = Rotator {
         name: cred.name.clone(),
         client_id: cred.client_id.clone(),
         provider,
         secret_api,
-        store: Arc::new(FileStore::new(&config.state_dir)),
+        store,
         grace: rotation.grace,
         verify_window: DEFAULT_VERIFY_WINDOW,
         status: None,
@@ -258,14 +270,20 @@ fn load(path: &std::path::Path) -> Option<Config> {
     match Config::load(path) {
         Ok(config) => Some(config),
         Err(e) => {
-            report_config_error(&e);
+            eprintln!("rekeyd: configuration error: {e}");
+            write_termination_log(&format!("configuration error: {e}"));
             None
         }
     }
 }
 
-fn report_config_error(e: &ConfigError) {
-    eprintln!("rekeyd: configuration error: {e}");
+/// Kubernetes shows this file's content as the reason a container ended.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
+fn write_termination_log(reason: &str) {
+    if std::path::Path::new(TERMINATION_LOG).exists() {
+        let _ = std::fs::write(TERMINATION_LOG, reason);
+    }
 }
 
 async fn status(config: &Config, as_json: bool) -> u8 {

@@ -64,12 +64,27 @@ impl CredentialHandle {
     }
 }
 
-/// The writing side, owned by the credential's tasks.
+/// The writing side, shared by the credential's tasks.
+#[derive(Clone)]
 pub struct CredentialChannels {
     pub token: watch::Sender<Option<Arc<Token>>>,
     pub status: watch::Sender<CredentialStatus>,
     pub refresh_now: Arc<Notify>,
     pub rotate_now: Arc<Notify>,
+}
+
+impl CredentialChannels {
+    /// A new reading side for these channels.
+    pub fn handle(&self, name: &str) -> CredentialHandle {
+        CredentialHandle {
+            name: name.to_string(),
+            token: self.token.subscribe(),
+            status: self.status.subscribe(),
+            refresh_now: self.refresh_now.clone(),
+            rotate_now: self.rotate_now.clone(),
+            rotates: false,
+        }
+    }
 }
 
 /// Creates the channels of a credential and the handle that reads them.

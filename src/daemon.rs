@@ -1,22 +1,28 @@
 //! The daemon: validates what it can before touching anything, bootstraps
-//! each credential's secret into the store, then runs one token engine (and
-//! one sink writer) per credential plus the local API, until shutdown.
+//! each credential's secret into the store, then runs per credential a token
+//! engine, a token-file writer, hooks and (where configured) the rotation
+//! schedule, plus the local API and the systemd supervisor, until shutdown.
+//! SIGHUP reloads the configuration; SIGUSR1 asks for rotations now.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, CredentialConfig};
-use crate::credential::{self, CredentialHandle};
-use crate::provider;
+use crate::credential::{self, CredentialChannels, CredentialHandle};
+use crate::notify::{self, Notifier};
+use crate::provider::{self, SecretApi, TokenProvider};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule};
-use crate::serve::{api, sink};
+use crate::serve::{api, hooks, sink};
 use crate::store::file::FileStore;
 use crate::store::{CredentialRecord, SecretEntry, Store, StoreError};
 use crate::token::engine::{Engine, StoreSecrets};
@@ -48,28 +54,372 @@ impl DaemonError {
     }
 }
 
+/// The credentials being served. Replaced as a whole on reload, so readers
+/// (the API, the supervisor) take a cheap snapshot and never block writers.
+pub struct Registry {
+    map: RwLock<Arc<BTreeMap<String, CredentialHandle>>>,
+    /// Pinged on every token or status change of any credential.
+    pub changed: Notify,
+    /// Set when a credential's token engine ended without being asked to:
+    /// the supervisor then stops feeding systemd's watchdog.
+    engine_died: AtomicBool,
+}
+
+impl Registry {
+    fn new() -> Registry {
+        Registry {
+            map: RwLock::new(Arc::new(BTreeMap::new())),
+            changed: Notify::new(),
+            engine_died: AtomicBool::new(false),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<BTreeMap<String, CredentialHandle>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace(&self, map: BTreeMap<String, CredentialHandle>) {
+        *self.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+        self.changed.notify_one();
+    }
+}
+
+/// One credential's running tasks. The channels outlive the tasks, so a
+/// credential restarted by a reload keeps serving its current token.
+struct CredentialRuntime {
+    config: CredentialConfig,
+    channels: CredentialChannels,
+    handle: CredentialHandle,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl CredentialRuntime {
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        join_bounded(&mut self.tasks).await;
+    }
+}
+
+/// What a credential needs before its tasks start; everything that can fail
+/// because of the configuration is done while building it.
+struct Prepared {
+    config: CredentialConfig,
+    provider: Arc<dyn TokenProvider>,
+    secret_api: Option<Arc<dyn SecretApi>>,
+    bootstrap: Option<SecretString>,
+}
+
 /// A started daemon.
 pub struct Running {
-    pub credentials: Arc<BTreeMap<String, CredentialHandle>>,
+    pub registry: Arc<Registry>,
     /// The API's TCP address, when it listens on TCP (port 0 resolved).
     pub api_addr: Option<SocketAddr>,
+    config: Config,
+    store: Arc<dyn Store>,
+    credentials: BTreeMap<String, CredentialRuntime>,
+    /// The API and the supervisor.
     tasks: JoinSet<()>,
     shutdown: CancellationToken,
 }
 
 impl Running {
+    pub fn credentials(&self) -> Arc<BTreeMap<String, CredentialHandle>> {
+        self.registry.snapshot()
+    }
+
     /// Waits for `shutdown`, then for every task to stop (bounded).
     pub async fn wait(mut self) {
         self.shutdown.cancelled().await;
-        let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-            warn!(
-                step = "shutdown",
-                "tasks did not stop in time; aborting them"
-            );
-            self.tasks.abort_all();
+        for (_, runtime) in std::mem::take(&mut self.credentials) {
+            runtime.stop().await;
         }
+        join_bounded(&mut self.tasks).await;
         info!(step = "shutdown", "stopped");
+    }
+
+    /// Applies a new configuration: added credentials start, removed ones
+    /// stop (their journals stay in the store), changed ones restart with
+    /// their current token still served. If anything in the new
+    /// configuration cannot be prepared, nothing changes.
+    pub async fn reload(&mut self, new: &Config) -> Result<(), DaemonError> {
+        if new.state_dir != self.config.state_dir || api_differs(&new.api, &self.config.api) {
+            warn!(
+                step = "reload",
+                "state_dir and [api] changes take effect only after a restart"
+            );
+        }
+        let mut prepared = Vec::new();
+        for (i, cred) in new.credentials.iter().enumerate() {
+            let unchanged = self
+                .credentials
+                .get(&cred.name)
+                .is_some_and(|r| r.config == *cred);
+            if !unchanged {
+                prepared.push(prepare(i, cred, self.store.as_ref()).await?);
+            }
+        }
+        let keep: Vec<&str> = new.credentials.iter().map(|c| c.name.as_str()).collect();
+        let removed: Vec<String> = self
+            .credentials
+            .keys()
+            .filter(|name| !keep.contains(&name.as_str()))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(runtime) = self.credentials.remove(&name) {
+                runtime.stop().await;
+                info!(credential = %name, step = "reload", "credential removed; its journal is kept");
+            }
+        }
+        for p in prepared {
+            let name = p.config.name.clone();
+            let channels = match self.credentials.remove(&name) {
+                Some(old) => {
+                    let channels = old.channels.clone();
+                    old.stop().await;
+                    info!(credential = %name, step = "reload", "credential configuration changed; restarting it");
+                    Some(channels)
+                }
+                None => {
+                    info!(credential = %name, step = "reload", "credential added");
+                    None
+                }
+            };
+            let runtime = launch(p, channels, &self.store, &self.registry, &self.shutdown).await?;
+            self.credentials.insert(name, runtime);
+        }
+        self.publish();
+        self.config.credentials = new.credentials.clone();
+        Ok(())
+    }
+
+    /// Asks every rotating credential for a rotation now (SIGUSR1).
+    pub fn request_rotations(&self) {
+        for runtime in self.credentials.values() {
+            if runtime.handle.rotates {
+                runtime.handle.rotate_now.notify_one();
+            }
+        }
+    }
+
+    fn publish(&self) {
+        self.registry.replace(
+            self.credentials
+                .iter()
+                .map(|(name, r)| (name.clone(), r.handle.clone()))
+                .collect(),
+        );
+    }
+}
+
+fn api_differs(a: &Option<crate::config::ApiConfig>, b: &Option<crate::config::ApiConfig>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.listen != b.listen || a.key_file != b.key_file,
+        (None, None) => false,
+        _ => true,
+    }
+}
+
+async fn join_bounded(tasks: &mut JoinSet<()>) {
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        warn!(
+            step = "shutdown",
+            "tasks did not stop in time; aborting them"
+        );
+        tasks.abort_all();
+    }
+}
+
+/// Builds the provider clients and reads the bootstrap secret if the store
+/// has none. Touches nothing.
+async fn prepare(
+    i: usize,
+    cred: &CredentialConfig,
+    store: &dyn Store,
+) -> Result<Prepared, DaemonError> {
+    let setup = |e: provider::ProviderError| DaemonError::Setup {
+        name: cred.name.clone(),
+        reason: e.to_string(),
+    };
+    let provider = provider::build(cred).map_err(setup)?;
+    let secret_api = provider::build_secret_api(cred).map_err(setup)?;
+    let bootstrap = match store.load(&cred.name).await? {
+        Some(_) => None,
+        None => Some(read_initial_secret(i, cred)?),
+    };
+    Ok(Prepared {
+        config: cred.clone(),
+        provider,
+        secret_api,
+        bootstrap,
+    })
+}
+
+/// Stores the bootstrap secret and starts the credential's tasks.
+async fn launch(
+    p: Prepared,
+    channels: Option<CredentialChannels>,
+    store: &Arc<dyn Store>,
+    registry: &Arc<Registry>,
+    shutdown: &CancellationToken,
+) -> Result<CredentialRuntime, DaemonError> {
+    let cred = p.config;
+    if let Some(secret) = p.bootstrap {
+        store_bootstrap(store.as_ref(), &cred, secret).await?;
+    }
+    let (channels, mut handle) = match channels {
+        Some(channels) => {
+            let handle = channels.handle(&cred.name);
+            (channels, handle)
+        }
+        None => credential::channels(&cred.name, cred.provider.as_str()),
+    };
+    handle.rotates = cred.rotation.is_some();
+    if let Some(record) = store.load(&cred.name).await? {
+        channels.status.send_modify(|s| {
+            s.rotation_phase = record.value.rotation.phase().to_string();
+            s.last_rotated_at = record.value.last_rotated_at;
+        });
+    }
+
+    let cancel = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    if let (Some(rotation), Some(secret_api)) = (&cred.rotation, p.secret_api) {
+        let rotator = Arc::new(Rotator {
+            name: cred.name.clone(),
+            client_id: cred.client_id.clone(),
+            provider: p.provider.clone(),
+            secret_api,
+            store: store.clone(),
+            grace: rotation.grace,
+            verify_window: DEFAULT_VERIFY_WINDOW,
+            status: Some(channels.status.clone()),
+        });
+        tasks.spawn(run_schedule(
+            rotator,
+            rotation.clone(),
+            channels.rotate_now.clone(),
+            cancel.clone(),
+        ));
+    }
+    let engine = Engine {
+        name: cred.name.clone(),
+        provider: p.provider,
+        secrets: Arc::new(StoreSecrets {
+            store: store.clone(),
+            name: cred.name.clone(),
+        }),
+        policy: RefreshPolicy {
+            before_expiry: cred.refresh.before_expiry,
+        },
+        rotate_on_login: cred.rotation.as_ref().is_some_and(|r| r.on_login),
+        channels: channels.clone(),
+    };
+    let watch = EngineWatch {
+        registry: registry.clone(),
+        cancel: cancel.clone(),
+    };
+    tasks.spawn(async move {
+        // Dropped when the engine ends, also by a panic.
+        let _watch = watch;
+        engine.run(_watch.cancel.clone()).await
+    });
+    tasks.spawn(sink::run(
+        cred.name.clone(),
+        cred.sinks.clone(),
+        handle.token.clone(),
+        cancel.clone(),
+    ));
+    for hook in &cred.hooks {
+        tasks.spawn(hooks::run(
+            cred.name.clone(),
+            hook.clone(),
+            handle.token.clone(),
+            handle.status.clone(),
+            cancel.clone(),
+        ));
+    }
+    tasks.spawn(forward_changes(
+        handle.clone(),
+        registry.clone(),
+        cancel.clone(),
+    ));
+    Ok(CredentialRuntime {
+        config: cred,
+        channels,
+        handle,
+        cancel,
+        tasks,
+    })
+}
+
+async fn store_bootstrap(
+    store: &dyn Store,
+    cred: &CredentialConfig,
+    secret: SecretString,
+) -> Result<(), DaemonError> {
+    let record = CredentialRecord::new(SecretEntry {
+        id: cred.initial_secret_id.clone(),
+        value: secret,
+        created_at: SystemTime::now(),
+    });
+    match store.compare_and_swap(&cred.name, None, &record).await {
+        // Another process bootstrapped it meanwhile: theirs stands.
+        Ok(_) | Err(StoreError::Conflict { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    info!(credential = %cred.name, step = "bootstrap", "initial secret stored");
+    Ok(())
+}
+
+/// Makes sure the store holds a secret for credential `i` of `config`,
+/// reading `initial_secret_file` when it does not (for `rekeyd rotate`).
+pub async fn ensure_bootstrapped(
+    config: &Config,
+    i: usize,
+    store: &dyn Store,
+) -> Result<(), DaemonError> {
+    let cred = &config.credentials[i];
+    if store.load(&cred.name).await?.is_none() {
+        let secret = read_initial_secret(i, cred)?;
+        store_bootstrap(store, cred, secret).await?;
+    }
+    Ok(())
+}
+
+/// Marks the daemon unhealthy if a token engine ends without having been
+/// cancelled (a panic, or a bug that returns early).
+struct EngineWatch {
+    registry: Arc<Registry>,
+    cancel: CancellationToken,
+}
+
+impl Drop for EngineWatch {
+    fn drop(&mut self) {
+        if !self.cancel.is_cancelled() {
+            self.registry.engine_died.store(true, Ordering::SeqCst);
+            self.registry.changed.notify_one();
+        }
+    }
+}
+
+/// Wakes the supervisor whenever this credential's token or status changes.
+async fn forward_changes(
+    mut handle: CredentialHandle,
+    registry: Arc<Registry>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = handle.token.changed() => if r.is_err() { return },
+            r = handle.status.changed() => if r.is_err() { return },
+        }
+        handle.token.borrow_and_update();
+        handle.status.borrow_and_update();
+        registry.changed.notify_one();
     }
 }
 
@@ -81,87 +431,17 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     // anything is written or started.
     let mut prepared = Vec::with_capacity(config.credentials.len());
     for (i, cred) in config.credentials.iter().enumerate() {
-        let provider = provider::build(cred).map_err(|e| DaemonError::Setup {
-            name: cred.name.clone(),
-            reason: e.to_string(),
-        })?;
-        let secret_api = provider::build_secret_api(cred).map_err(|e| DaemonError::Setup {
-            name: cred.name.clone(),
-            reason: e.to_string(),
-        })?;
-        let bootstrap = match store.load(&cred.name).await? {
-            Some(_) => None,
-            None => Some(read_initial_secret(i, cred)?),
-        };
-        prepared.push((cred, provider, secret_api, bootstrap));
+        prepared.push(prepare(i, cred, store.as_ref()).await?);
+    }
+
+    let registry = Arc::new(Registry::new());
+    let mut credentials = BTreeMap::new();
+    for p in prepared {
+        let name = p.config.name.clone();
+        credentials.insert(name, launch(p, None, &store, &registry, &shutdown).await?);
     }
 
     let mut tasks = JoinSet::new();
-    let mut handles = BTreeMap::new();
-    for (cred, provider, secret_api, bootstrap) in prepared {
-        if let Some(secret) = bootstrap {
-            let record = CredentialRecord::new(SecretEntry {
-                id: cred.initial_secret_id.clone(),
-                value: secret,
-                created_at: SystemTime::now(),
-            });
-            match store.compare_and_swap(&cred.name, None, &record).await {
-                // Another process bootstrapped it meanwhile: theirs stands.
-                Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-            info!(credential = %cred.name, step = "bootstrap", "initial secret stored");
-        }
-        let (channels, mut handle) = credential::channels(&cred.name, cred.provider.as_str());
-        handle.rotates = cred.rotation.is_some();
-        if let (Some(rotation), Some(secret_api)) = (&cred.rotation, secret_api) {
-            let rotator = Arc::new(Rotator {
-                name: cred.name.clone(),
-                client_id: cred.client_id.clone(),
-                provider: provider.clone(),
-                secret_api,
-                store: store.clone(),
-                grace: rotation.grace,
-                verify_window: DEFAULT_VERIFY_WINDOW,
-                status: Some(channels.status.clone()),
-            });
-            tasks.spawn(run_schedule(
-                rotator,
-                rotation.clone(),
-                channels.rotate_now.clone(),
-                shutdown.clone(),
-            ));
-        }
-        if let Some(record) = store.load(&cred.name).await? {
-            channels.status.send_modify(|s| {
-                s.rotation_phase = record.value.rotation.phase().to_string();
-                s.last_rotated_at = record.value.last_rotated_at;
-            });
-        }
-        let engine = Engine {
-            name: cred.name.clone(),
-            provider,
-            secrets: Arc::new(StoreSecrets {
-                store: store.clone(),
-                name: cred.name.clone(),
-            }),
-            policy: RefreshPolicy {
-                before_expiry: cred.refresh.before_expiry,
-            },
-            rotate_on_login: cred.rotation.as_ref().is_some_and(|r| r.on_login),
-            channels,
-        };
-        tasks.spawn(engine.run(shutdown.clone()));
-        tasks.spawn(sink::run(
-            cred.name.clone(),
-            cred.sinks.clone(),
-            handle.token.clone(),
-            shutdown.clone(),
-        ));
-        handles.insert(cred.name.clone(), handle);
-    }
-    let credentials = Arc::new(handles);
-
     let mut api_addr = None;
     if let Some(api_config) = &config.api {
         let key = api::load_or_create_key(&api_config.key_file)
@@ -171,7 +451,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         })?;
         api_addr = listener.local_addr();
         let router = api::router(api::ApiState {
-            credentials: credentials.clone(),
+            registry: registry.clone(),
             key: Arc::new(key),
         });
         let stop = shutdown.clone();
@@ -183,31 +463,142 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         info!(step = "api", listen = %api_addr.map_or(api_config.listen.to_string(), |a| a.to_string()), "local API listening");
     }
 
+    let running = Running {
+        registry,
+        api_addr,
+        config: config.clone(),
+        store,
+        credentials,
+        tasks,
+        shutdown,
+    };
+    running.publish();
     info!(
         step = "start",
         credentials = config.credentials.len(),
         "rekeyd started"
     );
-    Ok(Running {
-        credentials,
-        api_addr,
-        tasks,
-        shutdown,
-    })
+    Ok(running)
 }
 
-/// Starts the daemon and runs it until SIGTERM or SIGINT.
-pub async fn run(config: &Config) -> Result<(), DaemonError> {
+/// Runs the daemon until SIGTERM or SIGINT: SIGHUP reloads `config_path`,
+/// SIGUSR1 requests rotations, systemd hears about readiness and health.
+pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed before start-up: a SIGTERM during start-up must stop the
+    // daemon cleanly, not kill it with the default action.
+    let install = |kind| signal(kind).expect("install signal handler");
+    let mut term = install(SignalKind::terminate());
+    let mut int = install(SignalKind::interrupt());
+    let mut hup = install(SignalKind::hangup());
+    let mut usr1 = install(SignalKind::user_defined1());
+
     let shutdown = CancellationToken::new();
-    // Listen before starting: a SIGTERM that arrives while start-up runs
-    // must stop the daemon cleanly, not kill it with the default action.
-    spawn_signal_listener(shutdown.clone());
-    let running = start(config, shutdown).await?;
+    let notifier = Arc::new(Notifier::from_env());
+    let mut running = start(&config, shutdown.clone()).await?;
+    let ready = Arc::new(Notify::new());
+    let mut supervisor = tokio::spawn(supervise(
+        running.registry.clone(),
+        notifier.clone(),
+        ready.clone(),
+        shutdown.clone(),
+    ));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!(step = "shutdown", signal = "SIGTERM", "shutting down"); break }
+            _ = int.recv() => { info!(step = "shutdown", signal = "SIGINT", "shutting down"); break }
+            _ = hup.recv() => {
+                notifier.reloading();
+                info!(step = "reload", path = %config_path.display(), "reloading configuration");
+                match Config::load(config_path) {
+                    Ok(new) => match running.reload(&new).await {
+                        Ok(()) => info!(step = "reload", "configuration reloaded"),
+                        Err(e) => error!(step = "reload", error = %e, "reload failed; the previous configuration stays in force"),
+                    },
+                    Err(e) => error!(step = "reload", error = %e, "new configuration rejected; the previous one stays in force"),
+                }
+                // systemd waits for READY after RELOADING.
+                ready.notify_one();
+            }
+            _ = usr1.recv() => {
+                info!(step = "rotate", signal = "SIGUSR1", "rotation requested");
+                running.request_rotations();
+            }
+            _ = &mut supervisor => {
+                error!(step = "supervise", "the supervisor stopped; shutting down");
+                break
+            }
+        }
+    }
+    notifier.stopping();
+    shutdown.cancel();
     running.wait().await;
     Ok(())
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT.
+/// Tells systemd when the daemon is ready, what state it is in, and that it
+/// is alive. The watchdog is fed only from here, and only while every
+/// credential's tasks are running, so a wedged runtime or a dead engine
+/// lets systemd restart us.
+async fn supervise(
+    registry: Arc<Registry>,
+    notifier: Arc<Notifier>,
+    reloaded: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut ready_sent = false;
+    let mut last_line = String::new();
+    let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+    loop {
+        let snapshot = registry.snapshot();
+        let statuses: Vec<_> = snapshot
+            .values()
+            .map(|h| (h.status.borrow().clone(), h.valid_token().is_some()))
+            .collect();
+        let entries: Vec<notify::Entry> = statuses
+            .iter()
+            .map(|(status, valid)| notify::Entry {
+                status,
+                valid: *valid,
+            })
+            .collect();
+        let (attempted, line) = notify::summarize(&entries);
+        if !ready_sent && attempted {
+            notifier.ready(&line);
+            info!(step = "ready", "{line}");
+            ready_sent = true;
+        } else if ready_sent && line != last_line {
+            notifier.status(&line);
+        }
+        last_line = line;
+        let tick = async {
+            match watchdog.as_mut() {
+                Some(w) => {
+                    w.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = registry.changed.notified() => {}
+            _ = reloaded.notified() => {
+                if ready_sent {
+                    notifier.ready(&last_line);
+                }
+            }
+            _ = tick => {
+                if registry.engine_died.load(Ordering::SeqCst) {
+                    warn!(step = "supervise", "a token engine stopped unexpectedly; not feeding the watchdog");
+                } else {
+                    notifier.watchdog();
+                }
+            }
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT (for commands other than `run`).
 pub fn spawn_signal_listener(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");

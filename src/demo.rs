@@ -145,7 +145,7 @@ format = "json"
         .api_addr
         .ok_or_else(|| DemoError::Setup("the API has no TCP address".into()))?;
     let key = std::fs::read_to_string(dir.path().join("api.key")).map_err(setup)?;
-    for handle in running.credentials.values() {
+    for handle in running.credentials().values() {
         tokio::spawn(narrate(
             handle.clone(),
             api,

@@ -30,14 +30,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenAddr;
-use crate::credential::CredentialHandle;
+use crate::daemon::Registry;
 use crate::fsutil;
 
 pub const KEY_HEADER: &str = "x-rekeyd-key";
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub credentials: Arc<BTreeMap<String, CredentialHandle>>,
+    pub registry: Arc<Registry>,
     pub key: Arc<SecretString>,
 }
 
@@ -97,7 +97,7 @@ async fn get_token(
     if let Some(denied) = check_key(&state, &headers) {
         return denied;
     }
-    let Some(handle) = state.credentials.get(&name) else {
+    let Some(handle) = state.registry.snapshot().get(&name).cloned() else {
         return error(
             StatusCode::NOT_FOUND,
             "unknown_credential",
@@ -131,7 +131,8 @@ async fn get_status(State(state): State<ApiState>, headers: HeaderMap) -> Respon
         return denied;
     }
     let credentials: Vec<_> = state
-        .credentials
+        .registry
+        .snapshot()
         .values()
         .map(|h| {
             let mut value = serde_json::to_value(&*h.status.borrow()).expect("status serializes");
@@ -150,7 +151,7 @@ async fn post_rotate(
     if let Some(denied) = check_key(&state, &headers) {
         return denied;
     }
-    let Some(handle) = state.credentials.get(&name) else {
+    let Some(handle) = state.registry.snapshot().get(&name).cloned() else {
         return error(
             StatusCode::NOT_FOUND,
             "unknown_credential",
@@ -173,7 +174,7 @@ async fn post_rotate(
 }
 
 async fn readyz_one(State(state): State<ApiState>, UrlPath(name): UrlPath<String>) -> Response {
-    let Some(handle) = state.credentials.get(&name) else {
+    let Some(handle) = state.registry.snapshot().get(&name).cloned() else {
         return error(
             StatusCode::NOT_FOUND,
             "unknown_credential",
@@ -193,7 +194,7 @@ async fn readyz_one(State(state): State<ApiState>, UrlPath(name): UrlPath<String
 /// brought up to date at each scrape.
 async fn metrics(State(state): State<ApiState>) -> Response {
     let m = crate::metrics::global();
-    for (name, handle) in state.credentials.iter() {
+    for (name, handle) in state.registry.snapshot().iter() {
         m.token_valid
             .get_or_create(&crate::metrics::credential(name))
             .set(i64::from(handle.valid_token().is_some()));
@@ -213,8 +214,8 @@ async fn livez() -> Response {
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
-    let per: BTreeMap<&str, bool> = state
-        .credentials
+    let snapshot = state.registry.snapshot();
+    let per: BTreeMap<&str, bool> = snapshot
         .iter()
         .map(|(name, h)| (name.as_str(), h.valid_token().is_some()))
         .collect();

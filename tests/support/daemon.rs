@@ -41,7 +41,7 @@ impl TestDaemon {
         let running: Running = daemon::start(&config, shutdown.clone())
             .await
             .expect("daemon starts");
-        let credentials = running.credentials.clone();
+        let credentials = running.credentials();
         let api_addr = running.api_addr;
         let task = tokio::spawn(running.wait());
         TestDaemon {
