@@ -17,8 +17,9 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::machine::{self, Event, Next};
 use super::schedule;
-use crate::config::RotationConfig;
+use crate::config::{RotationConfig, RotationTrigger};
 use crate::credential::CredentialStatus;
+use crate::metrics::{self, RotationLabels};
 use crate::provider::{Deleted, ErrorKind, ProviderError, SecretApi, TokenProvider};
 use crate::store::{CredentialRecord, Rotation, Store, StoreError, Versioned};
 use crate::token::Token;
@@ -152,6 +153,12 @@ impl Rotator {
     }
 
     fn publish(&self, record: &CredentialRecord) {
+        if let Some(at) = record.last_rotated_at {
+            metrics::global()
+                .last_rotation
+                .get_or_create(&metrics::credential(&self.name))
+                .set(metrics::unix_seconds(at));
+        }
         if let Some(status) = &self.status {
             status.send_modify(|s| {
                 s.rotation_phase = record.rotation.phase().to_string();
@@ -352,29 +359,60 @@ pub async fn run_schedule(
     let span = info_span!("credential", name = %rotator.name);
     async move {
         let mut failures: u32 = 0;
+        let mut retry_at: Option<Instant> = None;
+        // A request stays pending until a rotation actually ran: another
+        // process holding the claim must not swallow it.
+        let mut requested = false;
         loop {
-            let (begin, wait) = match rotator.store.load(&rotator.name).await {
-                Ok(Some(record)) => due(&record.value, &config, failures),
-                Ok(None) => (false, Duration::from_secs(60)),
+            let retry_wait = retry_at.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
+            // Re-read every time: `rekeyd rotate` or `set-secret` may have
+            // changed the record while we slept.
+            let plan = match rotator.store.load(&rotator.name).await {
+                Ok(Some(record)) => {
+                    rotator.publish(&record.value);
+                    let (plan, due_at) =
+                        plan(&record.value, &config.trigger, SystemTime::now(), requested, retry_wait);
+                    let gauge = metrics::global()
+                        .rotation_next_due
+                        .get_or_create(&metrics::credential(&rotator.name));
+                    gauge.set(due_at.map_or(0.0, metrics::unix_seconds));
+                    plan
+                }
+                Ok(None) => Plan::Wait(Duration::from_secs(60)),
                 Err(e) => {
                     warn!(step = "rotate", error = %e, "cannot read the rotation journal");
-                    (false, retry_delay(failures.max(1)))
+                    Plan::Wait(retry_wait.max(retry_delay(failures.max(1))))
                 }
             };
-            // Long waits are cut into pieces: the schedule is on the wall
-            // clock, which may jump (suspend, NTP) while we sleep.
-            let requested = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait.min(Duration::from_secs(300))) => false,
-                _ = rotate_now.notified() => true,
+            let begin = match plan {
+                Plan::Rotate { begin } => begin,
+                Plan::Wait(wait) => {
+                    // Long waits are cut into pieces: the schedule is on the
+                    // wall clock, which may jump (suspend, NTP) while we sleep.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(wait.min(Duration::from_secs(300))) => {}
+                        _ = rotate_now.notified() => requested = true,
+                    }
+                    continue;
+                }
             };
-            if !requested && wait > Duration::from_secs(300) {
-                continue;
-            }
-            match rotator.rotate(begin || requested, false, &shutdown).await {
+            let result = rotator.rotate(begin, false, &shutdown).await;
+            let result_label = match &result {
+                Ok(Outcome::Rotated) => Some("success"),
+                Ok(Outcome::Aborted) => Some("aborted"),
+                Ok(Outcome::Idle) | Err(RotationError::Busy | RotationError::Shutdown) => None,
+                Err(_) => Some("error"),
+            };
+            match result {
                 Ok(outcome) => {
-                    failures = if outcome == Outcome::Aborted { failures + 1 } else { 0 };
-                    set_rotation_error(&rotator, (outcome == Outcome::Aborted).then(|| "new secret refused by the provider; rotation aborted".to_string()));
+                    requested = false;
+                    let aborted = outcome == Outcome::Aborted;
+                    failures = if aborted { failures + 1 } else { 0 };
+                    set_rotation_error(
+                        &rotator,
+                        aborted.then(|| "new secret refused by the provider; rotation aborted".to_string()),
+                    );
                 }
                 Err(RotationError::Shutdown) => return,
                 Err(RotationError::Busy) => {
@@ -387,30 +425,63 @@ pub async fn run_schedule(
                     set_rotation_error(&rotator, Some(e.to_string()));
                 }
             }
+            if let Some(result) = result_label {
+                let phase = match rotator.store.load(&rotator.name).await {
+                    Ok(Some(r)) => r.value.rotation.phase(),
+                    _ => "unknown",
+                };
+                metrics::global()
+                    .rotation_attempts
+                    .get_or_create(&RotationLabels {
+                        credential: rotator.name.clone(),
+                        result,
+                        phase,
+                    })
+                    .inc();
+            }
+            retry_at = (failures > 0).then(|| Instant::now() + retry_delay(failures));
         }
     }
     .instrument(span)
     .await
 }
 
-/// Whether to begin a new rotation, and how long to wait before acting.
-/// An unfinished rotation is resumed at once; after failures, not before
-/// the backoff has passed.
-fn due(record: &CredentialRecord, config: &RotationConfig, failures: u32) -> (bool, Duration) {
-    let (begin, wait) = if !matches!(record.rotation, Rotation::Idle) {
-        (false, Duration::ZERO)
+/// What the schedule says to do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Run the rotator; `begin`: start a new rotation if none is unfinished.
+    Rotate {
+        begin: bool,
+    },
+    Wait(Duration),
+}
+
+/// Pure scheduling decision: backoff after failures first, then an
+/// unfinished rotation is resumed, a requested one started, or the next
+/// scheduled one waited for. Also returns when the next rotation is due.
+fn plan(
+    record: &CredentialRecord,
+    trigger: &RotationTrigger,
+    now: SystemTime,
+    requested: bool,
+    retry_wait: Duration,
+) -> (Plan, Option<SystemTime>) {
+    let since = record.last_rotated_at.unwrap_or(record.current.created_at);
+    let due_at = schedule::next_due(trigger, since);
+    let plan = if !retry_wait.is_zero() {
+        Plan::Wait(retry_wait)
+    } else if !matches!(record.rotation, Rotation::Idle) {
+        Plan::Rotate { begin: false }
+    } else if requested {
+        Plan::Rotate { begin: true }
     } else {
-        let since = record.last_rotated_at.unwrap_or(record.current.created_at);
-        match schedule::next_due(&config.trigger, since) {
-            Some(at) => (true, schedule::wait_for(at, SystemTime::now())),
-            None => (false, Duration::from_secs(86400)),
+        match due_at {
+            Some(at) if at <= now => Plan::Rotate { begin: true },
+            Some(at) => Plan::Wait(schedule::wait_for(at, now)),
+            None => Plan::Wait(Duration::from_secs(86400)),
         }
     };
-    if failures > 0 {
-        (begin, wait.max(retry_delay(failures)))
-    } else {
-        (begin, wait)
-    }
+    (plan, due_at)
 }
 
 /// Backoff between failed rotation attempts: 5 s doubling to 10 min, jittered.
@@ -439,6 +510,56 @@ pub async fn check_secret(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SecretEntry;
+
+    fn record(created: SystemTime, rotation: Rotation) -> CredentialRecord {
+        CredentialRecord {
+            current: SecretEntry {
+                id: None,
+                value: SecretString::from("v"),
+                created_at: created,
+            },
+            rotation,
+            last_rotated_at: None,
+        }
+    }
+
+    #[test]
+    fn plan_follows_schedule_requests_and_backoff() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let hour = RotationTrigger::Every(Duration::from_secs(3600));
+        let idle = record(t0, Rotation::Idle);
+        let (p, due) = plan(&idle, &hour, t0, false, Duration::ZERO);
+        assert_eq!(p, Plan::Wait(Duration::from_secs(3600)));
+        assert_eq!(due, Some(t0 + Duration::from_secs(3600)));
+        // Overdue (e.g. while rekeyd was down): now.
+        let (p, _) = plan(
+            &idle,
+            &hour,
+            t0 + Duration::from_secs(7200),
+            false,
+            Duration::ZERO,
+        );
+        assert_eq!(p, Plan::Rotate { begin: true });
+        // Requested: now, unless backing off.
+        assert_eq!(
+            plan(&idle, &hour, t0, true, Duration::ZERO).0,
+            Plan::Rotate { begin: true }
+        );
+        let backoff = Duration::from_secs(5);
+        assert_eq!(plan(&idle, &hour, t0, true, backoff).0, Plan::Wait(backoff));
+        // Unfinished: resume without starting another.
+        let creating = record(t0, Rotation::Creating { rid: "r".into() });
+        assert_eq!(
+            plan(&creating, &hour, t0, false, Duration::ZERO).0,
+            Plan::Rotate { begin: false }
+        );
+        // Manual trigger: never by schedule.
+        assert_eq!(
+            plan(&idle, &RotationTrigger::Manual, t0, false, Duration::ZERO),
+            (Plan::Wait(Duration::from_secs(86400)), None)
+        );
+    }
 
     #[test]
     fn rotation_ids_differ() {
