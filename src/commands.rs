@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cli::{Cli, Command};
-use crate::config::{Config, CredentialConfig, RotationTrigger};
+use crate::config::{Config, CredentialConfig, HookAction, RotationTrigger};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -404,6 +404,13 @@ fn credential_json(c: &CredentialConfig, dur: &dyn Fn(Duration) -> String) -> Va
             "grace": dur(r.grace),
             "on_login": r.on_login,
         })),
+        "hooks": c.hooks.iter().map(|h| {
+            let on: Vec<&str> = h.on.iter().map(|e| e.as_str()).collect();
+            match &h.action {
+                HookAction::Command { argv, timeout } => json!({"on": on, "command": argv, "timeout": dur(*timeout)}),
+                HookAction::Signal { name, pid_file, .. } => json!({"on": on, "signal": name, "pid_file": pid_file.display().to_string()}),
+            }
+        }).collect::<Vec<_>>(),
         "sinks": c.sinks.iter().map(|s| json!({
             "path": s.path.display().to_string(),
             "format": format!("{:?}", s.format).to_lowercase(),
