@@ -50,13 +50,17 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Creates `dir` (and parents) if missing and sets its mode.
+/// Creates `dir` (and parents) if missing and narrows its mode to `mode`.
+///
+/// A symlink to a directory is accepted (systemd's `DynamicUser=` makes
+/// `/var/lib/NAME` one), and so is a directory we may not chmod (the root of
+/// a volume owned by root): the files inside are created 0600 regardless.
 pub fn ensure_private_dir(dir: &Path, mode: u32) -> io::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(mode)
         .create(dir)?;
-    let meta = fs::symlink_metadata(dir)?;
+    let meta = fs::metadata(dir)?;
     if !meta.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -64,7 +68,10 @@ pub fn ensure_private_dir(dir: &Path, mode: u32) -> io::Result<()> {
         ));
     }
     if meta.permissions().mode() & 0o777 != mode {
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
+        match fs::set_permissions(dir, fs::Permissions::from_mode(mode)) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+            other => other?,
+        }
     }
     Ok(())
 }

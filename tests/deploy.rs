@@ -1,0 +1,1665 @@
+//! Deployment artefacts: the systemd unit, the container image, the
+//! Kubernetes base, the Prometheus alerts and the Grafana dashboard.
+//!
+//! Each is checked against the daemon it deploys: its configuration parses
+//! and names the paths the sandbox or the pod provides; the metric names and
+//! labels the alerts and the dashboard select on are the ones a running
+//! daemon exports. Where a tool exists, that tool checks it too:
+//! `systemd-analyze` and `systemd-sysusers` (package systemd), `kubectl
+//! kustomize` (kubectl, or Debian's kubernetes-client) and `promtool`
+//! (prometheus). `.ci/run` installs them; a missing tool fails the test
+//! unless `REKEYD_SKIP_SYSTEM_TOOLS=1` is set. With `REKEYD_TEST_NSPAWN=1`
+//! (as root; CI sets it), systemd-nspawn boots the unit with the daemon.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Output};
+
+use rekeyd::config::Config;
+use serde_json::Value as Json;
+use serde_yaml_ng::Value as Yaml;
+
+// ---------------------------------------------------------------------------
+// What rekeyd exports on GET /metrics.
+
+struct Metric {
+    name: &'static str,
+    labels: &'static [&'static str],
+    /// The values of the `result` label, where it has one.
+    results: &'static [&'static str],
+    histogram: bool,
+}
+
+const fn metric(name: &'static str, labels: &'static [&'static str]) -> Metric {
+    Metric {
+        name,
+        labels,
+        results: &[],
+        histogram: false,
+    }
+}
+
+const METRICS: &[Metric] = &[
+    metric("rekeyd_token_expiry_timestamp_seconds", &["credential"]),
+    metric("rekeyd_token_valid", &["credential"]),
+    Metric {
+        results: &["success", "transient", "quota", "rejected", "refused"],
+        ..metric("rekeyd_refresh_attempts_total", &["credential", "result"])
+    },
+    Metric {
+        results: &["success", "aborted", "error"],
+        ..metric(
+            "rekeyd_rotation_attempts_total",
+            &["credential", "result", "phase"],
+        )
+    },
+    metric("rekeyd_last_rotation_timestamp_seconds", &["credential"]),
+    metric(
+        "rekeyd_rotation_next_due_timestamp_seconds",
+        &["credential"],
+    ),
+    metric("rekeyd_locked_out", &["credential"]),
+    Metric {
+        histogram: true,
+        ..metric(
+            "rekeyd_provider_request_duration_seconds",
+            &["operation", "status"],
+        )
+    },
+];
+
+/// Labels Prometheus adds to every scraped series.
+const TARGET_LABELS: &[&str] = &["job", "instance"];
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// The metric family a series name belongs to, and whether it is a
+/// histogram's `_bucket` series (which has the label `le`).
+fn family(name: &str) -> Option<(&'static Metric, bool)> {
+    for metric in METRICS {
+        if name == metric.name {
+            return Some((metric, false));
+        }
+        if metric.histogram {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if name.strip_suffix(suffix) == Some(metric.name) {
+                    return Some((metric, suffix == "_bucket"));
+                }
+            }
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------
+// A small PromQL scanner: every `rekeyd_*` series name outside string
+// literals, with the label matchers in braces after it.
+
+#[derive(Debug, PartialEq)]
+struct Matcher {
+    label: String,
+    op: String,
+    value: String,
+}
+
+#[derive(Debug)]
+struct Selector {
+    name: String,
+    matchers: Vec<Matcher>,
+}
+
+fn is_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == ':'
+}
+
+fn read_string(chars: &[char], i: &mut usize) -> String {
+    let quote = chars[*i];
+    *i += 1;
+    let mut out = String::new();
+    while *i < chars.len() && chars[*i] != quote {
+        if chars[*i] == '\\' && quote != '`' && *i + 1 < chars.len() {
+            *i += 1;
+        }
+        out.push(chars[*i]);
+        *i += 1;
+    }
+    *i += 1;
+    out
+}
+
+fn skip_ws(chars: &[char], i: &mut usize) {
+    while *i < chars.len() && chars[*i].is_whitespace() {
+        *i += 1;
+    }
+}
+
+fn parse_matchers(chars: &[char], i: &mut usize, expr: &str) -> Vec<Matcher> {
+    assert_eq!(chars[*i], '{');
+    *i += 1;
+    let mut out = Vec::new();
+    loop {
+        skip_ws(chars, i);
+        if *i >= chars.len() {
+            panic!("unclosed braces in {expr:?}");
+        }
+        if chars[*i] == '}' {
+            *i += 1;
+            return out;
+        }
+        let start = *i;
+        while *i < chars.len() && is_ident(chars[*i]) {
+            *i += 1;
+        }
+        let label: String = chars[start..*i].iter().collect();
+        skip_ws(chars, i);
+        let start = *i;
+        while *i < chars.len() && matches!(chars[*i], '=' | '!' | '~') {
+            *i += 1;
+        }
+        let op: String = chars[start..*i].iter().collect();
+        skip_ws(chars, i);
+        assert!(
+            !label.is_empty() && ["=", "!=", "=~", "!~"].contains(&op.as_str()),
+            "cannot parse matcher at {start} in {expr:?}"
+        );
+        assert!(
+            *i < chars.len() && matches!(chars[*i], '"' | '\'' | '`'),
+            "matcher {label}{op} without a string value in {expr:?}"
+        );
+        let value = read_string(chars, i);
+        out.push(Matcher { label, op, value });
+        skip_ws(chars, i);
+        if *i < chars.len() && chars[*i] == ',' {
+            *i += 1;
+        }
+    }
+}
+
+fn rekeyd_selectors(expr: &str) -> Vec<Selector> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if matches!(c, '"' | '\'' | '`') {
+            read_string(&chars, &mut i);
+        } else if c == '{' {
+            // Matchers of a selector that is not ours (`up{...}`).
+            parse_matchers(&chars, &mut i, expr);
+        } else if is_ident(c) {
+            let start = i;
+            while i < chars.len() && is_ident(chars[i]) {
+                i += 1;
+            }
+            let name: String = chars[start..i].iter().collect();
+            let mut j = i;
+            skip_ws(&chars, &mut j);
+            let matchers = if j < chars.len() && chars[j] == '{' {
+                i = j;
+                parse_matchers(&chars, &mut i, expr)
+            } else {
+                Vec::new()
+            };
+            if name.starts_with("rekeyd_") {
+                out.push(Selector { name, matchers });
+            }
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Every problem with the rekeyd series `expr` selects: unknown names,
+/// labels the metric does not have, `result` values it never takes.
+fn metric_problems(expr: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    for selector in rekeyd_selectors(expr) {
+        let Some((metric, bucket)) = family(&selector.name) else {
+            problems.push(format!("unknown metric {} in {expr:?}", selector.name));
+            continue;
+        };
+        for m in &selector.matchers {
+            let name = metric.name;
+            let known = metric.labels.contains(&m.label.as_str())
+                || TARGET_LABELS.contains(&m.label.as_str())
+                || (bucket && m.label == "le");
+            if !known {
+                problems.push(format!("{name} has no label {:?} ({expr:?})", m.label));
+                continue;
+            }
+            if m.label != "result" || m.value.contains('$') {
+                continue;
+            }
+            let values: Vec<&str> = match m.op.as_str() {
+                "=" | "!=" => vec![m.value.as_str()],
+                _ if m.value.chars().all(|c| c.is_ascii_lowercase() || c == '|') => {
+                    m.value.split('|').collect()
+                }
+                _ => continue,
+            };
+            for v in values {
+                if !metric.results.contains(&v) {
+                    problems.push(format!("{name} never has result={v:?} ({expr:?})"));
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// GET `path` from the API on a unix socket: (status, body).
+fn get_unix(socket: &Path, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: rekeyd\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// The list above is what the daemon really exports: run against the
+/// simulated MapsIndoors with a rotation every few seconds, every family
+/// appears in GET /metrics (OpenMetrics names counters without `_total` in
+/// `# TYPE`), and its samples carry the labels the alerts select on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_exports_the_metrics_alerts_and_dashboard_use() {
+    let sim = rekeyd::sim::SimProvider::start(rekeyd::sim::SimOptions::default())
+        .await
+        .unwrap();
+    sim.add_client("c", "cust");
+    let (id, value) = sim.add_secret("c", "bootstrap");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    rekeyd::fsutil::write_atomic(&d.join("secret"), value.as_bytes(), 0o600).unwrap();
+    let socket = d.join("api.sock");
+    let config = d.join("rekeyd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"state_dir = "{state}"
+[api]
+listen = "unix:{socket}"
+[[credentials]]
+name = "maps"
+provider = "mapsindoors"
+client_id = "c"
+customer_id = "cust"
+initial_secret_file = "{secret}"
+initial_secret_id = "{id}"
+[credentials.endpoints]
+token_url = "{token_url}"
+secrets_url = "{secrets_url}"
+[credentials.rotation]
+every = "2s"
+grace = "1s"
+"#,
+            state = d.join("state").display(),
+            socket = socket.display(),
+            secret = d.join("secret").display(),
+            token_url = sim.mapsindoors_token_url(),
+            secrets_url = sim.mapsindoors_secrets_url(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("REKEYD_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let families = |body: &str| -> BTreeSet<String> {
+        body.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(String::from)
+            .collect()
+    };
+    let wanted: BTreeSet<String> = METRICS
+        .iter()
+        .map(|m| m.name.strip_suffix("_total").unwrap_or(m.name).to_string())
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = String::new();
+    loop {
+        let socket = socket.clone();
+        let got = tokio::task::spawn_blocking(move || get_unix(&socket, "/metrics"))
+            .await
+            .unwrap();
+        if let Some((200, body)) = got {
+            let done = wanted.is_subset(&families(&body))
+                && body.contains("rekeyd_last_rotation_timestamp_seconds{");
+            last = body;
+            if done {
+                break;
+            }
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    let exported = families(&last);
+    let missing: Vec<_> = wanted.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "GET /metrics lacks {missing:?}:\n{last}\ndaemon log:\n{stderr}"
+    );
+    let mut problems = Vec::new();
+    for line in last.lines().filter(|l| l.starts_with("rekeyd_")) {
+        let series = line.rsplit_once(' ').map_or(line, |(s, _)| s);
+        problems.extend(metric_problems(series));
+    }
+    assert!(problems.is_empty(), "{problems:#?}\n{last}");
+    assert!(
+        last.contains(r#"rekeyd_token_valid{credential="maps"} 1"#),
+        "{last}"
+    );
+}
+
+#[test]
+fn the_promql_scanner_finds_what_it_should() {
+    let found = rekeyd_selectors(
+        r#"sum by (le) (rate(rekeyd_provider_request_duration_seconds_bucket{job="rekeyd", status=~"5.."}[5m])) and up{job="x"} and rekeyd_token_valid"#,
+    );
+    let names: Vec<&str> = found.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "rekeyd_provider_request_duration_seconds_bucket",
+            "rekeyd_token_valid"
+        ]
+    );
+    assert_eq!(found[0].matchers.len(), 2);
+    assert!(rekeyd_selectors(r#"label_values(x{a="rekeyd_nope"}, b)"#).is_empty());
+
+    assert!(metric_problems(r#"rekeyd_token_valid{credential="a"} == 0"#).is_empty());
+    for (bad, why) in [
+        ("rekeyd_token_validity == 0", "unknown metric"),
+        ("rekeyd_locked_out_total", "unknown metric"),
+        (r#"rekeyd_token_valid{result="x"}"#, "no label"),
+        (
+            r#"rekeyd_provider_request_duration_seconds_sum{le="1"}"#,
+            "no label",
+        ),
+        (
+            r#"rekeyd_rotation_attempts_total{result="failed"}"#,
+            "never has result",
+        ),
+        (
+            r#"rekeyd_refresh_attempts_total{result=~"success|timeout"}"#,
+            "never has result",
+        ),
+    ] {
+        let problems = metric_problems(bad);
+        assert!(
+            problems.iter().any(|p| p.contains(why)),
+            "{bad}: {problems:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tools
+
+/// The path of `name` on PATH. Missing: a failure, unless
+/// REKEYD_SKIP_SYSTEM_TOOLS=1 (then None, and the caller skips).
+fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("REKEYD_SKIP_SYSTEM_TOOLS").as_deref() == Ok("1") {
+            eprintln!("SKIPPED: {name} is not installed (REKEYD_SKIP_SYSTEM_TOOLS=1)");
+            return None;
+        }
+        panic!(
+            "{name} is not installed: `apt-get install {package}` (.ci/run does), \
+             or set REKEYD_SKIP_SYSTEM_TOOLS=1 to skip the checks that need it"
+        );
+    }
+    found
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.env("SYSTEMD_PAGER", "cat")
+        .env("PAGER", "cat")
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Loads a rekeyd configuration given as text (the `config` crate wants a
+/// .toml file name).
+fn load_config(toml: &str) -> Config {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rekeyd.toml");
+    std::fs::write(&path, toml).unwrap();
+    Config::load_with_env(&path, std::iter::empty())
+        .unwrap_or_else(|e| panic!("not a valid rekeyd configuration: {e}\n{toml}"))
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus alerts and the Grafana dashboard
+
+fn yaml(rel: &str) -> Yaml {
+    serde_yaml_ng::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn alert_rules() -> Vec<Yaml> {
+    let doc = yaml("deploy/prometheus/alerts.yaml");
+    let groups = doc["groups"].as_sequence().expect("groups");
+    groups
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().expect("rules").clone())
+        .collect()
+}
+
+/// Every string under a key named `expr`, `query` or `definition`.
+fn json_queries(value: &Json, out: &mut Vec<String>) {
+    match value {
+        Json::Object(map) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("expr" | "query" | "definition", Json::String(s)) => out.push(s.clone()),
+                    _ => json_queries(v, out),
+                }
+            }
+        }
+        Json::Array(items) => items.iter().for_each(|v| json_queries(v, out)),
+        _ => {}
+    }
+}
+
+fn dashboard() -> Json {
+    serde_json::from_str(&read("deploy/grafana/rekeyd.json")).expect("dashboard JSON")
+}
+
+fn dashboard_queries() -> Vec<String> {
+    let mut out = Vec::new();
+    json_queries(&dashboard(), &mut out);
+    out.retain(|q| q != "prometheus"); // the datasource variable's type
+    out
+}
+
+#[test]
+fn alerts_use_only_exported_metrics_and_cover_the_failures() {
+    let rules = alert_rules();
+    let mut names = BTreeSet::new();
+    let mut problems = Vec::new();
+    for rule in &rules {
+        let name = rule["alert"].as_str().expect("every rule is an alert");
+        assert!(names.insert(name.to_string()), "duplicate alert {name}");
+        let expr = rule["expr"].as_str().expect("expr");
+        problems.extend(metric_problems(expr));
+        let severity = rule["labels"]["severity"].as_str();
+        assert!(
+            matches!(severity, Some("warning" | "critical")),
+            "{name}: severity {severity:?}"
+        );
+        for key in ["summary", "description"] {
+            assert!(
+                rule["annotations"][key]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
+                "{name}: annotation {key}"
+            );
+        }
+        if let Some(duration) = rule.get("for") {
+            let duration = duration.as_str().expect("for: a duration");
+            humantime::parse_duration(duration).unwrap_or_else(|e| panic!("{name}: for: {e}"));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    // What each failure mode's alert must look at.
+    let expr_of = |alert: &str| {
+        rules
+            .iter()
+            .find(|r| r["alert"].as_str() == Some(alert))
+            .and_then(|r| r["expr"].as_str())
+            .unwrap_or_else(|| panic!("no alert {alert}; have {names:?}"))
+            .to_string()
+    };
+    for (alert, needles) in [
+        (
+            "RekeydTokenExpiringRefreshFailing",
+            &[
+                "rekeyd_token_expiry_timestamp_seconds",
+                "time()",
+                "rekeyd_refresh_attempts_total",
+            ][..],
+        ),
+        ("RekeydRefreshFailing", &["rekeyd_refresh_attempts_total"]),
+        ("RekeydTokenInvalid", &["rekeyd_token_valid"]),
+        (
+            "RekeydRotationFailing",
+            &["rekeyd_rotation_attempts_total", "\"error\""],
+        ),
+        (
+            "RekeydRotationOverdue",
+            &["time()", "rekeyd_rotation_next_due_timestamp_seconds", "+"],
+        ),
+        ("RekeydLockedOut", &["rekeyd_locked_out"]),
+        ("RekeydDown", &["up{"]),
+        ("RekeydAbsent", &["absent("]),
+    ] {
+        let expr = expr_of(alert);
+        for needle in needles {
+            assert!(expr.contains(needle), "{alert}: {needle:?} not in {expr}");
+        }
+    }
+
+    // The promtool unit tests feed the same series names.
+    let tests = yaml("deploy/prometheus/alerts.test.yaml");
+    for t in tests["tests"].as_sequence().unwrap() {
+        for s in t["input_series"].as_sequence().unwrap() {
+            let series = s["series"].as_str().unwrap();
+            let problems = metric_problems(series);
+            assert!(problems.is_empty(), "alerts.test.yaml: {problems:?}");
+        }
+    }
+}
+
+#[test]
+fn dashboard_shows_every_metric_and_only_those() {
+    let dash = dashboard();
+    assert_eq!(dash["uid"], "rekeyd");
+    let queries = dashboard_queries();
+    assert!(!queries.is_empty());
+    let mut problems = Vec::new();
+    let mut used = BTreeSet::new();
+    for q in &queries {
+        problems.extend(metric_problems(q));
+        for s in rekeyd_selectors(q) {
+            if let Some((metric, _)) = family(&s.name) {
+                used.insert(metric.name);
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    let all: BTreeSet<&str> = METRICS.iter().map(|m| m.name).collect();
+    let missing: Vec<_> = all.difference(&used).collect();
+    assert!(missing.is_empty(), "no panel shows {missing:?}");
+
+    // Panels: unique ids, a title, Prometheus queries through the
+    // dashboard's data source variable.
+    let mut ids = BTreeSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        let id = panel["id"].as_u64().expect("panel id");
+        assert!(ids.insert(id), "duplicate panel id {id}");
+        assert!(panel["title"].as_str().is_some_and(|t| !t.is_empty()));
+        assert!(panel["gridPos"]["w"].as_u64().is_some());
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{panel}");
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty());
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], "${datasource}");
+        }
+    }
+    let variables: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(variables, ["datasource", "instance", "credential"]);
+}
+
+/// A dashboard query as plain PromQL: Grafana's variables replaced, the
+/// selector of a `label_values(...)` query.
+fn plain_promql(query: &str) -> String {
+    let q = query.trim();
+    let q = match q
+        .strip_prefix("label_values(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
+        Some(inner) => inner.rsplit_once(',').map_or(inner, |(sel, _)| sel),
+        None => q,
+    };
+    q.replace("$__rate_interval", "5m")
+        .replace("$__interval", "1m")
+        .replace("$__range", "1d")
+        .replace("$instance", ".*")
+        .replace("$credential", ".*")
+}
+
+#[test]
+fn promtool_checks_the_alerts_and_the_dashboard_queries() {
+    let Some(promtool) = tool("promtool", "prometheus") else {
+        return;
+    };
+    let dir = root().join("deploy/prometheus");
+    let out = run_ok(
+        Command::new(&promtool)
+            .args(["check", "rules", "alerts.yaml"])
+            .current_dir(&dir),
+    );
+    assert!(out.contains("SUCCESS"), "{out}");
+    let out = run_ok(
+        Command::new(&promtool)
+            .args(["test", "rules", "alerts.test.yaml"])
+            .current_dir(&dir),
+    );
+    assert!(out.contains("SUCCESS"), "{out}");
+
+    // Every dashboard query parses as PromQL: as recording rules.
+    let rules: Vec<Json> = dashboard_queries()
+        .iter()
+        .enumerate()
+        .map(|(i, q)| serde_json::json!({"record": format!("dashboard:query_{i}"), "expr": plain_promql(q)}))
+        .collect();
+    let file = serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("dashboard.rules.yaml");
+    std::fs::write(&path, serde_yaml_ng::to_string(&file).unwrap()).unwrap();
+    let out = run_ok(Command::new(&promtool).args(["check", "rules"]).arg(&path));
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+// ---------------------------------------------------------------------------
+// systemd
+
+/// (section, key, value) of every assignment in a unit file.
+fn unit_entries(text: &str) -> Vec<(String, String, String)> {
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not an assignment: {line}"));
+        out.push((section.clone(), key.trim().into(), value.trim().into()));
+    }
+    out
+}
+
+fn service_values(entries: &[(String, String, String)], key: &str) -> Vec<String> {
+    entries
+        .iter()
+        .filter(|(s, k, _)| s == "Service" && k == key)
+        .map(|(_, _, v)| v.clone())
+        .collect()
+}
+
+#[test]
+fn systemd_unit_says_what_the_daemon_needs() {
+    let entries = unit_entries(&read("systemd/rekeyd.service"));
+    let one = |key: &str| {
+        let values = service_values(&entries, key);
+        assert_eq!(values.len(), 1, "{key}: {values:?}");
+        values[0].clone()
+    };
+    for (key, value) in [
+        ("Type", "notify"),
+        ("NotifyAccess", "main"),
+        ("WatchdogSec", "30s"),
+        ("Restart", "on-failure"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("StateDirectory", "rekeyd"),
+        ("StateDirectoryMode", "0700"),
+        ("RuntimeDirectory", "rekeyd"),
+        ("ConfigurationDirectory", "rekeyd"),
+        ("DynamicUser", "yes"),
+        (
+            "ExecStart",
+            "/usr/local/bin/rekeyd run --config /etc/rekeyd/rekeyd.toml",
+        ),
+    ] {
+        assert_eq!(one(key), value, "{key}");
+    }
+    assert!(
+        one("RestartPreventExitStatus")
+            .split_whitespace()
+            .any(|s| s == "78"),
+        "no restart after a configuration error"
+    );
+    assert!(
+        service_values(&entries, "LoadCredential")
+            .contains(&"maps.secret:/etc/rekeyd/maps.secret".to_string())
+    );
+    // Outbound HTTPS, the loopback/unix listener and sd_notify stay possible.
+    let families: BTreeSet<String> = one("RestrictAddressFamilies")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let want: BTreeSet<String> = ["AF_INET", "AF_INET6", "AF_UNIX"].map(String::from).into();
+    assert_eq!(families, want);
+    assert!(service_values(&entries, "PrivateNetwork").is_empty());
+    assert!(service_values(&entries, "IPAddressDeny").is_empty());
+    assert!(service_values(&entries, "ReadOnlyPaths").is_empty());
+}
+
+#[test]
+fn systemd_example_config_fits_the_unit() {
+    let entries = unit_entries(&read("systemd/rekeyd.service"));
+    let credentials: BTreeMap<String, String> = service_values(&entries, "LoadCredential")
+        .iter()
+        .map(|v| {
+            let (id, path) = v.split_once(':').expect("LoadCredential=ID:PATH");
+            (id.to_string(), path.to_string())
+        })
+        .collect();
+    let state = service_values(&entries, "StateDirectory");
+    let runtime = service_values(&entries, "RuntimeDirectory");
+
+    let config = load_config(&read("systemd/rekeyd.toml.example"));
+    // Below the StateDirectory: with DynamicUser=yes that is a symlink
+    // (to /var/lib/private/rekeyd), which rekeyd refuses as its state_dir.
+    let state_dir = Path::new("/var/lib").join(&state[0]);
+    assert!(
+        config.state_dir.starts_with(&state_dir) && config.state_dir != state_dir,
+        "{}",
+        config.state_dir.display()
+    );
+    let runtime_dir = Path::new("/run").join(&runtime[0]);
+    let api = config.api.as_ref().expect("the example has an API");
+    let listen = api.listen.to_string();
+    assert!(
+        listen.starts_with("127.0.0.1:")
+            || listen.starts_with(&format!("unix:{}/", runtime_dir.display())),
+        "{listen}"
+    );
+    assert!(api.key_file.starts_with(&config.state_dir));
+    for cred in &config.credentials {
+        let file = cred.initial_secret_file.as_ref().unwrap();
+        let id = file
+            .strip_prefix("/run/credentials/rekeyd.service")
+            .unwrap_or_else(|_| panic!("{}: not in $CREDENTIALS_DIRECTORY", file.display()));
+        let id = id.to_str().unwrap();
+        assert!(
+            credentials.contains_key(id),
+            "{} has no LoadCredential={id}:... (have {credentials:?})",
+            cred.name
+        );
+        for sink in &cred.sinks {
+            assert!(
+                sink.path.starts_with(&runtime_dir),
+                "{}: the sandbox writes only {} and the state directory",
+                sink.path.display(),
+                runtime_dir.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn systemd_analyze_security_rates_the_unit_2_or_better() {
+    let Some(analyze) = tool("systemd-analyze", "systemd") else {
+        return;
+    };
+    let unit = root().join("systemd/rekeyd.service");
+    let out = run(Command::new(&analyze)
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit));
+    let stdout = text(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level for rekeyd.service:"))
+        .unwrap_or_else(|| panic!("no overall score:\n{stdout}\n{}", text(&out.stderr)));
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the score in {line:?}"));
+    eprintln!("{}", line.trim());
+    assert!(score <= 2.0, "exposure {score} > 2.0:\n{stdout}");
+    // The tool's own verdict at the same threshold (in tenths).
+    let out = run(Command::new(&analyze)
+        .args(["security", "--offline=true", "--no-pager", "--threshold=20"])
+        .arg(&unit));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn systemd_analyze_verify_is_clean() {
+    let Some(analyze) = tool("systemd-analyze", "systemd") else {
+        return;
+    };
+    // verify checks that ExecStart= exists: point a copy at the binary built
+    // for the tests.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("rekeyd.service");
+    let text_in = read("systemd/rekeyd.service");
+    assert!(text_in.contains("ExecStart=/usr/local/bin/rekeyd "));
+    std::fs::write(
+        &unit,
+        text_in.replace(
+            "ExecStart=/usr/local/bin/rekeyd ",
+            &format!("ExecStart={} ", env!("CARGO_BIN_EXE_rekeyd")),
+        ),
+    )
+    .unwrap();
+    let out = run(Command::new(&analyze)
+        .args(["verify", "--man=no", "--no-pager"])
+        .arg(&unit));
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "verify failed:\n{stderr}");
+    let complaints: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("rekeyd") || l.contains(&*dir.path().to_string_lossy()))
+        .collect();
+    assert!(complaints.is_empty(), "verify complains:\n{stderr}");
+}
+
+#[test]
+fn sysusers_file_creates_the_rekeyd_user() {
+    let Some(sysusers) = tool("systemd-sysusers", "systemd") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("etc")).unwrap();
+    run_ok(
+        Command::new(sysusers)
+            .arg(format!("--root={}", dir.path().display()))
+            .arg(root().join("systemd/rekeyd.sysusers")),
+    );
+    let passwd = std::fs::read_to_string(dir.path().join("etc/passwd")).unwrap();
+    let group = std::fs::read_to_string(dir.path().join("etc/group")).unwrap();
+    assert!(passwd.lines().any(|l| l.starts_with("rekeyd:")), "{passwd}");
+    assert!(group.lines().any(|l| l.starts_with("rekeyd:")), "{group}");
+}
+
+// ---------------------------------------------------------------------------
+// The container image
+
+/// Instructions of a Containerfile: (INSTRUCTION, arguments), continuation
+/// lines joined, comments dropped.
+fn containerfile(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (current.is_empty() && trimmed.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(trimmed);
+                let (op, args) = current.split_once(' ').unwrap_or((&current, ""));
+                out.push((op.to_uppercase(), args.trim().to_string()));
+                current.clear();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn container_image_runs_rekeyd_unprivileged_from_scratch() {
+    let file = containerfile(&read("deploy/Containerfile"));
+    let last_from = file.iter().rposition(|(op, _)| op == "FROM").unwrap();
+    let final_stage = &file[last_from..];
+    assert_eq!(final_stage[0].1, "scratch");
+    let get = |op: &str| -> Vec<&str> {
+        final_stage
+            .iter()
+            .filter(|(o, _)| o == op)
+            .map(|(_, a)| a.as_str())
+            .collect()
+    };
+
+    let user = get("USER");
+    assert_eq!(user.len(), 1);
+    for id in user[0].split(':') {
+        let id: u32 = id.parse().expect("numeric USER");
+        assert_ne!(id, 0, "USER must not be root");
+    }
+    let entrypoint: Vec<String> = serde_json::from_str(get("ENTRYPOINT")[0]).unwrap();
+    assert_eq!(
+        entrypoint,
+        ["/rekeyd", "run", "--config", "/etc/rekeyd/rekeyd.toml"]
+    );
+    let volumes: Vec<String> = serde_json::from_str(get("VOLUME")[0]).unwrap();
+    assert_eq!(volumes, ["/var/lib/rekeyd", "/run/tokens"]);
+    assert_eq!(get("EXPOSE"), ["9860"]);
+    assert!(
+        get("COPY").contains(&"deploy/container/rekeyd.toml /etc/rekeyd/rekeyd.toml"),
+        "{:?}",
+        get("COPY")
+    );
+
+    // The baked-in configuration uses what the image provides.
+    let config = load_config(&read("deploy/container/rekeyd.toml"));
+    assert!(config.state_dir.starts_with(&volumes[0]));
+    let api = config.api.as_ref().expect("API for probes");
+    assert!(api.key_file.starts_with(&config.state_dir));
+    assert!(api.listen.to_string().ends_with(":9860"));
+    for cred in &config.credentials {
+        assert!(
+            cred.initial_secret_file
+                .as_ref()
+                .unwrap()
+                .starts_with("/etc/rekeyd/secrets")
+        );
+        assert!(
+            cred.rotation.is_none(),
+            "no rotation on the pod's emptyDir state"
+        );
+        for sink in &cred.sinks {
+            assert!(
+                sink.path.starts_with(&volumes[1]),
+                "{}",
+                sink.path.display()
+            );
+        }
+    }
+
+    // Whatever the build copies from the context is in the repository and
+    // let through by the ignore file.
+    let mut copied = Vec::new();
+    let ignore = read("deploy/Containerfile.dockerignore");
+    let allowed: Vec<&str> = ignore
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('!'))
+        .collect();
+    for (op, args) in &file {
+        if op != "COPY" || args.starts_with("--from") {
+            continue;
+        }
+        let words: Vec<&str> = args
+            .split_whitespace()
+            .filter(|w| !w.starts_with("--"))
+            .collect();
+        for src in &words[..words.len() - 1] {
+            assert!(
+                root().join(src).exists(),
+                "COPY {src}: not in the repository"
+            );
+            let src = src.trim_end_matches('/');
+            assert!(
+                allowed.iter().any(|a| a.trim_end_matches('/') == src),
+                "COPY {src}: excluded by Containerfile.dockerignore"
+            );
+            copied.push(src.to_string());
+        }
+    }
+
+    // ... and makes a valid, locked Cargo project: the build context as the
+    // image's build stage sees it (minus node_modules), checked by cargo.
+    let manifest = read("Cargo.toml");
+    for (section, dir) in [
+        ("[[test]]", "tests"),
+        ("[[bench]]", "benches"),
+        ("[[example]]", "examples"),
+    ] {
+        if manifest.lines().any(|l| l.trim() == section) {
+            assert!(
+                copied.contains(&dir.to_string()),
+                "Cargo.toml has {section}: COPY {dir}"
+            );
+        }
+    }
+    if root().join("build.rs").exists() {
+        assert!(copied.contains(&"build.rs".to_string()), "COPY build.rs");
+    }
+    let context = tempfile::tempdir().unwrap();
+    for src in &copied {
+        copy_tree(&root().join(src), &context.path().join(src));
+    }
+    let rustc = run_ok(Command::new("rustc").arg("-vV"));
+    let host = rustc
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc -vV names the host");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // Offline and for this host only: the packages are in the local cache
+    // after building the tests. A target the manifest declares but the
+    // context lacks fails here, as it would in the image.
+    run_ok(
+        Command::new(cargo)
+            .args(["fetch", "--locked", "--offline", "--target", host])
+            .arg("--manifest-path")
+            .arg(context.path().join("Cargo.toml")),
+    );
+}
+
+/// Copies a file or a directory tree, without node_modules (the ignore
+/// file keeps them out of the build context).
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != "node_modules" {
+                copy_tree(&entry.path(), &to.join(entry.file_name()));
+            }
+        }
+    } else {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
+#[test]
+fn kubernetes_config_is_the_container_config() {
+    assert_eq!(
+        read("deploy/kubernetes/rekeyd.toml"),
+        read("deploy/container/rekeyd.toml"),
+        "deploy/kubernetes/rekeyd.toml (the ConfigMap) and deploy/container/rekeyd.toml (the image's) differ"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Kubernetes
+
+fn kustomize(dir: &Path) -> Option<Vec<Yaml>> {
+    let kubectl = tool("kubectl", "kubernetes-client")?;
+    let out = run_ok(Command::new(kubectl).arg("kustomize").arg(dir));
+    let docs = serde_yaml_ng::Deserializer::from_str(&out)
+        .map(|d| serde::Deserialize::deserialize(d).expect("rendered YAML"))
+        .filter(|d: &Yaml| !d.is_null())
+        .collect();
+    Some(docs)
+}
+
+fn find<'a>(docs: &'a [Yaml], kind: &str) -> Vec<&'a Yaml> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .collect()
+}
+
+fn one<'a>(docs: &'a [Yaml], kind: &str) -> &'a Yaml {
+    let found = find(docs, kind);
+    assert_eq!(found.len(), 1, "exactly one {kind}");
+    found[0]
+}
+
+fn strs(v: &Yaml) -> Vec<&str> {
+    v.as_sequence()
+        .map(|s| s.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default()
+}
+
+fn name(v: &Yaml) -> &str {
+    v["metadata"]["name"].as_str().unwrap()
+}
+
+/// The container port a probe's `port` means.
+fn probe_port(container: &Yaml, probe: &Yaml) -> u64 {
+    let port = &probe["httpGet"]["port"];
+    if let Some(n) = port.as_u64() {
+        return n;
+    }
+    let wanted = port.as_str().expect("port");
+    container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some(wanted))
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("no port named {wanted}"))
+}
+
+fn hardened(container: &Yaml, pod: &Yaml) {
+    let name = container["name"].as_str().unwrap();
+    let sc = &container["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true), "{name}");
+    assert_eq!(
+        sc["allowPrivilegeEscalation"].as_bool(),
+        Some(false),
+        "{name}"
+    );
+    assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"], "{name}");
+    assert!(sc["capabilities"]["add"].is_null(), "{name}");
+    let non_root = sc["runAsNonRoot"]
+        .as_bool()
+        .or(pod["securityContext"]["runAsNonRoot"].as_bool());
+    assert_eq!(non_root, Some(true), "{name}");
+    assert_ne!(sc["runAsUser"].as_u64(), Some(0), "{name}");
+    let seccomp = sc["seccompProfile"]["type"]
+        .as_str()
+        .or(pod["securityContext"]["seccompProfile"]["type"].as_str());
+    assert_eq!(seccomp, Some("RuntimeDefault"), "{name}");
+    assert_eq!(
+        container["terminationMessagePolicy"].as_str(),
+        Some("FallbackToLogsOnError"),
+        "{name}"
+    );
+}
+
+/// (mountPath, volume) of a container's mounts.
+fn mounts<'a>(container: &'a Yaml, pod: &'a Yaml) -> Vec<(&'a str, &'a Yaml, bool)> {
+    container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let volume = pod["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == m["name"])
+                .unwrap_or_else(|| panic!("no volume {:?}", m["name"]));
+            (
+                m["mountPath"].as_str().unwrap(),
+                volume,
+                m["readOnly"].as_bool() == Some(true),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
+    let Some(docs) = kustomize(&root().join("deploy/kubernetes")) else {
+        return;
+    };
+    let deployment = one(&docs, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let sa = one(&docs, "ServiceAccount");
+    assert_eq!(pod["serviceAccountName"].as_str(), Some(name(sa)));
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    assert_eq!(sa["automountServiceAccountToken"].as_bool(), Some(false));
+
+    // rekeyd: a restartable init container, i.e. a native sidecar.
+    let inits = pod["initContainers"].as_sequence().expect("initContainers");
+    let rekeyd = inits
+        .iter()
+        .find(|c| c["name"] == "rekeyd")
+        .expect("rekeyd init container");
+    assert_eq!(rekeyd["restartPolicy"].as_str(), Some("Always"));
+    assert!(
+        rekeyd["command"].is_null() && rekeyd["args"].is_null(),
+        "the image's entrypoint"
+    );
+    for (probe, path) in [
+        ("startupProbe", "/readyz"),
+        ("readinessProbe", "/readyz"),
+        ("livenessProbe", "/livez"),
+    ] {
+        let p = &rekeyd[probe];
+        assert_eq!(p["httpGet"]["path"].as_str(), Some(path), "{probe}");
+        assert_eq!(probe_port(rekeyd, p), 9860, "{probe}");
+    }
+    hardened(rekeyd, pod);
+    let containers = pod["containers"].as_sequence().unwrap();
+    assert!(!containers.is_empty());
+    for c in containers {
+        hardened(c, pod);
+    }
+
+    // The configuration the sidecar reads, and the paths it names.
+    let config_map = one(&docs, "ConfigMap");
+    let toml = config_map["data"]["rekeyd.toml"].as_str().unwrap();
+    assert_eq!(toml, read("deploy/kubernetes/rekeyd.toml"));
+    let config = load_config(toml);
+    let rekeyd_mounts = mounts(rekeyd, pod);
+    let mount_of = |path: &Path| {
+        rekeyd_mounts
+            .iter()
+            .filter(|(m, _, _)| path.starts_with(m))
+            .max_by_key(|(m, _, _)| m.len())
+            .copied()
+            .unwrap_or_else(|| panic!("{} is on no volume of the sidecar", path.display()))
+    };
+    // The config file and the bootstrap secrets: items of the projected volume.
+    let projected_file = |path: &Path| -> (String, String) {
+        let (mount, volume, read_only) = mount_of(path);
+        assert!(read_only);
+        let rel = path.strip_prefix(mount).unwrap().to_str().unwrap();
+        for source in volume["projected"]["sources"].as_sequence().unwrap() {
+            for (kind, obj) in source.as_mapping().unwrap() {
+                for item in obj["items"].as_sequence().unwrap() {
+                    if item["path"].as_str() == Some(rel) {
+                        let object = obj["name"].as_str().unwrap().to_string();
+                        return (
+                            kind.as_str().unwrap().to_string(),
+                            format!("{object}/{}", item["key"].as_str().unwrap()),
+                        );
+                    }
+                }
+            }
+        }
+        panic!("{} is not provided by volume {volume:?}", path.display())
+    };
+    let (kind, key) = projected_file(Path::new("/etc/rekeyd/rekeyd.toml"));
+    assert_eq!(
+        (kind.as_str(), key),
+        ("configMap", format!("{}/rekeyd.toml", name(config_map)))
+    );
+    let secret = one(&docs, "Secret");
+    for cred in &config.credentials {
+        let file = cred.initial_secret_file.as_ref().unwrap();
+        let (kind, key) = projected_file(file);
+        assert_eq!(kind, "secret");
+        let (secret_name, secret_key) = key.split_once('/').unwrap();
+        assert_eq!(secret_name, name(secret));
+        assert!(
+            secret["data"][secret_key].is_string(),
+            "{secret_key} not in the Secret"
+        );
+        for sink in &cred.sinks {
+            let (mount, volume, read_only) = mount_of(&sink.path);
+            assert!(!read_only);
+            assert_eq!(mount, "/run/tokens");
+            assert_eq!(volume["emptyDir"]["medium"].as_str(), Some("Memory"));
+        }
+    }
+    let (_, state_volume, read_only) = mount_of(&config.state_dir);
+    assert!(!read_only && state_volume["emptyDir"].is_mapping());
+    let api = config.api.as_ref().unwrap();
+    assert_eq!(api.listen.to_string(), "0.0.0.0:9860");
+    mount_of(&api.key_file);
+
+    // The application reads the tokens from the same in-memory volume.
+    let app_mounts = mounts(&containers[0], pod);
+    assert!(
+        app_mounts
+            .iter()
+            .any(|(m, v, ro)| *m == "/run/tokens" && v["emptyDir"]["medium"] == "Memory" && *ro),
+        "the application mounts /run/tokens read-only"
+    );
+    // ... and the sink's group is the application's too.
+    assert!(pod["securityContext"]["fsGroup"].as_u64().is_some());
+
+    // The placeholder bootstrap secret is no real secret.
+    for (_, value) in secret["data"].as_mapping().unwrap() {
+        let decoded = base64_decode(value.as_str().unwrap());
+        assert!(
+            String::from_utf8_lossy(&decoded).contains("PLACEHOLDER"),
+            "the base must not carry a real secret"
+        );
+    }
+
+    // RBAC: one named Secret, one named Lease; create (which Kubernetes
+    // cannot limit by name) only on leases.
+    let role = one(&docs, "Role");
+    let mut named: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let resources = strs(&rule["resources"]);
+        let verbs = strs(&rule["verbs"]);
+        assert!(
+            !resources.contains(&"*") && !verbs.contains(&"*"),
+            "{rule:?}"
+        );
+        let names = strs(&rule["resourceNames"]);
+        if names.is_empty() {
+            assert_eq!(verbs, ["create"], "unnamed rule: {rule:?}");
+            assert_eq!(resources, ["leases"], "unnamed rule: {rule:?}");
+            continue;
+        }
+        for r in resources {
+            for n in &names {
+                named
+                    .entry(format!("{r}/{n}"))
+                    .or_default()
+                    .extend(verbs.iter().map(|v| v.to_string()));
+            }
+        }
+    }
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(named.len(), 2, "{named:?}");
+    assert_eq!(
+        named["secrets/rekeyd-state"],
+        set(&["get", "update", "patch"])
+    );
+    assert_eq!(named["leases/rekeyd-maps"], set(&["get", "update"]));
+    let binding = one(&docs, "RoleBinding");
+    assert_eq!(binding["roleRef"]["name"].as_str(), Some(name(role)));
+    let subjects = binding["subjects"].as_sequence().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0]["kind"], "ServiceAccount");
+    assert_eq!(subjects[0]["name"].as_str(), Some(name(sa)));
+}
+
+/// Path of `to` relative to `from` (both absolute).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<Component> = from.components().collect();
+    let to: Vec<Component> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &to[common..] {
+        out.push(c);
+    }
+    out
+}
+
+#[test]
+fn kustomize_overlay_sets_namespace_and_replaces_the_bootstrap_secret() {
+    if tool("kubectl", "kubernetes-client").is_none() {
+        return;
+    }
+    // The overlay the kustomization's comment describes. kustomize reads
+    // bases by relative path.
+    let tmp = tempfile::Builder::new()
+        .prefix("overlay")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let overlay = tmp.path().canonicalize().unwrap();
+    let base = relative(
+        &overlay,
+        &root().join("deploy/kubernetes").canonicalize().unwrap(),
+    );
+    let docs = ["resources", "bases"].iter().find_map(|key| {
+        std::fs::write(
+            overlay.join("kustomization.yaml"),
+            format!(
+                "{key}:\n  - {}\nnamespace: payments\nsecretGenerator:\n  - name: rekeyd-bootstrap\n    behavior: replace\n    literals:\n      - maps.secret=from-the-overlay\n",
+                base.display()
+            ),
+        )
+        .unwrap();
+        // Old kustomize (kubectl < 1.21) takes directories only under `bases`.
+        let kubectl = tool("kubectl", "kubernetes-client")?;
+        let out = run(Command::new(kubectl).arg("kustomize").arg(&overlay));
+        out.status.success().then(|| {
+            serde_yaml_ng::Deserializer::from_str(&text(&out.stdout))
+                .map(|d| serde::Deserialize::deserialize(d).unwrap())
+                .filter(|d: &Yaml| !d.is_null())
+                .collect::<Vec<Yaml>>()
+        })
+    });
+    let docs = docs.expect("the overlay renders");
+    for doc in &docs {
+        assert_eq!(
+            doc["metadata"]["namespace"].as_str(),
+            Some("payments"),
+            "{doc:?}"
+        );
+    }
+    let binding = one(&docs, "RoleBinding");
+    assert_eq!(
+        binding["subjects"][0]["namespace"].as_str(),
+        Some("payments")
+    );
+    let secret = one(&docs, "Secret");
+    let value = base64_decode(secret["data"]["maps.secret"].as_str().unwrap());
+    assert_eq!(value, b"from-the-overlay");
+    let deployment = one(&docs, "Deployment");
+    let rendered = serde_yaml_ng::to_string(deployment).unwrap();
+    assert!(
+        rendered.contains(&format!("name: {}", name(secret))),
+        "the Deployment mounts the replaced Secret {}",
+        name(secret)
+    );
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for b in s.bytes().filter(|b| *b != b'=' && !b.is_ascii_whitespace()) {
+        let v = ALPHABET.iter().position(|a| *a == b).expect("base64") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The unit for real: systemd boots in a container and starts rekeyd.
+
+/// Opt-in (root, systemd-nspawn from systemd-container, a merged-/usr
+/// host; `.ci/run` opts in): `REKEYD_TEST_NSPAWN=1 cargo test --test deploy
+/// nspawn`.
+///
+/// systemd-nspawn boots the host's /usr with an empty /etc and a private
+/// network; the container gets the unit as shipped (only ExecStart= points at
+/// the binary under test), a configuration with the example's paths, the
+/// bootstrap secret in /etc/rekeyd, and a loopback token endpoint. It checks
+/// that the sandbox lets rekeyd read its credential, write its state and
+/// token file, listen, and reach the provider; with "1" also that it reports
+/// READY=1 (Type=notify), keeps the watchdog fed past WatchdogSec, and
+/// survives `systemctl reload`. `REKEYD_TEST_NSPAWN=no-notify` runs it as
+/// Type=exec without the watchdog, for a daemon without sd_notify.
+#[test]
+fn nspawn_boots_the_unit_and_rekeyd_serves_tokens() {
+    let mode = std::env::var("REKEYD_TEST_NSPAWN").unwrap_or_default();
+    if mode != "1" && mode != "no-notify" {
+        eprintln!(
+            "SKIPPED: set REKEYD_TEST_NSPAWN=1 (or no-notify) to boot the unit in systemd-nspawn"
+        );
+        return;
+    }
+    let nspawn = tool("systemd-nspawn", "systemd-container").expect("systemd-nspawn");
+    let full = mode == "1";
+    let example = load_config(&read("systemd/rekeyd.toml.example"));
+    let api = example.api.as_ref().unwrap();
+    let cred = &example.credentials[0];
+    let secret_file = cred.initial_secret_file.as_ref().unwrap();
+    let secret_name = secret_file.file_name().unwrap().to_str().unwrap();
+    let sink = &cred.sinks[0].path;
+    let listen = api.listen.to_string();
+    let curl = match listen.strip_prefix("unix:") {
+        Some(sock) => format!("curl -s --unix-socket {sock} http://rekeyd"),
+        None => format!("curl -s http://{listen}"),
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let write = |rel: &str, text: &str| {
+        let path = d.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+    };
+    write(
+        "etc-rekeyd/rekeyd.toml",
+        &format!(
+            r#"state_dir = "{state}"
+[api]
+listen = "{listen}"
+key_file = "{key}"
+[[credentials]]
+name = "{name}"
+provider = "oauth2"
+client_id = "c"
+initial_secret_file = "{secret}"
+[credentials.endpoints]
+token_url = "http://127.0.0.1:18080/token"
+[[credentials.sinks]]
+path = "{sink}"
+mode = "0640"
+"#,
+            state = example.state_dir.display(),
+            key = api.key_file.display(),
+            name = cred.name,
+            secret = secret_file.display(),
+            sink = sink.display(),
+        ),
+    );
+    write(&format!("etc-rekeyd/{secret_name}"), "test-secret\n");
+    write(
+        "opt/tokensrv.py",
+        r#"import http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"access_token": "t0k3n", "token_type": "Bearer", "expires_in": 20}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(("127.0.0.1", 18080), H).serve_forever()
+"#,
+    );
+    let wait = if full { 45 } else { 12 };
+    write(
+        "opt/check.sh",
+        &format!(
+            r#"#!/bin/bash
+exec > /opt/out/result.txt 2>&1
+sleep {wait}
+show() {{ echo "$1=$(systemctl show -p "$1" --value rekeyd.service)"; }}
+show ActiveState; show NRestarts; show StatusText; show MainPID
+echo "readyz=$({curl}/readyz -o /dev/null -w '%{{http_code}}')"
+echo "livez=$({curl}/livez -o /dev/null -w '%{{http_code}}')"
+echo "sink=$(stat -c %a {sink})"
+echo "state=$(ls /var/lib/private/rekeyd/*/credentials/{name}.json /var/lib/private/rekeyd/credentials/{name}.json 2>/dev/null | wc -l)"
+if [ "{full}" = true ]; then
+    systemctl reload rekeyd.service; echo "reload=$?"; sleep 2
+    echo "after_reload=$(systemctl show -p ActiveState --value rekeyd.service)"
+    echo "MainPID_after_reload=$(systemctl show -p MainPID --value rekeyd.service)"
+fi
+echo "== journal"; journalctl -u rekeyd.service --no-pager | tail -40
+echo "== end"
+systemctl poweroff
+"#,
+            curl = curl,
+            sink = sink.display(),
+            name = cred.name,
+        ),
+    );
+    run_ok(
+        Command::new("chmod")
+            .arg("0755")
+            .arg(d.join("opt/check.sh")),
+    );
+    run_ok(
+        Command::new("chmod")
+            .arg("0600")
+            .arg(d.join(format!("etc-rekeyd/{secret_name}"))),
+    );
+    let mut dropin =
+        "[Service]\nExecStart=\nExecStart=/opt/ns/rekeyd run --config /etc/rekeyd/rekeyd.toml\n"
+            .to_string();
+    if !full {
+        dropin.push_str("Type=exec\nWatchdogSec=0\n");
+    }
+    write("units/rekeyd.service.d/test.conf", &dropin);
+    write(
+        "units/tokensrv.service",
+        "[Service]\nExecStart=/usr/bin/python3 /opt/ns/tokensrv.py\n",
+    );
+    write(
+        "units/check.service",
+        "[Unit]\nAfter=rekeyd.service tokensrv.service\n[Service]\nType=oneshot\nExecStart=/opt/ns/check.sh\n",
+    );
+    write(
+        "units/ns-test.target",
+        "[Unit]\nRequires=tokensrv.service rekeyd.service check.service\nAfter=tokensrv.service rekeyd.service check.service\n",
+    );
+    std::fs::create_dir(d.join("out")).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_rekeyd"), d.join("opt/rekeyd")).unwrap();
+
+    let unit_dir = "/etc/systemd/system";
+    let bind = |from: PathBuf, to: &str| format!("--bind-ro={}:{to}", from.display());
+    let out = run(Command::new("timeout")
+        .arg("240")
+        .arg(nspawn)
+        .args(["-q", "-D", "/", "--volatile=yes", "--private-network"])
+        .args(["--register=no", "--keep-unit"])
+        .arg(format!("--machine=rekeyd-test-{}", std::process::id()))
+        .arg(bind(d.join("opt"), "/opt/ns"))
+        .arg(format!("--bind={}:/opt/out", d.join("out").display()))
+        .arg(bind(
+            root().join("systemd/rekeyd.service"),
+            &format!("{unit_dir}/rekeyd.service"),
+        ))
+        .arg(bind(
+            d.join("units/rekeyd.service.d"),
+            &format!("{unit_dir}/rekeyd.service.d"),
+        ))
+        .arg(bind(
+            d.join("units/tokensrv.service"),
+            &format!("{unit_dir}/tokensrv.service"),
+        ))
+        .arg(bind(
+            d.join("units/check.service"),
+            &format!("{unit_dir}/check.service"),
+        ))
+        .arg(bind(
+            d.join("units/ns-test.target"),
+            &format!("{unit_dir}/ns-test.target"),
+        ))
+        .arg(bind(d.join("etc-rekeyd"), "/etc/rekeyd"))
+        .arg("--bind-ro=/etc/ssl:/etc/ssl")
+        // network-online.target would wait two minutes for a link that the
+        // private network never configures: masked.
+        .arg(format!(
+            "--bind-ro=/dev/null:{unit_dir}/systemd-networkd-wait-online.service"
+        ))
+        .args([
+            "-b",
+            "--",
+            "systemd.unit=ns-test.target",
+            "systemd.firstboot=off",
+        ]));
+    let result = std::fs::read_to_string(d.join("out/result.txt")).unwrap_or_else(|_| {
+        panic!(
+            "the container wrote no result ({}):\n{}",
+            out.status,
+            text(&out.stdout)
+        )
+    });
+    eprintln!("{result}");
+    let values: BTreeMap<&str, &str> = result
+        .lines()
+        .take_while(|l| !l.starts_with("== "))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    assert_eq!(values["ActiveState"], "active", "{result}");
+    assert_eq!(values["NRestarts"], "0", "{result}");
+    assert_eq!(values["readyz"], "200", "{result}");
+    assert_eq!(values["livez"], "200", "{result}");
+    assert_eq!(values["sink"], "640", "{result}");
+    assert_eq!(values["state"], "1", "{result}");
+    if full {
+        assert!(!values["StatusText"].is_empty(), "no STATUS=: {result}");
+        assert_eq!(values["reload"], "0", "{result}");
+        assert_eq!(values["after_reload"], "active", "{result}");
+        assert_eq!(
+            values["MainPID"], values["MainPID_after_reload"],
+            "reload restarted the daemon: {result}"
+        );
+    }
+}
