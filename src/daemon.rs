@@ -166,8 +166,8 @@ impl Running {
             .filter(|name| !keep.contains(&name.as_str()))
             .cloned()
             .collect();
-        for name in removed {
-            if let Some(runtime) = self.credentials.remove(&name) {
+        for name in &removed {
+            if let Some(runtime) = self.credentials.remove(name) {
                 runtime.stop().await;
                 info!(credential = %name, step = "reload", "credential removed; its journal is kept");
             }
@@ -190,6 +190,11 @@ impl Running {
             self.credentials.insert(name, runtime);
         }
         self.publish();
+        // After publish: the API no longer lists them, so no scrape
+        // re-creates their series.
+        for name in &removed {
+            crate::metrics::global().forget_credential(name);
+        }
         self.config.credentials = new.credentials.clone();
         Ok(())
     }

@@ -128,6 +128,39 @@ impl Metrics {
         out
     }
 
+    /// Drops every series of a credential that is no longer configured
+    /// (removed by a reload), so its last values do not linger, go stale
+    /// and alert.
+    pub fn forget_credential(&self, name: &str) {
+        let label = credential(name);
+        for family in [
+            &self.token_expiry,
+            &self.last_rotation,
+            &self.rotation_next_due,
+        ] {
+            family.remove(&label);
+        }
+        self.token_valid.remove(&label);
+        self.locked_out.remove(&label);
+        for result in ["success", "transient", "quota", "rejected", "refused"] {
+            self.refresh_attempts.remove(&RefreshLabels {
+                credential: name.to_string(),
+                result,
+            });
+        }
+        for result in ["success", "aborted", "error"] {
+            // The journal phases, and what the driver reports when it
+            // cannot read the journal.
+            for phase in ["idle", "creating", "created", "promoted", "unknown"] {
+                self.rotation_attempts.remove(&RotationLabels {
+                    credential: name.to_string(),
+                    result,
+                    phase,
+                });
+            }
+        }
+    }
+
     pub fn observe_request(&self, operation: &'static str, status: Option<u16>, took: Duration) {
         let status = status.map_or_else(|| "error".to_string(), |s| s.to_string());
         self.request_duration
@@ -181,5 +214,35 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_forgotten_credential_leaves_no_series() {
+        let m = Metrics::new();
+        for name in ["gone", "kept"] {
+            let label = credential(name);
+            m.token_expiry.get_or_create(&label).set(1.0);
+            m.token_valid.get_or_create(&label).set(1);
+            m.locked_out.get_or_create(&label).set(0);
+            m.last_rotation.get_or_create(&label).set(1.0);
+            m.rotation_next_due.get_or_create(&label).set(2.0);
+            m.refresh_attempts
+                .get_or_create(&RefreshLabels {
+                    credential: name.into(),
+                    result: "quota",
+                })
+                .inc();
+            m.rotation_attempts
+                .get_or_create(&RotationLabels {
+                    credential: name.into(),
+                    result: "error",
+                    phase: "created",
+                })
+                .inc();
+        }
+        m.forget_credential("gone");
+        let text = m.encode();
+        assert!(!text.contains("\"gone\""), "{text}");
+        assert_eq!(text.matches("credential=\"kept\"").count(), 7, "{text}");
     }
 }

@@ -9,7 +9,7 @@
 //! kustomize` (kubectl, or Debian's kubernetes-client) and `promtool`
 //! (prometheus). `.ci/run` installs them; a missing tool fails the test
 //! unless `REKEYD_SKIP_SYSTEM_TOOLS=1` is set. With `REKEYD_TEST_NSPAWN=1`
-//! (as root; CI sets it), systemd-nspawn boots the unit with the daemon.
+//! (as root; a manual run), systemd-nspawn boots the unit with the daemon.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -1449,7 +1449,7 @@ fn base64_decode(s: &str) -> Vec<u8> {
 // The unit for real: systemd boots in a container and starts rekeyd.
 
 /// Opt-in (root, systemd-nspawn from systemd-container, a merged-/usr
-/// host; `.ci/run` opts in): `REKEYD_TEST_NSPAWN=1 cargo test --test deploy
+/// host; not run by CI): `REKEYD_TEST_NSPAWN=1 cargo test --test deploy
 /// nspawn`.
 ///
 /// systemd-nspawn boots the host's /usr with an empty /etc and a private

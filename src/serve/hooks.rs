@@ -82,7 +82,14 @@ pub async fn run(
             let Some(event) = event else { continue };
             let mut attempt = 1;
             loop {
-                match fire(&hook.action, &name, event).await {
+                // Shutdown (or a reload restarting this credential) does not
+                // wait out a slow hook: dropping it kills the program
+                // (`kill_on_drop`).
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    result = fire(&hook.action, &name, event) => result,
+                };
+                match result {
                     Ok(()) => {
                         info!(step = "hook", event = event.as_str(), "hook ran");
                         break;
