@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ConfigError, CredentialConfig};
 use crate::credential::{self, CredentialChannels, CredentialHandle};
 use crate::notify::{self, Notifier};
-use crate::provider::{self, SecretApi, TokenProvider};
+use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule};
 use crate::serve::{api, hooks, sink};
 use crate::store::file::FileStore;
@@ -110,27 +110,44 @@ struct Prepared {
     bootstrap: Option<SecretString>,
 }
 
+/// systemd hears a new STATUS line at most this often.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Logins in flight at once across all credentials.
+const MAX_CONCURRENT_LOGINS: usize = 64;
+
 /// A started daemon.
 pub struct Running {
-    pub registry: Arc<Registry>,
     /// The API's TCP address, when it listens on TCP (port 0 resolved).
     pub api_addr: Option<SocketAddr>,
     config: Config,
-    store: Arc<dyn Store>,
+    shared: Shared,
     credentials: BTreeMap<String, CredentialRuntime>,
     /// The API and the supervisor.
     tasks: JoinSet<()>,
+}
+
+/// What every credential's tasks share.
+struct Shared {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    clients: HttpClients,
+    login_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 }
 
 impl Running {
     pub fn credentials(&self) -> Arc<BTreeMap<String, CredentialHandle>> {
-        self.registry.snapshot()
+        self.shared.registry.snapshot()
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.shared.registry
     }
 
     /// Waits for `shutdown`, then for every task to stop (bounded).
     pub async fn wait(mut self) {
-        self.shutdown.cancelled().await;
+        self.shared.shutdown.cancelled().await;
         for (_, runtime) in std::mem::take(&mut self.credentials) {
             runtime.stop().await;
         }
@@ -156,7 +173,7 @@ impl Running {
                 .get(&cred.name)
                 .is_some_and(|r| r.config == *cred);
             if !unchanged {
-                prepared.push(prepare(i, cred, self.store.as_ref()).await?);
+                prepared.push(prepare(i, cred, &self.shared).await?);
             }
         }
         let keep: Vec<&str> = new.credentials.iter().map(|c| c.name.as_str()).collect();
@@ -186,7 +203,7 @@ impl Running {
                     None
                 }
             };
-            let runtime = launch(p, channels, &self.store, &self.registry, &self.shutdown).await?;
+            let runtime = launch(p, channels, &self.shared).await?;
             self.credentials.insert(name, runtime);
         }
         self.publish();
@@ -209,7 +226,7 @@ impl Running {
     }
 
     fn publish(&self) {
-        self.registry.replace(
+        self.shared.registry.replace(
             self.credentials
                 .iter()
                 .map(|(name, r)| (name.clone(), r.handle.clone()))
@@ -242,15 +259,15 @@ async fn join_bounded(tasks: &mut JoinSet<()>) {
 async fn prepare(
     i: usize,
     cred: &CredentialConfig,
-    store: &dyn Store,
+    shared: &Shared,
 ) -> Result<Prepared, DaemonError> {
     let setup = |e: provider::ProviderError| DaemonError::Setup {
         name: cred.name.clone(),
         reason: e.to_string(),
     };
-    let provider = provider::build(cred).map_err(setup)?;
-    let secret_api = provider::build_secret_api(cred).map_err(setup)?;
-    let bootstrap = match store.load(&cred.name).await? {
+    let provider = provider::build_with(cred, &shared.clients).map_err(setup)?;
+    let secret_api = provider::build_secret_api_with(cred, &shared.clients).map_err(setup)?;
+    let bootstrap = match shared.store.load(&cred.name).await? {
         Some(_) => None,
         None => Some(read_initial_secret(i, cred)?),
     };
@@ -266,10 +283,15 @@ async fn prepare(
 async fn launch(
     p: Prepared,
     channels: Option<CredentialChannels>,
-    store: &Arc<dyn Store>,
-    registry: &Arc<Registry>,
-    shutdown: &CancellationToken,
+    shared: &Shared,
 ) -> Result<CredentialRuntime, DaemonError> {
+    let Shared {
+        store,
+        registry,
+        login_slots,
+        shutdown,
+        ..
+    } = shared;
     let cred = p.config;
     if let Some(secret) = p.bootstrap {
         store_bootstrap(store.as_ref(), &cred, secret).await?;
@@ -320,6 +342,7 @@ async fn launch(
             before_expiry: cred.refresh.before_expiry,
         },
         rotate_on_login: cred.rotation.as_ref().is_some_and(|r| r.on_login),
+        login_slots: login_slots.clone(),
         channels: channels.clone(),
     };
     let watch = EngineWatch {
@@ -430,20 +453,25 @@ async fn forward_changes(
 
 /// Starts everything; returns once the API listens and the engines run.
 pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Running, DaemonError> {
-    let store: Arc<dyn Store> = Arc::new(FileStore::new(&config.state_dir));
+    let shared = Shared {
+        store: Arc::new(FileStore::new(&config.state_dir)),
+        registry: Arc::new(Registry::new()),
+        clients: HttpClients::default(),
+        login_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_LOGINS)),
+        shutdown,
+    };
 
     // Everything that can fail because of the configuration happens before
     // anything is written or started.
     let mut prepared = Vec::with_capacity(config.credentials.len());
     for (i, cred) in config.credentials.iter().enumerate() {
-        prepared.push(prepare(i, cred, store.as_ref()).await?);
+        prepared.push(prepare(i, cred, &shared).await?);
     }
 
-    let registry = Arc::new(Registry::new());
     let mut credentials = BTreeMap::new();
     for p in prepared {
         let name = p.config.name.clone();
-        credentials.insert(name, launch(p, None, &store, &registry, &shutdown).await?);
+        credentials.insert(name, launch(p, None, &shared).await?);
     }
 
     let mut tasks = JoinSet::new();
@@ -456,10 +484,10 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         })?;
         api_addr = listener.local_addr();
         let router = api::router(api::ApiState {
-            registry: registry.clone(),
+            registry: shared.registry.clone(),
             key: Arc::new(key),
         });
-        let stop = shutdown.clone();
+        let stop = shared.shutdown.clone();
         tasks.spawn(async move {
             if let Err(e) = listener.serve(router, stop).await {
                 warn!(step = "api", error = %e, "local API stopped");
@@ -469,13 +497,11 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     }
 
     let running = Running {
-        registry,
         api_addr,
         config: config.clone(),
-        store,
+        shared,
         credentials,
         tasks,
-        shutdown,
     };
     running.publish();
     info!(
@@ -503,7 +529,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let mut running = start(&config, shutdown.clone()).await?;
     let ready = Arc::new(Notify::new());
     let mut supervisor = tokio::spawn(supervise(
-        running.registry.clone(),
+        running.registry().clone(),
         notifier.clone(),
         ready.clone(),
         shutdown.clone(),
@@ -555,6 +581,14 @@ async fn supervise(
     let mut last_line = String::new();
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
     loop {
+        // Once READY is out, summaries only matter to systemd: with
+        // thousands of credentials they are not free.
+        if ready_sent && !notifier.enabled() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = registry.changed.notified() => continue,
+            }
+        }
         let snapshot = registry.snapshot();
         let statuses: Vec<_> = snapshot
             .values()
@@ -586,7 +620,16 @@ async fn supervise(
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = registry.changed.notified() => {}
+            _ = registry.changed.notified() => {
+                // At most one STATUS update per interval; changes meanwhile
+                // are folded into the next summary.
+                if ready_sent {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(STATUS_INTERVAL) => {}
+                    }
+                }
+            }
             _ = reloaded.notified() => {
                 if ready_sent {
                     notifier.ready(&last_line);

@@ -24,6 +24,11 @@ impl Notifier {
         }
     }
 
+    /// Whether systemd listens (`NOTIFY_SOCKET` is set).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// How often to ping the watchdog: half its timeout, as systemd advises.
     pub fn watchdog_interval(&self) -> Option<Duration> {
         self.watchdog.map(|w| w / 2)

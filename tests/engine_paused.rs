@@ -230,6 +230,7 @@ fn run_with(
         policy,
         channels,
         rotate_on_login,
+        login_slots: Arc::new(tokio::sync::Semaphore::new(1)),
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(engine.run(shutdown.clone()));

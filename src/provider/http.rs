@@ -2,6 +2,8 @@
 //! redirects, a body reader that refuses to buffer more than a small cap, and
 //! the parsing of token replies and RFC 6749 §5.2 error bodies.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -33,6 +35,29 @@ pub struct Reply {
     pub body: Bytes,
 }
 
+/// Clients shared between the credentials of one daemon that have the same
+/// timeouts: each client owns a connection pool and a TLS configuration with
+/// the system's trust store, which thousands of credentials must not each
+/// load again. Owned by the daemon (not global) because a client's pooled
+/// connections belong to the runtime that opened them.
+#[derive(Default)]
+pub struct HttpClients {
+    cache: Mutex<HashMap<(Duration, Duration), HttpClient>>,
+}
+
+impl HttpClients {
+    pub fn get(&self, endpoints: &EndpointsConfig) -> Result<HttpClient, ProviderError> {
+        let key = (endpoints.connect_timeout, endpoints.request_timeout);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = cache.get(&key) {
+            return Ok(client.clone());
+        }
+        let client = HttpClient::new(endpoints)?;
+        cache.insert(key, client.clone());
+        Ok(client)
+    }
+}
+
 impl HttpClient {
     pub fn new(endpoints: &EndpointsConfig) -> Result<Self, ProviderError> {
         let client = reqwest::Client::builder()
@@ -43,7 +68,12 @@ impl HttpClient {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("rekeyd/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ProviderError::transient("http client setup", e.to_string()))?;
+            .map_err(|e| {
+                ProviderError::transient(
+                    "http client setup",
+                    format!("{e} (is a CA certificate bundle installed?)"),
+                )
+            })?;
         Ok(HttpClient { client })
     }
 

@@ -20,7 +20,7 @@ use secrecy::SecretString;
 use crate::config::{CredentialConfig, ProviderKind};
 use crate::token::Token;
 
-pub use http::HttpClient;
+pub use http::{HttpClient, HttpClients};
 
 /// Logs in with a client secret and returns a token.
 pub trait TokenProvider: Send + Sync {
@@ -131,13 +131,21 @@ impl ProviderError {
 pub fn build_secret_api(
     cred: &CredentialConfig,
 ) -> Result<Option<Arc<dyn SecretApi>>, ProviderError> {
+    build_secret_api_with(cred, &HttpClients::default())
+}
+
+/// [`build_secret_api`] with clients shared across credentials.
+pub fn build_secret_api_with(
+    cred: &CredentialConfig,
+    clients: &HttpClients,
+) -> Result<Option<Arc<dyn SecretApi>>, ProviderError> {
     match (
         cred.provider,
         &cred.endpoints.secrets_url,
         &cred.customer_id,
     ) {
         (ProviderKind::MapsIndoors, Some(url), Some(customer)) => {
-            let http = HttpClient::new(&cred.endpoints)?;
+            let http = clients.get(&cred.endpoints)?;
             Ok(Some(Arc::new(mapsindoors::MapsIndoorsSecrets::new(
                 http,
                 url.clone(),
@@ -150,7 +158,15 @@ pub fn build_secret_api(
 
 /// Builds the provider for a credential from its configuration.
 pub fn build(cred: &CredentialConfig) -> Result<Arc<dyn TokenProvider>, ProviderError> {
-    let http = HttpClient::new(&cred.endpoints)?;
+    build_with(cred, &HttpClients::default())
+}
+
+/// [`build`] with clients shared across credentials.
+pub fn build_with(
+    cred: &CredentialConfig,
+    clients: &HttpClients,
+) -> Result<Arc<dyn TokenProvider>, ProviderError> {
+    let http = clients.get(&cred.endpoints)?;
     Ok(match cred.provider {
         ProviderKind::MapsIndoors => Arc::new(mapsindoors::MapsIndoors::new(http, cred)),
         ProviderKind::Mappls => Arc::new(mappls::Mappls::new(http, cred)),

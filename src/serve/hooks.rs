@@ -62,7 +62,10 @@ pub async fn run(
     async move {
         // Only changes after start count: no hook for the state we found.
         let mut last_rotated: Option<SystemTime> = status.borrow_and_update().last_rotated_at;
-        tokens.borrow_and_update();
+        // `tokens` comes marked with the token current when the credential
+        // was launched (none, or the one a reload kept): marking it again
+        // here would swallow a first token the engine published before
+        // this task got to run.
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -65,6 +66,9 @@ pub struct Engine {
     pub channels: CredentialChannels,
     /// `rotation.on_login`: ask for a rotation after every login.
     pub rotate_on_login: bool,
+    /// Shared by all engines of a daemon: bounds concurrent logins, so that
+    /// thousands of credentials starting together do not storm the provider.
+    pub login_slots: Arc<Semaphore>,
 }
 
 /// Outcome of one refresh attempt.
@@ -139,6 +143,11 @@ impl Engine {
     /// the store (another process may have rotated it) and tries the pending
     /// secret of an unfinished rotation before giving up.
     async fn attempt(&self) -> Attempt {
+        let _slot = self
+            .login_slots
+            .acquire()
+            .await
+            .expect("the login semaphore is never closed");
         let secrets = self.load_secrets().await?;
         let first = self.provider.login(&secrets.current).await;
         let rejected = match first {
