@@ -356,6 +356,30 @@ pub fn parse_token_reply(operation: &'static str, reply: &Reply) -> Result<Token
     ))
 }
 
+/// The client-credentials grant with the secret in the form body, as
+/// MapsIndoors and Mappls want it. `.form()` sets the Content-Type
+/// `application/x-www-form-urlencoded`, which Mappls insists on.
+pub async fn form_login(
+    http: &HttpClient,
+    operation: &'static str,
+    token_url: &url::Url,
+    client_id: &str,
+    scope: Option<&str>,
+    secret: &SecretString,
+    classify: fn(u16, Option<&str>) -> ErrorKind,
+) -> Result<Token, ProviderError> {
+    let mut form = vec![
+        ("grant_type", "client_credentials"),
+        ("client_id", client_id),
+        ("client_secret", secret.expose_secret()),
+    ];
+    if let Some(scope) = scope {
+        form.push(("scope", scope));
+    }
+    let request = http.inner().post(token_url.clone()).form(&form);
+    token_request(http, operation, request, secret, classify).await
+}
+
 /// Sends a token request and turns the reply into a token, or into an error
 /// whose kind the provider's `classify` decides from status and error code.
 pub async fn token_request(

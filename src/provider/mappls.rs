@@ -6,7 +6,7 @@
 //! only prolongs the outage; `503` during maintenance.
 
 use futures_util::future::BoxFuture;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use url::Url;
 
 use super::http::{self, HttpClient};
@@ -47,19 +47,16 @@ impl TokenProvider for Mappls {
         secret: &'a SecretString,
     ) -> BoxFuture<'a, Result<Token, ProviderError>> {
         Box::pin(async move {
-            const OP: &str = "mappls login";
-            let mut form = vec![
-                ("grant_type", "client_credentials"),
-                ("client_id", self.client_id.as_str()),
-                ("client_secret", secret.expose_secret()),
-            ];
-            if let Some(scope) = &self.scope {
-                form.push(("scope", scope));
-            }
-            // `.form()` sets Content-Type: application/x-www-form-urlencoded,
-            // which this endpoint insists on.
-            let request = self.http.inner().post(self.token_url.clone()).form(&form);
-            http::token_request(&self.http, OP, request, secret, classify).await
+            http::form_login(
+                &self.http,
+                "mappls login",
+                &self.token_url,
+                &self.client_id,
+                self.scope.as_deref(),
+                secret,
+                classify,
+            )
+            .await
         })
     }
 }

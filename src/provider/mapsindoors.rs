@@ -47,17 +47,16 @@ impl TokenProvider for MapsIndoors {
         secret: &'a SecretString,
     ) -> BoxFuture<'a, Result<Token, ProviderError>> {
         Box::pin(async move {
-            const OP: &str = "mapsindoors login";
-            let mut form = vec![
-                ("grant_type", "client_credentials"),
-                ("client_id", self.client_id.as_str()),
-                ("client_secret", secret.expose_secret()),
-            ];
-            if let Some(scope) = &self.scope {
-                form.push(("scope", scope));
-            }
-            let request = self.http.inner().post(self.token_url.clone()).form(&form);
-            http::token_request(&self.http, OP, request, secret, classify).await
+            http::form_login(
+                &self.http,
+                "mapsindoors login",
+                &self.token_url,
+                &self.client_id,
+                self.scope.as_deref(),
+                secret,
+                classify,
+            )
+            .await
         })
     }
 }

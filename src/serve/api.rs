@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenAddr;
+use crate::credential::CredentialHandle;
 use crate::daemon::Registry;
 use crate::fsutil;
 
@@ -72,6 +73,18 @@ fn error(status: StatusCode, code: &str, detail: &str) -> Response {
     (status, Json(json!({"error": code, "detail": detail}))).into_response()
 }
 
+fn lookup(state: &ApiState, name: &str) -> Option<CredentialHandle> {
+    state.registry.snapshot().get(name).cloned()
+}
+
+fn unknown_credential() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "unknown_credential",
+        "no credential of that name",
+    )
+}
+
 /// The refusal to send, if the request lacks the right key.
 fn check_key(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
     let given = headers
@@ -97,12 +110,8 @@ async fn get_token(
     if let Some(denied) = check_key(&state, &headers) {
         return denied;
     }
-    let Some(handle) = state.registry.snapshot().get(&name).cloned() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_credential",
-            "no credential of that name",
-        );
+    let Some(handle) = lookup(&state, &name) else {
+        return unknown_credential();
     };
     let Some(token) = handle.valid_token() else {
         let detail = handle
@@ -151,12 +160,8 @@ async fn post_rotate(
     if let Some(denied) = check_key(&state, &headers) {
         return denied;
     }
-    let Some(handle) = state.registry.snapshot().get(&name).cloned() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_credential",
-            "no credential of that name",
-        );
+    let Some(handle) = lookup(&state, &name) else {
+        return unknown_credential();
     };
     if !handle.rotates {
         return error(
@@ -174,12 +179,8 @@ async fn post_rotate(
 }
 
 async fn readyz_one(State(state): State<ApiState>, UrlPath(name): UrlPath<String>) -> Response {
-    let Some(handle) = state.registry.snapshot().get(&name).cloned() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_credential",
-            "no credential of that name",
-        );
+    let Some(handle) = lookup(&state, &name) else {
+        return unknown_credential();
     };
     let ready = handle.valid_token().is_some();
     let status = if ready {
