@@ -580,6 +580,12 @@ async fn supervise(
     let mut ready_sent = false;
     let mut last_line = String::new();
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+    // After READY, a change is summarized at most once per STATUS_INTERVAL:
+    // `pending` marks a change waiting for `next_summary`. The wait is one
+    // more branch of the select below, so pings and reloads never wait.
+    let mut summarize = true;
+    let mut pending = false;
+    let mut next_summary = tokio::time::Instant::now();
     loop {
         // Once READY is out, summaries only matter to systemd: with
         // thousands of credentials they are not free.
@@ -589,27 +595,11 @@ async fn supervise(
                 _ = registry.changed.notified() => continue,
             }
         }
-        let snapshot = registry.snapshot();
-        let statuses: Vec<_> = snapshot
-            .values()
-            .map(|h| (h.status.borrow().clone(), h.valid_token().is_some()))
-            .collect();
-        let entries: Vec<notify::Entry> = statuses
-            .iter()
-            .map(|(status, valid)| notify::Entry {
-                status,
-                valid: *valid,
-            })
-            .collect();
-        let (attempted, line) = notify::summarize(&entries);
-        if !ready_sent && attempted {
-            notifier.ready(&line);
-            info!(step = "ready", "{line}");
-            ready_sent = true;
-        } else if ready_sent && line != last_line {
-            notifier.status(&line);
+        if summarize {
+            summarize = false;
+            next_summary = tokio::time::Instant::now() + STATUS_INTERVAL;
+            send_summary(&registry, &notifier, &mut ready_sent, &mut last_line);
         }
-        last_line = line;
         let tick = async {
             match watchdog.as_mut() {
                 Some(w) => {
@@ -618,17 +608,25 @@ async fn supervise(
                 None => std::future::pending().await,
             }
         };
+        let throttle = async {
+            if pending {
+                tokio::time::sleep_until(next_summary).await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = registry.changed.notified() => {
-                // At most one STATUS update per interval; changes meanwhile
-                // are folded into the next summary.
                 if ready_sent {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(STATUS_INTERVAL) => {}
-                    }
+                    pending = true;
+                } else {
+                    summarize = true;
                 }
+            }
+            _ = throttle => {
+                pending = false;
+                summarize = true;
             }
             _ = reloaded.notified() => {
                 if ready_sent {
@@ -644,6 +642,37 @@ async fn supervise(
             }
         }
     }
+}
+
+/// Computes the one-line summary; sends READY the first time every
+/// credential has been tried, STATUS when the line changed after that.
+fn send_summary(
+    registry: &Registry,
+    notifier: &Notifier,
+    ready_sent: &mut bool,
+    last_line: &mut String,
+) {
+    let snapshot = registry.snapshot();
+    let statuses: Vec<_> = snapshot
+        .values()
+        .map(|h| (h.status.borrow().clone(), h.valid_token().is_some()))
+        .collect();
+    let entries: Vec<notify::Entry> = statuses
+        .iter()
+        .map(|(status, valid)| notify::Entry {
+            status,
+            valid: *valid,
+        })
+        .collect();
+    let (attempted, line) = notify::summarize(&entries);
+    if !*ready_sent && attempted {
+        notifier.ready(&line);
+        info!(step = "ready", "{line}");
+        *ready_sent = true;
+    } else if *ready_sent && line != *last_line {
+        notifier.status(&line);
+    }
+    *last_line = line;
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT (for commands other than `run`).

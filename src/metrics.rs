@@ -130,7 +130,8 @@ impl Metrics {
 
     /// Drops every series of a credential that is no longer configured
     /// (removed by a reload), so its last values do not linger, go stale
-    /// and alert.
+    /// and alert. `Family` cannot be filtered, so the label values are
+    /// listed: keep them in step with `RefreshLabels` and `RotationLabels`.
     pub fn forget_credential(&self, name: &str) {
         let label = credential(name);
         for family in [

@@ -1,0 +1,383 @@
+//! SIGHUP reloads the configuration of a running `rekeyd run`: credentials
+//! added start, removed ones stop (their journals stay), changed ones
+//! restart while the token already served stays served, and a new
+//! configuration that is invalid, or that names a missing bootstrap secret,
+//! is rejected as a whole with a log line naming the key, the old one
+//! staying in force.
+//!
+//! The daemon is a child process; the simulated provider runs in the test;
+//! the API listens on a unix socket in the test's temporary directory.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use rekeyd::sim::{Endpoint, FaultScope, Faults, SimOptions, SimProvider};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rekeyd");
+/// Upper bound for anything that should take seconds.
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// Shutdown waits at most 5 s for its tasks; the rest is slack.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `rekeyd run` child, isolated from the caller's REKEYD_* and systemd
+/// variables, killed if the test drops it; stderr goes to a file.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    socket: PathBuf,
+    client: reqwest::Client,
+}
+
+impl Daemon {
+    fn spawn(dir: &Path, config: &Path) -> Daemon {
+        let log = dir.join("daemon.log");
+        let mut command = Command::new(BIN);
+        command.arg("run").arg("--config").arg(config);
+        for (name, _) in std::env::vars_os() {
+            let n = name.to_string_lossy();
+            if n.starts_with("REKEYD")
+                || ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"].contains(&n.as_ref())
+            {
+                command.env_remove(&name);
+            }
+        }
+        command
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .kill_on_drop(true);
+        let socket = dir.join("api.sock");
+        Daemon {
+            child: command.spawn().expect("rekeyd run starts"),
+            log,
+            client: reqwest::Client::builder()
+                .unix_socket(socket.clone())
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap(),
+            socket,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("daemon still running") as i32;
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("rekeyd exited ({status})\n{}", self.log());
+        }
+    }
+
+    /// Polls (another process: no in-process signal) until `check` holds.
+    async fn wait_until(&mut self, what: &str, mut check: impl AsyncFnMut(&Daemon) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !check(self).await {
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the `n`th log line containing `text`.
+    async fn wait_log(&mut self, text: &str, n: usize) {
+        self.wait_until(&format!("log line #{n} {text:?}"), async |d| {
+            d.log().matches(text).count() >= n
+        })
+        .await
+    }
+
+    /// `GET path` with the API key: status and body.
+    async fn get(&self, path: &str, key: &str) -> (u16, String) {
+        match self
+            .client
+            .get(format!("http://localhost{path}"))
+            .header("X-Rekeyd-Key", key)
+            .send()
+            .await
+        {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => panic!("GET {path} on {}: {e}", self.socket.display()),
+        }
+    }
+
+    /// The access token `GET /v1/token/{name}` serves now.
+    async fn token(&self, name: &str, key: &str) -> String {
+        let (status, body) = self.get(&format!("/v1/token/{name}"), key).await;
+        assert_eq!(status, 200, "GET /v1/token/{name}: {body}\n{}", self.log());
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        doc["access_token"].as_str().unwrap().to_string()
+    }
+
+    async fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let status: ExitStatus = match tokio::time::timeout(EXIT_TIMEOUT, self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!("rekeyd did not exit in time\n{}", self.log()),
+        };
+        assert_eq!(status.code(), Some(0), "{status}\n{}", self.log());
+    }
+}
+
+struct Setup {
+    sim: SimProvider,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Setup {
+    /// A sim with clients `a`, `b`, `c` and their secrets in files.
+    async fn new() -> Setup {
+        let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a", "b", "c"] {
+            let client = format!("{name}-client");
+            sim.add_client(&client, "cust");
+            let (_, secret) = sim.add_secret(&client, "bootstrap");
+            rekeyd::fsutil::write_atomic(
+                &dir.path().join(format!("{name}.secret")),
+                secret.as_bytes(),
+                0o600,
+            )
+            .unwrap();
+        }
+        let config = dir.path().join("rekeyd.toml");
+        Setup { sim, dir, config }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// A credential of client `client` (a, b or c); `extra` goes at the
+    /// end of its table (sub-tables included).
+    fn credential(&self, name: &str, client: &str, extra: &str) -> String {
+        format!(
+            r#"
+[[credentials]]
+name = "{name}"
+provider = "mapsindoors"
+client_id = "{client}-client"
+initial_secret_file = "{dir}/{client}.secret"
+{extra}
+[credentials.endpoints]
+token_url = "{token_url}"
+"#,
+            dir = self.dir.path().display(),
+            token_url = self.sim.mapsindoors_token_url(),
+        )
+    }
+
+    fn write_config(&self, credentials: &[String]) {
+        let d = self.dir.path().display();
+        let mut text = format!(
+            r#"state_dir = "{d}/state"
+[api]
+listen = "unix:{d}/api.sock"
+key_file = "{d}/api.key"
+"#
+        );
+        for c in credentials {
+            text.push_str(c);
+        }
+        std::fs::write(&self.config, text).unwrap();
+    }
+}
+
+fn sink(path: &Path) -> String {
+    format!("[[credentials.sinks]]\npath = \"{}\"\n", path.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_removes_and_changes_credentials() {
+    let setup = Setup::new().await;
+    let a = setup.credential("a", "a", &sink(&setup.path("a.token")));
+    let b = setup.credential("b", "b", "");
+    let new = setup.credential("new", "c", "");
+    setup.write_config(&[a.clone(), b.clone()]);
+    let mut daemon = Daemon::spawn(setup.dir.path(), &setup.config);
+    daemon
+        .wait_until("ready", async |d| {
+            d.client
+                .get("http://localhost/readyz")
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    let key = std::fs::read_to_string(setup.path("api.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let token_a = daemon.token("a", &key).await;
+    let token_b = daemon.token("b", &key).await;
+    assert_eq!(daemon.get("/v1/token/new", &key).await.0, 404);
+
+    // Added: it starts and is served; the others are not touched.
+    setup.write_config(&[a.clone(), b.clone(), new.clone()]);
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("configuration reloaded", 1).await;
+    daemon
+        .wait_until("the new credential's token", async |d| {
+            d.get("/v1/token/new", &key).await.0 == 200
+        })
+        .await;
+    let token_new = daemon.token("new", &key).await;
+    assert_eq!(
+        setup.sim.token_client(&token_new).as_deref(),
+        Some("c-client")
+    );
+    assert!(daemon.log().contains("credential added"));
+    assert_eq!(daemon.token("a", &key).await, token_a, "a was restarted");
+    assert_eq!(daemon.token("b", &key).await, token_b, "b was restarted");
+
+    // Removed: its token is no longer served; its journal stays.
+    setup.write_config(&[a.clone(), new.clone()]);
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("configuration reloaded", 2).await;
+    let (status, body) = daemon.get("/v1/token/b", &key).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("unknown_credential"), "{body}");
+    assert!(
+        setup.path("state/credentials/b.json").exists(),
+        "the removed credential's journal was deleted"
+    );
+    assert_eq!(daemon.token("new", &key).await, token_new);
+    // Nor is it monitored: no series left to go stale (and alert) for it.
+    let (status, metrics) = daemon.get("/metrics", "").await;
+    assert_eq!(status, 200, "{metrics}");
+    assert!(metrics.contains(r#"credential="a""#), "{metrics}");
+    assert!(!metrics.contains(r#"credential="b""#), "{metrics}");
+
+    // Changed (another sink, another refresh margin): the credential
+    // restarts, and a restarted engine logs in at once. With the provider
+    // failing that login, what is served right after the reload is the
+    // token served before it, through the API and in the new sink file.
+    let requests = setup.sim.stats().requests_to(Endpoint::MapsIndoorsToken);
+    setup.sim.set_faults(Faults {
+        scope: FaultScope::Only(Endpoint::MapsIndoorsToken),
+        fail_next: u32::MAX,
+        ..Faults::default()
+    });
+    let a2_token = setup.path("a2.token");
+    let changed_a = setup.credential(
+        "a",
+        "a",
+        &format!(
+            "{}[credentials.refresh]\nbefore_expiry = \"1h\"\n",
+            sink(&a2_token)
+        ),
+    );
+    setup.write_config(&[changed_a.clone(), new.clone()]);
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("configuration reloaded", 2 + 1).await;
+    assert!(daemon.log().contains("credential configuration changed"));
+    daemon
+        .wait_until("the new sink file", async |_| a2_token.exists())
+        .await;
+    assert_eq!(daemon.token("a", &key).await, token_a);
+    assert_eq!(std::fs::read_to_string(&a2_token).unwrap(), token_a);
+    daemon
+        .wait_until("the restarted engine's login attempt", async |_| {
+            setup.sim.stats().requests_to(Endpoint::MapsIndoorsToken) > requests
+        })
+        .await;
+    assert_eq!(daemon.token("a", &key).await, token_a, "token withdrawn");
+    // Once the provider answers again, the new sink gets the new token and
+    // the old sink file is left alone.
+    setup.sim.set_faults(Faults::default());
+    daemon
+        .wait_until("a new token for a", async |_| {
+            std::fs::read_to_string(&a2_token).is_ok_and(|t| t != token_a)
+        })
+        .await;
+    let new_token_a = std::fs::read_to_string(&a2_token).unwrap();
+    assert_eq!(daemon.token("a", &key).await, new_token_a);
+    assert_eq!(
+        std::fs::read_to_string(setup.path("a.token")).unwrap(),
+        token_a,
+        "the old sink is still written"
+    );
+
+    // An invalid configuration (unknown key): rejected with a line naming
+    // the key; everything keeps being served as before.
+    let typo = setup.credential("a", "a", "refresh_before = \"1h\"");
+    setup.write_config(&[typo, new.clone(), b.clone()]);
+    daemon.signal(libc::SIGHUP);
+    daemon
+        .wait_log(
+            "new configuration rejected; the previous one stays in force",
+            1,
+        )
+        .await;
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("new configuration rejected"))
+        .unwrap();
+    assert!(line.contains("refresh_before"), "{line}");
+    assert!(line.contains("ERROR"), "{line}");
+    daemon.assert_running();
+    assert_eq!(daemon.token("a", &key).await, new_token_a);
+    assert_eq!(daemon.token("new", &key).await, token_new);
+    assert_eq!(daemon.get("/v1/token/b", &key).await.0, 404, "b came back");
+
+    // A credential added with a missing bootstrap secret: the reload is
+    // rejected as a whole (`new` is not removed either), naming the key.
+    let d = setup.credential("d", "a", "").replace(
+        &format!("{}/a.secret", setup.dir.path().display()),
+        &format!("{}/missing.secret", setup.dir.path().display()),
+    );
+    setup.write_config(&[changed_a.clone(), d]);
+    daemon.signal(libc::SIGHUP);
+    daemon
+        .wait_log(
+            "reload failed; the previous configuration stays in force",
+            1,
+        )
+        .await;
+    let log = daemon.log();
+    let line = log.lines().find(|l| l.contains("reload failed")).unwrap();
+    assert!(
+        line.contains("credentials[1].initial_secret_file"),
+        "{line}"
+    );
+    assert!(line.contains("missing.secret"), "{line}");
+    daemon.assert_running();
+    assert_eq!(daemon.get("/v1/token/d", &key).await.0, 404);
+    assert_eq!(
+        daemon.token("new", &key).await,
+        token_new,
+        "new was removed"
+    );
+    assert_eq!(daemon.token("a", &key).await, new_token_a);
+    assert!(!setup.path("state/credentials/d.json").exists());
+
+    // Fixed: the next SIGHUP applies it.
+    setup.write_config(&[changed_a, new]);
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("configuration reloaded", 4).await;
+    assert_eq!(daemon.token("new", &key).await, token_new);
+
+    let log = daemon.log();
+    for token in [&token_a, &token_b, &token_new, &new_token_a] {
+        assert!(!log.contains(token.as_str()), "a token reached the log");
+    }
+    daemon.stop().await;
+    setup.sim.shutdown().await;
+}
