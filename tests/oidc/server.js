@@ -65,7 +65,12 @@ for (const level of ['log', 'info', 'debug']) {
   console[level] = (...args) => console.error(...args);
 }
 
+// Start-up stages go to stderr so a harness that times out waiting for
+// LISTENING can show how far the server got.
+const stage = (msg) => process.stderr.write(`oidc test server: ${msg}\n`);
+stage('loading oidc-provider');
 const { default: Provider } = await import('oidc-provider');
+stage('oidc-provider loaded');
 
 function fail(msg) {
   process.stderr.write(`oidc test server: ${msg}\n`);
@@ -120,6 +125,7 @@ const authMethodOf = new Map(
 // Fresh signing key per run (avoids oidc-provider's "dev keys" notice; the
 // key is not used for opaque client_credentials tokens anyway).
 const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+stage('signing key generated');
 const signingJwk = { ...privateKey.export({ format: 'jwk' }), use: 'sig', alg: 'RS256', kid: 'test' };
 
 // Bind first so the issuer can carry the real port; the provider is attached
@@ -130,6 +136,7 @@ await new Promise((resolve, reject) => {
   server.listen(port, '127.0.0.1', resolve);
 });
 const actualPort = server.address().port;
+stage(`bound to 127.0.0.1:${actualPort}`);
 const issuer = `http://127.0.0.1:${actualPort}`;
 
 const provider = new Provider(issuer, {

@@ -54,7 +54,8 @@ pub const BASIC_CLIENT: &str = "basic-client";
 /// Client registered with `token_endpoint_auth_method = client_secret_post`.
 pub const POST_CLIENT: &str = "post-client";
 
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const START_ATTEMPTS: u32 = 3;
 const MAX_LOG_LINES: usize = 2000;
 
 /// Knobs for [`OidcServer::start_with`].
@@ -99,12 +100,32 @@ impl OidcServer {
     /// Ensures node_modules exist, spawns `node tests/oidc/server.js` with
     /// random secrets, waits for its `LISTENING <port>` line. The process is
     /// killed when the returned value is dropped.
+    ///
+    /// A start that hangs (seen once on a loaded CI machine: the server
+    /// loaded oidc-provider and then printed nothing for a minute) is killed
+    /// and retried; the test itself only begins once a server answers.
     pub async fn start_with(opts: OidcOptions) -> OidcServer {
-        let node = find_tool("node");
         tokio::task::spawn_blocking(ensure_node_modules)
             .await
             .expect("npm ci task panicked");
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            match Self::spawn(&opts).await {
+                Ok(server) => return server,
+                Err(failure) => {
+                    eprintln!("oidc test server start attempt {attempt} failed: {failure}");
+                    failures.push(failure);
+                }
+            }
+        }
+        panic!(
+            "oidc test server failed to start {START_ATTEMPTS} times:\n{}",
+            failures.join("\n\n")
+        );
+    }
 
+    async fn spawn(opts: &OidcOptions) -> Result<OidcServer, String> {
+        let node = find_tool("node");
         let basic_secret = random_secret();
         let post_secret = random_secret();
         let dir = oidc_dir();
@@ -167,38 +188,38 @@ impl OidcServer {
                 // stdout closed: the server died. Give stderr a moment to drain.
                 let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                panic!(
-                    "oidc test server exited before printing `LISTENING <port>` (status: {status:?})\n--- server stderr ---\n{}",
+                return Err(format!(
+                    "exited before printing `LISTENING <port>` (status: {status:?})\n--- server stderr ---\n{}",
                     logs.lock().unwrap().join("\n")
-                );
+                ));
             }
             Err(_) => {
                 let _ = child.start_kill();
-                panic!(
-                    "oidc test server did not print `LISTENING <port>` within {START_TIMEOUT:?}\n--- server stderr ---\n{}",
+                return Err(format!(
+                    "did not print `LISTENING <port>` within {START_TIMEOUT:?}\n--- server stderr ---\n{}",
                     logs.lock().unwrap().join("\n")
-                );
+                ));
             }
         };
         let port: u16 = line
             .strip_prefix("LISTENING ")
             .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "oidc test server printed {line:?} instead of `LISTENING <port>`\n--- server stderr ---\n{}",
+            .ok_or_else(|| {
+                format!(
+                    "printed {line:?} instead of `LISTENING <port>`\n--- server stderr ---\n{}",
                     logs.lock().unwrap().join("\n")
                 )
-            });
+            })?;
         // Keep draining stdout (nothing more is expected there).
         tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
 
-        OidcServer {
+        Ok(OidcServer {
             port,
             basic_secret,
             post_secret,
             child,
             logs,
-        }
+        })
     }
 
     pub fn base_url(&self) -> String {
