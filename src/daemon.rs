@@ -113,6 +113,10 @@ struct Prepared {
 /// systemd hears a new STATUS line at most this often.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Before READY, the supervisor summarizes at most 1/SUMMARY_PACING of the
+/// time (see `supervise`).
+const SUMMARY_PACING: u32 = 20;
+
 /// Logins in flight at once across all credentials.
 const MAX_CONCURRENT_LOGINS: usize = 64;
 
@@ -120,6 +124,9 @@ const MAX_CONCURRENT_LOGINS: usize = 64;
 pub struct Running {
     /// The API's TCP address, when it listens on TCP (port 0 resolved).
     pub api_addr: Option<SocketAddr>,
+    /// The settings only a restart changes (`state_dir`, `[api]`); its
+    /// `credentials` stay empty: each runtime keeps its own configuration,
+    /// and ten thousand credentials are not worth a second copy.
     config: Config,
     shared: Shared,
     credentials: BTreeMap<String, CredentialRuntime>,
@@ -212,7 +219,6 @@ impl Running {
         for name in &removed {
             crate::metrics::global().forget_credential(name);
         }
-        self.config.credentials = new.credentials.clone();
         Ok(())
     }
 
@@ -354,12 +360,14 @@ async fn launch(
         let _watch = watch;
         engine.run(_watch.cancel.clone()).await
     });
-    tasks.spawn(sink::run(
-        cred.name.clone(),
-        cred.sinks.clone(),
-        handle.token.clone(),
-        cancel.clone(),
-    ));
+    if !cred.sinks.is_empty() {
+        tasks.spawn(sink::run(
+            cred.name.clone(),
+            cred.sinks.clone(),
+            handle.token.clone(),
+            cancel.clone(),
+        ));
+    }
     for hook in &cred.hooks {
         tasks.spawn(hooks::run(
             cred.name.clone(),
@@ -498,7 +506,12 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
 
     let running = Running {
         api_addr,
-        config: config.clone(),
+        config: Config {
+            state_dir: config.state_dir.clone(),
+            api: config.api.clone(),
+            log: config.log.clone(),
+            credentials: Vec::new(),
+        },
         shared,
         credentials,
         tasks,
@@ -527,6 +540,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let shutdown = CancellationToken::new();
     let notifier = Arc::new(Notifier::from_env());
     let mut running = start(&config, shutdown.clone()).await?;
+    // Each credential's runtime holds its own part from now on.
+    drop(config);
     let ready = Arc::new(Notify::new());
     let mut supervisor = tokio::spawn(supervise(
         running.registry().clone(),
@@ -580,9 +595,12 @@ async fn supervise(
     let mut ready_sent = false;
     let mut last_line = String::new();
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
-    // After READY, a change is summarized at most once per STATUS_INTERVAL:
-    // `pending` marks a change waiting for `next_summary`. The wait is one
-    // more branch of the select below, so pings and reloads never wait.
+    // After READY, a change is summarized at most once per STATUS_INTERVAL;
+    // before it, after a pause of SUMMARY_PACING times what the last summary
+    // took (nothing for a few credentials; with thousands starting at once,
+    // summarizing after every token would keep a core busy). `pending`
+    // marks a change waiting for `next_summary`. The wait is one more branch
+    // of the select below, so pings and reloads never wait.
     let mut summarize = true;
     let mut pending = false;
     let mut next_summary = tokio::time::Instant::now();
@@ -597,8 +615,13 @@ async fn supervise(
         }
         if summarize {
             summarize = false;
-            next_summary = tokio::time::Instant::now() + STATUS_INTERVAL;
+            let started = tokio::time::Instant::now();
             send_summary(&registry, &notifier, &mut ready_sent, &mut last_line);
+            next_summary = if ready_sent {
+                started + STATUS_INTERVAL
+            } else {
+                started + started.elapsed() * SUMMARY_PACING
+            };
         }
         let tick = async {
             match watchdog.as_mut() {
@@ -617,13 +640,7 @@ async fn supervise(
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = registry.changed.notified() => {
-                if ready_sent {
-                    pending = true;
-                } else {
-                    summarize = true;
-                }
-            }
+            _ = registry.changed.notified() => pending = true,
             _ = throttle => {
                 pending = false;
                 summarize = true;

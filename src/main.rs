@@ -9,10 +9,17 @@ fn main() -> ExitCode {
     // Test builds only: crash points named in FAILPOINTS.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker thread (besides the main thread, which runs the daemon's
+    // signal and reload loop): rekeyd mostly sleeps, a worker per core
+    // costs memory and cross-thread wake-ups, and on a small host the
+    // local API answers faster from one thread than from several competing
+    // with its clients for the cores (BENCHMARKS.md). TOKIO_WORKER_THREADS
+    // overrides this.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rekeyd: cannot start the async runtime: {e}");

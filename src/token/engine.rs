@@ -84,7 +84,9 @@ impl Engine {
     async fn run_inner(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
         loop {
-            let wait = match self.attempt().await {
+            // Boxed: a login's state lives only while it runs, instead of
+            // taking room in every sleeping engine (thousands of them).
+            let wait = match Box::pin(self.attempt()).await {
                 Ok(token) => {
                     failures = 0;
                     let wait = self.policy.refresh_delay(token.lifetime, rand::random());
