@@ -6,16 +6,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cli::{Cli, Command};
-use crate::config::{Config, CredentialConfig, HookAction, RotationTrigger};
-use std::sync::Arc;
+use crate::config::{Config, CredentialConfig, HookAction, RotationTrigger, StoreConfig};
 use std::time::SystemTime;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Outcome, RotationError, Rotator};
-use crate::store::file::FileStore;
-use crate::store::{CredentialRecord, Rotation, SecretEntry, Store};
+use crate::store::{self, CredentialRecord, Rotation, SecretEntry};
 use crate::{client, daemon, demo, logging, provider};
 
 pub const EXIT_OK: u8 = 0;
@@ -138,7 +136,13 @@ async fn rotate(config: &Config, name: &str) -> u8 {
             return EXIT_CONFIG;
         }
     };
-    let store: Arc<dyn Store> = Arc::new(FileStore::new(&config.state_dir));
+    let store = match store::open(config).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("rekeyd: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
     // A first rotation may come before the daemon ever ran.
     let index = config
         .credentials
@@ -217,7 +221,13 @@ async fn set_secret(config: &Config, name: &str, id: Option<String>, no_verify: 
             return EXIT_FAILURE;
         }
     }
-    let store = FileStore::new(&config.state_dir);
+    let store = match store::open(config).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("rekeyd: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
     // Not while a rotation runs: its journal would be overwritten.
     let _claim = match store.claim(name, true).await {
         Ok(claim) => claim,
@@ -330,7 +340,16 @@ async fn status(config: &Config, as_json: bool) -> u8 {
 }
 
 async fn stored_status(config: &Config) -> Vec<Value> {
-    let store = FileStore::new(&config.state_dir);
+    let store = match store::open(config).await {
+        Ok(store) => store,
+        Err(e) => {
+            return config
+                .credentials
+                .iter()
+                .map(|c| json!({"name": c.name, "provider": c.provider.as_str(), "last_error": e.to_string()}))
+                .collect();
+        }
+    };
     let mut rows = Vec::new();
     for cred in &config.credentials {
         let mut row = json!({"name": cred.name, "provider": cred.provider.as_str()});
@@ -369,9 +388,30 @@ pub fn effective_config(config: &Config) -> String {
             "key_file": a.key_file.display().to_string(),
         })),
         "log": {"format": format!("{:?}", config.log.format).to_lowercase()},
+        "store": store_json(&config.store, &dur),
         "credentials": credentials,
     });
     serde_json::to_string_pretty(&strip_nulls(doc)).expect("json")
+}
+
+fn store_json(store: &StoreConfig, dur: &dyn Fn(Duration) -> String) -> Value {
+    match store {
+        StoreConfig::File => json!({"kind": "file"}),
+        StoreConfig::Kubernetes(k) => json!({
+            "kind": "kubernetes",
+            "namespace": k.namespace,
+            "secret": k.secret,
+            "lease": k.lease,
+            "kubeconfig": k.kubeconfig.as_ref().map(|p| p.display().to_string()),
+            "claim_ttl": dur(k.claim_ttl),
+        }),
+        StoreConfig::Etcd(e) => json!({
+            "kind": "etcd",
+            "endpoints": e.endpoints,
+            "prefix": e.prefix,
+            "claim_ttl": dur(e.claim_ttl),
+        }),
+    }
 }
 
 fn credential_json(c: &CredentialConfig, dur: &dyn Fn(Duration) -> String) -> Value {

@@ -50,8 +50,26 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     api: Option<RawApi>,
     log: Option<RawLog>,
+    store: Option<RawStore>,
     #[serde(default)]
     credentials: Vec<RawCredential>,
+}
+
+/// `[store]`: flat, with the settings of every kind side by side; validation
+/// rejects a setting that does not belong to the chosen kind.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<String>,
+    claim_ttl: Option<String>,
+    // kubernetes
+    namespace: Option<String>,
+    secret: Option<String>,
+    lease: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    // etcd
+    endpoints: Option<Vec<String>>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,7 +165,56 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub api: Option<ApiConfig>,
     pub log: LogConfig,
+    pub store: StoreConfig,
     pub credentials: Vec<CredentialConfig>,
+}
+
+/// How long a rotation claim outlives a holder that stopped renewing it.
+pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(15);
+
+/// Where credential records (secret and rotation journal) are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreConfig {
+    /// One file per credential under `state_dir`: a single host.
+    #[default]
+    File,
+    /// One Secret shared by the replicas of a Kubernetes workload.
+    Kubernetes(KubernetesStoreConfig),
+    /// Keys in an etcd cluster shared by a fleet of hosts.
+    Etcd(EtcdStoreConfig),
+}
+
+impl StoreConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreConfig::File => "file",
+            StoreConfig::Kubernetes(_) => "kubernetes",
+            StoreConfig::Etcd(_) => "etcd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesStoreConfig {
+    /// `None`: the pod's own namespace (in cluster) or the kubeconfig's.
+    pub namespace: Option<String>,
+    /// The Secret holding every credential's record, one data key each.
+    pub secret: String,
+    /// The `coordination.k8s.io` Lease a replica holds while it rotates.
+    pub lease: String,
+    /// `None`: in-cluster configuration, else `KUBECONFIG` / `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    pub claim_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdStoreConfig {
+    /// Client URLs, `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// Key prefix: records under `<prefix>/credentials/`, claims under
+    /// `<prefix>/claims/`.
+    pub prefix: String,
+    pub claim_ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +424,8 @@ impl Config {
                     .prefix_separator("__")
                     .separator("__")
                     .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("store.endpoints")
                     .source(Some(env)),
             )
             .build()
@@ -412,6 +481,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         },
     };
 
+    let store = validate_store(raw.store)?;
+
     if raw.credentials.is_empty() {
         return Err(ConfigError::invalid(
             "credentials",
@@ -446,8 +517,157 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         state_dir,
         api,
         log,
+        store,
         credentials,
     })
+}
+
+fn validate_store(raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(StoreConfig::File);
+    };
+    let kind = raw.kind.as_deref().unwrap_or("file");
+    // Settings of another kind are a mistake worth stopping for: the operator
+    // believes state is shared when it is not.
+    let given = [
+        (
+            "claim_ttl",
+            raw.claim_ttl.is_some(),
+            &["kubernetes", "etcd"][..],
+        ),
+        ("namespace", raw.namespace.is_some(), &["kubernetes"][..]),
+        ("secret", raw.secret.is_some(), &["kubernetes"][..]),
+        ("lease", raw.lease.is_some(), &["kubernetes"][..]),
+        ("kubeconfig", raw.kubeconfig.is_some(), &["kubernetes"][..]),
+        ("endpoints", raw.endpoints.is_some(), &["etcd"][..]),
+        ("prefix", raw.prefix.is_some(), &["etcd"][..]),
+    ];
+    for (field, present, kinds) in given {
+        if present && !kinds.contains(&kind) {
+            return Err(ConfigError::invalid(
+                format!("store.{field}"),
+                format!(
+                    "applies to store.kind = {}, not {kind:?}",
+                    kinds
+                        .iter()
+                        .map(|k| format!("{k:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            ));
+        }
+    }
+    let claim_ttl = match &raw.claim_ttl {
+        None => DEFAULT_CLAIM_TTL,
+        Some(text) => {
+            let ttl = parse_duration("store.claim_ttl", text)?;
+            if ttl < Duration::from_secs(2) || ttl > Duration::from_secs(3600) {
+                return Err(ConfigError::invalid(
+                    "store.claim_ttl",
+                    format!("must be between 2s and 1h, got {text:?}"),
+                ));
+            }
+            ttl
+        }
+    };
+    match kind {
+        "file" => Ok(StoreConfig::File),
+        "kubernetes" => {
+            let name = |field: &str, value: Option<String>, default: &str| {
+                let value = value.unwrap_or_else(|| default.to_string());
+                if is_dns_subdomain(&value) {
+                    Ok(value)
+                } else {
+                    Err(ConfigError::invalid(
+                        format!("store.{field}"),
+                        format!(
+                            "{value:?} is not a Kubernetes object name (lowercase a-z, 0-9, '-' and '.', at most 253)"
+                        ),
+                    ))
+                }
+            };
+            let namespace = match raw.namespace {
+                None => None,
+                Some(ns) if is_dns_label(&ns) => Some(ns),
+                Some(ns) => {
+                    return Err(ConfigError::invalid(
+                        "store.namespace",
+                        format!("{ns:?} is not a Kubernetes namespace name"),
+                    ));
+                }
+            };
+            if let Some(path) = &raw.kubeconfig
+                && !path.is_absolute()
+            {
+                return Err(ConfigError::invalid(
+                    "store.kubeconfig",
+                    format!("must be an absolute path, got {path:?}"),
+                ));
+            }
+            Ok(StoreConfig::Kubernetes(KubernetesStoreConfig {
+                namespace,
+                secret: name("secret", raw.secret, "rekeyd-state")?,
+                lease: name("lease", raw.lease, "rekeyd-rotation")?,
+                kubeconfig: raw.kubeconfig,
+                claim_ttl,
+            }))
+        }
+        "etcd" if !cfg!(feature = "etcd") => Err(ConfigError::invalid(
+            "store.kind",
+            "\"etcd\" needs a rekeyd built with the `etcd` cargo feature (this one was not)",
+        )),
+        "etcd" => {
+            let endpoints = raw.endpoints.unwrap_or_default();
+            if endpoints.is_empty() {
+                return Err(ConfigError::invalid(
+                    "store.endpoints",
+                    "is required for store.kind = \"etcd\" (e.g. [\"http://10.0.0.1:2379\"])",
+                ));
+            }
+            for (i, endpoint) in endpoints.iter().enumerate() {
+                let ok = Url::parse(endpoint).is_ok_and(|u| {
+                    u.scheme() == "http" && u.host().is_some() && u.port().is_some()
+                });
+                if !ok {
+                    return Err(ConfigError::invalid(
+                        format!("store.endpoints[{i}]"),
+                        format!("expected \"http://host:port\", got {endpoint:?}"),
+                    ));
+                }
+            }
+            let prefix = raw.prefix.unwrap_or_else(|| "/rekeyd".to_string());
+            if !prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains("//") {
+                return Err(ConfigError::invalid(
+                    "store.prefix",
+                    format!("must start with '/' and not end with one, got {prefix:?}"),
+                ));
+            }
+            Ok(StoreConfig::Etcd(EtcdStoreConfig {
+                endpoints,
+                prefix,
+                claim_ttl,
+            }))
+        }
+        other => Err(ConfigError::invalid(
+            "store.kind",
+            format!("expected \"file\", \"kubernetes\" or \"etcd\", got {other:?}"),
+        )),
+    }
+}
+
+/// RFC 1123 label: a namespace name.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: the name of a Secret or a Lease.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn validate_api(api: RawApi, state_dir: &Path) -> Result<ApiConfig, ConfigError> {

@@ -23,8 +23,7 @@ use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule};
 use crate::serve::{api, hooks, sink};
-use crate::store::file::FileStore;
-use crate::store::{CredentialRecord, SecretEntry, Store, StoreError};
+use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
 use crate::token::engine::{Engine, StoreSecrets};
 use crate::token::policy::RefreshPolicy;
 
@@ -167,10 +166,13 @@ impl Running {
     /// their current token still served. If anything in the new
     /// configuration cannot be prepared, nothing changes.
     pub async fn reload(&mut self, new: &Config) -> Result<(), DaemonError> {
-        if new.state_dir != self.config.state_dir || api_differs(&new.api, &self.config.api) {
+        if new.state_dir != self.config.state_dir
+            || api_differs(&new.api, &self.config.api)
+            || new.store != self.config.store
+        {
             warn!(
                 step = "reload",
-                "state_dir and [api] changes take effect only after a restart"
+                "state_dir, [api] and [store] changes take effect only after a restart"
             );
         }
         let mut prepared = Vec::new();
@@ -462,7 +464,7 @@ async fn forward_changes(
 /// Starts everything; returns once the API listens and the engines run.
 pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Running, DaemonError> {
     let shared = Shared {
-        store: Arc::new(FileStore::new(&config.state_dir)),
+        store: store::open(config).await?,
         registry: Arc::new(Registry::new()),
         clients: HttpClients::default(),
         login_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_LOGINS)),
@@ -510,6 +512,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
             state_dir: config.state_dir.clone(),
             api: config.api.clone(),
             log: config.log.clone(),
+            store: config.store.clone(),
             credentials: Vec::new(),
         },
         shared,

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rekeyd::config::{Config, RotationTrigger, SinkFormat};
+use std::time::Duration;
+
+use rekeyd::config::{Config, RotationTrigger, SinkFormat, StoreConfig};
 
 fn example_files() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -256,6 +258,36 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].extra_params.client_secret`"],
         ),
         (
+            "unknown store kind",
+            with_table("[store]\nkind = \"redis\""),
+            vec!["`store.kind`", "redis"],
+        ),
+        (
+            "etcd setting on a kubernetes store",
+            with_table("[store]\nkind = \"kubernetes\"\nendpoints = [\"http://127.0.0.1:2379\"]"),
+            vec!["`store.endpoints`", "\"etcd\"", "not \"kubernetes\""],
+        ),
+        (
+            "shared-store setting on the file store",
+            with_table("[store]\nsecret = \"rekeyd-state\""),
+            vec!["`store.secret`", "not \"file\""],
+        ),
+        (
+            "bad Secret name",
+            with_table("[store]\nkind = \"kubernetes\"\nsecret = \"Rekeyd_State\""),
+            vec!["`store.secret`", "Rekeyd_State"],
+        ),
+        (
+            "claim ttl too short",
+            with_table("[store]\nkind = \"kubernetes\"\nclaim_ttl = \"100ms\""),
+            vec!["`store.claim_ttl`", "between"],
+        ),
+        (
+            "unknown store key",
+            with_table("[store]\nkind = \"kubernetes\"\nsecrets = \"x\""),
+            vec!["unknown field `secrets`"],
+        ),
+        (
             "not TOML",
             "state_dir = \n".to_string(),
             vec!["cannot load config"],
@@ -288,6 +320,56 @@ fn invalid_configs_name_the_key_and_exit_78() {
             );
         }
         assert!(out.stdout.is_empty(), "{what}: nothing printed on stdout");
+    }
+}
+
+#[test]
+fn store_section_parses_with_defaults() {
+    let with_store = |store: &str| {
+        Config::from_toml(&BASE.replacen(
+            "\n[[credentials]]",
+            &format!("\n[store]\n{store}\n[[credentials]]"),
+            1,
+        ))
+    };
+    assert_eq!(with_store("").unwrap().store, StoreConfig::File);
+    assert_eq!(Config::from_toml(BASE).unwrap().store, StoreConfig::File);
+    let StoreConfig::Kubernetes(k) = with_store("kind = \"kubernetes\"").unwrap().store else {
+        panic!("not a kubernetes store");
+    };
+    assert_eq!(
+        (
+            k.namespace,
+            k.secret.as_str(),
+            k.lease.as_str(),
+            k.claim_ttl
+        ),
+        (
+            None,
+            "rekeyd-state",
+            "rekeyd-rotation",
+            Duration::from_secs(15)
+        )
+    );
+    let etcd = with_store("kind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]");
+    if cfg!(feature = "etcd") {
+        let StoreConfig::Etcd(e) = etcd.unwrap().store else {
+            panic!("not an etcd store");
+        };
+        assert_eq!(e.prefix, "/rekeyd");
+        assert_eq!(e.endpoints, ["http://127.0.0.1:2379"]);
+        let err = with_store("kind = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`store.endpoints[0]`"), "{err}");
+        let err = with_store("kind = \"etcd\"").unwrap_err().to_string();
+        assert!(err.contains("`store.endpoints`"), "{err}");
+    } else {
+        let err = etcd.unwrap_err().to_string();
+        assert!(
+            err.contains("`store.kind`") && err.contains("`etcd` cargo feature"),
+            "{err}"
+        );
     }
 }
 

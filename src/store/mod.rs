@@ -7,7 +7,11 @@
 pub mod file;
 mod record;
 
+use std::sync::Arc;
+
 use futures_util::future::BoxFuture;
+
+use crate::config::{Config, StoreConfig};
 
 pub use record::{CredentialRecord, Rotation, SecretEntry};
 
@@ -33,6 +37,10 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A shared store could not be reached or refused the request. `target`
+    /// names the object or key, `reason` the status and the server's code.
+    #[error("store {target}: {reason}")]
+    Unavailable { target: String, reason: String },
 }
 
 /// Held while one process drives a rotation of a credential (I6); dropping
@@ -66,4 +74,20 @@ pub trait Store: Send + Sync {
         expected: Option<u64>,
         record: &'a CredentialRecord,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
+}
+
+/// Opens the store that `[store]` configures. Shared stores connect here, so
+/// a daemon that cannot reach its store says so before it starts anything.
+pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    match &config.store {
+        StoreConfig::File => Ok(Arc::new(file::FileStore::new(&config.state_dir))),
+        StoreConfig::Kubernetes(_) => Err(StoreError::Unavailable {
+            target: "kubernetes".into(),
+            reason: "not implemented yet".into(),
+        }),
+        StoreConfig::Etcd(_) => Err(StoreError::Unavailable {
+            target: "etcd".into(),
+            reason: "not implemented yet".into(),
+        }),
+    }
 }
