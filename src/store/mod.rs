@@ -4,6 +4,8 @@
 //! the same rotation driver works on the local file store and on shared
 //! stores where other replicas write concurrently.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod file;
 mod record;
 
@@ -85,9 +87,13 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
             target: "kubernetes".into(),
             reason: "not implemented yet".into(),
         }),
+        #[cfg(feature = "etcd")]
+        StoreConfig::Etcd(etcd) => Ok(Arc::new(etcd::EtcdStore::connect(etcd).await?)),
+        // Config validation rejects `kind = "etcd"` in builds without it.
+        #[cfg(not(feature = "etcd"))]
         StoreConfig::Etcd(_) => Err(StoreError::Unavailable {
             target: "etcd".into(),
-            reason: "not implemented yet".into(),
+            reason: "this rekeyd was built without the `etcd` cargo feature".into(),
         }),
     }
 }

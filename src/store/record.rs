@@ -202,3 +202,35 @@ impl Document {
         Ok((self.version, record))
     }
 }
+
+/// The bytes of `record` as every store writes them (pretty JSON, so an
+/// operator can read it with `cat` or `etcdctl get`).
+pub(crate) fn encode(record: &CredentialRecord, version: u64) -> Vec<u8> {
+    serde_json::to_vec_pretty(&Document::from_record(record, version)).expect("record serializes")
+}
+
+/// Parses what [`encode`] wrote. The error says what is wrong and where,
+/// never quoting the bytes: they may hold a secret (I7).
+pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, CredentialRecord), String> {
+    let doc: Document = serde_json::from_slice(bytes).map_err(|e| describe_json_error(&e))?;
+    doc.into_record()
+}
+
+/// What is wrong with a record that does not parse, and where, without
+/// serde_json's wording for type and value errors: that quotes the
+/// offending value (`invalid type: string "...", expected ...`), which may
+/// be a secret in the wrong place (I7).
+fn describe_json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "unreadable",
+        Category::Syntax => "not valid JSON",
+        Category::Eof => "truncated (unexpected end of the file)",
+        // Names only one of our own fields: safe and helpful.
+        Category::Data if e.to_string().starts_with("missing field `") => {
+            return e.to_string();
+        }
+        Category::Data => "not a record of the expected shape",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
