@@ -384,24 +384,31 @@ fn unavailable(key: &str, endpoints: &str, e: &etcd_client::Error) -> StoreError
     }
 }
 
-/// The gRPC status code and message, or the transport failure with its
-/// causes. etcd's messages are fixed texts: they never quote a value.
+/// The gRPC status code and message (or the client's own error) with its root
+/// cause, e.g. `gRPC status Unavailable: tcp connect error: Connection
+/// refused`. etcd's messages are fixed texts: they never quote a value.
 fn describe(e: &etcd_client::Error) -> String {
-    match e {
-        etcd_client::Error::GRpcStatus(status) => {
-            format!("gRPC status {:?}: {}", status.code(), status.message())
-        }
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            text
-        }
+    let (mut text, mut source) = match e {
+        etcd_client::Error::GRpcStatus(status) => (
+            format!("gRPC status {:?}: {}", status.code(), status.message()),
+            std::error::Error::source(status),
+        ),
+        other => (other.to_string(), std::error::Error::source(other)),
+    };
+    // The root cause says what happened (`Connection refused`); the
+    // layers between repeat the status message.
+    let mut root = None;
+    while let Some(cause) = source {
+        root = Some(cause.to_string());
+        source = cause.source();
     }
+    if let Some(root) = root
+        && !text.contains(&root)
+    {
+        text.push_str(": ");
+        text.push_str(&root);
+    }
+    text
 }
 
 /// The record stored at `key`, or `Corrupt` naming the key (not the value).
