@@ -105,9 +105,8 @@ impl EtcdStore {
         self.held.lock().expect("claims map").get(name).copied()
     }
 
-    /// One attempt at the claim: `Ok(Err(revision))` when someone holds it
-    /// (the revision of their claim key, to watch from).
-    async fn try_claim(&self, name: &str) -> Result<Result<EtcdClaim, i64>, StoreError> {
+    /// One attempt at the claim.
+    async fn try_claim(&self, name: &str) -> Result<Attempt, StoreError> {
         let key = self.key("claims", name);
         let mut client = self.client.clone();
         let ttl = lease_ttl_seconds(self.claim_ttl);
@@ -125,12 +124,15 @@ impl EtcdStore {
             Ok(r) if r.succeeded() => {}
             other => {
                 // Not ours: the unused lease would expire by itself, but an
-                // explicit revoke keeps the cluster's lease table small.
+                // explicit revoke keeps the cluster's lease table small. After
+                // an error too: should the txn have landed unanswered, the
+                // revoke deletes the claim key again rather than leave it
+                // held by nobody until the TTL runs out.
                 let _ = self.call(&key, client.lease_revoke(lease)).await;
                 let response = other?;
                 let revision =
                     first_get(response.op_responses()).map_or(0, |(revision, _lease)| revision);
-                return Ok(Err(revision));
+                return Ok(Attempt::HeldAt(revision));
             }
         }
         debug!(key, lease, "rotation claim taken");
@@ -146,7 +148,7 @@ impl EtcdStore {
             self.claim_ttl,
             stop.clone(),
         ));
-        Ok(Ok(EtcdClaim {
+        Ok(Attempt::Taken(EtcdClaim {
             name: name.to_string(),
             lease,
             held: self.held.clone(),
@@ -193,9 +195,9 @@ impl Store for EtcdStore {
         Box::pin(async move {
             loop {
                 match self.try_claim(name).await? {
-                    Ok(claim) => return Ok(Some(Box::new(claim) as Box<dyn Claim>)),
-                    Err(_) if !wait => return Ok(None),
-                    Err(revision) => self.wait_released(name, revision).await?,
+                    Attempt::Taken(claim) => return Ok(Some(Box::new(claim) as Box<dyn Claim>)),
+                    Attempt::HeldAt(_) if !wait => return Ok(None),
+                    Attempt::HeldAt(revision) => self.wait_released(name, revision).await?,
                 }
             }
         })
@@ -292,6 +294,12 @@ impl Store for EtcdStore {
             }
         })
     }
+}
+
+enum Attempt {
+    Taken(EtcdClaim),
+    /// Someone else holds it; their claim key's revision, to watch from.
+    HeldAt(i64),
 }
 
 /// Held while this process rotates a credential. Dropping it stops the
