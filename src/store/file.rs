@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use futures_util::future::BoxFuture;
 
-use super::record::Document;
+use super::record;
 use super::{CredentialRecord, Store, StoreError, Versioned};
 use crate::fsutil;
 
@@ -58,30 +58,9 @@ impl FileStore {
             path: path.display().to_string(),
             reason,
         };
-        let doc: Document =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(describe_json_error(&e)))?;
-        let (version, value) = doc.into_record().map_err(corrupt)?;
+        let (version, value) = record::decode(&bytes).map_err(corrupt)?;
         Ok(Some(Versioned { version, value }))
     }
-}
-
-/// What is wrong with a record that does not parse, and where, without
-/// serde_json's wording for type and value errors: that quotes the
-/// offending value (`invalid type: string "...", expected ...`), which may
-/// be a secret in the wrong place (I7).
-fn describe_json_error(e: &serde_json::Error) -> String {
-    use serde_json::error::Category;
-    let what = match e.classify() {
-        Category::Io => "unreadable",
-        Category::Syntax => "not valid JSON",
-        Category::Eof => "truncated (unexpected end of the file)",
-        // Names only one of our own fields: safe and helpful.
-        Category::Data if e.to_string().starts_with("missing field `") => {
-            return e.to_string();
-        }
-        Category::Data => "not a record of the expected shape",
-    };
-    format!("{what} at line {} column {}", e.line(), e.column())
 }
 
 /// Reads, compares and writes under the credential's lock. A free function
@@ -211,8 +190,7 @@ impl Store for FileStore {
         expected: Option<u64>,
         record: &'a CredentialRecord,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        let doc = Document::from_record(record, next_version(expected));
-        let bytes = serde_json::to_vec_pretty(&doc).expect("record serializes");
+        let bytes = record::encode(record, next_version(expected));
         let dir = self.dir.clone();
         let name = name.to_string();
         // fsync can take long on a busy disk: keep it off the async workers.

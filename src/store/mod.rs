@@ -5,6 +5,7 @@
 //! stores where other replicas write concurrently.
 
 pub mod file;
+pub mod kubernetes;
 mod record;
 
 use std::sync::Arc;
@@ -81,10 +82,9 @@ pub trait Store: Send + Sync {
 pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
         StoreConfig::File => Ok(Arc::new(file::FileStore::new(&config.state_dir))),
-        StoreConfig::Kubernetes(_) => Err(StoreError::Unavailable {
-            target: "kubernetes".into(),
-            reason: "not implemented yet".into(),
-        }),
+        StoreConfig::Kubernetes(k8s) => {
+            Ok(Arc::new(kubernetes::KubernetesStore::connect(k8s).await?))
+        }
         StoreConfig::Etcd(_) => Err(StoreError::Unavailable {
             target: "etcd".into(),
             reason: "not implemented yet".into(),

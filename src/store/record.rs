@@ -110,6 +110,37 @@ pub(crate) enum DocRotation {
     },
 }
 
+/// The JSON document of `record` at `version`, as every store writes it.
+pub(crate) fn encode(record: &CredentialRecord, version: u64) -> Vec<u8> {
+    serde_json::to_vec_pretty(&Document::from_record(record, version)).expect("record serializes")
+}
+
+/// Reads a document written by [`encode`]: its version and record, or why it
+/// cannot be understood (never quoting a value: it may be a secret).
+pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, CredentialRecord), String> {
+    let doc: Document = serde_json::from_slice(bytes).map_err(|e| describe_json_error(&e))?;
+    doc.into_record()
+}
+
+/// What is wrong with a record that does not parse, and where, without
+/// serde_json's wording for type and value errors: that quotes the
+/// offending value (`invalid type: string "...", expected ...`), which may
+/// be a secret in the wrong place (I7).
+fn describe_json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "unreadable",
+        Category::Syntax => "not valid JSON",
+        Category::Eof => "truncated (unexpected end of the file)",
+        // Names only one of our own fields: safe and helpful.
+        Category::Data if e.to_string().starts_with("missing field `") => {
+            return e.to_string();
+        }
+        Category::Data => "not a record of the expected shape",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
 fn time_to_text(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
