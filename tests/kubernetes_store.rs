@@ -737,3 +737,30 @@ fn claim_trait_object_is_send() {
     fn is_send<T: Send>() {}
     is_send::<Box<dyn Claim>>();
 }
+
+#[tokio::test]
+async fn a_broken_kubeconfig_is_reported_without_its_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\nusers:\n- name: u\n  user:\n    token: {s3cr3t-token: [\n",
+    )
+    .unwrap();
+    let config = KubernetesStoreConfig {
+        namespace: Some(NS.into()),
+        secret: SECRET.into(),
+        lease: LEASE.into(),
+        kubeconfig: Some(path.clone()),
+        claim_ttl: Duration::from_secs(15),
+    };
+    let Err(err) = KubernetesStore::connect(&config).await else {
+        panic!("a broken kubeconfig connects")
+    };
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(
+        !text.contains("s3cr3t") && !format!("{err:?}").contains("s3cr3t"),
+        "{text}"
+    );
+}

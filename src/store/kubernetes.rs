@@ -24,6 +24,7 @@ use futures_util::future::BoxFuture;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, PostParams};
+use kube::config::{Kubeconfig, KubeconfigError};
 use kube::{Api, Client};
 
 use super::record;
@@ -53,22 +54,29 @@ impl KubernetesStore {
     pub async fn connect(config: &KubernetesStoreConfig) -> Result<Self, StoreError> {
         let mut client_config = match &config.kubeconfig {
             Some(path) => {
-                let unavailable = |reason: String| StoreError::Unavailable {
-                    target: format!("kubeconfig {}", path.display()),
-                    reason,
-                };
-                let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| unavailable(e.to_string()))?;
-                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                    .await
-                    .map_err(|e| unavailable(e.to_string()))?
+                let kubeconfig =
+                    Kubeconfig::read_from(path).map_err(|e| StoreError::Unavailable {
+                        target: format!("kubeconfig {}", path.display()),
+                        reason: describe_kubeconfig_error(&e),
+                    })?;
+                from_kubeconfig(kubeconfig, &format!("kubeconfig {}", path.display())).await?
             }
-            None => kube::Config::infer()
-                .await
-                .map_err(|e| StoreError::Unavailable {
-                    target: "kubernetes".into(),
-                    reason: format!("no cluster configuration: {e}"),
-                })?,
+            // In a pod, the service account; elsewhere `KUBECONFIG` or
+            // ~/.kube/config (the order the configuration documents).
+            None => match kube::Config::incluster() {
+                Ok(in_cluster) => in_cluster,
+                Err(not_in_cluster) => {
+                    let kubeconfig =
+                        Kubeconfig::read().map_err(|e| StoreError::Unavailable {
+                            target: "kubernetes".into(),
+                            reason: format!(
+                                "no cluster configuration: not in a cluster ({not_in_cluster}), and no usable kubeconfig ({})",
+                                describe_kubeconfig_error(&e)
+                            ),
+                        })?;
+                    from_kubeconfig(kubeconfig, "kubeconfig").await?
+                }
+            },
         };
         client_config.read_timeout = Some(REQUEST_TIMEOUT);
         client_config.write_timeout = Some(REQUEST_TIMEOUT);
@@ -162,6 +170,24 @@ enum Created {
     Yes,
     /// Someone else created the Secret first: read it and decide again.
     Raced,
+}
+
+async fn from_kubeconfig(kubeconfig: Kubeconfig, what: &str) -> Result<kube::Config, StoreError> {
+    kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .map_err(|e| StoreError::Unavailable {
+            target: what.to_string(),
+            reason: describe_kubeconfig_error(&e),
+        })
+}
+
+/// kube's wording, except for YAML errors: the parser may quote the
+/// offending value, and a kubeconfig holds tokens and keys (I7).
+fn describe_kubeconfig_error(e: &KubeconfigError) -> String {
+    match e {
+        KubeconfigError::Parse(_) => "not a valid kubeconfig (YAML)".into(),
+        other => other.to_string(),
+    }
 }
 
 /// The Secret data key of credential `name`.

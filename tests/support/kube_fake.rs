@@ -481,16 +481,11 @@ fn handle(
                 state.objects.get_mut(&key).unwrap()["metadata"]["resourceVersion"] = json!(rv);
             }
             let old = state.objects.get(&key).unwrap().clone();
-            let sent = object["metadata"]["resourceVersion"]
-                .as_str()
-                .map(str::to_string);
-            if sent.is_some()
-                && sent.as_ref()
-                    != old["metadata"]["resourceVersion"]
-                        .as_str()
-                        .map(|s| s.to_string())
-                        .as_ref()
-            {
+            // No resourceVersion: an unconditional update, which the real
+            // server allows for Secrets and Leases.
+            let sent = object["metadata"]["resourceVersion"].as_str();
+            let stored = old["metadata"]["resourceVersion"].as_str();
+            if sent.is_some() && sent != stored {
                 return status(
                     409,
                     "Conflict",
@@ -577,7 +572,7 @@ fn validate(kind: Kind, ns: &str, name: &str, object: &Value) -> Option<Response
                     return invalid("data: must be a map");
                 };
                 for (k, v) in data {
-                    if !v.as_str().is_some_and(|s| BASE64.decode(s).is_ok()) {
+                    if v.as_str().is_none_or(|s| BASE64.decode(s).is_err()) {
                         return invalid(&format!("data[{k}]: illegal base64 data"));
                     }
                 }
