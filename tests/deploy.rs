@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Output};
 
-use rekeyd::config::Config;
+use rekeyd::config::{Config, StoreConfig};
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 
@@ -982,8 +982,8 @@ fn container_image_runs_rekeyd_unprivileged_from_scratch() {
                 .starts_with("/etc/rekeyd/secrets")
         );
         assert!(
-            cred.rotation.is_none(),
-            "no rotation on the pod's emptyDir state"
+            cred.rotation.is_none() || config.store != StoreConfig::File,
+            "rotation only with a store that outlives the pod's emptyDir"
         );
         for sink in &cred.sinks {
             assert!(
@@ -1111,6 +1111,16 @@ fn find<'a>(docs: &'a [Yaml], kind: &str) -> Vec<&'a Yaml> {
 fn one<'a>(docs: &'a [Yaml], kind: &str) -> &'a Yaml {
     let found = find(docs, kind);
     assert_eq!(found.len(), 1, "exactly one {kind}");
+    found[0]
+}
+
+/// The generated bootstrap Secret (the other one is the store's).
+fn bootstrap_secret(docs: &[Yaml]) -> &Yaml {
+    let found: Vec<_> = find(docs, "Secret")
+        .into_iter()
+        .filter(|s| name(s).starts_with("rekeyd-bootstrap"))
+        .collect();
+    assert_eq!(found.len(), 1, "exactly one bootstrap Secret");
     found[0]
 }
 
@@ -1267,7 +1277,7 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
         (kind.as_str(), key),
         ("configMap", format!("{}/rekeyd.toml", name(config_map)))
     );
-    let secret = one(&docs, "Secret");
+    let secret = bootstrap_secret(&docs);
     for cred in &config.credentials {
         let file = cred.initial_secret_file.as_ref().unwrap();
         let (kind, key) = projected_file(file);
@@ -1311,8 +1321,62 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
         );
     }
 
-    // RBAC: one named Secret, one named Lease; create (which Kubernetes
-    // cannot limit by name) only on leases.
+    // The shared store: the Secret and the Lease rekeyd.toml names exist
+    // beforehand (rekeyd may not create them), empty.
+    let StoreConfig::Kubernetes(store) = &config.store else {
+        panic!("the sidecar uses the Kubernetes store")
+    };
+    assert!(store.namespace.is_none(), "the pod's own namespace");
+    assert!(store.kubeconfig.is_none(), "in-cluster configuration");
+    let state = find(&docs, "Secret")
+        .into_iter()
+        .find(|s| name(s) == store.secret)
+        .expect("the state Secret");
+    assert_eq!(state["type"].as_str(), Some("Opaque"));
+    assert!(state["data"].is_null() && state["stringData"].is_null());
+    let lease = one(&docs, "Lease");
+    assert_eq!(name(lease), store.lease);
+    assert_eq!(lease["apiVersion"].as_str(), Some("coordination.k8s.io/v1"));
+    assert!(lease["spec"]["holderIdentity"].is_null());
+    // Its API credentials reach the sidecar only, as an in-cluster client
+    // expects them: token, CA and namespace.
+    let (_, api_access, read_only) = mount_of(Path::new(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token",
+    ));
+    assert!(read_only);
+    let sources = api_access["projected"]["sources"].as_sequence().unwrap();
+    let paths: BTreeSet<&str> = sources
+        .iter()
+        .flat_map(|s| {
+            let (_, obj) = s.as_mapping().unwrap().iter().next().unwrap();
+            match obj["path"].as_str() {
+                Some(p) => vec![p],
+                None => obj["items"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i["path"].as_str().unwrap())
+                    .collect(),
+            }
+        })
+        .collect();
+    assert_eq!(paths, BTreeSet::from(["token", "ca.crt", "namespace"]));
+    assert!(
+        sources
+            .iter()
+            .any(|s| s["serviceAccountToken"]["expirationSeconds"].as_u64() == Some(3600))
+    );
+    for c in containers {
+        assert!(
+            mounts(c, pod)
+                .iter()
+                .all(|(m, _, _)| !m.starts_with("/var/run/secrets")),
+            "the application gets no Kubernetes credentials"
+        );
+    }
+
+    // RBAC: get, update and patch on that one Secret and that one Lease;
+    // nothing else, no create (which Kubernetes cannot limit by name).
     let role = one(&docs, "Role");
     let mut named: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for rule in role["rules"].as_sequence().unwrap() {
@@ -1323,11 +1387,7 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
             "{rule:?}"
         );
         let names = strs(&rule["resourceNames"]);
-        if names.is_empty() {
-            assert_eq!(verbs, ["create"], "unnamed rule: {rule:?}");
-            assert_eq!(resources, ["leases"], "unnamed rule: {rule:?}");
-            continue;
-        }
+        assert!(!names.is_empty(), "unnamed rule: {rule:?}");
         for r in resources {
             for n in &names {
                 named
@@ -1339,11 +1399,9 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
     }
     let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
     assert_eq!(named.len(), 2, "{named:?}");
-    assert_eq!(
-        named["secrets/rekeyd-state"],
-        set(&["get", "update", "patch"])
-    );
-    assert_eq!(named["leases/rekeyd-maps"], set(&["get", "update"]));
+    let verbs = set(&["get", "update", "patch"]);
+    assert_eq!(named[&format!("secrets/{}", store.secret)], verbs);
+    assert_eq!(named[&format!("leases/{}", store.lease)], verbs);
     let binding = one(&docs, "RoleBinding");
     assert_eq!(binding["roleRef"]["name"].as_str(), Some(name(role)));
     let subjects = binding["subjects"].as_sequence().unwrap();
@@ -1415,7 +1473,7 @@ fn kustomize_overlay_sets_namespace_and_replaces_the_bootstrap_secret() {
         binding["subjects"][0]["namespace"].as_str(),
         Some("payments")
     );
-    let secret = one(&docs, "Secret");
+    let secret = bootstrap_secret(&docs);
     let value = base64_decode(secret["data"]["maps.secret"].as_str().unwrap());
     assert_eq!(value, b"from-the-overlay");
     let deployment = one(&docs, "Deployment");

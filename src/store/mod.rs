@@ -7,6 +7,7 @@
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
+pub mod kubernetes;
 mod record;
 
 use std::sync::Arc;
@@ -83,10 +84,9 @@ pub trait Store: Send + Sync {
 pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
         StoreConfig::File => Ok(Arc::new(file::FileStore::new(&config.state_dir))),
-        StoreConfig::Kubernetes(_) => Err(StoreError::Unavailable {
-            target: "kubernetes".into(),
-            reason: "not implemented yet".into(),
-        }),
+        StoreConfig::Kubernetes(k8s) => {
+            Ok(Arc::new(kubernetes::KubernetesStore::connect(k8s).await?))
+        }
         #[cfg(feature = "etcd")]
         StoreConfig::Etcd(etcd) => Ok(Arc::new(etcd::EtcdStore::connect(etcd).await?)),
         // Config validation rejects `kind = "etcd"` in builds without it.

@@ -1,0 +1,340 @@
+//! The Kubernetes store: every credential's record in one Secret, one data
+//! key per credential (`<name>.json`, the same JSON document the file store
+//! writes), and a `coordination.k8s.io` Lease as the rotation claim
+//! ([`claim`]).
+//!
+//! Versions are per credential: the `version` inside each document, not the
+//! Secret's `resourceVersion`. Replicas rotating different credentials write
+//! the same Secret; with the Secret's version as the record version, a write
+//! to one credential would make every other credential's next CAS fail.
+//! The Secret's `resourceVersion` is still sent with every write, so the API
+//! server rejects (409) a write based on a stale read; we then read again
+//! and decide again, and only a change of *this* credential's document is a
+//! [`StoreError::Conflict`] for the caller.
+//!
+//! Secret data never reaches an error, a log line or a `Debug` output (I7):
+//! errors name the object (`<ns>/<secret>[<key>]`) and the API's status.
+
+mod claim;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ObjectMeta, PostParams};
+use kube::config::{Kubeconfig, KubeconfigError};
+use kube::{Api, Client};
+
+use super::record;
+use super::{CredentialRecord, Store, StoreError, Versioned};
+use crate::config::KubernetesStoreConfig;
+
+/// Bound on read-decide-write rounds lost to other writers of the Secret.
+/// Each lost round means another replica wrote successfully, so running out
+/// takes a storm of writes; the caller retries later.
+const MAX_WRITE_ATTEMPTS: u32 = 10;
+
+/// No request to the API server waits longer than this: a hung connection
+/// must not stall a rotation step (the claim would be renewed forever).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct KubernetesStore {
+    secrets: Api<Secret>,
+    namespace: String,
+    secret: String,
+    claims: claim::Claims,
+}
+
+impl KubernetesStore {
+    /// Builds the API client (the given kubeconfig, else in-cluster, else
+    /// `KUBECONFIG` / `~/.kube/config`). Contacts nothing: the first request
+    /// says whether the server is reachable and what RBAC allows.
+    pub async fn connect(config: &KubernetesStoreConfig) -> Result<Self, StoreError> {
+        let mut client_config = match &config.kubeconfig {
+            Some(path) => {
+                let kubeconfig =
+                    Kubeconfig::read_from(path).map_err(|e| StoreError::Unavailable {
+                        target: format!("kubeconfig {}", path.display()),
+                        reason: describe_kubeconfig_error(&e),
+                    })?;
+                from_kubeconfig(kubeconfig, &format!("kubeconfig {}", path.display())).await?
+            }
+            // In a pod, the service account; elsewhere `KUBECONFIG` or
+            // ~/.kube/config (the order the configuration documents).
+            None => match kube::Config::incluster() {
+                Ok(in_cluster) => in_cluster,
+                Err(not_in_cluster) => {
+                    let kubeconfig =
+                        Kubeconfig::read().map_err(|e| StoreError::Unavailable {
+                            target: "kubernetes".into(),
+                            reason: format!(
+                                "no cluster configuration: not in a cluster ({not_in_cluster}), and no usable kubeconfig ({})",
+                                describe_kubeconfig_error(&e)
+                            ),
+                        })?;
+                    from_kubeconfig(kubeconfig, "kubeconfig").await?
+                }
+            },
+        };
+        client_config.read_timeout = Some(REQUEST_TIMEOUT);
+        client_config.write_timeout = Some(REQUEST_TIMEOUT);
+        let namespace = config
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client_config.default_namespace.clone());
+        let client = Client::try_from(client_config).map_err(|e| StoreError::Unavailable {
+            target: "kubernetes".into(),
+            reason: format!("cannot build the API client: {e}"),
+        })?;
+        Ok(KubernetesStore {
+            secrets: Api::namespaced(client.clone(), &namespace),
+            claims: claim::Claims::new(
+                Api::namespaced(client, &namespace),
+                format!("{namespace}/{}", config.lease),
+                config.lease.clone(),
+                config.claim_ttl,
+            ),
+            secret: config.secret.clone(),
+            namespace,
+        })
+    }
+
+    /// `kubernetes Secret <ns>/<name>`: what errors about the Secret name.
+    fn target(&self) -> String {
+        format!("kubernetes Secret {}/{}", self.namespace, self.secret)
+    }
+
+    fn unavailable(&self, e: kube::Error) -> StoreError {
+        StoreError::Unavailable {
+            target: self.target(),
+            reason: describe_api_error(&e),
+        }
+    }
+
+    async fn get(&self) -> Result<Option<Secret>, StoreError> {
+        self.secrets
+            .get_opt(&self.secret)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// The version and record stored under `name` in `secret`, if any.
+    fn entry(
+        &self,
+        secret: &Secret,
+        name: &str,
+    ) -> Result<Option<(u64, CredentialRecord)>, StoreError> {
+        let key = data_key(name);
+        let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(&key)) else {
+            return Ok(None);
+        };
+        record::decode(&bytes.0)
+            .map(Some)
+            .map_err(|reason| StoreError::Corrupt {
+                path: format!("{}/{}[{key}]", self.namespace, self.secret),
+                reason,
+            })
+    }
+
+    /// Creates the Secret holding just `name`'s document. A 403 here usually
+    /// means RBAC grants no `create` (the shipped Role does not): say so.
+    async fn create(&self, name: &str, bytes: Vec<u8>) -> Result<Created, StoreError> {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(self.secret.clone()),
+                namespace: Some(self.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([(data_key(name), ByteString(bytes))])),
+            ..Secret::default()
+        };
+        match self.secrets.create(&PostParams::default(), &secret).await {
+            Ok(_) => Ok(Created::Yes),
+            Err(e) if api_code(&e) == Some(409) => Ok(Created::Raced),
+            Err(e) if api_code(&e) == Some(403) => Err(StoreError::Unavailable {
+                target: self.target(),
+                reason: format!(
+                    "{}; the Secret does not exist and may not be created by this account: create it beforehand (deploy/kubernetes has it)",
+                    describe_api_error(&e)
+                ),
+            }),
+            Err(e) => Err(self.unavailable(e)),
+        }
+    }
+}
+
+enum Created {
+    Yes,
+    /// Someone else created the Secret first: read it and decide again.
+    Raced,
+}
+
+async fn from_kubeconfig(kubeconfig: Kubeconfig, what: &str) -> Result<kube::Config, StoreError> {
+    kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .map_err(|e| StoreError::Unavailable {
+            target: what.to_string(),
+            reason: describe_kubeconfig_error(&e),
+        })
+}
+
+/// kube's wording, except for YAML errors: the parser may quote the
+/// offending value, and a kubeconfig holds tokens and keys (I7).
+fn describe_kubeconfig_error(e: &KubeconfigError) -> String {
+    match e {
+        KubeconfigError::Parse(_) => "not a valid kubeconfig (YAML)".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The Secret data key of credential `name`.
+fn data_key(name: &str) -> String {
+    format!("{name}.json")
+}
+
+/// The HTTP status of an API error, if the server answered.
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// `403 Forbidden: secrets "x" is forbidden: ...`: the status and the
+/// server's own explanation. Not kube's `Display`, which would quote
+/// undecodable response bodies; API messages do not carry Secret data.
+fn describe_api_error(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => {
+            let reason = if status.reason.is_empty() {
+                "Error"
+            } else {
+                status.reason.as_str()
+            };
+            if status.message.is_empty() {
+                format!("{} {reason}", status.code)
+            } else {
+                format!("{} {reason}: {}", status.code, status.message)
+            }
+        }
+        kube::Error::SerdeError(_) => "the API server's answer could not be decoded".into(),
+        kube::Error::HyperError(e) => format!("connection failed: {e}"),
+        kube::Error::Service(e) => format!("request failed: {e}"),
+        other => format!("request failed: {other}"),
+    }
+}
+
+impl Store for KubernetesStore {
+    fn claim<'a>(
+        &'a self,
+        name: &'a str,
+        wait: bool,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn super::Claim>>, StoreError>> {
+        Box::pin(async move {
+            let claimed = self.claims.claim(name, wait).await?;
+            Ok(claimed.map(|c| Box::new(c) as Box<dyn super::Claim>))
+        })
+    }
+
+    /// A dry-run replace (`?dryRun=All`) of the Secret as it is: the API
+    /// server runs authentication, RBAC (`update`), admission and validation
+    /// exactly as for a real write, and persists nothing. A mere GET would
+    /// prove only `get`. Without the Secret, a dry-run create proves that the
+    /// first write (which creates it) will be accepted.
+    fn check_writable<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let dry_run = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            let result = match self.get().await? {
+                Some(secret) => self.secrets.replace(&self.secret, &dry_run, &secret).await,
+                None => {
+                    let secret = Secret {
+                        metadata: ObjectMeta {
+                            name: Some(self.secret.clone()),
+                            ..ObjectMeta::default()
+                        },
+                        type_: Some("Opaque".into()),
+                        ..Secret::default()
+                    };
+                    self.secrets.create(&dry_run, &secret).await
+                }
+            };
+            result.map(|_| ()).map_err(|e| self.unavailable(e))
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<CredentialRecord>>, StoreError>> {
+        Box::pin(async move {
+            let Some(secret) = self.get().await? else {
+                return Ok(None);
+            };
+            Ok(self
+                .entry(&secret, name)?
+                .map(|(version, value)| Versioned { version, value }))
+        })
+    }
+
+    fn compare_and_swap<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Option<u64>,
+        record: &'a CredentialRecord,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let version = expected.map_or(1, |v| v + 1);
+            let bytes = record::encode(record, version);
+            let conflict = || StoreError::Conflict {
+                name: name.to_string(),
+                expected,
+            };
+            for _ in 0..MAX_WRITE_ATTEMPTS {
+                let Some(mut secret) = self.get().await? else {
+                    if expected.is_some() {
+                        return Err(conflict());
+                    }
+                    match self.create(name, bytes.clone()).await? {
+                        Created::Yes => return Ok(version),
+                        Created::Raced => continue,
+                    }
+                };
+                let found = self.entry(&secret, name)?.map(|(v, _)| v);
+                if found != expected {
+                    return Err(conflict());
+                }
+                // `secret` keeps the resourceVersion it was read at: the
+                // server refuses the replace if anyone wrote since.
+                secret
+                    .data
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(data_key(name), ByteString(bytes.clone()));
+                match self
+                    .secrets
+                    .replace(&self.secret, &PostParams::default(), &secret)
+                    .await
+                {
+                    Ok(_) => return Ok(version),
+                    // Another writer of the Secret (maybe for another
+                    // credential) got in first: read again and re-decide.
+                    Err(e) if api_code(&e) == Some(409) => continue,
+                    // Deleted since we read it: the next round creates it.
+                    Err(e) if api_code(&e) == Some(404) => continue,
+                    Err(e) => return Err(self.unavailable(e)),
+                }
+            }
+            Err(StoreError::Unavailable {
+                target: self.target(),
+                reason: format!(
+                    "still changing under concurrent writers after {MAX_WRITE_ATTEMPTS} attempts"
+                ),
+            })
+        })
+    }
+}
