@@ -331,6 +331,9 @@ fn command_line(program: &str, args: &[&str]) -> Option<String> {
 #[derive(Clone, Copy, Debug, Default)]
 struct ProcSample {
     rss_kib: u64,
+    /// The parts of VmRSS: heap and stacks, and mapped files (our code).
+    rss_anon_kib: u64,
+    rss_file_kib: u64,
     hwm_kib: u64,
     threads: u64,
     /// utime + stime, in milliseconds (kernel clock-tick resolution).
@@ -370,6 +373,8 @@ fn sample(pid: u32) -> io::Result<ProcSample> {
     let ticks = tick(11) + tick(12);
     Ok(ProcSample {
         rss_kib: status_field(&status, "VmRSS:"),
+        rss_anon_kib: status_field(&status, "RssAnon:"),
+        rss_file_kib: status_field(&status, "RssFile:"),
         hwm_kib: status_field(&status, "VmHWM:"),
         threads: status_field(&status, "Threads:"),
         cpu_ms: ticks * 1000 / clock_ticks_per_second(),
@@ -875,12 +880,15 @@ async fn bench_idle(bin: &Path, plan: &Plan, report: &mut Report) -> Result<()> 
             "One MapsIndoors credential (sim token lifetime 1 h, so no refresh in the window), \
              API on TCP loopback, NOTIFY_SOCKET set (no watchdog). Measured from 2 s after \
              the first token was served.\n\n\
-             - VmRSS {:.1} MiB at the start of the window, {:.1} MiB at its end; VmHWM {:.1} MiB; \
-             {threads_before} threads at the start, {} at the end.\n\
+             - VmRSS {:.1} MiB at the start of the window, {:.1} MiB at its end ({:.1} MiB \
+             anonymous: heap and stacks; {:.1} MiB file-backed: pages of the binary and shared \
+             libraries); VmHWM {:.1} MiB; {threads_before} threads at the start, {} at the end.\n\
              - utime+stime over {} s: {cpu} ms (clock-tick resolution: {} ms); context switches \
              of the threads alive at the end: {woke}; logins during the window: {logins}.\n",
             mib(before.rss_kib),
             mib(after.rss_kib),
+            mib(after.rss_anon_kib),
+            mib(after.rss_file_kib),
             mib(after.hwm_kib),
             after.threads,
             plan.idle.as_secs(),
