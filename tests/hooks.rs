@@ -9,95 +9,20 @@
 //! The hook programs are small scripts the test writes (the daemon itself
 //! runs them directly, not through a shell).
 
-use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use rekeyd::sim::{SimOptions, SimProvider};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_rekeyd");
-/// Upper bound for anything that should take seconds.
-const TIMEOUT: Duration = Duration::from_secs(20);
-/// Shutdown waits at most 5 s for its tasks; the rest is slack.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+#[path = "support/process.rs"]
+mod process;
 
-/// A `rekeyd run` child, isolated from the caller's REKEYD_* and systemd
-/// variables, killed if the test drops it; stderr goes to a file.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Daemon {
-        let log = dir.join("daemon.log");
-        let mut command = Command::new(BIN);
-        command.arg("run").arg("--config").arg(config);
-        for (name, _) in std::env::vars_os() {
-            let n = name.to_string_lossy();
-            if n.starts_with("REKEYD")
-                || ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"].contains(&n.as_ref())
-            {
-                command.env_remove(&name);
-            }
-        }
-        command
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .kill_on_drop(true);
-        Daemon {
-            child: command.spawn().expect("rekeyd run starts"),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: i32) {
-        let pid = self.child.id().expect("daemon still running") as i32;
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
-    }
-
-    /// Polls (another process: no in-process signal) until `check` holds.
-    async fn wait_until(&mut self, what: &str, mut check: impl FnMut(&Daemon) -> bool) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !check(self) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("rekeyd exited ({status})\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM; returns the exit status and how long the exit took.
-    async fn stop(mut self) -> (ExitStatus, Duration, String) {
-        self.signal(libc::SIGTERM);
-        let started = Instant::now();
-        let status = match tokio::time::timeout(EXIT_TIMEOUT, self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!("rekeyd did not exit in time\n{}", self.log()),
-        };
-        let log = self.log();
-        assert_eq!(status.code(), Some(0), "{status}\n{log}");
-        (status, started.elapsed(), log)
-    }
-}
+use process::{RekeydProcess as Daemon, TIMEOUT};
 
 struct Setup {
     sim: SimProvider,
@@ -166,7 +91,7 @@ path = "{d}/maps.token"
     }
 
     fn spawn(&self, env: &[(&str, &str)]) -> Daemon {
-        Daemon::spawn(self.dir.path(), &self.config, env)
+        Daemon::spawn(&self.config, &self.dir.path().join("daemon.log"), env)
     }
 }
 
@@ -231,7 +156,7 @@ echo; }} >> {out}"#,
             setup.read("hook.out").lines().count() >= 3
         })
         .await;
-    let (_, _, log) = daemon.stop().await;
+    let (_, log) = daemon.stop().await;
     drop(notify);
 
     let expected =
@@ -279,7 +204,7 @@ async fn failing_hook_is_retried_with_backoff_while_tokens_keep_coming() {
         first_token,
         "token file not refreshed"
     );
-    let (_, _, log) = daemon.stop().await;
+    let (_, log) = daemon.stop().await;
 
     let times: Vec<f64> = setup
         .read("attempts")
@@ -338,7 +263,7 @@ async fn hanging_hook_is_killed_at_its_timeout() {
             setup.sim.stats().logins_ok >= logins + 2
         })
         .await;
-    let (_, _, log) = daemon.stop().await;
+    let (_, log) = daemon.stop().await;
     let line = log
         .lines()
         .find(|l| l.contains("did not finish within 1s; killed"))
@@ -371,7 +296,7 @@ async fn shutdown_does_not_wait_for_a_hanging_hook() {
         .wait_until("the hook to start", |_| !setup.read("pids").is_empty())
         .await;
     let pid: i32 = setup.read("pids").trim().parse().unwrap();
-    let (_, took, log) = daemon.stop().await;
+    let (took, log) = daemon.stop().await;
     assert!(
         took < Duration::from_secs(3),
         "SIGTERM took {took:?} with a hook running\n{log}"
@@ -401,7 +326,7 @@ async fn every_hook_runs_for_the_first_token() {
             setup.read("hook.out").lines().count() >= 12
         })
         .await;
-    let (_, _, log) = daemon.stop().await;
+    let (_, log) = daemon.stop().await;
     let mut ran: Vec<u32> = setup
         .read("hook.out")
         .lines()
@@ -474,7 +399,7 @@ pid_file = "{}"
         killed_by(&mut second, "the restarted HUP process").await,
         libc::SIGHUP
     );
-    let (_, _, log) = daemon.stop().await;
+    let (_, log) = daemon.stop().await;
     assert!(log.contains("hook ran"), "{log}");
     setup.sim.shutdown().await;
 }
@@ -508,7 +433,7 @@ command = [{:?}]
     let stats = setup.sim.stats();
     assert!(stats.secrets_created >= 1, "{stats:?}");
     assert!(daemon.log().contains("new secret verified and in use"));
-    let (_, _, log) = daemon.stop().await;
+    let (_, log) = daemon.stop().await;
     let text = setup.read("hook.out");
     // Only rotations: the login at start-up is no rotation event.
     for line in text.lines() {

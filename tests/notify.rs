@@ -8,71 +8,17 @@
 //! READY=1 again, SIGTERM brings STOPPING=1 and exit status 0. Without
 //! NOTIFY_SOCKET the daemon runs all the same.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use rekeyd::sim::{Endpoint, FaultScope, Faults, SimOptions, SimProvider};
 use tokio::net::UnixDatagram;
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_rekeyd");
-/// Upper bound for anything that should take seconds.
-const TIMEOUT: Duration = Duration::from_secs(20);
-/// Shutdown waits at most 5 s for its tasks; the rest is slack.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+#[path = "support/process.rs"]
+mod process;
 
-/// A `rekeyd run` child, isolated from the caller's REKEYD_* and systemd
-/// variables, killed if the test drops it; stderr goes to a file.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
-        let mut command = Command::new(BIN);
-        command.arg("run").arg("--config").arg(config);
-        for (name, _) in std::env::vars_os() {
-            let n = name.to_string_lossy();
-            if n.starts_with("REKEYD")
-                || ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"].contains(&n.as_ref())
-            {
-                command.env_remove(&name);
-            }
-        }
-        command
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(log).unwrap())
-            .kill_on_drop(true);
-        Daemon {
-            child: command.spawn().expect("rekeyd run starts"),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: i32) {
-        let pid = self.child.id().expect("daemon still running") as i32;
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
-    }
-
-    async fn wait_exit(&mut self) -> ExitStatus {
-        match tokio::time::timeout(EXIT_TIMEOUT, self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!("rekeyd did not exit in time\n{}", self.log()),
-        }
-    }
-}
+use process::{RekeydProcess as Daemon, TIMEOUT};
 
 /// The socket systemd would listen on.
 struct NotifySocket {
@@ -426,18 +372,12 @@ async fn without_notify_socket_the_daemon_runs_normally() {
         {
             break;
         }
-        if let Some(status) = daemon.child.try_wait().unwrap() {
-            panic!("rekeyd exited ({status})\n{}", daemon.log());
-        }
-        assert!(Instant::now() < deadline, "not ready\n{}", daemon.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        daemon.keep_waiting("ready", deadline).await;
     }
     daemon.signal(libc::SIGHUP);
-    let deadline = Instant::now() + TIMEOUT;
-    while !daemon.log().contains("configuration reloaded") {
-        assert!(Instant::now() < deadline, "no reload\n{}", daemon.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon
+        .wait_until("the reload", |d| d.log().contains("configuration reloaded"))
+        .await;
     daemon.signal(libc::SIGTERM);
     let status = daemon.wait_exit().await;
     assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.log());

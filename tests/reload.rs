@@ -8,53 +8,30 @@
 //! The daemon is a child process; the simulated provider runs in the test;
 //! the API listens on a unix socket in the test's temporary directory.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+
 use std::time::Duration;
 
 use rekeyd::sim::{Endpoint, FaultScope, Faults, SimOptions, SimProvider};
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_rekeyd");
-/// Upper bound for anything that should take seconds.
-const TIMEOUT: Duration = Duration::from_secs(20);
-/// Shutdown waits at most 5 s for its tasks; the rest is slack.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+#[path = "support/process.rs"]
+mod process;
 
-/// A `rekeyd run` child, isolated from the caller's REKEYD_* and systemd
-/// variables, killed if the test drops it; stderr goes to a file.
+use process::{RekeydProcess, TIMEOUT};
+
+/// The daemon and a client for its API socket (`<dir>/api.sock`).
 struct Daemon {
-    child: Child,
-    log: PathBuf,
+    process: RekeydProcess,
     socket: PathBuf,
     client: reqwest::Client,
 }
 
 impl Daemon {
     fn spawn(dir: &Path, config: &Path) -> Daemon {
-        let log = dir.join("daemon.log");
-        let mut command = Command::new(BIN);
-        command.arg("run").arg("--config").arg(config);
-        for (name, _) in std::env::vars_os() {
-            let n = name.to_string_lossy();
-            if n.starts_with("REKEYD")
-                || ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"].contains(&n.as_ref())
-            {
-                command.env_remove(&name);
-            }
-        }
-        command
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .kill_on_drop(true);
         let socket = dir.join("api.sock");
         Daemon {
-            child: command.spawn().expect("rekeyd run starts"),
-            log,
+            process: RekeydProcess::spawn(config, &dir.join("daemon.log"), &[]),
             client: reqwest::Client::builder()
                 .unix_socket(socket.clone())
                 .timeout(Duration::from_secs(5))
@@ -65,32 +42,22 @@ impl Daemon {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     fn signal(&self, signal: i32) {
-        let pid = self.child.id().expect("daemon still running") as i32;
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+        self.process.signal(signal)
     }
 
     fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("rekeyd exited ({status})\n{}", self.log());
-        }
+        self.process.assert_running()
     }
 
     /// Polls (another process: no in-process signal) until `check` holds.
     async fn wait_until(&mut self, what: &str, mut check: impl AsyncFnMut(&Daemon) -> bool) {
         let deadline = Instant::now() + TIMEOUT;
         while !check(self).await {
-            self.assert_running();
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.process.keep_waiting(what, deadline).await;
         }
     }
 
@@ -124,13 +91,8 @@ impl Daemon {
         doc["access_token"].as_str().unwrap().to_string()
     }
 
-    async fn stop(mut self) {
-        self.signal(libc::SIGTERM);
-        let status: ExitStatus = match tokio::time::timeout(EXIT_TIMEOUT, self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!("rekeyd did not exit in time\n{}", self.log()),
-        };
-        assert_eq!(status.code(), Some(0), "{status}\n{}", self.log());
+    async fn stop(self) {
+        self.process.stop().await;
     }
 }
 
