@@ -1009,6 +1009,17 @@ async fn wrk(
     threads: usize,
     cpus: Option<&[usize]>,
 ) -> Result<WrkResult> {
+    // The API key goes to wrk in a script file (0600, removed afterwards),
+    // never on its command line, where any local user could read it.
+    let mut script = tempfile::Builder::new()
+        .prefix("rekeyd-bench-wrk-")
+        .suffix(".lua")
+        .tempfile()?;
+    {
+        use std::io::Write as _;
+        writeln!(script, "wrk.headers[\"X-Rekeyd-Key\"] = [==[{key}]==]")?;
+        script.flush()?;
+    }
     let mut command = tokio::process::Command::new("wrk");
     if let Some(cpus) = cpus {
         let pin = affinity(cpus);
@@ -1022,7 +1033,8 @@ async fn wrk(
             &format!("-d{}s", duration.as_secs()),
             "--latency",
         ])
-        .args(["-H", &format!("X-Rekeyd-Key: {key}")])
+        .arg("-s")
+        .arg(script.path())
         .arg(url)
         .output()
         .await?;
@@ -1274,7 +1286,7 @@ async fn bench_api(bin: &Path, plan: &Plan, report: &mut Report) -> Result<()> {
     report.detail(
         "Token API",
         &format!(
-            "`wrk -t{threads} -c64 -d{}s --latency -H 'X-Rekeyd-Key: …'`, after a 2 s warm-up of \
+            "`wrk -t{threads} -c64 -d{}s --latency -s key.lua` (the script sets `X-Rekeyd-Key`), after a 2 s warm-up of \
              each, against `GET /v1/token/maps` and against nginx ({workers} worker processes, \
              access log off, keep-alive unlimited) serving a static `application/json` file of \
              the same size ({} bytes) with the same `Cache-Control: no-store`; {} rounds, \
