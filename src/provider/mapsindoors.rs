@@ -136,6 +136,8 @@ impl SecretApi for MapsIndoorsSecrets {
                 description: Option<String>,
                 #[serde(default)]
                 client_id: Option<String>,
+                #[serde(default, rename = "createdAt")]
+                created_at: Option<String>,
             }
             let request = self.http.inner().get(self.url_with(&[]));
             let reply = self.call(OP, request, bearer).await?;
@@ -151,6 +153,12 @@ impl SecretApi for MapsIndoorsSecrets {
                     id: i.id,
                     description: i.description.unwrap_or_default(),
                     client_id: i.client_id,
+                    // An unreadable time is as good as none: it only delays
+                    // sweeping an orphan (S7), never licenses a delete.
+                    created_at: i
+                        .created_at
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                        .map(std::time::SystemTime::from),
                 })
                 .collect())
         })

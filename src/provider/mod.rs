@@ -35,6 +35,9 @@ pub struct RemoteSecret {
     pub description: String,
     /// The client the secret belongs to, when the provider says.
     pub client_id: Option<String>,
+    /// When the provider created it, when the provider says (MapsIndoors:
+    /// `createdAt`, RFC 3339).
+    pub created_at: Option<std::time::SystemTime>,
 }
 
 /// A secret just created; the provider shows its value only this once.

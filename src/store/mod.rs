@@ -46,9 +46,30 @@ pub enum StoreError {
     Unavailable { target: String, reason: String },
 }
 
-/// Held while one process drives a rotation of a credential (I6); dropping
-/// it releases the claim.
-pub trait Claim: Send {}
+/// Held while one actor drives a rotation of a credential (I6); dropping it
+/// releases the claim.
+///
+/// A claim only makes it likely that one actor works at a time (DESIGN.md
+/// S1): a Lease or an etcd lease can lapse under a stalled API server, a
+/// paused process or a suspended machine. Safety comes from the journal's
+/// compare-and-swap; the claim's job is to keep a holder that may have lost
+/// it from *starting* side effects (S3).
+pub trait Claim: Send {
+    /// Whether a new side effect may start now: the holder's last confirmed
+    /// renewal is recent enough that no other actor can have taken the
+    /// claim over yet (S3). A kernel lock never lapses: always true.
+    fn is_fresh(&self) -> bool {
+        true
+    }
+
+    /// Cancelled once the claim is lost or its renewal has failed for so
+    /// long that it may have been taken over (S3); the rotation run then
+    /// stops at its next step and the journal is resumed later. A kernel
+    /// lock is never lost: a token that is never cancelled.
+    fn lost(&self) -> tokio_util::sync::CancellationToken {
+        tokio_util::sync::CancellationToken::new()
+    }
+}
 
 pub trait Store: Send + Sync {
     /// Claims the right to rotate credential `name`. `wait`: block until the
