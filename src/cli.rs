@@ -67,6 +67,10 @@ pub enum Command {
         /// Install it even if the provider does not accept it right now.
         #[arg(long)]
         no_verify: bool,
+        /// Replace an unfinished rotation journal (after proving the secret
+        /// logs in); the rotation's own secrets are deleted by the daemon.
+        #[arg(long, conflicts_with = "no_verify")]
+        force: bool,
         #[command(flatten)]
         config: ConfigArg,
     },

@@ -7,13 +7,15 @@ use serde_json::{Value, json};
 
 use crate::cli::{Cli, Command};
 use crate::config::{Config, CredentialConfig, HookAction, RotationTrigger, StoreConfig};
-use std::time::SystemTime;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
-use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Outcome, RotationError, Rotator};
-use crate::store::{self, CredentialRecord, Rotation, SecretEntry};
+use crate::rotation::driver::{
+    DEFAULT_VERIFY_WINDOW, Outcome, RotationError, Rotator, system_clock,
+};
+use crate::rotation::operator;
+use crate::store;
 use crate::{client, daemon, demo, logging, provider};
 
 pub const EXIT_OK: u8 = 0;
@@ -94,13 +96,14 @@ pub async fn execute(cli: Cli) -> u8 {
             name,
             id,
             no_verify,
+            force,
             config,
         } => {
             let Some(config) = load(&config.config) else {
                 return EXIT_CONFIG;
             };
             logging::init(config.log.format);
-            set_secret(&config, &name, id, no_verify).await
+            set_secret(&config, &name, id, !no_verify, force).await
         }
         Command::Demo { duration } => {
             logging::init(Default::default());
@@ -121,10 +124,6 @@ async fn rotate(config: &Config, name: &str) -> u8 {
         eprintln!("rekeyd: no credential named {name:?} in the configuration");
         return EXIT_CONFIG;
     };
-    let Some(rotation) = &cred.rotation else {
-        eprintln!("rekeyd: credential {name:?} has no [credentials.rotation] section");
-        return EXIT_CONFIG;
-    };
     let (provider, secret_api) = match (provider::build(cred), provider::build_secret_api(cred)) {
         (Ok(p), Ok(Some(api))) => (p, api),
         (Err(e), _) | (_, Err(e)) => {
@@ -143,6 +142,22 @@ async fn rotate(config: &Config, name: &str) -> u8 {
             return EXIT_UNAVAILABLE;
         }
     };
+    // Without a rotation section, an unfinished journal is still finished
+    // (it must always be); only a new rotation needs the section.
+    let begin = cred.rotation.is_some();
+    if !begin {
+        match store.load(name).await {
+            Ok(Some(r)) if r.value.is_unfinished() => {}
+            Ok(_) => {
+                eprintln!("rekeyd: credential {name:?} has no [credentials.rotation] section");
+                return EXIT_CONFIG;
+            }
+            Err(e) => {
+                eprintln!("rekeyd: {e}");
+                return EXIT_UNAVAILABLE;
+            }
+        }
+    }
     // A first rotation may come before the daemon ever ran.
     let index = config
         .credentials
@@ -159,15 +174,22 @@ async fn rotate(config: &Config, name: &str) -> u8 {
         provider,
         secret_api,
         store,
-        grace: rotation.grace,
+        grace: cred
+            .rotation
+            .as_ref()
+            .map_or(crate::config::DEFAULT_ROTATION_GRACE, |r| r.grace),
         verify_window: DEFAULT_VERIFY_WINDOW,
         status: None,
+        refresh_now: None,
+        clock: system_clock(),
     };
     let shutdown = CancellationToken::new();
     daemon::spawn_signal_listener(shutdown.clone());
     // Waits for a rotation the daemon may be running, then does its own.
+    // Ctrl-C stops it between steps, never inside a journal write (S4).
     let span = tracing::info_span!("credential", name = %name);
-    let result = tracing::Instrument::instrument(rotator.rotate(true, true, &shutdown), span).await;
+    let result =
+        tracing::Instrument::instrument(rotator.rotate(begin, true, &shutdown), span).await;
     match result {
         Ok(Outcome::Rotated) => {
             eprintln!("rekeyd: {name}: secret rotated");
@@ -177,9 +199,16 @@ async fn rotate(config: &Config, name: &str) -> u8 {
             eprintln!("rekeyd: {name}: the provider refused the new secret; the old one is kept");
             EXIT_FAILURE
         }
+        Ok(Outcome::Idle) if !begin => {
+            eprintln!("rekeyd: {name}: the unfinished rotation is finished");
+            EXIT_OK
+        }
         Ok(Outcome::Idle) => EXIT_OK,
         Err(e) => {
-            let resumable = matches!(e, RotationError::Provider(_) | RotationError::Shutdown);
+            let resumable = matches!(
+                e,
+                RotationError::Provider(_) | RotationError::Shutdown | RotationError::ClaimLost
+            );
             let hint = if resumable {
                 " (the journal resumes it next time)"
             } else {
@@ -191,7 +220,13 @@ async fn rotate(config: &Config, name: &str) -> u8 {
     }
 }
 
-async fn set_secret(config: &Config, name: &str, id: Option<String>, no_verify: bool) -> u8 {
+async fn set_secret(
+    config: &Config,
+    name: &str,
+    id: Option<String>,
+    verify: bool,
+    force: bool,
+) -> u8 {
     let Some(cred) = config.credential(name) else {
         eprintln!("rekeyd: no credential named {name:?} in the configuration");
         return EXIT_CONFIG;
@@ -206,21 +241,13 @@ async fn set_secret(config: &Config, name: &str, id: Option<String>, no_verify: 
         eprintln!("rekeyd: no secret on stdin");
         return EXIT_FAILURE;
     }
-    if !no_verify {
-        let provider = match provider::build(cred) {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("rekeyd: {e}");
-                return EXIT_FAILURE;
-            }
-        };
-        if let Err(e) = provider.login(&value).await {
-            eprintln!(
-                "rekeyd: {name}: the provider does not accept this secret: {e} (use --no-verify to install it anyway)"
-            );
+    let provider = match provider::build(cred) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("rekeyd: {e}");
             return EXIT_FAILURE;
         }
-    }
+    };
     let store = match store::open(config).await {
         Ok(store) => store,
         Err(e) => {
@@ -228,50 +255,35 @@ async fn set_secret(config: &Config, name: &str, id: Option<String>, no_verify: 
             return EXIT_UNAVAILABLE;
         }
     };
-    // Not while a rotation runs: its journal would be overwritten.
-    let _claim = match store.claim(name, true).await {
-        Ok(claim) => claim,
-        Err(e) => {
-            eprintln!("rekeyd: {e}");
-            return EXIT_FAILURE;
-        }
+    let shutdown = CancellationToken::new();
+    daemon::spawn_signal_listener(shutdown.clone());
+    let request = operator::SetSecret {
+        name,
+        value,
+        id,
+        verify,
+        force,
     };
-    let existing = match store.load(name).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("rekeyd: {e}");
-            return EXIT_FAILURE;
-        }
-    };
-    if let Some(r) = &existing
-        && !matches!(r.value.rotation, Rotation::Idle)
-    {
-        eprintln!(
-            "rekeyd: {name}: a rotation is in phase {}; run `rekeyd rotate {name}` to finish it first",
-            r.value.rotation.phase()
-        );
-        return EXIT_FAILURE;
-    }
-    let record = CredentialRecord {
-        current: SecretEntry {
-            id,
-            value,
-            created_at: SystemTime::now(),
-        },
-        rotation: Rotation::Idle,
-        last_rotated_at: existing.as_ref().and_then(|r| r.value.last_rotated_at),
-    };
-    match store
-        .compare_and_swap(name, existing.map(|r| r.version), &record)
-        .await
-    {
-        Ok(_) => {
+    match operator::set_secret(store.as_ref(), provider.as_ref(), request, &shutdown).await {
+        Ok(installed) => {
+            if let Some(phase) = installed.replaced_phase {
+                eprintln!("rekeyd: {name}: replaced an unfinished rotation journal (phase {phase})");
+            }
+            if !installed.retiring.is_empty() {
+                eprintln!(
+                    "rekeyd: {name}: secrets to be deleted by the daemon once a listing shows they are this client's: {}",
+                    installed.retiring.join(", ")
+                );
+            }
             eprintln!("rekeyd: {name}: secret installed; the daemon uses it from its next login");
             EXIT_OK
         }
         Err(e) => {
-            eprintln!("rekeyd: {e}");
-            EXIT_FAILURE
+            eprintln!("rekeyd: {name}: {e}");
+            match e {
+                operator::SetSecretError::Store(_) => EXIT_UNAVAILABLE,
+                _ => EXIT_FAILURE,
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::config::{Config, ConfigError, CredentialConfig};
 use crate::credential::{self, CredentialChannels, CredentialHandle};
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
-use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule};
+use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
 use crate::serve::{api, hooks, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
 use crate::token::engine::{Engine, StoreSecrets};
@@ -312,7 +312,9 @@ async fn launch(
         None => credential::channels(&cred.name, cred.provider.as_str()),
     };
     handle.rotates = cred.rotation.is_some();
+    let mut unfinished = false;
     if let Some(record) = store.load(&cred.name).await? {
+        unfinished = record.value.is_unfinished();
         channels.status.send_modify(|s| {
             s.rotation_phase = record.value.rotation.phase().to_string();
             s.last_rotated_at = record.value.last_rotated_at;
@@ -321,20 +323,30 @@ async fn launch(
 
     let cancel = shutdown.child_token();
     let mut tasks = JoinSet::new();
-    if let (Some(rotation), Some(secret_api)) = (&cred.rotation, p.secret_api) {
+    // An unfinished journal is always finished, whatever the configuration
+    // says about future rotations (a reload may have removed
+    // `[credentials.rotation]` mid-rotation): the rotation task then runs
+    // without a schedule and ends once the journal is finished.
+    let secret_api = p.secret_api.filter(|_| cred.rotation.is_some() || unfinished);
+    if let Some(secret_api) = secret_api {
         let rotator = Arc::new(Rotator {
             name: cred.name.clone(),
             client_id: cred.client_id.clone(),
             provider: p.provider.clone(),
             secret_api,
             store: store.clone(),
-            grace: rotation.grace,
+            grace: cred
+                .rotation
+                .as_ref()
+                .map_or(crate::config::DEFAULT_ROTATION_GRACE, |r| r.grace),
             verify_window: DEFAULT_VERIFY_WINDOW,
             status: Some(channels.status.clone()),
+            refresh_now: Some(channels.refresh_now.clone()),
+            clock: system_clock(),
         });
         tasks.spawn(run_schedule(
             rotator,
-            rotation.clone(),
+            cred.rotation.clone(),
             channels.rotate_now.clone(),
             cancel.clone(),
         ));

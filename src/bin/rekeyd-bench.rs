@@ -1792,6 +1792,8 @@ async fn rotation_run(
             grace: Duration::ZERO,
             verify_window: secs(60),
             status: None,
+            refresh_now: None,
+            clock: rekeyd::rotation::driver::system_clock(),
         }));
     }
     if !latency.is_zero() {

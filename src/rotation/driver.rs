@@ -6,6 +6,7 @@
 //! `crash_point!`s mark the moments right after each durable step and each
 //! provider call; the crash tests abort the process there.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -16,12 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::machine::{self, Event, Next};
-use super::schedule;
+use super::{schedule, verify};
 use crate::config::{RotationConfig, RotationTrigger};
 use crate::credential::CredentialStatus;
 use crate::metrics::{self, RotationLabels};
 use crate::provider::{Deleted, ErrorKind, ProviderError, SecretApi, TokenProvider};
-use crate::store::{CredentialRecord, Rotation, Store, StoreError, Versioned};
+use crate::store::{Claim, CredentialRecord, Store, StoreError, Versioned};
 use crate::token::Token;
 
 /// Aborts the process at a named point when the `failpoints` feature is on
@@ -46,6 +47,7 @@ pub const CRASH_POINTS: &[&str] = &[
     "rotation-after-persist-created",
     "rotation-after-verify",
     "rotation-after-persist-promoted",
+    "rotation-after-persist-retire",
     "rotation-after-delete-old",
     "rotation-after-persist-idle",
 ];
@@ -53,6 +55,19 @@ pub const CRASH_POINTS: &[&str] = &[
 /// New secrets can take a while to be accepted everywhere: keep trying the
 /// pending secret this long before calling it rejected.
 pub const DEFAULT_VERIFY_WINDOW: Duration = Duration::from_secs(60);
+
+/// Lost compare-and-swaps in one run before it gives up (to be resumed
+/// later): each one means another actor moved the journal on.
+const MAX_CONFLICTS: u32 = 5;
+
+/// The wall clock the journal's times come from (grace periods, creation
+/// times). A function so that tests can run the driver on a simulated clock.
+pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// The system's wall clock.
+pub fn system_clock() -> WallClock {
+    Arc::new(SystemTime::now)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
@@ -68,6 +83,9 @@ pub enum RotationError {
     Machine(#[from] machine::InvalidEvent),
     #[error("stopped by shutdown; the journal resumes at the next start")]
     Shutdown,
+    /// S3: the claim may have lapsed; another actor may be working.
+    #[error("the rotation claim lapsed; stopped before the next step, the journal resumes later")]
+    ClaimLost,
 }
 
 /// How a rotation run ended.
@@ -77,7 +95,8 @@ pub enum Outcome {
     Rotated,
     /// The provider refused the new secret; the old one stays.
     Aborted,
-    /// There was nothing to do (idle, and no new rotation asked for).
+    /// There was nothing to do (idle, and no new rotation asked for), or
+    /// only leftovers to clean up.
     Idle,
 }
 
@@ -91,6 +110,11 @@ pub struct Rotator {
     pub verify_window: Duration,
     /// Where rotation progress is shown (daemon); `None` for the CLI.
     pub status: Option<watch::Sender<CredentialStatus>>,
+    /// The credential's token engine, asked to log in again right after a
+    /// promotion (S5), so consumers hold a token of the new secret before
+    /// the old one goes. `None` for the CLI.
+    pub refresh_now: Option<Arc<Notify>>,
+    pub clock: WallClock,
 }
 
 /// State of one rotation run: the record as last persisted, and a bearer
@@ -99,56 +123,80 @@ struct Run<'a> {
     rotator: &'a Rotator,
     record: Versioned<CredentialRecord>,
     bearer: Option<Token>,
+    /// Held for the whole run; released when the run ends.
+    claim: Box<dyn Claim>,
+    /// Cancelled when the claim is lost (S3).
+    lost: CancellationToken,
+    /// Shutdown, reload or Ctrl-C.
+    stop: &'a CancellationToken,
 }
 
 impl Rotator {
-    /// Brings the credential to a stable state: finishes an interrupted
-    /// rotation, and when `begin` is set and none was interrupted, performs
-    /// a new one. `wait_claim`: wait for another process's rotation to end
+    /// Brings the credential to a stable state: finishes unfinished work in
+    /// the journal, and when `begin` is set and there was none, performs a
+    /// new rotation. `wait_claim`: wait for another process's rotation to end
     /// instead of returning [`RotationError::Busy`].
+    ///
+    /// `stop` ends the run between steps and interrupts provider calls and
+    /// waits, never a journal write (S4): a write that has started lands or
+    /// fails before this returns, so the claim is never released under it.
     pub async fn rotate(
         &self,
         begin: bool,
         wait_claim: bool,
-        shutdown: &CancellationToken,
+        stop: &CancellationToken,
     ) -> Result<Outcome, RotationError> {
-        let _claim = self
-            .store
-            .claim(&self.name, wait_claim)
-            .await?
-            .ok_or(RotationError::Busy)?;
+        let claim = tokio::select! {
+            claim = self.store.claim(&self.name, wait_claim) => claim?.ok_or(RotationError::Busy)?,
+            _ = stop.cancelled() => return Err(RotationError::Shutdown),
+        };
         // Read after claiming: the previous holder may have moved on.
         let record = self
             .store
             .load(&self.name)
             .await?
             .ok_or(RotationError::NoRecord)?;
-        let idle = matches!(record.value.rotation, Rotation::Idle);
+        let idle = !record.value.is_unfinished();
         let event = if begin && idle {
             // I2: a full or read-only disk stops us before the provider
             // creates a secret we could not record.
             self.store.check_writable(&self.name).await?;
             let rid = new_rotation_id();
             info!(step = "rotate", rid = %rid, "rotation started");
-            Event::Begin { rid }
+            Event::Begin {
+                rid,
+                attempt: new_attempt_id(),
+            }
         } else {
             if !idle {
                 info!(
                     step = "rotate",
                     phase = record.value.rotation.phase(),
-                    "resuming rotation"
+                    retiring = record.value.retire.len(),
+                    "resuming unfinished rotation work"
                 );
             }
-            Event::Resume
+            Event::Resume {
+                attempt: new_attempt_id(),
+            }
         };
         let mut run = Run {
             rotator: self,
             record,
             bearer: None,
+            lost: claim.lost(),
+            claim,
+            stop,
         };
-        tokio::select! {
-            result = run.drive(event) => result,
-            _ = shutdown.cancelled() => Err(RotationError::Shutdown),
+        run.drive(event).await
+    }
+
+    fn context(&self) -> machine::Context<'_> {
+        machine::Context {
+            now: (self.clock)(),
+            grace: self.grace,
+            credential: &self.name,
+            client_id: &self.client_id,
         }
     }
 
@@ -172,17 +220,42 @@ impl Run<'_> {
     async fn drive(&mut self, first: Event) -> Result<Outcome, RotationError> {
         let r = self.rotator;
         let mut outcome = Outcome::Idle;
-        let mut t = machine::step(&self.record.value, first, SystemTime::now(), r.grace)?;
+        let mut conflicts = 0;
+        let mut t = machine::step(&self.record.value, first, &r.context())?;
         loop {
-            if let Some(w) = &t.warning {
+            for w in &t.warnings {
                 warn!(step = "rotate", "{w}");
             }
             if t.persist {
                 let was = self.record.value.rotation.phase();
-                let version = r
+                // Not raced against `stop` or the claim (S4): a write that
+                // has started is waited for, so whoever reads next sees it.
+                let written = r
                     .store
                     .compare_and_swap(&r.name, Some(self.record.version), &t.record)
-                    .await?;
+                    .await;
+                let version = match written {
+                    Ok(version) => version,
+                    Err(StoreError::Conflict { .. }) if conflicts < MAX_CONFLICTS => {
+                        // S1: another actor wrote since we read. Act on
+                        // nothing we did not just write: read and decide again.
+                        conflicts += 1;
+                        info!(
+                            step = "rotate",
+                            "the journal changed under this run; reading it again"
+                        );
+                        self.record = r.store.load(&r.name).await?.ok_or(RotationError::NoRecord)?;
+                        r.publish(&self.record.value);
+                        // The current secret may have changed.
+                        self.bearer = None;
+                        let resume = Event::Resume {
+                            attempt: new_attempt_id(),
+                        };
+                        t = machine::step(&self.record.value, resume, &r.context())?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 self.record = Versioned {
                     version,
                     value: t.record.clone(),
@@ -199,30 +272,43 @@ impl Run<'_> {
                         );
                         // Our bearer token came from the old secret.
                         self.bearer = None;
+                        // S5: consumers get a token of the new secret now,
+                        // which also proves it once more.
+                        if let Some(refresh) = &r.refresh_now {
+                            refresh.notify_one();
+                        }
                     }
                     ("promoted", "idle") => {
-                        crash_point!("rotation-after-persist-idle");
-                        outcome = Outcome::Rotated;
+                        crash_point!("rotation-after-persist-retire");
+                        self.bearer = None;
                     }
-                    ("created", "idle") => outcome = Outcome::Aborted,
+                    ("idle", "idle") if t.next == Next::Stable => {
+                        crash_point!("rotation-after-persist-idle");
+                    }
                     _ => {}
                 }
             }
-            let event = match t.next {
-                Next::Stable => {
-                    if outcome == Outcome::Rotated {
-                        info!(step = "rotate", "rotation complete");
-                    }
-                    return Ok(outcome);
+            if t.next == Next::Stable {
+                if outcome == Outcome::Rotated {
+                    info!(step = "rotate", "rotation complete");
                 }
-                Next::DeleteTagged { rid } => {
-                    self.delete_tagged(&rid).await?;
+                return Ok(outcome);
+            }
+            // S3, S4: no new side effect once stopped or once the claim may
+            // have been taken over; the journal says where to resume.
+            self.check_go()?;
+            let event = match t.next.clone() {
+                Next::Stable => unreachable!("returned above"),
+                Next::DeleteTagged { rid, keep } => {
+                    self.delete_tagged(&rid, &keep).await?;
                     Event::TaggedDeleted
                 }
-                Next::Create { rid } => {
-                    let description = super::secret_description(&r.name, &rid);
+                Next::Create { rid, attempt } => {
+                    let description = super::secret_description(&r.name, &rid, &attempt);
                     let bearer = self.bearer().await?;
-                    let new = r.secret_api.create(&bearer, &description).await?;
+                    let new = self
+                        .guard(r.secret_api.create(&bearer, &description))
+                        .await??;
                     crash_point!("rotation-after-create");
                     info!(step = "create", secret_id = %new.id, "replacement secret created");
                     Event::Created {
@@ -230,31 +316,87 @@ impl Run<'_> {
                         value: new.value,
                     }
                 }
-                Next::Verify => self.verify().await?,
-                Next::DeletePending { id } => {
-                    self.delete(&id).await?;
-                    Event::PendingDeleted
+                Next::Verify => {
+                    let pending = self
+                        .record
+                        .value
+                        .pending()
+                        .expect("machine asks to verify only in phase created")
+                        .value
+                        .clone();
+                    if self.verify(&pending, "new secret").await? {
+                        crash_point!("rotation-after-verify");
+                        Event::Verified
+                    } else {
+                        outcome = Outcome::Aborted;
+                        Event::VerifyRejected
+                    }
                 }
                 Next::WaitUntil(at) => {
-                    let wait = schedule::wait_for(at, SystemTime::now());
+                    let wait = schedule::wait_for(at, (r.clock)());
                     if !wait.is_zero() {
                         info!(step = "grace", wait = %humantime::format_duration(whole_seconds(wait)), "waiting before deleting the old secret");
-                        tokio::time::sleep(wait).await;
+                        self.guard(tokio::time::sleep(wait)).await?;
                     }
                     Event::GraceOver
                 }
-                Next::DeleteOld { id } => {
-                    let outcome = self.delete(&id).await?;
-                    crash_point!("rotation-after-delete-old");
-                    info!(step = "delete", secret_id = %id, already_gone = outcome == Deleted::NotFound, "old secret deleted");
-                    Event::OldDeleted
+                Next::VerifyCurrent => {
+                    let current = self.record.value.current.value.clone();
+                    if self.verify(&current, "promoted secret").await? {
+                        outcome = Outcome::Rotated;
+                        Event::CurrentVerified
+                    } else {
+                        outcome = Outcome::Aborted;
+                        Event::CurrentRejected
+                    }
+                }
+                Next::List => {
+                    let bearer = self.bearer().await?;
+                    let secrets = self.guard(r.secret_api.list(&bearer)).await??;
+                    crash_point!("rotation-after-list");
+                    Event::Listed { secrets }
+                }
+                Next::Delete { ids } => {
+                    for id in &ids {
+                        // Between deletes too: each one is a side effect.
+                        self.check_go()?;
+                        let deleted = self.delete(id).await?;
+                        crash_point!("rotation-after-delete-old");
+                        info!(step = "delete", secret_id = %id, already_gone = deleted == Deleted::NotFound, "retired secret deleted");
+                    }
+                    Event::RetireDeleted
                 }
             };
-            t = machine::step(&self.record.value, event, SystemTime::now(), r.grace)?;
+            t = machine::step(&self.record.value, event, &r.context())?;
         }
     }
 
-    /// A bearer token from the current secret, logging in when needed.
+    /// Stops the run before a side effect when shut down (S4) or when the
+    /// claim may have lapsed (S3).
+    fn check_go(&self) -> Result<(), RotationError> {
+        if self.stop.is_cancelled() {
+            return Err(RotationError::Shutdown);
+        }
+        if self.lost.is_cancelled() || !self.claim.is_fresh() {
+            return Err(RotationError::ClaimLost);
+        }
+        Ok(())
+    }
+
+    /// Runs a provider call or a wait, cut short by shutdown or a lost claim.
+    /// Cutting a provider call is safe: the journal already records what it
+    /// may have done.
+    async fn guard<T>(&self, fut: impl Future<Output = T>) -> Result<T, RotationError> {
+        tokio::select! {
+            out = fut => Ok(out),
+            _ = self.stop.cancelled() => Err(RotationError::Shutdown),
+            _ = self.lost.cancelled() => Err(RotationError::ClaimLost),
+        }
+    }
+
+    /// A bearer token for the secret API, logging in when needed: with the
+    /// current secret, or, while promoted and the current one is refused,
+    /// with the old one (S5).
     async fn bearer(&mut self) -> Result<Token, RotationError> {
         let now = Instant::now();
         if let Some(token) = self
@@ -264,27 +406,41 @@ impl Run<'_> {
         {
             return Ok(token.clone());
         }
-        let token = self
-            .rotator
-            .provider
-            .login(&self.record.value.current.value)
-            .await?;
+        let provider = &self.rotator.provider;
+        let record = &self.record.value;
+        let token = match self.guard(provider.login(&record.current.value)).await? {
+            Err(e) if e.kind == ErrorKind::Rejected => match record.rotation.old() {
+                Some(old) => {
+                    info!(
+                        step = "rotate",
+                        "current secret refused; using the old secret, which the grace period keeps valid"
+                    );
+                    self.guard(provider.login(&old.value)).await??
+                }
+                None => return Err(e.into()),
+            },
+            other => other?,
+        };
         self.bearer = Some(token.clone());
         Ok(token)
     }
 
-    /// Deletes our secrets tagged with `rid` (I3); nothing else (I4).
-    async fn delete_tagged(&mut self, rid: &str) -> Result<(), RotationError> {
+    /// Deletes the secrets of earlier attempts of rotation `rid` (their
+    /// values were never persisted: the write of attempt `keep` won, S2);
+    /// nothing else (I4).
+    async fn delete_tagged(&mut self, rid: &str, keep: &str) -> Result<(), RotationError> {
         let r = self.rotator;
         let bearer = self.bearer().await?;
-        let listed = r.secret_api.list(&bearer).await?;
+        let listed = self.guard(r.secret_api.list(&bearer)).await??;
         crash_point!("rotation-after-list");
-        let ours = listed.into_iter().filter(|s| {
-            super::rotation_id_of(&r.name, &s.description) == Some(rid)
+        let earlier = listed.into_iter().filter(|s| {
+            super::parse_tag(&r.name, &s.description)
+                .is_some_and(|tag| tag.rid == rid && tag.attempt != Some(keep))
                 && s.client_id.as_deref().is_none_or(|c| c == r.client_id)
         });
-        for secret in ours {
-            warn!(step = "recover", secret_id = %secret.id, rid, "deleting a secret from an interrupted rotation (its value was never stored)");
+        for secret in earlier {
+            self.check_go()?;
+            warn!(step = "recover", secret_id = %secret.id, rid, "deleting a secret from an interrupted attempt (its value was never stored)");
             self.delete(&secret.id).await?;
             crash_point!("rotation-after-delete-tagged");
         }
@@ -293,46 +449,47 @@ impl Run<'_> {
 
     async fn delete(&mut self, id: &str) -> Result<Deleted, RotationError> {
         let bearer = self.bearer().await?;
-        Ok(self.rotator.secret_api.delete(&bearer, id).await?)
+        Ok(self
+            .guard(self.rotator.secret_api.delete(&bearer, id))
+            .await??)
     }
 
-    /// Logs in with the pending secret, retrying while it propagates.
-    /// Only consistent rejection for the whole window counts as rejected;
-    /// other errors leave the journal in `created` to be retried.
-    async fn verify(&mut self) -> Result<Event, RotationError> {
+    /// Logs in with `secret`, retrying while it propagates: `Ok(true)` once
+    /// accepted, `Ok(false)` only on consistent rejection (see
+    /// [`verify::Tally`]); anything else is an error that leaves the journal
+    /// where it is, to be retried.
+    async fn verify(&mut self, secret: &SecretString, what: &str) -> Result<bool, RotationError> {
         let r = self.rotator;
-        let pending: SecretString = self
-            .record
-            .value
-            .pending()
-            .expect("machine asks to verify only in phase created")
-            .value
-            .clone();
-        let deadline = Instant::now() + r.verify_window;
+        let started = Instant::now();
+        let deadline = started + r.verify_window;
+        let mut tally = verify::Tally::default();
         let mut delay = Duration::from_millis(250);
         loop {
-            match r.provider.login(&pending).await {
+            let error = match self.guard(r.provider.login(secret)).await? {
                 Ok(_) => {
-                    crash_point!("rotation-after-verify");
-                    info!(step = "verify", "new secret accepted by the provider");
-                    return Ok(Event::Verified);
+                    info!(step = "verify", "{what} accepted by the provider");
+                    return Ok(true);
                 }
-                Err(e) if Instant::now() + delay >= deadline => {
-                    return if e.kind == ErrorKind::Rejected {
-                        warn!(step = "verify", error = %e, "new secret still rejected after {}", humantime::format_duration(r.verify_window));
-                        Ok(Event::VerifyRejected)
-                    } else {
-                        Err(e.into())
-                    };
-                }
-                Err(e) => {
-                    info!(step = "verify", error = %e, "new secret not accepted yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+                Err(e) => e,
+            };
+            tally.record(error.kind == ErrorKind::Rejected, started.elapsed());
+            if Instant::now() + delay >= deadline {
+                return if tally.consistently_rejected(r.verify_window) {
+                    warn!(step = "verify", error = %error, rejections = tally.rejections, "{what} consistently rejected for {}", humantime::format_duration(r.verify_window));
+                    Ok(false)
+                } else {
+                    Err(error.into())
+                };
             }
+            info!(step = "verify", error = %error, "{what} not accepted yet; retrying");
+            self.guard(tokio::time::sleep(delay)).await?;
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+fn new_attempt_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
 }
 
 /// Unique enough to tell rotations apart in descriptions (and short).
@@ -349,10 +506,12 @@ fn whole_seconds(d: Duration) -> Duration {
 }
 
 /// Runs rotations of one credential when they are due (and when asked via
-/// `rotate_now`) until shutdown. An interrupted rotation is resumed first.
+/// `rotate_now`) until shutdown. Unfinished work in the journal is always
+/// finished first; with `config` `None` (the credential no longer rotates,
+/// e.g. after a reload removed `[credentials.rotation]`) that is all it does.
 pub async fn run_schedule(
     rotator: Arc<Rotator>,
-    config: RotationConfig,
+    config: Option<RotationConfig>,
     rotate_now: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
@@ -367,11 +526,14 @@ pub async fn run_schedule(
             let retry_wait = retry_at.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
             // Re-read every time: `rekeyd rotate` or `set-secret` may have
             // changed the record while we slept.
+            let mut finished = false;
             let plan = match rotator.store.load(&rotator.name).await {
                 Ok(Some(record)) => {
                     rotator.publish(&record.value);
+                    finished = config.is_none() && !record.value.is_unfinished();
+                    let trigger = config.as_ref().map(|c| &c.trigger);
                     let (plan, due_at) =
-                        plan(&record.value, &config.trigger, SystemTime::now(), requested, retry_wait);
+                        plan(&record.value, trigger, (rotator.clock)(), requested, retry_wait);
                     let gauge = metrics::global()
                         .rotation_next_due
                         .get_or_create(&metrics::credential(&rotator.name));
@@ -386,6 +548,8 @@ pub async fn run_schedule(
             };
             let begin = match plan {
                 Plan::Rotate { begin } => begin,
+                // No schedule and nothing unfinished: this task's work is done.
+                Plan::Wait(_) if finished => return,
                 Plan::Wait(wait) => {
                     // Long waits are cut into pieces: the schedule is on the
                     // wall clock, which may jump (suspend, NTP) while we sleep.
@@ -401,7 +565,10 @@ pub async fn run_schedule(
             let result_label = match &result {
                 Ok(Outcome::Rotated) => Some("success"),
                 Ok(Outcome::Aborted) => Some("aborted"),
-                Ok(Outcome::Idle) | Err(RotationError::Busy | RotationError::Shutdown) => None,
+                Ok(Outcome::Idle)
+                | Err(RotationError::Busy | RotationError::Shutdown | RotationError::ClaimLost) => {
+                    None
+                }
                 Err(_) => Some("error"),
             };
             match result {
@@ -417,6 +584,10 @@ pub async fn run_schedule(
                 Err(RotationError::Shutdown) => return,
                 Err(RotationError::Busy) => {
                     info!(step = "rotate", "another process is rotating; checking again shortly");
+                    failures = failures.max(1);
+                }
+                Err(RotationError::ClaimLost) => {
+                    warn!(step = "rotate", "the rotation claim lapsed (store unreachable or too slow); stopped, resuming from the journal shortly");
                     failures = failures.max(1);
                 }
                 Err(e) => {
@@ -456,22 +627,26 @@ enum Plan {
     Wait(Duration),
 }
 
-/// Pure scheduling decision: backoff after failures first, then an
-/// unfinished rotation is resumed, a requested one started, or the next
+/// Pure scheduling decision: backoff after failures first, then unfinished
+/// journal work is resumed, a requested rotation started, or the next
 /// scheduled one waited for. Also returns when the next rotation is due.
+/// Without a trigger (rotation no longer configured) only unfinished work
+/// is done.
 fn plan(
     record: &CredentialRecord,
-    trigger: &RotationTrigger,
+    trigger: Option<&RotationTrigger>,
     now: SystemTime,
     requested: bool,
     retry_wait: Duration,
 ) -> (Plan, Option<SystemTime>) {
     let since = record.last_rotated_at.unwrap_or(record.current.created_at);
-    let due_at = schedule::next_due(trigger, since);
+    let due_at = trigger.and_then(|t| schedule::next_due(t, since));
     let plan = if !retry_wait.is_zero() {
         Plan::Wait(retry_wait)
-    } else if !matches!(record.rotation, Rotation::Idle) {
+    } else if record.is_unfinished() {
         Plan::Rotate { begin: false }
+    } else if trigger.is_none() {
+        Plan::Wait(Duration::from_secs(86400))
     } else if requested {
         Plan::Rotate { begin: true }
     } else {
@@ -510,17 +685,16 @@ pub async fn check_secret(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SecretEntry;
+    use crate::store::{Rotation, SecretEntry};
 
     fn record(created: SystemTime, rotation: Rotation) -> CredentialRecord {
         CredentialRecord {
-            current: SecretEntry {
+            rotation,
+            ..CredentialRecord::new(SecretEntry {
                 id: None,
                 value: SecretString::from("v"),
                 created_at: created,
-            },
-            rotation,
-            last_rotated_at: None,
+            })
         }
     }
 
@@ -529,13 +703,13 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let hour = RotationTrigger::Every(Duration::from_secs(3600));
         let idle = record(t0, Rotation::Idle);
-        let (p, due) = plan(&idle, &hour, t0, false, Duration::ZERO);
+        let (p, due) = plan(&idle, Some(&hour), t0, false, Duration::ZERO);
         assert_eq!(p, Plan::Wait(Duration::from_secs(3600)));
         assert_eq!(due, Some(t0 + Duration::from_secs(3600)));
         // Overdue (e.g. while rekeyd was down): now.
         let (p, _) = plan(
             &idle,
-            &hour,
+            Some(&hour),
             t0 + Duration::from_secs(7200),
             false,
             Duration::ZERO,
@@ -543,20 +717,23 @@ mod tests {
         assert_eq!(p, Plan::Rotate { begin: true });
         // Requested: now, unless backing off.
         assert_eq!(
-            plan(&idle, &hour, t0, true, Duration::ZERO).0,
+            plan(&idle, Some(&hour), t0, true, Duration::ZERO).0,
             Plan::Rotate { begin: true }
         );
         let backoff = Duration::from_secs(5);
-        assert_eq!(plan(&idle, &hour, t0, true, backoff).0, Plan::Wait(backoff));
+        assert_eq!(plan(&idle, Some(&hour), t0, true, backoff).0, Plan::Wait(backoff));
         // Unfinished: resume without starting another.
-        let creating = record(t0, Rotation::Creating { rid: "r".into() });
+        let creating = record(t0, Rotation::Creating {
+                rid: "r".into(),
+                attempt: "a".into(),
+            });
         assert_eq!(
-            plan(&creating, &hour, t0, false, Duration::ZERO).0,
+            plan(&creating, Some(&hour), t0, false, Duration::ZERO).0,
             Plan::Rotate { begin: false }
         );
         // Manual trigger: never by schedule.
         assert_eq!(
-            plan(&idle, &RotationTrigger::Manual, t0, false, Duration::ZERO),
+            plan(&idle, Some(&RotationTrigger::Manual), t0, false, Duration::ZERO),
             (Plan::Wait(Duration::from_secs(86400)), None)
         );
     }

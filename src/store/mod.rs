@@ -16,7 +16,7 @@ use futures_util::future::BoxFuture;
 
 use crate::config::{Config, StoreConfig};
 
-pub use record::{CredentialRecord, Rotation, SecretEntry};
+pub use record::{CredentialRecord, RetiredSecret, Rotation, SecretEntry, sha256_hex};
 
 /// A value together with the version it was read at.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ pub enum StoreError {
 /// paused process or a suspended machine. Safety comes from the journal's
 /// compare-and-swap; the claim's job is to keep a holder that may have lost
 /// it from *starting* side effects (S3).
-pub trait Claim: Send {
+pub trait Claim: Send + Sync {
     /// Whether a new side effect may start now: the holder's last confirmed
     /// renewal is recent enough that no other actor can have taken the
     /// claim over yet (S3). A kernel lock never lapses: always true.

@@ -19,8 +19,11 @@ pub struct SecretEntry {
 pub enum Rotation {
     #[default]
     Idle,
-    /// Intent recorded; the create call may or may not have reached the provider.
-    Creating { rid: String },
+    /// Intent recorded; the create call may or may not have reached the
+    /// provider. `attempt` is written afresh by every actor that resumes this
+    /// phase (S2) and is part of the created secret's tag, so the secrets of
+    /// earlier attempts can be told apart and deleted.
+    Creating { rid: String, attempt: String },
     /// The provider answered; the new secret is persisted but not yet proven.
     Created { rid: String, pending: SecretEntry },
     /// `current` is the new secret; `old` is deleted after `delete_after`.
@@ -42,11 +45,57 @@ impl Rotation {
     }
 }
 
+impl Rotation {
+    /// The old secret of a promoted rotation: still valid at the provider
+    /// until deleted, so it still counts as a fallback (S5).
+    pub fn old(&self) -> Option<&SecretEntry> {
+        match self {
+            Rotation::Promoted { old, .. } => Some(old),
+            _ => None,
+        }
+    }
+}
+
+/// A secret the journal retires: its provider id and the SHA-256 (hex) of
+/// its value when the value was known. Kept so that `set-secret` can refuse
+/// a secret rekeyd deleted (S6) without keeping the value itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetiredSecret {
+    pub id: Option<String>,
+    pub sha256: Option<String>,
+}
+
+impl RetiredSecret {
+    pub fn of(entry: &SecretEntry) -> Self {
+        RetiredSecret {
+            id: entry.id.clone(),
+            sha256: Some(sha256_hex(&entry.value)),
+        }
+    }
+}
+
+/// The SHA-256 of a secret's value, hex: compares values without keeping them.
+pub fn sha256_hex(value: &SecretString) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(value.expose_secret().as_bytes()))
+}
+
+/// How many retired secrets the record remembers for `set-secret`.
+pub const RETIRED_HISTORY: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct CredentialRecord {
     pub current: SecretEntry,
     pub rotation: Rotation,
     pub last_rotated_at: Option<SystemTime>,
+    /// Secrets the journal has committed to deleting at the provider: the
+    /// compare-and-swap that adds an id here is what licenses its delete
+    /// (S1); the id leaves the list once the delete is done. Every entry
+    /// has an id.
+    pub retire: Vec<RetiredSecret>,
+    /// The last [`RETIRED_HISTORY`] secrets deleted (or dropped) by the
+    /// journal, newest last: `set-secret` refuses them (S6).
+    pub retired: Vec<RetiredSecret>,
 }
 
 impl CredentialRecord {
@@ -55,7 +104,33 @@ impl CredentialRecord {
             current,
             rotation: Rotation::Idle,
             last_rotated_at: None,
+            retire: Vec::new(),
+            retired: Vec::new(),
         }
+    }
+
+    /// Whether the journal has work left: a rotation phase other than idle,
+    /// or secrets still to delete. Such a journal is always finished,
+    /// whatever the configuration says about future rotations.
+    pub fn is_unfinished(&self) -> bool {
+        !matches!(self.rotation, Rotation::Idle) || !self.retire.is_empty()
+    }
+
+    /// Whether `value` (or, when given, provider id `id`) is a secret the
+    /// journal retired or is retiring.
+    pub fn knows_retired(&self, value: &SecretString, id: Option<&str>) -> bool {
+        let digest = sha256_hex(value);
+        self.retire.iter().chain(&self.retired).any(|r| {
+            r.sha256.as_deref() == Some(digest.as_str())
+                || (id.is_some() && r.id.as_deref() == id)
+        })
+    }
+
+    /// Appends to the retired history, keeping the newest entries.
+    pub fn remember_retired(&mut self, entries: impl IntoIterator<Item = RetiredSecret>) {
+        self.retired.extend(entries);
+        let excess = self.retired.len().saturating_sub(RETIRED_HISTORY);
+        self.retired.drain(..excess);
     }
 
     /// The secret of an unfinished rotation that may already be the one the
@@ -82,6 +157,18 @@ pub(crate) struct Document {
     pub current: DocSecret,
     pub rotation: DocRotation,
     pub last_rotated_at: Option<String>,
+    /// Absent in records written before the fields existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retire: Vec<DocRetired>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<DocRetired>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DocRetired {
+    pub id: Option<String>,
+    pub sha256: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -98,6 +185,10 @@ pub(crate) enum DocRotation {
     Idle,
     Creating {
         rid: String,
+        /// Absent in records written before attempts existed: resuming
+        /// writes one (S2).
+        #[serde(default)]
+        attempt: String,
     },
     Created {
         rid: String,
@@ -148,7 +239,10 @@ impl Document {
             current: DocSecret::from_entry(&record.current),
             rotation: match &record.rotation {
                 Rotation::Idle => DocRotation::Idle,
-                Rotation::Creating { rid } => DocRotation::Creating { rid: rid.clone() },
+                Rotation::Creating { rid, attempt } => DocRotation::Creating {
+                    rid: rid.clone(),
+                    attempt: attempt.clone(),
+                },
                 Rotation::Created { rid, pending } => DocRotation::Created {
                     rid: rid.clone(),
                     pending: DocSecret::from_entry(pending),
@@ -164,6 +258,8 @@ impl Document {
                 },
             },
             last_rotated_at: record.last_rotated_at.map(time_to_text),
+            retire: record.retire.iter().map(DocRetired::from).collect(),
+            retired: record.retired.iter().map(DocRetired::from).collect(),
         }
     }
 
@@ -176,7 +272,7 @@ impl Document {
         }
         let rotation = match self.rotation {
             DocRotation::Idle => Rotation::Idle,
-            DocRotation::Creating { rid } => Rotation::Creating { rid },
+            DocRotation::Creating { rid, attempt } => Rotation::Creating { rid, attempt },
             DocRotation::Created { rid, pending } => Rotation::Created {
                 rid,
                 pending: pending.into_entry("rotation.pending")?,
@@ -198,8 +294,31 @@ impl Document {
                 .last_rotated_at
                 .map(|t| time_from_text("last_rotated_at", &t))
                 .transpose()?,
+            retire: self.retire.into_iter().map(RetiredSecret::from).collect(),
+            retired: self.retired.into_iter().map(RetiredSecret::from).collect(),
         };
+        if record.retire.iter().any(|r| r.id.is_none()) {
+            return Err("retire: an entry without an id".into());
+        }
         Ok((self.version, record))
+    }
+}
+
+impl From<&RetiredSecret> for DocRetired {
+    fn from(r: &RetiredSecret) -> Self {
+        DocRetired {
+            id: r.id.clone(),
+            sha256: r.sha256.clone(),
+        }
+    }
+}
+
+impl From<DocRetired> for RetiredSecret {
+    fn from(d: DocRetired) -> Self {
+        RetiredSecret {
+            id: d.id,
+            sha256: d.sha256,
+        }
     }
 }
 

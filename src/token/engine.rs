@@ -26,6 +26,10 @@ pub struct Secrets {
     pub current: SecretString,
     /// A replacement created by an unfinished rotation, not yet promoted.
     pub pending: Option<SecretString>,
+    /// The secret a promoted rotation replaced: valid at the provider until
+    /// the rotation deletes it, so it still counts when `current` is
+    /// refused (S5).
+    pub old: Option<SecretString>,
 }
 
 /// Where the engine gets secrets from. Read before every login, so a
@@ -52,6 +56,7 @@ impl SecretSource for StoreSecrets {
                 .value;
             Ok(Secrets {
                 pending: record.pending().map(|p| p.value.clone()),
+                old: record.rotation.old().map(|o| o.value.clone()),
                 current: record.current.value,
             })
         })
@@ -143,7 +148,8 @@ impl Engine {
 
     /// Logs in with the current secret; if the provider rejects it, re-reads
     /// the store (another process may have rotated it) and tries the pending
-    /// secret of an unfinished rotation before giving up.
+    /// secret of an unfinished rotation, then the old secret of a promoted
+    /// one (S5: until it is deleted it still works), before giving up.
     async fn attempt(&self) -> Attempt {
         let _slot = self
             .login_slots
@@ -158,7 +164,10 @@ impl Engine {
         };
         let fresh = self.load_secrets().await?;
         let mut tried = vec![secrets.current];
-        for candidate in [Some(fresh.current), fresh.pending].into_iter().flatten() {
+        for candidate in [Some(fresh.current), fresh.pending, fresh.old]
+            .into_iter()
+            .flatten()
+        {
             if tried
                 .iter()
                 .any(|t| t.expose_secret() == candidate.expose_secret())

@@ -1,0 +1,154 @@
+//! `rekeyd set-secret`: an operator installs a secret by hand, among
+//! running daemons and rotations (DESIGN.md S6).
+//!
+//! Order matters: claim, then read, then verify, then compare-and-swap from
+//! the version read under the claim. Verifying before claiming (as this
+//! command once did) can prove a secret that a rotation deletes while the
+//! command waits for the claim; the swap from a stale read is what stops
+//! the command from installing it anyway (S1).
+
+use std::time::SystemTime;
+
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use crate::provider::{ProviderError, TokenProvider};
+use crate::store::{CredentialRecord, RetiredSecret, Rotation, SecretEntry, Store, StoreError};
+
+/// What the operator asks for.
+pub struct SetSecret<'a> {
+    pub name: &'a str,
+    pub value: SecretString,
+    /// The provider's id of the secret, so a later rotation can delete it.
+    pub id: Option<String>,
+    /// Log in with the value before installing it (off: `--no-verify`).
+    pub verify: bool,
+    /// Replace an unfinished rotation journal (`--force`); needs `verify`.
+    pub force: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetSecretError {
+    #[error("the provider does not accept this secret: {0} (check the value; --no-verify installs it anyway)")]
+    Refused(ProviderError),
+    #[error(
+        "this secret was retired by a rotation (deleted, or about to be, at the provider); installing it would lock the credential out. Give the secret now in use (`rekeyd status` shows the rotation) or a new one"
+    )]
+    Retired,
+    #[error(
+        "a rotation of {name} is unfinished (phase {phase}{retiring}); run `rekeyd rotate {name}` to finish it first, or repeat with --force to replace the journal (the secret is verified first)"
+    )]
+    Unfinished {
+        name: String,
+        phase: &'static str,
+        retiring: String,
+    },
+    #[error("--force needs verification: a journal is only replaced by a secret proven to log in (drop --no-verify)")]
+    ForceWithoutVerify,
+    #[error("the journal of {0} changed while this command ran (a rotation moved on); run it again")]
+    Changed(String),
+    #[error("stopped before anything was written")]
+    Stopped,
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// What was installed, and what a forced install replaced.
+#[derive(Debug, Default)]
+pub struct Installed {
+    /// With `--force`: the phase of the rotation journal that was replaced.
+    pub replaced_phase: Option<&'static str>,
+    /// Provider ids now in the journal's retire list: the daemon deletes
+    /// them after checking that they are this client's (S7).
+    pub retiring: Vec<String>,
+}
+
+/// Installs `req.value` as the current secret of `req.name` (S6).
+pub async fn set_secret(
+    store: &dyn Store,
+    provider: &dyn TokenProvider,
+    req: SetSecret<'_>,
+    stop: &CancellationToken,
+) -> Result<Installed, SetSecretError> {
+    if req.force && !req.verify {
+        return Err(SetSecretError::ForceWithoutVerify);
+    }
+    // S6: the claim first, so no rotation of ours moves while we decide.
+    let _claim = tokio::select! {
+        c = store.claim(req.name, true) => c.map_err(SetSecretError::Store)?,
+        _ = stop.cancelled() => return Err(SetSecretError::Stopped),
+    };
+    let existing = store.load(req.name).await.map_err(SetSecretError::Store)?;
+    if let Some(r) = &existing {
+        if r.value.knows_retired(&req.value, req.id.as_deref()) {
+            return Err(SetSecretError::Retired);
+        }
+        if r.value.is_unfinished() && !req.force {
+            return Err(SetSecretError::Unfinished {
+                name: req.name.to_string(),
+                phase: r.value.rotation.phase(),
+                retiring: match r.value.retire.len() {
+                    0 => String::new(),
+                    n => format!(", {n} secret(s) still to delete"),
+                },
+            });
+        }
+    }
+    if req.verify {
+        let login = tokio::select! {
+            l = provider.login(&req.value) => l,
+            _ = stop.cancelled() => return Err(SetSecretError::Stopped),
+        };
+        login.map_err(SetSecretError::Refused)?;
+    }
+    let new = SecretEntry {
+        id: req.id,
+        value: req.value,
+        created_at: SystemTime::now(),
+    };
+    let mut installed = Installed::default();
+    let record = match &existing {
+        None => CredentialRecord::new(new),
+        Some(r) => {
+            let mut next = r.value.clone();
+            if r.value.is_unfinished() {
+                installed.replaced_phase = Some(r.value.rotation.phase());
+                // The replaced journal's secrets are retired, not forgotten:
+                // the daemon deletes them once a listing shows they are this
+                // client's (S7), so none is left untracked (I3).
+                let new_digest = RetiredSecret::of(&new).sha256;
+                for entry in discarded(&r.value) {
+                    let retired = RetiredSecret::of(entry);
+                    let same = retired.id.is_some() && retired.id == new.id
+                        || retired.sha256 == new_digest;
+                    let known = next.retire.iter().any(|x| x.id == retired.id);
+                    if retired.id.is_some() && !same && !known {
+                        next.retire.push(retired);
+                    }
+                }
+                next.rotation = Rotation::Idle;
+            }
+            next.current = new;
+            next
+        }
+    };
+    installed.retiring = record.retire.iter().filter_map(|r| r.id.clone()).collect();
+    let expected = existing.as_ref().map(|r| r.version);
+    match store.compare_and_swap(req.name, expected, &record).await {
+        Ok(_) => Ok(installed),
+        Err(StoreError::Conflict { .. }) => Err(SetSecretError::Changed(req.name.to_string())),
+        Err(e) => Err(SetSecretError::Store(e)),
+    }
+}
+
+/// The secrets an unfinished rotation created or had committed to deleting:
+/// the pending one (created), or the promoted one and the old one
+/// (promoted). The secret that was current before the rotation began is
+/// left in place, as an install on an idle journal leaves it.
+fn discarded(record: &CredentialRecord) -> Vec<&SecretEntry> {
+    match &record.rotation {
+        Rotation::Created { pending, .. } => vec![pending],
+        Rotation::Promoted { old, .. } => vec![&record.current, old],
+        Rotation::Idle | Rotation::Creating { .. } => Vec::new(),
+    }
+}
