@@ -196,6 +196,7 @@ impl SecretSource for FakeSecrets {
             Ok(Secrets {
                 current: SecretString::from(current),
                 pending: pending.map(SecretString::from),
+                old: None,
             })
         })
     }

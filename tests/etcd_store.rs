@@ -84,7 +84,10 @@ async fn compare_and_swap_creates_updates_and_refuses_stale_writes() {
         Err(StoreError::Conflict { expected: None, .. })
     ));
     let mut r = record("two");
-    r.rotation = Rotation::Creating { rid: "r1".into() };
+    r.rotation = Rotation::Creating {
+        rid: "r1".into(),
+        attempt: "a1".into(),
+    };
     let v2 = store.compare_and_swap("a", Some(v1), &r).await.unwrap();
     assert!(v2 > v1);
     // Stale: written against v1 after v2 replaced it.

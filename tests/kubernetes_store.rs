@@ -87,7 +87,10 @@ async fn compare_and_swap_is_per_credential() {
         Err(StoreError::Conflict { .. })
     ));
     let mut r = record("two");
-    r.rotation = Rotation::Creating { rid: "r1".into() };
+    r.rotation = Rotation::Creating {
+        rid: "r1".into(),
+        attempt: "a1".into(),
+    };
     let v2 = s.compare_and_swap("a", Some(v1), &r).await.unwrap();
     assert_eq!(v2, 2);
     // A stale version is a conflict.
@@ -625,6 +628,8 @@ impl Replicas {
             grace: Duration::from_secs(1),
             verify_window: DEFAULT_VERIFY_WINDOW,
             status: None,
+            refresh_now: None,
+            clock: rekeyd::rotation::driver::system_clock(),
         };
         tokio::time::timeout(
             EVENT_TIMEOUT,
@@ -711,7 +716,7 @@ async fn another_replica_finishes_a_rotation_whose_holder_vanished() {
     eventually("the survivor finishing the rotation", || async {
         let record = r.stored().await;
         record.rotation.phase() == "idle"
-            || matches!(&record.rotation, Rotation::Creating { rid: other } | Rotation::Created { rid: other, .. } | Rotation::Promoted { rid: other, .. } if *other != rid)
+            || matches!(&record.rotation, Rotation::Creating { rid: other, .. } | Rotation::Created { rid: other, .. } | Rotation::Promoted { rid: other, .. } if *other != rid)
     })
     .await;
     let survivor = 1 - holder;

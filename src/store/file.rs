@@ -233,7 +233,10 @@ mod tests {
             Err(StoreError::Conflict { .. })
         ));
         let mut r = record("two");
-        r.rotation = Rotation::Creating { rid: "r1".into() };
+        r.rotation = Rotation::Creating {
+            rid: "r1".into(),
+            attempt: "a1".into(),
+        };
         let v2 = store.compare_and_swap("a", Some(v1), &r).await.unwrap();
         assert_eq!(v2, v1 + 1);
         let got = store.load("a").await.unwrap().unwrap();
