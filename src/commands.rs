@@ -33,6 +33,9 @@ pub async fn execute(cli: Cli) -> u8 {
                 return EXIT_CONFIG;
             };
             logging::init(config.log.format);
+            for warning in config.warnings() {
+                tracing::warn!(step = "config", "{warning}");
+            }
             match daemon::run(&args.config, config).await {
                 Ok(()) => EXIT_OK,
                 Err(e) => {
@@ -46,6 +49,9 @@ pub async fn execute(cli: Cli) -> u8 {
         Command::Check(args) => match load(&args.config) {
             Some(config) => {
                 println!("{}", effective_config(&config));
+                for warning in config.warnings() {
+                    eprintln!("rekeyd: warning: {warning}");
+                }
                 eprintln!("rekeyd: {} is valid", args.config.display());
                 EXIT_OK
             }

@@ -3,9 +3,10 @@
 //! into a typed [`Config`]. Every validation error names the key it is about,
 //! so an operator can fix the file without reading our source.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -28,6 +29,23 @@ pub enum ConfigError {
     Load { path: PathBuf, message: String },
     #[error("config key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+}
+
+/// A setting that is valid but probably not what the operator meant.
+/// `rekeyd check` prints each one and `rekeyd run` logs it at WARN; neither
+/// stops. A warning names keys, paths and client ids, never a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// The key the warning is about, e.g. `credentials[1].client_id`.
+    pub key: String,
+    /// What looks wrong and why it matters.
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "config key `{}`: {}", self.key, self.reason)
+    }
 }
 
 impl ConfigError {
@@ -250,7 +268,7 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProviderKind {
     MapsIndoors,
     Mappls,
@@ -450,6 +468,13 @@ impl Config {
     pub fn credential(&self, name: &str) -> Option<&CredentialConfig> {
         self.credentials.iter().find(|c| c.name == name)
     }
+
+    /// Settings that are valid but probably a mistake, in the order of the
+    /// credentials. Derived from the validated configuration, so every
+    /// `Config` answers the same however it was built.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        shared_client_warnings(&self.credentials)
+    }
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -513,6 +538,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    check_one_owner_per_secret(&credentials)?;
+
     Ok(Config {
         state_dir,
         api,
@@ -520,6 +547,156 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         store,
         credentials,
     })
+}
+
+/// S8, one secret, one owner. A rotation deletes the secret it replaces, so
+/// no credential may live on a secret that another credential rotates.
+/// Before the store holds a record, a credential's secret comes from
+/// `initial_secret_file`, and `initial_secret_id` names it at the provider
+/// (there is no other source: later secrets live in the store under the
+/// credential's unique name). Two credentials hold the same secret when
+/// those files are the same file or those ids are equal.
+fn check_one_owner_per_secret(credentials: &[CredentialConfig]) -> Result<(), ConfigError> {
+    // For each way of naming a secret, the first credential that named it.
+    // Checking every later one against that first one finds each group of
+    // credentials on one secret that has a rotating member: either the first
+    // rotates and the second meets it, or a later one rotates and meets the
+    // first.
+    let mut by_path = HashMap::new();
+    let mut by_file = HashMap::new();
+    let mut by_id = HashMap::new();
+    for (j, cred) in credentials.iter().enumerate() {
+        if let Some(path) = &cred.initial_secret_file {
+            let same_path = first_holder(&mut by_path, normalize_lexically(path), j);
+            let same_file =
+                file_identity(path).and_then(|file| first_holder(&mut by_file, file, j));
+            for i in [same_path, same_file].into_iter().flatten() {
+                let other = credentials[i]
+                    .initial_secret_file
+                    .as_ref()
+                    .expect("indexed by its initial_secret_file");
+                refuse_if_either_rotates(
+                    credentials,
+                    (i, j),
+                    "initial_secret_file",
+                    format!(
+                        "{} is the same file as `credentials[{i}].initial_secret_file` ({})",
+                        path.display(),
+                        other.display()
+                    ),
+                )?;
+            }
+        }
+        if let Some(id) = &cred.initial_secret_id
+            && let Some(i) = first_holder(&mut by_id, id.as_str(), j)
+        {
+            refuse_if_either_rotates(
+                credentials,
+                (i, j),
+                "initial_secret_id",
+                format!("{id:?} is also `credentials[{i}].initial_secret_id`"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses credentials `i` and `j` (`i < j`), which hold the same secret, if
+/// either of them rotates (S8). `same` says how they share it.
+fn refuse_if_either_rotates(
+    credentials: &[CredentialConfig],
+    (i, j): (usize, usize),
+    field: &str,
+    same: String,
+) -> Result<(), ConfigError> {
+    let (first, second) = (&credentials[i], &credentials[j]);
+    let why = match (first.rotation.is_some(), second.rotation.is_some()) {
+        (false, false) => return Ok(()),
+        (true, false) => rotation_locks_out(&first.name, &second.name),
+        (false, true) => rotation_locks_out(&second.name, &first.name),
+        (true, true) => "both rotate, and the first rotation of either would delete the secret \
+                         the other lives on, locking it out"
+            .to_string(),
+    };
+    Err(ConfigError::invalid(
+        format!("credentials[{j}].{field}"),
+        format!(
+            "{same}: {why}. Give each credential a secret of its own (S8: one secret, one \
+             owner); several scopes or audiences on one secret belong in one credential"
+        ),
+    ))
+}
+
+fn rotation_locks_out(rotating: &str, other: &str) -> String {
+    format!(
+        "credential {rotating:?} rotates, and its first rotation would delete the secret \
+         credential {other:?} lives on, locking {other:?} out"
+    )
+}
+
+/// The index recorded for `key`, if another credential recorded it first;
+/// else records `index`.
+fn first_holder<K: Eq + Hash>(seen: &mut HashMap<K, usize>, key: K, index: usize) -> Option<usize> {
+    let first = *seen.entry(key).or_insert(index);
+    (first != index).then_some(first)
+}
+
+/// `path` without `.` components, each `..` removing the component before
+/// it, without asking the file system: two spellings of one missing file
+/// still compare equal. Where the removed component is a symlink this may
+/// equate two different files, which only errs towards refusing.
+fn normalize_lexically(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            // At the root `pop` does nothing, as `/..` is `/`.
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Device and inode of the file at `path`, following symlinks, so that a
+/// symlink, a `..` through a linked directory, a hard link or a bind mount
+/// does not hide that two paths are one file. `None` when the file cannot
+/// be examined: a missing bootstrap file has its own error, raised when it
+/// is needed, and must not fail validation.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Two credentials of one client at one token endpoint are legitimate (a
+/// client may hold several secrets), but they are also what sharing a secret
+/// looks like when S8 cannot see it: a copy of the bootstrap file, or files
+/// already removed after bootstrap. Warn, so the operator checks.
+fn shared_client_warnings(credentials: &[CredentialConfig]) -> Vec<ConfigWarning> {
+    let mut first = HashMap::new();
+    let mut warnings = Vec::new();
+    for (j, cred) in credentials.iter().enumerate() {
+        let endpoint = (
+            cred.provider,
+            cred.endpoints.token_url.as_str(),
+            cred.client_id.as_str(),
+        );
+        let Some(i) = first_holder(&mut first, endpoint, j) else {
+            continue;
+        };
+        warnings.push(ConfigWarning {
+            key: format!("credentials[{j}].client_id"),
+            reason: format!(
+                "client {:?} at {} is also `credentials[{i}].client_id` (credential {:?}); \
+                 that is safe only if the two hold different secrets: if they share one and \
+                 either rotates, its rotation deletes the secret the other lives on (S8)",
+                cred.client_id, cred.endpoints.token_url, credentials[i].name
+            ),
+        });
+    }
+    warnings
 }
 
 fn validate_store(raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
@@ -1198,4 +1375,40 @@ fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
             format!("invalid duration {text:?} ({e}); use e.g. \"30s\", \"5m\", \"24h\""),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lexical_normalization_drops_dots_and_resolves_parents() {
+        for (spelled, normal) in [
+            ("/etc/rekeyd/./x/../maps.secret", "/etc/rekeyd/maps.secret"),
+            ("/etc//rekeyd/maps.secret", "/etc/rekeyd/maps.secret"),
+            ("/etc/rekeyd/", "/etc/rekeyd"),
+            ("/../etc", "/etc"),
+        ] {
+            assert_eq!(
+                normalize_lexically(Path::new(spelled)),
+                Path::new(normal),
+                "{spelled}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shared_client_warning_names_both_keys() {
+        let credential = |name: &str| {
+            format!(
+                "[[credentials]]\nname = \"{name}\"\nprovider = \"mappls\"\nclient_id = \"c\"\n\
+                 initial_secret_file = \"/etc/rekeyd/{name}.secret\"\n"
+            )
+        };
+        let config = Config::from_toml(&[credential("a"), credential("b")].concat()).unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].key, "credentials[1].client_id");
+        assert!(warnings[0].reason.contains("`credentials[0].client_id`"));
+    }
 }

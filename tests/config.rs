@@ -383,3 +383,296 @@ fn missing_config_file_exits_78() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/rekeyd.toml"), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------
+// S8: one secret, one owner.
+// ---------------------------------------------------------------------------
+
+/// What `rekeyd check` said about a configuration.
+struct Checked {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Writes `text` to `<dir>/rekeyd.toml` and runs `rekeyd check` on it.
+fn check(dir: &Path, text: &str) -> Checked {
+    let path = dir.join("rekeyd.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("REKEYD_CONFIG")
+        .output()
+        .unwrap();
+    Checked {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A MapsIndoors credential of client "c"; `extra` goes at the end of its
+/// table (e.g. a `[credentials.rotation]` section).
+fn maps_credential(name: &str, secret_file: &str, secret_id: Option<&str>, extra: &str) -> String {
+    let id = secret_id.map_or(String::new(), |id| {
+        format!("initial_secret_id = \"{id}\"\n")
+    });
+    format!(
+        "[[credentials]]\nname = \"{name}\"\nprovider = \"mapsindoors\"\nclient_id = \"c\"\n\
+         customer_id = \"cust\"\ninitial_secret_file = \"{secret_file}\"\n{id}{extra}"
+    )
+}
+
+const ROTATION: &str = "[credentials.rotation]\nevery = \"24h\"\n";
+
+fn config_of(dir: &Path, credentials: &[String]) -> String {
+    format!(
+        "state_dir = \"{}/state\"\n{}",
+        dir.display(),
+        credentials.concat()
+    )
+}
+
+/// Asserts a refusal under S8 naming `credentials[1].FIELD` and
+/// `credentials[0].FIELD` and saying why.
+fn assert_refused(what: &str, checked: &Checked, field: &str) {
+    let stderr = &checked.stderr;
+    assert_eq!(
+        checked.code,
+        Some(78),
+        "{what}: exit status; stderr: {stderr}"
+    );
+    for fragment in [
+        format!("`credentials[1].{field}`"),
+        format!("`credentials[0].{field}`"),
+        "would delete the secret".to_string(),
+        "S8".to_string(),
+    ] {
+        assert!(
+            stderr.contains(&fragment),
+            "{what}: {fragment:?} not in {stderr:?}"
+        );
+    }
+    assert!(checked.stdout.is_empty(), "{what}: nothing on stdout");
+}
+
+#[test]
+fn a_shared_bootstrap_secret_is_refused_when_either_credential_rotates() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = format!("{}/maps.secret", dir.path().display());
+    let cases = [
+        ("the first rotates", ROTATION, "", "\"a\" rotates"),
+        ("the second rotates", "", ROTATION, "\"b\" rotates"),
+        ("both rotate", ROTATION, ROTATION, "both rotate"),
+    ];
+    for (what, a_extra, b_extra, who) in cases {
+        let text = config_of(
+            dir.path(),
+            &[
+                maps_credential("a", &secret, Some("id-1"), a_extra),
+                maps_credential("b", &secret, Some("id-1"), b_extra),
+            ],
+        );
+        let checked = check(dir.path(), &text);
+        assert_refused(what, &checked, "initial_secret_file");
+        assert!(checked.stderr.contains(who), "{what}: {:?}", checked.stderr);
+    }
+}
+
+#[test]
+fn a_shared_secret_id_is_refused_when_either_credential_rotates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let text = config_of(
+        dir.path(),
+        &[
+            maps_credential("a", &format!("{d}/a.secret"), Some("id-1"), ROTATION),
+            maps_credential("b", &format!("{d}/b.secret"), Some("id-1"), ""),
+        ],
+    );
+    assert_refused("shared id", &check(dir.path(), &text), "initial_secret_id");
+
+    // Different ids (and files): each credential has its own secret.
+    let text = config_of(
+        dir.path(),
+        &[
+            maps_credential("a", &format!("{d}/a.secret"), Some("id-1"), ROTATION),
+            maps_credential("b", &format!("{d}/b.secret"), Some("id-2"), ""),
+        ],
+    );
+    let checked = check(dir.path(), &text);
+    assert_eq!(checked.code, Some(0), "{}", checked.stderr);
+}
+
+#[test]
+fn two_spellings_of_one_secret_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let refused = |what: &str, a_file: &str, b_file: &str| {
+        let text = config_of(
+            dir.path(),
+            &[
+                maps_credential("a", a_file, None, ROTATION),
+                maps_credential("b", b_file, None, ""),
+            ],
+        );
+        assert_refused(what, &check(dir.path(), &text), "initial_secret_file");
+    };
+
+    // Neither file exists: only the spelling can tell, and the missing
+    // file itself is no reason to refuse.
+    refused(
+        "dot and dot-dot",
+        &format!("{d}/./x/../secret"),
+        &format!("{d}/secret"),
+    );
+    refused(
+        "doubled slash",
+        &format!("{d}//secret"),
+        &format!("{d}/secret"),
+    );
+
+    // Existing files reached through symlinks: only the file system can tell.
+    std::fs::write(dir.path().join("real.secret"), "s3cr3t\n").unwrap();
+    std::os::unix::fs::symlink(
+        dir.path().join("real.secret"),
+        dir.path().join("link.secret"),
+    )
+    .unwrap();
+    refused(
+        "symlink to the file",
+        &format!("{d}/real.secret"),
+        &format!("{d}/link.secret"),
+    );
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    std::fs::write(dir.path().join("real/maps.secret"), "s3cr3t\n").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("linked")).unwrap();
+    refused(
+        "symlinked directory",
+        &format!("{d}/linked/maps.secret"),
+        &format!("{d}/real/maps.secret"),
+    );
+
+    // Two different files, existing or not, are fine.
+    let text = config_of(
+        dir.path(),
+        &[
+            maps_credential("a", &format!("{d}/real.secret"), None, ROTATION),
+            maps_credential("b", &format!("{d}/real/maps.secret"), None, ""),
+            maps_credential("m", &format!("{d}/missing.secret"), None, ROTATION),
+        ],
+    );
+    let checked = check(dir.path(), &text);
+    assert_eq!(checked.code, Some(0), "{}", checked.stderr);
+    assert!(!checked.stderr.contains("s3cr3t"), "{}", checked.stderr);
+}
+
+#[test]
+fn a_shared_secret_without_rotation_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = format!("{}/maps.secret", dir.path().display());
+    let text = config_of(
+        dir.path(),
+        &[
+            maps_credential("a", &secret, Some("id-1"), ""),
+            maps_credential("b", &secret, Some("id-1"), "scope = \"other\"\n"),
+        ],
+    );
+    let checked = check(dir.path(), &text);
+    assert_eq!(checked.code, Some(0), "{}", checked.stderr);
+    assert!(
+        checked.stdout.contains("\"name\": \"b\""),
+        "{}",
+        checked.stdout
+    );
+}
+
+#[test]
+fn one_client_at_one_token_endpoint_twice_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // `b` spells out the token URL `a` gets by default: the same endpoint.
+    let explicit_default =
+        "[credentials.endpoints]\ntoken_url = \"https://auth.mapsindoors.com/connect/token\"\n";
+    let text = config_of(
+        dir.path(),
+        &[
+            maps_credential("a", &format!("{d}/a.secret"), None, ROTATION),
+            maps_credential("b", &format!("{d}/b.secret"), None, explicit_default),
+        ],
+    );
+    let checked = check(dir.path(), &text);
+    let stderr = &checked.stderr;
+    assert_eq!(checked.code, Some(0), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.starts_with("rekeyd: warning: "))
+        .unwrap_or_else(|| panic!("no warning in {stderr:?}"));
+    for fragment in [
+        "`credentials[1].client_id`",
+        "`credentials[0].client_id`",
+        "\"c\"",
+        "https://auth.mapsindoors.com/connect/token",
+    ] {
+        assert!(
+            warning.contains(fragment),
+            "{fragment:?} not in {warning:?}"
+        );
+    }
+    assert_eq!(stderr.matches("rekeyd: warning: ").count(), 1, "{stderr}");
+    assert!(stderr.contains("is valid"), "{stderr}");
+    assert!(
+        checked.stdout.contains("\"name\": \"b\""),
+        "{}",
+        checked.stdout
+    );
+
+    // Another token endpoint, or another client: no warning.
+    let elsewhere =
+        "[credentials.endpoints]\ntoken_url = \"https://auth.example.com/connect/token\"\n";
+    let text = config_of(
+        dir.path(),
+        &[
+            maps_credential("a", &format!("{d}/a.secret"), None, ROTATION),
+            maps_credential("b", &format!("{d}/b.secret"), None, elsewhere),
+            maps_credential("e", &format!("{d}/e.secret"), None, "")
+                .replace("client_id = \"c\"", "client_id = \"e\""),
+        ],
+    );
+    let checked = check(dir.path(), &text);
+    assert_eq!(checked.code, Some(0), "{}", checked.stderr);
+    assert!(!checked.stderr.contains("warning"), "{}", checked.stderr);
+}
+
+#[test]
+fn run_logs_configuration_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // The bootstrap files are missing, so the daemon stops right after
+    // start-up; the warning is logged before that.
+    let path = dir.path().join("rekeyd.toml");
+    let text = config_of(
+        dir.path(),
+        &[
+            maps_credential("a", &format!("{d}/a.secret"), None, ""),
+            maps_credential("b", &format!("{d}/b.secret"), None, ""),
+        ],
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("REKEYD_CONFIG")
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("`credentials[1].client_id`"))
+        .unwrap_or_else(|| panic!("no warning in {stderr:?}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("`credentials[0].client_id`"), "{line}");
+}
