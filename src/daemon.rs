@@ -572,10 +572,15 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 notifier.reloading();
                 info!(step = "reload", path = %config_path.display(), "reloading configuration");
                 match Config::load(config_path) {
-                    Ok(new) => match running.reload(&new).await {
-                        Ok(()) => info!(step = "reload", "configuration reloaded"),
-                        Err(e) => error!(step = "reload", error = %e, "reload failed; the previous configuration stays in force"),
-                    },
+                    Ok(new) => {
+                        for w in new.warnings() {
+                            warn!(step = "config", "{w}");
+                        }
+                        match running.reload(&new).await {
+                            Ok(()) => info!(step = "reload", "configuration reloaded"),
+                            Err(e) => error!(step = "reload", error = %e, "reload failed; the previous configuration stays in force"),
+                        }
+                    }
                     Err(e) => error!(step = "reload", error = %e, "new configuration rejected; the previous one stays in force"),
                 }
                 // systemd waits for READY after RELOADING.

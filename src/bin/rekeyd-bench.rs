@@ -1768,11 +1768,12 @@ async fn rotation_run(
         let _ = write!(
             toml,
             "[[credentials]]\nname = \"{}\"\nprovider = \"mapsindoors\"\nclient_id = \"{}\"\n\
-             customer_id = \"cust-{}\"\ninitial_secret_file = \"/nonexistent\"\n\
+             customer_id = \"cust-{}\"\ninitial_secret_file = \"/nonexistent/{}.secret\"\n\
              [credentials.endpoints]\ntoken_url = \"{}\"\nsecrets_url = \"{}\"\n\
              [credentials.rotation]\nevery = \"24h\"\ngrace = \"0s\"\n",
             c.name,
             c.client_id,
+            c.name,
             c.name,
             sim.mapsindoors_token_url(),
             sim.mapsindoors_secrets_url()
