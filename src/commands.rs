@@ -273,7 +273,9 @@ async fn set_secret(
     match operator::set_secret(store.as_ref(), provider.as_ref(), request, &shutdown).await {
         Ok(installed) => {
             if let Some(phase) = installed.replaced_phase {
-                eprintln!("rekeyd: {name}: replaced an unfinished rotation journal (phase {phase})");
+                eprintln!(
+                    "rekeyd: {name}: replaced an unfinished rotation journal (phase {phase})"
+                );
             }
             if !installed.retiring.is_empty() {
                 eprintln!(

@@ -327,7 +327,9 @@ async fn launch(
     // says about future rotations (a reload may have removed
     // `[credentials.rotation]` mid-rotation): the rotation task then runs
     // without a schedule and ends once the journal is finished.
-    let secret_api = p.secret_api.filter(|_| cred.rotation.is_some() || unfinished);
+    let secret_api = p
+        .secret_api
+        .filter(|_| cred.rotation.is_some() || unfinished);
     if let Some(secret_api) = secret_api {
         let rotator = Arc::new(Rotator {
             name: cred.name.clone(),

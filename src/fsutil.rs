@@ -56,10 +56,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// `/var/lib/NAME` one), and so is a directory we may not chmod (the root of
 /// a volume owned by root): the files inside are created 0600 regardless.
 pub fn ensure_private_dir(dir: &Path, mode: u32) -> io::Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(dir)?;
+    create_dir_durable(dir, mode)?;
     let meta = fs::metadata(dir)?;
     if !meta.is_dir() {
         return Err(io::Error::new(
@@ -74,6 +71,39 @@ pub fn ensure_private_dir(dir: &Path, mode: u32) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Creates `dir` and any missing parents with `mode`, and fsyncs each new
+/// directory's parent: a file later written durably inside must not vanish
+/// with its directory on power loss (I2).
+fn create_dir_durable(dir: &Path, mode: u32) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while fs::symlink_metadata(at).is_err() {
+        missing.push(at.to_path_buf());
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => break,
+        }
+    }
+    for d in missing.iter().rev() {
+        match fs::DirBuilder::new().mode(mode).create(d) {
+            // Created meanwhile by another process: it made it durable.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            other => other?,
+        }
+        sync_dir(&parent_dir(d))?;
+    }
+    Ok(())
+}
+
+/// Whether `file_name` is a temp file [`write_atomic`] made for `target`
+/// (left behind by a crash between create and rename).
+pub fn is_temp_of(file_name: &str, target: &str) -> bool {
+    file_name
+        .strip_prefix('.')
+        .and_then(|rest| rest.strip_prefix(target))
+        .is_some_and(|rest| rest.starts_with(".tmp."))
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
@@ -101,6 +131,30 @@ mod tests {
         );
         // No temp files left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn creates_missing_parents_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        ensure_private_dir(&deep, 0o700).unwrap();
+        for d in ["a", "a/b", "a/b/c"] {
+            let mode = fs::metadata(dir.path().join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "{d}");
+        }
+        // Idempotent.
+        ensure_private_dir(&deep, 0o700).unwrap();
+    }
+
+    #[test]
+    fn temp_files_are_recognised() {
+        assert!(is_temp_of(".maps.json.tmp.12.00ab", "maps.json"));
+        assert!(!is_temp_of(".maps.json.tmp.12.00ab", "map.json"));
+        assert!(!is_temp_of("maps.json", "maps.json"));
+        assert!(!is_temp_of(".maps.json", "maps.json"));
     }
 
     #[test]

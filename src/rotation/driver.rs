@@ -244,7 +244,11 @@ impl Run<'_> {
                             step = "rotate",
                             "the journal changed under this run; reading it again"
                         );
-                        self.record = r.store.load(&r.name).await?.ok_or(RotationError::NoRecord)?;
+                        self.record = r
+                            .store
+                            .load(&r.name)
+                            .await?
+                            .ok_or(RotationError::NoRecord)?;
                         r.publish(&self.record.value);
                         // The current secret may have changed.
                         self.bearer = None;
@@ -721,19 +725,31 @@ mod tests {
             Plan::Rotate { begin: true }
         );
         let backoff = Duration::from_secs(5);
-        assert_eq!(plan(&idle, Some(&hour), t0, true, backoff).0, Plan::Wait(backoff));
+        assert_eq!(
+            plan(&idle, Some(&hour), t0, true, backoff).0,
+            Plan::Wait(backoff)
+        );
         // Unfinished: resume without starting another.
-        let creating = record(t0, Rotation::Creating {
+        let creating = record(
+            t0,
+            Rotation::Creating {
                 rid: "r".into(),
                 attempt: "a".into(),
-            });
+            },
+        );
         assert_eq!(
             plan(&creating, Some(&hour), t0, false, Duration::ZERO).0,
             Plan::Rotate { begin: false }
         );
         // Manual trigger: never by schedule.
         assert_eq!(
-            plan(&idle, Some(&RotationTrigger::Manual), t0, false, Duration::ZERO),
+            plan(
+                &idle,
+                Some(&RotationTrigger::Manual),
+                t0,
+                false,
+                Duration::ZERO
+            ),
             (Plan::Wait(Duration::from_secs(86400)), None)
         );
     }

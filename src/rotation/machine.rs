@@ -369,8 +369,7 @@ fn plan_retire(
     let ids: Vec<String> = next.retire.iter().filter_map(|r| r.id.clone()).collect();
     let t = if ids.is_empty() {
         // Nothing to delete: persist only if entries were dropped.
-        if next.retire.len() == record.retire.len() && next.retired.len() == record.retired.len()
-        {
+        if next.retire.len() == record.retire.len() && next.retired.len() == record.retired.len() {
             stay(record, Next::Stable)
         } else {
             persist(next, Next::Stable)
@@ -520,7 +519,10 @@ mod tests {
             attempt: "a2".into(),
         };
         let t = step(&r, resume, &ctx(t0())).unwrap();
-        assert!(t.persist, "S2: the fresh attempt is written before any delete");
+        assert!(
+            t.persist,
+            "S2: the fresh attempt is written before any delete"
+        );
         assert!(
             matches!(&t.record.rotation, Rotation::Creating { attempt, .. } if attempt == "a2")
         );
@@ -638,7 +640,11 @@ mod tests {
             listed("old", "by hand", Some("client")),
             listed("orphan", "rekeyd:maps:r8.a2", Some("client")),
             listed("other-cred", "rekeyd:maps-2:r8.a2", Some("client")),
-            listed("other-clients-tag", "rekeyd:maps:r8.a2", Some("other-client")),
+            listed(
+                "other-clients-tag",
+                "rekeyd:maps:r8.a2",
+                Some("other-client"),
+            ),
             listed("untagged-unknown", "by hand", None),
             young,
         ];
@@ -657,7 +663,12 @@ mod tests {
         );
         assert!(t.warnings.iter().any(|w| w.contains("foreign")));
         // Dropped entries are remembered, so set-secret refuses them.
-        assert!(t.record.retired.iter().any(|r| r.id.as_deref() == Some("gone")));
+        assert!(
+            t.record
+                .retired
+                .iter()
+                .any(|r| r.id.as_deref() == Some("gone"))
+        );
     }
 
     #[test]

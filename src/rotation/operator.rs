@@ -29,7 +29,9 @@ pub struct SetSecret<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetSecretError {
-    #[error("the provider does not accept this secret: {0} (check the value; --no-verify installs it anyway)")]
+    #[error(
+        "the provider does not accept this secret: {0} (check the value; --no-verify installs it anyway)"
+    )]
     Refused(ProviderError),
     #[error(
         "this secret was retired by a rotation (deleted, or about to be, at the provider); installing it would lock the credential out. Give the secret now in use (`rekeyd status` shows the rotation) or a new one"
@@ -43,9 +45,13 @@ pub enum SetSecretError {
         phase: &'static str,
         retiring: String,
     },
-    #[error("--force needs verification: a journal is only replaced by a secret proven to log in (drop --no-verify)")]
+    #[error(
+        "--force needs verification: a journal is only replaced by a secret proven to log in (drop --no-verify)"
+    )]
     ForceWithoutVerify,
-    #[error("the journal of {0} changed while this command ran (a rotation moved on); run it again")]
+    #[error(
+        "the journal of {0} changed while this command ran (a rotation moved on); run it again"
+    )]
     Changed(String),
     #[error("stopped before anything was written")]
     Stopped,

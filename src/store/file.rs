@@ -39,6 +39,52 @@ impl FileStore {
         Ok(())
     }
 
+    /// Removes the temp files that a crash (`kill -9`, power loss) left
+    /// between writing a record's temp file and renaming it: they hold
+    /// secrets (I7) and nothing else ever removes them. Each is removed
+    /// under its credential's lock, which every writer holds while its temp
+    /// file exists, so a write in flight in another process is never
+    /// touched (its lock is busy and the file is skipped). Returns how many
+    /// were removed.
+    pub fn sweep_temp_files(&self) -> Result<usize, StoreError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&self.dir, e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&self.dir, e))?;
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(name) = file_name
+                .strip_prefix('.')
+                .and_then(|rest| rest.split_once(".json.tmp."))
+                .map(|(name, _)| name.to_string())
+            else {
+                continue;
+            };
+            if !fsutil::is_temp_of(&file_name, &format!("{name}.json")) {
+                continue;
+            }
+            let lock_path = self.lock_path(&name);
+            let lock = open_lock_file(&lock_path).map_err(|e| io_err(&lock_path, e))?;
+            match lock.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, e)),
+            }
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&entry.path(), e)),
+            }
+        }
+        if removed > 0 {
+            fsutil::sync_dir(&self.dir).map_err(|e| io_err(&self.dir, e))?;
+        }
+        Ok(removed)
+    }
+
     pub fn record_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.json"))
     }
@@ -253,6 +299,33 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn temp_files_left_by_a_crash_are_swept_but_not_under_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        store
+            .compare_and_swap("a", None, &record("one"))
+            .await
+            .unwrap();
+        let leftover = store.dir.join(".a.json.tmp.4242.00000000000000aa");
+        std::fs::write(&leftover, b"secret-bearing").unwrap();
+        let busy = store.dir.join(".b.json.tmp.4243.00000000000000bb");
+        std::fs::write(&busy, b"being written").unwrap();
+        let writer = open_lock_file(&store.lock_path("b")).unwrap();
+        writer.lock().unwrap();
+        let unrelated = store.dir.join(".a.jsonx");
+        std::fs::write(&unrelated, b"x").unwrap();
+
+        assert_eq!(store.sweep_temp_files().unwrap(), 1);
+        assert!(!leftover.exists());
+        assert!(busy.exists(), "a write in flight keeps its temp file");
+        assert!(unrelated.exists());
+        assert!(store.load("a").await.unwrap().is_some());
+        drop(writer);
+        assert_eq!(store.sweep_temp_files().unwrap(), 1);
+        assert!(!busy.exists());
     }
 
     #[tokio::test]

@@ -104,7 +104,20 @@ pub trait Store: Send + Sync {
 /// a daemon that cannot reach its store says so before it starts anything.
 pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
-        StoreConfig::File => Ok(Arc::new(file::FileStore::new(&config.state_dir))),
+        StoreConfig::File => {
+            let store = file::FileStore::new(&config.state_dir);
+            // Like a stale socket: what a killed process left is cleared at
+            // the next start (I7: those temp files hold secrets).
+            let swept = store.sweep_temp_files()?;
+            if swept > 0 {
+                tracing::info!(
+                    step = "start",
+                    swept,
+                    "removed temp files an interrupted write left in the state directory"
+                );
+            }
+            Ok(Arc::new(store))
+        }
         StoreConfig::Kubernetes(k8s) => {
             Ok(Arc::new(kubernetes::KubernetesStore::connect(k8s).await?))
         }

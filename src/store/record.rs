@@ -121,8 +121,7 @@ impl CredentialRecord {
     pub fn knows_retired(&self, value: &SecretString, id: Option<&str>) -> bool {
         let digest = sha256_hex(value);
         self.retire.iter().chain(&self.retired).any(|r| {
-            r.sha256.as_deref() == Some(digest.as_str())
-                || (id.is_some() && r.id.as_deref() == id)
+            r.sha256.as_deref() == Some(digest.as_str()) || (id.is_some() && r.id.as_deref() == id)
         })
     }
 

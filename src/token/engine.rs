@@ -77,7 +77,7 @@ pub struct Engine {
 }
 
 /// Outcome of one refresh attempt.
-type Attempt = Result<Token, ProviderError>;
+pub type Attempt = Result<Token, ProviderError>;
 
 impl Engine {
     /// Runs until `shutdown` is cancelled.
@@ -150,7 +150,9 @@ impl Engine {
     /// the store (another process may have rotated it) and tries the pending
     /// secret of an unfinished rotation, then the old secret of a promoted
     /// one (S5: until it is deleted it still works), before giving up.
-    async fn attempt(&self) -> Attempt {
+    /// One refresh attempt, without publishing: what the engine's loop does
+    /// each time (the simulation tests call it directly).
+    pub async fn attempt(&self) -> Attempt {
         let _slot = self
             .login_slots
             .acquire()
