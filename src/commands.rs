@@ -375,7 +375,7 @@ async fn stored_status(config: &Config) -> Vec<Value> {
         let mut row = json!({"name": cred.name, "provider": cred.provider.as_str()});
         match store.load(&cred.name).await {
             Ok(Some(record)) => {
-                row["rotation_phase"] = json!(record.value.rotation.phase());
+                row["rotation_phase"] = json!(record.value.phase());
                 row["last_rotated_at"] = json!(
                     record
                         .value

@@ -316,7 +316,7 @@ async fn launch(
     if let Some(record) = store.load(&cred.name).await? {
         unfinished = record.value.is_unfinished();
         channels.status.send_modify(|s| {
-            s.rotation_phase = record.value.rotation.phase().to_string();
+            s.rotation_phase = record.value.phase().to_string();
             s.last_rotated_at = record.value.last_rotated_at;
         });
     }

@@ -152,7 +152,9 @@ impl Metrics {
         for result in ["success", "aborted", "error"] {
             // The journal phases, and what the driver reports when it
             // cannot read the journal.
-            for phase in ["idle", "creating", "created", "promoted", "unknown"] {
+            for phase in [
+                "idle", "creating", "created", "promoted", "retiring", "unknown",
+            ] {
                 self.rotation_attempts.remove(&RotationLabels {
                     credential: name.to_string(),
                     result,

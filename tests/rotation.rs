@@ -181,7 +181,7 @@ async fn fresh_token(handle: &rekeyd::credential::CredentialHandle) -> Arc<rekey
 /// one, and it logs in.
 async fn assert_single_stored_secret(w: &World, config: &Config) -> CredentialRecord {
     let record = stored(config).await;
-    assert_eq!(record.rotation.phase(), "idle");
+    assert_eq!(record.phase(), "idle");
     let tagged = w.tagged();
     assert_eq!(tagged.len(), 1, "exactly one tagged secret: {tagged:?}");
     assert_eq!(Some(&tagged[0].id), record.current.id.as_ref());
@@ -297,13 +297,12 @@ async fn rotation_that_fell_due_while_down_runs_at_start() {
     // Last rotated two days ago; `every = "1h"`: overdue.
     let long_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
     let record = CredentialRecord {
-        current: SecretEntry {
+        last_rotated_at: Some(long_ago),
+        ..CredentialRecord::new(SecretEntry {
             id: Some(w.bootstrap.0.clone()),
             value: SecretString::from(w.bootstrap.1.clone()),
             created_at: long_ago,
-        },
-        rotation: Rotation::Idle,
-        last_rotated_at: Some(long_ago),
+        })
     };
     FileStore::new(&dir.path().join("state"))
         .compare_and_swap("maps", None, &record)
@@ -515,6 +514,8 @@ async fn rotator(
         grace: Duration::ZERO,
         verify_window,
         status: None,
+        refresh_now: None,
+        clock: rekeyd::rotation::driver::system_clock(),
     };
     (rotator, config)
 }
@@ -639,7 +640,10 @@ async fn recovery_deletes_only_our_orphan_whatever_the_list_returns() {
     let other_credential = w.sim.add_secret(CLIENT, &format!("rekeyd:maps-2:{rid}"));
     let prefix_only = w.sim.add_secret(CLIENT, &format!("rekeyd:maps:{rid}:x"));
     let mut record = bootstrap_record(&w);
-    record.rotation = Rotation::Creating { rid: rid.into() };
+    record.rotation = Rotation::Creating {
+        rid: rid.into(),
+        attempt: String::new(),
+    };
     let dir = tempfile::tempdir().unwrap();
     let (rotator, config) = rotator(&w, dir.path(), &record, Duration::from_secs(10)).await;
 
@@ -663,16 +667,21 @@ async fn recovery_deletes_only_our_orphan_whatever_the_list_returns() {
     ] {
         assert!(w.has_secret(client, kept), "{client}'s {} kept", kept.0);
     }
-    // The replacement carries the interrupted rotation's tag.
+    // The replacement carries the interrupted rotation's tag, with the
+    // attempt that the resuming run recorded (S2).
     let record = stored(&config).await;
-    assert_eq!(record.rotation.phase(), "idle");
+    assert_eq!(record.phase(), "idle");
     let current = w
         .sim
         .secrets(CLIENT)
         .into_iter()
         .find(|s| Some(&s.id) == record.current.id.as_ref())
         .expect("stored secret exists");
-    assert_eq!(current.description, format!("rekeyd:maps:{rid}"));
+    assert_eq!(
+        rekeyd::rotation::rotation_id_of("maps", &current.description),
+        Some(rid)
+    );
+    assert_ne!(current.description, format!("rekeyd:maps:{rid}"));
     assert_eq!(w.sim.stats().secrets_deleted, 2);
     assert_eq!(
         login_kind(&*provider(&config), record.current.value.expose_secret()).await,
@@ -750,7 +759,10 @@ async fn set_secret_installs_only_working_secrets_and_status_shows_the_phase() {
     let store = FileStore::new(&config.state_dir);
     let v = store.load("maps").await.unwrap().unwrap().version;
     let mut creating = record.clone();
-    creating.rotation = Rotation::Creating { rid: "r1".into() };
+    creating.rotation = Rotation::Creating {
+        rid: "r1".into(),
+        attempt: "a1".into(),
+    };
     let v = store
         .compare_and_swap("maps", Some(v), &creating)
         .await

@@ -171,7 +171,7 @@ impl Rotator {
             if !idle {
                 info!(
                     step = "rotate",
-                    phase = record.value.rotation.phase(),
+                    phase = record.value.phase(),
                     retiring = record.value.retire.len(),
                     "resuming unfinished rotation work"
                 );
@@ -209,7 +209,7 @@ impl Rotator {
         }
         if let Some(status) = &self.status {
             status.send_modify(|s| {
-                s.rotation_phase = record.rotation.phase().to_string();
+                s.rotation_phase = record.phase().to_string();
                 s.last_rotated_at = record.last_rotated_at;
             });
         }
@@ -602,7 +602,7 @@ pub async fn run_schedule(
             }
             if let Some(result) = result_label {
                 let phase = match rotator.store.load(&rotator.name).await {
-                    Ok(Some(r)) => r.value.rotation.phase(),
+                    Ok(Some(r)) => r.value.phase(),
                     _ => "unknown",
                 };
                 metrics::global()

@@ -92,7 +92,7 @@ pub async fn set_secret(
         if r.value.is_unfinished() && !req.force {
             return Err(SetSecretError::Unfinished {
                 name: req.name.to_string(),
-                phase: r.value.rotation.phase(),
+                phase: r.value.phase(),
                 retiring: match r.value.retire.len() {
                     0 => String::new(),
                     n => format!(", {n} secret(s) still to delete"),
@@ -118,7 +118,7 @@ pub async fn set_secret(
         Some(r) => {
             let mut next = r.value.clone();
             if r.value.is_unfinished() {
-                installed.replaced_phase = Some(r.value.rotation.phase());
+                installed.replaced_phase = Some(r.value.phase());
                 // The replaced journal's secrets are retired, not forgotten:
                 // the daemon deletes them once a listing shows they are this
                 // client's (S7), so none is left untracked (I3).

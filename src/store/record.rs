@@ -109,6 +109,15 @@ impl CredentialRecord {
         }
     }
 
+    /// The journal's phase as operators see it: the rotation's phase, or
+    /// `retiring` while idle with secrets still to delete.
+    pub fn phase(&self) -> &'static str {
+        match self.rotation {
+            Rotation::Idle if !self.retire.is_empty() => "retiring",
+            _ => self.rotation.phase(),
+        }
+    }
+
     /// Whether the journal has work left: a rotation phase other than idle,
     /// or secrets still to delete. Such a journal is always finished,
     /// whatever the configuration says about future rotations.
