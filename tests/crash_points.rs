@@ -18,8 +18,9 @@
 //!
 //! How each point is reached (`crashes_for`):
 //! - on the path of a fresh rotation (journal idle → creating → created →
-//!   promoted → idle): `rotation-after-persist-creating`, `-create`,
-//!   `-persist-created`, `-verify`, `-persist-promoted`, `-delete-old`,
+//!   promoted → idle with the old secret to retire → idle):
+//!   `rotation-after-persist-creating`, `-create`, `-persist-created`,
+//!   `-verify`, `-persist-promoted`, `-persist-retire`, `-delete-old`,
 //!   `-persist-idle`: one crash, then the clean run resumes;
 //! - only when resuming a `creating` journal: `rotation-after-list` and
 //!   `rotation-after-delete-tagged`. A first crash at `rotation-after-create`
@@ -77,7 +78,11 @@ fn crashes_for(point: &str) -> Vec<(&'static str, &'static str)> {
         "rotation-after-persist-created" => vec![("rotation-after-persist-created", "created")],
         "rotation-after-verify" => vec![("rotation-after-verify", "created")],
         "rotation-after-persist-promoted" => vec![("rotation-after-persist-promoted", "promoted")],
-        "rotation-after-delete-old" => vec![("rotation-after-delete-old", "promoted")],
+        // The old secret is retired in the write that ends the rotation
+        // (S1: that write licenses its delete), so the journal is idle with
+        // the old secret still to delete.
+        "rotation-after-persist-retire" => vec![("rotation-after-persist-retire", "idle")],
+        "rotation-after-delete-old" => vec![("rotation-after-delete-old", "idle")],
         "rotation-after-persist-idle" => vec![("rotation-after-persist-idle", "idle")],
         other => panic!("crash point {other:?} has no scenario in tests/crash_points.rs"),
     }
@@ -512,7 +517,8 @@ async fn one_rotation_crashed_at_every_point_in_turn() {
         ("rotation-after-persist-created", "created"),
         ("rotation-after-verify", "created"),
         ("rotation-after-persist-promoted", "promoted"),
-        ("rotation-after-delete-old", "promoted"),
+        ("rotation-after-persist-retire", "idle"),
+        ("rotation-after-delete-old", "idle"),
         ("rotation-after-persist-idle", "idle"),
     ];
     let covered: BTreeSet<&str> = chain.iter().map(|(p, _)| *p).collect();
