@@ -337,7 +337,7 @@ async fn status(config: &Config, as_json: bool) -> u8 {
             "NAME", "PROVIDER", "READY", "TOKEN EXPIRES", "ROTATION", "LAST ROTATED"
         );
         for row in &rows {
-            let s = |k: &str| row[k].as_str().unwrap_or("-").to_string();
+            let s = |k: &str| s_of(row, k);
             println!(
                 "{:<20} {:<12} {:<6} {:<22} {:<10} {:<22} {}",
                 s("name"),
@@ -351,12 +351,25 @@ async fn status(config: &Config, as_json: bool) -> u8 {
                 s("last_error"),
             );
         }
+        // An unfinished journal: what it waits for and the way out.
+        for row in &rows {
+            if let Some(waiting) = row["rotation_waiting_for"].as_str() {
+                println!("{}: rotation waiting for {waiting}", s_of(row, "name"));
+                if let Some(e) = row["last_rotation_error"].as_str() {
+                    println!("{}: last rotation error: {e}", s_of(row, "name"));
+                }
+            }
+        }
     }
     if daemon_error.is_some() {
         EXIT_UNAVAILABLE
     } else {
         EXIT_OK
     }
+}
+
+fn s_of(row: &Value, key: &str) -> String {
+    row[key].as_str().unwrap_or("-").to_string()
 }
 
 async fn stored_status(config: &Config) -> Vec<Value> {
@@ -376,6 +389,8 @@ async fn stored_status(config: &Config) -> Vec<Value> {
         match store.load(&cred.name).await {
             Ok(Some(record)) => {
                 row["rotation_phase"] = json!(record.value.phase());
+                row["rotation_waiting_for"] =
+                    json!(crate::rotation::waiting_for(&record.value, &cred.name));
                 row["last_rotated_at"] = json!(
                     record
                         .value

@@ -26,6 +26,9 @@ pub struct CredentialStatus {
     /// Every secret we know of was rejected by the provider.
     pub locked_out: bool,
     pub rotation_phase: String,
+    /// For an unfinished journal: what rekeyd waits for and the command
+    /// that gets out of it ([`crate::rotation::waiting_for`]).
+    pub rotation_waiting_for: Option<String>,
     pub last_rotation_error: Option<String>,
     #[serde(serialize_with = "serialize_time")]
     pub last_rotated_at: Option<SystemTime>,

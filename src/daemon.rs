@@ -317,6 +317,7 @@ async fn launch(
         unfinished = record.value.is_unfinished();
         channels.status.send_modify(|s| {
             s.rotation_phase = record.value.phase().to_string();
+            s.rotation_waiting_for = crate::rotation::waiting_for(&record.value, &cred.name);
             s.last_rotated_at = record.value.last_rotated_at;
         });
     }

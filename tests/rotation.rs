@@ -774,17 +774,27 @@ async fn set_secret_installs_only_working_secrets_and_status_shows_the_phase() {
     )
     .await;
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("phase creating"),
-        "{}",
-        text(&out.stderr)
-    );
+    let refusal = text(&out.stderr);
+    assert!(refusal.contains("phase creating"), "{refusal}");
+    // The refusal says what to do next.
+    assert!(refusal.contains("rekeyd rotate maps"), "{refusal}");
+    assert!(refusal.contains("--force"), "{refusal}");
     // status without the daemon: the phase comes from the store.
     let out = cli(&["status", "--json"], &config_path, None).await;
     assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["daemon_reachable"], false);
     assert_eq!(json["credentials"][0]["rotation_phase"], "creating");
+    let waiting = json["credentials"][0]["rotation_waiting_for"]
+        .as_str()
+        .expect("an unfinished journal says what it waits for");
+    assert!(waiting.contains("rekeyd rotate maps"), "{waiting}");
+    let out = cli(&["status"], &config_path, None).await;
+    assert!(
+        text(&out.stdout).contains("maps: rotation waiting for the provider to create"),
+        "{}",
+        text(&out.stdout)
+    );
     store
         .compare_and_swap("maps", Some(v), &record)
         .await

@@ -210,6 +210,7 @@ impl Rotator {
         if let Some(status) = &self.status {
             status.send_modify(|s| {
                 s.rotation_phase = record.phase().to_string();
+                s.rotation_waiting_for = super::waiting_for(record, &self.name);
                 s.last_rotated_at = record.last_rotated_at;
             });
         }

@@ -12,6 +12,8 @@ pub mod operator;
 pub mod schedule;
 pub mod verify;
 
+use crate::store::{CredentialRecord, Rotation};
+
 /// The description every secret created by rekeyd carries (I3): it names
 /// the credential, the rotation and the attempt (S2), so recovery can find a
 /// secret whose value was lost, and so nothing else is ever mistaken for ours
@@ -54,9 +56,55 @@ pub fn rotation_id_of<'a>(credential: &str, description: &'a str) -> Option<&'a 
     parse_tag(credential, description).map(|t| t.rid)
 }
 
+/// For an unfinished journal: what rekeyd is waiting for, and the command
+/// that gets the operator out of it if it stays stuck. `None` when idle.
+/// Shown by `rekeyd status` (text and JSON) and `GET /v1/status`.
+pub fn waiting_for(record: &CredentialRecord, name: &str) -> Option<String> {
+    let rotate = format!("`rekeyd rotate {name}` retries it now");
+    let force = format!(
+        "`rekeyd set-secret {name} --force` (a working secret on stdin) replaces the journal"
+    );
+    Some(match &record.rotation {
+        Rotation::Idle if record.retire.is_empty() => return None,
+        Rotation::Idle => format!(
+            "deleting {} retired secret(s) at the provider once a listing shows they are this client's; {rotate}",
+            record.retire.len()
+        ),
+        Rotation::Creating { .. } => format!(
+            "the provider to create the replacement secret (earlier attempts are cleaned up first); {rotate}"
+        ),
+        Rotation::Created { .. } => format!(
+            "the provider to accept the new secret (verification; the current secret stays in use); {rotate}; if the provider never accepts it, {force}"
+        ),
+        Rotation::Promoted { delete_after, .. } => format!(
+            "the grace period (until {}); then the new secret is verified once more and the old one deleted. If the new secret is refused, the old one becomes current again; {rotate}",
+            humantime::format_rfc3339_seconds(*delete_after)
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unfinished_journal_says_what_it_waits_for_and_how_out() {
+        use crate::store::SecretEntry;
+        use secrecy::SecretString;
+        let mut r = CredentialRecord::new(SecretEntry {
+            id: None,
+            value: SecretString::from("v"),
+            created_at: std::time::SystemTime::UNIX_EPOCH,
+        });
+        assert_eq!(waiting_for(&r, "maps"), None);
+        r.rotation = Rotation::Created {
+            rid: "r".into(),
+            pending: r.current.clone(),
+        };
+        let text = waiting_for(&r, "maps").unwrap();
+        assert!(text.contains("rekeyd rotate maps"), "{text}");
+        assert!(text.contains("rekeyd set-secret maps --force"), "{text}");
+    }
 
     #[test]
     fn tags_round_trip_and_do_not_cross_credentials() {
