@@ -1,6 +1,7 @@
 //! The etcd store against a real etcd server (`/usr/bin/etcd`, started per
 //! test on loopback ports): compare-and-swap, rotation claims (exclusion,
-//! release on drop, expiry after a holder stops renewing, fencing, waiting),
+//! release on drop, expiry after a holder stops renewing, fencing, waiting,
+//! a holder that is paused or whose keep-alives stall going stale and lost),
 //! an unreachable cluster, and three daemon replicas sharing one rotating
 //! MapsIndoors credential while one of them is killed again and again.
 
@@ -236,10 +237,11 @@ async fn a_live_claim_outlives_its_ttl_and_a_lost_one_fences_writes() {
     let a = store(&server, ttl).await;
     let b = store(&server, ttl).await;
     let v1 = a.compare_and_swap("m", None, &record("one")).await.unwrap();
-    let _claim = a.claim("m", false).await.unwrap().expect("free");
+    let claim = a.claim("m", false).await.unwrap().expect("free");
     // Kept alive well past the TTL.
     tokio::time::sleep(ttl * 2).await;
     assert!(b.claim("m", false).await.unwrap().is_none(), "renewed");
+    assert!(claim.is_fresh());
     let v2 = a
         .compare_and_swap("m", Some(v1), &record("two"))
         .await
@@ -261,10 +263,63 @@ async fn a_live_claim_outlives_its_ttl_and_a_lost_one_fences_writes() {
     );
     let got = b.load("m").await.unwrap().unwrap();
     assert_eq!(got.version, v2);
+    // a's next keep-alive is answered with TTL 0: a learns it lost the claim.
+    tokio::time::timeout(ttl, claim.lost().cancelled())
+        .await
+        .expect("a notices the lost claim");
+    assert!(!claim.is_fresh());
     // b, the holder now, writes.
     b.compare_and_swap("m", Some(v2), &record("four"))
         .await
         .unwrap();
+}
+
+// A current-thread runtime: blocking its thread stops every task of the
+// holder, its keep-alive included, as SIGSTOP would stop the process.
+#[tokio::test(flavor = "current_thread")]
+async fn a_paused_holder_is_stale_at_once_and_lost_once_its_lease_expired() {
+    let server = EtcdServer::start();
+    let ttl = Duration::from_secs(2);
+    let holder = store(&server, ttl).await;
+    let claim = holder.claim("m", false).await.unwrap().expect("free");
+    assert!(claim.is_fresh());
+
+    // Paused past the TTL: nothing renews, and etcd expires the lease.
+    std::thread::sleep(ttl + Duration::from_millis(1500));
+    // On waking, before any keep-alive had a chance to run: its monotonic
+    // clock kept counting, so it starts nothing new.
+    assert!(!claim.is_fresh());
+    // The next keep-alive finds the lease gone.
+    tokio::time::timeout(Duration::from_secs(10), claim.lost().cancelled())
+        .await
+        .expect("the claim is lost");
+    assert!(!claim.is_fresh());
+    // Another replica may take it now.
+    let other = store(&server, ttl).await;
+    assert!(other.claim("m", false).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_holder_whose_keep_alives_stall_goes_stale_and_loses_the_claim() {
+    let server = EtcdServer::start();
+    // Requests time out at ttl/4 = 1 s.
+    let ttl = Duration::from_secs(4);
+    let holder = store(&server, ttl).await;
+    let claim = holder.claim("m", false).await.unwrap().expect("free");
+    let held_at = Instant::now();
+    assert!(claim.is_fresh());
+
+    server.pause();
+    let lost = tokio::time::timeout(Duration::from_secs(10), claim.lost().cancelled()).await;
+    let after = held_at.elapsed();
+    server.resume();
+    lost.expect("the claim is lost");
+    assert!(!claim.is_fresh());
+    // Fresh for half the TTL after the lease grant was sent (just before
+    // `held_at`); lost once a keep-alive failed after that, well before
+    // the lease could expire on the server.
+    assert!(after >= ttl / 2 - Duration::from_millis(100), "{after:?}");
+    assert!(after < ttl, "{after:?}");
 }
 
 #[tokio::test]

@@ -1,9 +1,11 @@
 //! The Kubernetes store against an in-process fake API server: per-credential
 //! compare-and-swap over one Secret, retries of the server's optimistic
 //! concurrency conflicts, errors that name the object and the API's status
-//! without leaking data, the Lease claim (busy, release, takeover, waiting),
-//! and replicas of the daemon rotating one credential through the store,
-//! including a holder that disappears mid-rotation.
+//! without leaking data, the Lease claim (busy, release, takeover, waiting,
+//! timed on each replica's own clock whatever the holder's wall clock says,
+//! a holder whose renewals fail going stale and lost), and replicas of the
+//! daemon rotating one credential through the store, including a holder that
+//! disappears mid-rotation.
 
 #[path = "support/daemon.rs"]
 mod daemon;
@@ -16,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::http::Method;
 use daemon::{EVENT_TIMEOUT, TestDaemon, wait_token};
-use kube_fake::{FailRule, Kind, KubeFake};
+use kube_fake::{FailRule, Kind, KubeFake, Stall};
 use rekeyd::config::KubernetesStoreConfig;
 use rekeyd::provider::ErrorKind;
 use rekeyd::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator};
@@ -427,14 +429,16 @@ async fn a_holder_that_stops_renewing_is_taken_over() {
 
     let c1 = s1.claim("maps", false).await.unwrap().unwrap();
     let held_at = Instant::now();
-    // While the holder renews, the Lease stays busy past its duration.
+    // While the holder renews (every ttl/4), the Lease stays busy past its
+    // duration.
     let renewed = fake.count(Method::PUT, Kind::Lease);
-    eventually("two renewals", || async {
-        fake.count(Method::PUT, Kind::Lease) >= renewed + 2
+    eventually("five renewals", || async {
+        fake.count(Method::PUT, Kind::Lease) >= renewed + 5
     })
     .await;
-    assert!(held_at.elapsed() >= Duration::from_millis(1300));
+    assert!(held_at.elapsed() >= ttl);
     assert!(s2.claim("maps", false).await.unwrap().is_none());
+    assert!(c1.is_fresh());
 
     // The holder is cut off from the API: no renewals, no release.
     fake.block_token("t1");
@@ -447,11 +451,147 @@ async fn a_holder_that_stops_renewing_is_taken_over() {
         .unwrap()
         .unwrap()
         .expect("taken over");
-    // Not before the claim expired (one ttl after the last renewal, which
-    // was at most ttl/3 before the cut).
-    assert!(cut.elapsed() >= ttl / 2, "{:?}", cut.elapsed());
+    // Not before s2 saw the holder's last record unchanged for a full ttl
+    // on its own clock; it first saw that record at the latest right after
+    // the cut, at the earliest in its busy attempt just before.
+    assert!(cut.elapsed() >= ttl * 3 / 4, "{:?}", cut.elapsed());
     let lease = fake.object(Kind::Lease, NS, LEASE).unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], transitions + 1);
+    assert_eq!(fake.last_writer(Kind::Lease, NS, LEASE).unwrap(), "t2");
+    // The cut-off holder found out: its renewals failed until the claim was
+    // no longer fresh, well before s2 could take it.
+    assert!(!c1.is_fresh());
+    assert!(c1.lost().is_cancelled());
+    assert!(c2.is_fresh());
+    drop(c1);
+    drop(c2);
+}
+
+/// A holder whose Lease writes stop being answered (`stall`) or are
+/// refused (`refuse`): its claim goes stale half a TTL after its last
+/// accepted renewal, and is lost before another replica could take it.
+async fn renewals_fail(stall: bool) {
+    let fake = KubeFake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Requests time out at ttl/4 = 1 s.
+    let ttl = Duration::from_secs(4);
+    let s = store(&fake, dir.path(), "t1", ttl).await;
+    let claim = s.claim("maps", false).await.unwrap().unwrap();
+    let held_at = Instant::now();
+    assert!(claim.is_fresh());
+    if stall {
+        fake.stall(Stall {
+            method: Some(Method::PUT),
+            kind: Some(Kind::Lease),
+        });
+    } else {
+        fake.fail(FailRule {
+            method: Some(Method::PUT),
+            kind: Some(Kind::Lease),
+            code: 503,
+            remaining: None,
+        });
+    }
+    let lost = claim.lost();
+    tokio::time::timeout(EVENT_TIMEOUT, lost.cancelled())
+        .await
+        .expect("the claim is lost");
+    let after = held_at.elapsed();
+    assert!(!claim.is_fresh());
+    // Fresh for half the TTL after the acquiring request was sent (just
+    // before `held_at`); lost once a renewal failed after that, before a
+    // full TTL could let anyone else in.
+    assert!(after >= ttl / 2 - Duration::from_millis(100), "{after:?}");
+    assert!(after < ttl, "{after:?}");
+    // Still held on the server: nobody took it; the release on drop is
+    // answered once the server is.
+    assert_eq!(
+        fake.last_writer(Kind::Lease, NS, LEASE).as_deref(),
+        Some("t1")
+    );
+    fake.unstall();
+    fake.clear_failures();
+    drop(claim);
+    eventually("the release", || async { lease_holder(&fake).is_none() }).await;
+}
+
+#[tokio::test]
+async fn a_holder_whose_renewals_hang_goes_stale_and_loses_the_claim() {
+    renewals_fail(true).await;
+}
+
+#[tokio::test]
+async fn a_holder_whose_renewals_are_refused_goes_stale_and_loses_the_claim() {
+    renewals_fail(false).await;
+}
+
+/// Seconds between a Lease's stored `renewTime` and our wall clock now.
+fn renew_time_offset(fake: &KubeFake) -> i64 {
+    let lease = fake.object(Kind::Lease, NS, LEASE).unwrap();
+    let renewed: k8s_openapi::jiff::Timestamp = lease["spec"]["renewTime"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    renewed.as_second() - k8s_openapi::jiff::Timestamp::now().as_second()
+}
+
+/// A live holder whose wall clock is `skew` seconds off ours writes
+/// renewTimes that far off; we must still not take the Lease from it.
+async fn live_holder_with_clock_off_by(skew: i64) {
+    let fake = KubeFake::start().await;
+    fake.skew_lease_times("t1", skew);
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(2);
+    let s1 = store(&fake, dir.path(), "t1", ttl).await;
+    let s2 = store(&fake, dir.path(), "t2", ttl).await;
+    let c1 = s1.claim("maps", false).await.unwrap().unwrap();
+    let offset = renew_time_offset(&fake);
+    assert!((offset - skew).abs() <= 1, "renewTime {offset} s off");
+
+    // Comparing that renewTime with our clock would say "expired 18 s ago"
+    // (behind) or "busy for 22 s" (ahead); waiting well past one TTL shows
+    // neither: the holder keeps renewing, so it keeps us out.
+    let waited = tokio::time::timeout(ttl * 5 / 2, s2.claim("maps", true)).await;
+    assert!(waited.is_err(), "a live holder was taken over");
+    assert!(s2.claim("maps", false).await.unwrap().is_none());
+    assert!(c1.is_fresh());
+    assert!(!c1.lost().is_cancelled());
+    assert_eq!(fake.last_writer(Kind::Lease, NS, LEASE).unwrap(), "t1");
+}
+
+#[tokio::test]
+async fn a_live_holder_20s_behind_our_clock_is_not_taken_over() {
+    live_holder_with_clock_off_by(-20).await;
+}
+
+#[tokio::test]
+async fn a_live_holder_20s_ahead_of_our_clock_is_not_taken_over() {
+    live_holder_with_clock_off_by(20).await;
+}
+
+#[tokio::test]
+async fn a_silent_holder_20s_ahead_of_our_clock_is_taken_over_after_one_ttl() {
+    let fake = KubeFake::start().await;
+    fake.skew_lease_times("t1", 20);
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(2);
+    let s1 = store(&fake, dir.path(), "t1", ttl).await;
+    let s2 = store(&fake, dir.path(), "t2", ttl).await;
+    let c1 = s1.claim("maps", false).await.unwrap().unwrap();
+
+    fake.block_token("t1");
+    let started = Instant::now();
+    let c2 = tokio::time::timeout(EVENT_TIMEOUT, s2.claim("maps", true))
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("taken over");
+    // One TTL from s2's first sighting, on its clock: not the 22 s that the
+    // holder's renewTime would suggest, and not sooner.
+    let after = started.elapsed();
+    assert!(after >= ttl, "{after:?}");
+    assert!(after < ttl * 3, "{after:?}");
     assert_eq!(fake.last_writer(Kind::Lease, NS, LEASE).unwrap(), "t2");
     drop(c1);
     drop(c2);

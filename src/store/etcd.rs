@@ -11,9 +11,25 @@
 //!   once the lease runs out and another replica resumes the journal.
 //! - `<prefix>/probes/<name>`: written and deleted by `check_writable`.
 //!
-//! Every request is bounded in time: a partitioned cluster makes a rotation
-//! fail (to be resumed later), never hang. Errors name the key and the gRPC
-//! status, never a record's contents (I7).
+//! Timing (S3). The lease expires on the etcd server, timed by the server
+//! alone, so no replica needs to time another. The holder keeps it alive
+//! every `claim_ttl / 4` and counts from the instant it *sent* its last
+//! keep-alive that the server answered with a live TTL: once that is older
+//! than half the TTL, `is_fresh()` is false and no new side effect starts
+//! (a holder resumed after a pause or a suspend sees this at once: its
+//! clocks kept running). A keep-alive that finds the lease gone, or
+//! failures that last until the claim is stale, cancel `lost()`. What this
+//! assumes: that the server's clock and ours run at nearly the same *rate*,
+//! and that the pause between an `is_fresh()` check and the side effect it
+//! licenses is short next to half the TTL. Safety does not rest on it
+//! (S1): every destructive provider call is licensed by a compare-and-swap
+//! of the journal, and while a claim is held those writes are fenced on its
+//! lease, so a holder whose lease expired unnoticed writes nothing.
+//!
+//! Every request is bounded in time, by a quarter of the claim TTL (at
+//! least 1 s, at most 5 s): a partitioned cluster makes a rotation fail (to
+//! be resumed later), never hang, and never holds a step past the claim.
+//! Errors name the key and the gRPC status, never a record's contents (I7).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,15 +42,17 @@ use etcd_client::{
 };
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
+use super::kubernetes::{Renewal, Tenure, keep_renewed, request_timeout};
 use super::{Claim, CredentialRecord, Store, StoreError, Versioned, record};
 use crate::config::EtcdStoreConfig;
 
-/// Bound on one unary request (get, put, txn, lease calls). Generous next to
-/// a healthy cluster's milliseconds, short enough that an unreachable one is
-/// reported while the operator is still looking.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upper bound on one unary request (get, put, txn, lease calls), whatever
+/// the claim TTL: generous next to a healthy cluster's milliseconds, short
+/// enough that an unreachable one is reported while the operator is still
+/// looking. Shorter TTLs bound requests at a quarter of the TTL (S3).
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on establishing a TCP connection to one endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -44,6 +62,8 @@ pub struct EtcdStore {
     /// The configured endpoints, for error messages.
     endpoints: String,
     claim_ttl: Duration,
+    /// Bound on each request, below the claim TTL (S3).
+    timeout: Duration,
     /// Written into claim keys: who rotates, for an operator reading etcd.
     holder: String,
     /// Claims this process holds: credential name → lease id. Writes to a
@@ -58,6 +78,7 @@ impl EtcdStore {
     pub async fn connect(config: &EtcdStoreConfig) -> Result<Self, StoreError> {
         let endpoints = config.endpoints.join(",");
         let target = format!("etcd {}", config.prefix);
+        let timeout = request_timeout(config.claim_ttl, MAX_REQUEST_TIMEOUT);
         let options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             // HTTP/2 pings notice a dead connection while a watch waits.
@@ -65,6 +86,7 @@ impl EtcdStore {
         let client = bounded(
             &target,
             &endpoints,
+            timeout,
             Client::connect(&config.endpoints, Some(options)),
         )
         .await?;
@@ -73,6 +95,7 @@ impl EtcdStore {
             prefix: config.prefix.clone(),
             endpoints,
             claim_ttl: config.claim_ttl,
+            timeout,
             holder: holder_identity(),
             held: Arc::default(),
         };
@@ -97,7 +120,13 @@ impl EtcdStore {
         key: &str,
         request: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
-        bounded(&format!("etcd {key}"), &self.endpoints, request).await
+        bounded(
+            &format!("etcd {key}"),
+            &self.endpoints,
+            self.timeout,
+            request,
+        )
+        .await
     }
 
     /// The lease of this process's claim on `name`, if it holds one.
@@ -110,6 +139,9 @@ impl EtcdStore {
         let key = self.key("claims", name);
         let mut client = self.client.clone();
         let ttl = lease_ttl_seconds(self.claim_ttl);
+        // The lease's TTL runs on the server from when it got the grant,
+        // which is after we sent it (S3).
+        let tenure = Tenure::sending(self.claim_ttl);
         let lease = self.call(&key, client.lease_grant(ttl, None)).await?.id();
         let txn = Txn::new()
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
@@ -145,13 +177,16 @@ impl EtcdStore {
             self.client.clone(),
             key,
             lease,
+            tenure.clone(),
             self.claim_ttl,
+            self.timeout,
             stop.clone(),
         ));
         Ok(Attempt::Taken(EtcdClaim {
             name: name.to_string(),
             lease,
             held: self.held.clone(),
+            tenure,
             stop,
         }))
     }
@@ -308,10 +343,19 @@ struct EtcdClaim {
     name: String,
     lease: i64,
     held: Arc<Mutex<HashMap<String, i64>>>,
+    tenure: Tenure,
     stop: CancellationToken,
 }
 
-impl Claim for EtcdClaim {}
+impl Claim for EtcdClaim {
+    fn is_fresh(&self) -> bool {
+        self.tenure.is_fresh()
+    }
+
+    fn lost(&self) -> CancellationToken {
+        self.tenure.lost()
+    }
+}
 
 impl Drop for EtcdClaim {
     fn drop(&mut self) {
@@ -323,56 +367,56 @@ impl Drop for EtcdClaim {
     }
 }
 
-/// Renews the claim's lease every third of its TTL until `stop`, then
-/// revokes it. If this process dies instead, the lease expires by itself.
+/// Keeps the claim's lease alive every quarter of its TTL, recording in
+/// `tenure` when each answered keep-alive was sent, until the claim is
+/// dropped (`stop`); then revokes the lease. A keep-alive that finds the
+/// lease gone, or failures until the claim is stale, cancel its `lost()`
+/// (S3). If this process dies instead, the lease expires by itself.
 async fn keep_alive(
-    mut client: Client,
+    client: Client,
     key: String,
     lease: i64,
+    tenure: Tenure,
     ttl: Duration,
+    timeout: Duration,
     stop: CancellationToken,
 ) {
-    let every = ttl / 3;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(every) => {}
-        }
+    keep_renewed(tenure, ttl, timeout, &key, &stop, || {
         // A fresh keep-alive stream per renewal: one request, one answer.
         // Nothing to repair after a reconnect, and each attempt is bounded.
-        let renewed = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = tokio::time::timeout(every, client.lease_keep_alive(lease)) => r,
-        };
-        match renewed {
-            Ok(Ok(_)) => {}
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => {
-                // The lease is gone: the claim is lost. Writes are fenced on
-                // it, so this process can no longer change the journal.
-                warn!(
-                    key,
-                    "rotation claim lost: its lease expired before it was renewed"
-                );
-                return;
+        let mut client = client.clone();
+        async move {
+            match client.lease_keep_alive(lease).await {
+                Ok(_) => Renewal::Renewed,
+                // The server answered TTL 0: the lease expired (or was
+                // revoked) before this keep-alive reached it. Writes are
+                // fenced on it, so this process can no longer change the
+                // journal.
+                Err(etcd_client::Error::LeaseKeepAliveError(_)) => {
+                    Renewal::Lost("its lease expired before it was renewed")
+                }
+                Err(e) => Renewal::Failed(describe(&e)),
             }
-            Ok(Err(e)) => {
-                warn!(key, error = %describe(&e), "cannot renew the rotation claim; retrying")
-            }
-            Err(_elapsed) => warn!(key, "renewing the rotation claim timed out; retrying"),
         }
-    }
+    })
+    .await;
+    // A lost claim is still revoked only when it is dropped: a write that
+    // has started keeps its fence until it lands or fails (S4).
+    stop.cancelled().await;
     // Best effort: if it fails, the lease expires after the TTL.
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(lease)).await;
+    let mut client = client;
+    let _ = tokio::time::timeout(timeout, client.lease_revoke(lease)).await;
     debug!(key, lease, "rotation claim released");
 }
 
-/// Runs `request` with [`REQUEST_TIMEOUT`]; failures become `Unavailable`.
+/// Runs `request` with `timeout`; failures become `Unavailable`.
 async fn bounded<T>(
     target: &str,
     endpoints: &str,
+    timeout: Duration,
     request: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+    match tokio::time::timeout(timeout, request).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(StoreError::Unavailable {
             target: target.to_string(),
@@ -380,7 +424,7 @@ async fn bounded<T>(
         }),
         Err(_elapsed) => Err(StoreError::Unavailable {
             target: target.to_string(),
-            reason: format!("no answer within {REQUEST_TIMEOUT:?} (endpoints {endpoints})"),
+            reason: format!("no answer within {timeout:?} (endpoints {endpoints})"),
         }),
     }
 }

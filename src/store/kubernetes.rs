@@ -12,12 +12,21 @@
 //! and decide again, and only a change of *this* credential's document is a
 //! [`StoreError::Conflict`] for the caller.
 //!
+//! Every request gives up after a quarter of the claim TTL (S3, see
+//! `claim::request_timeout`): a stalled API server fails a step well
+//! before the rotation claim could lapse under it.
+//!
 //! Secret data never reaches an error, a log line or a `Debug` output (I7):
 //! errors name the object (`<ns>/<secret>[<key>]`) and the API's status.
 
 mod claim;
 
+// The holder-side timing of a claim (S3) is the same for the etcd store.
+#[cfg(feature = "etcd")]
+pub(crate) use claim::{Renewal, Tenure, keep_renewed, request_timeout};
+
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -36,14 +45,16 @@ use crate::config::KubernetesStoreConfig;
 /// takes a storm of writes; the caller retries later.
 const MAX_WRITE_ATTEMPTS: u32 = 10;
 
-/// No request to the API server waits longer than this: a hung connection
-/// must not stall a rotation step (the claim would be renewed forever).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// No request to the API server waits longer than this, whatever the claim
+/// TTL: a hung connection must not stall a rotation step.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct KubernetesStore {
     secrets: Api<Secret>,
     namespace: String,
     secret: String,
+    /// Bound on each request, below the claim TTL (S3).
+    timeout: Duration,
     claims: claim::Claims,
 }
 
@@ -78,8 +89,11 @@ impl KubernetesStore {
                 }
             },
         };
-        client_config.read_timeout = Some(REQUEST_TIMEOUT);
-        client_config.write_timeout = Some(REQUEST_TIMEOUT);
+        let timeout = claim::request_timeout(config.claim_ttl, MAX_REQUEST_TIMEOUT);
+        // Per connection step; `bounded` limits each request as a whole.
+        client_config.connect_timeout = Some(timeout);
+        client_config.read_timeout = Some(timeout);
+        client_config.write_timeout = Some(timeout);
         let namespace = config
             .namespace
             .clone()
@@ -95,8 +109,10 @@ impl KubernetesStore {
                 format!("{namespace}/{}", config.lease),
                 config.lease.clone(),
                 config.claim_ttl,
+                timeout,
             ),
             secret: config.secret.clone(),
+            timeout,
             namespace,
         })
     }
@@ -114,8 +130,7 @@ impl KubernetesStore {
     }
 
     async fn get(&self) -> Result<Option<Secret>, StoreError> {
-        self.secrets
-            .get_opt(&self.secret)
+        bounded(self.timeout, self.secrets.get_opt(&self.secret))
             .await
             .map_err(|e| self.unavailable(e))
     }
@@ -151,7 +166,12 @@ impl KubernetesStore {
             data: Some(BTreeMap::from([(data_key(name), ByteString(bytes))])),
             ..Secret::default()
         };
-        match self.secrets.create(&PostParams::default(), &secret).await {
+        match bounded(
+            self.timeout,
+            self.secrets.create(&PostParams::default(), &secret),
+        )
+        .await
+        {
             Ok(_) => Ok(Created::Yes),
             Err(e) if api_code(&e) == Some(409) => Ok(Created::Raced),
             Err(e) if api_code(&e) == Some(403) => Err(StoreError::Unavailable {
@@ -193,6 +213,22 @@ fn describe_kubeconfig_error(e: &KubeconfigError) -> String {
 /// The Secret data key of credential `name`.
 fn data_key(name: &str) -> String {
     format!("{name}.json")
+}
+
+/// Runs one API request, giving up after `limit` (S3): the answer of a
+/// request that took longer could no longer be trusted to have landed
+/// while the claim was held.
+async fn bounded<T>(
+    limit: Duration,
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    tokio::time::timeout(limit, request)
+        .await
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                format!("no answer within {limit:?}").into(),
+            ))
+        })
 }
 
 /// The HTTP status of an API error, if the server answered.
@@ -251,7 +287,13 @@ impl Store for KubernetesStore {
                 ..PostParams::default()
             };
             let result = match self.get().await? {
-                Some(secret) => self.secrets.replace(&self.secret, &dry_run, &secret).await,
+                Some(secret) => {
+                    bounded(
+                        self.timeout,
+                        self.secrets.replace(&self.secret, &dry_run, &secret),
+                    )
+                    .await
+                }
                 None => {
                     let secret = Secret {
                         metadata: ObjectMeta {
@@ -261,7 +303,7 @@ impl Store for KubernetesStore {
                         type_: Some("Opaque".into()),
                         ..Secret::default()
                     };
-                    self.secrets.create(&dry_run, &secret).await
+                    bounded(self.timeout, self.secrets.create(&dry_run, &secret)).await
                 }
             };
             result.map(|_| ()).map_err(|e| self.unavailable(e))
@@ -315,10 +357,12 @@ impl Store for KubernetesStore {
                     .data
                     .get_or_insert_with(BTreeMap::new)
                     .insert(data_key(name), ByteString(bytes.clone()));
-                match self
-                    .secrets
-                    .replace(&self.secret, &PostParams::default(), &secret)
-                    .await
+                match bounded(
+                    self.timeout,
+                    self.secrets
+                        .replace(&self.secret, &PostParams::default(), &secret),
+                )
+                .await
                 {
                     Ok(_) => return Ok(version),
                     // Another writer of the Secret (maybe for another

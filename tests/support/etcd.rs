@@ -104,6 +104,25 @@ impl EtcdServer {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, requests get no
+    /// answer, as from a hung member.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a [`EtcdServer::pause`]d server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} etcd");
+    }
+
     /// Stops the server now (SIGKILL), e.g. to test an unreachable store.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

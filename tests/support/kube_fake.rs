@@ -6,8 +6,10 @@
 //! `?dryRun=All`, base64 Secret data, `Status` objects for every failure.
 //!
 //! Knobs: conflicts injected on the next replaces (the stored object changes
-//! behind the client's back), failures by method and kind, bearer tokens cut
-//! off (a partitioned replica), request counts.
+//! behind the client's back), failures by method and kind, requests stalled
+//! by method and kind (a hung server), bearer tokens cut off (a partitioned
+//! replica), a client's clock skewed in the Lease times it writes, request
+//! counts.
 //! Include with `#[path = "support/kube_fake.rs"] mod kube_fake;`.
 #![allow(dead_code)]
 
@@ -22,7 +24,9 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -72,6 +76,20 @@ pub struct FailRule {
     pub remaining: Option<u32>,
 }
 
+/// Requests matching `method` and `kind` (`None`: any) get no answer while
+/// the stall is in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stall {
+    pub method: Option<Method>,
+    pub kind: Option<Kind>,
+}
+
+impl Stall {
+    fn matches(&self, method: &Method, kind: Kind) -> bool {
+        self.method.as_ref().is_none_or(|m| m == method) && self.kind.is_none_or(|k| k == kind)
+    }
+}
+
 #[derive(Default)]
 struct State {
     last_rv: u64,
@@ -84,6 +102,9 @@ struct State {
     counts: HashMap<(Method, Kind), u64>,
     /// The bearer token of the last successful write of each object.
     last_writer: HashMap<Key, String>,
+    /// Seconds added to the times in Lease specs written with a token: that
+    /// client's wall clock is off by as much.
+    skews: HashMap<String, i64>,
 }
 
 impl State {
@@ -96,6 +117,7 @@ impl State {
 pub struct KubeFake {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
+    stalls: watch::Sender<Vec<Stall>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -108,11 +130,24 @@ impl Drop for KubeFake {
 impl KubeFake {
     pub async fn start() -> KubeFake {
         let state = Arc::new(Mutex::new(State::default()));
+        let stalls = watch::Sender::new(Vec::<Stall>::new());
         let app = Router::new().fallback({
             let state = state.clone();
+            let stalls = stalls.clone();
             move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
                 let state = state.clone();
-                async move { handle(&state, method, uri, headers, body) }
+                let mut stalls = stalls.subscribe();
+                async move {
+                    if let Some((kind, _, _)) = route(uri.path()) {
+                        // Answered once no stall matches any more: a request
+                        // the client gave up on may still land late, as on a
+                        // real server.
+                        let _ = stalls
+                            .wait_for(|s| !s.iter().any(|s| s.matches(&method, kind)))
+                            .await;
+                    }
+                    handle(&state, method, uri, headers, body)
+                }
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -120,7 +155,12 @@ impl KubeFake {
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        KubeFake { addr, state, task }
+        KubeFake {
+            addr,
+            state,
+            stalls,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -153,6 +193,27 @@ impl KubeFake {
 
     pub fn clear_failures(&self) {
         self.state.lock().unwrap().rules.clear();
+    }
+
+    /// Requests matching `stall` get no answer until [`KubeFake::unstall`].
+    pub fn stall(&self, stall: Stall) {
+        self.stalls.send_modify(|s| s.push(stall));
+    }
+
+    /// Answers the stalled requests and stalls no more.
+    pub fn unstall(&self) {
+        self.stalls.send_modify(Vec::clear);
+    }
+
+    /// Lease writes bearing `token` store `renewTime` and `acquireTime`
+    /// shifted by `seconds`, as if that client's wall clock were off by so
+    /// much.
+    pub fn skew_lease_times(&self, token: &str, seconds: i64) {
+        self.state
+            .lock()
+            .unwrap()
+            .skews
+            .insert(token.to_string(), seconds);
     }
 
     /// Every request bearing `token` fails with 503 from now on.
@@ -440,6 +501,7 @@ fn handle(
             if dry_run {
                 return ok(StatusCode::CREATED, &object);
             }
+            skew_lease_times(&state, kind, &token, &mut object);
             finish_metadata(&mut state, kind, &ns, &mut object, None);
             state.objects.insert(key.clone(), object.clone());
             state.last_writer.insert(key, token);
@@ -505,6 +567,7 @@ fn handle(
             if dry_run {
                 return ok(StatusCode::OK, &old_with(&object, &old));
             }
+            skew_lease_times(&state, kind, &token, &mut object);
             finish_metadata(&mut state, kind, &ns, &mut object, Some(&old));
             state.objects.insert(key.clone(), object.clone());
             state.last_writer.insert(key, token);
@@ -517,6 +580,22 @@ fn handle(
             Some(kind),
             &target_name,
         ),
+    }
+}
+
+/// Shifts the times a Lease write carries by the skew of the writer's clock.
+fn skew_lease_times(state: &State, kind: Kind, token: &str, object: &mut Value) {
+    let Some(&seconds) = state.skews.get(token) else {
+        return;
+    };
+    if kind != Kind::Lease {
+        return;
+    }
+    for field in ["renewTime", "acquireTime"] {
+        let time = &mut object["spec"][field];
+        if let Some(at) = time.as_str().and_then(|t| t.parse::<Timestamp>().ok()) {
+            *time = json!((at + SignedDuration::from_secs(seconds)).to_string());
+        }
     }
 }
 
