@@ -738,10 +738,14 @@ fn validate_store(raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
         None => DEFAULT_CLAIM_TTL,
         Some(text) => {
             let ttl = parse_duration("store.claim_ttl", text)?;
-            if ttl < Duration::from_secs(2) || ttl > Duration::from_secs(3600) {
+            // At least 4 s: store requests time out at a quarter of the
+            // TTL and no less than 1 s, and a holder stops starting side
+            // effects at half of it (S3); below 4 s one slow renewal would
+            // stop every run.
+            if ttl < Duration::from_secs(4) || ttl > Duration::from_secs(3600) {
                 return Err(ConfigError::invalid(
                     "store.claim_ttl",
-                    format!("must be between 2s and 1h, got {text:?}"),
+                    format!("must be between 4s and 1h, got {text:?}"),
                 ));
             }
             ttl

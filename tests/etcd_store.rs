@@ -440,7 +440,7 @@ key_file = "{d}/api.key"
 kind = "etcd"
 endpoints = ["{etcd}"]
 prefix = "{PREFIX}"
-claim_ttl = "2s"
+claim_ttl = "4s"
 
 [[credentials]]
 name = "maps"

@@ -639,7 +639,7 @@ async fn replicas(n: usize) -> Replicas {
 kind = "kubernetes"
 namespace = "{NS}"
 kubeconfig = "{}"
-claim_ttl = "2s"
+claim_ttl = "4s"
 [[credentials]]
 name = "maps"
 provider = "mapsindoors"
