@@ -74,6 +74,10 @@ pub struct CredentialChannels {
     pub status: watch::Sender<CredentialStatus>,
     pub refresh_now: Arc<Notify>,
     pub rotate_now: Arc<Notify>,
+    /// Wakes the token engine after a rotation promoted a new secret (S5).
+    /// Apart from `refresh_now` because that login must not ask for yet
+    /// another rotation (`on_login`), or rotations would chain forever.
+    pub promoted: Arc<Notify>,
 }
 
 impl CredentialChannels {
@@ -107,6 +111,7 @@ pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHa
             status: status_tx,
             refresh_now: refresh_now.clone(),
             rotate_now: rotate_now.clone(),
+            promoted: Arc::new(Notify::new()),
         },
         CredentialHandle {
             name: name.to_string(),

@@ -344,7 +344,7 @@ async fn launch(
                 .map_or(crate::config::DEFAULT_ROTATION_GRACE, |r| r.grace),
             verify_window: DEFAULT_VERIFY_WINDOW,
             status: Some(channels.status.clone()),
-            refresh_now: Some(channels.refresh_now.clone()),
+            refresh_now: Some(channels.promoted.clone()),
             clock: system_clock(),
         });
         tasks.spawn(run_schedule(

@@ -208,6 +208,8 @@ impl SecretSource for FakeSecrets {
 
 struct Running {
     handle: CredentialHandle,
+    /// The engine's promotion wake-up (the rotation driver's side).
+    promoted: Arc<tokio::sync::Notify>,
     provider: Arc<FakeProvider>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -224,6 +226,7 @@ fn run_with(
     rotate_on_login: bool,
 ) -> Running {
     let (channels, handle) = credential::channels("fake", "fake");
+    let promoted = channels.promoted.clone();
     let engine = Engine {
         name: "fake".to_string(),
         provider: provider.clone(),
@@ -237,6 +240,7 @@ fn run_with(
     let task = tokio::spawn(engine.run(shutdown.clone()));
     Running {
         handle,
+        promoted,
         provider,
         shutdown,
         task,
@@ -694,6 +698,31 @@ async fn rotate_on_login_asks_for_a_rotation_after_each_login_only() {
         .await
         .expect("a rotation is requested");
     assert_eq!(engine.provider.calls().len(), 3);
+    engine.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_promotion_refreshes_at_once_without_asking_for_another_rotation() {
+    let provider = FakeProvider::new([], Reply::Token(secs(100)));
+    let engine = run_with(
+        provider,
+        FakeSecrets::fixed("s"),
+        RefreshPolicy::default(),
+        true,
+    );
+    let rotate = engine.handle.rotate_now.clone();
+    tokio::time::timeout(VIRTUAL_TIMEOUT, rotate.notified())
+        .await
+        .expect("the first login asks for a rotation (on_login)");
+    // S5: the rotation promoted a new secret: log in with it now, long
+    // before the refresh point...
+    let promoted_at = Instant::now();
+    engine.promoted.notify_one();
+    let calls = engine.calls(2).await;
+    assert_eq!(calls[1].at, promoted_at, "refreshed at once");
+    // ...and that login does not chain another rotation.
+    let asked = tokio::time::timeout(secs(1), rotate.notified()).await;
+    assert!(asked.is_err(), "a promotion's login asked for a rotation");
     engine.stop().await;
 }
 

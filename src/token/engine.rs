@@ -88,6 +88,9 @@ impl Engine {
 
     async fn run_inner(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
+        // The login that follows a promotion proves the new secret; it is
+        // not a login that asks for a rotation (that would chain forever).
+        let mut after_promotion = false;
         loop {
             // Boxed: a login's state lives only while it runs, instead of
             // taking room in every sleeping engine (thousands of them).
@@ -102,7 +105,7 @@ impl Engine {
                         "token refreshed"
                     );
                     self.publish(token);
-                    if self.rotate_on_login {
+                    if self.rotate_on_login && !after_promotion {
                         self.channels.rotate_now.notify_one();
                     }
                     wait
@@ -135,11 +138,16 @@ impl Engine {
                     wait
                 }
             };
+            after_promotion = false;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.channels.refresh_now.notified() => {
                     debug!(step = "refresh", "refresh requested");
+                }
+                _ = self.channels.promoted.notified() => {
+                    debug!(step = "refresh", "new secret promoted; refreshing with it");
+                    after_promotion = true;
                 }
             }
         }
