@@ -452,17 +452,29 @@ async fn old_secret_works_during_the_grace_period_and_is_deleted_after() {
     let provider = provider(&d.config);
     wait_token(&handle, |_| true).await;
 
+    let asked = SystemTime::now();
     handle.rotate_now.notify_one();
     wait_status(&handle, |s| s.rotation_phase == "promoted").await;
     let promoted = Instant::now();
     let record = stored(&d.config).await;
     assert_ne!(record.current.value.expose_secret(), w.bootstrap.1);
-    match &record.rotation {
-        Rotation::Promoted { old, .. } => {
+    let delete_after = match &record.rotation {
+        Rotation::Promoted {
+            old, delete_after, ..
+        } => {
             assert_eq!(old.value.expose_secret(), w.bootstrap.1);
+            *delete_after
         }
         other => panic!("expected promoted, got {}", other.phase()),
-    }
+    };
+    // S5: the promotion refreshes the token at once (the 60 s token would
+    // not be due for 40 s), so consumers hold one of the new secret before
+    // the old one can go.
+    let refreshed = wait_status(&handle, |s| s.last_refresh_at > Some(asked)).await;
+    assert!(
+        refreshed.last_refresh_at.unwrap() < delete_after,
+        "refreshed during the grace period"
+    );
     // Both secrets work while the grace period lasts.
     assert_eq!(login_kind(&*provider, &w.bootstrap.1).await, Ok(()));
     assert!(w.has_secret(CLIENT, &w.bootstrap));
