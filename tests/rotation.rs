@@ -541,6 +541,38 @@ fn bootstrap_record(w: &World) -> CredentialRecord {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_given_id_of_another_client_is_never_deleted() {
+    // S7: the operator mistyped initial_secret_id as another client's
+    // secret (the MapsIndoors API would let us delete it). The rotation
+    // completes, checks the id in a listing before deleting, and keeps it.
+    let w = world(Duration::from_secs(60), Duration::ZERO).await;
+    let mut record = bootstrap_record(&w);
+    record.current.id = Some(w.other.0.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (rotator, config) = rotator(&w, dir.path(), &record, Duration::from_secs(10)).await;
+    let outcome = tokio::time::timeout(
+        EVENT_TIMEOUT,
+        rotator.rotate(true, false, &CancellationToken::new()),
+    )
+    .await
+    .expect("rotation ends")
+    .expect("rotation runs");
+    assert_eq!(outcome, Outcome::Rotated);
+    w.assert_foreign_untouched();
+    let record = stored(&config).await;
+    assert_eq!(record.phase(), "idle", "nothing left to retire");
+    // The id is remembered as retired, so set-secret refuses to bring it
+    // back, but nothing was deleted under it.
+    assert!(
+        record
+            .retired
+            .iter()
+            .any(|r| r.id.as_deref() == Some(w.other.0.as_str()))
+    );
+    assert_eq!(w.sim.stats().secrets_deleted, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_replacement_is_deleted_and_the_old_secret_kept() {
     // New secrets take longer to propagate than the verify window.
     let w = world(Duration::from_secs(60), Duration::from_secs(30)).await;
