@@ -578,7 +578,11 @@ pub async fn run_schedule(
             };
             match result {
                 Ok(outcome) => {
-                    requested = false;
+                    // A run that only cleaned up leftovers (secrets still to
+                    // delete) has not rotated: a pending request stands.
+                    if outcome != Outcome::Idle {
+                        requested = false;
+                    }
                     let aborted = outcome == Outcome::Aborted;
                     failures = if aborted { failures + 1 } else { 0 };
                     set_rotation_error(
