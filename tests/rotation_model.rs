@@ -3,37 +3,72 @@
 //!
 //! The machine is driven by a *model* of everything around it:
 //!
-//! - a **provider** holding secrets `{id, description, client_id, value}`:
-//!   ours (a bootstrap secret, an untagged manual one, one tagged for another
+//! - a **provider** holding secrets `{id, description, client_id, value,
+//!   created_at}`: ours (a bootstrap secret, an untagged manual one, some
+//!   whose descriptions only look like our tags, one tagged for another
 //!   credential of the same client) and another client's (some carrying
-//!   exactly the tags our rotations use). A login with value `v` succeeds iff
-//!   our client has a secret with value `v`; a new secret may be refused for
-//!   its first few logins (propagation) or forever (a dud);
+//!   exactly the tags our rotations use, one the operator may name by
+//!   mistake). A login with value `v` succeeds iff our client has a secret
+//!   with value `v` that is not refusing logins: a new secret may be refused
+//!   for its first few logins (propagation) or forever (a dud), and a
+//!   promoted one may be revoked or flap before it is verified again. Its
+//!   list may lag: leave out the secrets created in the last minute and still
+//!   show the ones deleted in it (the secrets there before rekeyd started are
+//!   a day old, so it never lags behind those). A create may be performed
+//!   twice (a retried request) with only the second reply arriving;
+//! - the operator's **bootstrap id** (`initial_secret_id`): given, not
+//!   given, or wrong (the id of another client's secret);
 //! - **durable storage**: the last persisted record, all that survives a
 //!   crash;
 //! - a **process** holding the in-memory record and the transition being
 //!   carried out, interpreting `Next` like `src/rotation/driver.rs` does:
-//!   persist first when asked, then perform the side effect and feed its
-//!   outcome back as the next event.
+//!   persist first when asked, then perform the side effect (logging in for
+//!   a bearer token first where the driver does) and feed its outcome back
+//!   as the next event. A run starts like `Rotator::rotate`: `Begin` with
+//!   fresh rotation and attempt ids when the journal has no unfinished work
+//!   and a rotation is requested, else `Resume` with a fresh attempt id.
 //!
 //! Proptest picks, for every step, what happens: success, a transient
 //! failure with no effect, a call performed whose reply is lost, a crash
-//! before or after the persist / the provider call, a rotation request
-//! (`Begin`) at any moment, time passing. After the random run the process
-//! (optionally killed first) runs to stability without faults.
+//! before or after the persist / the provider call, a lagging list, a
+//! duplicated create, a revoked or flapping promoted secret, a rotation
+//! request at any moment (the current run ends, a new one starts), time
+//! passing. After the random run the process (optionally killed first) runs
+//! to stability without faults.
 //!
-//! Checked after every step: I1 (the durable current secret logs in; nothing
-//! is deleted before the replacement is durable, verified and the grace
-//! period over), I2 (a persisted pending value stays in the record until
-//! promotion or abort), I4 (only secrets we created, or the bootstrap whose
-//! id the operator gave, are ever deleted), persist-before-effect (every
-//! provider call matches the *durable* journal), and that the durable record
-//! only moves along the journal's edges. At the end: stable, and I3 (exactly
-//! the secrets that should exist, no orphans, everything foreign untouched).
+//! Checked after every step: I1 (the durable current secret logs in, or,
+//! while promoted, the old one still does and counts, S5; nothing the
+//! durable journal names is ever deleted; a replaced secret is deleted only
+//! after its replacement was persisted, verified, the grace period passed and
+//! it logged in again), I2 (a persisted pending value stays in the record
+//! until promoted, or is retired in the same write that forgets it), I4
+//! (only secrets we created, or the bootstrap whose id the operator gave and
+//! the listing shows as our client's, are ever deleted), persist-before-effect
+//! (every provider call matches the *durable* journal; every delete follows a
+//! write of this run that lists exactly what it deletes, S1), S2 (a resumed
+//! `creating` is written again with a fresh attempt before anything is
+//! deleted, and the secret of the attempt the journal keeps is never
+//! deleted), `Stable` only once the journal has no work left, and that the
+//! durable record only moves along the journal's edges (including idle →
+//! idle as the retire list changes, where an entry leaves only once
+//! deleted, shown as another client's, or still findable by its tag). At the
+//! end: stable, and I3: exactly the secrets that should exist, everything
+//! foreign untouched; a tagged orphan may remain only if the last listing
+//! whose decision was written did not show it or found it too young to
+//! sweep (S7), or if the sweep was skipped as in the first gap below, and
+//! then a later rotation, once it is old enough, must sweep it.
 //!
 //! Also: deterministic regressions of tricky sequences, and a property over
 //! every (phase, event) pair (`step` is total, refuses out-of-phase events,
-//! and its `Next` always fits the record it returns).
+//! and its `Next` always fits the record it returns; a delete after a
+//! listing only ever names this client's secrets).
+//!
+//! Two `#[ignore]`d tests named `gap_*` pin what the model shows the machine
+//! not doing; they fail (`cargo test --test rotation_model -- --ignored`)
+//! until it does: the sweep is skipped when a run ends between a rotation's
+//! last write and its listing with nothing left to retire, and an untagged
+//! retire entry (an id the operator gave) that a lagging list does not show
+//! yet is forgotten while it exists.
 //!
 //! `PROPTEST_CASES=200000 cargo test --test rotation_model` for a deep run;
 //! a failure replays its minimal case with a step-by-step trace.
@@ -44,25 +79,40 @@ use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use rekeyd::rotation::machine::{self, Event, Next, Transition};
-use rekeyd::rotation::{rotation_id_of, secret_description};
-use rekeyd::store::{CredentialRecord, Rotation, SecretEntry};
+use rekeyd::provider::RemoteSecret;
+use rekeyd::rotation::machine::{self, Context, Event, Next, SWEEP_MIN_AGE, Transition};
+use rekeyd::rotation::{Tag, parse_tag, secret_description};
+use rekeyd::store::{CredentialRecord, RetiredSecret, Rotation, SecretEntry};
 use secrecy::{ExposeSecret, SecretString};
 
-/// The credential's name (its secrets are tagged `rekeyd:maps:<rid>`).
+/// The credential's name (its secrets are tagged `rekeyd:maps:<rid>.<attempt>`).
 const CRED: &str = "maps";
 const CLIENT: &str = "our-client";
 const OTHER_CLIENT: &str = "other-client";
 const BOOT_ID: &str = "boot";
 const BOOT_VALUE: &str = "boot-value";
+/// Another client's secret, whose id the operator may give by mistake.
+const WRONG_BOOT_ID: &str = "other-boot";
 /// Logins the model driver tries within its verify window before it calls
-/// the pending secret rejected (the real driver: 60 s of retries).
+/// the secret rejected (the real driver: 60 s of retries).
 const VERIFY_WINDOW: u32 = 3;
 /// A propagation delay that never ends: a secret the provider never accepts.
 const NEVER: u32 = u32::MAX;
+/// How far a lagging list is behind: it leaves out the secrets created, and
+/// still shows the ones deleted, this recently.
+const LAG: Duration = Duration::from_secs(60);
 
 fn t0() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+/// When the secrets that were there before rekeyd started were made.
+fn long_ago() -> SystemTime {
+    t0() - Duration::from_secs(86400)
+}
+
+fn tag_of(description: &str) -> Option<Tag<'_>> {
+    parse_tag(CRED, description)
 }
 
 // --- model provider ---------------------------------------------------------
@@ -73,16 +123,20 @@ struct ModelSecret {
     description: String,
     client_id: String,
     value: String,
-    /// Logins refused before the secret is accepted (propagation); `NEVER`.
+    created_at: SystemTime,
+    /// Logins refused before the secret is accepted (propagation, a flap);
+    /// `NEVER`: revoked or a dud.
     refusals_left: u32,
 }
 
 #[derive(Debug, Default)]
 struct Provider {
     secrets: Vec<ModelSecret>,
+    /// Deleted secrets and when (a lagging list still shows them a while).
+    graveyard: Vec<(ModelSecret, SystemTime)>,
     next_id: u32,
-    /// Ids of the secrets our create calls made (for our client).
-    created: BTreeSet<String>,
+    /// Descriptions of the secrets our create calls made, by id.
+    created: BTreeMap<String, String>,
 }
 
 impl Provider {
@@ -98,7 +152,7 @@ impl Provider {
             .is_some_and(|s| s.refusals_left == 0)
     }
 
-    /// A login attempt: counts down propagation.
+    /// A login attempt: counts refusals down.
     fn login(&mut self, value: &str) -> bool {
         match self
             .secrets
@@ -116,63 +170,133 @@ impl Provider {
         }
     }
 
-    fn create(&mut self, description: String, refusals_left: u32) -> (String, String) {
+    fn create(
+        &mut self,
+        description: String,
+        refusals_left: u32,
+        now: SystemTime,
+    ) -> (String, String) {
         self.next_id += 1;
         let id = format!("s{}", self.next_id);
         let value = format!("value-{}", self.next_id);
+        self.created.insert(id.clone(), description.clone());
         self.secrets.push(ModelSecret {
             id: id.clone(),
             description,
             client_id: CLIENT.to_string(),
             value: value.clone(),
+            created_at: now,
             refusals_left,
         });
-        self.created.insert(id.clone());
         (id, value)
     }
 
     /// Deletes secret `id`; `false`: 404.
-    fn delete(&mut self, id: &str) -> bool {
-        let before = self.secrets.len();
-        self.secrets.retain(|s| s.id != id);
-        self.secrets.len() != before
+    fn delete(&mut self, id: &str, now: SystemTime) -> bool {
+        match self.secrets.iter().position(|s| s.id == id) {
+            Some(i) => {
+                let s = self.secrets.remove(i);
+                self.graveyard.push((s, now));
+                true
+            }
+            None => false,
+        }
     }
 
     fn get(&self, id: &str) -> Option<&ModelSecret> {
         self.secrets.iter().find(|s| s.id == id)
     }
+
+    /// `GET`: every client's secrets, with the provider's client id and
+    /// creation time. `lagging`: behind by [`LAG`].
+    fn list(&self, now: SystemTime, lagging: bool) -> Vec<RemoteSecret> {
+        let recent = |t: SystemTime| lagging && now.duration_since(t).unwrap_or_default() < LAG;
+        let live = self.secrets.iter().filter(|s| !recent(s.created_at));
+        let ghosts = self
+            .graveyard
+            .iter()
+            .filter(|(_, deleted_at)| recent(*deleted_at))
+            .map(|(s, _)| s);
+        live.chain(ghosts)
+            .map(|s| RemoteSecret {
+                id: s.id.clone(),
+                description: s.description.clone(),
+                client_id: Some(s.client_id.clone()),
+                created_at: Some(s.created_at),
+            })
+            .collect()
+    }
 }
 
-/// Secrets that are not rekeyd's to touch: ours made by hand or for another
-/// credential, and another client's, some tagged exactly like the secrets
-/// of our rotations `r1`..`r3` ("whatever GET returns").
+/// Secrets that are not rekeyd's to touch: ours made by hand, looking like a
+/// tag but not one, or tagged for another credential, and another client's,
+/// some tagged exactly like the secrets of our rotations ("whatever GET
+/// returns"), one of them what a wrong bootstrap id names.
 fn foreign_secrets() -> Vec<ModelSecret> {
     let secret = |id: &str, description: String, client_id: &str| ModelSecret {
         id: id.to_string(),
         description,
         client_id: client_id.to_string(),
         value: format!("value-{id}"),
+        created_at: long_ago(),
         refusals_left: 0,
     };
     vec![
         secret("manual", "created by hand".into(), CLIENT),
-        secret("sibling", secret_description("maps-2", "r1"), CLIENT),
+        secret("sibling", secret_description("maps-2", "r1", "a1"), CLIENT),
         secret(
             "colon",
-            format!("{}:x", secret_description(CRED, "r1")),
+            format!("{}:x", secret_description(CRED, "r1", "a1")),
             CLIENT,
         ),
-        secret("other-1", secret_description(CRED, "r1"), OTHER_CLIENT),
-        secret("other-2", secret_description(CRED, "r2"), OTHER_CLIENT),
-        secret("other-3", secret_description(CRED, "r3"), OTHER_CLIENT),
+        secret("no-attempt", format!("rekeyd:{CRED}:r1."), CLIENT),
+        secret(
+            "other-1",
+            secret_description(CRED, "r1", "a1"),
+            OTHER_CLIENT,
+        ),
+        secret(
+            "other-2",
+            secret_description(CRED, "r1", "a2"),
+            OTHER_CLIENT,
+        ),
+        secret(
+            "other-3",
+            secret_description(CRED, "r2", "a3"),
+            OTHER_CLIENT,
+        ),
+        secret("other-legacy", format!("rekeyd:{CRED}:r1"), OTHER_CLIENT),
         secret("other-hand", "created by hand".into(), OTHER_CLIENT),
+        secret(WRONG_BOOT_ID, "created by hand".into(), OTHER_CLIENT),
     ]
+}
+
+/// What the operator told rekeyd about the bootstrap secret's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Boot {
+    /// Its real id.
+    Known,
+    /// Nothing: the old secret is kept at the provider, with a warning.
+    Unknown,
+    /// Another client's secret's id: the listing shows it is not ours (S7),
+    /// so it is never deleted (I4).
+    Wrong,
+}
+
+impl Boot {
+    fn id(self) -> Option<String> {
+        match self {
+            Boot::Known => Some(BOOT_ID.into()),
+            Boot::Unknown => None,
+            Boot::Wrong => Some(WRONG_BOOT_ID.into()),
+        }
+    }
 }
 
 // --- faults -----------------------------------------------------------------
 
 /// What happens at the next step of the simulation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     /// The next persist or provider call succeeds. A secret created by it is
     /// refused for its first `propagation` logins (`NEVER`: always).
@@ -181,16 +305,26 @@ enum Op {
     /// error and the next one resumes from the store.
     Fail,
     /// The call takes effect but its reply is lost (a created secret's value
-    /// is unknown to us); the run ends with an error. For a wait: an early
-    /// wake-up (the wall clock may not have reached the deadline).
+    /// is unknown to us; of several deletes, the first is done); the run
+    /// ends with an error. For a wait: an early wake-up (the wall clock may
+    /// not have reached the deadline).
     Lost,
     /// `kill -9` before the persist / the provider call.
     CrashBefore,
     /// `kill -9` right after the persist / the provider call, before its
     /// outcome is applied.
     CrashAfter,
-    /// A rotation is requested: `Begin` with a fresh id, fed to the record
-    /// the process holds, whatever it was doing.
+    /// A list reply lags (see [`LAG`]); any other call succeeds.
+    Lag,
+    /// A create is performed twice (a retried request) and only the second
+    /// reply arrives; any other call succeeds.
+    Twice,
+    /// The provider refuses the promoted secret (before it is verified again
+    /// after the grace period) for its next `refusals` logins; `NEVER`:
+    /// revoked. Nothing happens outside that window.
+    Revoke { refusals: u32 },
+    /// A rotation is requested: the running process's run ends and a new
+    /// one starts (the driver's `rotate(begin = true)`).
     Begin,
     /// Wall-clock time passes (seconds).
     Advance(u64),
@@ -199,7 +333,7 @@ enum Op {
 /// Ops drawn as small numbers (cheap to generate and shrink; 0 is `OK`, so
 /// shrinking removes faults), weighted by how many numbers map to each.
 fn op() -> impl Strategy<Value = Op> {
-    (0u8..28).prop_map(|n| match n {
+    (0u8..33).prop_map(|n| match n {
         0..=9 => OK,
         10 => Op::Ok { propagation: 1 },
         11 => Op::Ok {
@@ -217,7 +351,11 @@ fn op() -> impl Strategy<Value = Op> {
         24 => Op::Advance(1),
         25 => Op::Advance(10),
         26 => Op::Advance(60),
-        _ => Op::Advance(400),
+        27 => Op::Advance(400),
+        28 | 29 => Op::Lag,
+        30 => Op::Twice,
+        31 => Op::Revoke { refusals: NEVER },
+        _ => Op::Revoke { refusals: 1 },
     })
 }
 
@@ -233,6 +371,8 @@ struct Proc {
     t: Transition,
     /// Whether `t.record` is written (always true when `!t.persist`).
     persisted: bool,
+    /// The listing `t` was decided on, counted once `t.record` is written.
+    listing: Option<(SystemTime, BTreeSet<String>)>,
 }
 
 /// How often interesting situations came up (the model must not be vacuous).
@@ -241,24 +381,69 @@ struct Stats {
     promotions: u64,
     completions: u64,
     aborts: u64,
-    orphans_deleted: u64,
+    current_rejections: u64,
+    fresh_attempts: u64,
+    earlier_attempts_deleted: u64,
+    swept: u64,
+    late_sweeps: u64,
+    lagging_lists: u64,
+    duplicate_creates: u64,
+    revocations: u64,
     deletes_not_found: u64,
     bootstrap_deleted: u64,
     unknown_id_kept: u64,
+    foreign_retire_kept: u64,
     begins_while_busy: u64,
     early_wakeups: u64,
     crashes: u64,
 }
 
 impl Stats {
+    fn counts(&self) -> [(&'static str, u64); 18] {
+        [
+            ("promotions", self.promotions),
+            ("completions", self.completions),
+            ("aborts", self.aborts),
+            ("promoted secrets refused again", self.current_rejections),
+            ("fresh attempts written", self.fresh_attempts),
+            (
+                "earlier attempts' secrets deleted",
+                self.earlier_attempts_deleted,
+            ),
+            ("orphans found by a sweep", self.swept),
+            ("orphans left for a later rotation", self.late_sweeps),
+            ("lagging lists", self.lagging_lists),
+            ("duplicated creates", self.duplicate_creates),
+            ("promoted secrets revoked or flapping", self.revocations),
+            ("deletes answered 404", self.deletes_not_found),
+            ("bootstrap deleted", self.bootstrap_deleted),
+            ("unknown bootstrap id kept", self.unknown_id_kept),
+            (
+                "another client's retire entry kept",
+                self.foreign_retire_kept,
+            ),
+            ("begins while busy", self.begins_while_busy),
+            ("early wake-ups", self.early_wakeups),
+            ("crashes", self.crashes),
+        ]
+    }
+
     fn add(&mut self, o: &Stats) {
         self.promotions += o.promotions;
         self.completions += o.completions;
         self.aborts += o.aborts;
-        self.orphans_deleted += o.orphans_deleted;
+        self.current_rejections += o.current_rejections;
+        self.fresh_attempts += o.fresh_attempts;
+        self.earlier_attempts_deleted += o.earlier_attempts_deleted;
+        self.swept += o.swept;
+        self.late_sweeps += o.late_sweeps;
+        self.lagging_lists += o.lagging_lists;
+        self.duplicate_creates += o.duplicate_creates;
+        self.revocations += o.revocations;
         self.deletes_not_found += o.deletes_not_found;
         self.bootstrap_deleted += o.bootstrap_deleted;
         self.unknown_id_kept += o.unknown_id_kept;
+        self.foreign_retire_kept += o.foreign_retire_kept;
         self.begins_while_busy += o.begins_while_busy;
         self.early_wakeups += o.early_wakeups;
         self.crashes += o.crashes;
@@ -268,52 +453,69 @@ impl Stats {
 struct Sim {
     now: SystemTime,
     grace: Duration,
-    /// Whether the operator gave the bootstrap's id (`initial_secret_id`).
-    bootstrap_known: bool,
+    boot: Boot,
     provider: Provider,
     /// The record in the store: what survives a crash.
     durable: CredentialRecord,
     proc: Option<Proc>,
     rids: u32,
-    /// Values a verify login succeeded with, and when.
-    verified: BTreeMap<String, SystemTime>,
+    attempts: u32,
+    /// Values a verify login succeeded with: first and last time.
+    verified: BTreeMap<String, (SystemTime, SystemTime)>,
+    /// Every value that was ever the durable current secret, numbered in
+    /// the order they became current (the bootstrap: 0).
+    generation: BTreeMap<String, u32>,
     /// Every id a delete call was made for.
     deleted: Vec<String>,
+    /// The last listing (`Next::List`) whose decision is written (or needed
+    /// no write): when, and the ids it showed.
+    last_listing: Option<(SystemTime, BTreeSet<String>)>,
+    /// A rotation finished with nothing to retire (the old secret's id
+    /// unknown) and no listing's decision has been written since: the
+    /// journal does not record that a sweep is due, so a run ending before
+    /// that skips it until the next rotation (see
+    /// `gap_sweep_skipped_when_killed_before_the_listing_with_nothing_to_retire`).
+    listing_owed: bool,
     stats: Stats,
     /// What happened, step by step (only when asked for: it is costly).
     trace: Option<Vec<String>>,
 }
 
 impl Sim {
-    fn with_trace(bootstrap_known: bool, grace: Duration, trace: bool) -> Sim {
+    fn with_trace(boot: Boot, grace: Duration, trace: bool) -> Sim {
         let mut provider = Provider::default();
         provider.secrets.push(ModelSecret {
             id: BOOT_ID.into(),
             description: "bootstrap".into(),
             client_id: CLIENT.into(),
             value: BOOT_VALUE.into(),
+            created_at: long_ago(),
             refusals_left: 0,
         });
         provider.secrets.extend(foreign_secrets());
         let durable = CredentialRecord::new(SecretEntry {
-            id: bootstrap_known.then(|| BOOT_ID.to_string()),
+            id: boot.id(),
             value: SecretString::from(BOOT_VALUE),
             created_at: t0(),
         });
         Sim {
             now: t0(),
             grace,
-            bootstrap_known,
+            boot,
             provider,
             durable,
             proc: None,
             rids: 0,
+            attempts: 0,
             verified: BTreeMap::new(),
+            generation: BTreeMap::from([(BOOT_VALUE.to_string(), 0)]),
             deleted: Vec::new(),
+            last_listing: None,
+            listing_owed: false,
             stats: Stats::default(),
             trace: trace.then(|| {
                 vec![format!(
-                    "bootstrap id known: {bootstrap_known}, grace {}s",
+                    "bootstrap id: {boot:?}, grace {}s",
                     grace.as_secs()
                 )]
             }),
@@ -353,12 +555,26 @@ impl Sim {
         format!("r{}", self.rids)
     }
 
+    fn fresh_attempt(&mut self) -> String {
+        self.attempts += 1;
+        format!("a{}", self.attempts)
+    }
+
+    fn context(&self) -> Context<'static> {
+        Context {
+            now: self.now,
+            grace: self.grace,
+            credential: CRED,
+            client_id: CLIENT,
+        }
+    }
+
     // --- one step ---
 
     fn apply(&mut self, op: Op) {
         if self.trace.is_some() {
             let line = format!(
-                "t={:>5} store={:<40} {op:?}",
+                "t={:>5} store={:<48} {op:?}",
                 self.secs(self.now),
                 show(&self.durable)
             );
@@ -366,22 +582,31 @@ impl Sim {
         }
         match op {
             Op::Advance(s) => self.now += Duration::from_secs(s),
+            Op::Revoke { refusals } => self.revoke(refusals),
             Op::Begin => {
-                let rid = self.fresh_rid();
-                let mem = match self.proc.take() {
-                    Some(p) => p.mem,
-                    None => self.durable.clone(),
-                };
-                if !matches!(mem.rotation, Rotation::Idle) {
+                // Like `Rotator::rotate(begin = true)`: read the store; begin
+                // only when nothing is unfinished, else finish that.
+                self.proc = None;
+                let mem = self.durable.clone();
+                let event = if mem.is_unfinished() {
                     self.stats.begins_while_busy += 1;
-                }
-                self.run(mem, Event::Begin { rid });
+                    Event::Resume {
+                        attempt: self.fresh_attempt(),
+                    }
+                } else {
+                    Event::Begin {
+                        rid: self.fresh_rid(),
+                        attempt: self.fresh_attempt(),
+                    }
+                };
+                self.run(mem, event);
             }
             _ => match self.proc.take() {
                 // The next run (schedule, restart) resumes from the store.
                 None => {
-                    if matches!(op, Op::Ok { .. } | Op::Lost | Op::CrashAfter) {
-                        self.run(self.durable.clone(), Event::Resume);
+                    if !matches!(op, Op::Fail | Op::CrashBefore) {
+                        let attempt = self.fresh_attempt();
+                        self.run(self.durable.clone(), Event::Resume { attempt });
                     }
                 }
                 Some(p) => self.advance(p, op),
@@ -390,13 +615,46 @@ impl Sim {
         self.check_always();
     }
 
+    /// The provider starts refusing the promoted secret, as long as it is
+    /// only promoted: once the machine decided on its second login it is
+    /// the one secret left, and a provider revoking it then is beyond
+    /// anything rekeyd can do.
+    fn revoke(&mut self, refusals: u32) {
+        let promoted = matches!(self.durable.rotation, Rotation::Promoted { .. })
+            && self
+                .proc
+                .as_ref()
+                .is_none_or(|p| matches!(p.t.record.rotation, Rotation::Promoted { .. }));
+        if !promoted {
+            return;
+        }
+        let value = self.durable.current.value.expose_secret().to_string();
+        let Some(s) = self
+            .provider
+            .secrets
+            .iter_mut()
+            .find(|s| s.client_id == CLIENT && s.value == value)
+        else {
+            self.fail("the promoted secret is not at the provider")
+        };
+        s.refusals_left = refusals;
+        self.stats.revocations += 1;
+        self.log(|| "        the provider refuses the promoted secret".into());
+    }
+
     /// Applies `event` to `mem` and carries on with the transition.
     fn run(&mut self, mem: CredentialRecord, event: Event) {
         let shown = {
             let e = self.trace.is_some().then(|| event.clone());
             move || e.as_ref().map(show_event).unwrap_or_default()
         };
-        let t = match machine::step(&mem, event, self.now, self.grace) {
+        let listing = match &event {
+            Event::Listed { secrets } => {
+                Some((self.now, secrets.iter().map(|s| s.id.clone()).collect()))
+            }
+            _ => None,
+        };
+        let t = match machine::step(&mem, event, &self.context()) {
             Ok(t) => t,
             Err(e) => self.fail(&format!("the machine refused its own step: {e}")),
         };
@@ -409,11 +667,19 @@ impl Sim {
                 show(&t.record)
             )
         });
-        if t.warning
-            .as_ref()
-            .is_some_and(|w| w.contains("initial_secret_id"))
-        {
-            self.stats.unknown_id_kept += 1;
+        // The driver ends the run on `Stable` and reports its outcome: the
+        // machine says so only once the journal has no work left.
+        self.expect(t.next != Next::Stable || !t.record.is_unfinished(), || {
+            format!("{}: stable with work left: {}", shown(), show(&t.record))
+        });
+        for w in &t.warnings {
+            if w.contains("initial_secret_id") {
+                self.stats.unknown_id_kept += 1;
+            } else if w.contains("is not known to belong to client") {
+                self.stats.foreign_retire_kept += 1;
+            } else if w.contains("untracked") {
+                self.stats.swept += 1;
+            }
         }
         if self.trace.is_some() {
             let line = format!(
@@ -422,19 +688,36 @@ impl Sim {
                 t.persist,
                 show(&t.record),
                 t.next,
-                if t.warning.is_some() {
-                    " (warning)"
+                if t.warnings.is_empty() {
+                    String::new()
                 } else {
-                    ""
+                    format!(" warnings: {:?}", t.warnings)
                 }
             );
             self.log(|| line);
         }
-        if t.next == Next::Stable && !t.persist {
-            self.proc = None;
-        } else {
-            let persisted = !t.persist;
-            self.proc = Some(Proc { mem, t, persisted });
+        let persisted = !t.persist;
+        let mut listing = listing;
+        if persisted {
+            self.listed(listing.take());
+            if t.next == Next::Stable {
+                self.proc = None;
+                return;
+            }
+        }
+        self.proc = Some(Proc {
+            mem,
+            t,
+            persisted,
+            listing,
+        });
+    }
+
+    /// The decision on a listing is written (or needed no write).
+    fn listed(&mut self, listing: Option<(SystemTime, BTreeSet<String>)>) {
+        if listing.is_some() {
+            self.last_listing = listing;
+            self.listing_owed = false;
         }
     }
 
@@ -447,8 +730,9 @@ impl Sim {
         if !p.persisted {
             match op {
                 Op::Fail | Op::CrashBefore => self.crash(),
-                Op::Ok { .. } => {
+                Op::Ok { .. } | Op::Lag | Op::Twice => {
                     self.persist(&p.t.record);
+                    self.listed(p.listing.take());
                     p.mem = p.t.record.clone();
                     p.persisted = true;
                     if p.t.next != Next::Stable {
@@ -457,14 +741,15 @@ impl Sim {
                 }
                 Op::Lost | Op::CrashAfter => {
                     self.persist(&p.t.record);
+                    self.listed(p.listing.take());
                     self.crash();
                 }
-                Op::Begin | Op::Advance(_) => unreachable!(),
+                Op::Begin | Op::Advance(_) | Op::Revoke { .. } => unreachable!(),
             }
             return;
         }
         let next = p.t.next.clone();
-        match self.perform(&next, op) {
+        match self.perform(&next, op, p.t.persist) {
             Some(event) => self.run(p.mem, event),
             None => self.crash(),
         }
@@ -472,18 +757,22 @@ impl Sim {
 
     /// Performs `next` like the driver, with the outcome `op`; `None`: the
     /// run ends (error or crash) and the next one resumes from the store.
-    fn perform(&mut self, next: &Next, op: Op) -> Option<Event> {
+    /// `licensed`: the transition asking for it was written by this run.
+    fn perform(&mut self, next: &Next, op: Op, licensed: bool) -> Option<Event> {
         let effect = !matches!(op, Op::Fail | Op::CrashBefore);
-        let replied = matches!(op, Op::Ok { .. });
+        let replied = matches!(op, Op::Ok { .. } | Op::Lag | Op::Twice);
         let durable = self.durable.clone();
         match next {
             Next::Stable => unreachable!("stable processes end"),
-            Next::DeleteTagged { rid } => {
+            Next::DeleteTagged { rid, keep } => {
+                self.expect(licensed, || {
+                    format!("S1: DeleteTagged({rid}, keep {keep}) without a write of this run")
+                });
                 self.expect(
-                    matches!(&durable.rotation, Rotation::Creating { rid: r } if r == rid),
+                    matches!(&durable.rotation, Rotation::Creating { rid: r, attempt } if r == rid && attempt == keep),
                     || {
                         format!(
-                            "DeleteTagged({rid}) while the store says {}",
+                            "S2: DeleteTagged({rid}, keep {keep}) while the store says {}",
                             show(&durable)
                         )
                     },
@@ -491,21 +780,23 @@ impl Sim {
                 if !effect {
                     return None;
                 }
-                // Like the driver: tagged with `rid` for this credential,
-                // and (when the provider says) of our client.
-                let tagged: Vec<String> = self
-                    .provider
-                    .secrets
+                self.bearer();
+                let listed = self.list(op == Op::Lag);
+                // Like the driver: tagged with `rid` for this credential but
+                // not with attempt `keep`, and (when the provider says) of
+                // our client.
+                let earlier: Vec<String> = listed
                     .iter()
                     .filter(|s| {
-                        rotation_id_of(CRED, &s.description) == Some(rid.as_str())
-                            && s.client_id == CLIENT
+                        tag_of(&s.description)
+                            .is_some_and(|t| t.rid == rid && t.attempt != Some(keep.as_str()))
+                            && s.client_id.as_deref().is_none_or(|c| c == CLIENT)
                     })
                     .map(|s| s.id.clone())
                     .collect();
-                for id in tagged {
+                for id in earlier {
                     self.delete(&id);
-                    self.stats.orphans_deleted += 1;
+                    self.stats.earlier_attempts_deleted += 1;
                     if !replied {
                         // Lost / crash: after the first delete.
                         return None;
@@ -513,21 +804,31 @@ impl Sim {
                 }
                 replied.then_some(Event::TaggedDeleted)
             }
-            Next::Create { rid } => {
+            Next::Create { rid, attempt } => {
                 self.expect(
-                    matches!(&durable.rotation, Rotation::Creating { rid: r } if r == rid),
-                    || format!("Create({rid}) while the store says {}", show(&durable)),
+                    matches!(&durable.rotation, Rotation::Creating { rid: r, attempt: a } if r == rid && a == attempt),
+                    || {
+                        format!(
+                            "Create({rid}.{attempt}) while the store says {}",
+                            show(&durable)
+                        )
+                    },
                 );
                 if !effect {
                     return None;
                 }
+                self.bearer();
                 let propagation = match op {
                     Op::Ok { propagation } => propagation,
                     _ => 0,
                 };
-                let (id, value) = self
-                    .provider
-                    .create(secret_description(CRED, rid), propagation);
+                let description = secret_description(CRED, rid, attempt);
+                if op == Op::Twice {
+                    let (id, _) = self.provider.create(description.clone(), 0, self.now);
+                    self.stats.duplicate_creates += 1;
+                    self.log(|| format!("        created {id} (reply lost, request retried)"));
+                }
+                let (id, value) = self.provider.create(description, propagation, self.now);
                 self.log(|| format!("        created {id}"));
                 replied.then(|| Event::Created {
                     id,
@@ -541,26 +842,12 @@ impl Sim {
                 if !effect {
                     return None;
                 }
-                let value = pending.value.expose_secret().to_string();
-                let attempts = if replied { VERIFY_WINDOW } else { 1 };
-                for _ in 0..attempts {
-                    if self.provider.login(&value) {
-                        self.verified.insert(value, self.now);
-                        return replied.then_some(Event::Verified);
-                    }
-                }
-                replied.then_some(Event::VerifyRejected)
-            }
-            Next::DeletePending { id } => {
-                self.expect(
-                    matches!(&durable.rotation, Rotation::Created { pending, .. } if pending.id.as_deref() == Some(id)),
-                    || format!("DeletePending({id}) while the store says {}", show(&durable)),
-                );
-                if !effect {
-                    return None;
-                }
-                self.delete(id);
-                replied.then_some(Event::PendingDeleted)
+                let accepted = self.verify(pending.value.expose_secret(), replied);
+                replied.then_some(if accepted {
+                    Event::Verified
+                } else {
+                    Event::VerifyRejected
+                })
             }
             Next::WaitUntil(at) => {
                 self.expect(
@@ -568,7 +855,7 @@ impl Sim {
                     || format!("WaitUntil while the store says {}", show(&durable)),
                 );
                 match op {
-                    Op::Ok { .. } => {
+                    Op::Ok { .. } | Op::Lag | Op::Twice => {
                         self.now = self.now.max(*at);
                         Some(Event::GraceOver)
                     }
@@ -581,63 +868,184 @@ impl Sim {
                     _ => None,
                 }
             }
-            Next::DeleteOld { id } => {
-                let Rotation::Promoted {
-                    old, delete_after, ..
-                } = &durable.rotation
-                else {
+            Next::VerifyCurrent => {
+                let Rotation::Promoted { delete_after, .. } = &durable.rotation else {
                     self.fail(&format!(
-                        "DeleteOld({id}) while the store says {}",
+                        "VerifyCurrent while the store says {}",
                         show(&durable)
                     ))
                 };
-                self.expect(old.id.as_deref() == Some(id), || {
-                    format!("DeleteOld({id}) but the store's old is {:?}", old.id)
+                self.expect(self.now >= *delete_after, || {
+                    format!(
+                        "VerifyCurrent at t={} before the grace period ends at t={}",
+                        self.secs(self.now),
+                        self.secs(*delete_after)
+                    )
                 });
-                // I1: replacement durable (current) and verified, grace over.
-                let current = durable.current.value.expose_secret();
-                let verified_at = self.verified.get(current).copied();
+                if !effect {
+                    return None;
+                }
+                let accepted = self.verify(durable.current.value.expose_secret(), replied);
+                replied.then_some(if accepted {
+                    Event::CurrentVerified
+                } else {
+                    Event::CurrentRejected
+                })
+            }
+            Next::List => {
+                self.expect(matches!(durable.rotation, Rotation::Idle), || {
+                    format!("List while the store says {}", show(&durable))
+                });
+                if !effect {
+                    return None;
+                }
+                self.bearer();
+                let secrets = self.list(op == Op::Lag);
+                if !replied {
+                    return None;
+                }
+                Some(Event::Listed { secrets })
+            }
+            Next::Delete { ids } => {
+                // S1: the write just made lists exactly what is deleted.
+                self.expect(licensed, || {
+                    format!("S1: Delete({ids:?}) without a write of this run")
+                });
+                let retire: Vec<String> =
+                    durable.retire.iter().filter_map(|r| r.id.clone()).collect();
                 self.expect(
-                    verified_at.is_some_and(|v| self.now >= v + self.grace)
-                        && self.now >= *delete_after,
+                    matches!(durable.rotation, Rotation::Idle) && *ids == retire,
                     || {
                         format!(
-                            "I1: DeleteOld({id}) at t={} but the replacement was verified at {:?} (grace {}s, delete_after t={})",
-                            self.secs(self.now),
-                            verified_at.map(|v| self.secs(v)),
-                            self.grace.as_secs(),
-                            self.secs(*delete_after)
+                            "S1: Delete({ids:?}) while the store says {}",
+                            show(&durable)
                         )
                     },
                 );
                 if !effect {
                     return None;
                 }
-                self.delete(id);
-                replied.then_some(Event::OldDeleted)
+                self.bearer();
+                for id in ids {
+                    self.delete(id);
+                    if !replied {
+                        return None;
+                    }
+                }
+                Some(Event::RetireDeleted)
             }
         }
     }
 
-    /// A delete call at the model provider, checked for I1 and I4.
+    /// The driver's bearer token for the secret API: a login with the
+    /// current secret or, while promoted, the old one (S5). I1 says one of
+    /// them works.
+    fn bearer(&mut self) {
+        let current = self.durable.current.value.expose_secret().to_string();
+        let old = self
+            .durable
+            .rotation
+            .old()
+            .map(|o| o.value.expose_secret().to_string());
+        let ok = self.provider.login(&current) || old.is_some_and(|o| self.provider.login(&o));
+        self.expect(ok, || {
+            "I1: no stored secret logs in to the secret API".into()
+        });
+    }
+
+    fn list(&mut self, lagging: bool) -> Vec<RemoteSecret> {
+        if lagging {
+            self.stats.lagging_lists += 1;
+        }
+        let listed = self.provider.list(self.now, lagging);
+        self.log(|| {
+            let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
+            format!("        listed {ids:?}")
+        });
+        listed
+    }
+
+    /// Logs in with `value` like the driver's verify: the whole window when
+    /// the outcome is heard, one login when the run ends before that.
+    fn verify(&mut self, value: &str, whole_window: bool) -> bool {
+        let attempts = if whole_window { VERIFY_WINDOW } else { 1 };
+        for _ in 0..attempts {
+            if self.provider.login(value) {
+                let now = self.now;
+                self.verified
+                    .entry(value.to_string())
+                    .and_modify(|(_, last)| *last = now)
+                    .or_insert((now, now));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A delete call at the model provider, checked for I1, I2, I4 and S2.
     fn delete(&mut self, id: &str) {
         self.expect(
-            self.provider.created.contains(id) || (self.bootstrap_known && id == BOOT_ID),
+            self.provider.created.contains_key(id) || (self.boot == Boot::Known && id == BOOT_ID),
             || format!("I4: deleting {id}, which rekeyd neither created nor was given"),
         );
-        if let Some(s) = self.provider.get(id) {
+        let secret = self.provider.get(id).cloned();
+        if let Some(s) = &secret {
             self.expect(s.client_id == CLIENT, || {
                 format!("I4: deleting {id} of client {}", s.client_id)
             });
-            self.expect(
-                s.value != self.durable.current.value.expose_secret(),
-                || format!("I1: deleting {id}, the stored current secret"),
-            );
         }
-        self.expect(self.durable.current.id.as_deref() != Some(id), || {
-            format!("I1: deleting {id}, the stored current secret's id")
-        });
-        let found = self.provider.delete(id);
+        // I1, I2, S5: nothing the stored journal names.
+        let d = &self.durable;
+        for e in [Some(&d.current), d.pending(), d.rotation.old()]
+            .into_iter()
+            .flatten()
+        {
+            let named = e.id.as_deref() == Some(id)
+                || secret
+                    .as_ref()
+                    .is_some_and(|s| s.value == e.value.expose_secret());
+            self.expect(!named, || {
+                format!("I1/I2: deleting {id}, which the store names: {}", show(d))
+            });
+        }
+        // S2: never the secret of the attempt the journal keeps.
+        if let (Rotation::Creating { rid, attempt }, Some(description)) =
+            (&d.rotation, self.provider.created.get(id))
+        {
+            let kept = Tag {
+                rid,
+                attempt: Some(attempt),
+            };
+            self.expect(tag_of(description) != Some(kept), || {
+                format!("S2: deleting {id}, tagged with the attempt the store keeps")
+            });
+        }
+        // I1: a secret that was current goes only once its replacement
+        // (a later current) logged in, the grace period passed, and it
+        // logged in again after that.
+        if let Some(s) = &secret {
+            let current = d.current.value.expose_secret();
+            if let (Some(was), Some(is)) =
+                (self.generation.get(&s.value), self.generation.get(current))
+                && is > was
+            {
+                let verified = self.verified.get(current).copied();
+                self.expect(
+                    verified.is_some_and(|(first, last)| {
+                        self.now >= first + self.grace && last >= first + self.grace
+                    }),
+                    || {
+                        format!(
+                            "I1: deleting {id} at t={} but its replacement logged in at {:?} (grace {}s)",
+                            self.secs(self.now),
+                            verified.map(|(f, l)| (self.secs(f), self.secs(l))),
+                            self.grace.as_secs(),
+                        )
+                    },
+                );
+            }
+        }
+        let found = self.provider.delete(id, self.now);
         if !found {
             self.stats.deletes_not_found += 1;
         }
@@ -650,72 +1058,160 @@ impl Sim {
 
     /// Writes `new` to the store, checking that the journal only moves along
     /// its edges (which is also I2: a persisted pending value stays until
-    /// promoted or, once deleted at the provider, abandoned).
+    /// promoted or retired).
     fn persist(&mut self, new: &CredentialRecord) {
-        let old = &self.durable;
+        let old = self.durable.clone();
         let same_current = same_entry(&old.current, &new.current);
         let same_last = old.last_rotated_at == new.last_rotated_at;
-        let edge = format!("{} => {}", show(old), show(new));
+        let same_lists = old.retire == new.retire && old.retired == new.retired;
+        let edge = format!("{} => {}", show(&old), show(new));
+        let our_tags = |rid: &str, attempt: &str| {
+            self.provider.created.values().any(|d| {
+                tag_of(d).is_some_and(|t| {
+                    t.rid == rid && (attempt.is_empty() || t.attempt == Some(attempt))
+                })
+            })
+        };
         match (&old.rotation, &new.rotation) {
-            (Rotation::Idle, Rotation::Creating { .. }) => {
-                self.expect(same_current && same_last, || format!("bad begin: {edge}"));
+            (Rotation::Idle, Rotation::Creating { rid, .. }) => {
+                self.expect(
+                    same_current && same_last && same_lists && old.retire.is_empty(),
+                    || format!("bad begin: {edge}"),
+                );
+                self.expect(!our_tags(rid, ""), || {
+                    format!("begin with a rotation id already used: {edge}")
+                });
             }
-            (Rotation::Creating { rid }, Rotation::Created { rid: r2, pending }) => {
-                self.expect(same_current && same_last && rid == r2, || {
+            (
+                Rotation::Creating { rid, attempt },
+                Rotation::Creating {
+                    rid: r2,
+                    attempt: a2,
+                },
+            ) => {
+                // S2: the resumed intent is recorded again, with an attempt
+                // no secret carries yet.
+                self.expect(
+                    rid == r2 && attempt != a2 && same_current && same_last && same_lists,
+                    || format!("S2: bad fresh attempt: {edge}"),
+                );
+                self.expect(!our_tags(rid, a2), || {
+                    format!("S2: the fresh attempt is already used: {edge}")
+                });
+                self.stats.fresh_attempts += 1;
+            }
+            (Rotation::Creating { rid, attempt }, Rotation::Created { rid: r2, pending }) => {
+                self.expect(same_current && same_last && same_lists && rid == r2, || {
                     format!("bad created: {edge}")
                 });
-                // I3: the persisted pending secret is the one made for `rid`.
+                // I3: the persisted pending secret is the one made by the
+                // attempt the store records.
                 let at = pending.id.as_deref().and_then(|id| self.provider.get(id));
                 self.expect(
                     at.is_some_and(|s| {
                         s.value == pending.value.expose_secret()
                             && s.client_id == CLIENT
-                            && s.description == secret_description(CRED, rid)
+                            && s.description == secret_description(CRED, rid, attempt)
                     }),
-                    || format!("pending is not the secret created for {rid}: {edge}"),
+                    || format!("pending is not the secret created for {rid}.{attempt}: {edge}"),
                 );
             }
-            (Rotation::Created { pending, .. }, Rotation::Promoted { old: o, .. }) => {
+            (
+                Rotation::Created { rid, pending },
+                Rotation::Promoted {
+                    rid: r2,
+                    old: o,
+                    delete_after,
+                },
+            ) => {
                 // I2 + I1: the pending value becomes current, and only once
                 // a login with it has succeeded.
                 self.expect(
-                    same_entry(&new.current, pending) && same_entry(o, &old.current) && same_last,
+                    rid == r2
+                        && same_entry(&new.current, pending)
+                        && same_entry(o, &old.current)
+                        && same_last
+                        && same_lists,
                     || format!("I2: bad promotion: {edge}"),
                 );
+                let verified = self.verified.get(pending.value.expose_secret()).copied();
                 self.expect(
-                    self.verified.contains_key(pending.value.expose_secret()),
-                    || format!("I1: promoted a secret no login succeeded with: {edge}"),
+                    verified.is_some_and(|(first, _)| {
+                        *delete_after >= first + self.grace && *delete_after <= self.now + self.grace
+                    }),
+                    || format!("I1: promoted a secret no login succeeded with (or a wrong deadline): {edge}"),
                 );
+                let n = self.generation.len() as u32;
+                self.generation
+                    .entry(pending.value.expose_secret().to_string())
+                    .or_insert(n);
                 self.stats.promotions += 1;
             }
             (Rotation::Created { pending, .. }, Rotation::Idle) => {
-                // I2: abandoning the pending value is fine only once it is
-                // gone at the provider (else it would be an orphan).
-                self.expect(same_current && same_last, || format!("bad abort: {edge}"));
+                // I2, S1: the refused pending secret is forgotten only in
+                // the write that commits to deleting it.
                 self.expect(
-                    self.provider
-                        .ours_with_value(pending.value.expose_secret())
-                        .is_none(),
-                    || format!("I2/I3: pending forgotten while it exists: {edge}"),
+                    same_current
+                        && same_last
+                        && new.retire == [RetiredSecret::of(pending)]
+                        && old.retired == new.retired,
+                    || format!("I2: bad abort: {edge}"),
                 );
                 self.stats.aborts += 1;
             }
-            (Rotation::Promoted { old: o, .. }, Rotation::Idle) => {
-                // `last_rotated_at`: when the finish was decided (the write
-                // may come later).
+            (
+                Rotation::Promoted {
+                    old: o,
+                    delete_after,
+                    ..
+                },
+                Rotation::Idle,
+            ) if same_current => {
+                // Finished: the promoted secret logged in again after the
+                // grace period; the old one is committed to deletion, or,
+                // its id unknown, only remembered.
+                let current = new.current.value.expose_secret();
                 self.expect(
-                    same_current && new.last_rotated_at.is_some_and(|t| t <= self.now),
-                    || format!("bad finish: {edge}"),
+                    self.verified
+                        .get(current)
+                        .is_some_and(|(_, last)| last >= delete_after),
+                    || format!("I1: finished without a login after the grace period: {edge}"),
                 );
-                let gone = match &o.id {
-                    Some(id) => self.provider.get(id).is_none(),
-                    // Only the bootstrap can have an unknown id.
-                    None => !self.bootstrap_known && o.value.expose_secret() == BOOT_VALUE,
+                self.expect(
+                    new.last_rotated_at
+                        .is_some_and(|t| t <= self.now && t >= *delete_after),
+                    || format!("bad last_rotated_at: {edge}"),
+                );
+                let retired = RetiredSecret::of(o);
+                let lists = if o.id.is_some() {
+                    new.retire == [retired] && old.retired == new.retired
+                } else {
+                    new.retire.is_empty() && new.retired.last() == Some(&retired)
                 };
-                self.expect(gone, || {
-                    format!("finished with the old secret alive: {edge}")
-                });
+                self.expect(lists, || format!("bad finish: {edge}"));
+                self.listing_owed = o.id.is_none();
                 self.stats.completions += 1;
+            }
+            (Rotation::Promoted { old: o, .. }, Rotation::Idle) => {
+                // S5: the promoted secret was refused; the old one is
+                // current again and the refused one committed to deletion.
+                self.expect(
+                    same_entry(&new.current, o)
+                        && same_last
+                        && new.retire == [RetiredSecret::of(&old.current)]
+                        && old.retired == new.retired,
+                    || format!("bad return to the old secret: {edge}"),
+                );
+                // The model only refuses a verified secret when revoked.
+                self.expect(
+                    !self.provider.accepts(old.current.value.expose_secret()),
+                    || format!("gave up a promoted secret the provider accepts: {edge}"),
+                );
+                self.stats.current_rejections += 1;
+            }
+            (Rotation::Idle, Rotation::Idle) => {
+                self.expect(same_current && same_last, || format!("bad retire: {edge}"));
+                self.check_retire_edge(&old, new, &edge);
             }
             _ => self.fail(&format!("I2: not a journal transition: {edge}")),
         }
@@ -723,18 +1219,80 @@ impl Sim {
         self.durable = new.clone();
     }
 
+    /// idle → idle: the retire list after a listing or the deletes.
+    fn check_retire_edge(&self, old: &CredentialRecord, new: &CredentialRecord, edge: &str) {
+        for r in &new.retire {
+            let Some(id) = r.id.as_deref() else {
+                self.fail(&format!("a retire entry without an id: {edge}"))
+            };
+            if old.retire.contains(r) {
+                continue;
+            }
+            // S7: a sweep adds only our tagged secrets the record does not
+            // name.
+            let ours_tagged = self
+                .provider
+                .created
+                .get(id)
+                .is_some_and(|d| tag_of(d).is_some());
+            self.expect(ours_tagged && new.current.id.as_deref() != Some(id), || {
+                format!("S7: retiring {id}, not an untracked secret of ours: {edge}")
+            });
+        }
+        let dropped: Vec<RetiredSecret> = old
+            .retire
+            .iter()
+            .filter(|r| !new.retire.contains(r))
+            .cloned()
+            .collect();
+        // Dropped entries are remembered (set-secret refuses them, S6).
+        self.expect(new.retired.ends_with(&dropped), || {
+            format!("dropped retire entries not remembered: {edge}")
+        });
+        for r in &dropped {
+            let id = r.id.as_deref().unwrap_or_default();
+            match self.provider.get(id) {
+                None => {}
+                // I4: shown as another client's, kept at the provider.
+                Some(s) if s.client_id != CLIENT => {}
+                // I3: ours and still there: only a sweep can find it, by
+                // its tag.
+                Some(s) => self.expect(tag_of(&s.description).is_some(), || {
+                    format!(
+                        "I3: {id} left the retire list but exists untagged at the provider: {edge}"
+                    )
+                }),
+            }
+        }
+    }
+
     /// Checked after every step.
     fn check_always(&self) {
-        // I1: the store always holds a secret the provider accepts.
-        let current = self.durable.current.value.expose_secret();
-        self.expect(self.provider.accepts(current), || {
-            format!(
-                "I1: the stored current secret {:?} does not log in",
-                self.durable.current.id
-            )
-        });
+        // I1: the store always holds a secret the provider accepts; while
+        // promoted, the old one still counts and must still log in (S5).
+        let d = &self.durable;
+        let current = self.provider.accepts(d.current.value.expose_secret());
+        match d.rotation.old() {
+            Some(old) => self.expect(self.provider.accepts(old.value.expose_secret()), || {
+                format!(
+                    "S5: the old secret {:?} no longer logs in while promoted",
+                    old.id
+                )
+            }),
+            None => self.expect(current, || {
+                format!(
+                    "I1: the stored current secret {:?} does not log in",
+                    d.current.id
+                )
+            }),
+        }
+        // Only an idle journal retires anything.
+        self.expect(
+            matches!(d.rotation, Rotation::Idle) || d.retire.is_empty(),
+            || format!("retiring mid-rotation: {}", show(d)),
+        );
         if let Some(p) = &self.proc {
-            self.expect(same(&p.mem, &self.durable), || {
+            self.expect(same(&p.mem, d), || {
                 "model: the process's record is not the stored one".into()
             });
         }
@@ -749,69 +1307,103 @@ impl Sim {
         }
         for _ in 0..64 {
             self.apply(OK);
-            if self.proc.is_none() && matches!(self.durable.rotation, Rotation::Idle) {
+            if self.proc.is_none() && !self.durable.is_unfinished() {
                 return;
             }
         }
         self.fail("did not converge to a stable state")
     }
 
-    /// After [`Self::stabilize`]: I3 and the foreign secrets.
-    fn check_final(&self) {
-        self.expect(
-            matches!(self.durable.rotation, Rotation::Idle) && self.proc.is_none(),
-            || "not stable".into(),
-        );
+    /// A rotation once the orphans left behind are old enough to sweep.
+    fn rotate_later(&mut self) {
+        self.log(|| "--- a later rotation sweeps what was too young or not listed ---".into());
+        self.stats.late_sweeps += 1;
+        self.now += SWEEP_MIN_AGE + LAG;
+        self.apply(Op::Begin);
+        self.stabilize(false);
+    }
+
+    /// After [`Self::stabilize`]: I3 and the foreign secrets. Returns our
+    /// tagged orphans, allowed (unless `strict`) only when the last listing
+    /// could not sweep them: it did not show them, or they were too young.
+    fn check_final(&self, strict: bool) -> Vec<String> {
+        self.expect(!self.durable.is_unfinished() && self.proc.is_none(), || {
+            "not stable".into()
+        });
         let current = &self.durable.current;
         self.expect(self.provider.accepts(current.value.expose_secret()), || {
             "I1: current does not log in".into()
         });
         let rotated = current.value.expose_secret() != BOOT_VALUE;
-        self.expect(rotated == (self.stats.promotions > 0), || {
-            "model: current changed iff a promotion was persisted".into()
+        self.expect(rotated == (self.stats.completions > 0), || {
+            "model: current changed iff a rotation finished".into()
         });
 
-        // I3: our client has exactly the secrets it should.
+        // I3: our client has exactly the untagged secrets it should...
         let foreign = foreign_secrets();
+        let ours = |s: &&ModelSecret| s.client_id == CLIENT;
+        let untagged = |s: &&ModelSecret| tag_of(&s.description).is_none();
         let mut expected: BTreeSet<String> = foreign
             .iter()
-            .filter(|s| s.client_id == CLIENT)
+            .filter(ours)
+            .filter(untagged)
             .map(|s| s.id.clone())
             .collect();
-        if !rotated || !self.bootstrap_known {
+        if !rotated || self.boot != Boot::Known {
             expected.insert(BOOT_ID.into());
         }
-        if rotated {
-            match &current.id {
-                Some(id) => expected.insert(id.clone()),
-                None => self.fail("a rotated secret without id"),
-            };
-        }
-        let ours: BTreeSet<String> = self
+        let have: BTreeSet<String> = self
             .provider
             .secrets
             .iter()
-            .filter(|s| s.client_id == CLIENT)
+            .filter(ours)
+            .filter(untagged)
             .map(|s| s.id.clone())
             .collect();
-        self.expect(ours == expected, || {
-            format!("I3: our client has {ours:?}, expected {expected:?}")
+        self.expect(have == expected, || {
+            format!("I3: our client has untagged {have:?}, expected {expected:?}")
         });
-        let tagged: Vec<&str> = self
+        // ... and of the tagged ones, the current one and no orphan the
+        // last listing could have swept.
+        let tagged: Vec<&ModelSecret> = self
             .provider
             .secrets
             .iter()
-            .filter(|s| s.client_id == CLIENT && rotation_id_of(CRED, &s.description).is_some())
-            .map(|s| s.id.as_str())
+            .filter(ours)
+            .filter(|s| tag_of(&s.description).is_some())
             .collect();
-        let want: Vec<&str> = if rotated {
-            current.id.as_deref().into_iter().collect()
-        } else {
-            Vec::new()
-        };
-        self.expect(tagged == want, || {
-            format!("I3: rekeyd-tagged secrets {tagged:?}, expected {want:?}")
-        });
+        if rotated {
+            self.expect(
+                current
+                    .id
+                    .as_deref()
+                    .is_some_and(|id| tagged.iter().any(|s| s.id == id)),
+                || "I3: the rotated current secret is not one we created".into(),
+            );
+        }
+        let orphans: Vec<String> = tagged
+            .iter()
+            .filter(|s| current.id.as_deref() != Some(s.id.as_str()))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in &orphans {
+            let created_at = self.provider.get(id).map(|s| s.created_at);
+            let excused = self.listing_owed
+                || self.last_listing.as_ref().is_some_and(|(at, shown)| {
+                    !shown.contains(id)
+                        || created_at.is_some_and(|c| {
+                            at.duration_since(c).unwrap_or_default() < SWEEP_MIN_AGE
+                        })
+                });
+            self.expect(!strict && excused, || {
+                format!(
+                    "I3: orphan {id} left (strict: {strict}), last listing {:?}",
+                    self.last_listing
+                        .as_ref()
+                        .map(|(at, shown)| (self.secs(*at), shown))
+                )
+            });
+        }
 
         // I4: foreign secrets untouched, byte for byte.
         for f in &foreign {
@@ -819,10 +1411,27 @@ impl Sim {
                 format!("I4: foreign secret {} was touched", f.id)
             });
         }
-        if rotated && !self.bootstrap_known {
-            self.expect(self.stats.unknown_id_kept > 0, || {
-                "the kept bootstrap was not warned about".into()
-            });
+        if rotated {
+            match self.boot {
+                Boot::Known => {}
+                Boot::Unknown => self.expect(self.stats.unknown_id_kept > 0, || {
+                    "the kept bootstrap was not warned about".into()
+                }),
+                Boot::Wrong => self.expect(self.stats.foreign_retire_kept > 0, || {
+                    "the wrong bootstrap id was not warned about".into()
+                }),
+            }
+        }
+        orphans
+    }
+
+    /// Stabilize, check, and if orphans had to be left, rotate again later
+    /// and check strictly.
+    fn finish(&mut self, restart: bool) {
+        self.stabilize(restart);
+        if !self.check_final(false).is_empty() {
+            self.rotate_later();
+            self.check_final(true);
         }
     }
 }
@@ -836,7 +1445,9 @@ fn same_entry(a: &SecretEntry, b: &SecretEntry) -> bool {
 fn same(a: &CredentialRecord, b: &CredentialRecord) -> bool {
     let rotation = match (&a.rotation, &b.rotation) {
         (Rotation::Idle, Rotation::Idle) => true,
-        (Rotation::Creating { rid: x }, Rotation::Creating { rid: y }) => x == y,
+        (Rotation::Creating { rid: x, attempt: i }, Rotation::Creating { rid: y, attempt: j }) => {
+            x == y && i == j
+        }
         (Rotation::Created { rid: x, pending: p }, Rotation::Created { rid: y, pending: q }) => {
             x == y && same_entry(p, q)
         }
@@ -854,7 +1465,11 @@ fn same(a: &CredentialRecord, b: &CredentialRecord) -> bool {
         ) => x == y && same_entry(p, q) && s == t,
         _ => false,
     };
-    rotation && same_entry(&a.current, &b.current) && a.last_rotated_at == b.last_rotated_at
+    rotation
+        && same_entry(&a.current, &b.current)
+        && a.last_rotated_at == b.last_rotated_at
+        && a.retire == b.retire
+        && a.retired == b.retired
 }
 
 /// Short form for traces.
@@ -862,16 +1477,26 @@ fn show(r: &CredentialRecord) -> String {
     let id = |e: &SecretEntry| e.id.clone().unwrap_or_else(|| "?".into());
     let rotation = match &r.rotation {
         Rotation::Idle => "idle".to_string(),
-        Rotation::Creating { rid } => format!("creating({rid})"),
+        Rotation::Creating { rid, attempt } => format!("creating({rid}.{attempt})"),
         Rotation::Created { rid, pending } => format!("created({rid},{})", id(pending)),
         Rotation::Promoted { rid, old, .. } => format!("promoted({rid},old={})", id(old)),
     };
-    format!("cur={} {rotation}", id(&r.current))
+    let retire = if r.retire.is_empty() {
+        String::new()
+    } else {
+        let ids: Vec<&str> = r.retire.iter().filter_map(|e| e.id.as_deref()).collect();
+        format!(" retire={}", ids.join(","))
+    };
+    format!("cur={} {rotation}{retire}", id(&r.current))
 }
 
 fn show_event(e: &Event) -> String {
     match e {
         Event::Created { id, .. } => format!("Created({id})"),
+        Event::Listed { secrets } => {
+            let ids: Vec<&str> = secrets.iter().map(|s| s.id.as_str()).collect();
+            format!("Listed({})", ids.join(","))
+        }
         other => format!("{other:?}"),
     }
 }
@@ -880,7 +1505,7 @@ fn show_event(e: &Event) -> String {
 
 #[derive(Debug, Clone)]
 struct Scenario {
-    bootstrap_known: bool,
+    boot: Boot,
     /// Whether the process is killed before the final fault-free run.
     restart: bool,
     grace_secs: u64,
@@ -889,13 +1514,13 @@ struct Scenario {
 
 fn scenario() -> impl Strategy<Value = Scenario> {
     (
-        any::<bool>(),
+        prop_oneof![Just(Boot::Known), Just(Boot::Unknown), Just(Boot::Wrong)],
         any::<bool>(),
         prop_oneof![Just(0u64), Just(30), Just(300)],
         prop::collection::vec(op(), 0..120),
     )
-        .prop_map(|(bootstrap_known, restart, grace_secs, ops)| Scenario {
-            bootstrap_known,
+        .prop_map(|(boot, restart, grace_secs, ops)| Scenario {
+            boot,
             restart,
             grace_secs,
             ops,
@@ -903,12 +1528,11 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 }
 
 fn run_scenario(s: &Scenario, trace: bool) -> Stats {
-    let mut sim = Sim::with_trace(s.bootstrap_known, Duration::from_secs(s.grace_secs), trace);
+    let mut sim = Sim::with_trace(s.boot, Duration::from_secs(s.grace_secs), trace);
     for op in &s.ops {
         sim.apply(*op);
     }
-    sim.stabilize(s.restart);
-    sim.check_final();
+    sim.finish(s.restart);
     sim.stats
 }
 
@@ -941,18 +1565,7 @@ fn random_faults_keep_invariants_and_converge() {
     let total = total.into_inner();
     println!("{cases} cases: {total:#?}");
     // The faults must actually reach the interesting paths.
-    for (what, n) in [
-        ("promotions", total.promotions),
-        ("completions", total.completions),
-        ("aborts", total.aborts),
-        ("orphans deleted", total.orphans_deleted),
-        ("deletes answered 404", total.deletes_not_found),
-        ("bootstrap deleted", total.bootstrap_deleted),
-        ("unknown bootstrap id kept", total.unknown_id_kept),
-        ("begins while busy", total.begins_while_busy),
-        ("early wake-ups", total.early_wakeups),
-        ("crashes", total.crashes),
-    ] {
+    for (what, n) in total.counts() {
         assert!(
             n >= u64::from(cases / 100).max(1),
             "only {n} {what} in {cases} cases"
@@ -963,8 +1576,8 @@ fn random_faults_keep_invariants_and_converge() {
 // --- regressions: tricky sequences, step by step -----------------------------
 
 /// Runs `ops` from a fresh start and returns the simulation.
-fn sim_with(bootstrap_known: bool, grace_secs: u64, ops: &[Op]) -> Sim {
-    let mut sim = Sim::with_trace(bootstrap_known, Duration::from_secs(grace_secs), true);
+fn sim_with(boot: Boot, grace_secs: u64, ops: &[Op]) -> Sim {
+    let mut sim = Sim::with_trace(boot, Duration::from_secs(grace_secs), true);
     for op in ops {
         sim.apply(*op);
     }
@@ -975,104 +1588,249 @@ fn phase(sim: &Sim) -> &'static str {
     sim.durable.rotation.phase()
 }
 
+fn next(sim: &Sim) -> Option<Next> {
+    sim.proc.as_ref().map(|p| p.t.next.clone())
+}
+
+fn description(sim: &Sim, id: &str) -> String {
+    sim.provider.created[id].clone()
+}
+
+/// A rotation from `Begin` to the licence for deleting the old secret:
+/// persist creating, create, persist created, verify, persist promoted,
+/// wait, verify again, persist idle + retire, list, persist the licence.
+const TO_LICENCE: [Op; 10] = [Op::Begin, OK, OK, OK, OK, OK, OK, OK, OK, OK];
+
 #[test]
-fn crash_after_create_before_persist_leaves_an_orphan_that_resume_deletes() {
-    // Begin; persist creating; create performed, then kill -9.
-    let mut sim = sim_with(true, 30, &[Op::Begin, OK, Op::CrashAfter]);
+fn crash_after_create_before_persist_leaves_an_orphan_that_a_fresh_attempt_deletes() {
+    // Begin; persist creating(r1.a1); create performed, then kill -9.
+    let mut sim = sim_with(Boot::Known, 30, &[Op::Begin, OK, Op::CrashAfter]);
     assert_eq!(phase(&sim), "creating");
     assert!(sim.proc.is_none());
-    let orphan = sim
-        .provider
-        .get("s1")
-        .expect("the create reached the provider");
-    assert_eq!(orphan.description, secret_description(CRED, "r1"));
+    assert_eq!(
+        description(&sim, "s1"),
+        secret_description(CRED, "r1", "a1")
+    );
 
-    // A rotation request on restart finishes the interrupted one (same rid)
-    // and lists + deletes the orphan before creating again.
+    // A rotation request on restart finishes the interrupted one (same rid):
+    // S2, a fresh attempt is written before anything is deleted.
     sim.apply(Op::Begin);
     assert_eq!(
-        sim.proc.as_ref().map(|p| p.t.next.clone()),
-        Some(Next::DeleteTagged { rid: "r1".into() })
+        next(&sim),
+        Some(Next::DeleteTagged {
+            rid: "r1".into(),
+            keep: "a2".into()
+        })
     );
+    assert!(
+        sim.proc
+            .as_ref()
+            .is_some_and(|p| p.t.persist && !p.persisted)
+    );
+    sim.apply(OK);
+    assert!(matches!(&sim.durable.rotation, Rotation::Creating { attempt, .. } if attempt == "a2"));
+    assert!(sim.deleted.is_empty(), "nothing deleted before the write");
+
     sim.apply(OK);
     assert!(sim.provider.get("s1").is_none(), "orphan deleted");
     assert_eq!(
         sim.deleted,
         ["s1"],
-        "and nothing else (other-1 carries r1 too)"
+        "and nothing else (other-1 carries r1.a1 too)"
     );
     assert_eq!(
-        sim.proc.as_ref().map(|p| p.t.next.clone()),
-        Some(Next::Create { rid: "r1".into() })
+        next(&sim),
+        Some(Next::Create {
+            rid: "r1".into(),
+            attempt: "a2".into()
+        })
     );
-    sim.stabilize(true);
-    sim.check_final();
+    sim.stabilize(false);
+    sim.check_final(true);
     assert_eq!(sim.durable.current.id.as_deref(), Some("s2"));
-    assert_eq!(sim.stats.orphans_deleted, 1);
+    assert_eq!(
+        description(&sim, "s2"),
+        secret_description(CRED, "r1", "a2")
+    );
+    assert_eq!(sim.stats.earlier_attempts_deleted, 1);
+    assert_eq!(sim.stats.fresh_attempts, 1);
+}
+
+#[test]
+fn a_fresh_attempt_deletes_every_earlier_attempts_secret_and_never_the_one_it_keeps() {
+    // creating(r1.a1); the create's reply is lost: s1 is an orphan.
+    let mut sim = sim_with(Boot::Known, 30, &[Op::Begin, OK, Op::Lost]);
+    assert_eq!(phase(&sim), "creating");
+    // The next run writes attempt a2 first (S2).
+    sim.apply(OK);
+    sim.apply(OK);
+    assert!(matches!(&sim.durable.rotation, Rotation::Creating { attempt, .. } if attempt == "a2"));
+    assert_eq!(
+        next(&sim),
+        Some(Next::DeleteTagged {
+            rid: "r1".into(),
+            keep: "a2".into()
+        })
+    );
+    // Secrets tagged for r1 by a rekeyd from before attempts existed, and
+    // one tagged with the very attempt the journal now keeps (as if a
+    // create of a2 had reached the provider already).
+    let now = sim.now;
+    let (legacy, _) = sim.provider.create(format!("rekeyd:{CRED}:r1"), 0, now);
+    let (kept, _) = sim
+        .provider
+        .create(secret_description(CRED, "r1", "a2"), 0, now);
+    sim.apply(OK);
+    assert_eq!(sim.deleted, ["s1", legacy.as_str()]);
+    assert!(
+        sim.provider.get(&kept).is_some(),
+        "S2: the kept attempt's secret stays"
+    );
+
+    // The rotation goes on with a new secret of attempt a2; the other one
+    // is not named by the journal and is swept, once old enough (S7).
+    sim.stabilize(false);
+    assert_eq!(sim.durable.current.id.as_deref(), Some("s4"));
+    assert_eq!(
+        sim.check_final(false),
+        std::slice::from_ref(&kept),
+        "too young to sweep yet"
+    );
+    assert!(!sim.deleted.contains(&kept));
+    sim.rotate_later();
+    sim.check_final(true);
+    assert!(sim.provider.get(&kept).is_none());
+    assert_eq!(sim.stats.swept, 1);
 }
 
 #[test]
 fn lost_create_reply_is_an_orphan_too() {
-    let mut sim = sim_with(false, 0, &[Op::Begin, OK, Op::Lost]);
+    let mut sim = sim_with(Boot::Unknown, 0, &[Op::Begin, OK, Op::Lost]);
     assert_eq!(phase(&sim), "creating");
     assert!(sim.provider.get("s1").is_some());
     sim.stabilize(true);
-    sim.check_final();
+    sim.check_final(true);
     assert!(sim.provider.get("s1").is_none());
     assert_eq!(sim.durable.current.id.as_deref(), Some("s2"));
 }
 
 #[test]
 fn crash_after_persist_created_verifies_the_stored_secret_without_creating_again() {
-    let mut sim = sim_with(true, 30, &[Op::Begin, OK, OK, Op::CrashAfter]);
+    let mut sim = sim_with(Boot::Known, 30, &[Op::Begin, OK, OK, Op::CrashAfter]);
     assert_eq!(phase(&sim), "created");
     sim.apply(OK); // restart: Resume
-    assert_eq!(
-        sim.proc.as_ref().map(|p| p.t.next.clone()),
-        Some(Next::Verify)
-    );
+    assert_eq!(next(&sim), Some(Next::Verify));
     sim.stabilize(true);
-    sim.check_final();
+    sim.check_final(true);
     assert_eq!(sim.provider.created.len(), 1);
     assert_eq!(sim.durable.current.id.as_deref(), Some("s1"));
 }
 
 #[test]
-fn crash_after_delete_old_before_persist_idle_treats_404_as_done() {
-    let ops = [
-        Op::Begin,
-        OK,             // persist creating
-        OK,             // create
-        OK,             // persist created
-        OK,             // verify
-        OK,             // persist promoted
-        OK,             // wait out the grace period
-        Op::CrashAfter, // delete old performed, kill -9 before persist idle
-    ];
-    let mut sim = sim_with(true, 30, &ops);
+fn the_old_secret_is_deleted_only_after_the_promoted_one_logs_in_again() {
+    let mut sim = sim_with(Boot::Known, 30, &TO_LICENCE[..6]);
     assert_eq!(phase(&sim), "promoted");
+    let at = t0() + Duration::from_secs(30);
+    assert_eq!(next(&sim), Some(Next::WaitUntil(at)));
+    sim.apply(OK); // the grace period is over
+    assert_eq!(next(&sim), Some(Next::VerifyCurrent));
+    assert_eq!(sim.now, at);
+    sim.apply(OK); // logs in → idle, the old secret retired (the licence)
+    let p = sim.proc.as_ref().unwrap();
+    assert!(p.t.persist);
+    assert_eq!(p.t.next, Next::List);
+    assert_eq!(p.t.record.retire[0].id.as_deref(), Some(BOOT_ID));
+    assert_eq!(p.t.record.last_rotated_at, Some(at));
+    sim.apply(OK); // persist
+    sim.apply(OK); // list → licence for the delete
+    assert_eq!(
+        next(&sim),
+        Some(Next::Delete {
+            ids: vec![BOOT_ID.into()]
+        })
+    );
+    assert!(sim.provider.get(BOOT_ID).is_some());
+    sim.apply(OK); // persist the licence
+    sim.apply(OK); // delete → persist the retire list cleared
+    assert!(sim.provider.get(BOOT_ID).is_none());
+    sim.apply(OK);
+    assert!(sim.proc.is_none());
+    assert!(sim.durable.retire.is_empty());
+    assert!(
+        sim.durable
+            .knows_retired(&SecretString::from(BOOT_VALUE), None)
+    );
+    sim.check_final(true);
+    assert_eq!(sim.stats.bootstrap_deleted, 1);
+}
+
+#[test]
+fn crash_after_the_licence_lists_and_writes_the_licence_again() {
+    let mut ops = TO_LICENCE.to_vec();
+    ops.pop();
+    ops.push(Op::CrashAfter); // the licence is written, kill -9
+    let mut sim = sim_with(Boot::Known, 30, &ops);
+    assert_eq!(sim.durable.retire.len(), 1);
+    sim.apply(OK); // restart: Resume → List, no write
+    assert_eq!(next(&sim), Some(Next::List));
+    sim.apply(OK); // the same licence, written again before the delete (S1)
+    let p = sim.proc.as_ref().unwrap();
+    assert!(p.t.persist && same(&p.t.record, &sim.durable));
+    sim.stabilize(false);
+    sim.check_final(true);
+    assert_eq!(sim.deleted, [BOOT_ID]);
+}
+
+#[test]
+fn crash_after_deleting_the_old_secret_finishes_from_the_listing() {
+    let mut ops = TO_LICENCE.to_vec();
+    ops.push(OK); // persist the licence
+    ops.push(Op::CrashAfter); // delete performed, kill -9 before the write
+    let mut sim = sim_with(Boot::Known, 30, &ops);
+    assert_eq!(phase(&sim), "idle");
+    assert!(sim.durable.is_unfinished());
     assert!(
         sim.provider.get(BOOT_ID).is_none(),
         "the old secret is gone"
     );
-    assert_eq!(sim.durable.current.id.as_deref(), Some("s1"));
-
-    sim.apply(OK); // restart: Resume → DeleteOld again
-    assert_eq!(
-        sim.proc.as_ref().map(|p| p.t.next.clone()),
-        Some(Next::DeleteOld { id: BOOT_ID.into() })
+    sim.apply(OK); // restart: Resume → List
+    assert_eq!(next(&sim), Some(Next::List));
+    sim.apply(OK); // not listed: gone, remembered
+    let p = sim.proc.as_ref().unwrap();
+    assert_eq!((p.t.persist, p.t.next.clone()), (true, Next::Stable));
+    sim.apply(OK);
+    assert!(sim.proc.is_none() && !sim.durable.is_unfinished());
+    assert!(
+        sim.durable
+            .knows_retired(&SecretString::from(BOOT_VALUE), None)
     );
-    sim.apply(OK); // 404 → OldDeleted → finish
-    assert_eq!(sim.stats.deletes_not_found, 1);
-    sim.apply(OK); // persist idle
-    assert_eq!(phase(&sim), "idle");
-    assert!(sim.proc.is_none());
-    assert_eq!(sim.durable.last_rotated_at, Some(sim.now));
-    sim.check_final();
+    sim.check_final(true);
+    assert_eq!(sim.deleted, [BOOT_ID]);
 }
 
 #[test]
-fn rejected_pending_is_deleted_and_the_old_secret_kept() {
+fn a_lagging_list_still_showing_a_deleted_secret_gets_a_404_that_counts_as_done() {
+    let mut ops = TO_LICENCE.to_vec();
+    ops.push(OK); // persist the licence
+    ops.push(Op::Lost); // delete performed, reply lost
+    let mut sim = sim_with(Boot::Known, 30, &ops);
+    assert!(sim.provider.get(BOOT_ID).is_none());
+    sim.apply(OK); // Resume → List
+    sim.apply(Op::Lag); // the list still shows it
+    assert_eq!(
+        next(&sim),
+        Some(Next::Delete {
+            ids: vec![BOOT_ID.into()]
+        })
+    );
+    sim.stabilize(false);
+    sim.check_final(true);
+    assert_eq!(sim.deleted, [BOOT_ID, BOOT_ID]);
+    assert_eq!(sim.stats.deletes_not_found, 1);
+}
+
+#[test]
+fn rejected_pending_is_retired_then_deleted_and_the_old_secret_kept() {
     let ops = [
         Op::Begin,
         OK,
@@ -1080,45 +1838,58 @@ fn rejected_pending_is_deleted_and_the_old_secret_kept() {
         OK,                            // persist created
         OK,                            // verify: refused for the whole window
     ];
-    let mut sim = sim_with(true, 30, &ops);
-    assert_eq!(
-        sim.proc.as_ref().map(|p| (p.t.next.clone(), p.t.persist)),
-        Some((Next::DeletePending { id: "s1".into() }, false))
+    let mut sim = sim_with(Boot::Known, 30, &ops);
+    let p = sim.proc.as_ref().unwrap();
+    assert_eq!((p.t.next.clone(), p.t.persist), (Next::List, true));
+    assert_eq!(p.t.record.rotation.phase(), "idle");
+    assert_eq!(p.t.record.retire[0].id.as_deref(), Some("s1"));
+    assert!(
+        sim.provider.get("s1").is_some(),
+        "not deleted before the write"
     );
-    sim.apply(OK); // delete pending → abort
+    sim.apply(OK); // persist idle + retire
+    sim.apply(OK); // list → licence
+    assert_eq!(
+        next(&sim),
+        Some(Next::Delete {
+            ids: vec!["s1".into()]
+        })
+    );
+    sim.stabilize(false);
     assert!(sim.provider.get("s1").is_none());
-    sim.apply(OK); // persist idle
-    assert_eq!(phase(&sim), "idle");
     assert_eq!(sim.durable.current.value.expose_secret(), BOOT_VALUE);
     assert_eq!(sim.durable.last_rotated_at, None);
     assert_eq!(sim.stats.aborts, 1);
-    sim.check_final();
+    sim.check_final(true);
 }
 
 #[test]
-fn crash_between_deleting_the_pending_and_aborting_reverifies_then_aborts() {
+fn crash_after_deleting_the_refused_secret_finishes_from_the_listing() {
     let ops = [
         Op::Begin,
         OK,
         Op::Ok { propagation: NEVER },
         OK,
-        OK,             // verify rejected → DeletePending
-        Op::CrashAfter, // pending deleted, kill -9 before the abort is written
+        OK,             // verify rejected
+        OK,             // persist idle + retire [s1]
+        OK,             // list → licence
+        OK,             // persist the licence
+        Op::CrashAfter, // s1 deleted, kill -9 before the write
     ];
-    let mut sim = sim_with(false, 30, &ops);
-    assert_eq!(phase(&sim), "created");
+    let mut sim = sim_with(Boot::Unknown, 30, &ops);
+    assert_eq!(phase(&sim), "idle");
+    assert_eq!(sim.durable.retire.len(), 1);
     assert!(sim.provider.get("s1").is_none());
     sim.stabilize(true);
-    sim.check_final();
+    sim.check_final(true);
     assert_eq!(sim.stats.aborts, 1);
-    assert_eq!(sim.stats.deletes_not_found, 1);
-    assert_eq!(sim.deleted, ["s1", "s1"]);
+    assert_eq!(sim.deleted, ["s1"]);
 }
 
 #[test]
 fn slow_propagation_within_the_window_is_verified_beyond_it_is_aborted() {
     let sim = sim_with(
-        true,
+        Boot::Known,
         0,
         &[
             Op::Begin,
@@ -1134,7 +1905,7 @@ fn slow_propagation_within_the_window_is_verified_beyond_it_is_aborted() {
     assert_eq!(phase(&sim), "promoted");
 
     let mut sim = sim_with(
-        true,
+        Boot::Known,
         0,
         &[
             Op::Begin,
@@ -1146,20 +1917,17 @@ fn slow_propagation_within_the_window_is_verified_beyond_it_is_aborted() {
             OK,
         ],
     );
-    assert_eq!(
-        sim.proc.as_ref().map(|p| p.t.next.clone()),
-        Some(Next::DeletePending { id: "s1".into() })
-    );
-    let slow = SecretString::from(sim.provider.get("s1").unwrap().value.clone());
+    assert_eq!(next(&sim), Some(Next::List));
+    let slow = sim.provider.get("s1").unwrap().value.clone();
     sim.stabilize(false);
-    sim.check_final();
+    sim.check_final(true);
     assert_eq!(sim.durable.current.value.expose_secret(), BOOT_VALUE);
-    assert!(sim.provider.ours_with_value(slow.expose_secret()).is_none());
+    assert!(sim.provider.ours_with_value(&slow).is_none());
 
-    // Killed before that delete: the restart verifies again, and by now the
-    // secret has propagated, so it is promoted after all.
+    // Killed before the abort is written: the restart verifies again, and
+    // by now the secret has propagated, so it is promoted after all.
     let mut sim = sim_with(
-        true,
+        Boot::Known,
         0,
         &[
             Op::Begin,
@@ -1174,48 +1942,217 @@ fn slow_propagation_within_the_window_is_verified_beyond_it_is_aborted() {
     );
     assert_eq!(phase(&sim), "created");
     sim.stabilize(true);
-    sim.check_final();
+    sim.check_final(true);
     assert_eq!(sim.durable.current.id.as_deref(), Some("s1"));
 }
 
 #[test]
 fn begin_while_promoted_waits_out_the_grace_period_instead_of_rotating_again() {
-    let mut sim = sim_with(true, 300, &[Op::Begin, OK, OK, OK, OK, OK]);
+    let mut sim = sim_with(Boot::Known, 300, &TO_LICENCE[..6]);
     assert_eq!(phase(&sim), "promoted");
     sim.apply(Op::Advance(10));
     sim.apply(Op::Begin);
     let at = t0() + Duration::from_secs(300);
-    assert_eq!(
-        sim.proc.as_ref().map(|p| p.t.next.clone()),
-        Some(Next::WaitUntil(at))
-    );
+    assert_eq!(next(&sim), Some(Next::WaitUntil(at)));
     // An early wake-up (clock behind the deadline) keeps waiting.
     sim.apply(Op::Lost);
-    assert_eq!(
-        sim.proc.as_ref().map(|p| p.t.next.clone()),
-        Some(Next::WaitUntil(at))
-    );
+    assert_eq!(next(&sim), Some(Next::WaitUntil(at)));
     assert!(sim.provider.get(BOOT_ID).is_some());
     sim.stabilize(true);
-    sim.check_final();
+    sim.check_final(true);
     assert_eq!(
         sim.provider.created.len(),
         1,
         "no second rotation was started"
     );
     assert!(sim.now >= at);
+    assert_eq!(sim.stats.begins_while_busy, 1);
+}
+
+#[test]
+fn a_revoked_promoted_secret_brings_the_old_one_back() {
+    let mut sim = sim_with(Boot::Known, 30, &TO_LICENCE[..6]);
+    assert_eq!(phase(&sim), "promoted");
+    sim.apply(Op::Revoke { refusals: NEVER });
+    // S5: the old secret still counts while promoted (checked every step).
+    assert!(!sim.provider.accepts("value-1"));
+    assert!(sim.provider.accepts(BOOT_VALUE));
+    sim.apply(OK); // the grace period is over
+    assert_eq!(next(&sim), Some(Next::VerifyCurrent));
+    sim.apply(OK); // refused for the whole window
+    let p = sim.proc.as_ref().unwrap();
+    assert!(p.t.persist);
+    assert_eq!(p.t.next, Next::List);
+    assert_eq!(p.t.record.current.value.expose_secret(), BOOT_VALUE);
+    assert_eq!(p.t.record.retire[0].id.as_deref(), Some("s1"));
+    sim.apply(OK);
+    // I1: the old secret is current again, and it logs in.
+    assert_eq!(sim.durable.current.id.as_deref(), Some(BOOT_ID));
+    assert!(sim.provider.accepts(BOOT_VALUE));
+    assert_eq!(sim.durable.last_rotated_at, None);
+    sim.stabilize(false);
+    sim.check_final(true);
+    assert_eq!(sim.deleted, ["s1"]);
+    assert_eq!(sim.stats.current_rejections, 1);
+    assert_eq!(sim.stats.completions, 0);
+
+    // Killed right after the refusal: the restart asks again, and the old
+    // secret comes back all the same.
+    let mut sim = sim_with(Boot::Unknown, 30, &TO_LICENCE[..6]);
+    sim.apply(Op::Revoke { refusals: NEVER });
+    sim.apply(OK);
+    sim.apply(Op::CrashAfter); // the second login happened, kill -9
+    assert_eq!(phase(&sim), "promoted");
+    sim.stabilize(true);
+    sim.check_final(true);
+    assert_eq!(sim.durable.current.value.expose_secret(), BOOT_VALUE);
+    assert_eq!(sim.deleted, ["s1"]);
+}
+
+#[test]
+fn a_promoted_secret_that_flaps_briefly_is_kept() {
+    let mut sim = sim_with(Boot::Known, 30, &TO_LICENCE[..6]);
+    sim.apply(Op::Revoke { refusals: 1 });
+    sim.stabilize(false);
+    sim.check_final(true);
+    assert_eq!(sim.durable.current.id.as_deref(), Some("s1"));
+    assert_eq!(sim.deleted, [BOOT_ID]);
+    assert_eq!(sim.stats.current_rejections, 0);
+}
+
+#[test]
+fn an_orphan_a_lagging_list_missed_is_swept_at_the_end_of_the_rotation() {
+    let ops = [
+        Op::Begin,
+        OK,       // persist creating(r1.a1)
+        Op::Lost, // s1 created, reply lost
+        OK,       // restart: Resume
+        OK,       // persist creating(r1.a2)
+        Op::Lag,  // the list does not show s1 yet: nothing deleted
+        OK,       // create s2
+    ];
+    let mut sim = sim_with(Boot::Known, 30, &ops);
+    assert_eq!(sim.stats.earlier_attempts_deleted, 0);
+    assert!(sim.provider.get("s1").is_some());
+    sim.apply(OK); // persist created
+    sim.apply(OK); // verify
+    sim.apply(OK); // persist promoted
+    sim.apply(Op::Advance(SWEEP_MIN_AGE.as_secs()));
+    sim.stabilize(false);
+    // S7: tagged for this credential, of this client, not in the journal,
+    // old enough: retired with the old secret, in the same licence.
+    assert!(sim.provider.get("s1").is_none());
+    assert_eq!(sim.stats.swept, 1);
+    assert!(sim.deleted.contains(&"s1".to_string()));
+    assert_eq!(sim.check_final(true), Vec::<String>::new());
+}
+
+#[test]
+fn a_duplicated_create_leaves_an_orphan_swept_once_old_enough_never_while_young() {
+    let mut sim = sim_with(Boot::Known, 30, &[Op::Begin, OK, Op::Twice]);
+    assert_eq!(description(&sim, "s1"), description(&sim, "s2"));
+    sim.stabilize(false);
+    assert_eq!(sim.durable.current.id.as_deref(), Some("s2"));
+    // At the end of this rotation s1 was listed, but too young to sweep.
+    assert_eq!(sim.check_final(false), ["s1"]);
+    assert!(!sim.deleted.contains(&"s1".to_string()));
+    sim.rotate_later();
+    sim.check_final(true);
+    assert!(sim.provider.get("s1").is_none());
+    assert_eq!(sim.stats.swept, 1);
+}
+
+/// The rotation's end, written; `kill -9` before the listing that sweeps.
+/// A duplicated create left an orphan old enough to sweep by then.
+fn killed_before_the_sweep(boot: Boot) -> Sim {
+    let ops = [
+        Op::Begin,
+        OK,
+        Op::Twice, // s1 (reply lost, request retried) and s2
+        OK,        // persist created(s2)
+        OK,        // verify
+        OK,        // persist promoted
+        Op::Advance(SWEEP_MIN_AGE.as_secs()),
+        OK,             // the grace period is over
+        OK,             // s2 logs in again → idle, List
+        Op::CrashAfter, // written, kill -9 before the listing
+    ];
+    let sim = sim_with(boot, 30, &ops);
+    assert_eq!(phase(&sim), "idle");
+    assert_eq!(sim.durable.current.id.as_deref(), Some("s2"));
+    assert!(sim.provider.get("s1").is_some());
+    sim
+}
+
+#[test]
+fn killed_before_the_sweep_with_an_old_secret_to_delete_still_sweeps() {
+    let mut sim = killed_before_the_sweep(Boot::Known);
+    // The retire list keeps the journal unfinished: the restart lists.
+    assert!(sim.durable.is_unfinished());
+    sim.stabilize(true);
+    sim.check_final(true);
+    assert!(sim.provider.get("s1").is_none());
+    assert_eq!(sim.stats.swept, 1);
+}
+
+/// MACHINE GAP found by this model (the random model tolerates it through
+/// `Sim::listing_owed` and a later rotation). When a rotation ends with
+/// nothing to retire (the old secret's id unknown), `CurrentVerified`
+/// writes an idle journal with an empty retire list and asks for `List`;
+/// a run that ends between that write and the listing leaves a journal
+/// that is not unfinished, so the restart does nothing and the S7 sweep of
+/// this rotation never happens: an orphan already old enough stays at the
+/// provider until the next rotation (I3). With the old id known (above),
+/// the same crash is swept. Sequence: Begin, persist creating, create
+/// performed twice (s1 orphan, s2 pending), persist created, verify,
+/// persist promoted, 10 min pass, grace over, verify again, persist idle,
+/// kill -9, restart: Resume → Stable.
+#[test]
+#[ignore = "machine gap: the sweep is skipped when the run ends between the final write and the listing and nothing is left to retire"]
+fn gap_sweep_skipped_when_killed_before_the_listing_with_nothing_to_retire() {
+    let mut sim = killed_before_the_sweep(Boot::Unknown);
+    assert!(!sim.durable.is_unfinished());
+    sim.stabilize(true);
+    // s1: tagged for this credential, of this client, not in the journal,
+    // older than SWEEP_MIN_AGE. Fails here: "I3: orphan s1 left".
+    sim.check_final(true);
+}
+
+/// MACHINE GAP found by this model. A retire entry the listing does not
+/// show is dropped as gone, trusting that "if it is ours and exists after
+/// all, the next sweep finds it by its tag". An id the operator gave (the
+/// bootstrap, `set-secret --id`) carries no tag: when a lagging list does
+/// not show it yet (the operator made it just before, grace 0 or a short
+/// one), it is forgotten while it exists, and nothing ever deletes it: the
+/// replaced secret stays valid at the provider (I3). (The random model
+/// makes the bootstrap long before rekeyd starts, so its lists never lag
+/// behind it.) Sequence, grace 0, bootstrap made at t0: Begin, persist
+/// creating, create, persist created, verify, persist promoted, grace over,
+/// verify again, persist idle + retire [boot], list lagging (boot not
+/// shown) → the write drops boot from the retire list.
+#[test]
+#[ignore = "machine gap: an untagged retire entry a lagging list does not show is forgotten while it exists"]
+fn gap_an_untagged_retire_entry_a_lagging_list_misses_is_never_deleted() {
+    let mut sim = Sim::with_trace(Boot::Known, Duration::ZERO, true);
+    sim.provider.secrets[0].created_at = t0();
+    for op in &TO_LICENCE[..9] {
+        sim.apply(*op);
+    }
+    assert_eq!(next(&sim), Some(Next::List));
+    sim.apply(Op::Lag);
+    // Fails here: "I3: boot left the retire list but exists untagged at the
+    // provider".
+    sim.stabilize(false);
+    sim.check_final(true);
 }
 
 #[test]
 fn unknown_bootstrap_id_is_kept_and_later_rotations_clean_up_after_themselves() {
-    // Two full rotations with grace 0.
-    let rotation = [Op::Begin, OK, OK, OK, OK, OK, OK, OK];
-    let mut sim = sim_with(false, 0, &rotation);
-    for op in rotation {
-        sim.apply(op);
+    let mut sim = Sim::with_trace(Boot::Unknown, Duration::ZERO, true);
+    for _ in 0..2 {
+        sim.apply(Op::Begin);
+        sim.stabilize(false);
     }
-    sim.apply(OK); // the second one also deletes its old secret
-    assert_eq!(phase(&sim), "idle");
     assert_eq!(sim.stats.completions, 2);
     assert_eq!(sim.stats.unknown_id_kept, 1);
     assert_eq!(
@@ -1224,67 +2161,164 @@ fn unknown_bootstrap_id_is_kept_and_later_rotations_clean_up_after_themselves() 
         "the first rotation's secret, nothing else"
     );
     assert!(sim.provider.get(BOOT_ID).is_some());
-    sim.stabilize(true);
-    sim.check_final();
+    sim.check_final(true);
+}
+
+#[test]
+fn a_wrong_bootstrap_id_naming_another_clients_secret_is_never_deleted() {
+    let mut sim = Sim::with_trace(Boot::Wrong, Duration::from_secs(30), true);
+    sim.apply(Op::Begin);
+    sim.stabilize(false);
+    // I4, S7: the listing shows it as another client's; kept, forgotten.
+    assert_eq!(sim.stats.foreign_retire_kept, 1);
+    assert!(sim.deleted.is_empty());
+    assert!(sim.durable.retire.is_empty());
+    assert!(
+        sim.durable
+            .retired
+            .iter()
+            .any(|r| r.id.as_deref() == Some(WRONG_BOOT_ID))
+    );
+    assert_eq!(sim.durable.current.id.as_deref(), Some("s1"));
+    sim.check_final(true);
 }
 
 #[test]
 fn idle_resume_does_nothing() {
-    let mut sim = Sim::with_trace(true, Duration::from_secs(30), true);
+    let mut sim = Sim::with_trace(Boot::Known, Duration::from_secs(30), true);
     sim.stabilize(true);
-    sim.check_final();
+    sim.check_final(true);
     assert!(sim.deleted.is_empty());
     assert!(sim.provider.created.is_empty());
 }
 
 // --- every (record, event) pair ---------------------------------------------
 
-/// A record in any phase, at a time around `t0()`.
-fn any_record() -> impl Strategy<Value = CredentialRecord> {
-    (0u8..4, any::<bool>(), 0u64..100).prop_map(|(phase, old_id_known, delete_after)| {
-        let entry = |id: Option<&str>, value: &str| SecretEntry {
-            id: id.map(str::to_string),
-            value: SecretString::from(value),
-            created_at: t0(),
-        };
-        let old = entry(old_id_known.then_some("old"), "old-value");
-        let new = entry(Some("new"), "new-value");
-        let rid = "r1".to_string();
-        let (current, rotation) = match phase {
-            0 => (old, Rotation::Idle),
-            1 => (old, Rotation::Creating { rid }),
-            2 => (old, Rotation::Created { rid, pending: new }),
-            _ => (
-                new,
-                Rotation::Promoted {
-                    rid,
-                    old,
-                    delete_after: t0() + Duration::from_secs(delete_after),
-                },
-            ),
-        };
-        CredentialRecord {
-            current,
-            rotation,
-            last_rotated_at: None,
-        }
-    })
+fn entry(id: Option<&str>, value: &str) -> SecretEntry {
+    SecretEntry {
+        id: id.map(str::to_string),
+        value: SecretString::from(value),
+        created_at: t0(),
+    }
 }
 
-fn any_event() -> impl Strategy<Value = Event> {
-    (0u8..9).prop_map(|n| match n {
-        0 => Event::Begin { rid: "r9".into() },
-        1 => Event::Resume,
-        2 => Event::TaggedDeleted,
-        3 => Event::Created {
-            id: "s9".into(),
-            value: SecretString::from("value-9"),
+fn retired(id: &str) -> RetiredSecret {
+    RetiredSecret {
+        id: Some(id.into()),
+        sha256: None,
+    }
+}
+
+/// A record in any phase, at a time around `t0()`; idle ones may have
+/// secrets to retire (mid-rotation journals never do).
+fn any_record() -> impl Strategy<Value = CredentialRecord> {
+    (0u8..4, any::<bool>(), 0u64..100, 0u8..8).prop_map(
+        |(phase, old_id_known, delete_after, retire)| {
+            let old = entry(old_id_known.then_some("old"), "old-value");
+            let new = entry(Some("new"), "new-value");
+            let rid = "r1".to_string();
+            let attempt = "a1".to_string();
+            let (current, rotation) = match phase {
+                0 => (old, Rotation::Idle),
+                1 => (old, Rotation::Creating { rid, attempt }),
+                2 => (old, Rotation::Created { rid, pending: new }),
+                _ => (
+                    new,
+                    Rotation::Promoted {
+                        rid,
+                        old,
+                        delete_after: t0() + Duration::from_secs(delete_after),
+                    },
+                ),
+            };
+            let retire = if phase == 0 {
+                ["mine", "foreign", "gone"]
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| retire & (1 << i) != 0)
+                    .map(|(_, id)| retired(id))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            CredentialRecord {
+                rotation,
+                retire,
+                ..CredentialRecord::new(current)
+            }
         },
-        4 => Event::Verified,
-        5 => Event::VerifyRejected,
-        6 => Event::PendingDeleted,
-        7 => Event::GraceOver,
-        _ => Event::OldDeleted,
+    )
+}
+
+/// What a `GET` may show at `now`: a subset of these, by `mask`.
+fn listing(mask: u16, now: SystemTime) -> Vec<RemoteSecret> {
+    let old = now - SWEEP_MIN_AGE;
+    let young = now - SWEEP_MIN_AGE / 2;
+    let s = |id: &str, description: String, client: Option<&str>, at: Option<SystemTime>| {
+        RemoteSecret {
+            id: id.into(),
+            description,
+            client_id: client.map(Into::into),
+            created_at: at,
+        }
+    };
+    let tag = |rid: &str, attempt: &str| secret_description(CRED, rid, attempt);
+    [
+        s("old", "by hand".into(), Some(CLIENT), Some(old)),
+        s("new", tag("r1", "a1"), Some(CLIENT), Some(old)),
+        s("mine", "by hand".into(), Some(CLIENT), Some(old)),
+        s("foreign", "by hand".into(), Some(OTHER_CLIENT), Some(old)),
+        s("orphan", tag("r8", "a2"), Some(CLIENT), Some(old)),
+        s("young", tag("r9", "a1"), Some(CLIENT), Some(young)),
+        s(
+            "other-cred",
+            secret_description("maps-2", "r8", "a2"),
+            Some(CLIENT),
+            Some(old),
+        ),
+        s("other-tag", tag("r8", "a2"), Some(OTHER_CLIENT), Some(old)),
+        s("no-client-tag", tag("r7", "a1"), None, None),
+        s("no-client", "by hand".into(), None, None),
+        s(
+            "legacy",
+            format!("rekeyd:{CRED}:r6"),
+            Some(CLIENT),
+            Some(old),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    .filter(|(i, _)| mask & (1 << i) != 0)
+    .map(|(_, s)| s)
+    .collect()
+}
+
+fn any_event() -> impl Strategy<Value = (Event, u16)> {
+    (0u8..11, any::<u16>()).prop_map(|(n, mask)| {
+        let event = match n {
+            0 => Event::Begin {
+                rid: "r9".into(),
+                attempt: "a9".into(),
+            },
+            1 => Event::Resume {
+                attempt: "a9".into(),
+            },
+            2 => Event::TaggedDeleted,
+            3 => Event::Created {
+                id: "s9".into(),
+                value: SecretString::from("value-9"),
+            },
+            4 => Event::Verified,
+            5 => Event::VerifyRejected,
+            6 => Event::CurrentVerified,
+            7 => Event::CurrentRejected,
+            8 => Event::GraceOver,
+            9 => Event::Listed {
+                secrets: Vec::new(),
+            },
+            _ => Event::RetireDeleted,
+        };
+        (event, mask)
     })
 }
 
@@ -1297,52 +2331,116 @@ proptest! {
 
     /// `step` never panics; it takes exactly the events that belong to the
     /// record's phase (a late or duplicated outcome is refused, not applied
-    /// to the wrong phase); a change is always persisted; and the next
-    /// effect always matches the record it is to be performed against.
+    /// to the wrong phase); a change is always persisted; the next effect
+    /// always matches the record it is to be performed against; and a
+    /// delete is licensed by the write before it and, after a listing, only
+    /// ever names this client's secrets that are retired or untracked
+    /// orphans old enough to sweep.
     #[test]
     fn step_is_total_and_next_matches_the_record(
         record in any_record(),
-        event in any_event(),
+        (event, mask) in any_event(),
         now in 0u64..200,
         grace in prop_oneof![Just(0u64), 0u64..100],
     ) {
-        let now = t0() + Duration::from_secs(now);
+        let now = t0() + Duration::from_secs(now) + SWEEP_MIN_AGE;
+        let event = match event {
+            Event::Listed { .. } => Event::Listed { secrets: listing(mask, now) },
+            other => other,
+        };
+        let listed = match &event {
+            Event::Listed { secrets } => secrets.clone(),
+            _ => Vec::new(),
+        };
         let phase = record.rotation.phase();
         let applies = match &event {
-            Event::Begin { .. } | Event::Resume => true,
+            Event::Begin { .. } | Event::Resume { .. } => true,
             Event::TaggedDeleted | Event::Created { .. } => phase == "creating",
-            Event::Verified | Event::VerifyRejected | Event::PendingDeleted => phase == "created",
-            Event::GraceOver | Event::OldDeleted => phase == "promoted",
+            Event::Verified | Event::VerifyRejected => phase == "created",
+            Event::GraceOver | Event::CurrentVerified | Event::CurrentRejected => {
+                phase == "promoted"
+            }
+            Event::Listed { .. } | Event::RetireDeleted => phase == "idle",
         };
-        let verified = matches!(event, Event::Verified);
-        let result = machine::step(&record, event, now, Duration::from_secs(grace));
+        let replaces = match &event {
+            Event::Verified => Some(("new", "new-value")),
+            Event::CurrentRejected => Some(("old", "old-value")),
+            _ => None,
+        };
+        let ctx = Context {
+            now,
+            grace: Duration::from_secs(grace),
+            credential: CRED,
+            client_id: CLIENT,
+        };
+        let result = machine::step(&record, event, &ctx);
         prop_assert_eq!(result.is_ok(), applies);
         let Ok(t) = result else { return Ok(()) };
         let new = &t.record;
         prop_assert!(t.persist || same(new, &record), "changed without persist");
-        if verified {
-            prop_assert_eq!(new.current.id.as_deref(), Some("new"));
-        } else {
-            prop_assert!(same_entry(&new.current, &record.current), "current replaced");
+        match replaces {
+            Some((_, value)) => prop_assert_eq!(new.current.value.expose_secret(), value),
+            None => prop_assert!(same_entry(&new.current, &record.current), "current replaced"),
         }
+        prop_assert!(
+            matches!(new.rotation, Rotation::Idle) || new.retire.is_empty(),
+            "retiring mid-rotation"
+        );
+        prop_assert!(new.retire.iter().all(|r| r.id.is_some()), "a retire entry without an id");
         let current_id = new.current.id.as_deref();
         match (&t.next, &new.rotation) {
-            (Next::Stable, Rotation::Idle) => {}
-            (Next::DeleteTagged { rid }, Rotation::Creating { rid: r })
-            | (Next::Create { rid }, Rotation::Creating { rid: r }) => prop_assert_eq!(rid, r),
-            (Next::Verify, Rotation::Created { .. }) => {}
-            (Next::DeletePending { id }, Rotation::Created { pending, .. }) => {
-                prop_assert_eq!(pending.id.as_deref(), Some(id.as_str()));
-                prop_assert_ne!(current_id, Some(id.as_str()));
+            (Next::Stable, Rotation::Idle) => {
+                prop_assert!(new.retire.is_empty(), "stable with secrets to retire");
             }
+            (Next::DeleteTagged { rid, keep }, Rotation::Creating { rid: r, attempt }) => {
+                prop_assert!(t.persist, "S2: deletes before writing a fresh attempt");
+                prop_assert_eq!(rid, r);
+                prop_assert_eq!(keep, attempt);
+                prop_assert_eq!(keep, "a9");
+            }
+            (Next::Create { rid, attempt }, Rotation::Creating { rid: r, attempt: a }) => {
+                prop_assert_eq!(rid, r);
+                prop_assert_eq!(attempt, a);
+            }
+            (Next::Verify, Rotation::Created { .. }) => {}
             (Next::WaitUntil(at), Rotation::Promoted { delete_after, .. }) => {
                 prop_assert_eq!(at, delete_after);
-                prop_assert!(now < *at || verified, "waits for a deadline already passed");
+                prop_assert!(now < *at || replaces.is_some(), "waits for a deadline already passed");
             }
-            (Next::DeleteOld { id }, Rotation::Promoted { old, delete_after, .. }) => {
-                prop_assert_eq!(old.id.as_deref(), Some(id.as_str()));
-                prop_assert_ne!(current_id, Some(id.as_str()));
-                prop_assert!(now >= *delete_after, "deletes before the grace period is over");
+            (Next::VerifyCurrent, Rotation::Promoted { delete_after, .. }) => {
+                prop_assert!(now >= *delete_after, "verifies again before the grace period is over");
+            }
+            (Next::List, Rotation::Idle) => {}
+            (Next::Delete { ids }, Rotation::Idle) => {
+                prop_assert!(t.persist, "S1: a delete without the write that licenses it");
+                let retire: Vec<String> = new.retire.iter().filter_map(|r| r.id.clone()).collect();
+                prop_assert_eq!(ids, &retire);
+                prop_assert!(!ids.is_empty());
+                let named: Vec<&str> = [Some(&record.current), record.pending(), record.rotation.old()]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.id.as_deref())
+                    .collect();
+                for id in ids {
+                    prop_assert_ne!(current_id, Some(id.as_str()));
+                    let Some(s) = listed.iter().find(|s| &s.id == id) else {
+                        prop_assert!(false, "deletes {} the listing does not show", id);
+                        unreachable!()
+                    };
+                    let tagged = tag_of(&s.description).is_some();
+                    prop_assert!(
+                        s.client_id.as_deref().map_or(tagged, |c| c == CLIENT),
+                        "I4: deletes {}, not known to be this client's", id
+                    );
+                    let retired = record.retire.iter().any(|r| r.id.as_deref() == Some(id.as_str()));
+                    if !retired {
+                        let old_enough = s.created_at.is_none_or(|c| now.duration_since(c).unwrap_or_default() >= SWEEP_MIN_AGE);
+                        prop_assert!(
+                            tagged && old_enough && !named.contains(&id.as_str()),
+                            "S7: sweeps {}, not an untracked orphan old enough", id
+                        );
+                    }
+                }
             }
             (next, rotation) => prop_assert!(
                 false,
@@ -1359,20 +2457,17 @@ proptest! {
 /// or every resume in phase `created` would panic again.
 #[test]
 fn huge_grace_does_not_panic_the_machine() {
-    let mut record = CredentialRecord::new(SecretEntry {
-        id: Some("old".into()),
-        value: SecretString::from("old-value"),
-        created_at: t0(),
-    });
+    let mut record = CredentialRecord::new(entry(Some("old"), "old-value"));
     record.rotation = Rotation::Created {
         rid: "r1".into(),
-        pending: SecretEntry {
-            id: Some("new".into()),
-            value: SecretString::from("new-value"),
-            created_at: t0(),
-        },
+        pending: entry(Some("new"), "new-value"),
     };
     // What humantime makes of "500000000000years".
-    let grace = Duration::from_secs(15_778_800_000_000_000_000);
-    let _ = machine::step(&record, Event::Verified, t0(), grace);
+    let ctx = Context {
+        now: t0(),
+        grace: Duration::from_secs(15_778_800_000_000_000_000),
+        credential: CRED,
+        client_id: CLIENT,
+    };
+    let _ = machine::step(&record, Event::Verified, &ctx);
 }
