@@ -340,7 +340,7 @@ impl Run<'_> {
                 Next::WaitUntil(at) => {
                     let wait = schedule::wait_for(at, (r.clock)());
                     if !wait.is_zero() {
-                        info!(step = "grace", wait = %humantime::format_duration(whole_seconds(wait)), "waiting before deleting the old secret");
+                        info!(step = "grace", wait = %humantime::format_duration(whole_seconds(wait)), "waiting before deleting (grace period, or a listing that may lag)");
                         self.guard(tokio::time::sleep(wait)).await?;
                     }
                     Event::GraceOver
@@ -369,7 +369,7 @@ impl Run<'_> {
                         crash_point!("rotation-after-delete-old");
                         info!(step = "delete", secret_id = %id, already_gone = deleted == Deleted::NotFound, "retired secret deleted");
                     }
-                    Event::RetireDeleted
+                    Event::RetireDeleted { ids }
                 }
             };
             t = machine::step(&self.record.value, event, &r.context())?;

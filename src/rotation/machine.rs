@@ -51,8 +51,8 @@ pub enum Event {
     GraceOver,
     /// The provider's list of secrets, to check what is ours before deleting.
     Listed { secrets: Vec<RemoteSecret> },
-    /// The licensed deletes are done (404 counts as done).
-    RetireDeleted,
+    /// The licensed deletes of these ids are done (404 counts as done).
+    RetireDeleted { ids: Vec<String> },
 }
 
 /// The next side effect, performed after persisting when asked to.
@@ -119,7 +119,7 @@ impl Event {
             Event::CurrentRejected => "current-rejected",
             Event::GraceOver => "grace-over",
             Event::Listed { .. } => "listed",
-            Event::RetireDeleted => "retire-deleted",
+            Event::RetireDeleted { .. } => "retire-deleted",
         }
     }
 }
@@ -215,6 +215,7 @@ pub fn step(
             // write: the write licenses the delete (S1).
             let mut next = record.clone();
             next.rotation = Rotation::Idle;
+            next.listing_owed = true;
             retire_entry(&mut next, pending);
             warned(
                 persist(next, Next::List),
@@ -222,11 +223,16 @@ pub fn step(
             )
         }
 
-        (Rotation::Promoted { .. }, Event::GraceOver) => resume(record, "", ctx),
+        // Promoted: the grace period; idle: retire entries a listing did
+        // not show yet.
+        (Rotation::Promoted { .. } | Rotation::Idle, Event::GraceOver) => resume(record, "", ctx),
         (Rotation::Promoted { old, .. }, Event::CurrentVerified) => {
             let mut next = record.clone();
             next.rotation = Rotation::Idle;
             next.last_rotated_at = Some(ctx.now);
+            // S7: the sweep after the rotation is owed even when nothing
+            // is left to retire, so a crash before it does not skip it.
+            next.listing_owed = true;
             let warnings = retire_entry(&mut next, old);
             Transition {
                 warnings,
@@ -239,6 +245,7 @@ pub fn step(
             let mut next = record.clone();
             next.current = old.clone();
             next.rotation = Rotation::Idle;
+            next.listing_owed = true;
             retire_entry(&mut next, &record.current);
             warned(
                 persist(next, Next::List),
@@ -247,11 +254,15 @@ pub fn step(
         }
 
         (Rotation::Idle, Event::Listed { secrets }) => plan_retire(record, &secrets, ctx),
-        (Rotation::Idle, Event::RetireDeleted) => {
+        (Rotation::Idle, Event::RetireDeleted { ids }) => {
             let mut next = record.clone();
-            let done = std::mem::take(&mut next.retire);
+            let (done, left): (Vec<_>, Vec<_>) = std::mem::take(&mut next.retire)
+                .into_iter()
+                .partition(|r| r.id.as_ref().is_some_and(|id| ids.contains(id)));
+            next.retire = left;
             next.remember_retired(done);
-            persist(next, Next::Stable)
+            let then = wait_for_missing(&next).unwrap_or(Next::Stable);
+            persist(next, then)
         }
 
         (_, event) => return Err(invalid(&event)),
@@ -262,8 +273,9 @@ pub fn step(
 /// What is left to do in the record's phase, e.g. after a restart.
 fn resume(record: &CredentialRecord, attempt: &str, ctx: &Context<'_>) -> Transition {
     match &record.rotation {
-        Rotation::Idle if record.retire.is_empty() => stay(record, Next::Stable),
-        // Check the listing before deleting what a previous run committed to.
+        Rotation::Idle if !record.is_unfinished() => stay(record, Next::Stable),
+        // Check the listing before deleting what a previous run committed
+        // to, and sweep (S7).
         Rotation::Idle => stay(record, Next::List),
         // The create call may have happened, in this attempt or an earlier
         // one. S2: record a fresh attempt first; only if that write wins do
@@ -317,13 +329,28 @@ fn plan_retire(
     let mut warnings = Vec::new();
     let mut keep = Vec::new();
     let mut gone = Vec::new();
-    for entry in std::mem::take(&mut next.retire) {
+    for mut entry in std::mem::take(&mut next.retire) {
         let id = entry.id.as_deref().unwrap_or_default();
         match listed.iter().find(|s| s.id == id) {
-            // A lagging list may not show it yet; if it is ours and exists
-            // after all, the next sweep finds it by its tag.
-            None => gone.push(entry),
-            Some(s) if is_this_clients(s, ctx) => keep.push(entry),
+            // Absent after a listing showed it as ours: gone (deleted by a
+            // run that stopped before writing so).
+            None if entry.confirmed => gone.push(entry),
+            // Absent and never seen: gone, or a list lagging behind its
+            // creation (an id the operator gave carries no tag, so no sweep
+            // would find it later). Gone only once absent for SWEEP_MIN_AGE.
+            None => match entry.missing_since {
+                Some(since) if elapsed(since, ctx.now) >= SWEEP_MIN_AGE => gone.push(entry),
+                Some(_) => keep.push(entry),
+                None => {
+                    entry.missing_since = Some(ctx.now);
+                    keep.push(entry);
+                }
+            },
+            Some(s) if is_this_clients(s, ctx) => {
+                entry.missing_since = None;
+                entry.confirmed = true;
+                keep.push(entry);
+            }
             Some(s) => {
                 warnings.push(format!(
                     "secret {id} is not known to belong to client {} (the provider lists it {}); it is kept and forgotten",
@@ -351,35 +378,56 @@ fn plan_retire(
         let tagged = parse_tag(ctx.credential, &s.description).is_some();
         let old_enough = s
             .created_at
-            .is_none_or(|at| ctx.now.duration_since(at).unwrap_or_default() >= SWEEP_MIN_AGE);
+            .is_none_or(|at| elapsed(at, ctx.now) >= SWEEP_MIN_AGE);
         let this_client = s.client_id.as_deref().is_none_or(|c| c == ctx.client_id);
         if tagged && this_client && old_enough && !named.contains(&s.id) {
             warnings.push(format!(
                 "secret {} is tagged for this credential but untracked (a lost reply or a lagging list); deleting it",
                 s.id
             ));
-            keep.push(RetiredSecret {
-                id: Some(s.id.clone()),
-                sha256: None,
-            });
+            keep.push(RetiredSecret::id_only(&s.id));
         }
     }
     next.remember_retired(gone);
     next.retire = keep;
-    let ids: Vec<String> = next.retire.iter().filter_map(|r| r.id.clone()).collect();
-    let t = if ids.is_empty() {
-        // Nothing to delete: persist only if entries were dropped.
-        if next.retire.len() == record.retire.len() && next.retired.len() == record.retired.len() {
-            stay(record, Next::Stable)
-        } else {
-            persist(next, Next::Stable)
-        }
-    } else {
+    next.listing_owed = false;
+    let ids: Vec<String> = next
+        .retire
+        .iter()
+        .filter(|r| r.missing_since.is_none())
+        .filter_map(|r| r.id.clone())
+        .collect();
+    let t = if !ids.is_empty() {
         // Always written, even when unchanged: this write is the licence
         // for the deletes that follow (S1).
         persist(next, Next::Delete { ids })
+    } else {
+        let then = wait_for_missing(&next).unwrap_or(Next::Stable);
+        let unchanged = next.retire == record.retire
+            && next.retired.len() == record.retired.len()
+            && !record.listing_owed;
+        if unchanged {
+            stay(record, then)
+        } else {
+            persist(next, then)
+        }
     };
     Transition { warnings, ..t }
+}
+
+/// While retire entries wait to be shown by a listing: wait until the
+/// first of them may be taken as gone, then list again.
+fn wait_for_missing(record: &CredentialRecord) -> Option<Next> {
+    record
+        .retire
+        .iter()
+        .filter_map(|r| r.missing_since)
+        .min()
+        .map(|since| Next::WaitUntil(since + SWEEP_MIN_AGE))
+}
+
+fn elapsed(since: SystemTime, now: SystemTime) -> Duration {
+    now.duration_since(since).unwrap_or_default()
 }
 
 /// S7: a listed secret is this client's when the provider says so, or, when
@@ -494,9 +542,13 @@ mod tests {
                 ids: vec!["old".into()]
             }
         );
-        let t = step(&t.record, Event::RetireDeleted, &ctx(t0() + GRACE)).unwrap();
+        let deleted = Event::RetireDeleted {
+            ids: vec!["old".into()],
+        };
+        let t = step(&t.record, deleted, &ctx(t0() + GRACE)).unwrap();
         assert!(t.persist);
         assert_eq!(t.next, Next::Stable);
+        assert!(!t.record.is_unfinished());
         assert!(t.record.retire.is_empty());
         assert!(
             t.record
@@ -619,18 +671,9 @@ mod tests {
     fn retire_deletes_only_this_clients_secrets_and_sweeps_orphans() {
         let mut r = idle();
         r.retire = vec![
-            RetiredSecret {
-                id: Some("foreign".into()),
-                sha256: None,
-            },
-            RetiredSecret {
-                id: Some("gone".into()),
-                sha256: None,
-            },
-            RetiredSecret {
-                id: Some("mine".into()),
-                sha256: None,
-            },
+            RetiredSecret::id_only("foreign"),
+            RetiredSecret::id_only("gone"),
+            RetiredSecret::id_only("mine"),
         ];
         let mut young = listed("young", "rekeyd:maps:r9.a1", Some("client"));
         young.created_at = Some(t0() + Duration::from_secs(3600) - SWEEP_MIN_AGE / 2);
@@ -648,12 +691,8 @@ mod tests {
             listed("untagged-unknown", "by hand", None),
             young,
         ];
-        let t = step(
-            &r,
-            Event::Listed { secrets },
-            &ctx(t0() + Duration::from_secs(3600)),
-        )
-        .unwrap();
+        let now = t0() + Duration::from_secs(3600);
+        let t = step(&r, Event::Listed { secrets }, &ctx(now)).unwrap();
         assert!(t.persist);
         assert_eq!(
             t.next,
@@ -662,13 +701,62 @@ mod tests {
             }
         );
         assert!(t.warnings.iter().any(|w| w.contains("foreign")));
-        // Dropped entries are remembered, so set-secret refuses them.
+        // Another client's id is dropped, and remembered so set-secret
+        // refuses it.
+        assert!(
+            t.record
+                .retired
+                .iter()
+                .any(|r| r.id.as_deref() == Some("foreign"))
+        );
+        let deleted = Event::RetireDeleted {
+            ids: vec!["mine".into(), "orphan".into()],
+        };
+        let t = step(&t.record, deleted, &ctx(now)).unwrap();
+        // An id the listing did not show may be a lagging list: it is kept
+        // and looked for again once it may count as gone.
+        assert_eq!(t.next, Next::WaitUntil(now + SWEEP_MIN_AGE));
+        assert_eq!(t.record.retire.len(), 1);
+        assert!(t.record.is_unfinished());
+        let later = ctx(now + SWEEP_MIN_AGE);
+        let t = step(&t.record, Event::GraceOver, &later).unwrap();
+        assert_eq!(t.next, Next::List);
+        let t = step(&t.record, Event::Listed { secrets: vec![] }, &later).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.next, Next::Stable);
         assert!(
             t.record
                 .retired
                 .iter()
                 .any(|r| r.id.as_deref() == Some("gone"))
         );
+        assert!(!t.record.is_unfinished());
+    }
+
+    #[test]
+    fn the_sweep_after_a_rotation_is_owed_until_its_listing_is_written() {
+        // Nothing to retire (the old id unknown), yet the listing is owed:
+        // a crash before it must not skip the sweep (S7).
+        let mut old = idle().current;
+        old.id = None;
+        let mut r = idle();
+        r.rotation = Rotation::Promoted {
+            rid: "r1".into(),
+            old,
+            delete_after: t0(),
+        };
+        let t = step(&r, Event::CurrentVerified, &ctx(t0())).unwrap();
+        assert!(t.persist);
+        assert!(t.record.retire.is_empty());
+        assert!(t.record.is_unfinished(), "the listing is owed");
+        let resumed = Event::Resume {
+            attempt: "a9".into(),
+        };
+        let t = step(&t.record, resumed, &ctx(t0())).unwrap();
+        assert_eq!(t.next, Next::List);
+        let t = step(&t.record, Event::Listed { secrets: vec![] }, &ctx(t0())).unwrap();
+        assert!(t.persist);
+        assert!(!t.record.is_unfinished());
     }
 
     #[test]

@@ -63,6 +63,13 @@ impl Rotation {
 pub struct RetiredSecret {
     pub id: Option<String>,
     pub sha256: Option<String>,
+    /// In the retire list: since when the provider's listings have not
+    /// shown this id. A list may lag behind a create, so an absent id is
+    /// taken as gone only after [`crate::rotation::machine::SWEEP_MIN_AGE`].
+    pub missing_since: Option<SystemTime>,
+    /// In the retire list: a listing showed this id as this client's
+    /// (S7). Such an id that a later listing no longer shows is gone.
+    pub confirmed: bool,
 }
 
 impl RetiredSecret {
@@ -70,6 +77,18 @@ impl RetiredSecret {
         RetiredSecret {
             id: entry.id.clone(),
             sha256: Some(sha256_hex(&entry.value)),
+            missing_since: None,
+            confirmed: false,
+        }
+    }
+
+    /// An id found by the sweep (S7): its value was never known.
+    pub fn id_only(id: &str) -> Self {
+        RetiredSecret {
+            id: Some(id.to_string()),
+            sha256: None,
+            missing_since: None,
+            confirmed: false,
         }
     }
 }
@@ -96,6 +115,10 @@ pub struct CredentialRecord {
     /// The last [`RETIRED_HISTORY`] secrets deleted (or dropped) by the
     /// journal, newest last: `set-secret` refuses them (S6).
     pub retired: Vec<RetiredSecret>,
+    /// A rotation ended and its listing (the S7 sweep) has not been done
+    /// yet: the journal is unfinished until it is, so a crash in between
+    /// does not skip the sweep.
+    pub listing_owed: bool,
 }
 
 impl CredentialRecord {
@@ -106,6 +129,7 @@ impl CredentialRecord {
             last_rotated_at: None,
             retire: Vec::new(),
             retired: Vec::new(),
+            listing_owed: false,
         }
     }
 
@@ -113,7 +137,7 @@ impl CredentialRecord {
     /// `retiring` while idle with secrets still to delete.
     pub fn phase(&self) -> &'static str {
         match self.rotation {
-            Rotation::Idle if !self.retire.is_empty() => "retiring",
+            Rotation::Idle if !self.retire.is_empty() || self.listing_owed => "retiring",
             _ => self.rotation.phase(),
         }
     }
@@ -122,7 +146,7 @@ impl CredentialRecord {
     /// or secrets still to delete. Such a journal is always finished,
     /// whatever the configuration says about future rotations.
     pub fn is_unfinished(&self) -> bool {
-        !matches!(self.rotation, Rotation::Idle) || !self.retire.is_empty()
+        !matches!(self.rotation, Rotation::Idle) || !self.retire.is_empty() || self.listing_owed
     }
 
     /// Whether `value` (or, when given, provider id `id`) is a secret the
@@ -136,7 +160,12 @@ impl CredentialRecord {
 
     /// Appends to the retired history, keeping the newest entries.
     pub fn remember_retired(&mut self, entries: impl IntoIterator<Item = RetiredSecret>) {
-        self.retired.extend(entries);
+        self.retired
+            .extend(entries.into_iter().map(|r| RetiredSecret {
+                missing_since: None,
+                confirmed: false,
+                ..r
+            }));
         let excess = self.retired.len().saturating_sub(RETIRED_HISTORY);
         self.retired.drain(..excess);
     }
@@ -170,6 +199,8 @@ pub(crate) struct Document {
     pub retire: Vec<DocRetired>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<DocRetired>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub listing_owed: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -177,6 +208,10 @@ pub(crate) struct Document {
 pub(crate) struct DocRetired {
     pub id: Option<String>,
     pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_since: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub confirmed: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -268,6 +303,7 @@ impl Document {
             last_rotated_at: record.last_rotated_at.map(time_to_text),
             retire: record.retire.iter().map(DocRetired::from).collect(),
             retired: record.retired.iter().map(DocRetired::from).collect(),
+            listing_owed: record.listing_owed,
         }
     }
 
@@ -302,8 +338,9 @@ impl Document {
                 .last_rotated_at
                 .map(|t| time_from_text("last_rotated_at", &t))
                 .transpose()?,
-            retire: self.retire.into_iter().map(RetiredSecret::from).collect(),
-            retired: self.retired.into_iter().map(RetiredSecret::from).collect(),
+            retire: retired_entries("retire", self.retire)?,
+            retired: retired_entries("retired", self.retired)?,
+            listing_owed: self.listing_owed,
         };
         if record.retire.iter().any(|r| r.id.is_none()) {
             return Err("retire: an entry without an id".into());
@@ -317,17 +354,26 @@ impl From<&RetiredSecret> for DocRetired {
         DocRetired {
             id: r.id.clone(),
             sha256: r.sha256.clone(),
+            missing_since: r.missing_since.map(time_to_text),
+            confirmed: r.confirmed,
         }
     }
 }
 
-impl From<DocRetired> for RetiredSecret {
-    fn from(d: DocRetired) -> Self {
-        RetiredSecret {
-            id: d.id,
-            sha256: d.sha256,
-        }
-    }
+fn retired_entries(field: &str, docs: Vec<DocRetired>) -> Result<Vec<RetiredSecret>, String> {
+    docs.into_iter()
+        .map(|d| {
+            Ok(RetiredSecret {
+                missing_since: d
+                    .missing_since
+                    .map(|t| time_from_text(&format!("{field}.missing_since"), &t))
+                    .transpose()?,
+                id: d.id,
+                sha256: d.sha256,
+                confirmed: d.confirmed,
+            })
+        })
+        .collect()
 }
 
 /// The bytes of `record` as every store writes them (pretty JSON, so an
