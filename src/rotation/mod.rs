@@ -65,10 +65,14 @@ pub fn waiting_for(record: &CredentialRecord, name: &str) -> Option<String> {
         "`rekeyd set-secret {name} --force` (a working secret on stdin) replaces the journal"
     );
     Some(match &record.rotation {
-        Rotation::Idle if record.retire.is_empty() => return None,
+        Rotation::Idle if !record.is_unfinished() => return None,
+        Rotation::Idle if record.retire.is_empty() => format!(
+            "the listing after the rotation (to delete secrets of ours it does not track); {rotate}"
+        ),
         Rotation::Idle => format!(
-            "deleting {} retired secret(s) at the provider once a listing shows they are this client's; {rotate}",
-            record.retire.len()
+            "deleting {} retired secret(s) at the provider once a listing shows they are this client's (an id no listing shows is given up after {}); {rotate}",
+            record.retire.len(),
+            humantime::format_duration(machine::SWEEP_MIN_AGE)
         ),
         Rotation::Creating { .. } => format!(
             "the provider to create the replacement secret (earlier attempts are cleaned up first); {rotate}"
