@@ -159,7 +159,7 @@ pub fn step(
         event: event.name(),
     };
     let t = match (&record.rotation, event) {
-        (Rotation::Idle, Event::Begin { rid, attempt }) if record.retire.is_empty() => {
+        (Rotation::Idle, Event::Begin { rid, attempt }) if !record.is_unfinished() => {
             let mut next = record.clone();
             next.rotation = Rotation::Creating {
                 rid: rid.clone(),
@@ -226,17 +226,20 @@ pub fn step(
         // Promoted: the grace period; idle: retire entries a listing did
         // not show yet.
         (Rotation::Promoted { .. } | Rotation::Idle, Event::GraceOver) => resume(record, "", ctx),
-        (Rotation::Promoted { old, .. }, Event::CurrentVerified) => {
+        // List first (S7: is the old secret this client's? orphans to
+        // sweep?), then end the rotation in one write that also licenses
+        // the deletes (S1).
+        (Rotation::Promoted { .. }, Event::CurrentVerified) => stay(record, Next::List),
+        (Rotation::Promoted { old, .. }, Event::Listed { secrets }) => {
             let mut next = record.clone();
             next.rotation = Rotation::Idle;
             next.last_rotated_at = Some(ctx.now);
-            // S7: the sweep after the rotation is owed even when nothing
-            // is left to retire, so a crash before it does not skip it.
-            next.listing_owed = true;
-            let warnings = retire_entry(&mut next, old);
+            let mut warnings = retire_entry(&mut next, old);
+            let t = plan_retire(record, next, &secrets, ctx);
+            warnings.extend(t.warnings);
             Transition {
                 warnings,
-                ..persist(next, Next::List)
+                ..persist(t.record, t.next)
             }
         }
         (Rotation::Promoted { old, .. }, Event::CurrentRejected) => {
@@ -253,7 +256,9 @@ pub fn step(
             )
         }
 
-        (Rotation::Idle, Event::Listed { secrets }) => plan_retire(record, &secrets, ctx),
+        (Rotation::Idle, Event::Listed { secrets }) => {
+            plan_retire(record, record.clone(), &secrets, ctx)
+        }
         (Rotation::Idle, Event::RetireDeleted { ids }) => {
             let mut next = record.clone();
             let (done, left): (Vec<_>, Vec<_>) = std::mem::take(&mut next.retire)
@@ -317,15 +322,15 @@ fn retire_entry(record: &mut CredentialRecord, entry: &SecretEntry) -> Vec<Strin
     }
 }
 
-/// Decides from the provider's listing which retire entries may be deleted
-/// and which orphans to sweep (S7), and licenses those deletes with one
-/// write (S1).
+/// Decides from the provider's listing which retire entries of `next` (the
+/// record to write, derived from `record`) may be deleted and which orphans
+/// to sweep (S7), and licenses those deletes with one write (S1).
 fn plan_retire(
     record: &CredentialRecord,
+    mut next: CredentialRecord,
     listed: &[RemoteSecret],
     ctx: &Context<'_>,
 ) -> Transition {
-    let mut next = record.clone();
     let mut warnings = Vec::new();
     let mut keep = Vec::new();
     let mut gone = Vec::new();
@@ -523,25 +528,30 @@ mod tests {
         assert!(!t.persist);
         assert_eq!(t.next, Next::VerifyCurrent);
 
+        // Verified: list before anything is written (S7).
         let t = step(&t.record, Event::CurrentVerified, &ctx(t0() + GRACE)).unwrap();
-        assert!(t.persist, "the write that licenses the delete");
+        assert!(!t.persist);
         assert_eq!(t.next, Next::List);
-        assert_eq!(t.record.rotation.phase(), "idle");
-        assert_eq!(t.record.retire[0].id.as_deref(), Some("old"));
-        assert_eq!(t.record.last_rotated_at, Some(t0() + GRACE));
 
         let secrets = vec![
             listed("old", "by hand", Some("client")),
             listed("new", "rekeyd:maps:r1.a1", Some("client")),
         ];
         let t = step(&t.record, Event::Listed { secrets }, &ctx(t0() + GRACE)).unwrap();
-        assert!(t.persist);
+        assert!(
+            t.persist,
+            "the write that ends the rotation licenses the delete"
+        );
         assert_eq!(
             t.next,
             Next::Delete {
                 ids: vec!["old".into()]
             }
         );
+        assert_eq!(t.record.rotation.phase(), "idle");
+        assert_eq!(t.record.retire[0].id.as_deref(), Some("old"));
+        assert!(t.record.retire[0].confirmed);
+        assert_eq!(t.record.last_rotated_at, Some(t0() + GRACE));
         let deleted = Event::RetireDeleted {
             ids: vec!["old".into()],
         };
@@ -662,7 +672,9 @@ mod tests {
         let late = ctx(t0() + GRACE);
         let t = step(&t.record, Event::GraceOver, &late).unwrap();
         let t = step(&t.record, Event::CurrentVerified, &late).unwrap();
+        let t = step(&t.record, Event::Listed { secrets: vec![] }, &late).unwrap();
         assert!(t.persist);
+        assert_eq!(t.next, Next::Stable);
         assert!(t.record.retire.is_empty());
         assert!(t.warnings[0].contains("initial_secret_id"));
     }
@@ -734,9 +746,40 @@ mod tests {
     }
 
     #[test]
-    fn the_sweep_after_a_rotation_is_owed_until_its_listing_is_written() {
-        // Nothing to retire (the old id unknown), yet the listing is owed:
-        // a crash before it must not skip the sweep (S7).
+    fn the_sweep_after_an_aborted_rotation_is_owed_until_its_listing_is_written() {
+        // S7: the listing after an abort is part of the journal, so a crash
+        // before it does not skip the sweep.
+        let mut r = idle();
+        r.rotation = Rotation::Created {
+            rid: "r1".into(),
+            pending: SecretEntry {
+                id: Some("new".into()),
+                value: SecretString::from("new-value"),
+                created_at: t0(),
+            },
+        };
+        let t = step(&r, Event::VerifyRejected, &ctx(t0())).unwrap();
+        assert!(t.record.listing_owed);
+        let resumed = Event::Resume {
+            attempt: "a9".into(),
+        };
+        let t = step(&t.record, resumed, &ctx(t0())).unwrap();
+        assert_eq!(t.next, Next::List);
+        let secrets = vec![listed("new", "rekeyd:maps:r1.a1", Some("client"))];
+        let t = step(&t.record, Event::Listed { secrets }, &ctx(t0())).unwrap();
+        assert!(t.persist);
+        assert!(!t.record.listing_owed);
+        let deleted = Event::RetireDeleted {
+            ids: vec!["new".into()],
+        };
+        let t = step(&t.record, deleted, &ctx(t0())).unwrap();
+        assert!(!t.record.is_unfinished());
+    }
+
+    #[test]
+    fn a_verified_rotation_writes_nothing_before_its_listing() {
+        // Killed between verifying and listing, a promoted journal resumes
+        // with verification and the listing, so its sweep is never skipped.
         let mut old = idle().current;
         old.id = None;
         let mut r = idle();
@@ -746,17 +789,14 @@ mod tests {
             delete_after: t0(),
         };
         let t = step(&r, Event::CurrentVerified, &ctx(t0())).unwrap();
-        assert!(t.persist);
-        assert!(t.record.retire.is_empty());
-        assert!(t.record.is_unfinished(), "the listing is owed");
+        assert!(!t.persist);
         let resumed = Event::Resume {
             attempt: "a9".into(),
         };
-        let t = step(&t.record, resumed, &ctx(t0())).unwrap();
-        assert_eq!(t.next, Next::List);
-        let t = step(&t.record, Event::Listed { secrets: vec![] }, &ctx(t0())).unwrap();
-        assert!(t.persist);
-        assert!(!t.record.is_unfinished());
+        assert_eq!(
+            step(&r, resumed, &ctx(t0())).unwrap().next,
+            Next::VerifyCurrent
+        );
     }
 
     #[test]
