@@ -283,10 +283,7 @@ impl Run<'_> {
                             refresh.notify_one();
                         }
                     }
-                    ("promoted", "idle") => {
-                        crash_point!("rotation-after-persist-retire");
-                        self.bearer = None;
-                    }
+                    ("promoted", "idle") => crash_point!("rotation-after-persist-retire"),
                     ("idle", "idle") if t.next == Next::Stable => {
                         crash_point!("rotation-after-persist-idle");
                     }
@@ -329,7 +326,7 @@ impl Run<'_> {
                         .expect("machine asks to verify only in phase created")
                         .value
                         .clone();
-                    if self.verify(&pending, "new secret").await? {
+                    if self.verify(&pending, "new secret").await?.is_some() {
                         crash_point!("rotation-after-verify");
                         Event::Verified
                     } else {
@@ -347,11 +344,16 @@ impl Run<'_> {
                 }
                 Next::VerifyCurrent => {
                     let current = self.record.value.current.value.clone();
-                    if self.verify(&current, "promoted secret").await? {
+                    if let Some(token) = self.verify(&current, "promoted secret").await? {
+                        // A token of the current secret: the bearer for
+                        // the listing and deletes that follow.
+                        self.bearer = Some(token);
                         outcome = Outcome::Rotated;
                         Event::CurrentVerified
                     } else {
                         outcome = Outcome::Aborted;
+                        // The old secret becomes current again.
+                        self.bearer = None;
                         Event::CurrentRejected
                     }
                 }
@@ -459,11 +461,15 @@ impl Run<'_> {
             .await??)
     }
 
-    /// Logs in with `secret`, retrying while it propagates: `Ok(true)` once
-    /// accepted, `Ok(false)` only on consistent rejection (see
+    /// Logs in with `secret`, retrying while it propagates: `Ok(Some(token))`
+    /// once accepted, `Ok(None)` only on consistent rejection (see
     /// [`verify::Tally`]); anything else is an error that leaves the journal
     /// where it is, to be retried.
-    async fn verify(&mut self, secret: &SecretString, what: &str) -> Result<bool, RotationError> {
+    async fn verify(
+        &mut self,
+        secret: &SecretString,
+        what: &str,
+    ) -> Result<Option<Token>, RotationError> {
         let r = self.rotator;
         let started = Instant::now();
         let deadline = started + r.verify_window;
@@ -471,9 +477,9 @@ impl Run<'_> {
         let mut delay = Duration::from_millis(250);
         loop {
             let error = match self.guard(r.provider.login(secret)).await? {
-                Ok(_) => {
+                Ok(token) => {
                     info!(step = "verify", "{what} accepted by the provider");
-                    return Ok(true);
+                    return Ok(Some(token));
                 }
                 Err(e) => e,
             };
@@ -481,7 +487,7 @@ impl Run<'_> {
             if Instant::now() + delay >= deadline {
                 return if tally.consistently_rejected(r.verify_window) {
                     warn!(step = "verify", error = %error, rejections = tally.rejections, "{what} consistently rejected for {}", humantime::format_duration(r.verify_window));
-                    Ok(false)
+                    Ok(None)
                 } else {
                     Err(error.into())
                 };
