@@ -150,12 +150,19 @@ impl CredentialRecord {
     }
 
     /// Whether `value` (or, when given, provider id `id`) is a secret the
-    /// journal retired or is retiring.
+    /// journal retired, is retiring, or will retire once a promoted
+    /// rotation's grace period is over.
     pub fn knows_retired(&self, value: &SecretString, id: Option<&str>) -> bool {
         let digest = sha256_hex(value);
-        self.retire.iter().chain(&self.retired).any(|r| {
-            r.sha256.as_deref() == Some(digest.as_str()) || (id.is_some() && r.id.as_deref() == id)
-        })
+        let doomed = self.rotation.old().map(RetiredSecret::of);
+        self.retire
+            .iter()
+            .chain(&self.retired)
+            .chain(doomed.as_ref())
+            .any(|r| {
+                r.sha256.as_deref() == Some(digest.as_str())
+                    || (id.is_some() && r.id.as_deref() == id)
+            })
     }
 
     /// Appends to the retired history, keeping the newest entries.
