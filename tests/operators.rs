@@ -5,11 +5,13 @@
 //!
 //! - `set-secret` of the old secret during a rotation's grace period (S6):
 //!   refused as retired, or installed only where the rotation's later
-//!   delete cannot lock anyone out.
+//!   delete cannot lock anyone out (also when a reload lets it in first).
 //! - SIGHUP to `rekeyd run`, and Ctrl-C to `rekeyd rotate`, while a journal
 //!   write is in flight (S4): the write is held open by the
 //!   `store-before-write` fail point; the reload and the exit wait for it,
-//!   and the journal converges with no orphan.
+//!   and the journal converges with no orphan. Also a write that outlasts
+//!   the reload's wait, and Ctrl-C to a command still waiting for the
+//!   claim.
 //! - A promoted secret revoked during the grace period (S5): the daemon
 //!   keeps serving from the old secret, and the rotation falls back to it.
 //! - A reload that removes `[credentials.rotation]` mid-rotation, and
@@ -45,6 +47,12 @@ async fn start_daemon(world: &World, env: &[(&str, &str)]) -> RekeydProcess {
     })
     .await;
     daemon
+}
+
+/// Whether `first` is in `log`, before any `then`.
+fn comes_before(log: &str, first: &str, then: &str) -> bool {
+    log.find(first)
+        .is_some_and(|a| log.find(then).is_none_or(|b| a < b))
 }
 
 async fn wait_phase(world: &World, process: &mut RekeydProcess, phase: &str) {
@@ -165,6 +173,92 @@ async fn set_secret_of_the_old_secret_during_the_grace_period() {
     assert_eq!(row["ready"], true, "{row}");
     assert_eq!(row["locked_out"], false, "{row}");
     let (_, log) = daemon.stop().await;
+    world.assert_no_secret_printed(&[log]);
+    world.sim.shutdown().await;
+}
+
+/// The other way `set-secret` can meet a rotation in its grace period: it
+/// waits for the claim, and a reload (which stops the rotation between
+/// steps and releases the claim) lets it in before the rotation moved on.
+/// With `--force` it may then install the old secret, which still works;
+/// the rotation's secret it replaces must then be deleted, and nothing
+/// still in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_secret_force_of_the_old_secret_let_in_by_a_reload() {
+    let world = World::new(
+        SimOptions::default(),
+        &Settings {
+            grace: Some("5s"),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let mut daemon = start_daemon(&world, &[]).await;
+    daemon.signal(libc::SIGUSR1);
+    wait_phase(&world, &mut daemon, "promoted").await;
+    let rotated_id = world.record()["current"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let old = world.bootstrap.clone();
+
+    let mut set = world.spawn_with_input(
+        &["set-secret", NAME, "--id", &old.id, "--force"],
+        &old.value,
+    );
+    let pid = set.child.id().unwrap();
+    wait_for(
+        &mut set,
+        "set-secret to wait for the claim",
+        TIMEOUT,
+        |_| world::waits_for_a_lock(pid),
+    )
+    .await;
+    assert_eq!(world.phase(), "promoted");
+    world.write_config(&Settings {
+        grace: Some("5s"),
+        request_timeout: "11s",
+    });
+    daemon.signal(libc::SIGHUP);
+    let status = set.wait_exit().await;
+    let stderr = set.log();
+    world.keep_output(&stderr);
+    let installed = match status.code() {
+        Some(0) => {
+            assert!(
+                stderr.contains("replaced an unfinished rotation journal (phase promoted)"),
+                "{stderr}"
+            );
+            assert!(stderr.contains(&rotated_id), "{stderr}");
+            true
+        }
+        // The restarted rotation got the claim first and retired it.
+        Some(1) => {
+            assert!(stderr.contains("retired by a rotation"), "{stderr}");
+            false
+        }
+        _ => panic!("set-secret: {status}\n{stderr}"),
+    };
+    wait_for(&mut daemon, "the journal to settle", TIMEOUT, |_| {
+        world.phase() == "idle"
+    })
+    .await;
+    let r = world.assert_settled().await;
+    if installed {
+        assert_eq!(r["current"]["id"], old.id.as_str(), "{r}");
+        assert!(world.at_sim(&old.id), "the installed secret is deleted");
+        assert!(
+            !world.at_sim(&rotated_id),
+            "the replaced rotation's secret is left at the provider"
+        );
+    } else {
+        assert_eq!(r["current"]["id"], rotated_id.as_str(), "{r}");
+        assert!(!world.at_sim(&old.id));
+    }
+    let row = world.status().await;
+    assert_eq!(row["ready"], true, "{row}");
+    let (_, log) = daemon.stop().await;
+    eprintln!("set-secret --force after a reload: installed = {installed}");
     world.assert_no_secret_printed(&[log]);
     world.sim.shutdown().await;
 }
@@ -358,6 +452,96 @@ async fn ctrl_c_to_rotate_while_a_journal_write_is_in_flight() {
     for_each_slow_write(ctrl_c_during_write).await;
 }
 
+/// A reload waits for a journal write in flight only so long (its tasks
+/// are aborted after the shutdown grace of 5 s). A write that outlasts
+/// that (a stalled disk) still lands; the restarted credential must then
+/// see it and finish the journal, here with the rotation section removed,
+/// the case where nothing else would ever look at it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_rotation_section_while_a_write_outlasts_the_reload_wait() {
+    let world = World::new(SimOptions::default(), &Settings::default()).await;
+    let mut daemon = start_daemon(
+        &world,
+        &[("FAILPOINTS", "store-before-write=1*sleep(8000)")],
+    )
+    .await;
+    daemon.signal(libc::SIGUSR1);
+    let before = wait_slow_write(&world, &mut daemon, SLOW_WRITES[0]).await;
+    world.write_config(&Settings {
+        grace: None,
+        ..Settings::default()
+    });
+    daemon.signal(libc::SIGHUP);
+    wait_for(&mut daemon, "the reload", TIMEOUT, |d| {
+        d.log().contains("configuration reloaded")
+    })
+    .await;
+    wait_for(&mut daemon, "the write to land", TIMEOUT, |_| {
+        world.version() > before
+    })
+    .await;
+    // The write that landed began a rotation: it must be finished.
+    wait_for(&mut daemon, "the journal to be finished", TIMEOUT, |_| {
+        rotated(&world)
+    })
+    .await;
+    let (_, log) = daemon.stop().await;
+    assert_rotated(&world).await;
+    world.assert_no_secret_printed(&[log]);
+    world.sim.shutdown().await;
+}
+
+/// Ctrl-C to an operator command that waits for the claim of a rotation
+/// in its grace period: the command stops at once, before writing
+/// anything, and the daemon's rotation goes on. (The grace period is
+/// longer than `wait_exit` waits.)
+async fn ctrl_c_while_waiting_for_the_claim(command: &'static str) {
+    let world = World::new(
+        SimOptions::default(),
+        &Settings {
+            grace: Some("20s"),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let mut daemon = start_daemon(&world, &[]).await;
+    daemon.signal(libc::SIGUSR1);
+    wait_phase(&world, &mut daemon, "promoted").await;
+    let version = world.version();
+
+    let mut waiting = world.spawn_with_input(&[command, NAME], &world.bootstrap.value);
+    let pid = waiting.child.id().unwrap();
+    wait_for(
+        &mut waiting,
+        "the command to wait for the claim",
+        TIMEOUT,
+        |_| world::waits_for_a_lock(pid),
+    )
+    .await;
+    waiting.signal(libc::SIGINT);
+    let status = waiting.wait_exit().await;
+    let log = waiting.log();
+    assert_eq!(status.code(), Some(1), "{command}: {status}\n{log}");
+    assert_eq!(world.version(), version, "{command} wrote to the journal");
+    assert_eq!(world.phase(), "promoted");
+    world.keep_output(&log);
+    let (_, log) = daemon.stop().await;
+    world.assert_no_secret_printed(&[log]);
+    world.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_to_a_command_waiting_for_the_claim_stops_it() {
+    let rotate = tokio::spawn(ctrl_c_while_waiting_for_the_claim("rotate"));
+    let set_secret = tokio::spawn(ctrl_c_while_waiting_for_the_claim("set-secret"));
+    let (rotate, set_secret) = (rotate.await, set_secret.await);
+    let failures: Vec<String> = [("rotate", rotate), ("set-secret", set_secret)]
+        .into_iter()
+        .filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}")))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 // --- 5: the promoted secret revoked during the grace period ------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,28 +670,23 @@ async fn reload_without_rotation_section_finishes_a_promoted_journal() {
         ..Settings::default()
     });
     daemon.signal(libc::SIGHUP);
-    wait_for(&mut daemon, "the reload", TIMEOUT, |d| {
-        d.log().contains("configuration reloaded")
-    })
-    .await;
-    assert_eq!(world.phase(), "promoted", "the reload came mid-rotation");
-    assert!(
-        SystemTime::now() < until,
-        "the grace period is already over"
-    );
-
     let mut old_gone_at = None;
-    wait_for(&mut daemon, "the journal to be finished", TIMEOUT, |_| {
+    wait_for(&mut daemon, "the journal to be finished", TIMEOUT, |d| {
         if old_gone_at.is_none() && !world.at_sim(&world.bootstrap.id) {
             old_gone_at = Some(SystemTime::now());
         }
-        rotated(&world)
+        rotated(&world) && d.log().contains("configuration reloaded")
     })
     .await;
     let gone = old_gone_at.expect("the old secret is deleted");
     assert!(
         gone >= until,
         "I1: the old secret was deleted before the grace period ended"
+    );
+    let log = daemon.log();
+    assert!(
+        comes_before(&log, "configuration reloaded", "promoted secret accepted"),
+        "the reload came after the rotation had moved on\n{log}"
     );
     assert_rotated(&world).await;
     let (_, log) = daemon.stop().await;
@@ -543,11 +722,6 @@ async fn reload_without_rotation_section_finishes_a_created_journal() {
         ..Settings::default()
     });
     daemon.signal(libc::SIGHUP);
-    wait_for(&mut daemon, "the reload", TIMEOUT, |d| {
-        d.log().contains("configuration reloaded")
-    })
-    .await;
-    assert_eq!(world.phase(), "created", "the reload came mid-rotation");
 
     // Promoted with the default grace (the configured one is gone), then
     // finished.
@@ -574,8 +748,14 @@ async fn reload_without_rotation_section_finishes_a_created_journal() {
         old_gone_at.expect("the old secret is deleted") >= until,
         "I1: the old secret was deleted before the grace period ended"
     );
+    let log = daemon.log();
+    assert!(
+        comes_before(&log, "configuration reloaded", "new secret accepted"),
+        "the reload came after the rotation had moved on\n{log}"
+    );
     assert_rotated(&world).await;
     let (_, log) = daemon.stop().await;
+    assert!(log.contains("resuming unfinished rotation work"), "{log}");
     world.assert_no_secret_printed(&[log]);
     world.sim.shutdown().await;
 }

@@ -44,6 +44,18 @@ impl RekeydProcess {
         log: &Path,
         env: &[(&str, &str)],
     ) -> RekeydProcess {
+        RekeydProcess::spawn_command_with_stdin(args, config, log, env, None)
+    }
+
+    /// Like [`RekeydProcess::spawn_command`], with stdin read from `stdin`
+    /// (`set-secret` reads the secret there) instead of `/dev/null`.
+    pub fn spawn_command_with_stdin(
+        args: &[&str],
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+        stdin: Option<&Path>,
+    ) -> RekeydProcess {
         let mut command = Command::new(BIN);
         command.args(args).arg("--config").arg(config);
         for (name, _) in std::env::vars_os() {
@@ -63,7 +75,10 @@ impl RekeydProcess {
         command
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(match stdin {
+                Some(path) => Stdio::from(File::open(path).unwrap()),
+                None => Stdio::null(),
+            })
             .stdout(Stdio::null())
             .stderr(File::create(log).unwrap())
             .kill_on_drop(true);

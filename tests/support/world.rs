@@ -195,6 +195,14 @@ request_timeout = "{timeout}"
         RekeydProcess::spawn_command(args, &self.config, &log, env)
     }
 
+    /// Like [`World::spawn`], with `input` on stdin (through a 0600 file).
+    pub fn spawn_with_input(&self, args: &[&str], input: &str) -> RekeydProcess {
+        let log = self.next_log(args[0]);
+        let stdin = log.with_extension("stdin");
+        rekeyd::fsutil::write_atomic(&stdin, input.as_bytes(), 0o600).unwrap();
+        RekeydProcess::spawn_command_with_stdin(args, &self.config, &log, &[], Some(&stdin))
+    }
+
     /// Notes a finished process's output for the I7 scan.
     pub fn keep_output(&self, text: &str) {
         self.output.lock().unwrap().push_str(text);
@@ -366,6 +374,18 @@ request_timeout = "{timeout}"
             panic!("I7: a token reached rekeyd's output: ...{context}");
         }
     }
+}
+
+/// Whether process `pid` is waiting for a file lock (`/proc/locks` lists
+/// blocked requests after `->`): e.g. a command waiting for a claim.
+pub fn waits_for_a_lock(pid: u32) -> bool {
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks.lines().any(|line| {
+        line.contains("->")
+            && line
+                .split_whitespace()
+                .any(|field| field == pid.to_string())
+    })
 }
 
 /// See [`World::phase`].
