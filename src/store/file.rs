@@ -128,6 +128,12 @@ fn swap(dir: &Path, name: &str, expected: Option<u64>, bytes: &[u8]) -> Result<u
         });
     }
     let path = store.record_path(name);
+    // Test builds only: `FAILPOINTS="store-before-write=sleep(3000)"` holds
+    // each write here for 3 s, lock taken and version checked, so that
+    // tests can signal a process while one of its journal writes is in
+    // flight (`2*off->1*sleep(3000)`: only the third write).
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("store-before-write");
     fsutil::write_atomic(&path, bytes, 0o600).map_err(|e| io_err(&path, e))?;
     Ok(next_version(expected))
 }

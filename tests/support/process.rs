@@ -22,8 +22,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 /// Shutdown waits at most 5 s for its tasks; the rest is slack.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A `rekeyd run` child, isolated from the caller's REKEYD_* and systemd
-/// variables, killed if the test drops it; stderr goes to a file.
+/// A `rekeyd run` child (or another subcommand: `spawn_command`), isolated
+/// from the caller's REKEYD_*, FAILPOINTS and systemd variables, killed if
+/// the test drops it; stderr goes to a file.
 pub struct RekeydProcess {
     pub child: Child,
     log: PathBuf,
@@ -31,12 +32,42 @@ pub struct RekeydProcess {
 
 impl RekeydProcess {
     pub fn spawn(config: &Path, log: &Path, env: &[(&str, &str)]) -> RekeydProcess {
+        RekeydProcess::spawn_command(&["run"], config, log, env)
+    }
+
+    /// Like [`RekeydProcess::spawn`], for any subcommand (`["rotate",
+    /// "maps"]`): `rekeyd ARGS... --config CONFIG`. `FAILPOINTS` is passed
+    /// only when `env` sets it.
+    pub fn spawn_command(
+        args: &[&str],
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> RekeydProcess {
+        RekeydProcess::spawn_command_with_stdin(args, config, log, env, None)
+    }
+
+    /// Like [`RekeydProcess::spawn_command`], with stdin read from `stdin`
+    /// (`set-secret` reads the secret there) instead of `/dev/null`.
+    pub fn spawn_command_with_stdin(
+        args: &[&str],
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+        stdin: Option<&Path>,
+    ) -> RekeydProcess {
         let mut command = Command::new(BIN);
-        command.arg("run").arg("--config").arg(config);
+        command.args(args).arg("--config").arg(config);
         for (name, _) in std::env::vars_os() {
             let n = name.to_string_lossy();
             if n.starts_with("REKEYD")
-                || ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"].contains(&n.as_ref())
+                || [
+                    "NOTIFY_SOCKET",
+                    "WATCHDOG_USEC",
+                    "WATCHDOG_PID",
+                    "FAILPOINTS",
+                ]
+                .contains(&n.as_ref())
             {
                 command.env_remove(&name);
             }
@@ -44,12 +75,15 @@ impl RekeydProcess {
         command
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(match stdin {
+                Some(path) => Stdio::from(File::open(path).unwrap()),
+                None => Stdio::null(),
+            })
             .stdout(Stdio::null())
             .stderr(File::create(log).unwrap())
             .kill_on_drop(true);
         RekeydProcess {
-            child: command.spawn().expect("rekeyd run starts"),
+            child: command.spawn().expect("rekeyd starts"),
             log: log.to_path_buf(),
         }
     }
