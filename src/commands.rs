@@ -211,10 +211,8 @@ async fn rotate(config: &Config, name: &str) -> u8 {
         }
         Ok(Outcome::Idle) => EXIT_OK,
         Err(e) => {
-            let resumable = matches!(
-                e,
-                RotationError::Provider(_) | RotationError::Shutdown | RotationError::ClaimLost
-            );
+            // Shutdown and ClaimLost say so themselves.
+            let resumable = matches!(e, RotationError::Provider(_));
             let hint = if resumable {
                 " (the journal resumes it next time)"
             } else {

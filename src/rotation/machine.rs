@@ -337,9 +337,11 @@ fn plan_retire(
     for mut entry in std::mem::take(&mut next.retire) {
         let id = entry.id.as_deref().unwrap_or_default();
         match listed.iter().find(|s| s.id == id) {
-            // Absent after a listing showed it as ours: gone (deleted by a
-            // run that stopped before writing so).
-            None if entry.confirmed => gone.push(entry),
+            // Absent after a listing showed it as ours: probably deleted by
+            // a run that stopped before writing so, but a list may also
+            // lag. It is proven ours (S7), so delete it again: a 404 is
+            // done (I5).
+            None if entry.confirmed => keep.push(entry),
             // Absent and never seen: gone, or a list lagging behind its
             // creation (an id the operator gave carries no tag, so no sweep
             // would find it later). Gone only once absent for SWEEP_MIN_AGE.
@@ -390,7 +392,11 @@ fn plan_retire(
                 "secret {} is tagged for this credential but untracked (a lost reply or a lagging list); deleting it",
                 s.id
             ));
-            keep.push(RetiredSecret::id_only(&s.id));
+            // Listed as this client's and tagged as ours: proven (S7).
+            keep.push(RetiredSecret {
+                confirmed: true,
+                ..RetiredSecret::id_only(&s.id)
+            });
         }
     }
     next.remember_retired(gone);

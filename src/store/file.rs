@@ -93,6 +93,17 @@ impl FileStore {
         self.dir.join(format!("{name}.lock"))
     }
 
+    /// The credential's write lock file, if it exists; never creates it
+    /// (reading creates nothing on disk).
+    fn existing_lock(&self, name: &str) -> Result<Option<File>, StoreError> {
+        let path = self.lock_path(name);
+        match File::open(&path) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path, e)),
+        }
+    }
+
     fn read(&self, name: &str) -> Result<Option<Versioned<CredentialRecord>>, StoreError> {
         let path = self.record_path(name);
         let bytes = match std::fs::read(&path) {
@@ -170,23 +181,24 @@ impl super::Claim for FileClaim {}
 /// Larger than any record, so a disk that takes the probe takes the record.
 const PROBE_BYTES: usize = 64 * 1024;
 
-fn claim(dir: &Path, name: &str, wait: bool) -> Result<Option<FileClaim>, StoreError> {
+/// How often a claimer waiting for another process's rotation tries again.
+/// Polled rather than blocked on: a thread blocked in `flock` cannot be
+/// cancelled, and Ctrl-C must end a command that waits for a claim.
+const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// One attempt at the claim: `Ok(None)` while someone else holds it.
+fn try_claim(dir: &Path, name: &str) -> Result<Option<FileClaim>, StoreError> {
     let store = FileStore {
         dir: dir.to_path_buf(),
     };
     store.ensure_dirs()?;
     let path = dir.join(format!("{name}.rotate.lock"));
     let file = open_lock_file(&path).map_err(|e| io_err(&path, e))?;
-    if wait {
-        file.lock().map_err(|e| io_err(&path, e))?;
-    } else {
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path, e)),
-        }
+    match file.try_lock() {
+        Ok(()) => Ok(Some(FileClaim { _file: file })),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path, e)),
     }
-    Ok(Some(FileClaim { _file: file }))
 }
 
 fn check_writable(dir: &Path, name: &str) -> Result<(), StoreError> {
@@ -210,10 +222,17 @@ impl Store for FileStore {
         let name = name.to_string();
         Box::pin(async move {
             let path = dir.join(format!("{name}.rotate.lock"));
-            let claimed = tokio::task::spawn_blocking(move || claim(&dir, &name, wait))
-                .await
-                .map_err(|e| io_err(&path, io::Error::other(e)))??;
-            Ok(claimed.map(|c| Box::new(c) as Box<dyn super::Claim>))
+            loop {
+                let (d, n) = (dir.clone(), name.clone());
+                let claimed = tokio::task::spawn_blocking(move || try_claim(&d, &n))
+                    .await
+                    .map_err(|e| io_err(&path, io::Error::other(e)))??;
+                match claimed {
+                    Some(c) => return Ok(Some(Box::new(c) as Box<dyn super::Claim>)),
+                    None if !wait => return Ok(None),
+                    None => tokio::time::sleep(CLAIM_POLL).await,
+                }
+            }
         })
     }
 
@@ -232,8 +251,32 @@ impl Store for FileStore {
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Versioned<CredentialRecord>>, StoreError>> {
-        // Small local files: a blocking read is cheaper than a thread hop.
-        Box::pin(async move { self.read(name) })
+        Box::pin(async move {
+            // S4: a write in flight (another process's, or one whose task
+            // was cut short by a reload) holds the credential's lock until
+            // it lands; wait for it, so nobody resumes from the record it
+            // is replacing. Without a writer, a blocking read of a small
+            // local file is cheaper than a thread hop.
+            let Some(lock) = self.existing_lock(name)? else {
+                return self.read(name);
+            };
+            match lock.try_lock_shared() {
+                Ok(()) => self.read(name),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let store = FileStore {
+                        dir: self.dir.clone(),
+                    };
+                    let (name, path) = (name.to_string(), self.lock_path(name));
+                    tokio::task::spawn_blocking(move || {
+                        lock.lock_shared().map_err(|e| io_err(&path, e))?;
+                        store.read(&name)
+                    })
+                    .await
+                    .map_err(|e| io_err(&self.dir, io::Error::other(e)))?
+                }
+                Err(std::fs::TryLockError::Error(e)) => Err(io_err(&self.lock_path(name), e)),
+            }
+        })
     }
 
     fn compare_and_swap<'a>(

@@ -68,7 +68,8 @@ pub struct RetiredSecret {
     /// taken as gone only after [`crate::rotation::machine::SWEEP_MIN_AGE`].
     pub missing_since: Option<SystemTime>,
     /// In the retire list: a listing showed this id as this client's
-    /// (S7). Such an id that a later listing no longer shows is gone.
+    /// (S7). Such an id is deleted even when a later listing no longer
+    /// shows it (a 404 is done), since that listing may lag.
     pub confirmed: bool,
 }
 
