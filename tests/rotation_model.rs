@@ -13,9 +13,12 @@
 //!   for its first few logins (propagation) or forever (a dud), and a
 //!   promoted one may be revoked or flap before it is verified again. Its
 //!   list may lag: leave out the secrets created in the last minute and still
-//!   show the ones deleted in it (the secrets there before rekeyd started are
-//!   a day old, so it never lags behind those). A create may be performed
-//!   twice (a retried request) with only the second reply arriving;
+//!   show the ones deleted in it. The secrets there before rekeyd started
+//!   are a day old, so it never lags behind those, except the bootstrap
+//!   secret when the operator made it just before rekeyd started (`fresh`):
+//!   then a lagging list may not show it yet at the listing that retires it.
+//!   A create may be performed twice (a retried request) with only the
+//!   second reply arriving;
 //! - the operator's **bootstrap id** (`initial_secret_id`): given, not
 //!   given, or wrong (the id of another client's secret);
 //! - **durable storage**: the last persisted record, all that survives a
@@ -24,17 +27,25 @@
 //!   carried out, interpreting `Next` like `src/rotation/driver.rs` does:
 //!   persist first when asked, then perform the side effect (logging in for
 //!   a bearer token first where the driver does) and feed its outcome back
-//!   as the next event. A run starts like `Rotator::rotate`: `Begin` with
-//!   fresh rotation and attempt ids when the journal has no unfinished work
-//!   and a rotation is requested, else `Resume` with a fresh attempt id.
+//!   as the next event: a wait (`WaitUntil`, for the grace period or, idle,
+//!   for retire entries a listing did not show) ends in `GraceOver`, the
+//!   deletes in `RetireDeleted` with the ids deleted. A run starts like
+//!   `Rotator::rotate`: `Begin` with fresh rotation and attempt ids when the
+//!   journal has no unfinished work and a rotation is requested, else
+//!   `Resume` with a fresh attempt id.
 //!
 //! Proptest picks, for every step, what happens: success, a transient
 //! failure with no effect, a call performed whose reply is lost, a crash
-//! before or after the persist / the provider call, a lagging list, a
-//! duplicated create, a revoked or flapping promoted secret, a rotation
-//! request at any moment (the current run ends, a new one starts), time
-//! passing. After the random run the process (optionally killed first) runs
-//! to stability without faults.
+//! before or after the persist / the provider call, a lagging list (far
+//! more often with a `laggy` provider), a duplicated create, a revoked or
+//! flapping promoted secret, the operator deleting by hand a secret the
+//! journal is retiring, a rotation request at any moment (the current run
+//! ends, a new one starts), time passing (a wait that succeeds lets the wall
+//! clock reach its deadline; one whose "reply is lost" wakes up early). With
+//! a `fresh` bootstrap the first rotation is asked for at once, so its
+//! retire listing may come while a lagging list does not show the
+//! bootstrap yet. After the random run the process (optionally killed
+//! first) runs to stability without faults.
 //!
 //! Checked after every step: I1 (the durable current secret logs in, or,
 //! while promoted, the old one still does and counts, S5; nothing the
@@ -44,31 +55,45 @@
 //! until promoted, or is retired in the same write that forgets it), I4
 //! (only secrets we created, or the bootstrap whose id the operator gave and
 //! the listing shows as our client's, are ever deleted), persist-before-effect
-//! (every provider call matches the *durable* journal; every delete follows a
-//! write of this run that lists exactly what it deletes, S1), S2 (a resumed
-//! `creating` is written again with a fresh attempt before anything is
-//! deleted, and the secret of the attempt the journal keeps is never
-//! deleted), `Stable` only once the journal has no work left, and that the
-//! durable record only moves along the journal's edges (including idle →
-//! idle as the retire list changes, where an entry leaves only once
-//! deleted, shown as another client's, or still findable by its tag). At the
-//! end: stable, and I3: exactly the secrets that should exist, everything
-//! foreign untouched; a tagged orphan may remain only if the last listing
-//! whose decision was written did not show it or found it too young to
-//! sweep (S7), or if the sweep was skipped as in the first gap below, and
-//! then a later rotation, once it is old enough, must sweep it.
+//! (every provider call and wait matches the *durable* journal; every delete
+//! follows a write of this run that lists exactly what it deletes: the
+//! retire entries not waiting to be shown, S1), S2 (a resumed `creating` is
+//! written again with a fresh attempt before anything is deleted, and the
+//! secret of the attempt the journal keeps is never deleted), `Stable` only
+//! once the journal has no work left, and that the durable record only moves
+//! along the journal's edges. Those include: a rotation's end (finished or
+//! aborted) owes a listing (S7 sweep) that only a listing's write clears,
+//! and idle → idle as the retire list changes. There an entry is confirmed
+//! when a listing shows it as this client's; one a listing does not show
+//! waits from then on (`missing_since`), unless confirmed; an entry leaves
+//! the list only once deleted by this run, shown as another client's,
+//! absent after being confirmed, or absent for [`SWEEP_MIN_AGE`]; and
+//! whatever leaves it while it still exists at the provider must be
+//! findable by its tag (but for the first gap below, which the model
+//! records). At the end: stable, and I3: exactly the secrets that should
+//! exist, everything foreign untouched; a tagged orphan may remain
+//! only if the last listing whose decision was written did not show it or
+//! found it too young to sweep (S7), and then a later rotation, once it is
+//! old enough, must sweep it.
 //!
 //! Also: deterministic regressions of tricky sequences, and a property over
 //! every (phase, event) pair (`step` is total, refuses out-of-phase events,
-//! and its `Next` always fits the record it returns; a delete after a
-//! listing only ever names this client's secrets).
+//! `Begin` on unfinished work does what `Resume` does, and its `Next` always
+//! fits the record it returns; a listing's decision on every retire entry
+//! follows the rules above; a delete after a listing only ever names this
+//! client's secrets).
 //!
-//! Two `#[ignore]`d tests named `gap_*` pin what the model shows the machine
+//! `#[ignore]`d tests named `gap_*` pin what the model shows the machine
 //! not doing; they fail (`cargo test --test rotation_model -- --ignored`)
-//! until it does: the sweep is skipped when a run ends between a rotation's
-//! last write and its listing with nothing left to retire, and an untagged
-//! retire entry (an id the operator gave) that a lagging list does not show
-//! yet is forgotten while it exists.
+//! until it does: a retire entry confirmed by one listing is taken as gone
+//! when a later, lagging list does not show it, so an operator-given
+//! (untagged) id whose delete failed is forgotten while it exists (the
+//! random model tolerates exactly that, see `Sim::forgotten`). Two more are
+//! contract gaps the driver never triggers (so only the (phase, event)
+//! property meets them, and it leaves exactly those cases out): `Begin` on
+//! a journal that owes only its listing starts a new rotation instead of
+//! finishing that, and deletes reported on a record that is not their
+//! licence answer `Stable` with work left.
 //!
 //! `PROPTEST_CASES=200000 cargo test --test rotation_model` for a deep run;
 //! a failure replays its minimal case with a step-by-step trace.
@@ -328,12 +353,18 @@ enum Op {
     Begin,
     /// Wall-clock time passes (seconds).
     Advance(u64),
+    /// The operator deletes by hand, at the provider, a secret of ours the
+    /// durable journal is retiring (nothing happens when there is none).
+    HandDelete,
 }
 
 /// Ops drawn as small numbers (cheap to generate and shrink; 0 is `OK`, so
-/// shrinking removes faults), weighted by how many numbers map to each.
-fn op() -> impl Strategy<Value = Op> {
-    (0u8..33).prop_map(|n| match n {
+/// shrinking removes faults), weighted by how many numbers map to each;
+/// `laggy`: a provider whose lists lag far more often (a read replica that
+/// is often behind).
+fn op(laggy: bool) -> impl Strategy<Value = Op> {
+    let lags = if laggy { 24 } else { 0 };
+    (0u8..36 + lags).prop_map(|n| match n {
         0..=9 => OK,
         10 => Op::Ok { propagation: 1 },
         11 => Op::Ok {
@@ -351,17 +382,22 @@ fn op() -> impl Strategy<Value = Op> {
         24 => Op::Advance(1),
         25 => Op::Advance(10),
         26 => Op::Advance(60),
-        27 => Op::Advance(400),
+        27 | 33 => Op::Advance(400),
         28 | 29 => Op::Lag,
-        30 => Op::Twice,
+        30 | 34 => Op::Twice,
         31 => Op::Revoke { refusals: NEVER },
-        _ => Op::Revoke { refusals: 1 },
+        32 => Op::Revoke { refusals: 1 },
+        35 => Op::HandDelete,
+        _ => Op::Lag,
     })
 }
 
 const OK: Op = Op::Ok { propagation: 0 };
 
 // --- the simulation ---------------------------------------------------------
+
+/// A listing: when it was made, and the ids it showed.
+type Listing = (SystemTime, BTreeSet<String>);
 
 /// A running rekeyd process (the driver's `Run`).
 struct Proc {
@@ -372,7 +408,7 @@ struct Proc {
     /// Whether `t.record` is written (always true when `!t.persist`).
     persisted: bool,
     /// The listing `t` was decided on, counted once `t.record` is written.
-    listing: Option<(SystemTime, BTreeSet<String>)>,
+    listing: Option<Listing>,
 }
 
 /// How often interesting situations came up (the model must not be vacuous).
@@ -396,10 +432,30 @@ struct Stats {
     begins_while_busy: u64,
     early_wakeups: u64,
     crashes: u64,
+    /// Retire entries a listing did not show that wait for a later one.
+    entries_hidden: u64,
+    /// Of those, the bootstrap's while it exists (an operator-given id,
+    /// untagged, not shown yet by a lagging list).
+    bootstrap_hidden: u64,
+    /// Waits, while idle, for a hidden entry to count as gone (time passes).
+    idle_waits: u64,
+    /// Confirmed retire entries a later listing no longer showed, gone
+    /// (deleted by a run that ended before writing so, or by hand).
+    confirmed_gone: u64,
+    /// Hidden entries that waited out [`SWEEP_MIN_AGE`] and were gone.
+    missing_gone: u64,
+    /// Listings owed by a rotation that ended with nothing to retire, done
+    /// by a later run.
+    owed_listings_resumed: u64,
+    /// Retired secrets the operator deleted by hand.
+    hand_deletes: u64,
+    /// Known machine gap (not required to happen): a confirmed untagged
+    /// entry forgotten while it exists (see `Sim::forgotten`).
+    forgotten: u64,
 }
 
 impl Stats {
-    fn counts(&self) -> [(&'static str, u64); 18] {
+    fn counts(&self) -> [(&'static str, u64); 25] {
         [
             ("promotions", self.promotions),
             ("completions", self.completions),
@@ -425,6 +481,19 @@ impl Stats {
             ("begins while busy", self.begins_while_busy),
             ("early wake-ups", self.early_wakeups),
             ("crashes", self.crashes),
+            ("retire entries a listing did not show", self.entries_hidden),
+            (
+                "bootstrap hidden by a lagging list at the retire listing",
+                self.bootstrap_hidden,
+            ),
+            ("idle waits for hidden entries", self.idle_waits),
+            ("confirmed entries found gone", self.confirmed_gone),
+            ("hidden entries gone after waiting", self.missing_gone),
+            (
+                "owed listings done by a later run",
+                self.owed_listings_resumed,
+            ),
+            ("retired secrets deleted by hand", self.hand_deletes),
         ]
     }
 
@@ -447,6 +516,14 @@ impl Stats {
         self.begins_while_busy += o.begins_while_busy;
         self.early_wakeups += o.early_wakeups;
         self.crashes += o.crashes;
+        self.entries_hidden += o.entries_hidden;
+        self.bootstrap_hidden += o.bootstrap_hidden;
+        self.idle_waits += o.idle_waits;
+        self.confirmed_gone += o.confirmed_gone;
+        self.missing_gone += o.missing_gone;
+        self.owed_listings_resumed += o.owed_listings_resumed;
+        self.hand_deletes += o.hand_deletes;
+        self.forgotten += o.forgotten;
     }
 }
 
@@ -468,14 +545,14 @@ struct Sim {
     /// Every id a delete call was made for.
     deleted: Vec<String>,
     /// The last listing (`Next::List`) whose decision is written (or needed
-    /// no write): when, and the ids it showed.
-    last_listing: Option<(SystemTime, BTreeSet<String>)>,
-    /// A rotation finished with nothing to retire (the old secret's id
-    /// unknown) and no listing's decision has been written since: the
-    /// journal does not record that a sweep is due, so a run ending before
-    /// that skips it until the next rotation (see
-    /// `gap_sweep_skipped_when_killed_before_the_listing_with_nothing_to_retire`).
-    listing_owed: bool,
+    /// no write).
+    last_listing: Option<Listing>,
+    /// Untagged secrets of ours that left the retire list while they still
+    /// exist: a retire entry confirmed by one listing and then not shown by
+    /// a lagging one is taken as gone (a machine gap, see
+    /// `gap_a_confirmed_untagged_entry_a_lagging_list_misses_is_forgotten_while_it_exists`).
+    /// Nothing will delete them; the final I3 check expects them.
+    forgotten: BTreeSet<String>,
     stats: Stats,
     /// What happened, step by step (only when asked for: it is costly).
     trace: Option<Vec<String>>,
@@ -511,7 +588,7 @@ impl Sim {
             generation: BTreeMap::from([(BOOT_VALUE.to_string(), 0)]),
             deleted: Vec::new(),
             last_listing: None,
-            listing_owed: false,
+            forgotten: BTreeSet::new(),
             stats: Stats::default(),
             trace: trace.then(|| {
                 vec![format!(
@@ -520,6 +597,15 @@ impl Sim {
                 )]
             }),
         }
+    }
+
+    /// The operator made the bootstrap secret just before rekeyd started:
+    /// a lagging list may not show it yet.
+    fn fresh_boot(mut self) -> Sim {
+        let boot = self.provider.secrets.iter_mut().find(|s| s.id == BOOT_ID);
+        boot.expect("the bootstrap secret").created_at = t0();
+        self.log(|| "bootstrap secret made at t=0".into());
+        self
     }
 
     #[track_caller]
@@ -547,6 +633,13 @@ impl Sim {
         match t.duration_since(t0()) {
             Ok(d) => d.as_secs() as i64,
             Err(e) => -(e.duration().as_secs() as i64),
+        }
+    }
+
+    fn show_next(&self, next: &Next) -> String {
+        match next {
+            Next::WaitUntil(at) => format!("WaitUntil(t={})", self.secs(*at)),
+            other => format!("{other:?}"),
         }
     }
 
@@ -583,6 +676,7 @@ impl Sim {
         match op {
             Op::Advance(s) => self.now += Duration::from_secs(s),
             Op::Revoke { refusals } => self.revoke(refusals),
+            Op::HandDelete => self.hand_delete(),
             Op::Begin => {
                 // Like `Rotator::rotate(begin = true)`: read the store; begin
                 // only when nothing is unfinished, else finish that.
@@ -642,6 +736,23 @@ impl Sim {
         self.log(|| "        the provider refuses the promoted secret".into());
     }
 
+    /// The operator deletes a retired secret of ours by hand: rekeyd's
+    /// listing then no longer shows it, and its delete gets a 404.
+    fn hand_delete(&mut self) {
+        let ours = self
+            .durable
+            .retire
+            .iter()
+            .filter_map(|r| r.id.clone())
+            .find(|id| self.provider.get(id).is_some_and(|s| s.client_id == CLIENT));
+        if let Some(id) = ours {
+            let now = self.now;
+            self.provider.delete(&id, now);
+            self.stats.hand_deletes += 1;
+            self.log(|| format!("        {id} deleted by hand"));
+        }
+    }
+
     /// Applies `event` to `mem` and carries on with the transition.
     fn run(&mut self, mem: CredentialRecord, event: Event) {
         let shown = {
@@ -683,11 +794,11 @@ impl Sim {
         }
         if self.trace.is_some() {
             let line = format!(
-                "        {} -> persist={} {} next={:?}{}",
+                "        {} -> persist={} {} next={}{}",
                 shown(),
                 t.persist,
                 show(&t.record),
-                t.next,
+                self.show_next(&t.next),
                 if t.warnings.is_empty() {
                     String::new()
                 } else {
@@ -714,10 +825,9 @@ impl Sim {
     }
 
     /// The decision on a listing is written (or needed no write).
-    fn listed(&mut self, listing: Option<(SystemTime, BTreeSet<String>)>) {
+    fn listed(&mut self, listing: Option<Listing>) {
         if listing.is_some() {
             self.last_listing = listing;
-            self.listing_owed = false;
         }
     }
 
@@ -731,7 +841,7 @@ impl Sim {
             match op {
                 Op::Fail | Op::CrashBefore => self.crash(),
                 Op::Ok { .. } | Op::Lag | Op::Twice => {
-                    self.persist(&p.t.record);
+                    self.persist(&p.t.record, p.listing.as_ref());
                     self.listed(p.listing.take());
                     p.mem = p.t.record.clone();
                     p.persisted = true;
@@ -740,11 +850,13 @@ impl Sim {
                     }
                 }
                 Op::Lost | Op::CrashAfter => {
-                    self.persist(&p.t.record);
+                    self.persist(&p.t.record, p.listing.as_ref());
                     self.listed(p.listing.take());
                     self.crash();
                 }
-                Op::Begin | Op::Advance(_) | Op::Revoke { .. } => unreachable!(),
+                Op::Begin | Op::Advance(_) | Op::Revoke { .. } | Op::HandDelete => {
+                    unreachable!()
+                }
             }
             return;
         }
@@ -850,12 +962,26 @@ impl Sim {
                 })
             }
             Next::WaitUntil(at) => {
-                self.expect(
-                    matches!(&durable.rotation, Rotation::Promoted { delete_after, .. } if delete_after == at),
-                    || format!("WaitUntil while the store says {}", show(&durable)),
-                );
+                // The grace period, or, idle, until the first retire entry
+                // a listing did not show may count as gone.
+                let idle = matches!(durable.rotation, Rotation::Idle);
+                let deadline = match &durable.rotation {
+                    Rotation::Promoted { delete_after, .. } => Some(*delete_after),
+                    Rotation::Idle => waiting_until(&durable),
+                    _ => None,
+                };
+                self.expect(deadline == Some(*at), || {
+                    format!(
+                        "WaitUntil(t={}) while the store says {}",
+                        self.secs(*at),
+                        show(&durable)
+                    )
+                });
                 match op {
                     Op::Ok { .. } | Op::Lag | Op::Twice => {
+                        if idle && self.now < *at {
+                            self.stats.idle_waits += 1;
+                        }
                         self.now = self.now.max(*at);
                         Some(Event::GraceOver)
                     }
@@ -893,11 +1019,17 @@ impl Sim {
                 })
             }
             Next::List => {
-                self.expect(matches!(durable.rotation, Rotation::Idle), || {
-                    format!("List while the store says {}", show(&durable))
-                });
+                self.expect(
+                    matches!(durable.rotation, Rotation::Idle) && durable.is_unfinished(),
+                    || format!("List while the store says {}", show(&durable)),
+                );
                 if !effect {
                     return None;
+                }
+                if !licensed && durable.listing_owed && durable.retire.is_empty() {
+                    // Only the sweep is left of a rotation that ended with
+                    // nothing to retire: a later run still does it.
+                    self.stats.owed_listings_resumed += 1;
                 }
                 self.bearer();
                 let secrets = self.list(op == Op::Lag);
@@ -907,12 +1039,17 @@ impl Sim {
                 Some(Event::Listed { secrets })
             }
             Next::Delete { ids } => {
-                // S1: the write just made lists exactly what is deleted.
+                // S1: the write just made lists exactly what is deleted:
+                // the retire entries not waiting for a listing to show them.
                 self.expect(licensed, || {
                     format!("S1: Delete({ids:?}) without a write of this run")
                 });
-                let retire: Vec<String> =
-                    durable.retire.iter().filter_map(|r| r.id.clone()).collect();
+                let retire: Vec<String> = durable
+                    .retire
+                    .iter()
+                    .filter(|r| r.missing_since.is_none())
+                    .filter_map(|r| r.id.clone())
+                    .collect();
                 self.expect(
                     matches!(durable.rotation, Rotation::Idle) && *ids == retire,
                     || {
@@ -932,7 +1069,7 @@ impl Sim {
                         return None;
                     }
                 }
-                Some(Event::RetireDeleted)
+                Some(Event::RetireDeleted { ids: ids.clone() })
             }
         }
     }
@@ -1058,12 +1195,14 @@ impl Sim {
 
     /// Writes `new` to the store, checking that the journal only moves along
     /// its edges (which is also I2: a persisted pending value stays until
-    /// promoted or retired).
-    fn persist(&mut self, new: &CredentialRecord) {
+    /// promoted or retired). `listing`: the listing this write decides on.
+    fn persist(&mut self, new: &CredentialRecord, listing: Option<&Listing>) {
         let old = self.durable.clone();
         let same_current = same_entry(&old.current, &new.current);
         let same_last = old.last_rotated_at == new.last_rotated_at;
-        let same_lists = old.retire == new.retire && old.retired == new.retired;
+        let same_lists = old.retire == new.retire
+            && old.retired == new.retired
+            && old.listing_owed == new.listing_owed;
         let edge = format!("{} => {}", show(&old), show(new));
         let our_tags = |rid: &str, attempt: &str| {
             self.provider.created.values().any(|d| {
@@ -1072,10 +1211,25 @@ impl Sim {
                 })
             })
         };
+        // A listing decides only idle → idle writes.
+        self.expect(
+            listing.is_none()
+                || matches!(
+                    (&old.rotation, &new.rotation),
+                    (Rotation::Idle, Rotation::Idle)
+                ),
+            || format!("a listing decided a write that is not idle → idle: {edge}"),
+        );
         match (&old.rotation, &new.rotation) {
             (Rotation::Idle, Rotation::Creating { rid, .. }) => {
+                // Begin only on a journal with no work left (the driver's
+                // `rotate` asks nothing else), owing no listing.
                 self.expect(
-                    same_current && same_last && same_lists && old.retire.is_empty(),
+                    same_current
+                        && same_last
+                        && same_lists
+                        && old.retire.is_empty()
+                        && !old.listing_owed,
                     || format!("bad begin: {edge}"),
                 );
                 self.expect(!our_tags(rid, ""), || {
@@ -1154,7 +1308,8 @@ impl Sim {
                     same_current
                         && same_last
                         && new.retire == [RetiredSecret::of(pending)]
-                        && old.retired == new.retired,
+                        && old.retired == new.retired
+                        && new.listing_owed,
                     || format!("I2: bad abort: {edge}"),
                 );
                 self.stats.aborts += 1;
@@ -1188,8 +1343,8 @@ impl Sim {
                 } else {
                     new.retire.is_empty() && new.retired.last() == Some(&retired)
                 };
-                self.expect(lists, || format!("bad finish: {edge}"));
-                self.listing_owed = o.id.is_none();
+                // S7: the sweep is owed, even with nothing to retire.
+                self.expect(lists && new.listing_owed, || format!("bad finish: {edge}"));
                 self.stats.completions += 1;
             }
             (Rotation::Promoted { old: o, .. }, Rotation::Idle) => {
@@ -1199,7 +1354,8 @@ impl Sim {
                     same_entry(&new.current, o)
                         && same_last
                         && new.retire == [RetiredSecret::of(&old.current)]
-                        && old.retired == new.retired,
+                        && old.retired == new.retired
+                        && new.listing_owed,
                     || format!("bad return to the old secret: {edge}"),
                 );
                 // The model only refuses a verified secret when revoked.
@@ -1211,7 +1367,7 @@ impl Sim {
             }
             (Rotation::Idle, Rotation::Idle) => {
                 self.expect(same_current && same_last, || format!("bad retire: {edge}"));
-                self.check_retire_edge(&old, new, &edge);
+                self.check_retire_edge(&old, new, listing, &edge);
             }
             _ => self.fail(&format!("I2: not a journal transition: {edge}")),
         }
@@ -1219,51 +1375,176 @@ impl Sim {
         self.durable = new.clone();
     }
 
-    /// idle → idle: the retire list after a listing or the deletes.
-    fn check_retire_edge(&self, old: &CredentialRecord, new: &CredentialRecord, edge: &str) {
+    /// idle → idle: the retire list after a listing (`listing`) or after
+    /// the deletes (`None`), and the listing a rotation's end owes (S7).
+    fn check_retire_edge(
+        &mut self,
+        old: &CredentialRecord,
+        new: &CredentialRecord,
+        listing: Option<&Listing>,
+        edge: &str,
+    ) {
+        // Only a listing's write clears the owed listing; nothing sets it.
+        self.expect(
+            new.listing_owed == (old.listing_owed && listing.is_none()),
+            || format!("S7: the owed listing is not cleared by exactly a listing: {edge}"),
+        );
+        let find = |list: &[RetiredSecret], id: &str| {
+            list.iter().find(|r| r.id.as_deref() == Some(id)).cloned()
+        };
         for r in &new.retire {
             let Some(id) = r.id.as_deref() else {
                 self.fail(&format!("a retire entry without an id: {edge}"))
             };
-            if old.retire.contains(r) {
-                continue;
+            self.expect(
+                new.retire.iter().filter(|e| e.id == r.id).count() == 1,
+                || format!("{id} is in the retire list twice: {edge}"),
+            );
+            match (find(&old.retire, id), listing) {
+                // The deletes' write keeps the entries it did not delete
+                // as they were.
+                (Some(o), None) => self.expect(*r == o, || {
+                    format!("retire entry {id} changed without a listing: {edge}")
+                }),
+                (Some(o), Some((at, shown))) => {
+                    self.expect(r.sha256 == o.sha256, || {
+                        format!("retire entry {id} changed its value: {edge}")
+                    });
+                    if shown.contains(id) {
+                        // S7: shown as this client's, so confirmed, and no
+                        // longer waiting.
+                        let ours = self.ever(id).is_some_and(|s| s.client_id == CLIENT);
+                        self.expect(ours && r.confirmed && r.missing_since.is_none(), || {
+                            format!("retire entry {id} shown but not confirmed as ours: {edge}")
+                        });
+                    } else {
+                        // Not shown: gone, or a list lagging behind its
+                        // creation. Only an entry never confirmed stays,
+                        // waiting from the first listing that missed it for
+                        // less than SWEEP_MIN_AGE.
+                        let since = o.missing_since.unwrap_or(*at);
+                        self.expect(
+                            !o.confirmed
+                                && !r.confirmed
+                                && r.missing_since == Some(since)
+                                && elapsed(since, *at) < SWEEP_MIN_AGE,
+                            || format!("retire entry {id} kept while not shown: {edge}"),
+                        );
+                        if o.missing_since.is_none() {
+                            self.stats.entries_hidden += 1;
+                            if id == BOOT_ID && self.provider.get(id).is_some() {
+                                self.stats.bootstrap_hidden += 1;
+                            }
+                        }
+                    }
+                }
+                (None, listing) => {
+                    // S7: a sweep adds only our tagged secrets the record
+                    // does not name, shown by the listing, old enough.
+                    let shown = listing
+                        .filter(|(_, shown)| shown.contains(id))
+                        .map(|(at, _)| *at);
+                    let ours_tagged = self
+                        .provider
+                        .created
+                        .get(id)
+                        .is_some_and(|d| tag_of(d).is_some());
+                    let old_enough = shown.is_some_and(|at| {
+                        self.ever(id)
+                            .is_some_and(|s| elapsed(s.created_at, at) >= SWEEP_MIN_AGE)
+                    });
+                    self.expect(
+                        ours_tagged
+                            && old_enough
+                            && new.current.id.as_deref() != Some(id)
+                            && r.missing_since.is_none(),
+                        || format!("S7: retiring {id}, not an untracked secret of ours: {edge}"),
+                    );
+                }
             }
-            // S7: a sweep adds only our tagged secrets the record does not
-            // name.
-            let ours_tagged = self
-                .provider
-                .created
-                .get(id)
-                .is_some_and(|d| tag_of(d).is_some());
-            self.expect(ours_tagged && new.current.id.as_deref() != Some(id), || {
-                format!("S7: retiring {id}, not an untracked secret of ours: {edge}")
-            });
         }
         let dropped: Vec<RetiredSecret> = old
             .retire
             .iter()
-            .filter(|r| !new.retire.contains(r))
+            .filter(|r| find(&new.retire, r.id.as_deref().unwrap_or_default()).is_none())
             .cloned()
             .collect();
         // Dropped entries are remembered (set-secret refuses them, S6).
-        self.expect(new.retired.ends_with(&dropped), || {
+        let remembered: Vec<RetiredSecret> = dropped
+            .iter()
+            .map(|r| RetiredSecret {
+                missing_since: None,
+                confirmed: false,
+                ..r.clone()
+            })
+            .collect();
+        self.expect(new.retired.ends_with(&remembered), || {
             format!("dropped retire entries not remembered: {edge}")
         });
         for r in &dropped {
             let id = r.id.as_deref().unwrap_or_default();
-            match self.provider.get(id) {
+            let exists = self.provider.get(id).cloned();
+            match listing {
+                // The deletes' write: only what this run deleted.
+                None => self.expect(
+                    self.deleted.iter().any(|d| d == id) && exists.is_none(),
+                    || format!("{id} left the retire list without being deleted: {edge}"),
+                ),
+                // I4, S7: shown as another client's: kept at the provider.
+                Some((_, shown)) if shown.contains(id) => {
+                    self.expect(self.ever(id).is_some_and(|s| s.client_id != CLIENT), || {
+                        format!("{id} dropped though the listing shows it as ours: {edge}")
+                    });
+                }
+                // Shown as ours by an earlier listing, absent now: deleted
+                // by a run that ended before writing so, or by hand (or
+                // hidden by a lagging list: the known gap below).
+                Some(_) if r.confirmed => {
+                    if exists.is_none() {
+                        self.stats.confirmed_gone += 1;
+                    }
+                }
+                // Absent and never confirmed: gone only once absent for
+                // SWEEP_MIN_AGE (a list lags far less).
+                Some((at, _)) => {
+                    self.expect(
+                        r.missing_since
+                            .is_some_and(|since| elapsed(since, *at) >= SWEEP_MIN_AGE),
+                        || format!("{id} taken as gone before SWEEP_MIN_AGE: {edge}"),
+                    );
+                    self.stats.missing_gone += 1;
+                }
+            }
+            match exists {
                 None => {}
-                // I4: shown as another client's, kept at the provider.
+                // I4: another client's, kept at the provider.
                 Some(s) if s.client_id != CLIENT => {}
                 // I3: ours and still there: only a sweep can find it, by
                 // its tag.
-                Some(s) => self.expect(tag_of(&s.description).is_some(), || {
-                    format!(
-                        "I3: {id} left the retire list but exists untagged at the provider: {edge}"
-                    )
-                }),
+                Some(s) if tag_of(&s.description).is_some() => {}
+                // The known gap: confirmed by one listing, not shown by a
+                // lagging one, untagged. Nothing will ever delete it.
+                Some(_) if r.confirmed && listing.is_some_and(|(_, shown)| !shown.contains(id)) => {
+                    self.stats.forgotten += 1;
+                    self.forgotten.insert(id.to_string());
+                    self.log(|| format!("        machine gap: {id} forgotten while it exists"));
+                }
+                Some(_) => self.fail(&format!(
+                    "I3: {id} left the retire list but exists untagged at the provider: {edge}"
+                )),
             }
         }
+    }
+
+    /// Secret `id` at the provider, or deleted from it.
+    fn ever(&self, id: &str) -> Option<&ModelSecret> {
+        self.provider.get(id).or_else(|| {
+            self.provider
+                .graveyard
+                .iter()
+                .map(|(s, _)| s)
+                .find(|s| s.id == id)
+        })
     }
 
     /// Checked after every step.
@@ -1286,9 +1567,10 @@ impl Sim {
                 )
             }),
         }
-        // Only an idle journal retires anything.
+        // Only an idle journal retires anything or owes a listing (a
+        // rotation begins only on a journal with no work left).
         self.expect(
-            matches!(d.rotation, Rotation::Idle) || d.retire.is_empty(),
+            matches!(d.rotation, Rotation::Idle) || (d.retire.is_empty() && !d.listing_owed),
             || format!("retiring mid-rotation: {}", show(d)),
         );
         if let Some(p) = &self.proc {
@@ -1349,7 +1631,7 @@ impl Sim {
             .filter(untagged)
             .map(|s| s.id.clone())
             .collect();
-        if !rotated || self.boot != Boot::Known {
+        if !rotated || self.boot != Boot::Known || self.forgotten.contains(BOOT_ID) {
             expected.insert(BOOT_ID.into());
         }
         let have: BTreeSet<String> = self
@@ -1388,13 +1670,9 @@ impl Sim {
             .collect();
         for id in &orphans {
             let created_at = self.provider.get(id).map(|s| s.created_at);
-            let excused = self.listing_owed
-                || self.last_listing.as_ref().is_some_and(|(at, shown)| {
-                    !shown.contains(id)
-                        || created_at.is_some_and(|c| {
-                            at.duration_since(c).unwrap_or_default() < SWEEP_MIN_AGE
-                        })
-                });
+            let excused = self.last_listing.as_ref().is_some_and(|(at, shown)| {
+                !shown.contains(id) || created_at.is_some_and(|c| elapsed(c, *at) < SWEEP_MIN_AGE)
+            });
             self.expect(!strict && excused, || {
                 format!(
                     "I3: orphan {id} left (strict: {strict}), last listing {:?}",
@@ -1470,6 +1748,21 @@ fn same(a: &CredentialRecord, b: &CredentialRecord) -> bool {
         && a.last_rotated_at == b.last_rotated_at
         && a.retire == b.retire
         && a.retired == b.retired
+        && a.listing_owed == b.listing_owed
+}
+
+fn elapsed(since: SystemTime, now: SystemTime) -> Duration {
+    now.duration_since(since).unwrap_or_default()
+}
+
+/// While idle: when the first retire entry a listing did not show may
+/// count as gone (what the machine waits for).
+fn waiting_until(r: &CredentialRecord) -> Option<SystemTime> {
+    r.retire
+        .iter()
+        .filter_map(|e| e.missing_since)
+        .min()
+        .map(|since| since + SWEEP_MIN_AGE)
 }
 
 /// Short form for traces.
@@ -1481,13 +1774,26 @@ fn show(r: &CredentialRecord) -> String {
         Rotation::Created { rid, pending } => format!("created({rid},{})", id(pending)),
         Rotation::Promoted { rid, old, .. } => format!("promoted({rid},old={})", id(old)),
     };
+    // `!`: confirmed as ours by a listing; `~`: not shown, waiting.
     let retire = if r.retire.is_empty() {
         String::new()
     } else {
-        let ids: Vec<&str> = r.retire.iter().filter_map(|e| e.id.as_deref()).collect();
+        let ids: Vec<String> = r
+            .retire
+            .iter()
+            .map(|e| {
+                let mark = match (e.confirmed, e.missing_since) {
+                    (true, _) => "!",
+                    (false, Some(_)) => "~",
+                    (false, None) => "",
+                };
+                format!("{}{mark}", e.id.as_deref().unwrap_or("?"))
+            })
+            .collect();
         format!(" retire={}", ids.join(","))
     };
-    format!("cur={} {rotation}{retire}", id(&r.current))
+    let owed = if r.listing_owed { " owed" } else { "" };
+    format!("cur={} {rotation}{retire}{owed}", id(&r.current))
 }
 
 fn show_event(e: &Event) -> String {
@@ -1506,6 +1812,11 @@ fn show_event(e: &Event) -> String {
 #[derive(Debug, Clone)]
 struct Scenario {
     boot: Boot,
+    /// Whether the operator made the bootstrap secret just before rekeyd
+    /// started, and asked for a rotation at once (a `Begin` before `ops`).
+    fresh: bool,
+    /// Whether the provider's lists lag often.
+    laggy: bool,
     /// Whether the process is killed before the final fault-free run.
     restart: bool,
     grace_secs: u64,
@@ -1513,22 +1824,41 @@ struct Scenario {
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
+    // A fresh bootstrap secret only matters when its id is given (only
+    // then is it retired).
+    let boot = prop_oneof![
+        2 => Just((Boot::Known, false)),
+        2 => Just((Boot::Known, true)),
+        1 => Just((Boot::Unknown, false)),
+        1 => Just((Boot::Wrong, false)),
+    ];
     (
-        prop_oneof![Just(Boot::Known), Just(Boot::Unknown), Just(Boot::Wrong)],
+        boot,
+        any::<bool>(),
         any::<bool>(),
         prop_oneof![Just(0u64), Just(30), Just(300)],
-        prop::collection::vec(op(), 0..120),
     )
-        .prop_map(|(boot, restart, grace_secs, ops)| Scenario {
-            boot,
-            restart,
-            grace_secs,
-            ops,
+        .prop_flat_map(|((boot, fresh), laggy, restart, grace_secs)| {
+            prop::collection::vec(op(laggy), 0..120).prop_map(move |ops| Scenario {
+                boot,
+                fresh,
+                laggy,
+                restart,
+                grace_secs,
+                ops,
+            })
         })
 }
 
 fn run_scenario(s: &Scenario, trace: bool) -> Stats {
     let mut sim = Sim::with_trace(s.boot, Duration::from_secs(s.grace_secs), trace);
+    if s.laggy {
+        sim.log(|| "the provider's lists lag often".into());
+    }
+    if s.fresh {
+        sim = sim.fresh_boot();
+        sim.apply(Op::Begin);
+    }
     for op in &s.ops {
         sim.apply(*op);
     }
@@ -1584,6 +1914,15 @@ fn sim_with(boot: Boot, grace_secs: u64, ops: &[Op]) -> Sim {
     sim
 }
 
+/// Runs `ops` from a fresh start, grace 0, the bootstrap secret made at t0.
+fn sim_with_fresh_boot(ops: &[Op]) -> Sim {
+    let mut sim = Sim::with_trace(Boot::Known, Duration::ZERO, true).fresh_boot();
+    for op in ops {
+        sim.apply(*op);
+    }
+    sim
+}
+
 fn phase(sim: &Sim) -> &'static str {
     sim.durable.rotation.phase()
 }
@@ -1598,7 +1937,8 @@ fn description(sim: &Sim, id: &str) -> String {
 
 /// A rotation from `Begin` to the licence for deleting the old secret:
 /// persist creating, create, persist created, verify, persist promoted,
-/// wait, verify again, persist idle + retire, list, persist the licence.
+/// wait, verify again, persist idle + retire, list (the licence decided,
+/// not yet written).
 const TO_LICENCE: [Op; 10] = [Op::Begin, OK, OK, OK, OK, OK, OK, OK, OK, OK];
 
 #[test]
@@ -1767,10 +2107,10 @@ fn the_old_secret_is_deleted_only_after_the_promoted_one_logs_in_again() {
 #[test]
 fn crash_after_the_licence_lists_and_writes_the_licence_again() {
     let mut ops = TO_LICENCE.to_vec();
-    ops.pop();
     ops.push(Op::CrashAfter); // the licence is written, kill -9
     let mut sim = sim_with(Boot::Known, 30, &ops);
     assert_eq!(sim.durable.retire.len(), 1);
+    assert!(sim.durable.retire[0].confirmed);
     sim.apply(OK); // restart: Resume → List, no write
     assert_eq!(next(&sim), Some(Next::List));
     sim.apply(OK); // the same licence, written again before the delete (S1)
@@ -2095,55 +2435,302 @@ fn killed_before_the_sweep_with_an_old_secret_to_delete_still_sweeps() {
     assert_eq!(sim.stats.swept, 1);
 }
 
-/// MACHINE GAP found by this model (the random model tolerates it through
-/// `Sim::listing_owed` and a later rotation). When a rotation ends with
-/// nothing to retire (the old secret's id unknown), `CurrentVerified`
-/// writes an idle journal with an empty retire list and asks for `List`;
-/// a run that ends between that write and the listing leaves a journal
-/// that is not unfinished, so the restart does nothing and the S7 sweep of
-/// this rotation never happens: an orphan already old enough stays at the
-/// provider until the next rotation (I3). With the old id known (above),
-/// the same crash is swept. Sequence: Begin, persist creating, create
-/// performed twice (s1 orphan, s2 pending), persist created, verify,
-/// persist promoted, 10 min pass, grace over, verify again, persist idle,
-/// kill -9, restart: Resume → Stable.
+/// Formerly a machine gap: a rotation that ended with nothing to retire
+/// (the old secret's id unknown) left a journal that was not unfinished, so
+/// a run ending between that write and the listing skipped the S7 sweep.
+/// The journal now owes the listing until a listing's write clears it.
+/// Sequence: Begin, persist creating, create performed twice (s1 orphan, s2
+/// pending), persist created, verify, persist promoted, 10 min pass, grace
+/// over, verify again, persist idle (owing the listing), kill -9, restart:
+/// Resume → List → s1 swept.
 #[test]
-#[ignore = "machine gap: the sweep is skipped when the run ends between the final write and the listing and nothing is left to retire"]
-fn gap_sweep_skipped_when_killed_before_the_listing_with_nothing_to_retire() {
+fn killed_before_the_sweep_with_nothing_to_retire_still_sweeps() {
     let mut sim = killed_before_the_sweep(Boot::Unknown);
-    assert!(!sim.durable.is_unfinished());
-    sim.stabilize(true);
-    // s1: tagged for this credential, of this client, not in the journal,
-    // older than SWEEP_MIN_AGE. Fails here: "I3: orphan s1 left".
+    assert!(sim.durable.retire.is_empty());
+    assert!(sim.durable.listing_owed);
+    assert!(sim.durable.is_unfinished(), "the listing is owed");
+    sim.apply(OK); // restart: Resume → List, no write
+    assert_eq!(next(&sim), Some(Next::List));
+    sim.apply(OK); // s1: tagged, ours, untracked, old enough
+    let p = sim.proc.as_ref().unwrap();
+    assert!(p.t.persist && !p.t.record.listing_owed);
+    assert_eq!(
+        p.t.next,
+        Next::Delete {
+            ids: vec!["s1".into()]
+        }
+    );
+    sim.stabilize(false);
+    sim.check_final(true);
+    assert!(sim.provider.get("s1").is_none());
+    assert_eq!(sim.stats.swept, 1);
+    assert_eq!(sim.stats.owed_listings_resumed, 1);
+    assert!(
+        sim.provider.get(BOOT_ID).is_some(),
+        "its id was never given"
+    );
+}
+
+#[test]
+fn the_owed_listing_is_written_even_with_nothing_to_delete() {
+    // Unknown bootstrap id, no orphan: the rotation's listing finds nothing,
+    // and its write is what ends the journal's work.
+    let mut sim = sim_with(Boot::Unknown, 0, &TO_LICENCE[..9]);
+    assert!(sim.durable.listing_owed);
+    assert_eq!(next(&sim), Some(Next::List));
+    sim.apply(OK);
+    let p = sim.proc.as_ref().unwrap();
+    assert_eq!((p.t.persist, p.t.next.clone()), (true, Next::Stable));
+    assert!(!p.t.record.is_unfinished());
+    sim.apply(Op::CrashBefore); // killed before that write: listed again
+    assert!(sim.durable.listing_owed);
+    sim.stabilize(false);
+    assert!(!sim.durable.listing_owed);
+    sim.check_final(true);
+    assert!(sim.deleted.is_empty());
+}
+
+/// Formerly a machine gap: a retire entry the listing did not show was
+/// dropped as gone at once, trusting a later sweep to find it by its tag if
+/// it existed after all. An id the operator gave (the bootstrap,
+/// `set-secret --id`) carries no tag: when a lagging list did not show it
+/// yet (made just before, grace 0), it was forgotten while it existed. Now
+/// an entry never confirmed waits, absent, for SWEEP_MIN_AGE before it
+/// counts as gone, and a later listing shows it. Sequence, grace 0,
+/// bootstrap made at t0: Begin, persist creating, create, persist created,
+/// verify, persist promoted, grace over, verify again, persist idle +
+/// retire [boot], list lagging (boot not shown) → boot kept, waiting; wait
+/// 10 min, list → boot confirmed → deleted.
+#[test]
+fn an_untagged_retire_entry_a_lagging_list_misses_waits_and_is_deleted() {
+    let mut sim = sim_with_fresh_boot(&TO_LICENCE[..9]);
+    assert_eq!(next(&sim), Some(Next::List));
+    sim.apply(Op::Lag);
+    let until = t0() + SWEEP_MIN_AGE;
+    let p = sim.proc.as_ref().unwrap();
+    assert!(p.t.persist, "the first miss is written");
+    assert_eq!(p.t.next, Next::WaitUntil(until));
+    assert_eq!(p.t.record.retire[0].id.as_deref(), Some(BOOT_ID));
+    assert_eq!(p.t.record.retire[0].missing_since, Some(t0()));
+    assert!(!p.t.record.retire[0].confirmed);
+    sim.apply(OK);
+    assert!(sim.durable.is_unfinished() && !sim.durable.listing_owed);
+    assert_eq!(sim.stats.bootstrap_hidden, 1);
+    sim.apply(OK); // the wait: the wall clock reaches the deadline
+    assert_eq!(sim.now, until);
+    assert_eq!(next(&sim), Some(Next::List));
+    sim.apply(Op::Lag); // shown now, however the list lags
+    assert_eq!(
+        next(&sim),
+        Some(Next::Delete {
+            ids: vec![BOOT_ID.into()]
+        })
+    );
+    sim.stabilize(false);
+    sim.check_final(true);
+    assert!(sim.provider.get(BOOT_ID).is_none());
+    assert_eq!(sim.deleted, [BOOT_ID]);
+    assert_eq!(sim.stats.idle_waits, 1);
+    assert!(sim.forgotten.is_empty());
+}
+
+#[test]
+fn a_hidden_entry_waits_across_restarts_begins_and_early_wakeups() {
+    let mut ops = TO_LICENCE[..9].to_vec();
+    ops.extend([Op::Lag, OK]); // boot not shown: waiting, written
+    let mut sim = sim_with_fresh_boot(&ops);
+    let until = t0() + SWEEP_MIN_AGE;
+    assert_eq!(waiting_until(&sim.durable), Some(until));
+    // An early wake-up lists again; still not shown: the same wait, no
+    // write (the deadline counts from the first miss).
+    sim.apply(Op::Lost);
+    assert_eq!(sim.stats.early_wakeups, 1);
+    assert_eq!(next(&sim), Some(Next::List));
+    sim.apply(Op::Advance(30));
+    sim.apply(Op::Lag);
+    let p = sim.proc.as_ref().unwrap();
+    assert!(!p.t.persist);
+    assert_eq!(p.t.next, Next::WaitUntil(until));
+    // Killed while waiting; a rotation request resumes the retire instead
+    // of beginning another rotation.
+    sim.apply(Op::CrashBefore);
+    assert!(sim.proc.is_none());
+    sim.apply(Op::Begin);
+    assert_eq!(sim.stats.begins_while_busy, 1);
+    assert_eq!(next(&sim), Some(Next::List));
+    // A listing within the lag shows it after all: confirmed, deleted now.
+    sim.apply(OK);
+    let p = sim.proc.as_ref().unwrap();
+    assert!(p.t.persist && p.t.record.retire[0].confirmed);
+    assert_eq!(p.t.record.retire[0].missing_since, None);
+    sim.stabilize(false);
+    sim.check_final(true);
+    assert_eq!(sim.provider.created.len(), 1, "no second rotation");
+    assert_eq!(sim.deleted, [BOOT_ID]);
+    assert!(sim.now < until);
+}
+
+#[test]
+fn the_deletes_remove_only_the_ids_deleted_while_a_hidden_entry_waits() {
+    // A first rotation leaves s1 (a duplicated create) too young to sweep.
+    let mut sim = sim_with(Boot::Known, 30, &[Op::Begin, OK, Op::Twice]);
+    sim.stabilize(false);
+    assert_eq!(sim.durable.current.id.as_deref(), Some("s2"));
+    sim.now += SWEEP_MIN_AGE;
+    // The next one gets a dud: aborted, s3 retired; a lagging list does not
+    // show s3 yet, and shows s1, old enough now.
+    for op in [Op::Begin, OK, Op::Ok { propagation: NEVER }, OK, OK, OK] {
+        sim.apply(op);
+    }
+    assert_eq!(sim.durable.retire[0].id.as_deref(), Some("s3"));
+    sim.apply(Op::Lag);
+    assert_eq!(
+        next(&sim),
+        Some(Next::Delete {
+            ids: vec!["s1".into()]
+        })
+    );
+    sim.apply(OK); // the licence: s3 waiting, s1 to delete
+    assert_eq!(show(&sim.durable), "cur=s2 idle retire=s3~,s1");
+    sim.apply(OK); // s1 deleted → only s1 leaves the list
+    let until = sim.now + SWEEP_MIN_AGE;
+    let p = sim.proc.as_ref().unwrap();
+    assert!(p.t.persist);
+    assert_eq!(p.t.next, Next::WaitUntil(until));
+    assert_eq!(show(&p.t.record), "cur=s2 idle retire=s3~");
+    sim.stabilize(false);
+    sim.check_final(true);
+    assert_eq!(sim.deleted, [BOOT_ID, "s1", "s3"]);
+    assert_eq!(sim.stats.idle_waits, 1);
+}
+
+#[test]
+fn an_entry_that_stays_hidden_for_sweep_min_age_is_gone() {
+    // The owed sweep finds s1 (killed before the sweep, above) and licenses
+    // its delete; the delete is done but its reply lost.
+    let mut sim = killed_before_the_sweep(Boot::Unknown);
+    sim.apply(OK); // restart: Resume → List
+    sim.apply(OK); // s1 swept
+    sim.apply(OK); // the licence written
+    sim.apply(Op::Lost);
+    assert!(sim.provider.get("s1").is_none());
+    assert_eq!(show(&sim.durable), "cur=s2 idle retire=s1");
+    // The next run's listing does not show s1. Swept entries are not marked
+    // confirmed, so it waits, absent, for SWEEP_MIN_AGE.
+    sim.apply(OK); // Resume → List
+    sim.apply(OK);
+    let until = sim.now + SWEEP_MIN_AGE;
+    assert_eq!(next(&sim), Some(Next::WaitUntil(until)));
+    sim.apply(OK);
+    assert_eq!(show(&sim.durable), "cur=s2 idle retire=s1~");
+    sim.apply(OK); // the wait
+    sim.apply(OK); // still absent: gone, with no second delete
+    let p = sim.proc.as_ref().unwrap();
+    assert_eq!((p.t.persist, p.t.next.clone()), (true, Next::Stable));
+    assert!(p.t.record.retire.is_empty());
+    sim.apply(OK);
+    assert_eq!(sim.stats.missing_gone, 1);
+    assert_eq!(sim.deleted, ["s1"]);
+    assert!(
+        sim.durable
+            .retired
+            .iter()
+            .any(|r| r.id.as_deref() == Some("s1"))
+    );
     sim.check_final(true);
 }
 
-/// MACHINE GAP found by this model. A retire entry the listing does not
-/// show is dropped as gone, trusting that "if it is ours and exists after
-/// all, the next sweep finds it by its tag". An id the operator gave (the
-/// bootstrap, `set-secret --id`) carries no tag: when a lagging list does
-/// not show it yet (the operator made it just before, grace 0 or a short
-/// one), it is forgotten while it exists, and nothing ever deletes it: the
-/// replaced secret stays valid at the provider (I3). (The random model
-/// makes the bootstrap long before rekeyd starts, so its lists never lag
-/// behind it.) Sequence, grace 0, bootstrap made at t0: Begin, persist
-/// creating, create, persist created, verify, persist promoted, grace over,
-/// verify again, persist idle + retire [boot], list lagging (boot not
-/// shown) → the write drops boot from the retire list.
+/// MACHINE GAP found by this model (the random model tolerates exactly it
+/// through `Sim::forgotten`). A retire entry that a listing showed as this
+/// client's (`confirmed`) is taken as gone as soon as a later listing does
+/// not show it, on the reasoning that a run deleted it and stopped before
+/// writing so. A lagging list can also leave it out: lists lag behind a
+/// create (the very reason unconfirmed entries wait SWEEP_MIN_AGE), and a
+/// later list may lag behind an earlier one. When the entry is an id the
+/// operator gave (untagged) and its delete did not happen, it is forgotten
+/// while it exists and no sweep finds it (I3): the replaced secret stays
+/// valid at the provider. Sequence, grace 0, bootstrap made at t0: Begin,
+/// persist creating, create, persist created, verify, persist promoted,
+/// grace over, verify again, persist idle + retire [boot], list (boot
+/// shown) → licence written, boot confirmed; the delete fails; restart:
+/// Resume → List, lagging (boot made under a minute ago, not shown) → the
+/// write drops boot as gone.
 #[test]
-#[ignore = "machine gap: an untagged retire entry a lagging list does not show is forgotten while it exists"]
-fn gap_an_untagged_retire_entry_a_lagging_list_misses_is_never_deleted() {
-    let mut sim = Sim::with_trace(Boot::Known, Duration::ZERO, true);
-    sim.provider.secrets[0].created_at = t0();
-    for op in &TO_LICENCE[..9] {
-        sim.apply(*op);
-    }
-    assert_eq!(next(&sim), Some(Next::List));
+#[ignore = "machine gap: a confirmed untagged retire entry that a later lagging list does not show is forgotten while it exists"]
+fn gap_a_confirmed_untagged_entry_a_lagging_list_misses_is_forgotten_while_it_exists() {
+    let mut ops = TO_LICENCE.to_vec();
+    ops.extend([OK, Op::Fail]); // licence written; the delete fails
+    let mut sim = sim_with_fresh_boot(&ops);
+    assert!(sim.durable.retire[0].confirmed);
+    assert!(sim.provider.get(BOOT_ID).is_some());
+    sim.apply(OK); // restart: Resume → List
     sim.apply(Op::Lag);
-    // Fails here: "I3: boot left the retire list but exists untagged at the
-    // provider".
     sim.stabilize(false);
-    sim.check_final(true);
+    // Fails here: the bootstrap secret was dropped from the retire list
+    // while it exists, and nothing deletes it.
+    assert!(sim.forgotten.is_empty(), "forgotten: {:?}", sim.forgotten);
+    assert!(sim.provider.get(BOOT_ID).is_none());
+}
+
+/// MACHINE GAP (contract): `Event::Begin` says that with unfinished work in
+/// the journal it finishes that instead, but its guard looks only at the
+/// retire list: on an idle journal that owes only its listing (a rotation
+/// ended, the run stopped before the sweep), `Begin` starts a new rotation
+/// and carries `listing_owed` into `creating`, deferring the S7 sweep to
+/// that rotation's end. The driver never asks this (it begins only when
+/// `is_unfinished()` is false), so the random model cannot reach it.
+#[test]
+#[ignore = "machine gap: Begin on a journal owing only its listing starts a rotation instead of listing"]
+fn gap_begin_on_a_journal_owing_its_listing_starts_a_rotation() {
+    let mut record = CredentialRecord::new(entry(Some("old"), "old-value"));
+    record.listing_owed = true;
+    let ctx = Context {
+        now: t0(),
+        grace: Duration::ZERO,
+        credential: CRED,
+        client_id: CLIENT,
+    };
+    let begin = Event::Begin {
+        rid: "r9".into(),
+        attempt: "a9".into(),
+    };
+    let t = machine::step(&record, begin, &ctx).unwrap();
+    // Fails here: next is Create { r9, a9 }.
+    assert_eq!(t.next, Next::List);
+    assert!(!t.persist);
+}
+
+/// MACHINE GAP (contract): `RetireDeleted { ids }` leaves the entries it
+/// does not name in the retire list (right), but when none of those left is
+/// waiting for a listing it answers `Next::Stable`, "nothing to do", on a
+/// journal with secrets still to delete (the same on one that still owes
+/// its listing). The driver always reports every id of the licence it just
+/// wrote (it sends the event only once all are deleted), so the random
+/// model cannot reach it; a caller reporting the deletes it managed would
+/// end its run with work left instead of listing again.
+#[test]
+#[ignore = "machine gap: deletes reported for fewer ids than licensed end Stable with work left"]
+fn gap_deletes_reported_for_fewer_ids_than_licensed_end_stable_with_work_left() {
+    let mut record = CredentialRecord::new(entry(Some("new"), "new-value"));
+    record.retire = vec![
+        RetiredSecret::id_only("old"),
+        RetiredSecret::id_only("orphan"),
+    ];
+    let ctx = Context {
+        now: t0(),
+        grace: Duration::ZERO,
+        credential: CRED,
+        client_id: CLIENT,
+    };
+    let deleted = Event::RetireDeleted {
+        ids: vec!["old".into()],
+    };
+    let t = machine::step(&record, deleted, &ctx).unwrap();
+    assert!(t.persist);
+    assert_eq!(t.record.retire, [RetiredSecret::id_only("orphan")]);
+    assert!(t.record.is_unfinished());
+    // Fails here: next is Stable.
+    assert_ne!(t.next, Next::Stable, "stable with work left");
 }
 
 #[test]
@@ -2202,52 +2789,64 @@ fn entry(id: Option<&str>, value: &str) -> SecretEntry {
     }
 }
 
-fn retired(id: &str) -> RetiredSecret {
+/// A retire entry for `id` in state `state`: 0 as the journal adds it, 1
+/// confirmed by a listing, 2 not shown by a listing since `t0() + since`.
+fn retired(id: &str, state: u8, since: u64) -> RetiredSecret {
     RetiredSecret {
-        id: Some(id.into()),
-        sha256: None,
+        confirmed: state == 1,
+        missing_since: (state == 2).then(|| t0() + Duration::from_secs(since)),
+        ..RetiredSecret::id_only(id)
     }
 }
 
 /// A record in any phase, at a time around `t0()`; idle ones may have
-/// secrets to retire (mid-rotation journals never do).
+/// secrets to retire (mid-rotation journals never do), in any state. Any
+/// of them may owe a listing.
 fn any_record() -> impl Strategy<Value = CredentialRecord> {
-    (0u8..4, any::<bool>(), 0u64..100, 0u8..8).prop_map(
-        |(phase, old_id_known, delete_after, retire)| {
-            let old = entry(old_id_known.then_some("old"), "old-value");
-            let new = entry(Some("new"), "new-value");
-            let rid = "r1".to_string();
-            let attempt = "a1".to_string();
-            let (current, rotation) = match phase {
-                0 => (old, Rotation::Idle),
-                1 => (old, Rotation::Creating { rid, attempt }),
-                2 => (old, Rotation::Created { rid, pending: new }),
-                _ => (
-                    new,
-                    Rotation::Promoted {
-                        rid,
-                        old,
-                        delete_after: t0() + Duration::from_secs(delete_after),
-                    },
-                ),
-            };
-            let retire = if phase == 0 {
-                ["mine", "foreign", "gone"]
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| retire & (1 << i) != 0)
-                    .map(|(_, id)| retired(id))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            CredentialRecord {
-                rotation,
-                retire,
-                ..CredentialRecord::new(current)
-            }
-        },
+    (
+        0u8..4,
+        any::<bool>(),
+        0u64..100,
+        prop::collection::vec((0u8..4, 0u64..400), 3),
+        any::<bool>(),
     )
+        .prop_map(
+            |(phase, old_id_known, delete_after, retire, listing_owed)| {
+                let old = entry(old_id_known.then_some("old"), "old-value");
+                let new = entry(Some("new"), "new-value");
+                let rid = "r1".to_string();
+                let attempt = "a1".to_string();
+                let (current, rotation) = match phase {
+                    0 => (old, Rotation::Idle),
+                    1 => (old, Rotation::Creating { rid, attempt }),
+                    2 => (old, Rotation::Created { rid, pending: new }),
+                    _ => (
+                        new,
+                        Rotation::Promoted {
+                            rid,
+                            old,
+                            delete_after: t0() + Duration::from_secs(delete_after),
+                        },
+                    ),
+                };
+                let retire = if phase == 0 {
+                    ["mine", "foreign", "gone"]
+                        .into_iter()
+                        .zip(retire)
+                        .filter(|(_, (state, _))| *state != 3)
+                        .map(|(id, (state, since))| retired(id, state, since))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                CredentialRecord {
+                    rotation,
+                    retire,
+                    listing_owed,
+                    ..CredentialRecord::new(current)
+                }
+            },
+        )
 }
 
 /// What a `GET` may show at `now`: a subset of these, by `mask`.
@@ -2293,6 +2892,16 @@ fn listing(mask: u16, now: SystemTime) -> Vec<RemoteSecret> {
     .collect()
 }
 
+/// Ids a `RetireDeleted` may carry: a subset of these, by `mask`.
+fn deleted_ids(mask: u16) -> Vec<String> {
+    ["mine", "foreign", "gone", "stray"]
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, id)| id.to_string())
+        .collect()
+}
+
 fn any_event() -> impl Strategy<Value = (Event, u16)> {
     (0u8..11, any::<u16>()).prop_map(|(n, mask)| {
         let event = match n {
@@ -2316,7 +2925,9 @@ fn any_event() -> impl Strategy<Value = (Event, u16)> {
             9 => Event::Listed {
                 secrets: Vec::new(),
             },
-            _ => Event::RetireDeleted,
+            _ => Event::RetireDeleted {
+                ids: deleted_ids(mask),
+            },
         };
         (event, mask)
     })
@@ -2332,10 +2943,12 @@ proptest! {
     /// `step` never panics; it takes exactly the events that belong to the
     /// record's phase (a late or duplicated outcome is refused, not applied
     /// to the wrong phase); a change is always persisted; the next effect
-    /// always matches the record it is to be performed against; and a
-    /// delete is licensed by the write before it and, after a listing, only
-    /// ever names this client's secrets that are retired or untracked
-    /// orphans old enough to sweep.
+    /// always matches the record it is to be performed against; a listing
+    /// decides on every retire entry by the rules of the journal and always
+    /// clears the owed listing in a write; the deletes' outcome removes
+    /// exactly the ids deleted; and a delete is licensed by the write before
+    /// it and, after a listing, only ever names this client's secrets that
+    /// are retired or untracked orphans old enough to sweep.
     #[test]
     fn step_is_total_and_next_matches_the_record(
         record in any_record(),
@@ -2349,34 +2962,61 @@ proptest! {
             other => other,
         };
         let listed = match &event {
-            Event::Listed { secrets } => secrets.clone(),
-            _ => Vec::new(),
+            Event::Listed { secrets } => Some(secrets.clone()),
+            _ => None,
+        };
+        let deleted = match &event {
+            Event::RetireDeleted { ids } => Some(ids.clone()),
+            _ => None,
         };
         let phase = record.rotation.phase();
         let applies = match &event {
             Event::Begin { .. } | Event::Resume { .. } => true,
             Event::TaggedDeleted | Event::Created { .. } => phase == "creating",
             Event::Verified | Event::VerifyRejected => phase == "created",
-            Event::GraceOver | Event::CurrentVerified | Event::CurrentRejected => {
-                phase == "promoted"
-            }
-            Event::Listed { .. } | Event::RetireDeleted => phase == "idle",
+            Event::CurrentVerified | Event::CurrentRejected => phase == "promoted",
+            // Idle: the wait for retire entries a listing did not show.
+            Event::GraceOver => phase == "promoted" || phase == "idle",
+            Event::Listed { .. } | Event::RetireDeleted { .. } => phase == "idle",
         };
         let replaces = match &event {
             Event::Verified => Some(("new", "new-value")),
             Event::CurrentRejected => Some(("old", "old-value")),
             _ => None,
         };
+        let ends_rotation = matches!(
+            &event,
+            Event::VerifyRejected | Event::CurrentVerified | Event::CurrentRejected
+        );
         let ctx = Context {
             now,
             grace: Duration::from_secs(grace),
             credential: CRED,
             client_id: CLIENT,
         };
+        // Begin on unfinished work finishes that, like Resume (except on a
+        // journal owing only its listing: see
+        // `gap_begin_on_a_journal_owing_its_listing_starts_a_rotation`).
+        let as_resume = match &event {
+            Event::Begin { attempt, .. }
+                if record.is_unfinished()
+                    && !(phase == "idle" && record.retire.is_empty()) =>
+            {
+                let resume = Event::Resume { attempt: attempt.clone() };
+                machine::step(&record, resume, &ctx).ok()
+            }
+            _ => None,
+        };
         let result = machine::step(&record, event, &ctx);
         prop_assert_eq!(result.is_ok(), applies);
         let Ok(t) = result else { return Ok(()) };
         let new = &t.record;
+        if let Some(r) = &as_resume {
+            prop_assert!(
+                same(&r.record, new) && r.next == t.next && r.persist == t.persist,
+                "Begin on unfinished work does not finish it"
+            );
+        }
         prop_assert!(t.persist || same(new, &record), "changed without persist");
         match replaces {
             Some((_, value)) => prop_assert_eq!(new.current.value.expose_secret(), value),
@@ -2387,11 +3027,44 @@ proptest! {
             "retiring mid-rotation"
         );
         prop_assert!(new.retire.iter().all(|r| r.id.is_some()), "a retire entry without an id");
+        // S7: a rotation's end owes the sweep; only a listing pays it.
+        if ends_rotation {
+            prop_assert!(t.persist && new.listing_owed, "a rotation ended owing no listing");
+        } else if let Some(secrets) = &listed {
+            prop_assert!(!new.listing_owed, "a listing left the listing owed");
+            prop_assert!(t.persist || !record.listing_owed, "the owed listing cleared unwritten");
+            check_listing_decision(&record, new, secrets, now)?;
+        } else {
+            prop_assert_eq!(new.listing_owed, record.listing_owed);
+        }
+        if let Some(ids) = &deleted {
+            prop_assert!(t.persist, "the deletes' outcome is not written");
+            let left: Vec<RetiredSecret> = record
+                .retire
+                .iter()
+                .filter(|r| !ids.iter().any(|id| r.id.as_ref() == Some(id)))
+                .cloned()
+                .collect();
+            prop_assert_eq!(&new.retire, &left);
+        }
+        // Deletes reported on a record that is not their licence: one that
+        // names an entry the report leaves out, or that still owes its
+        // listing (the licence's write clears that).
+        let partial_deletes = deleted.as_ref().is_some_and(|ids| {
+            record.listing_owed
+                || record.retire.iter().any(|r| {
+                    r.missing_since.is_none() && !r.id.as_ref().is_some_and(|id| ids.contains(id))
+                })
+        });
         let current_id = new.current.id.as_deref();
         match (&t.next, &new.rotation) {
-            (Next::Stable, Rotation::Idle) => {
-                prop_assert!(new.retire.is_empty(), "stable with secrets to retire");
+            // Except after deletes reported on a record that is not their
+            // licence, which the driver never does: see
+            // `gap_deletes_reported_for_fewer_ids_than_licensed_end_stable_with_work_left`.
+            (Next::Stable, Rotation::Idle) if !partial_deletes => {
+                prop_assert!(!new.is_unfinished(), "stable with work left");
             }
+            (Next::Stable, Rotation::Idle) => {}
             (Next::DeleteTagged { rid, keep }, Rotation::Creating { rid: r, attempt }) => {
                 prop_assert!(t.persist, "S2: deletes before writing a fresh attempt");
                 prop_assert_eq!(rid, r);
@@ -2407,15 +3080,33 @@ proptest! {
                 prop_assert_eq!(at, delete_after);
                 prop_assert!(now < *at || replaces.is_some(), "waits for a deadline already passed");
             }
+            (Next::WaitUntil(at), Rotation::Idle) => {
+                // Until the first entry a listing did not show may count as
+                // gone; after a listing, that is always ahead.
+                prop_assert_eq!(Some(*at), waiting_until(new));
+                prop_assert!(listed.is_none() || now < *at, "waits for a deadline already passed");
+                prop_assert!(listed.is_some() || deleted.is_some(), "waits without a listing or deletes");
+            }
             (Next::VerifyCurrent, Rotation::Promoted { delete_after, .. }) => {
                 prop_assert!(now >= *delete_after, "verifies again before the grace period is over");
             }
-            (Next::List, Rotation::Idle) => {}
+            (Next::List, Rotation::Idle) => {
+                prop_assert!(new.is_unfinished(), "lists with no work left");
+            }
             (Next::Delete { ids }, Rotation::Idle) => {
                 prop_assert!(t.persist, "S1: a delete without the write that licenses it");
-                let retire: Vec<String> = new.retire.iter().filter_map(|r| r.id.clone()).collect();
+                let retire: Vec<String> = new
+                    .retire
+                    .iter()
+                    .filter(|r| r.missing_since.is_none())
+                    .filter_map(|r| r.id.clone())
+                    .collect();
                 prop_assert_eq!(ids, &retire);
                 prop_assert!(!ids.is_empty());
+                let Some(listed) = &listed else {
+                    prop_assert!(false, "deletes without a listing");
+                    unreachable!()
+                };
                 let named: Vec<&str> = [Some(&record.current), record.pending(), record.rotation.old()]
                     .into_iter()
                     .flatten()
@@ -2427,14 +3118,14 @@ proptest! {
                         prop_assert!(false, "deletes {} the listing does not show", id);
                         unreachable!()
                     };
-                    let tagged = tag_of(&s.description).is_some();
                     prop_assert!(
-                        s.client_id.as_deref().map_or(tagged, |c| c == CLIENT),
+                        this_clients(s),
                         "I4: deletes {}, not known to be this client's", id
                     );
                     let retired = record.retire.iter().any(|r| r.id.as_deref() == Some(id.as_str()));
                     if !retired {
-                        let old_enough = s.created_at.is_none_or(|c| now.duration_since(c).unwrap_or_default() >= SWEEP_MIN_AGE);
+                        let tagged = tag_of(&s.description).is_some();
+                        let old_enough = s.created_at.is_none_or(|c| elapsed(c, now) >= SWEEP_MIN_AGE);
                         prop_assert!(
                             tagged && old_enough && !named.contains(&id.as_str()),
                             "S7: sweeps {}, not an untracked orphan old enough", id
@@ -2450,6 +3141,56 @@ proptest! {
             ),
         }
     }
+}
+
+/// S7: a listed secret is this client's when the provider says so, or,
+/// when it does not say, when it carries our tag.
+fn this_clients(s: &RemoteSecret) -> bool {
+    s.client_id
+        .as_deref()
+        .map_or(tag_of(&s.description).is_some(), |c| c == CLIENT)
+}
+
+/// What a listing at `now` decides on each retire entry of `old`: shown as
+/// this client's: kept, confirmed; shown as another's: dropped; absent
+/// after being confirmed, or absent for `SWEEP_MIN_AGE`: dropped (gone);
+/// else kept, waiting since the first listing that missed it. Dropped
+/// entries are remembered.
+fn check_listing_decision(
+    old: &CredentialRecord,
+    new: &CredentialRecord,
+    listed: &[RemoteSecret],
+    now: SystemTime,
+) -> Result<(), TestCaseError> {
+    for o in &old.retire {
+        let id = o.id.as_deref().unwrap_or_default();
+        let kept = new.retire.iter().find(|r| r.id == o.id);
+        let expected = match listed.iter().find(|s| s.id == id) {
+            Some(s) if this_clients(s) => Some(RetiredSecret {
+                confirmed: true,
+                missing_since: None,
+                ..o.clone()
+            }),
+            Some(_) => None,
+            None if o.confirmed => None,
+            None => match o.missing_since {
+                Some(since) if elapsed(since, now) >= SWEEP_MIN_AGE => None,
+                since => Some(RetiredSecret {
+                    missing_since: since.or(Some(now)),
+                    ..o.clone()
+                }),
+            },
+        };
+        prop_assert_eq!(kept, expected.as_ref(), "the listing's decision on {}", id);
+        if expected.is_none() {
+            let remembered = new
+                .retired
+                .iter()
+                .any(|r| r.id == o.id && r.missing_since.is_none() && !r.confirmed);
+            prop_assert!(remembered, "{} dropped but not remembered", id);
+        }
+    }
+    Ok(())
 }
 
 /// Regression: `Verified` computes `delete_after = now + grace`; a grace
