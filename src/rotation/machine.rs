@@ -216,7 +216,7 @@ pub fn step(
             let mut next = record.clone();
             next.rotation = Rotation::Idle;
             next.listing_owed = true;
-            retire_entry(&mut next, pending);
+            retire_created(&mut next, pending);
             warned(
                 persist(next, Next::List),
                 "the provider refused the new secret; rotation aborted, the current secret is kept",
@@ -249,7 +249,7 @@ pub fn step(
             next.current = old.clone();
             next.rotation = Rotation::Idle;
             next.listing_owed = true;
-            retire_entry(&mut next, &record.current);
+            retire_created(&mut next, &record.current);
             warned(
                 persist(next, Next::List),
                 "the provider refuses the new secret after its promotion; the previous secret is current again and the rotation is aborted",
@@ -319,6 +319,19 @@ fn retire_entry(record: &mut CredentialRecord, entry: &SecretEntry) -> Vec<Strin
     } else {
         record.remember_retired([retired]);
         vec!["the previous secret's provider id is unknown (set initial_secret_id); it was left in place at the provider".to_string()]
+    }
+}
+
+/// Retires a secret this journal created (the pending one, or the promoted
+/// one): ours by construction, so no listing needs to prove it (S7) and a
+/// listing that does not show it (gone, or lagging) does not hold up its
+/// delete: a 404 is done.
+fn retire_created(record: &mut CredentialRecord, entry: &SecretEntry) {
+    if entry.id.is_some() {
+        record.retire.push(RetiredSecret {
+            confirmed: true,
+            ..RetiredSecret::of(entry)
+        });
     }
 }
 

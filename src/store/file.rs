@@ -222,6 +222,7 @@ impl Store for FileStore {
         let name = name.to_string();
         Box::pin(async move {
             let path = dir.join(format!("{name}.rotate.lock"));
+            let mut announced = false;
             loop {
                 let (d, n) = (dir.clone(), name.clone());
                 let claimed = tokio::task::spawn_blocking(move || try_claim(&d, &n))
@@ -230,7 +231,17 @@ impl Store for FileStore {
                 match claimed {
                     Some(c) => return Ok(Some(Box::new(c) as Box<dyn super::Claim>)),
                     None if !wait => return Ok(None),
-                    None => tokio::time::sleep(CLAIM_POLL).await,
+                    None => {
+                        if !announced {
+                            tracing::info!(
+                                step = "claim",
+                                credential = %name,
+                                "another process is rotating this credential; waiting for it to finish"
+                            );
+                            announced = true;
+                        }
+                        tokio::time::sleep(CLAIM_POLL).await
+                    }
                 }
             }
         })

@@ -376,17 +376,9 @@ request_timeout = "{timeout}"
     }
 }
 
-/// Whether process `pid` is waiting for a file lock (`/proc/locks` lists
-/// blocked requests after `->`): e.g. a command waiting for a claim.
-pub fn waits_for_a_lock(pid: u32) -> bool {
-    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-    locks.lines().any(|line| {
-        line.contains("->")
-            && line
-                .split_whitespace()
-                .any(|field| field == pid.to_string())
-    })
-}
+/// What a command logs when it has to wait for another process's claim.
+pub const WAITING_FOR_THE_CLAIM: &str =
+    "another process is rotating this credential; waiting for it to finish";
 
 /// See [`World::phase`].
 pub fn phase_of(record: &Value) -> String {
