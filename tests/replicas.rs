@@ -424,9 +424,9 @@ async fn kill_9_of_either_replica_mid_rotation_for_a_minute() {
         c.world.checks,
         c.world.logins
     );
-    assert!(kills >= 8, "{kills} kills");
+    assert!(kills >= 6, "{kills} kills");
     assert!(holders_killed >= 3, "{holders_killed} holders killed");
-    assert!(completed >= 3, "{completed} rotations completed");
+    assert!(completed >= 2, "{completed} rotations completed");
     c.world.sim.update_faults(|f| f.random_drop = 0.0);
     c.settle().await;
 }
