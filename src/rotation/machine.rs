@@ -235,12 +235,9 @@ pub fn step(
             next.rotation = Rotation::Idle;
             next.last_rotated_at = Some(ctx.now);
             let mut warnings = retire_entry(&mut next, old);
-            let t = plan_retire(record, next, &secrets, ctx);
+            let t = plan_retire(record, next, &secrets, ctx, true);
             warnings.extend(t.warnings);
-            Transition {
-                warnings,
-                ..persist(t.record, t.next)
-            }
+            Transition { warnings, ..t }
         }
         (Rotation::Promoted { old, .. }, Event::CurrentRejected) => {
             // S5: the old secret is still valid at the provider; it becomes
@@ -257,7 +254,7 @@ pub fn step(
         }
 
         (Rotation::Idle, Event::Listed { secrets }) => {
-            plan_retire(record, record.clone(), &secrets, ctx)
+            plan_retire(record, record.clone(), &secrets, ctx, false)
         }
         (Rotation::Idle, Event::RetireDeleted { ids }) => {
             let mut next = record.clone();
@@ -266,7 +263,14 @@ pub fn step(
                 .partition(|r| r.id.as_ref().is_some_and(|id| ids.contains(id)));
             next.retire = left;
             next.remember_retired(done);
-            let then = wait_for_missing(&next).unwrap_or(Next::Stable);
+            // Entries left that were not waiting for a listing (not among
+            // the deletes reported), or a listing still owed: list again.
+            let then = if next.listing_owed || next.retire.iter().any(|r| r.missing_since.is_none())
+            {
+                Next::List
+            } else {
+                wait_for_missing(&next).unwrap_or(Next::Stable)
+            };
             persist(next, then)
         }
 
@@ -338,11 +342,14 @@ fn retire_created(record: &mut CredentialRecord, entry: &SecretEntry) {
 /// Decides from the provider's listing which retire entries of `next` (the
 /// record to write, derived from `record`) may be deleted and which orphans
 /// to sweep (S7), and licenses those deletes with one write (S1).
+/// `must_persist`: `next` differs from `record` beyond the retire list (a
+/// rotation ends in this write).
 fn plan_retire(
     record: &CredentialRecord,
     mut next: CredentialRecord,
     listed: &[RemoteSecret],
     ctx: &Context<'_>,
+    must_persist: bool,
 ) -> Transition {
     let mut warnings = Vec::new();
     let mut keep = Vec::new();
@@ -427,8 +434,9 @@ fn plan_retire(
         persist(next, Next::Delete { ids })
     } else {
         let then = wait_for_missing(&next).unwrap_or(Next::Stable);
-        let unchanged = next.retire == record.retire
-            && next.retired.len() == record.retired.len()
+        let unchanged = !must_persist
+            && next.retire == record.retire
+            && next.retired == record.retired
             && !record.listing_owed;
         if unchanged {
             stay(record, then)
