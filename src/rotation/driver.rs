@@ -688,15 +688,6 @@ fn set_rotation_error(rotator: &Rotator, error: Option<String>) {
     }
 }
 
-/// Checks a secret value against the provider before it is installed by
-/// hand (`rekeyd set-secret`).
-pub async fn check_secret(
-    provider: &dyn TokenProvider,
-    secret: &SecretString,
-) -> Result<(), ProviderError> {
-    provider.login(secret).await.map(|_| ())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

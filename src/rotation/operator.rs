@@ -123,8 +123,13 @@ pub async fn set_secret(
                 // the daemon deletes them once a listing shows they are this
                 // client's (S7), so none is left untracked (I3).
                 let new_digest = RetiredSecret::of(&new).sha256;
-                for entry in discarded(&r.value) {
-                    let retired = RetiredSecret::of(entry);
+                for (entry, created_here) in discarded(&r.value) {
+                    // A secret the rotation created is ours without a
+                    // listing (S7).
+                    let retired = RetiredSecret {
+                        confirmed: created_here,
+                        ..RetiredSecret::of(entry)
+                    };
                     let same = retired.id.is_some() && retired.id == new.id
                         || retired.sha256 == new_digest;
                     let known = next.retire.iter().any(|x| x.id == retired.id);
@@ -147,14 +152,15 @@ pub async fn set_secret(
     }
 }
 
-/// The secrets an unfinished rotation created or had committed to deleting:
-/// the pending one (created), or the promoted one and the old one
-/// (promoted). The secret that was current before the rotation began is
-/// left in place, as an install on an idle journal leaves it.
-fn discarded(record: &CredentialRecord) -> Vec<&SecretEntry> {
+/// The secrets an unfinished rotation created or had committed to deleting,
+/// each with whether the rotation created it: the pending one (created), or
+/// the promoted one and the old one (promoted). The secret that was current
+/// before the rotation began is left in place, as an install on an idle
+/// journal leaves it.
+fn discarded(record: &CredentialRecord) -> Vec<(&SecretEntry, bool)> {
     match &record.rotation {
-        Rotation::Created { pending, .. } => vec![pending],
-        Rotation::Promoted { old, .. } => vec![&record.current, old],
+        Rotation::Created { pending, .. } => vec![(pending, true)],
+        Rotation::Promoted { old, .. } => vec![(&record.current, true), (old, false)],
         Rotation::Idle | Rotation::Creating { .. } => Vec::new(),
     }
 }
