@@ -1938,6 +1938,7 @@ async fn bench_rotation(plan: &Plan, report: &mut Report) -> Result<()> {
     let per = |d: Duration, count: usize| d / count.max(1) as u32;
     let median = |r: &RotationRun| r.latencies[r.latencies.len() / 2];
     let requests_each = slow_alone.provider_requests / slow_alone.latencies.len() as u64;
+    let writes_each = alone.write_count / alone.latencies.len() as u64;
     let beyond = median(&slow_alone).saturating_sub(latency * requests_each as u32);
     let tmpfs_text = match &on_tmpfs {
         Some(t) => format!(
@@ -1964,9 +1965,10 @@ async fn bench_rotation(plan: &Plan, report: &mut Report) -> Result<()> {
         "reported",
         format!(
             "{} ({requests_each} requests at 50 ms excluded); alone at latency 0: {}, of which \
-             store writes (5 fsynced) {}",
+             store writes ({} fsynced) {}",
             ms(beyond),
             ms(median(&alone)),
+            writes_each + 1,
             ms(per(alone.writes + alone.probes, alone.latencies.len())),
         ),
         Verdict::Reported,
@@ -2000,9 +2002,11 @@ async fn bench_rotation(plan: &Plan, report: &mut Report) -> Result<()> {
         &format!(
             "In-process `Rotator`s (as the daemon builds them, sharing one HTTP client) with a \
              `FileStore` wrapped to time each call, against the sim (propagation delay 0, grace \
-             0). A rotation is: claim, load, a write probe (64 KiB, fsync), 4 journal writes \
-             (temp file, fsync, rename, directory fsync) and {requests_each} provider requests \
-             (login, list, create, verify login, delete). Store times are wall time inside the \
+             0). A rotation is: claim, load, a write probe (64 KiB, fsync), {writes_each} \
+             journal writes (temp file, fsync, rename, directory fsync) and {requests_each} \
+             provider requests (a bearer login, create, a login with the new secret, one more \
+             after the grace period whose token also serves the listing and the delete, list, \
+             delete). Store times are wall time inside the \
              store calls, so with {n} at once they include waiting for the disk. Disk: {}; \
              tmpfs: {}.\n\n{table}\n\
              One rotation alone with 50 ms of provider latency per request takes {} beyond its \
