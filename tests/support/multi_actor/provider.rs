@@ -1,0 +1,477 @@
+//! The provider model: a MapsIndoors-like client-secret API in memory,
+//! implementing rekeyd's [`TokenProvider`] and [`SecretApi`].
+//!
+//! Secrets are `{id, description, client, value, created_at}`; `list()`
+//! returns every client's secrets of the customer, as MapsIndoors does.
+//! Every call waits a seeded delay, applies its effect, runs the world's
+//! checks, and waits again; the seed's faults decide whether a call fails
+//! with a 5xx (no effect), loses its reply (effect, then an error), a new
+//! secret is refused for a while (propagation) or missing from lists for a
+//! while (lag), a deleted secret still logs in on a lagging node for a
+//! short while (ghost), or a promoted secret is revoked.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+use rekeyd::provider::{
+    Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret, SecretApi, TokenProvider,
+};
+use rekeyd::rotation::parse_tag;
+use rekeyd::token::Token;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::time::Instant;
+
+use super::{CLIENT, CRED, Call, LoginReply, Sim, Stage, TOKEN_LIFETIME, World, cover, named_ids};
+
+/// A secret as the provider holds it. Deleted secrets are kept (marked), so
+/// the checks can tell what happened to them.
+#[derive(Debug, Clone)]
+pub struct ProviderSecret {
+    pub id: String,
+    pub description: String,
+    pub client: String,
+    pub value: String,
+    pub created_at: SystemTime,
+    /// Logins are refused before this (propagation).
+    pub accepted_from: Instant,
+    /// Lists leave it out before this (lag).
+    pub listed_from: Instant,
+    pub deleted_at: Option<Instant>,
+    /// After deletion, a lagging node may still accept it until then.
+    pub ghost_until: Option<Instant>,
+    /// Refused from now on, though not deleted.
+    pub revoked: bool,
+    /// Consecutive 5xx answered to logins with this secret.
+    pub server_errors: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct ProviderState {
+    pub secrets: Vec<ProviderSecret>,
+    next_id: u64,
+    tokens: u64,
+    /// Ids the operator gave rekeyd (bootstrap id, `set-secret --id`): the
+    /// only untagged ones it may delete (I4).
+    pub operator_ids: BTreeSet<String>,
+}
+
+impl ProviderState {
+    /// Adds a secret directly (the seed's initial secrets, or one an
+    /// operator makes in the provider's portal). `id`: a fixed id, else the
+    /// next `sN`.
+    pub fn add(
+        &mut self,
+        id: Option<&str>,
+        description: &str,
+        client: &str,
+        created_at: SystemTime,
+    ) -> (String, String) {
+        self.next_id += 1;
+        let id = id.map_or_else(|| format!("s{}", self.next_id), str::to_string);
+        let value = format!("value-of-{id}");
+        let now = Instant::now();
+        self.secrets.push(ProviderSecret {
+            id: id.clone(),
+            description: description.to_string(),
+            client: client.to_string(),
+            value: value.clone(),
+            created_at,
+            accepted_from: now,
+            listed_from: now,
+            deleted_at: None,
+            ghost_until: None,
+            revoked: false,
+            server_errors: 0,
+        });
+        (id, value)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&ProviderSecret> {
+        self.secrets.iter().find(|s| s.id == id)
+    }
+
+    fn by_value(&self, value: &str) -> Option<&ProviderSecret> {
+        self.secrets.iter().find(|s| s.value == value)
+    }
+
+    /// Whether the provider accepts `value` now, on its up-to-date nodes:
+    /// our client's, not deleted, not revoked, propagated.
+    pub fn accepts(&self, value: &str) -> bool {
+        self.by_value(value).is_some_and(|s| {
+            s.client == CLIENT
+                && s.deleted_at.is_none()
+                && !s.revoked
+                && Instant::now() >= s.accepted_from
+        })
+    }
+
+    /// A secret value as traces show it: its id and state, never the value.
+    pub fn describe_value(&self, value: &str) -> String {
+        match self.by_value(value) {
+            None => "?unknown".into(),
+            Some(s) => {
+                let mut d = s.id.clone();
+                if s.deleted_at.is_some() {
+                    d.push_str("(deleted)");
+                } else if s.revoked {
+                    d.push_str("(revoked)");
+                } else if Instant::now() < s.accepted_from {
+                    d.push_str("(propagating)");
+                }
+                d
+            }
+        }
+    }
+
+    pub fn value_of(&self, id: &str) -> Option<String> {
+        self.get(id).map(|s| s.value.clone())
+    }
+
+    fn mint(&mut self) -> Token {
+        self.tokens += 1;
+        Token::new(
+            SecretString::from(format!("token-{}", self.tokens)),
+            "Bearer".into(),
+            None,
+            TOKEN_LIFETIME,
+        )
+    }
+}
+
+fn server_error(operation: &'static str) -> ProviderError {
+    ProviderError {
+        kind: ErrorKind::Transient,
+        operation,
+        status: Some(503),
+        code: None,
+        detail: "simulated outage".into(),
+        retry_after: None,
+    }
+}
+
+fn lost_reply(operation: &'static str) -> ProviderError {
+    ProviderError::transient(operation, "connection reset after the request was sent")
+}
+
+fn invalid_client() -> ProviderError {
+    ProviderError {
+        kind: ErrorKind::Rejected,
+        operation: "login",
+        status: Some(400),
+        code: Some("invalid_client".into()),
+        detail: String::new(),
+        retry_after: None,
+    }
+}
+
+impl World {
+    /// A provider call fails with a 5xx (more often during an outage).
+    fn provider_fails(&mut self) -> bool {
+        if !self.faults.enabled {
+            return false;
+        }
+        let at = self.elapsed();
+        let p = if self.faults.outages.iter().any(|&(a, b)| a <= at && at < b) {
+            0.9
+        } else {
+            self.faults.p_5xx
+        };
+        self.rng.chance(p)
+    }
+
+    fn login(&mut self, value: &str) -> Result<Token, ProviderError> {
+        let now = Instant::now();
+        let actor = super::current_actor();
+        let index = self.provider.secrets.iter().position(|s| s.value == value);
+        let id = index.map(|i| self.provider.secrets[i].id.clone());
+        let hooked = match (&id, self.hooks.login.as_mut()) {
+            (Some(id), Some(hook)) => hook(id, actor),
+            _ => None,
+        };
+        let reply = match hooked {
+            Some(reply) => reply,
+            None if self.provider_fails() => LoginReply::ServerError,
+            None => {
+                let flap = self.faults.enabled && {
+                    let p = self.faults.p_flap;
+                    self.rng.chance(p)
+                };
+                match index.map(|i| &self.provider.secrets[i]) {
+                    _ if flap => LoginReply::Rejected,
+                    Some(s) if s.client != CLIENT => LoginReply::Rejected,
+                    Some(s) if s.deleted_at.is_some() => {
+                        if s.ghost_until.is_some_and(|t| now < t) {
+                            self.cover(cover::GHOST_LOGIN);
+                            LoginReply::Ok
+                        } else {
+                            LoginReply::Rejected
+                        }
+                    }
+                    Some(s) if s.revoked || now < s.accepted_from => LoginReply::Rejected,
+                    Some(_) => LoginReply::Ok,
+                    None => LoginReply::Rejected,
+                }
+            }
+        };
+        // (7): many 5xx for the pending secret, then a rejection.
+        if let Some(i) = index {
+            let is_pending = self.store.record.as_ref().is_some_and(|(_, r)| {
+                r.pending()
+                    .is_some_and(|p| p.value.expose_secret() == value)
+            });
+            let s = &mut self.provider.secrets[i];
+            let streak = s.server_errors;
+            s.server_errors = match reply {
+                LoginReply::ServerError => streak + 1,
+                _ => 0,
+            };
+            if reply == LoginReply::Rejected && streak >= 3 && is_pending {
+                self.cover(cover::LATE_REJECTION);
+            }
+        }
+        let shown = self.provider.describe_value(value);
+        self.note(Call::Login, |_| format!("{shown} -> {reply:?}"));
+        match reply {
+            LoginReply::Ok => Ok(self.provider.mint()),
+            LoginReply::Rejected => Err(invalid_client()),
+            LoginReply::ServerError => Err(server_error("login")),
+        }
+    }
+
+    fn list(&mut self) -> Result<Vec<RemoteSecret>, ProviderError> {
+        if self.provider_fails() {
+            self.note(Call::List, |_| "-> 503".into());
+            return Err(server_error("list secrets"));
+        }
+        let now = Instant::now();
+        let mut hidden = Vec::new();
+        let mut listed = Vec::new();
+        for s in self
+            .provider
+            .secrets
+            .iter()
+            .filter(|s| s.deleted_at.is_none())
+        {
+            if now < s.listed_from {
+                hidden.push(s.id.clone());
+                continue;
+            }
+            listed.push(RemoteSecret {
+                id: s.id.clone(),
+                description: s.description.clone(),
+                client_id: Some(s.client.clone()),
+                created_at: Some(s.created_at),
+            });
+        }
+        if !hidden.is_empty() {
+            self.cover(cover::LIST_HID_SECRET);
+        }
+        self.note(Call::List, |_| {
+            let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
+            format!("-> {ids:?} (lagging, not shown: {hidden:?})")
+        });
+        Ok(listed)
+    }
+
+    fn create(&mut self, description: &str) -> Result<NewSecret, ProviderError> {
+        if self.provider_fails() {
+            self.note(Call::Create, |_| format!("{description} -> 503"));
+            return Err(server_error("create secret"));
+        }
+        let wall = self.wall();
+        let (id, value) = self.provider.add(None, description, CLIENT, wall);
+        let (accepted_in, listed_in) = self.new_secret_lags();
+        let now = Instant::now();
+        let s = self.provider.secrets.last_mut().expect("just added");
+        s.accepted_from = now + accepted_in;
+        s.listed_from = now + listed_in;
+        let lost = self.faults.enabled && {
+            let p = self.faults.p_lost_create;
+            self.rng.chance(p)
+        };
+        if lost {
+            self.cover(cover::LOST_CREATE);
+        }
+        self.note(Call::Create, |_| {
+            format!(
+                "{description} -> {id} (refused for {accepted_in:?}, unlisted for {listed_in:?}){}",
+                if lost { ", REPLY LOST" } else { "" }
+            )
+        });
+        if lost {
+            return Err(lost_reply("create secret"));
+        }
+        Ok(NewSecret {
+            id,
+            value: SecretString::from(value),
+        })
+    }
+
+    /// Propagation and list lag of a secret created now.
+    pub fn new_secret_lags(&mut self) -> (Duration, Duration) {
+        if !self.faults.enabled {
+            return (Duration::ZERO, Duration::ZERO);
+        }
+        let f = self.faults.clone();
+        let accepted = if self.rng.chance(f.p_dud) {
+            self.rng
+                .between(Duration::from_secs(60), Duration::from_secs(120))
+        } else if self.rng.chance(f.p_propagation) {
+            self.rng.between(Duration::ZERO, f.propagation_max)
+        } else {
+            Duration::ZERO
+        };
+        let listed = if self.rng.chance(f.p_list_lag) {
+            self.rng.between(Duration::ZERO, f.list_lag_max)
+        } else {
+            Duration::ZERO
+        };
+        (accepted, listed)
+    }
+
+    fn delete(&mut self, id: &str) -> Result<Deleted, ProviderError> {
+        if self.provider_fails() {
+            self.note(Call::Delete, |_| format!("{id} -> 503"));
+            return Err(server_error("delete secret"));
+        }
+        let Some(i) = self
+            .provider
+            .secrets
+            .iter()
+            .position(|s| s.id == id && s.deleted_at.is_none())
+        else {
+            self.note(Call::Delete, |_| format!("{id} -> 404"));
+            return Ok(Deleted::NotFound);
+        };
+        self.check_delete(i);
+        let ghost = if self.faults.enabled && {
+            let p = self.faults.p_ghost;
+            self.rng.chance(p)
+        } {
+            let max = self.faults.ghost_max;
+            Some(Instant::now() + self.rng.between(Duration::ZERO, max))
+        } else {
+            None
+        };
+        let s = &mut self.provider.secrets[i];
+        s.deleted_at = Some(Instant::now());
+        s.ghost_until = ghost;
+        let lost = self.faults.enabled && {
+            let p = self.faults.p_lost_delete;
+            self.rng.chance(p)
+        };
+        if lost {
+            self.cover(cover::LOST_DELETE);
+        }
+        self.note(Call::Delete, |_| {
+            format!("{id} -> deleted{}", if lost { ", REPLY LOST" } else { "" })
+        });
+        if lost {
+            return Err(lost_reply("delete secret"));
+        }
+        Ok(Deleted::Deleted)
+    }
+
+    /// I4 and S1 at the moment of a delete: only our client's secrets that
+    /// are tagged for this credential or whose id the operator gave; never
+    /// one that the journal names (the licence of a delete is a swap that
+    /// stopped naming it, S1).
+    fn check_delete(&mut self, index: usize) {
+        let s = &self.provider.secrets[index];
+        let tagged = parse_tag(CRED, &s.description).is_some();
+        let given = self.provider.operator_ids.contains(&s.id);
+        let mut problems = Vec::new();
+        if s.client != CLIENT || !(tagged || given) {
+            problems.push(format!(
+                "I4: deleting {} ({:?}, client {}), neither tagged by us nor given by the operator",
+                s.id, s.description, s.client
+            ));
+        }
+        if let Some((version, record)) = &self.store.record {
+            let named = named_ids(record);
+            if named.contains(&s.id.as_str()) {
+                problems.push(format!(
+                    "S1: deleting {} which journal v{version} names ({})",
+                    s.id,
+                    super::show_record(record, &self.provider)
+                ));
+            }
+            if tagged
+                && !named.contains(&s.id.as_str())
+                && s.created_at + Duration::from_secs(600) <= self.wall()
+            {
+                self.cover(cover::SWEPT_ORPHAN);
+            }
+        }
+        for p in problems {
+            self.violation(p);
+        }
+    }
+
+    /// The provider revokes secret `id` (it refuses it from now on).
+    pub fn revoke(&mut self, id: &str) {
+        if let Some(s) = self.provider.secrets.iter_mut().find(|s| s.id == id) {
+            s.revoked = true;
+        }
+        self.note(Call::Harness, |_| format!("provider REVOKES {id}"));
+        self.check();
+    }
+}
+
+/// The provider model as rekeyd sees it.
+#[derive(Clone)]
+pub struct ProviderModel {
+    pub sim: Arc<Sim>,
+}
+
+impl ProviderModel {
+    async fn call<T>(&self, call: Call, effect: impl FnOnce(&mut World) -> T) -> T {
+        self.sim.enter().await;
+        let _flight = self.sim.in_flight(call);
+        self.sim.pause(call, Stage::Before).await;
+        let out = {
+            let mut w = self.sim.lock();
+            let out = effect(&mut w);
+            w.check();
+            out
+        };
+        self.sim.pause(call, Stage::After).await;
+        out
+    }
+}
+
+impl TokenProvider for ProviderModel {
+    fn login<'a>(
+        &'a self,
+        secret: &'a SecretString,
+    ) -> BoxFuture<'a, Result<Token, ProviderError>> {
+        Box::pin(self.call(Call::Login, move |w| w.login(secret.expose_secret())))
+    }
+}
+
+impl SecretApi for ProviderModel {
+    fn list<'a>(
+        &'a self,
+        _bearer: &'a Token,
+    ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
+        Box::pin(self.call(Call::List, World::list))
+    }
+
+    fn create<'a>(
+        &'a self,
+        _bearer: &'a Token,
+        description: &'a str,
+    ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
+        Box::pin(self.call(Call::Create, move |w| w.create(description)))
+    }
+
+    fn delete<'a>(
+        &'a self,
+        _bearer: &'a Token,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
+        Box::pin(self.call(Call::Delete, move |w| w.delete(id)))
+    }
+}
