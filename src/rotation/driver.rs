@@ -163,10 +163,7 @@ impl Rotator {
             self.store.check_writable(&self.name).await?;
             let rid = new_rotation_id();
             info!(step = "rotate", rid = %rid, "rotation started");
-            Event::Begin {
-                rid,
-                attempt: new_attempt_id(),
-            }
+            Event::Begin { rid }
         } else {
             if !idle {
                 info!(
@@ -176,9 +173,7 @@ impl Rotator {
                     "resuming unfinished rotation work"
                 );
             }
-            Event::Resume {
-                attempt: new_attempt_id(),
-            }
+            Event::Resume
         };
         let mut run = Run {
             rotator: self,
@@ -253,10 +248,7 @@ impl Run<'_> {
                         r.publish(&self.record.value);
                         // The current secret may have changed.
                         self.bearer = None;
-                        let resume = Event::Resume {
-                            attempt: new_attempt_id(),
-                        };
-                        t = machine::step(&self.record.value, resume, &r.context())?;
+                        t = machine::step(&self.record.value, Event::Resume, &r.context())?;
                         continue;
                     }
                     Err(e) => return Err(e.into()),
@@ -432,9 +424,10 @@ impl Run<'_> {
         Ok(token)
     }
 
-    /// Deletes the secrets of earlier attempts of rotation `rid` (their
-    /// values were never persisted: the write of attempt `keep` won, S2);
-    /// nothing else (I4).
+    /// Deletes the secrets of attempts of rotation `rid` earlier than
+    /// `keep` (their values were never persisted: the write of attempt
+    /// `keep` won, S2); nothing else (I4). Later attempts are another
+    /// actor's, made after ours: never touched.
     async fn delete_tagged(&mut self, rid: &str, keep: &str) -> Result<(), RotationError> {
         let r = self.rotator;
         let bearer = self.bearer().await?;
@@ -442,7 +435,7 @@ impl Run<'_> {
         crash_point!("rotation-after-list");
         let earlier = listed.into_iter().filter(|s| {
             super::parse_tag(&r.name, &s.description)
-                .is_some_and(|tag| tag.rid == rid && tag.attempt != Some(keep))
+                .is_some_and(|tag| machine::superseded(&tag, rid, keep))
                 && s.client_id.as_deref().is_none_or(|c| c == r.client_id)
         });
         for secret in earlier {
@@ -497,10 +490,6 @@ impl Run<'_> {
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
-}
-
-fn new_attempt_id() -> String {
-    format!("{:08x}", rand::random::<u32>())
 }
 
 /// Unique enough to tell rotations apart in descriptions (and short).

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
 
-use super::parse_tag;
+use super::{Tag, parse_tag};
 use crate::provider::RemoteSecret;
 use crate::store::{CredentialRecord, RetiredSecret, Rotation, SecretEntry};
 
@@ -27,13 +27,12 @@ pub const SWEEP_MIN_AGE: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Start a rotation with fresh ids. With unfinished work in the journal
+    /// Start a rotation with a fresh id. With unfinished work in the journal
     /// this finishes that instead (rotating "now" is idempotent).
-    Begin { rid: String, attempt: String },
+    Begin { rid: String },
     /// Re-enter after a restart, an error or a lost compare-and-swap: what
-    /// is left to do? `attempt` is a fresh attempt id, used when the journal
-    /// is in `creating` (S2).
-    Resume { attempt: String },
+    /// is left to do?
+    Resume,
     /// Secrets of earlier attempts of the rotation (values lost) are gone.
     TaggedDeleted,
     /// The provider created the replacement and returned its value.
@@ -60,8 +59,8 @@ pub enum Event {
 pub enum Next {
     /// Nothing to do: the record is stable.
     Stable,
-    /// List the provider's secrets and delete ours tagged with `rid` but not
-    /// with attempt `keep` (S2).
+    /// List the provider's secrets and delete ours tagged with `rid` and an
+    /// attempt earlier than `keep` (S2; see [`attempt_number`]).
     DeleteTagged { rid: String, keep: String },
     /// Create a secret tagged with `rid` and `attempt`.
     Create { rid: String, attempt: String },
@@ -110,7 +109,7 @@ impl Event {
     fn name(&self) -> &'static str {
         match self {
             Event::Begin { .. } => "begin",
-            Event::Resume { .. } => "resume",
+            Event::Resume => "resume",
             Event::TaggedDeleted => "tagged-deleted",
             Event::Created { .. } => "created",
             Event::Verified => "verified",
@@ -159,8 +158,9 @@ pub fn step(
         event: event.name(),
     };
     let t = match (&record.rotation, event) {
-        (Rotation::Idle, Event::Begin { rid, attempt }) if !record.is_unfinished() => {
+        (Rotation::Idle, Event::Begin { rid }) if !record.is_unfinished() => {
             let mut next = record.clone();
+            let attempt = next_attempt("");
             next.rotation = Rotation::Creating {
                 rid: rid.clone(),
                 attempt: attempt.clone(),
@@ -168,9 +168,7 @@ pub fn step(
             // A fresh id cannot have tagged secrets yet: create directly.
             persist(next, Next::Create { rid, attempt })
         }
-        (_, Event::Begin { attempt, .. }) | (_, Event::Resume { attempt }) => {
-            resume(record, &attempt, ctx)
-        }
+        (_, Event::Begin { .. }) | (_, Event::Resume) => resume(record, ctx),
 
         (Rotation::Creating { rid, attempt }, Event::TaggedDeleted) => stay(
             record,
@@ -225,7 +223,7 @@ pub fn step(
 
         // Promoted: the grace period; idle: retire entries a listing did
         // not show yet.
-        (Rotation::Promoted { .. } | Rotation::Idle, Event::GraceOver) => resume(record, "", ctx),
+        (Rotation::Promoted { .. } | Rotation::Idle, Event::GraceOver) => resume(record, ctx),
         // List first (S7: is the old secret this client's? orphans to
         // sweep?), then end the rotation in one write that also licenses
         // the deletes (S1).
@@ -280,27 +278,31 @@ pub fn step(
 }
 
 /// What is left to do in the record's phase, e.g. after a restart.
-fn resume(record: &CredentialRecord, attempt: &str, ctx: &Context<'_>) -> Transition {
+fn resume(record: &CredentialRecord, ctx: &Context<'_>) -> Transition {
     match &record.rotation {
         Rotation::Idle if !record.is_unfinished() => stay(record, Next::Stable),
         // Check the listing before deleting what a previous run committed
         // to, and sweep (S7).
         Rotation::Idle => stay(record, Next::List),
         // The create call may have happened, in this attempt or an earlier
-        // one. S2: record a fresh attempt first; only if that write wins do
+        // one. S2: record the next attempt first; only if that write wins do
         // we delete the earlier attempts' secrets (their values were never
         // persisted, or the write would have failed) and create again.
-        Rotation::Creating { rid, .. } => {
+        // Attempts are numbered along the journal's versions, so a resumer
+        // whose claim has lapsed deletes only attempts older than its own,
+        // never those of an actor that moved the journal on after it.
+        Rotation::Creating { rid, attempt } => {
             let mut next = record.clone();
+            let attempt = next_attempt(attempt);
             next.rotation = Rotation::Creating {
                 rid: rid.clone(),
-                attempt: attempt.to_string(),
+                attempt: attempt.clone(),
             };
             persist(
                 next,
                 Next::DeleteTagged {
                     rid: rid.clone(),
-                    keep: attempt.to_string(),
+                    keep: attempt,
                 },
             )
         }
@@ -324,6 +326,25 @@ fn retire_entry(record: &mut CredentialRecord, entry: &SecretEntry) -> Vec<Strin
         record.remember_retired([retired]);
         vec!["the previous secret's provider id is unknown (set initial_secret_id); it was left in place at the provider".to_string()]
     }
+}
+
+/// The number of an attempt id ([`Rotation::Creating`]): attempts count up
+/// from 1 along the journal's versions. Records and tags written before
+/// attempts were numbered (empty, or absent from the tag) count as 0.
+pub fn attempt_number(attempt: &str) -> u64 {
+    attempt.parse().unwrap_or(0)
+}
+
+/// The attempt after `attempt`.
+fn next_attempt(attempt: &str) -> String {
+    (attempt_number(attempt) + 1).to_string()
+}
+
+/// Whether a secret tagged `tag` belongs to an attempt of rotation `rid`
+/// that attempt `keep` superseded (S2): the same rotation, an earlier
+/// attempt. A later attempt is another actor's, made after ours.
+pub fn superseded(tag: &Tag<'_>, rid: &str, keep: &str) -> bool {
+    tag.rid == rid && attempt_number(tag.attempt.unwrap_or_default()) < attempt_number(keep)
 }
 
 /// Retires a secret this journal created (the pending one, or the promoted
@@ -509,10 +530,7 @@ mod tests {
     }
 
     fn begin() -> Event {
-        Event::Begin {
-            rid: "r1".into(),
-            attempt: "a1".into(),
-        }
+        Event::Begin { rid: "r1".into() }
     }
 
     #[test]
@@ -525,7 +543,7 @@ mod tests {
             t.next,
             Next::Create {
                 rid: "r1".into(),
-                attempt: "a1".into()
+                attempt: "1".into()
             }
         );
 
@@ -602,24 +620,19 @@ mod tests {
         let mut r = idle();
         r.rotation = Rotation::Creating {
             rid: "r1".into(),
-            attempt: "a1".into(),
+            attempt: "1".into(),
         };
-        let resume = Event::Resume {
-            attempt: "a2".into(),
-        };
-        let t = step(&r, resume, &ctx(t0())).unwrap();
+        let t = step(&r, Event::Resume, &ctx(t0())).unwrap();
         assert!(
             t.persist,
             "S2: the fresh attempt is written before any delete"
         );
-        assert!(
-            matches!(&t.record.rotation, Rotation::Creating { attempt, .. } if attempt == "a2")
-        );
+        assert!(matches!(&t.record.rotation, Rotation::Creating { attempt, .. } if attempt == "2"));
         assert_eq!(
             t.next,
             Next::DeleteTagged {
                 rid: "r1".into(),
-                keep: "a2".into()
+                keep: "2".into()
             }
         );
         let t = step(&t.record, Event::TaggedDeleted, &ctx(t0())).unwrap();
@@ -627,12 +640,26 @@ mod tests {
             t.next,
             Next::Create {
                 rid: "r1".into(),
-                attempt: "a2".into()
+                attempt: "2".into()
             }
         );
         // Begin while interrupted finishes the old rotation, same rid.
         let t = step(&r, begin(), &ctx(t0())).unwrap();
         assert!(matches!(t.next, Next::DeleteTagged { rid, .. } if rid == "r1"));
+    }
+
+    #[test]
+    fn a_resumer_deletes_only_attempts_older_than_its_own() {
+        let tag = |attempt| Tag { rid: "r1", attempt };
+        assert!(superseded(&tag(Some("1")), "r1", "3"));
+        assert!(superseded(&tag(Some("2")), "r1", "3"));
+        // Tags written before attempts were numbered.
+        assert!(superseded(&tag(None), "r1", "1"));
+        // Its own attempt, and a later one: another actor moved the journal
+        // on after this resumer's write (its claim lapsed meanwhile).
+        assert!(!superseded(&tag(Some("3")), "r1", "3"));
+        assert!(!superseded(&tag(Some("4")), "r1", "3"));
+        assert!(!superseded(&tag(Some("1")), "r2", "3"));
     }
 
     #[test]
@@ -787,9 +814,7 @@ mod tests {
         };
         let t = step(&r, Event::VerifyRejected, &ctx(t0())).unwrap();
         assert!(t.record.listing_owed);
-        let resumed = Event::Resume {
-            attempt: "a9".into(),
-        };
+        let resumed = Event::Resume;
         let t = step(&t.record, resumed, &ctx(t0())).unwrap();
         assert_eq!(t.next, Next::List);
         let secrets = vec![listed("new", "rekeyd:maps:r1.a1", Some("client"))];
@@ -817,9 +842,7 @@ mod tests {
         };
         let t = step(&r, Event::CurrentVerified, &ctx(t0())).unwrap();
         assert!(!t.persist);
-        let resumed = Event::Resume {
-            attempt: "a9".into(),
-        };
+        let resumed = Event::Resume;
         assert_eq!(
             step(&r, resumed, &ctx(t0())).unwrap().next,
             Next::VerifyCurrent

@@ -6,8 +6,10 @@
 //! once. Deleting a working secret because of one late `invalid_client` after
 //! a minute of 5xx would throw away the replacement for nothing, so only
 //! *consistent* rejection counts: several rejections, spread over at least
-//! half the window, the last attempt among them, and no success (a success
-//! ends verification at once).
+//! a quarter of the window, the last attempt among them, and no success (a
+//! success ends verification at once). A quarter, not a half: attempts back
+//! off (doubling delays), so the last one before the deadline may come
+//! just after a third of the window.
 
 use std::time::Duration;
 
@@ -44,7 +46,7 @@ impl Tally {
             (Some(first), Some(last)) => last.saturating_sub(first),
             _ => return false,
         };
-        self.last_was_rejection && self.rejections >= MIN_REJECTIONS && spread >= window / 2
+        self.last_was_rejection && self.rejections >= MIN_REJECTIONS && spread >= window / 4
     }
 }
 
@@ -80,7 +82,7 @@ mod tests {
     #[test]
     fn rejections_bunched_at_the_end_or_followed_by_errors_are_not() {
         let mut bunched = Tally::default();
-        for s in [55, 57, 59] {
+        for s in [50, 55, 59] {
             bunched.record(true, secs(s));
         }
         assert!(!bunched.consistently_rejected(WINDOW));
@@ -92,6 +94,30 @@ mod tests {
         assert!(then_error.consistently_rejected(WINDOW));
         then_error.record(false, secs(59));
         assert!(!then_error.consistently_rejected(WINDOW));
+    }
+
+    #[test]
+    fn backed_off_attempts_can_always_reach_a_verdict() {
+        // The driver's schedule: 250 ms doubling to 5 s, stopping once the
+        // next attempt would pass the deadline. Whatever the window, the
+        // attempts it makes can add up to a refusal.
+        for tenths in 10..=1200u64 {
+            let window = Duration::from_millis(tenths * 100);
+            let mut t = Tally::default();
+            let (mut at, mut delay) = (Duration::ZERO, Duration::from_millis(250));
+            loop {
+                t.record(true, at);
+                if at + delay >= window {
+                    break;
+                }
+                at += delay;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            assert!(
+                t.consistently_rejected(window) || t.rejections < MIN_REJECTIONS,
+                "window {window:?}: {t:?}"
+            );
+        }
     }
 
     #[test]
