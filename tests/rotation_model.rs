@@ -35,8 +35,10 @@
 //!   promoted one is refused; the proving login of the promoted secret
 //!   after the grace period is the bearer for the listing and deletes that
 //!   follow. A run starts like `Rotator::rotate`: `Begin` with fresh
-//!   rotation and attempt ids when the journal has no unfinished work and a
-//!   rotation is requested, else `Resume` with a fresh attempt id.
+//!   rotation id when the journal has no unfinished work and a rotation is
+//!   requested, else `Resume`. `DeleteTagged` deletes, like the driver,
+//!   this client's secrets whose tag names the rotation and an attempt
+//!   earlier than the one kept (`machine::superseded`).
 //!
 //! Proptest picks, for every step, what happens: success, a transient
 //! failure with no effect, a call performed whose reply is lost, a crash
@@ -62,8 +64,9 @@
 //! (every provider call and wait matches the *durable* journal; every delete
 //! follows a write of this run that lists exactly what it deletes: the
 //! retire entries not waiting to be shown, S1), S2 (a resumed `creating` is
-//! written again with a fresh attempt before anything is deleted, and the
-//! secret of the attempt the journal keeps is never deleted), `Stable` only
+//! written again with the next attempt number before anything is deleted,
+//! and no secret of the attempt the journal keeps, or of a later one, is
+//! ever deleted), `Stable` only
 //! once the journal has no work left, and that the durable record only moves
 //! along the journal's edges. Those include: an aborted rotation's end owes
 //! a listing (S7 sweep) that only a listing's write clears; a finished
@@ -273,28 +276,16 @@ fn foreign_secrets() -> Vec<ModelSecret> {
     };
     vec![
         secret("manual", "created by hand".into(), CLIENT),
-        secret("sibling", secret_description("maps-2", "r1", "a1"), CLIENT),
+        secret("sibling", secret_description("maps-2", "r1", "1"), CLIENT),
         secret(
             "colon",
-            format!("{}:x", secret_description(CRED, "r1", "a1")),
+            format!("{}:x", secret_description(CRED, "r1", "1")),
             CLIENT,
         ),
         secret("no-attempt", format!("rekeyd:{CRED}:r1."), CLIENT),
-        secret(
-            "other-1",
-            secret_description(CRED, "r1", "a1"),
-            OTHER_CLIENT,
-        ),
-        secret(
-            "other-2",
-            secret_description(CRED, "r1", "a2"),
-            OTHER_CLIENT,
-        ),
-        secret(
-            "other-3",
-            secret_description(CRED, "r2", "a3"),
-            OTHER_CLIENT,
-        ),
+        secret("other-1", secret_description(CRED, "r1", "1"), OTHER_CLIENT),
+        secret("other-2", secret_description(CRED, "r1", "2"), OTHER_CLIENT),
+        secret("other-3", secret_description(CRED, "r2", "3"), OTHER_CLIENT),
         secret("other-legacy", format!("rekeyd:{CRED}:r1"), OTHER_CLIENT),
         secret("other-hand", "created by hand".into(), OTHER_CLIENT),
         secret(WRONG_BOOT_ID, "created by hand".into(), OTHER_CLIENT),
@@ -565,7 +556,6 @@ struct Sim {
     durable: CredentialRecord,
     proc: Option<Proc>,
     rids: u32,
-    attempts: u32,
     /// Values a verify login succeeded with: first and last time.
     verified: BTreeMap<String, (SystemTime, SystemTime)>,
     /// Every value that was ever the durable current secret, numbered in
@@ -608,7 +598,6 @@ impl Sim {
             durable,
             proc: None,
             rids: 0,
-            attempts: 0,
             verified: BTreeMap::new(),
             generation: BTreeMap::from([(BOOT_VALUE.to_string(), 0)]),
             deleted: Vec::new(),
@@ -673,11 +662,6 @@ impl Sim {
         format!("r{}", self.rids)
     }
 
-    fn fresh_attempt(&mut self) -> String {
-        self.attempts += 1;
-        format!("a{}", self.attempts)
-    }
-
     fn context(&self) -> Context<'static> {
         Context {
             now: self.now,
@@ -709,13 +693,10 @@ impl Sim {
                 let mem = self.durable.clone();
                 let event = if mem.is_unfinished() {
                     self.stats.begins_while_busy += 1;
-                    Event::Resume {
-                        attempt: self.fresh_attempt(),
-                    }
+                    Event::Resume
                 } else {
                     Event::Begin {
                         rid: self.fresh_rid(),
-                        attempt: self.fresh_attempt(),
                     }
                 };
                 self.run(mem, None, event);
@@ -724,8 +705,7 @@ impl Sim {
                 // The next run (schedule, restart) resumes from the store.
                 None => {
                     if !matches!(op, Op::Fail | Op::CrashBefore) {
-                        let attempt = self.fresh_attempt();
-                        self.run(self.durable.clone(), None, Event::Resume { attempt });
+                        self.run(self.durable.clone(), None, Event::Resume);
                     }
                 }
                 Some(p) => self.advance(p, op),
@@ -936,14 +916,13 @@ impl Sim {
                 }
                 self.bearer(bearer);
                 let listed = self.list(op == Op::Lag);
-                // Like the driver: tagged with `rid` for this credential but
-                // not with attempt `keep`, and (when the provider says) of
-                // our client.
+                // Like the driver: tagged for this credential with `rid`
+                // and an attempt earlier than `keep`, and (when the provider
+                // says) of our client.
                 let earlier: Vec<String> = listed
                     .iter()
                     .filter(|s| {
-                        tag_of(&s.description)
-                            .is_some_and(|t| t.rid == rid && t.attempt != Some(keep.as_str()))
+                        tag_of(&s.description).is_some_and(|t| machine::superseded(&t, rid, keep))
                             && s.client_id.as_deref().is_none_or(|c| c == CLIENT)
                     })
                     .map(|s| s.id.clone())
@@ -1247,7 +1226,8 @@ impl Sim {
                 format!("I1/I2: deleting {id}, which the store names: {}", show(d))
             });
         }
-        // S2: never the secret of the attempt the journal keeps.
+        // S2: never the secret of the attempt the journal keeps, nor of a
+        // later one (another actor's, made after ours).
         if let (Rotation::Creating { rid, attempt }, Some(description)) =
             (&d.rotation, self.provider.created.get(id))
         {
@@ -1257,6 +1237,14 @@ impl Sim {
             };
             self.expect(tag_of(description) != Some(kept), || {
                 format!("S2: deleting {id}, tagged with the attempt the store keeps")
+            });
+            let later = tag_of(description).is_some_and(|t| {
+                t.rid == rid
+                    && machine::attempt_number(t.attempt.unwrap_or_default())
+                        >= machine::attempt_number(attempt)
+            });
+            self.expect(!later, || {
+                format!("S2: deleting {id}, tagged with an attempt not earlier than the store's")
             });
         }
         // I1: a secret that was current goes only once its replacement
@@ -1347,10 +1335,15 @@ impl Sim {
                     attempt: a2,
                 },
             ) => {
-                // S2: the resumed intent is recorded again, with an attempt
-                // no secret carries yet.
+                // S2: the resumed intent is recorded again, with the next
+                // attempt number, one no secret carries yet.
                 self.expect(
-                    rid == r2 && attempt != a2 && same_current && same_last && same_lists,
+                    rid == r2
+                        && attempt != a2
+                        && machine::attempt_number(a2) == machine::attempt_number(attempt) + 1
+                        && same_current
+                        && same_last
+                        && same_lists,
                     || format!("S2: bad fresh attempt: {edge}"),
                 );
                 self.expect(!our_tags(rid, a2), || {
@@ -2078,14 +2071,11 @@ const TO_LICENCE: [Op; 9] = [Op::Begin, OK, OK, OK, OK, OK, OK, OK, OK];
 
 #[test]
 fn crash_after_create_before_persist_leaves_an_orphan_that_a_fresh_attempt_deletes() {
-    // Begin; persist creating(r1.a1); create performed, then kill -9.
+    // Begin; persist creating(r1.1); create performed, then kill -9.
     let mut sim = sim_with(Boot::Known, 30, &[Op::Begin, OK, Op::CrashAfter]);
     assert_eq!(phase(&sim), "creating");
     assert!(sim.proc.is_none());
-    assert_eq!(
-        description(&sim, "s1"),
-        secret_description(CRED, "r1", "a1")
-    );
+    assert_eq!(description(&sim, "s1"), secret_description(CRED, "r1", "1"));
 
     // A rotation request on restart finishes the interrupted one (same rid):
     // S2, a fresh attempt is written before anything is deleted.
@@ -2094,7 +2084,7 @@ fn crash_after_create_before_persist_leaves_an_orphan_that_a_fresh_attempt_delet
         next(&sim),
         Some(Next::DeleteTagged {
             rid: "r1".into(),
-            keep: "a2".into()
+            keep: "2".into()
         })
     );
     assert!(
@@ -2103,7 +2093,7 @@ fn crash_after_create_before_persist_leaves_an_orphan_that_a_fresh_attempt_delet
             .is_some_and(|p| p.t.persist && !p.persisted)
     );
     sim.apply(OK);
-    assert!(matches!(&sim.durable.rotation, Rotation::Creating { attempt, .. } if attempt == "a2"));
+    assert!(matches!(&sim.durable.rotation, Rotation::Creating { attempt, .. } if attempt == "2"));
     assert!(sim.deleted.is_empty(), "nothing deleted before the write");
 
     sim.apply(OK);
@@ -2111,50 +2101,47 @@ fn crash_after_create_before_persist_leaves_an_orphan_that_a_fresh_attempt_delet
     assert_eq!(
         sim.deleted,
         ["s1"],
-        "and nothing else (other-1 carries r1.a1 too)"
+        "and nothing else (other-1 carries r1.1 too)"
     );
     assert_eq!(
         next(&sim),
         Some(Next::Create {
             rid: "r1".into(),
-            attempt: "a2".into()
+            attempt: "2".into()
         })
     );
     sim.stabilize(false);
     sim.check_final(true);
     assert_eq!(sim.durable.current.id.as_deref(), Some("s2"));
-    assert_eq!(
-        description(&sim, "s2"),
-        secret_description(CRED, "r1", "a2")
-    );
+    assert_eq!(description(&sim, "s2"), secret_description(CRED, "r1", "2"));
     assert_eq!(sim.stats.earlier_attempts_deleted, 1);
     assert_eq!(sim.stats.fresh_attempts, 1);
 }
 
 #[test]
 fn a_fresh_attempt_deletes_every_earlier_attempts_secret_and_never_the_one_it_keeps() {
-    // creating(r1.a1); the create's reply is lost: s1 is an orphan.
+    // creating(r1.1); the create's reply is lost: s1 is an orphan.
     let mut sim = sim_with(Boot::Known, 30, &[Op::Begin, OK, Op::Lost]);
     assert_eq!(phase(&sim), "creating");
-    // The next run writes attempt a2 first (S2).
+    // The next run writes attempt 2 first (S2).
     sim.apply(OK);
     sim.apply(OK);
-    assert!(matches!(&sim.durable.rotation, Rotation::Creating { attempt, .. } if attempt == "a2"));
+    assert!(matches!(&sim.durable.rotation, Rotation::Creating { attempt, .. } if attempt == "2"));
     assert_eq!(
         next(&sim),
         Some(Next::DeleteTagged {
             rid: "r1".into(),
-            keep: "a2".into()
+            keep: "2".into()
         })
     );
     // Secrets tagged for r1 by a rekeyd from before attempts existed, and
     // one tagged with the very attempt the journal now keeps (as if a
-    // create of a2 had reached the provider already).
+    // create of 2 had reached the provider already).
     let now = sim.now;
     let (legacy, _) = sim.provider.create(format!("rekeyd:{CRED}:r1"), 0, now);
     let (kept, _) = sim
         .provider
-        .create(secret_description(CRED, "r1", "a2"), 0, now);
+        .create(secret_description(CRED, "r1", "2"), 0, now);
     sim.apply(OK);
     assert_eq!(sim.deleted, ["s1", legacy.as_str()]);
     assert!(
@@ -2162,7 +2149,7 @@ fn a_fresh_attempt_deletes_every_earlier_attempts_secret_and_never_the_one_it_ke
         "S2: the kept attempt's secret stays"
     );
 
-    // The rotation goes on with a new secret of attempt a2; the other one
+    // The rotation goes on with a new secret of attempt 2; the other one
     // is not named by the journal and is swept, once old enough (S7).
     sim.stabilize(false);
     assert_eq!(sim.durable.current.id.as_deref(), Some("s4"));
@@ -2176,6 +2163,52 @@ fn a_fresh_attempt_deletes_every_earlier_attempts_secret_and_never_the_one_it_ke
     sim.check_final(true);
     assert!(sim.provider.get(&kept).is_none());
     assert_eq!(sim.stats.swept, 1);
+}
+
+/// Regression (S2): `DeleteTagged` deletes only attempts earlier than the
+/// one it keeps. A secret of a later attempt of the same rotation is
+/// another actor's, made after ours (its write won after our claim
+/// lapsed): never deleted, even when its number sorts before ours as text.
+#[test]
+fn delete_tagged_never_deletes_a_later_attempts_secret() {
+    // creating(r1.1); the create's reply is lost: s1 is an orphan.
+    let mut sim = sim_with(Boot::Known, 30, &[Op::Begin, OK, Op::Lost]);
+    sim.apply(OK);
+    sim.apply(OK);
+    assert_eq!(
+        next(&sim),
+        Some(Next::DeleteTagged {
+            rid: "r1".into(),
+            keep: "2".into()
+        })
+    );
+    // Secrets of later attempts of r1, as if other actors had moved the
+    // journal on and created them.
+    let now = sim.now;
+    let later: Vec<String> = ["3", "10"]
+        .into_iter()
+        .map(|a| {
+            let (id, _) = sim
+                .provider
+                .create(secret_description(CRED, "r1", a), 0, now);
+            id
+        })
+        .collect();
+    sim.apply(OK);
+    assert_eq!(sim.deleted, ["s1"], "only the earlier attempt's secret");
+    for id in &later {
+        assert!(
+            sim.provider.get(id).is_some(),
+            "S2: {id}, of a later attempt, deleted"
+        );
+    }
+    assert_eq!(sim.stats.earlier_attempts_deleted, 1);
+    // The rotation goes on; the later secrets are not named by the journal
+    // and only the S7 sweep, once they are old enough, retires them.
+    sim.stabilize(false);
+    assert!(later.iter().all(|id| !sim.deleted.contains(id)));
+    sim.rotate_later();
+    sim.check_final(true);
 }
 
 #[test]
@@ -2527,10 +2560,10 @@ fn a_promoted_secret_that_flaps_briefly_is_kept() {
 fn an_orphan_a_lagging_list_missed_is_swept_at_the_end_of_the_rotation() {
     let ops = [
         Op::Begin,
-        OK,       // persist creating(r1.a1)
+        OK,       // persist creating(r1.1)
         Op::Lost, // s1 created, reply lost
         OK,       // restart: Resume
-        OK,       // persist creating(r1.a2)
+        OK,       // persist creating(r1.2)
         Op::Lag,  // the list does not show s1 yet: nothing deleted
         OK,       // create s2
     ];
@@ -2909,10 +2942,7 @@ fn begin_on_a_journal_owing_its_listing_lists_first() {
         credential: CRED,
         client_id: CLIENT,
     };
-    let begin = Event::Begin {
-        rid: "r9".into(),
-        attempt: "a9".into(),
-    };
+    let begin = Event::Begin { rid: "r9".into() };
     let t = machine::step(&record, begin.clone(), &ctx).unwrap();
     assert_eq!(t.next, Next::List);
     assert!(!t.persist);
@@ -2928,7 +2958,7 @@ fn begin_on_a_journal_owing_its_listing_lists_first() {
         t.next,
         Next::Create {
             rid: "r9".into(),
-            attempt: "a9".into()
+            attempt: "1".into()
         }
     );
 }
@@ -3049,7 +3079,8 @@ fn retired(id: &str, state: u8, since: u64) -> RetiredSecret {
 /// A record in any phase, at a time around `t0()`; idle ones may have
 /// secrets to retire (mid-rotation journals never do), in any state. Any
 /// of them may owe a listing, and remember a full history of retired
-/// secrets.
+/// secrets. A creating one is at a numbered attempt, or at one written
+/// before attempts were numbered (counts as 0).
 fn any_record() -> impl Strategy<Value = CredentialRecord> {
     (
         0u8..4,
@@ -3058,13 +3089,14 @@ fn any_record() -> impl Strategy<Value = CredentialRecord> {
         prop::collection::vec((0u8..4, 0u64..400), 0..=3),
         any::<bool>(),
         prop::bool::weighted(0.25),
+        prop::sample::select(&["1", "7", "", "a1"][..]),
     )
         .prop_map(
-            |(phase, old_id_known, delete_after, retire, listing_owed, full_history)| {
+            |(phase, old_id_known, delete_after, retire, listing_owed, full_history, attempt)| {
                 let old = entry(old_id_known.then_some("old"), "old-value");
                 let new = entry(Some("new"), "new-value");
                 let rid = "r1".to_string();
-                let attempt = "a1".to_string();
+                let attempt = attempt.to_string();
                 let (current, rotation) = match phase {
                     0 => (old, Rotation::Idle),
                     1 => (old, Rotation::Creating { rid, attempt }),
@@ -3121,19 +3153,19 @@ fn listing(mask: u16, now: SystemTime) -> Vec<RemoteSecret> {
     let tag = |rid: &str, attempt: &str| secret_description(CRED, rid, attempt);
     [
         s("old", "by hand".into(), Some(CLIENT), Some(old)),
-        s("new", tag("r1", "a1"), Some(CLIENT), Some(old)),
+        s("new", tag("r1", "1"), Some(CLIENT), Some(old)),
         s("mine", "by hand".into(), Some(CLIENT), Some(old)),
         s("foreign", "by hand".into(), Some(OTHER_CLIENT), Some(old)),
-        s("orphan", tag("r8", "a2"), Some(CLIENT), Some(old)),
-        s("young", tag("r9", "a1"), Some(CLIENT), Some(young)),
+        s("orphan", tag("r8", "2"), Some(CLIENT), Some(old)),
+        s("young", tag("r9", "1"), Some(CLIENT), Some(young)),
         s(
             "other-cred",
-            secret_description("maps-2", "r8", "a2"),
+            secret_description("maps-2", "r8", "2"),
             Some(CLIENT),
             Some(old),
         ),
-        s("other-tag", tag("r8", "a2"), Some(OTHER_CLIENT), Some(old)),
-        s("no-client-tag", tag("r7", "a1"), None, None),
+        s("other-tag", tag("r8", "2"), Some(OTHER_CLIENT), Some(old)),
+        s("no-client-tag", tag("r7", "1"), None, None),
         s("no-client", "by hand".into(), None, None),
         s(
             "legacy",
@@ -3162,13 +3194,8 @@ fn deleted_ids(mask: u16) -> Vec<String> {
 fn any_event() -> impl Strategy<Value = (Event, u16)> {
     (0u8..11, any::<u16>()).prop_map(|(n, mask)| {
         let event = match n {
-            0 => Event::Begin {
-                rid: "r9".into(),
-                attempt: "a9".into(),
-            },
-            1 => Event::Resume {
-                attempt: "a9".into(),
-            },
+            0 => Event::Begin { rid: "r9".into() },
+            1 => Event::Resume,
             2 => Event::TaggedDeleted,
             3 => Event::Created {
                 id: "s9".into(),
@@ -3231,7 +3258,7 @@ proptest! {
         };
         let phase = record.rotation.phase();
         let applies = match &event {
-            Event::Begin { .. } | Event::Resume { .. } => true,
+            Event::Begin { .. } | Event::Resume => true,
             Event::TaggedDeleted | Event::Created { .. } => phase == "creating",
             Event::Verified | Event::VerifyRejected => phase == "created",
             Event::CurrentVerified | Event::CurrentRejected => phase == "promoted",
@@ -3274,9 +3301,8 @@ proptest! {
         };
         // Begin on unfinished work finishes that, like Resume.
         let as_resume = match &event {
-            Event::Begin { attempt, .. } if record.is_unfinished() => {
-                let resume = Event::Resume { attempt: attempt.clone() };
-                machine::step(&record, resume, &ctx).ok()
+            Event::Begin { .. } if record.is_unfinished() => {
+                machine::step(&record, Event::Resume, &ctx).ok()
             }
             _ => None,
         };
@@ -3341,11 +3367,24 @@ proptest! {
                 prop_assert!(t.persist, "S2: deletes before writing a fresh attempt");
                 prop_assert_eq!(rid, r);
                 prop_assert_eq!(keep, attempt);
-                prop_assert_eq!(keep, "a9");
+                // The attempt after the one the record was at.
+                let Rotation::Creating { attempt: was, .. } = &record.rotation else {
+                    prop_assert!(false, "S2: a fresh attempt outside creating");
+                    unreachable!()
+                };
+                let after = (machine::attempt_number(was) + 1).to_string();
+                prop_assert_eq!(keep, &after);
             }
             (Next::Create { rid, attempt }, Rotation::Creating { rid: r, attempt: a }) => {
                 prop_assert_eq!(rid, r);
                 prop_assert_eq!(attempt, a);
+                // A rotation begins at attempt 1; after the earlier attempts'
+                // secrets are gone, the attempt the record keeps.
+                match &record.rotation {
+                    Rotation::Idle => prop_assert_eq!(attempt, "1"),
+                    Rotation::Creating { attempt: was, .. } => prop_assert_eq!(attempt, was),
+                    other => prop_assert!(false, "creates in phase {}", other.phase()),
+                }
             }
             (Next::Verify, Rotation::Created { .. }) => {}
             (Next::WaitUntil(at), Rotation::Promoted { delete_after, .. }) => {
