@@ -3,10 +3,14 @@
 //! - **drivers** (replicas): each its own [`Rotator`] over the shared
 //!   models, with its own wall-clock offset, calling the real
 //!   [`Rotator::rotate`] in a loop (sometimes beginning a rotation);
-//! - **engines**: the token engine's login with fallback, modelled after
-//!   `Engine::attempt` over the real [`StoreSecrets`] (that method is
-//!   private); a driver's promotion wakes its replica's engine through
-//!   `Rotator.refresh_now`, as in the daemon;
+//! - **engines**: each replica's real [`Engine`] (over the provider model
+//!   and the real [`StoreSecrets`] over the store model), whose
+//!   [`Engine::attempt`] (login with fallback) runs in a loop; a driver's
+//!   promotion wakes its replica's engine through `Rotator.refresh_now`,
+//!   which is the engine's `promoted` channel, as in the daemon. Which
+//!   secret a login used ([`Used`]) is worked out from the secret the
+//!   provider model minted the token with and the journals the attempt
+//!   loaded from the store model;
 //! - the **operator**: `rekeyd set-secret` through the real
 //!   [`operator::set_secret`] (the current secret, an old one a rotation is
 //!   about to delete, the pending one, or a fresh one made in the portal,
@@ -26,15 +30,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rekeyd::provider::{ErrorKind, ProviderError, TokenProvider};
+use rekeyd::credential;
+use rekeyd::provider::ProviderError;
 use rekeyd::rotation::driver::{Outcome, RotationError, Rotator, WallClock};
 use rekeyd::rotation::machine::SWEEP_MIN_AGE;
 use rekeyd::rotation::operator::{self, Installed, SetSecret, SetSecretError};
 use rekeyd::store::{CredentialRecord, Rotation, SecretEntry};
 use rekeyd::token::Token;
-use rekeyd::token::engine::{SecretSource, StoreSecrets};
+use rekeyd::token::engine::{Engine, StoreSecrets};
+use rekeyd::token::policy::RefreshPolicy;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -125,6 +131,8 @@ pub struct Fixture {
     pub rotators: Vec<Arc<Rotator>>,
     /// Each replica's `refresh_now`, shared by its driver and its engine.
     pub refresh: Vec<Arc<Notify>>,
+    /// Each replica's token engine.
+    pub token_engines: Vec<Engine>,
 }
 
 /// A wall clock `offset_ms` off the provider's.
@@ -196,6 +204,7 @@ impl Fixture {
             rotate_cmd,
             rotators: Vec::new(),
             refresh,
+            token_engines: Vec::new(),
         };
         fixture.rotators = (0..fixture.params.replicas)
             .map(|i| {
@@ -203,7 +212,29 @@ impl Fixture {
                 Arc::new(fixture.rotator(offset, Some(fixture.refresh[i].clone()), start))
             })
             .collect();
+        fixture.token_engines = (0..fixture.params.replicas)
+            .map(|i| fixture.engine(fixture.refresh[i].clone()))
+            .collect();
         fixture
+    }
+
+    /// A token engine over the models, as the daemon builds it: its
+    /// `promoted` channel is the replica rotator's `refresh_now`.
+    fn engine(&self, promoted: Arc<Notify>) -> Engine {
+        let (mut channels, _) = credential::channels(CRED, "simulated");
+        channels.promoted = promoted;
+        Engine {
+            name: CRED.into(),
+            provider: Arc::new(self.provider.clone()),
+            secrets: Arc::new(StoreSecrets {
+                store: Arc::new(self.store.clone()),
+                name: CRED.into(),
+            }),
+            policy: RefreshPolicy::default(),
+            channels,
+            rotate_on_login: false,
+            login_slots: Arc::new(Semaphore::new(1)),
+        }
     }
 
     /// A rotator over the models, as the daemon (with `refresh_now`) or
@@ -269,17 +300,39 @@ impl Fixture {
 
     /// Engine `i` refreshes once, as that actor.
     pub async fn refresh_token(&self, i: usize) -> Result<(Token, Used), ProviderError> {
-        let source = StoreSecrets {
-            store: Arc::new(self.store.clone()),
-            name: CRED.into(),
+        ACTOR.scope(self.engines[i], self.engine_attempt(i)).await
+    }
+
+    /// One [`Engine::attempt`] of engine `i` (run as that actor), with the
+    /// secret its login used.
+    async fn engine_attempt(&self, i: usize) -> Result<(Token, Used), ProviderError> {
+        let actor = self.engines[i];
+        self.sim.lock().store.reads.insert(actor, Vec::new());
+        let result = self.token_engines[i].attempt().await;
+        let result = {
+            let mut w = self.sim.lock();
+            let reads = w.store.reads.remove(&actor).unwrap_or_default();
+            result.map(|token| {
+                let minted = w
+                    .provider
+                    .minted_by
+                    .remove(token.access_token.expose_secret());
+                let used = minted.as_deref().and_then(|m| classify(m, &reads));
+                let used = used.unwrap_or_else(|| {
+                    let who = w.actor_name(Some(actor)).to_string();
+                    w.violation(format!(
+                        "{who} got a token minted with a secret its attempt never read"
+                    ));
+                    // Already reported; any value will do.
+                    Used::Newer
+                });
+                if used == Used::Old {
+                    w.cover(cover::ENGINE_USED_OLD);
+                }
+                (token, used)
+            })
         };
-        let result = ACTOR
-            .scope(self.engines[i], engine_attempt(&source, &self.provider))
-            .await;
-        self.note_result(self.engines[i], "refresh", &result.as_ref().map(|(_, u)| u));
-        if matches!(result, Ok((_, Used::Old))) {
-            self.sim.lock().cover(cover::ENGINE_USED_OLD);
-        }
+        self.note_result(actor, "refresh", &result.as_ref().map(|(_, u)| u));
         result
     }
 
@@ -406,15 +459,7 @@ impl Fixture {
         let fx = self.clone();
         self.spawn(self.engines[i], move |stop| async move {
             loop {
-                let source = StoreSecrets {
-                    store: Arc::new(fx.store.clone()),
-                    name: CRED.into(),
-                };
-                let result = engine_attempt(&source, &fx.provider).await;
-                fx.note_result(fx.engines[i], "refresh", &result.as_ref().map(|(_, u)| u));
-                if matches!(result, Ok((_, Used::Old))) {
-                    fx.sim.lock().cover(cover::ENGINE_USED_OLD);
-                }
+                let result = fx.engine_attempt(i).await;
                 let wait = {
                     let mut w = fx.sim.lock();
                     if result.is_ok() {
@@ -673,52 +718,26 @@ pub enum Used {
     Old,
 }
 
-/// The token engine's login with fallback, step for step as
-/// `rekeyd::token::engine::Engine::attempt` does it (which is private):
-/// read the secrets through [`StoreSecrets`], log in with the current one;
-/// when that is rejected, read again and try the new current, the pending
-/// and the old secret, skipping values already tried.
-pub async fn engine_attempt(
-    source: &StoreSecrets,
-    provider: &dyn TokenProvider,
-) -> Result<(Token, Used), ProviderError> {
-    let read = || async {
-        source.secrets().await.map_err(|reason| ProviderError {
-            kind: ErrorKind::Transient,
-            operation: "read secret",
-            status: None,
-            code: None,
-            detail: reason,
-            retry_after: None,
-        })
-    };
-    let secrets = read().await?;
-    let rejected = match provider.login(&secrets.current).await {
-        Ok(token) => return Ok((token, Used::Current)),
-        Err(e) if e.kind == ErrorKind::Rejected => e,
-        Err(e) => return Err(e),
-    };
-    let fresh = read().await?;
-    let mut tried = vec![secrets.current];
-    let candidates = [
-        Some((fresh.current, Used::Newer)),
-        fresh.pending.map(|p| (p, Used::Newer)),
-        fresh.old.map(|o| (o, Used::Old)),
-    ];
-    for (candidate, used) in candidates.into_iter().flatten() {
-        if tried
-            .iter()
-            .any(|t| t.expose_secret() == candidate.expose_secret())
-        {
-            continue;
-        }
-        match provider.login(&candidate).await {
-            Ok(token) => return Ok((token, used)),
-            Err(e) if e.kind == ErrorKind::Rejected => tried.push(candidate),
-            Err(e) => return Err(e),
-        }
+/// Classifies the login of an [`Engine::attempt`] that got a token minted
+/// with secret `minted`, given the records the attempt loaded, in order
+/// (`None`: not a secret the attempt could have used). The attempt logs in
+/// with the first record's current secret; only if that is rejected does it
+/// load again and try that record's current, pending and old secrets, in
+/// that order, skipping the one already tried. So the classification is
+/// exact.
+fn classify(minted: &str, reads: &[CredentialRecord]) -> Option<Used> {
+    let is = |s: &SecretString| s.expose_secret() == minted;
+    if is(&reads.first()?.current.value) {
+        return Some(Used::Current);
     }
-    Err(rejected)
+    let fresh = reads.get(1)?;
+    if is(&fresh.current.value) || fresh.pending().is_some_and(|p| is(&p.value)) {
+        Some(Used::Newer)
+    } else if fresh.rotation.old().is_some_and(|o| is(&o.value)) {
+        Some(Used::Old)
+    } else {
+        None
+    }
 }
 
 /// What one seed did.

@@ -10,7 +10,7 @@
 //! while (lag), a deleted secret still logs in on a lagging node for a
 //! short while (ghost), or a promoted secret is revoked.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -55,6 +55,10 @@ pub struct ProviderState {
     /// Ids the operator gave rekeyd (bootstrap id, `set-secret --id`): the
     /// only untagged ones it may delete (I4).
     pub operator_ids: BTreeSet<String>,
+    /// The secret value each token was minted with, until the engine that
+    /// received the token classifies its login (see `actors::Used`); the
+    /// tokens of verification logins stay (a run mints a few hundred).
+    pub minted_by: BTreeMap<String, String>,
 }
 
 impl ProviderState {
@@ -129,10 +133,13 @@ impl ProviderState {
         self.get(id).map(|s| s.value.clone())
     }
 
-    fn mint(&mut self) -> Token {
+    fn mint(&mut self, value: &str) -> Token {
         self.tokens += 1;
+        let access_token = format!("token-{}", self.tokens);
+        self.minted_by
+            .insert(access_token.clone(), value.to_string());
         Token::new(
-            SecretString::from(format!("token-{}", self.tokens)),
+            SecretString::from(access_token),
             "Bearer".into(),
             None,
             TOKEN_LIFETIME,
@@ -234,7 +241,7 @@ impl World {
         let shown = self.provider.describe_value(value);
         self.note(Call::Login, |_| format!("{shown} -> {reply:?}"));
         match reply {
-            LoginReply::Ok => Ok(self.provider.mint()),
+            LoginReply::Ok => Ok(self.provider.mint(value)),
             LoginReply::Rejected => Err(invalid_client()),
             LoginReply::ServerError => Err(server_error("login")),
         }

@@ -19,7 +19,7 @@
 //! Store faults: a call fails with no effect; a compare-and-swap lands and
 //! its reply is lost; a call stalls past the TTL.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -51,6 +51,10 @@ pub struct StoreState {
     next_claim: u64,
     /// Every id that a written record ever put in its retire list.
     pub ever_retired: BTreeSet<String>,
+    /// The records loaded by each actor listed here, in order: an engine's
+    /// attempt is bracketed by an entry, so its login can be classified
+    /// against exactly the journals it read.
+    pub reads: BTreeMap<usize, Vec<CredentialRecord>>,
 }
 
 impl StoreState {
@@ -226,6 +230,11 @@ impl World {
             Some((v, r)) => format!("-> v{v} {}", show_record(r, &w.provider)),
             None => "-> none".into(),
         });
+        if let Some(reads) = current_actor().and_then(|a| self.store.reads.get_mut(&a))
+            && let Some((_, record)) = &self.store.record
+        {
+            reads.push(record.clone());
+        }
         Ok(self
             .store
             .record
