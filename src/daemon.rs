@@ -313,7 +313,7 @@ async fn launch(
     };
     handle.rotates = cred.rotation.is_some();
     let mut unfinished = false;
-    if let Some(record) = store.load(&cred.name).await? {
+    if let Some(record) = store.load_settled(&cred.name).await? {
         unfinished = record.value.is_unfinished();
         channels.status.send_modify(|s| {
             s.rotation_phase = record.value.phase().to_string();

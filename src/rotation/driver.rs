@@ -153,7 +153,7 @@ impl Rotator {
         // Read after claiming: the previous holder may have moved on.
         let record = self
             .store
-            .load(&self.name)
+            .load_settled(&self.name)
             .await?
             .ok_or(RotationError::NoRecord)?;
         let idle = !record.value.is_unfinished();
@@ -242,7 +242,7 @@ impl Run<'_> {
                         );
                         self.record = r
                             .store
-                            .load(&r.name)
+                            .load_settled(&r.name)
                             .await?
                             .ok_or(RotationError::NoRecord)?;
                         r.publish(&self.record.value);
@@ -527,7 +527,7 @@ pub async fn run_schedule(
             // Re-read every time: `rekeyd rotate` or `set-secret` may have
             // changed the record while we slept.
             let mut finished = false;
-            let plan = match rotator.store.load(&rotator.name).await {
+            let plan = match rotator.store.load_settled(&rotator.name).await {
                 Ok(Some(record)) => {
                     rotator.publish(&record.value);
                     finished = config.is_none() && !record.value.is_unfinished();

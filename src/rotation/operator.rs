@@ -84,7 +84,10 @@ pub async fn set_secret(
         c = store.claim(req.name, true) => c.map_err(SetSecretError::Store)?,
         _ = stop.cancelled() => return Err(SetSecretError::Stopped),
     };
-    let existing = store.load(req.name).await.map_err(SetSecretError::Store)?;
+    let existing = store
+        .load_settled(req.name)
+        .await
+        .map_err(SetSecretError::Store)?;
     if let Some(r) = &existing {
         if r.value.knows_retired(&req.value, req.id.as_deref()) {
             return Err(SetSecretError::Retired);

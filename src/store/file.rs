@@ -262,12 +262,19 @@ impl Store for FileStore {
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Versioned<CredentialRecord>>, StoreError>> {
+        // Small local files: a blocking read is cheaper than a thread hop.
+        Box::pin(async move { self.read(name) })
+    }
+
+    fn load_settled<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<CredentialRecord>>, StoreError>> {
         Box::pin(async move {
             // S4: a write in flight (another process's, or one whose task
             // was cut short by a reload) holds the credential's lock until
-            // it lands; wait for it, so nobody resumes from the record it
-            // is replacing. Without a writer, a blocking read of a small
-            // local file is cheaper than a thread hop.
+            // it lands; wait for it. Without a writer, a blocking read of a
+            // small local file is cheaper than a thread hop.
             let Some(lock) = self.existing_lock(name)? else {
                 return self.read(name);
             };

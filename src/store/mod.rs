@@ -84,11 +84,25 @@ pub trait Store: Send + Sync {
     /// so a rotation stops before the provider creates anything (I2).
     fn check_writable<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Reads the record of credential `name`, if there is one.
+    /// Reads the record of credential `name`, if there is one. May return
+    /// the record a write still in flight is replacing: fine for logins,
+    /// which re-read when a secret is refused.
     fn load<'a>(
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Versioned<CredentialRecord>>, StoreError>>;
+
+    /// Like [`Store::load`], but first waits for a write of `name` still in
+    /// flight to land (S4): for whoever decides what the journal needs next
+    /// (a rotation run, a restarted credential, an operator command), so
+    /// nobody resumes from the record a write is replacing. Shared stores
+    /// serve every read after the writes it answered: `load` already is.
+    fn load_settled<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<CredentialRecord>>, StoreError>> {
+        self.load(name)
+    }
 
     /// Writes `record` if the stored version is still `expected` (`None`:
     /// only if no record exists) and returns the new version.
