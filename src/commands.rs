@@ -130,13 +130,16 @@ async fn rotate(config: &Config, name: &str) -> u8 {
         eprintln!("rekeyd: no credential named {name:?} in the configuration");
         return EXIT_CONFIG;
     };
-    let (provider, secret_api) = match (provider::build(cred), provider::build_secret_api(cred)) {
-        (Ok(p), Ok(Some(api))) => (p, api),
-        (Err(e), _) | (_, Err(e)) => {
+    let (provider, secret_api) = match provider::build_all(cred, &Default::default()) {
+        Ok(provider::Built {
+            token,
+            secrets: Some(api),
+        }) => (token, api),
+        Err(e) => {
             eprintln!("rekeyd: {e}");
             return EXIT_FAILURE;
         }
-        (_, Ok(None)) => {
+        Ok(provider::Built { secrets: None, .. }) => {
             eprintln!("rekeyd: credential {name:?} has no secret API configured");
             return EXIT_CONFIG;
         }
@@ -470,6 +473,7 @@ fn credential_json(c: &CredentialConfig, dur: &dyn Fn(Duration) -> String) -> Va
         },
         "refresh": {
             "before_expiry": c.refresh.before_expiry.map(dur).unwrap_or_else(|| "70-80% of lifetime".into()),
+            "default_lifetime": dur(c.refresh.default_lifetime),
         },
         "rotation": c.rotation.as_ref().map(|r| json!({
             "every": match &r.trigger { RotationTrigger::Every(d) => Some(dur(*d)), _ => None },

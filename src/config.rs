@@ -22,6 +22,13 @@ pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(30);
 pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 86400);
 /// Default mode of token files: readable by the owner only (I7).
 pub const DEFAULT_SINK_MODE: u32 = 0o600;
+/// Lifetime of a token whose reply has neither `expires_in` (RFC 6749 §5.1
+/// only recommends it) nor a JWT `exp`: `refresh.default_lifetime`.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Shortest token lifetime rekeyd accepts, from a reply or as the default:
+/// a token that lives less than a second is expired by the time sinks and
+/// hooks have it, and refreshing it would spin.
+pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -154,6 +161,7 @@ struct RawEndpoints {
 #[serde(deny_unknown_fields)]
 struct RawRefresh {
     before_expiry: Option<String>,
+    default_lifetime: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,10 +323,22 @@ pub struct EndpointsConfig {
     pub request_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RefreshConfig {
     /// Refresh this long before expiry (jittered); `None` means 70-80% of the lifetime.
     pub before_expiry: Option<Duration>,
+    /// Lifetime of a token whose reply gives neither `expires_in` nor a JWT
+    /// `exp` (see [`crate::token::lifetime`]); at least one second.
+    pub default_lifetime: Duration,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        RefreshConfig {
+            before_expiry: None,
+            default_lifetime: DEFAULT_TOKEN_LIFETIME,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -448,7 +468,7 @@ impl Config {
             )
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| load_err(e.to_string()))?;
+            .map_err(|e| load_err(describe_load_error(&e, &text)))?;
         validate(raw)
     }
 
@@ -460,7 +480,7 @@ impl Config {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Load {
                 path: PathBuf::from("<inline>"),
-                message: e.to_string(),
+                message: describe_load_error(&e, text),
             })?;
         validate(raw)
     }
@@ -475,6 +495,98 @@ impl Config {
     pub fn warnings(&self) -> Vec<ConfigWarning> {
         shared_client_warnings(&self.credentials)
     }
+}
+
+/// Describes a configuration that cannot be read, by key and position only.
+/// The `config` and `toml` crates quote the offending line or value in their
+/// messages, and that line may hold (or sit next to) an assertion in
+/// `extra_params`: their text reaches neither stderr, nor
+/// `/dev/termination-log`, nor the daemon log on SIGHUP.
+fn describe_load_error(e: &config::ConfigError, text: &str) -> String {
+    use config::ConfigError as E;
+    match e {
+        E::FileParse { cause, .. } => match cause.downcast_ref::<toml::de::Error>() {
+            Some(syntax) => {
+                let mut out = String::from("TOML syntax error");
+                if let Some(span) = syntax.span() {
+                    let (line, column) = line_and_column(text, span.start);
+                    out.push_str(&format!(" at line {line}, column {column}"));
+                    if let Some(table) = table_at(text, line) {
+                        out.push_str(&format!(" (in {table})"));
+                    }
+                }
+                // The parser's own words ("invalid string, expected `\"`"),
+                // without its rendering of the line.
+                out.push_str(&format!(": {}", syntax.message()));
+                out
+            }
+            None => "the file is not valid TOML".to_string(),
+        },
+        E::Type {
+            key,
+            unexpected,
+            expected,
+            ..
+        } => {
+            // "string \"...\"", "64-bit integer `5`": the kind, not the value.
+            let found = unexpected.to_string();
+            let kind = found.split(['"', '`']).next().unwrap_or_default().trim();
+            match key {
+                Some(key) => format!("key `{key}`: expected {expected}, found a {kind}"),
+                None => format!("expected {expected}, found a {kind}"),
+            }
+        }
+        E::At {
+            error,
+            key: Some(key),
+            ..
+        } => format!("key `{key}`: {}", describe_load_error(error, text)),
+        E::At { error, .. } => describe_load_error(error, text),
+        E::NotFound(key) => format!("key `{key}` not found"),
+        // serde's words: key names in backticks stay, quoted values go.
+        E::Message(message) => without_quoted_values(message),
+        _ => "the configuration cannot be read".to_string(),
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
+    (line, column)
+}
+
+/// The table header (`[credentials.endpoints]`, `[[credentials]]`) that
+/// line `line` (1-based) belongs to, if the nearest header above it is one:
+/// headers are key names only, never values.
+fn table_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().take(line.saturating_sub(1)).collect();
+    let header = lines
+        .iter()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .rfind(|l| l.starts_with('['))?;
+    let (open, close) = if header.starts_with("[[") {
+        ("[[", "]]")
+    } else {
+        ("[", "]")
+    };
+    let name = header.strip_prefix(open)?.strip_suffix(close)?.trim();
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
+    (!name.is_empty() && name.chars().all(is_key_char)).then(|| format!("{open}{name}{close}"))
+}
+
+/// `message` with every double-quoted part replaced by `"..."`.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in message.split('"').enumerate() {
+        if i % 2 == 0 {
+            out.push_str(part);
+        } else {
+            out.push_str("\"...\"");
+        }
+    }
+    out
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -983,10 +1095,25 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
 
     let endpoints = validate_endpoints(i, provider, rc.endpoints)?;
 
+    let (before_expiry, default_lifetime) = rc
+        .refresh
+        .map_or((None, None), |r| (r.before_expiry, r.default_lifetime));
+    let default_lifetime = match default_lifetime {
+        None => DEFAULT_TOKEN_LIFETIME,
+        Some(text) => {
+            let d = parse_duration(&key("refresh.default_lifetime"), &text)?;
+            if d < MIN_TOKEN_LIFETIME {
+                return Err(ConfigError::invalid(
+                    key("refresh.default_lifetime"),
+                    "must be at least 1s (a shorter token is already expired when it is served)",
+                ));
+            }
+            d
+        }
+    };
     let refresh = RefreshConfig {
-        before_expiry: rc
-            .refresh
-            .and_then(|r| r.before_expiry)
+        default_lifetime,
+        before_expiry: before_expiry
             .map(|text| parse_duration(&key("refresh.before_expiry"), &text))
             .transpose()?
             .map(|d| {
