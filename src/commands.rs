@@ -354,6 +354,12 @@ async fn status(config: &Config, as_json: bool) -> u8 {
         }
         // An unfinished journal: what it waits for and the way out.
         for row in &rows {
+            if let Some(reason) = row["rotation_needs_operator"].as_str() {
+                println!(
+                    "{name}: rotation needs operator: {reason} (fix it at the provider, then `rekeyd rotate {name}`)",
+                    name = s_of(row, "name")
+                );
+            }
             if let Some(waiting) = row["rotation_waiting_for"].as_str() {
                 println!("{}: rotation waiting for {waiting}", s_of(row, "name"));
                 if let Some(e) = row["last_rotation_error"].as_str() {

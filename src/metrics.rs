@@ -31,7 +31,8 @@ pub struct RefreshLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RotationLabels {
     pub credential: String,
-    /// success | aborted | error
+    /// success | aborted | error | refused (a permanent refusal: needs an
+    /// operator)
     pub result: &'static str,
     /// The journal phase the attempt ended in.
     pub phase: &'static str,
@@ -55,6 +56,7 @@ pub struct Metrics {
     pub last_rotation: Family<CredentialLabel, FloatGauge>,
     pub rotation_next_due: Family<CredentialLabel, FloatGauge>,
     pub locked_out: Family<CredentialLabel, Gauge>,
+    pub rotation_needs_operator: Family<CredentialLabel, Gauge>,
     pub request_duration: Family<RequestLabels, Histogram>,
 }
 
@@ -74,6 +76,7 @@ impl Metrics {
             last_rotation: Family::default(),
             rotation_next_due: Family::default(),
             locked_out: Family::default(),
+            rotation_needs_operator: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
         };
         let r = &mut m.registry;
@@ -113,6 +116,11 @@ impl Metrics {
             m.locked_out.clone(),
         );
         r.register(
+            "rotation_needs_operator",
+            "1 while the provider refuses the credential's rotation in a way only an operator can fix (its last attempt ended so)",
+            m.rotation_needs_operator.clone(),
+        );
+        r.register(
             "provider_request_duration_seconds",
             "Provider request latency by operation and HTTP status",
             m.request_duration.clone(),
@@ -143,13 +151,14 @@ impl Metrics {
         }
         self.token_valid.remove(&label);
         self.locked_out.remove(&label);
+        self.rotation_needs_operator.remove(&label);
         for result in ["success", "transient", "quota", "rejected", "refused"] {
             self.refresh_attempts.remove(&RefreshLabels {
                 credential: name.to_string(),
                 result,
             });
         }
-        for result in ["success", "aborted", "error"] {
+        for result in ["success", "aborted", "error", "refused"] {
             // The journal phases, and what the driver reports when it
             // cannot read the journal.
             for phase in [
@@ -227,6 +236,7 @@ mod tests {
             m.token_expiry.get_or_create(&label).set(1.0);
             m.token_valid.get_or_create(&label).set(1);
             m.locked_out.get_or_create(&label).set(0);
+            m.rotation_needs_operator.get_or_create(&label).set(1);
             m.last_rotation.get_or_create(&label).set(1.0);
             m.rotation_next_due.get_or_create(&label).set(2.0);
             m.refresh_attempts
@@ -242,10 +252,17 @@ mod tests {
                     phase: "created",
                 })
                 .inc();
+            m.rotation_attempts
+                .get_or_create(&RotationLabels {
+                    credential: name.into(),
+                    result: "refused",
+                    phase: "creating",
+                })
+                .inc();
         }
         m.forget_credential("gone");
         let text = m.encode();
         assert!(!text.contains("\"gone\""), "{text}");
-        assert_eq!(text.matches("credential=\"kept\"").count(), 7, "{text}");
+        assert_eq!(text.matches("credential=\"kept\"").count(), 9, "{text}");
     }
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Token;
+use super::lifetime;
 use super::policy::{self, RefreshPolicy};
 use crate::credential::CredentialChannels;
 use crate::metrics::{self, RefreshLabels};
@@ -154,19 +155,41 @@ impl Engine {
         debug!(step = "shutdown", "token engine stopped");
     }
 
+    /// One refresh attempt, without publishing: what the engine's loop does
+    /// each time (the simulation tests call it directly). A token that is
+    /// already expired when it arrives (a provider answering `expires_in:
+    /// 0`) is a failed attempt, never a token to publish.
+    pub async fn attempt(&self) -> Attempt {
+        let token = self.login().await?;
+        // The providers refuse such replies already (token::lifetime);
+        // this holds for every provider whatever it parsed.
+        if token.lifetime < lifetime::MIN_LIFETIME {
+            return Err(ProviderError::transient(
+                "login",
+                format!(
+                    "the provider gave a token that lives {:?}: it is already expired",
+                    token.lifetime
+                ),
+            ));
+        }
+        Ok(token)
+    }
+
     /// Logs in with the current secret; if the provider rejects it, re-reads
     /// the store (another process may have rotated it) and tries the pending
     /// secret of an unfinished rotation, then the old secret of a promoted
     /// one (S5: until it is deleted it still works), before giving up.
-    /// One refresh attempt, without publishing: what the engine's loop does
-    /// each time (the simulation tests call it directly).
-    pub async fn attempt(&self) -> Attempt {
+    async fn login(&self) -> Attempt {
         let _slot = self
             .login_slots
             .acquire()
             .await
             .expect("the login semaphore is never closed");
         let secrets = self.load_secrets().await?;
+        // A refusal may echo any of them, not only the one it was sent (I7).
+        for secret in [&secrets.pending, &secrets.old].into_iter().flatten() {
+            self.provider.remember(secret);
+        }
         let first = self.provider.login(&secrets.current).await;
         let rejected = match first {
             Err(e) if e.kind == ErrorKind::Rejected => e,
