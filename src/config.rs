@@ -532,7 +532,7 @@ fn describe_load_error(e: &config::ConfigError, text: &str) -> String {
             let found = unexpected.to_string();
             let kind = found.split(['"', '`']).next().unwrap_or_default().trim();
             match key {
-                Some(key) => format!("key `{key}`: expected {expected}, found a {kind}"),
+                Some(key) => format!("key `{}`: expected {expected}, found a {kind}", dotted(key)),
                 None => format!("expected {expected}, found a {kind}"),
             }
         }
@@ -540,7 +540,11 @@ fn describe_load_error(e: &config::ConfigError, text: &str) -> String {
             error,
             key: Some(key),
             ..
-        } => format!("key `{key}`: {}", describe_load_error(error, text)),
+        } => format!(
+            "key `{}`: {}",
+            dotted(key),
+            describe_load_error(error, text)
+        ),
         E::At { error, .. } => describe_load_error(error, text),
         E::NotFound(key) => format!("key `{key}` not found"),
         // serde's words: key names in backticks stay, quoted values go.
@@ -549,11 +553,32 @@ fn describe_load_error(e: &config::ConfigError, text: &str) -> String {
     }
 }
 
+/// A key path as this crate's own errors spell it: `config` writes
+/// `credentials[0]endpoints`, we write `credentials[0].endpoints`.
+fn dotted(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut after_index = false;
+    for c in key.chars() {
+        if after_index && (c.is_ascii_alphanumeric() || c == '_') {
+            out.push('.');
+        }
+        after_index = c == ']';
+        out.push(c);
+    }
+    out
+}
+
 /// 1-based line and column (in characters) of byte `offset` in `text`.
 fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
     let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .count()
+        + 1;
     (line, column)
 }
 
@@ -1511,6 +1536,52 @@ fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message of a configuration that cannot be read.
+    fn load_error(text: &str) -> String {
+        match Config::from_toml(text) {
+            Err(ConfigError::Load { message, .. }) => message,
+            other => panic!("expected a load error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_errors_give_key_and_position_never_the_text() {
+        const VALUE: &str = "eyJhbGciOi.assertion.value";
+        let credential = "[[credentials]]\nname = \"a\"\nprovider = \"oauth2\"\n";
+        for (text, expected) in [
+            (
+                format!("{credential}extra_params = {{ client_assertion = \"{VALUE}\" x }}\n"),
+                "TOML syntax error at line 4, column 66 (in [[credentials]]): missing comma between key-value pairs, expected `,`",
+            ),
+            (
+                format!(
+                    "{credential}[credentials.endpoints]  # note\ntoken_url = \"{VALUE}\nx = 1\n"
+                ),
+                "TOML syntax error at line 5, column 40 (in [credentials.endpoints]): invalid basic string, expected `\"`",
+            ),
+            (
+                format!("{credential}extra_params.a = \"{VALUE}\"\nextra_params.a = \"{VALUE}\"\n"),
+                "TOML syntax error at line 5, column 14 (in [[credentials]]): duplicate key",
+            ),
+            (
+                format!("{credential}[credentials.endpoints]\nallow_insecure_http = \"{VALUE}\"\n"),
+                "key `credentials[0].endpoints.allow_insecure_http`: expected a boolean, found a string",
+            ),
+            (
+                format!("{credential}client_id = [\"{VALUE}\"]\n"),
+                "key `credentials[0].client_id`: expected a string, found a sequence",
+            ),
+        ] {
+            let message = load_error(&text);
+            assert_eq!(message, expected, "{text}");
+            assert!(!message.contains("assertion"), "{message}");
+        }
+        assert_eq!(
+            without_quoted_values(r#"invalid value: string "x", expected `a`"#),
+            r#"invalid value: string "...", expected `a`"#
+        );
+    }
 
     #[test]
     fn lexical_normalization_drops_dots_and_resolves_parents() {

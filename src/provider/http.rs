@@ -152,10 +152,8 @@ impl HttpClient {
                         status: Some(status),
                         ..ProviderError::transient(
                             operation,
-                            scrub.text(&format!(
-                                "reading response: {}",
-                                describe_reqwest_error(&e)
-                            )),
+                            scrub
+                                .text(&format!("reading response: {}", describe_reqwest_error(&e))),
                         )
                     });
                 }
@@ -531,24 +529,52 @@ mod tests {
             "test failed: HTTP 400 error=[redacted]: bad secret [redacted] [redacted]"
         );
         let e = refused(400, "application/json", r#"{"error":"invalid_client"}"#);
-        assert_eq!((e.code.as_deref(), e.detail.as_str()), (Some("invalid_client"), ""));
+        assert_eq!(
+            (e.code.as_deref(), e.detail.as_str()),
+            (Some("invalid_client"), "")
+        );
     }
 
     #[test]
     fn refusals_read_the_common_error_shapes() {
-        let e = refused(409, "application/problem+json", r#"{"title":"Conflict","detail":"too many","status":409}"#);
+        let e = refused(
+            409,
+            "application/problem+json",
+            r#"{"title":"Conflict","detail":"too many","status":409}"#,
+        );
         assert_eq!((e.code, e.detail.as_str()), (None, "too many"));
-        let e = refused(400, "application/json", r#"{"error":{"code":"MaxSecrets","message":"limit 2"}}"#);
-        assert_eq!((e.code.as_deref(), e.detail.as_str()), (Some("MaxSecrets"), "limit 2"));
+        let e = refused(
+            400,
+            "application/json",
+            r#"{"error":{"code":"MaxSecrets","message":"limit 2"}}"#,
+        );
+        assert_eq!(
+            (e.code.as_deref(), e.detail.as_str()),
+            (Some("MaxSecrets"), "limit 2")
+        );
         let e = refused(400, "application/json", r#"{"code":42,"message":"no"}"#);
         assert_eq!((e.code.as_deref(), e.detail.as_str()), (Some("42"), "no"));
-        let e = refused(400, "application/json", r#"{"error":"customerId is required"}"#);
-        assert_eq!((e.code, e.detail.as_str()), (None, "customerId is required"));
-        let e = refused(403, "text/plain; charset=utf-8", "  Forbidden: s3cr3t-value\n");
+        let e = refused(
+            400,
+            "application/json",
+            r#"{"error":"customerId is required"}"#,
+        );
+        assert_eq!(
+            (e.code, e.detail.as_str()),
+            (None, "customerId is required")
+        );
+        let e = refused(
+            403,
+            "text/plain; charset=utf-8",
+            "  Forbidden: s3cr3t-value\n",
+        );
         assert_eq!((e.code, e.detail.as_str()), (None, "Forbidden: [redacted]"));
         // A page is described, never quoted.
         let e = refused(503, "text/html", "<html>s3cr3t-value</html>");
-        assert_eq!((e.code, e.detail.as_str()), (None, "content-type text/html"));
+        assert_eq!(
+            (e.code, e.detail.as_str()),
+            (None, "content-type text/html")
+        );
         // A header is provider text too.
         let e = refused(500, "s3cr3t-value", "");
         assert_eq!(e.detail, "content-type [redacted]");
@@ -556,16 +582,35 @@ mod tests {
 
     #[test]
     fn a_lifetime_that_is_already_over_is_an_error_naming_what_was_sent() {
-        let r = reply(200, "application/json", r#"{"access_token":"t","expires_in":0}"#, "x");
+        let r = reply(
+            200,
+            "application/json",
+            r#"{"access_token":"t","expires_in":0}"#,
+            "s3cr3t-value",
+        );
         let e = parse_token_reply("test", &r, Duration::from_secs(60)).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Transient);
         assert_eq!(e.status, Some(200));
-        assert!(e.detail.starts_with("token endpoint returned expires_in 0:"), "{e}");
+        assert!(
+            e.detail
+                .starts_with("token endpoint returned expires_in 0:"),
+            "{e}"
+        );
         // Echoed in expires_in itself: still scrubbed.
-        let r = reply(200, "application/json", r#"{"access_token":"t","expires_in":"s3cr3t-value"}"#, "s3cr3t-value");
+        let r = reply(
+            200,
+            "application/json",
+            r#"{"access_token":"t","expires_in":"s3cr3t-value"}"#,
+            "s3cr3t-value",
+        );
         let e = parse_token_reply("test", &r, Duration::from_secs(60)).unwrap_err();
         assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
-        let r = reply(200, "application/json", r#"{"access_token":"t"}"#, "x");
+        let r = reply(
+            200,
+            "application/json",
+            r#"{"access_token":"t"}"#,
+            "s3cr3t-value",
+        );
         let t = parse_token_reply("test", &r, Duration::from_secs(60)).unwrap();
         assert_eq!(t.lifetime, Duration::from_secs(60));
     }

@@ -73,7 +73,10 @@ mod tests {
     #[test]
     fn quota_is_403() {
         assert_eq!(classify(403, None, false), ErrorKind::Quota);
-        assert_eq!(classify(401, Some("invalid_client"), false), ErrorKind::Rejected);
+        assert_eq!(
+            classify(401, Some("invalid_client"), false),
+            ErrorKind::Rejected
+        );
         assert_eq!(classify(503, None, false), ErrorKind::Transient);
     }
 }

@@ -240,8 +240,14 @@ mod tests {
 
     #[test]
     fn bad_secret_is_400_invalid_client() {
-        assert_eq!(classify(400, Some("invalid_client"), false), ErrorKind::Rejected);
-        assert_eq!(classify(400, Some("invalid_scope"), false), ErrorKind::Refused);
+        assert_eq!(
+            classify(400, Some("invalid_client"), false),
+            ErrorKind::Rejected
+        );
+        assert_eq!(
+            classify(400, Some("invalid_scope"), false),
+            ErrorKind::Refused
+        );
         assert_eq!(classify(503, None, false), ErrorKind::Transient);
         assert_eq!(classify(429, None, false), ErrorKind::Quota);
     }
@@ -259,7 +265,10 @@ mod tests {
         assert_eq!(classify_secret_api(429, None, false), ErrorKind::Quota);
         assert_eq!(classify_secret_api(409, None, true), ErrorKind::Quota);
         for status in [408, 425, 500, 502, 503] {
-            assert_eq!(classify_secret_api(status, None, false), ErrorKind::Transient);
+            assert_eq!(
+                classify_secret_api(status, None, false),
+                ErrorKind::Transient
+            );
         }
     }
 }

@@ -109,9 +109,18 @@ mod tests {
 
     #[test]
     fn invalid_client_as_400_or_401() {
-        assert_eq!(classify(400, Some("invalid_client"), false), ErrorKind::Rejected);
-        assert_eq!(classify(401, Some("invalid_client"), false), ErrorKind::Rejected);
-        assert_eq!(classify(400, Some("invalid_scope"), false), ErrorKind::Refused);
+        assert_eq!(
+            classify(400, Some("invalid_client"), false),
+            ErrorKind::Rejected
+        );
+        assert_eq!(
+            classify(401, Some("invalid_client"), false),
+            ErrorKind::Rejected
+        );
+        assert_eq!(
+            classify(400, Some("invalid_scope"), false),
+            ErrorKind::Refused
+        );
         assert_eq!(classify(500, None, false), ErrorKind::Transient);
     }
 }

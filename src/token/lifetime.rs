@@ -194,7 +194,13 @@ mod tests {
             assert_eq!(l.duration, Duration::from_secs_f64(secs), "{value}");
             assert_eq!(l.source, LifetimeSource::ExpiresIn);
         }
-        for value in [json!("soon"), json!("NaN"), json!("inf"), json!(true), json!([1])] {
+        for value in [
+            json!("soon"),
+            json!("NaN"),
+            json!("inf"),
+            json!(true),
+            json!([1]),
+        ] {
             let e = err(Some(value.clone()), "opaque");
             assert!(e.contains("not a number of seconds"), "{value}: {e}");
         }
