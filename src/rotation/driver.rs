@@ -623,14 +623,14 @@ pub async fn run_schedule(
                 }
                 Err(e) if needs_operator => {
                     failures += 1;
+                    let reason = refusal.unwrap_or_default();
                     warn!(
                         step = "rotate",
                         error = %e,
-                        retry_in = %humantime::format_duration(NEEDS_OPERATOR_RETRY),
-                        "the provider refuses this rotation step and will until an operator acts; the current secret stays in use. Fix it at the provider, then `rekeyd rotate {}`",
+                        needs_operator = %reason,
+                        "rotation needs an operator: the provider refuses this step and will until someone acts; the current secret stays in use, retried every half hour. Fix it at the provider, then `rekeyd rotate {}`",
                         rotator.name
                     );
-                    let reason = refusal.unwrap_or_default();
                     set_rotation_error(&rotator, Some(format!("needs operator: {reason}: {e}")));
                 }
                 Err(e) => {
