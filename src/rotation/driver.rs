@@ -628,7 +628,7 @@ pub async fn run_schedule(
                         step = "rotate",
                         error = %e,
                         needs_operator = %reason,
-                        "rotation needs an operator: the provider refuses this step and will until someone acts; the current secret stays in use, retried every half hour. Fix it at the provider, then `rekeyd rotate {}`",
+                        "rotation needs an operator: the provider refuses this step and will until someone acts; the current secret stays in use, retried every 15 to 30 minutes. Fix it at the provider, then `rekeyd rotate {}`",
                         rotator.name
                     );
                     set_rotation_error(&rotator, Some(format!("needs operator: {reason}: {e}")));
