@@ -266,25 +266,34 @@ impl Scrub {
 impl Reply {
     /// Provider text (a header, a field) made safe to keep: see
     /// [`super::redact::scrub`].
-    pub fn scrub(&self, text: &str) -> String {
+    fn scrub(&self, text: &str) -> String {
         self.scrub.text(text)
     }
 
-    /// An error for a reply rekeyd cannot use: status and content type,
-    /// never the body itself (it might hold a token).
-    pub fn unexpected(&self, operation: &'static str, problem: &str) -> ProviderError {
+    /// A reply rekeyd cannot use, retried like any passing failure;
+    /// `detail` may quote the reply (it is scrubbed).
+    fn failure(&self, operation: &'static str, detail: &str) -> ProviderError {
         ProviderError {
             kind: ErrorKind::Transient,
             operation,
             status: Some(self.status),
             code: None,
-            detail: self.scrub(&format!(
+            detail: self.scrub(detail),
+            retry_after: self.retry_after,
+        }
+    }
+
+    /// An error for a reply rekeyd cannot use: status and content type,
+    /// never the body itself (it might hold a token).
+    pub fn unexpected(&self, operation: &'static str, problem: &str) -> ProviderError {
+        self.failure(
+            operation,
+            &format!(
                 "{problem} (content-type {}, {} bytes)",
                 self.content_type.as_deref().unwrap_or("none"),
                 self.body.len()
-            )),
-            retry_after: self.retry_after,
-        }
+            ),
+        )
     }
 
     /// The error for a refusal (a non-2xx reply): the provider's error code
@@ -411,17 +420,14 @@ pub fn parse_token_reply(
         reply.arrived,
         default_lifetime,
     )
-    .map_err(|e| ProviderError {
-        // Retried with backoff like any failed refresh: the next reply
-        // may be better, and the token being served stays (I8).
-        detail: reply.scrub(&e.to_string()),
-        ..reply.unexpected(operation, "")
-    })?;
+    // Retried with backoff like any failed refresh: the next reply may be
+    // better, and the token being served stays (I8).
+    .map_err(|e| reply.failure(operation, &e.to_string()))?;
     if lifetime.source != LifetimeSource::ExpiresIn {
         debug!(
             lifetime = %humantime::format_duration(Duration::from_secs(lifetime.duration.as_secs())),
-            source = lifetime.source.as_str(),
-            "token reply without a usable expires_in"
+            from = lifetime.source.as_str(),
+            "token lifetime not taken from expires_in"
         );
     }
     Ok(Token::new(
