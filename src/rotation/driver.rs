@@ -163,6 +163,7 @@ impl Rotator {
             .load_settled(&self.name)
             .await?
             .ok_or(RotationError::NoRecord)?;
+        self.remember_secrets(&record.value);
         let idle = !record.value.is_unfinished();
         let event = if begin && idle {
             // I2: a full or read-only disk stops us before the provider
@@ -191,6 +192,18 @@ impl Rotator {
             stop,
         };
         run.drive(event).await
+    }
+
+    /// I7: a refusal of the secret API may echo any secret of the journal,
+    /// not only one this process has sent or been given yet.
+    fn remember_secrets(&self, record: &CredentialRecord) {
+        let old = record.rotation.old();
+        for entry in [Some(&record.current), record.pending(), old]
+            .into_iter()
+            .flatten()
+        {
+            self.provider.remember(&entry.value);
+        }
     }
 
     fn context(&self) -> machine::Context<'_> {
@@ -252,6 +265,7 @@ impl Run<'_> {
                             .load_settled(&r.name)
                             .await?
                             .ok_or(RotationError::NoRecord)?;
+                        r.remember_secrets(&self.record.value);
                         r.publish(&self.record.value);
                         // The current secret may have changed.
                         self.bearer = None;

@@ -296,3 +296,61 @@ fn whole_seconds(d: Duration) -> Duration {
 fn whole_millis(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider whose tokens live `lifetime`, whatever it is.
+    struct Lives(Duration);
+
+    impl TokenProvider for Lives {
+        fn login<'a>(&'a self, _: &'a SecretString) -> BoxFuture<'a, Result<Token, ProviderError>> {
+            Box::pin(async move {
+                Ok(Token::new(
+                    SecretString::from("t"),
+                    "Bearer".into(),
+                    None,
+                    self.0,
+                ))
+            })
+        }
+    }
+
+    struct OneSecret;
+
+    impl SecretSource for OneSecret {
+        fn secrets(&self) -> BoxFuture<'_, Result<Secrets, String>> {
+            Box::pin(async {
+                Ok(Secrets {
+                    current: SecretString::from("s"),
+                    pending: None,
+                    old: None,
+                })
+            })
+        }
+    }
+
+    fn engine(lifetime: Duration) -> Engine {
+        Engine {
+            name: "c".into(),
+            provider: Arc::new(Lives(lifetime)),
+            secrets: Arc::new(OneSecret),
+            policy: RefreshPolicy::default(),
+            channels: crate::credential::channels("c", "test").0,
+            rotate_on_login: false,
+            login_slots: Arc::new(Semaphore::new(1)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_that_is_already_expired_is_a_failed_attempt() {
+        for lifetime in [Duration::ZERO, Duration::from_millis(999)] {
+            let e = engine(lifetime).attempt().await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Transient);
+            assert!(e.to_string().contains("already expired"), "{e}");
+        }
+        let token = engine(Duration::from_secs(1)).attempt().await.unwrap();
+        assert_eq!(token.lifetime, Duration::from_secs(1));
+    }
+}
