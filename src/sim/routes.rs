@@ -159,8 +159,8 @@ async fn echo_refusal(sh: &Shared, req: Request) -> Response {
             );
         }
     }
-    values.retain(|v| !v.is_empty());
-    values.dedup();
+    let mut seen = std::collections::HashSet::new();
+    values.retain(|v| !v.is_empty() && seen.insert(v.clone()));
     let first = values.first().cloned().unwrap_or_default();
     let all = values.join(" ");
     let mut response = json_response(
