@@ -995,7 +995,8 @@ async fn echoed_secrets_are_scrubbed(profile: Profile) {
     };
     let config = rekeyd::config::Config::from_toml(&text).unwrap();
     let provider = rekeyd::provider::build(&config.credentials[0]).unwrap();
-    // As the engine does with the journal's other secrets.
+    // As the engine and the rotation do with the journal's secrets.
+    provider.remember(&SecretString::from(secret.clone()));
     provider.remember(&SecretString::from(pending.clone()));
     for login_with in [secret.as_str(), WRONG_SECRET] {
         sim.set_faults(Faults {
@@ -1064,6 +1065,8 @@ async fn secret_api_refusals_report_code_message_and_status() {
     let config = rekeyd::config::Config::from_toml(&text).unwrap();
     let built = rekeyd::provider::build_all(&config.credentials[0], &Default::default()).unwrap();
     let api = built.secrets.expect("a secret API");
+    // As the rotation does with the journal's secrets before a run.
+    built.token.remember(&SecretString::from(secret.clone()));
     let bearer = built
         .token
         .login(&SecretString::from(secret.clone()))

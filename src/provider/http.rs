@@ -474,7 +474,6 @@ pub async fn token_request(
     encoded: Option<&SecretString>,
     classify: fn(u16, Option<&str>, bool) -> ErrorKind,
 ) -> Result<Token, ProviderError> {
-    transport.redactor.remember(secret);
     let carried: Vec<&SecretString> = std::iter::once(secret).chain(encoded).collect();
     let reply = transport.send(operation, request, &carried).await?;
     if (200..300).contains(&reply.status) {

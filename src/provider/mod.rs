@@ -33,10 +33,10 @@ pub trait TokenProvider: Send + Sync {
     fn login<'a>(&'a self, secret: &'a SecretString)
     -> BoxFuture<'a, Result<Token, ProviderError>>;
 
-    /// Tells the provider a secret of this credential it has not been sent
-    /// (yet), e.g. the pending or old one of a journal, so that a reply
-    /// echoing it is scrubbed all the same. Secrets it logs in with are
-    /// remembered anyway.
+    /// Tells the provider a secret of this credential that a reply may echo
+    /// although the request did not carry it (the journal's current,
+    /// pending or old one), so that it is scrubbed all the same. The secret
+    /// a request carries is scrubbed from its reply anyway.
     fn remember(&self, _secret: &SecretString) {}
 }
 

@@ -35,9 +35,11 @@ const REMEMBERED_SECRETS: usize = 4;
 /// sent). Cheap to clone.
 ///
 /// Holds the configured `extra_params` values (they may be assertions) and
-/// the last few client secrets the credential used or was given; the
-/// secret and bearer token of the request at hand are added per call (see
-/// [`Redactor::scrub_with`]), so tokens are never kept here.
+/// the last few client secrets the credential was given or read from its
+/// journal besides the one in use (the engine and the rotation tell it);
+/// the secret and bearer token of the request at hand are added per call
+/// (see [`Redactor::scrub_with`]), so a credential that does not rotate
+/// keeps no copy here, and tokens are never kept.
 #[derive(Clone, Default)]
 pub struct Redactor {
     inner: Arc<Inner>,
@@ -65,8 +67,8 @@ impl Redactor {
         }
     }
 
-    /// Remembers a client secret of this credential: one it logs in with,
-    /// one the secret API created, one read from the store.
+    /// Remembers a client secret of this credential: one the secret API
+    /// created, one read from the journal.
     pub fn remember(&self, secret: &SecretString) {
         let value = secret.expose_secret();
         if value.is_empty() {

@@ -195,6 +195,8 @@ impl Engine {
             Err(e) if e.kind == ErrorKind::Rejected => e,
             other => return other,
         };
+        // Other secrets are tried next: a refusal may echo this one too.
+        self.provider.remember(&secrets.current);
         let fresh = self.load_secrets().await?;
         let mut tried = vec![secrets.current];
         for candidate in [Some(fresh.current), fresh.pending, fresh.old]
