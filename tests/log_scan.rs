@@ -578,6 +578,13 @@ async fn echoed_provider_text_leaks_nothing(log_format: &str) {
     })
     .await;
     shown.push(api.status().await.to_string());
+    let text_status = rekeyd(&["status"], &config_path).output().unwrap();
+    let text_status = String::from_utf8_lossy(&text_status.stdout).into_owned();
+    assert!(
+        text_status.contains("maps: rotation needs operator: too_many_secrets"),
+        "{text_status}"
+    );
+    shown.push(text_status);
     sims.maps.set_faults(Faults::default());
     assert_eq!(
         api.request(reqwest::Method::POST, "/v1/rotate/maps")
