@@ -500,6 +500,9 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     }
 
     let mut tasks = JoinSet::new();
+    // Wakes the token engines after the machine was suspended (their
+    // timers run on a clock that stopped meanwhile).
+    tasks.spawn(crate::clock::watchdog(shared.shutdown.clone()));
     let mut api_addr = None;
     if let Some(api_config) = &config.api {
         let key = api::load_or_create_key(&api_config.key_file)

@@ -6,6 +6,7 @@
 //! - [`token`]: the token value, the pure refresh policy and the engine task.
 //! - [`store`]: durable per-credential record (secret + rotation journal).
 //! - [`credential`]: watch channels through which tokens and status flow.
+//! - [`clock`]: the boot-time clock token lifetimes are measured on.
 //! - [`serve`]: token files and the local HTTP API.
 //! - [`daemon`]: wires credentials, serving, signals and shutdown together.
 //! - [`sim`]: simulated providers for `rekeyd demo` and the tests.
@@ -13,6 +14,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod credential;
