@@ -3,6 +3,8 @@
 //! Module map:
 //! - [`config`]: TOML + environment → validated [`config::Config`].
 //! - [`provider`]: one [`provider::TokenProvider`] per provider dialect.
+//! - [`proxy`]: which proxy each HTTP request goes through (never for
+//!   plain http).
 //! - [`token`]: the token value, the pure refresh policy and the engine task.
 //! - [`store`]: durable per-credential record (secret + rotation journal).
 //! - [`credential`]: watch channels through which tokens and status flow.
@@ -25,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod provider;
+pub mod proxy;
 pub mod rotation;
 pub mod serve;
 pub mod sim;
