@@ -24,7 +24,7 @@ use rekeyd::credential::{self, CredentialHandle};
 use rekeyd::provider::{ErrorKind, ProviderError, TokenProvider};
 use rekeyd::token::Token;
 use rekeyd::token::engine::{Engine, SecretSource, Secrets};
-use rekeyd::token::policy::{MIN_RETRY_DELAY, NO_TOKEN_MAX_RETRY, RefreshPolicy};
+use rekeyd::token::policy::{EXPIRY_MARGIN, MIN_RETRY_WINDOW, NO_TOKEN_MAX_RETRY, RefreshPolicy};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -33,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 /// Timers fire on whole milliseconds: a measured delay may exceed the
 /// requested one by up to one tick.
 const TICK: Duration = Duration::from_millis(2);
+/// The end of a token's life in which retries no longer aim before expiry
+/// but follow the no-token bound.
+const LAST_SECONDS: Duration = MIN_RETRY_WINDOW.saturating_add(EXPIRY_MARGIN);
 /// Virtual time; only a bound so that a broken engine fails the test rather
 /// than hanging it.
 const VIRTUAL_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
@@ -257,7 +260,7 @@ async fn a_short_suspension_shortens_the_served_lifetime_and_refreshes_at_once()
         .calls_until(|c| c.last().is_some_and(|l| l.at >= expiry))
         .await;
     for pair in calls[1..].windows(2) {
-        if expiry - pair[0].at > MIN_RETRY_DELAY {
+        if expiry - pair[0].at >= LAST_SECONDS {
             assert!(pair[1].at < expiry, "retry after expiry: {calls:?}");
         }
     }
@@ -342,14 +345,15 @@ async fn many_credentials_spread_their_retries_and_recover_within_the_bound() {
             if a.ok {
                 continue;
             }
-            if a.at >= expiry {
-                // Nothing served: the bound holds at every retry.
+            if expiry.saturating_duration_since(a.at) < LAST_SECONDS {
+                // Nothing served (or only for a last moment): the bound
+                // holds at every retry.
                 assert!(
                     b.at - a.at <= NO_TOKEN_MAX_RETRY + TICK,
                     "{name}: {:?} between retries with no token",
                     b.at - a.at
                 );
-            } else if expiry - a.at > MIN_RETRY_DELAY {
+            } else {
                 // I8: a retry planned while the token was valid comes
                 // before it expires.
                 assert!(b.at < expiry, "{name}: retry after expiry");
@@ -360,6 +364,7 @@ async fn many_credentials_spread_their_retries_and_recover_within_the_bound() {
     // Spread: the most attempts at any single (virtual) millisecond of the
     // outage. Clamping every retry to the shared expiry put nearly all 200
     // at one instant; drawn within the time left, they spread over it.
+    // (The benchmark measures the same per 100 ms on a real daemon.)
     let mut per_instant: BTreeMap<Instant, usize> = BTreeMap::new();
     for call in calls.iter().filter(|c| !c.ok) {
         *per_instant.entry(call.at).or_default() += 1;
@@ -369,9 +374,14 @@ async fn many_credentials_spread_their_retries_and_recover_within_the_bound() {
         busiest <= 10,
         "{busiest} attempts at one instant during the outage"
     );
-    let near_expiry = calls
+    // And no crowding in the last second before the shared expiry: at most
+    // one attempt per credential there, not a run of ever shorter retries.
+    let last_second = calls
         .iter()
         .filter(|c| c.at < expiry && expiry - c.at <= secs(1))
         .count();
-    assert!(near_expiry > 0);
+    assert!(
+        last_second <= CREDENTIALS,
+        "{last_second} attempts in the last second before expiry"
+    );
 }

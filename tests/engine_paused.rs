@@ -40,6 +40,8 @@ const VIRTUAL_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
 const MIN_RETRY: Duration = Duration::from_millis(250);
 /// The longest retry interval while no token is served.
 const NO_TOKEN_MAX_RETRY: Duration = Duration::from_secs(30);
+/// The end of a token's life in which retries no longer aim before expiry.
+const LAST_SECONDS: Duration = Duration::from_secs(3);
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -473,24 +475,28 @@ async fn served_token_stays_valid_through_failures_until_it_expires() {
     tokio::time::sleep_until(expiry).await;
     assert_eq!(engine.served(), None);
 
-    // Every retry scheduled while the token had more than the retry floor
-    // left happened before it expired.
+    // Every retry scheduled while the token had more than its last 3 s
+    // left happened before it expired (in those, retries follow the
+    // no-token bound instead of crowding the last moments).
     let calls = engine
         .calls_until(|c| c.last().is_some_and(|l| l.at > expiry))
         .await;
     let failures: Vec<&[Call]> = calls[1..].windows(2).collect();
     for pair in &failures {
         let (failed, next) = (&pair[0], &pair[1]);
-        if failed.at < expiry && expiry - failed.at > MIN_RETRY {
+        if failed.at < expiry && expiry - failed.at >= LAST_SECONDS {
             assert!(
                 next.at < expiry,
                 "retry at {:?} after expiry (failed {:?} before it)",
                 next.at - expiry,
                 expiry - failed.at
             );
+        } else if failed.at < expiry {
+            assert!(next.at - failed.at <= NO_TOKEN_MAX_RETRY + TICK);
         }
     }
-    // The refresh happened at 70-80% and then kept trying until expiry.
+    // The refresh happened at 70-80% and then kept trying until the last
+    // seconds.
     assert_within(calls[1].at - calls[0].at, secs(70), secs(80), "refresh");
     let before_expiry = calls.iter().filter(|c| c.at < expiry).count();
     assert!(before_expiry >= 4, "{:?}", gaps(&calls));

@@ -7,6 +7,14 @@
 //! together, neither while their tokens are still valid (I8 keeps each retry
 //! before the served token's expiry: drawn within the time left, never
 //! clamped to one common instant) nor once the tokens are gone.
+//!
+//! In the last seconds of a token's life ([`MIN_RETRY_WINDOW`] plus
+//! [`EXPIRY_MARGIN`]) the time left no longer bounds the draw: redrawing
+//! within an ever shorter window would pack each credential's retries into
+//! the moments before expiry (their density grows as one over the time
+//! left), and credentials whose tokens expire together would burst there.
+//! From then on the retry follows the rules for a credential without a
+//! token, which bound it ([`NO_TOKEN_MAX_RETRY`]) without a common point.
 
 use std::time::Duration;
 
@@ -28,6 +36,10 @@ pub const NO_TOKEN_MAX_RETRY: Duration = Duration::from_secs(30);
 /// Time kept free before the served token expires for the retry's request
 /// itself; half the time left when less than twice this remains.
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
+/// The shortest window (time left less [`EXPIRY_MARGIN`]) a retry is drawn
+/// within; with less, the token counts as gone for planning (3 s before
+/// expiry with the margin). See the module documentation.
+pub const MIN_RETRY_WINDOW: Duration = Duration::from_secs(2);
 /// A `Retry-After` is honoured, then spread by up to a tenth of itself (at
 /// most this much): clients a provider told the same thing at the same
 /// moment would otherwise all return at one instant.
@@ -104,17 +116,18 @@ impl RefreshPolicy {
 /// - `kind` picks the backoff: transient 1 s doubling to 5 min, quota 30 s
 ///   doubling to 30 min, rejected or refused 10 s doubling to 5 min.
 /// - `time_left` is the remaining life of the token being served (`None` or
-///   zero: none is valid). While one is, every retry falls before its
-///   expiry (I8), drawn uniformly within the time left less
-///   [`EXPIRY_MARGIN`]; once none is, a transient failure is retried within
-///   [`NO_TOKEN_MAX_RETRY`].
+///   zero: none is valid). While it exceeds [`MIN_RETRY_WINDOW`] plus
+///   [`EXPIRY_MARGIN`] (3 s), every retry falls before its expiry (I8),
+///   drawn uniformly within the time left less the margin when the backoff
+///   is longer; with less left, or none, a transient failure is retried
+///   within [`NO_TOKEN_MAX_RETRY`].
 /// - `retry_after` (the reply's `Retry-After`, RFC 9110 §10.2.3) is waited
 ///   for, up to the kind's longest backoff, plus a spread of up to a tenth
 ///   of it; only a served token about to expire comes first (I8), and then
 ///   the retry falls in the last part of its life.
 ///
 /// The result is at least [`MIN_RETRY_DELAY`], and shorter than `time_left`
-/// whenever `time_left` exceeds that floor.
+/// whenever `time_left` is at least 3 s.
 pub fn retry_delay(
     failures: u32,
     kind: ErrorKind,
@@ -128,10 +141,11 @@ pub fn retry_delay(
         ErrorKind::Rejected | ErrorKind::Refused => REJECTED,
     };
     let mut cap = backoff.cap(failures);
-    let window = time_left.filter(|l| !l.is_zero()).map(|left| {
+    let window = time_left
+        .filter(|l| !l.is_zero())
         // The request needs a moment before expiry to complete.
-        left - EXPIRY_MARGIN.min(left / 2)
-    });
+        .map(|left| left - EXPIRY_MARGIN.min(left / 2))
+        .filter(|w| *w >= MIN_RETRY_WINDOW);
     if window.is_none() && kind == ErrorKind::Transient {
         // Nothing is served until a login succeeds: be back soon after the
         // provider is. Quota and rejected secrets keep their slow pace: a
@@ -241,8 +255,14 @@ mod tests {
         assert_eq!(retry_delay(10, T, None, left, 0.0), MIN_RETRY_DELAY);
         assert_eq!(retry_delay(10, T, None, left, 0.5), MS(9_625));
         assert!(retry_delay(10, T, None, left, 0.999_999) < S(19));
-        // One second left: half of it is kept, the rest is drawn from.
-        assert_eq!(retry_delay(10, T, None, Some(S(1)), 0.5), MS(375));
+        // Three seconds left: the window is still 2 s.
+        assert_eq!(retry_delay(10, T, None, Some(S(3)), 0.5), MS(1_125));
+        // Less: the token counts as gone, and the no-token bound applies
+        // (30 s here) instead of ever shorter draws just before expiry.
+        for left in [MS(2_999), S(1), MS(300)] {
+            assert_eq!(retry_delay(10, T, None, Some(left), 0.5), MS(15_125));
+            assert_eq!(retry_delay(1, T, None, Some(left), 0.5), MS(625));
+        }
         // A quota error with a Retry-After past the expiry: I8 wins, and
         // the retry falls in the second half of the time left.
         let q = ErrorKind::Quota;
@@ -258,10 +278,8 @@ mod tests {
     #[test]
     fn no_common_clamp_point_at_any_time_left() {
         // Whatever the time left, different draws give different delays:
-        // credentials failing together do not come back together. (Only
-        // when less than half a second is left do all draws fall on the
-        // floor, after which the token has expired.)
-        for left_ms in [800, 1_500, 5_000, 20_000, 120_000, 3_600_000] {
+        // credentials failing together do not come back together.
+        for left_ms in [100, 800, 1_500, 3_000, 5_000, 20_000, 120_000, 3_600_000] {
             for failures in [1, 5, 20] {
                 for retry_after in [None, Some(S(900))] {
                     let delays: Vec<Duration> = (0..100)
@@ -312,12 +330,14 @@ mod tests {
                 let d = retry_delay(failures, kind, retry_after, left, unit);
                 prop_assert!(d >= MIN_RETRY_DELAY);
                 prop_assert!(d <= Duration::from_secs(1800) + RETRY_AFTER_MAX_SPREAD);
-                // I8: never past the served token's expiry.
-                if let Some(left) = served.filter(|l| *l > MIN_RETRY_DELAY) {
+                // I8: never past the served token's expiry while it has
+                // more than the last few seconds to live.
+                let planned = served.filter(|l| *l >= MIN_RETRY_WINDOW + EXPIRY_MARGIN);
+                if let Some(left) = planned {
                     prop_assert!(d < left, "{d:?} for {left:?} left");
                 }
-                // The bound once nothing is served.
-                if served.is_none() && kind == ErrorKind::Transient && retry_after.is_none() {
+                // The bound once nothing is served (or about to be).
+                if planned.is_none() && kind == ErrorKind::Transient && retry_after.is_none() {
                     prop_assert!(d < NO_TOKEN_MAX_RETRY);
                 }
                 // Retry-After is honoured unless the served token expires
