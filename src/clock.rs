@@ -222,14 +222,16 @@ impl ManualClock {
         })
     }
 
-    /// Moves the boot-time clock forward by `d` without the monotonic clock.
+    /// Moves the boot-time clock forward by `d` without the monotonic clock;
+    /// reported as [`SystemClock::check`] would, once the total grew by
+    /// [`JUMP`] since the last report.
     pub fn suspend(&self, d: Duration) {
         let total = {
             let mut suspended = self.suspended.lock().unwrap_or_else(|e| e.into_inner());
             *suspended += d;
             *suspended
         };
-        if d >= JUMP {
+        if total >= *self.jumps.borrow() + JUMP {
             self.jumps.send_replace(total);
         }
     }

@@ -161,8 +161,10 @@ impl Engine {
                     after_promotion = true;
                 }
                 Ok(()) = jumps.changed() => {
+                    // The watchdog logs the suspension once, not once per
+                    // credential.
                     let total = *jumps.borrow_and_update();
-                    info!(
+                    debug!(
                         step = "refresh",
                         suspended_total = %humantime::format_duration(whole_seconds(total)),
                         "the machine was suspended; refreshing now"

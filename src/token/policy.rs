@@ -34,7 +34,7 @@ pub const MIN_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// credential every 15 s on average against a provider that is down.
 pub const NO_TOKEN_MAX_RETRY: Duration = Duration::from_secs(30);
 /// Time kept free before the served token expires for the retry's request
-/// itself; half the time left when less than twice this remains.
+/// itself.
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
 /// The shortest window (time left less [`EXPIRY_MARGIN`]) a retry is drawn
 /// within; with less, the token counts as gone for planning (3 s before
@@ -141,14 +141,13 @@ pub fn retry_delay(
         ErrorKind::Rejected | ErrorKind::Refused => REJECTED,
     };
     let mut cap = backoff.cap(failures);
+    // The request needs a moment before expiry to complete.
     let window = time_left
-        .filter(|l| !l.is_zero())
-        // The request needs a moment before expiry to complete.
-        .map(|left| left - EXPIRY_MARGIN.min(left / 2))
+        .and_then(|left| left.checked_sub(EXPIRY_MARGIN))
         .filter(|w| *w >= MIN_RETRY_WINDOW);
     if window.is_none() && kind == ErrorKind::Transient {
-        // Nothing is served until a login succeeds: be back soon after the
-        // provider is. Quota and rejected secrets keep their slow pace: a
+        // Nothing is served (or only for a last moment) until a login
+        // succeeds: be back soon after the provider is. Quota and rejected secrets keep their slow pace: a
         // quota returns on the provider's schedule, a rejected secret needs
         // an operator (who can ask for a refresh at once).
         cap = cap.min(NO_TOKEN_MAX_RETRY);
