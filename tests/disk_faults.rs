@@ -9,7 +9,8 @@
 //! private mount namespace (`unshare -m`, or `unshare -r -m` for a non-root
 //! user where user namespaces are allowed). The mount dies with the
 //! namespace; the state directory underneath is never modified. Where no
-//! namespace can be made, those tests say so on stderr and pass vacuously:
+//! namespace can be made, those tests report themselves skipped
+//! (tests/support/tools.rs; a failure under `REKEYD_REQUIRE_TOOLS=1`):
 //! `chmod` is no substitute here, since rekeyd restores its state
 //! directory's 0700 mode (which the owner may always do).
 
@@ -25,6 +26,9 @@ use rekeyd::store::{CredentialRecord, SecretEntry, Store};
 use secrecy::SecretString;
 use serde_json::Value;
 use tokio::process::Command;
+
+#[path = "support/tools.rs"]
+mod tools;
 
 const NAME: &str = "maps";
 const CLIENT: &str = "maps-client";
@@ -232,6 +236,9 @@ umount "$state"
 exit $status
 "#;
 
+const NO_NAMESPACE: &str = "cannot mount a tmpfs in a private mount namespace here \
+    (`unshare --mount` as root, or `unshare --map-root-user --mount` where user namespaces are allowed)";
+
 /// How to enter a private mount namespace in which tmpfs can be mounted
 /// here, if at all: as root `unshare -m`, otherwise a user namespace.
 fn namespace() -> Option<&'static [&'static str]> {
@@ -275,9 +282,7 @@ fn mounted(path: &Path) -> bool {
 /// rotation succeeds.
 async fn rotation_refused_on(fault: &str, reason: &str) {
     let Some(namespace) = namespace() else {
-        eprintln!(
-            "SKIPPED ({fault} state directory): cannot mount tmpfs in a private mount namespace here"
-        );
+        tools::skip(NO_NAMESPACE);
         return;
     };
     let setup = Setup::new().await;

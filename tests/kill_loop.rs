@@ -138,14 +138,10 @@ fn last_rotated_at(doc: &serde_json::Value) -> Option<SystemTime> {
         .map(|t| humantime::parse_rfc3339(t).expect("valid timestamp"))
 }
 
-async fn signal(child: &Child, sig: &str) {
-    let pid = child.id().expect("child running").to_string();
-    let status = Command::new("kill")
-        .args([sig, pid.as_str()])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success(), "kill {sig} {pid}");
+fn signal(child: &Child, sig: i32) {
+    let pid = child.id().expect("child running") as i32;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to {pid}");
 }
 
 async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
@@ -215,7 +211,7 @@ async fn run_until(
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    signal(&child, "-TERM").await;
+    signal(&child, libc::SIGTERM);
     let status = wait_exit(&mut child, Duration::from_secs(15)).await;
     assert!(status.success(), "rekeyd exits 0 on SIGTERM: {status}");
     setup.remember_stored_values();
@@ -272,7 +268,7 @@ async fn kill_9_at_random_moments_converges_without_lockout_or_orphans() {
                 std::fs::read_to_string(setup.logs.last().unwrap()).unwrap_or_default()
             );
         }
-        signal(&child, "-KILL").await;
+        signal(&child, libc::SIGKILL);
         let status = wait_exit(&mut child, Duration::from_secs(10)).await;
         assert!(!status.success(), "killed, not exited: {status}");
         kills += 1;
