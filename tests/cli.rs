@@ -221,7 +221,11 @@ impl Daemon {
     async fn signal(&self, signal: i32) {
         let pid = self.child.id().expect("daemon still running") as i32;
         // SAFETY: kill(2) has no memory-safety preconditions.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to {pid}");
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "signal {signal} to {pid}"
+        );
     }
 
     /// Waits for the child to exit; returns its status and how long it took.

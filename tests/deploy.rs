@@ -1053,13 +1053,22 @@ fn container_image_runs_rekeyd_unprivileged_from_scratch() {
     // from the registry instead of failing.
     let out = run_ok(
         Command::new(cargo)
-            .args(["tree", "--locked", "--edges", "normal,build", "--prefix", "none"])
+            .args([
+                "tree",
+                "--locked",
+                "--edges",
+                "normal,build",
+                "--prefix",
+                "none",
+            ])
             .args(["--target", host])
             .arg("--manifest-path")
             .arg(context.path().join("Cargo.toml")),
     );
     assert!(
-        out.lines().next().is_some_and(|l| l.starts_with("rekeyd v")),
+        out.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("rekeyd v")),
         "cargo tree shows the rekeyd package first:\n{out}"
     );
 }

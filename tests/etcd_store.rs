@@ -1,4 +1,4 @@
-//! The etcd store against a real etcd server (`/usr/bin/etcd`, started per
+//! The etcd store against a real etcd server (`etcd` on PATH, started per
 //! test on loopback ports): compare-and-swap, rotation claims (exclusion,
 //! release on drop, expiry after a holder stops renewing, fencing, waiting,
 //! a holder that is paused or whose keep-alives stall going stale and lost),

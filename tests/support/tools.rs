@@ -74,7 +74,10 @@ fn test_name() -> String {
         .and_then(|a| {
             let name = PathBuf::from(a).file_name()?.to_string_lossy().into_owned();
             // Cargo appends `-<hash>` to test binaries.
-            Some(name.rsplit_once('-').map_or(name.clone(), |(n, _)| n.to_string()))
+            Some(
+                name.rsplit_once('-')
+                    .map_or(name.clone(), |(n, _)| n.to_string()),
+            )
         })
         .unwrap_or_default();
     let thread = std::thread::current();
