@@ -71,6 +71,8 @@ const METRICS: &[Metric] = &[
             &["operation", "status"],
         )
     },
+    metric("rekeyd_sink_token_valid", &["credential", "path"]),
+    metric("rekeyd_sink_current", &["credential", "path"]),
 ];
 
 /// Labels Prometheus adds to every scraped series.
@@ -310,7 +312,10 @@ secrets_url = "{secrets_url}"
 [credentials.rotation]
 every = "2s"
 grace = "1s"
+[[credentials.sinks]]
+path = "{sink}"
 "#,
+            sink = d.join("maps.token").display(),
             state = d.join("state").display(),
             socket = socket.display(),
             secret = d.join("secret").display(),
@@ -347,7 +352,8 @@ grace = "1s"
             .unwrap();
         if let Some((200, body)) = got {
             let done = wanted.is_subset(&families(&body))
-                && body.contains("rekeyd_last_rotation_timestamp_seconds{");
+                && body.contains("rekeyd_last_rotation_timestamp_seconds{")
+                && body.contains("rekeyd_sink_current{");
             last = body;
             if done {
                 break;
@@ -565,6 +571,7 @@ fn alerts_use_only_exported_metrics_and_cover_the_failures() {
             &["time()", "rekeyd_rotation_next_due_timestamp_seconds", "+"],
         ),
         ("RekeydLockedOut", &["rekeyd_locked_out"]),
+        ("RekeydTokenFileInvalid", &["rekeyd_sink_token_valid"]),
         ("RekeydDown", &["up{"]),
         ("RekeydAbsent", &["absent("]),
     ] {
