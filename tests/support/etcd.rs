@@ -63,7 +63,7 @@ impl EtcdServer {
         let name = format!("rekeyd-test-{}-{client_port}", std::process::id());
         let log = dir.path().join("etcd.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(&binary)
+        let child = Command::new(binary)
             .arg("--name")
             .arg(&name)
             .arg("--data-dir")
