@@ -4,10 +4,13 @@
 //! a half-written file, and the new content must survive power loss once we
 //! act on it: write a fresh temp file → fsync → rename over the target →
 //! fsync the directory. The temp file is created with `O_CREAT | O_EXCL`
-//! (which never follows a symlink) and its final mode, so neither a planted
-//! symlink nor a moment of looser
-//! permissions can leak the content; renaming over a symlink replaces the
-//! link itself instead of writing through it.
+//! (which never follows a symlink), accessible to its creator only until it
+//! has its owner and final mode and before any content is written, so
+//! neither a planted symlink nor a moment of looser permissions can leak
+//! the content; renaming over a symlink replaces the link itself instead of
+//! writing through it. A file can be given to
+//! another owner and group before it appears ([`write_atomic_owned`]), with
+//! user and group names looked up in the system's databases.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -227,6 +230,61 @@ mod tests {
         );
         // No temp files left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A non-empty directory where the file belongs: the content is
+        // written to the temp file, then the rename fails.
+        let path = dir.path().join("token");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("keep"), b"x").unwrap();
+        let err = write_atomic(&path, b"secret", 0o600).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EISDIR), "{err}");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["token"], "no temp file left");
+    }
+
+    #[test]
+    fn owner_and_group_are_set_before_the_file_appears() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        // SAFETY: these calls only read the process's credentials.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        // Root may give it to anyone; others to themselves and their group.
+        let (to_uid, to_gid) = if uid == 0 { (4242, 4343) } else { (uid, gid) };
+        let owner = Ownership {
+            uid: Some(to_uid),
+            gid: Some(to_gid),
+        };
+        write_atomic_owned(&path, b"one", 0o640, owner).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (to_uid, to_gid));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        if uid != 0 {
+            // Giving it to root is refused, and says so; the file stays.
+            let refused = Ownership {
+                uid: Some(0),
+                gid: None,
+            };
+            let err = write_atomic_owned(&path, b"two", 0o640, refused).unwrap_err();
+            assert!(err.to_string().contains("cannot set owner 0"), "{err}");
+            assert_eq!(fs::read(&path).unwrap(), b"one");
+        }
+    }
+
+    #[test]
+    fn users_and_groups_are_looked_up_by_name() {
+        assert_eq!(user_id("root").unwrap(), Some(0));
+        assert_eq!(group_id("root").unwrap(), Some(0));
+        assert_eq!(user_id("no-such-user-rekeyd").unwrap(), None);
+        assert_eq!(group_id("no-such-group-rekeyd").unwrap(), None);
+        assert!(user_id("nul\0byte").is_err());
     }
 
     #[test]
