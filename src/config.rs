@@ -1504,6 +1504,7 @@ fn sink_mode(key: &str, value: Option<RawScalar>) -> Result<u32, ConfigError> {
     } else {
         None
     };
+    debug_assert!(refusal.is_some() || mode & !SINK_MODE_ALLOWED == 0);
     match refusal {
         Some(why) => Err(ConfigError::invalid(
             key,

@@ -195,7 +195,9 @@ fn assert_current_exists(setup: &Setup, when: &str) {
 /// at the provider.
 fn settled(doc: &serde_json::Value) -> bool {
     doc["rotation"]["phase"] == "idle"
-        && doc["retire"].as_array().is_none_or(|pending| pending.is_empty())
+        && doc["retire"]
+            .as_array()
+            .is_none_or(|pending| pending.is_empty())
         && doc["listing_owed"] != true
 }
 
