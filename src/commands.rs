@@ -34,7 +34,7 @@ pub async fn execute(cli: Cli) -> u8 {
                 return EXIT_CONFIG;
             };
             logging::init(config.log.format);
-            for warning in config.warnings() {
+            for warning in all_warnings(&config) {
                 tracing::warn!(step = "config", "{warning}");
             }
             match daemon::run(&args.config, config).await {
@@ -50,7 +50,7 @@ pub async fn execute(cli: Cli) -> u8 {
         Command::Check(args) => match load(&args.config) {
             Some(config) => {
                 println!("{}", effective_config(&config).await);
-                for warning in config.warnings() {
+                for warning in all_warnings(&config) {
                     eprintln!("rekeyd: warning: {warning}");
                 }
                 eprintln!("rekeyd: {} is valid", args.config.display());
@@ -306,6 +306,15 @@ fn load(path: &std::path::Path) -> Option<Config> {
     }
 }
 
+/// The configuration's warnings, and what this process could not do with
+/// it (set a token file's owner or group).
+fn all_warnings(config: &Config) -> Vec<crate::config::ConfigWarning> {
+    let me = crate::serve::sink::Privileges::of_this_process();
+    let mut warnings = config.warnings();
+    warnings.extend(crate::serve::sink::ownership_warnings(config, &me));
+    warnings
+}
+
 /// Kubernetes shows this file's content as the reason a container ended.
 const TERMINATION_LOG: &str = "/dev/termination-log";
 
@@ -349,6 +358,31 @@ async fn status(config: &Config, as_json: bool) -> u8 {
                 s("last_rotated_at"),
                 s("last_error"),
             );
+        }
+        // Token files that do not hold the token being served, and why.
+        for row in &rows {
+            for sink in row["sinks"].as_array().into_iter().flatten() {
+                let freshness = sink["freshness"].as_str().unwrap_or("-");
+                let failures = sink["consecutive_failures"].as_u64().unwrap_or(0);
+                if freshness == "current" && failures == 0 {
+                    continue;
+                }
+                let mut line = format!(
+                    "{}: token file {} holds {}",
+                    s_of(row, "name"),
+                    s_of(sink, "path"),
+                    match freshness {
+                        "old" => "an older token",
+                        "expired" => "an expired token",
+                        "missing" => "no token yet",
+                        _ => "the current token",
+                    }
+                );
+                if let Some(e) = sink["last_error"].as_str() {
+                    line.push_str(&format!("; {failures} failed writes, last: {e}"));
+                }
+                println!("{line}");
+            }
         }
         // An unfinished journal: what it waits for and the way out.
         for row in &rows {
@@ -512,6 +546,8 @@ fn credential_json(
             "path": s.path.display().to_string(),
             "format": format!("{:?}", s.format).to_lowercase(),
             "mode": format!("{:04o}", s.mode),
+            "owner": s.owner.as_ref().map(|o| &o.shown),
+            "group": s.group.as_ref().map(|g| &g.shown),
         })).collect::<Vec<_>>(),
     })
 }

@@ -62,6 +62,70 @@ impl ConfigError {
 // error can say which key was wrong and why.
 // ---------------------------------------------------------------------------
 
+/// A value whose meaning depends on how the file wrote it. The `config`
+/// crate hands a TOML number to a `String` field as its decimal text, so
+/// `mode = 0o640` would arrive as "416" and be read as octal text, and an
+/// error would quote a number the operator never wrote. Keys that take a
+/// number, a unit or a name deserialize into this instead, and validation
+/// decides what each kind means for that key.
+#[derive(Debug, Clone, PartialEq)]
+enum RawScalar {
+    /// A TOML integer: the number itself, whatever base it was written in.
+    Integer(i64),
+    Text(String),
+    /// Any other kind, named for the error ("a float", "a boolean", ...).
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for RawScalar {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawScalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an integer")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawScalar, E> {
+                Ok(RawScalar::Integer(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<RawScalar, E> {
+                Ok(i64::try_from(v)
+                    .map_or(RawScalar::Other("an integer too large"), RawScalar::Integer))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<RawScalar, E> {
+                Ok(RawScalar::Other("a floating-point number"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<RawScalar, E> {
+                Ok(RawScalar::Other("a boolean"))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<RawScalar, E> {
+                Ok(RawScalar::Text(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<RawScalar, E> {
+                Ok(RawScalar::Text(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawScalar, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(RawScalar::Other("a list"))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawScalar, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(RawScalar::Other("a table"))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -79,7 +143,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     kind: Option<String>,
-    claim_ttl: Option<String>,
+    claim_ttl: Option<RawScalar>,
     // kubernetes
     namespace: Option<String>,
     secret: Option<String>,
@@ -134,8 +198,8 @@ struct RawHook {
     #[serde(default)]
     on: Vec<String>,
     command: Option<Vec<String>>,
-    timeout: Option<String>,
-    signal: Option<String>,
+    timeout: Option<RawScalar>,
+    signal: Option<RawScalar>,
     pid_file: Option<PathBuf>,
 }
 
@@ -146,22 +210,22 @@ struct RawEndpoints {
     secrets_url: Option<String>,
     #[serde(default)]
     allow_insecure_http: bool,
-    connect_timeout: Option<String>,
-    request_timeout: Option<String>,
+    connect_timeout: Option<RawScalar>,
+    request_timeout: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRefresh {
-    before_expiry: Option<String>,
+    before_expiry: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRotation {
-    every: Option<String>,
+    every: Option<RawScalar>,
     schedule: Option<String>,
-    grace: Option<String>,
+    grace: Option<RawScalar>,
     #[serde(default)]
     on_login: bool,
 }
@@ -171,7 +235,9 @@ struct RawRotation {
 struct RawSink {
     path: Option<PathBuf>,
     format: Option<String>,
-    mode: Option<String>,
+    mode: Option<RawScalar>,
+    owner: Option<RawScalar>,
+    group: Option<RawScalar>,
 }
 
 // ---------------------------------------------------------------------------
@@ -351,7 +417,22 @@ pub enum SinkFormat {
 pub struct SinkConfig {
     pub path: PathBuf,
     pub format: SinkFormat,
+    /// Permission bits, within [`SINK_MODE_ALLOWED`].
     pub mode: u32,
+    /// The user the file is given to on every write; `None`: rekeyd's own.
+    pub owner: Option<FileOwner>,
+    /// The group the file is given to on every write; `None`: rekeyd's
+    /// (or the directory's, when it is setgid).
+    pub group: Option<FileOwner>,
+}
+
+/// A user or group a token file is given to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileOwner {
+    /// The numeric uid or gid.
+    pub id: u32,
+    /// The name or number as the configuration gave it, for messages.
+    pub shown: String,
 }
 
 /// When a hook runs.
@@ -754,10 +835,11 @@ fn validate_store(raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
             ));
         }
     }
-    let claim_ttl = match &raw.claim_ttl {
+    let claim_ttl = match raw.claim_ttl {
         None => DEFAULT_CLAIM_TTL,
-        Some(text) => {
-            let ttl = parse_duration("store.claim_ttl", text)?;
+        Some(value) => {
+            let text = duration_text("store.claim_ttl", value)?;
+            let ttl = parse_duration("store.claim_ttl", &text)?;
             // At least 4 s: store requests time out at a quarter of the
             // TTL and no less than 1 s, and a holder stops starting side
             // effects at half of it (S3); below 4 s one slow renewal would
@@ -1007,7 +1089,7 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         before_expiry: rc
             .refresh
             .and_then(|r| r.before_expiry)
-            .map(|text| parse_duration(&key("refresh.before_expiry"), &text))
+            .map(|value| duration(&key("refresh.before_expiry"), value))
             .transpose()?
             .map(|d| {
                 if d.is_zero() {
@@ -1128,12 +1210,28 @@ fn validate_hook(key: &str, raw: RawHook, rotates: bool) -> Result<HookConfig, C
             }
             let timeout = raw
                 .timeout
-                .map(|t| parse_duration(&format!("{key}.timeout"), &t))
+                .map(|t| duration(&format!("{key}.timeout"), t))
                 .transpose()?
                 .unwrap_or(Duration::from_secs(30));
             HookAction::Command { argv, timeout }
         }
         (None, Some(signal), Some(pid_file)) => {
+            let signal = match signal {
+                RawScalar::Text(text) => text,
+                // A number means different signals on different systems.
+                RawScalar::Integer(_) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.signal"),
+                        "give the signal's name (HUP, INT, QUIT, USR1, USR2 or TERM), not its number",
+                    ));
+                }
+                RawScalar::Other(kind) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.signal"),
+                        format!("expected a signal name such as \"HUP\", got {kind}"),
+                    ));
+                }
+            };
             let name = signal.trim_start_matches("SIG").to_ascii_uppercase();
             let number = HOOK_SIGNALS
                 .iter()
@@ -1216,12 +1314,12 @@ fn validate_endpoints(
     };
     let connect_timeout = raw
         .connect_timeout
-        .map(|t| parse_duration(&key("connect_timeout"), &t))
+        .map(|t| duration(&key("connect_timeout"), t))
         .transpose()?
         .unwrap_or(Duration::from_secs(10));
     let request_timeout = raw
         .request_timeout
-        .map(|t| parse_duration(&key("request_timeout"), &t))
+        .map(|t| duration(&key("request_timeout"), t))
         .transpose()?
         .unwrap_or(Duration::from_secs(30));
     Ok(EndpointsConfig {
@@ -1296,7 +1394,7 @@ fn validate_rotation(
             ));
         }
         (Some(every), None) => {
-            let d = parse_duration(&key("every"), &every)?;
+            let d = duration(&key("every"), every)?;
             if d < Duration::from_secs(1) || d > Duration::from_secs(10 * 365 * 86400) {
                 return Err(ConfigError::invalid(
                     key("every"),
@@ -1319,7 +1417,7 @@ fn validate_rotation(
     };
     let grace = raw
         .grace
-        .map(|g| parse_duration(&key("grace"), &g))
+        .map(|g| duration(&key("grace"), g))
         .transpose()?
         .unwrap_or(DEFAULT_ROTATION_GRACE);
     if grace > MAX_ROTATION_GRACE {
@@ -1363,37 +1461,182 @@ fn validate_sink(key: &str, raw: RawSink) -> Result<SinkConfig, ConfigError> {
             ));
         }
     };
-    let mode = match raw.mode {
-        None => DEFAULT_SINK_MODE,
-        Some(text) => {
-            let mode = u32::from_str_radix(&text, 8)
+    let mode = sink_mode(&format!("{key}.mode"), raw.mode)?;
+    let owner = sink_owner(&format!("{key}.owner"), raw.owner, Principal::User)?;
+    let group = sink_owner(&format!("{key}.group"), raw.group, Principal::Group)?;
+    Ok(SinkConfig {
+        path,
+        format,
+        mode,
+        owner,
+        group,
+    })
+}
+
+/// The bits a token file may have: read and write for its owner, read for
+/// its group. Others are refused rather than applied: access for all users
+/// (I7), execute (a token is no program) and group write (readers never
+/// write; rekeyd replaces the file). This also refuses a mode written as a
+/// decimal TOML number by mistake: `640` is 0o1200, `440` is 0o670.
+pub const SINK_MODE_ALLOWED: u32 = 0o640;
+
+/// `mode`: a TOML integer is the mode itself (`0o640`), text is octal
+/// digits (`"0640"`). Errors quote text as written and never print an
+/// integer, which may not be in the base the operator used.
+fn sink_mode(key: &str, value: Option<RawScalar>) -> Result<u32, ConfigError> {
+    const FORMS: &str = "write it in octal, as the TOML integer 0o640 or the text \"0640\"";
+    let (mode, shown) = match value {
+        None => return Ok(DEFAULT_SINK_MODE),
+        Some(RawScalar::Text(text)) => {
+            let digits = text.strip_prefix("0o").unwrap_or(&text);
+            let mode = u32::from_str_radix(digits, 8)
                 .ok()
-                .filter(|m| *m <= 0o777)
-                .ok_or_else(|| {
-                    ConfigError::invalid(
-                        format!("{key}.mode"),
-                        format!("expected an octal file mode such as \"0640\", got {text:?}"),
-                    )
-                })?;
-            // I7: a token file is never world-readable.
-            if mode & 0o007 != 0 {
+                .filter(|m| digits.chars().all(|c| c.is_ascii_digit()) && *m <= 0o777);
+            let Some(mode) = mode else {
                 return Err(ConfigError::invalid(
-                    format!("{key}.mode"),
+                    key,
+                    format!("{text:?} is not an octal file mode; {FORMS}"),
+                ));
+            };
+            (mode, format!("{text:?}"))
+        }
+        Some(RawScalar::Integer(n)) => {
+            let Some(mode) = u32::try_from(n).ok().filter(|m| *m <= 0o777) else {
+                return Err(ConfigError::invalid(
+                    key,
                     format!(
-                        "{text} gives access to all users; token files must not be world-accessible"
+                        "this integer is not a file mode (a TOML integer is taken as the \
+                         number it is, not as octal digits); {FORMS}"
                     ),
                 ));
-            }
-            if mode & 0o400 == 0 {
-                return Err(ConfigError::invalid(
-                    format!("{key}.mode"),
-                    format!("{text} does not let the owner read the file"),
-                ));
-            }
-            mode
+            };
+            (mode, "this mode".to_string())
+        }
+        Some(RawScalar::Other(kind)) => {
+            return Err(ConfigError::invalid(key, format!("got {kind}; {FORMS}")));
         }
     };
-    Ok(SinkConfig { path, format, mode })
+    let refusal = if mode & 0o007 != 0 {
+        // I7: a token file is never world-readable.
+        Some("gives access to all users; token files must not be world-accessible")
+    } else if mode & 0o400 == 0 {
+        Some("does not let the owner read the file")
+    } else if mode & 0o111 != 0 {
+        Some("makes the file executable; a token file is not a program")
+    } else if mode & 0o020 != 0 {
+        Some("lets the group write the file; readers only read it, rekeyd replaces it")
+    } else {
+        None
+    };
+    debug_assert!(refusal.is_some() || mode & !SINK_MODE_ALLOWED == 0);
+    match refusal {
+        Some(why) => Err(ConfigError::invalid(
+            key,
+            format!(
+                "{shown} {why} (allowed: read and write for the owner, read for the group, such as 0o640 or \"0600\")"
+            ),
+        )),
+        None => Ok(mode),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Principal {
+    User,
+    Group,
+}
+
+/// `owner` or `group`: a name known to this system, or a numeric id (TOML
+/// integer or digits). Names are resolved now, so a typo is a
+/// configuration error rather than a failed write.
+fn sink_owner(
+    key: &str,
+    value: Option<RawScalar>,
+    principal: Principal,
+) -> Result<Option<FileOwner>, ConfigError> {
+    let what = match principal {
+        Principal::User => "user",
+        Principal::Group => "group",
+    };
+    // u32::MAX is chown(2)'s "leave unchanged", never a real id.
+    let valid_id = |n: i64| u32::try_from(n).ok().filter(|id| *id != u32::MAX);
+    let bad_id = || {
+        ConfigError::invalid(
+            key,
+            format!("this number is not a {what} id (0 to 4294967294)"),
+        )
+    };
+    let text = match value {
+        None => return Ok(None),
+        Some(RawScalar::Integer(n)) => {
+            let id = valid_id(n).ok_or_else(bad_id)?;
+            return Ok(Some(FileOwner {
+                id,
+                shown: id.to_string(),
+            }));
+        }
+        Some(RawScalar::Text(text)) => text,
+        Some(RawScalar::Other(kind)) => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("expected a {what} name or a numeric id, got {kind}"),
+            ));
+        }
+    };
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit()) {
+        let id = text
+            .parse::<i64>()
+            .ok()
+            .and_then(valid_id)
+            .ok_or_else(bad_id)?;
+        return Ok(Some(FileOwner { id, shown: text }));
+    }
+    let found = match principal {
+        Principal::User => crate::fsutil::user_id(&text),
+        Principal::Group => crate::fsutil::group_id(&text),
+    };
+    match found {
+        Ok(Some(id)) => Ok(Some(FileOwner { id, shown: text })),
+        Ok(None) => Err(ConfigError::invalid(
+            key,
+            format!(
+                "no {what} named {text:?} on this system; give a numeric id where the name is \
+                 not known (a container without that entry in /etc/{})",
+                match principal {
+                    Principal::User => "passwd",
+                    Principal::Group => "group",
+                }
+            ),
+        )),
+        Err(e) => Err(ConfigError::invalid(
+            key,
+            format!("cannot look up {what} {text:?}: {e}"),
+        )),
+    }
+}
+
+/// A duration key's value: text with units (`"30s"`, `"24h"`). A bare
+/// number has no unit, so it is refused with the form to use; the message
+/// does not repeat the number, which the `config` crate may have rewritten
+/// (a TOML `0x1E` arrives as 30).
+fn duration(key: &str, value: RawScalar) -> Result<Duration, ConfigError> {
+    let text = duration_text(key, value)?;
+    parse_duration(key, &text)
+}
+
+fn duration_text(key: &str, value: RawScalar) -> Result<String, ConfigError> {
+    let kind = match value {
+        RawScalar::Text(text) => return Ok(text),
+        RawScalar::Integer(_) => "a number without a unit",
+        RawScalar::Other(kind) => kind,
+    };
+    Err(ConfigError::invalid(
+        key,
+        format!(
+            "a duration is text with a unit, such as \"90s\", \"5m\" or \"24h\" (in quotes), \
+             got {kind}"
+        ),
+    ))
 }
 
 fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {

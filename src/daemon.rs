@@ -386,14 +386,15 @@ async fn launch(
         let _watch = watch;
         engine.run(_watch.cancel.clone()).await
     });
-    if !cred.sinks.is_empty() {
-        tasks.spawn(sink::run(
-            cred.name.clone(),
-            cred.sinks.clone(),
-            handle.token.clone(),
-            cancel.clone(),
-        ));
-    }
+    // Also without sinks: it clears those a reload removed from status.
+    tasks.spawn(sink::run(
+        cred.name.clone(),
+        cred.sinks.clone(),
+        handle.token.clone(),
+        channels.sinks.clone(),
+        handle.clock.clone(),
+        cancel.clone(),
+    ));
     for hook in &cred.hooks {
         tasks.spawn(hooks::run(
             cred.name.clone(),

@@ -7,9 +7,11 @@
 //! daemon exports. Where a tool exists, that tool checks it too:
 //! `systemd-analyze` and `systemd-sysusers` (package systemd), `kubectl
 //! kustomize` (kubectl, or Debian's kubernetes-client) and `promtool`
-//! (prometheus). `.ci/run` installs them; a missing tool fails the test
-//! unless `REKEYD_SKIP_SYSTEM_TOOLS=1` is set. With `REKEYD_TEST_NSPAWN=1`
-//! (as root; a manual run), systemd-nspawn boots the unit with the daemon.
+//! (prometheus). A test whose tool is missing says it was skipped and
+//! passes, unless `REKEYD_REQUIRE_TOOLS=1` (which `.ci/run` sets after
+//! installing them all) makes that a failure (tests/support/tools.rs). With
+//! `REKEYD_TEST_NSPAWN=1` (as root; a manual run), systemd-nspawn boots the
+//! unit with the daemon.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -18,6 +20,9 @@ use std::process::{Command, Output};
 use rekeyd::config::{Config, StoreConfig};
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
+
+#[path = "support/tools.rs"]
+mod tools;
 
 // ---------------------------------------------------------------------------
 // What rekeyd exports on GET /metrics.
@@ -66,6 +71,8 @@ const METRICS: &[Metric] = &[
             &["operation", "status"],
         )
     },
+    metric("rekeyd_sink_token_valid", &["credential", "path"]),
+    metric("rekeyd_sink_current", &["credential", "path"]),
 ];
 
 /// Labels Prometheus adds to every scraped series.
@@ -305,7 +312,10 @@ secrets_url = "{secrets_url}"
 [credentials.rotation]
 every = "2s"
 grace = "1s"
+[[credentials.sinks]]
+path = "{sink}"
 "#,
+            sink = d.join("maps.token").display(),
             state = d.join("state").display(),
             socket = socket.display(),
             secret = d.join("secret").display(),
@@ -342,7 +352,8 @@ grace = "1s"
             .unwrap();
         if let Some((200, body)) = got {
             let done = wanted.is_subset(&families(&body))
-                && body.contains("rekeyd_last_rotation_timestamp_seconds{");
+                && body.contains("rekeyd_last_rotation_timestamp_seconds{")
+                && body.contains("rekeyd_sink_current{");
             last = body;
             if done {
                 break;
@@ -419,25 +430,10 @@ fn the_promql_scanner_finds_what_it_should() {
 // ---------------------------------------------------------------------------
 // Tools
 
-/// The path of `name` on PATH. Missing: a failure, unless
-/// REKEYD_SKIP_SYSTEM_TOOLS=1 (then None, and the caller skips).
+/// The path of `name` on PATH; `None` (reported as a skip, or a failure
+/// under REKEYD_REQUIRE_TOOLS=1) when the Debian `package` is not installed.
 fn tool(name: &str, package: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        if std::env::var("REKEYD_SKIP_SYSTEM_TOOLS").as_deref() == Ok("1") {
-            eprintln!("SKIPPED: {name} is not installed (REKEYD_SKIP_SYSTEM_TOOLS=1)");
-            return None;
-        }
-        panic!(
-            "{name} is not installed: `apt-get install {package}` (.ci/run does), \
-             or set REKEYD_SKIP_SYSTEM_TOOLS=1 to skip the checks that need it"
-        );
-    }
-    found
+    tools::find(name, &format!("Debian package {package}"))
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -575,6 +571,7 @@ fn alerts_use_only_exported_metrics_and_cover_the_failures() {
             &["time()", "rekeyd_rotation_next_due_timestamp_seconds", "+"],
         ),
         ("RekeydLockedOut", &["rekeyd_locked_out"]),
+        ("RekeydTokenFileInvalid", &["rekeyd_sink_token_valid"]),
         ("RekeydDown", &["up{"]),
         ("RekeydAbsent", &["absent("]),
     ] {
@@ -1052,14 +1049,34 @@ fn container_image_runs_rekeyd_unprivileged_from_scratch() {
         .find_map(|l| l.strip_prefix("host: "))
         .expect("rustc -vV names the host");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // Offline and for this host only: the packages are in the local cache
-    // after building the tests. A target the manifest declares but the
-    // context lacks fails here, as it would in the image.
-    run_ok(
+    // The image builds `rekeyd` with the default features: resolving what
+    // that build needs (normal and build dependencies, default features,
+    // this host) proves the lock file is current and every declared target
+    // is in the context. Building the tests already needed all of those
+    // packages, so cargo finds them in its cache; `cargo fetch` would want
+    // every optional dependency too (etcd-client, without the feature),
+    // which nothing here has downloaded. Not `--offline`: where the cache
+    // lacks a package (another CARGO_HOME built the tests), cargo gets it
+    // from the registry instead of failing.
+    let out = run_ok(
         Command::new(cargo)
-            .args(["fetch", "--locked", "--offline", "--target", host])
+            .args([
+                "tree",
+                "--locked",
+                "--edges",
+                "normal,build",
+                "--prefix",
+                "none",
+            ])
+            .args(["--target", host])
             .arg("--manifest-path")
             .arg(context.path().join("Cargo.toml")),
+    );
+    assert!(
+        out.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("rekeyd v")),
+        "cargo tree shows the rekeyd package first:\n{out}"
     );
 }
 
@@ -1523,12 +1540,14 @@ fn base64_decode(s: &str) -> Vec<u8> {
 fn nspawn_boots_the_unit_and_rekeyd_serves_tokens() {
     let mode = std::env::var("REKEYD_TEST_NSPAWN").unwrap_or_default();
     if mode != "1" && mode != "no-notify" {
-        eprintln!(
-            "SKIPPED: set REKEYD_TEST_NSPAWN=1 (or no-notify) to boot the unit in systemd-nspawn"
+        tools::not_requested(
+            "set REKEYD_TEST_NSPAWN=1 (or no-notify) to boot the unit in systemd-nspawn",
         );
         return;
     }
-    let nspawn = tool("systemd-nspawn", "systemd-container").expect("systemd-nspawn");
+    let Some(nspawn) = tool("systemd-nspawn", "systemd-container") else {
+        return;
+    };
     let full = mode == "1";
     let example = load_config(&read("systemd/rekeyd.toml.example"));
     let api = example.api.as_ref().unwrap();

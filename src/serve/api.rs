@@ -30,7 +30,7 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenAddr;
-use crate::credential::CredentialHandle;
+use crate::credential::{CredentialHandle, SinkFreshness};
 use crate::daemon::Registry;
 use crate::fsutil;
 
@@ -165,7 +165,8 @@ async fn get_status(State(state): State<ApiState>, headers: HeaderMap) -> Respon
         .values()
         .map(|h| {
             let mut value = serde_json::to_value(&*h.status.borrow()).expect("status serializes");
-            value["ready"] = json!(h.valid_token().is_some());
+            value["ready"] = json!(h.ready());
+            value["sinks"] = json!(h.sink_reports());
             value
         })
         .collect();
@@ -202,30 +203,51 @@ async fn readyz_one(State(state): State<ApiState>, UrlPath(name): UrlPath<String
     let Some(handle) = lookup(&state, &name) else {
         return unknown_credential();
     };
-    let ready = handle.valid_token().is_some();
+    // Not ready while a token file holds an expired token (or none): the
+    // application reading it fails as if rekeyd had no token.
+    let ready = handle.ready();
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({"ready": ready, "credential": name}))).into_response()
+    let sinks: BTreeMap<String, &str> = handle
+        .sink_reports()
+        .into_iter()
+        .map(|s| (s.path, s.freshness.as_str()))
+        .collect();
+    let body = json!({
+        "ready": ready,
+        "credential": name,
+        "token": handle.valid_token().is_some(),
+        "sinks": sinks,
+    });
+    (status, Json(body)).into_response()
 }
 
 /// OpenMetrics exposition. Token validity changes with time alone, so it is
 /// brought up to date at each scrape.
 async fn metrics(State(state): State<ApiState>) -> Response {
     let m = crate::metrics::global();
-    for (name, handle) in state.registry.snapshot().iter() {
+    let snapshot = state.registry.snapshot();
+    for (name, handle) in snapshot.iter() {
         m.token_valid
             .get_or_create(&crate::metrics::credential(name))
             .set(i64::from(handle.valid_token().is_some()));
     }
+    let sinks = snapshot.iter().flat_map(|(name, h)| {
+        h.sink_reports().into_iter().map(move |s| {
+            let current = s.freshness == SinkFreshness::Current;
+            (name.clone(), s.path, s.freshness.is_valid(), current)
+        })
+    });
+    let text = m.encode_with_sinks(sinks);
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        m.encode(),
+        text,
     )
         .into_response()
 }
@@ -238,7 +260,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     let snapshot = state.registry.snapshot();
     let per: BTreeMap<&str, bool> = snapshot
         .iter()
-        .map(|(name, h)| (name.as_str(), h.valid_token().is_some()))
+        .map(|(name, h)| (name.as_str(), h.ready()))
         .collect();
     let ready = per.values().all(|r| *r);
     let status = if ready {
