@@ -569,10 +569,10 @@ mod tests {
         // Plenty of descriptors: as configured.
         assert_eq!(connection_caps(u64::MAX, &[256, 64]), [256, 64]);
         assert_eq!(connection_caps(1024, &[256, 64]), [256, 64]);
-        assert_eq!(connection_caps(1024, &[510]), [510]);
+        assert_eq!(connection_caps(1024, &[511]), [511]);
         // Too few: lowered in proportion to half the limit, less one per
         // listener for the connection being refused.
-        assert_eq!(connection_caps(1024, &[511]), [510]);
+        assert_eq!(connection_caps(1024, &[512]), [511]);
         assert_eq!(connection_caps(256, &[256, 64]), [100, 25]);
         assert_eq!(connection_caps(256, &[256]), [127]);
         // Never below one connection each.
