@@ -487,30 +487,33 @@ async fn start_listeners(
     shared: &Shared,
     tasks: &mut JoinSet<()>,
 ) -> Result<BoundListeners, DaemonError> {
-    let mut wanted = Vec::new();
+    let mut planned = Vec::new();
     if let Some(api) = &config.api {
-        wanted.push(("api", &api.listen, api.limits));
+        let key = api::load_or_create_key(&api.key_file)
+            .map_err(|e| DaemonError::Api(format!("api: {e}")))?;
+        let state = api::ApiState {
+            registry: shared.registry.clone(),
+            key: Arc::new(key),
+        };
+        let router = api::router(state, config.diag.is_some());
+        planned.push(("api", &api.listen, api.limits, router));
     }
     if let Some(diag) = &config.diag {
-        wanted.push(("diag", &diag.listen, diag.limits));
+        let router = api::diag_router(shared.registry.clone());
+        planned.push(("diag", &diag.listen, diag.limits, router));
     }
     let nofile = http::nofile_limit().map_err(|e| {
         DaemonError::Api(format!(
             "set-up: cannot read the file-descriptor limit: {e}"
         ))
     })?;
-    let caps = http::connection_caps(
-        nofile,
-        &wanted
-            .iter()
-            .map(|(_, _, l)| l.max_connections)
-            .collect::<Vec<_>>(),
-    );
+    let wanted: Vec<usize> = planned.iter().map(|p| p.2.max_connections).collect();
+    let caps = http::connection_caps(nofile, &wanted);
     let mut bound = BoundListeners {
         api: None,
         diag: None,
     };
-    for ((name, listen, mut limits), cap) in wanted.into_iter().zip(caps) {
+    for ((name, listen, mut limits, router), cap) in planned.into_iter().zip(caps) {
         if cap < limits.max_connections {
             warn!(
                 step = "listen",
@@ -526,25 +529,10 @@ async fn start_listeners(
             .await
             .map_err(|e| DaemonError::Api(format!("{name}: cannot listen on {listen}: {e}")))?;
         let addr = listener.local_addr();
-        let router = match name {
-            "api" => {
-                let api_config = config.api.as_ref().expect("listed above");
-                let key = api::load_or_create_key(&api_config.key_file)
-                    .map_err(|e| DaemonError::Api(format!("api: {e}")))?;
-                bound.api = addr;
-                api::router(
-                    api::ApiState {
-                        registry: shared.registry.clone(),
-                        key: Arc::new(key),
-                    },
-                    config.diag.is_some(),
-                )
-            }
-            _ => {
-                bound.diag = addr;
-                api::diag_router(shared.registry.clone())
-            }
-        };
+        match name {
+            "api" => bound.api = addr,
+            _ => bound.diag = addr,
+        }
         tasks.spawn(listener.serve(name, router, limits, shared.shutdown.clone()));
         info!(
             step = "listen",

@@ -67,9 +67,25 @@ trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 async fn connect(target: &Target) -> Box<dyn Stream> {
-    match target {
-        Target::Tcp(addr) => Box::new(tokio::net::TcpStream::connect(addr).await.unwrap()),
-        Target::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await.unwrap()),
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let result: std::io::Result<Box<dyn Stream>> = match target {
+            Target::Tcp(addr) => tokio::net::TcpStream::connect(addr)
+                .await
+                .map(|s| Box::new(s) as _),
+            Target::Unix(path) => tokio::net::UnixStream::connect(path)
+                .await
+                .map(|s| Box::new(s) as _),
+        };
+        match result {
+            Ok(stream) => return stream,
+            // A unix socket's backlog is full (a flood faster than the
+            // server accepts): the kernel refuses rather than queues.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(1)).await
+            }
+            Err(e) => panic!("connect {target:?}: {e}"),
+        }
     }
 }
 
@@ -170,8 +186,10 @@ idle_timeout = "1h"
         let mut streams = Vec::new();
         for _ in 0..20 {
             let mut s = connect(target).await;
+            // Before the write: the server's clock starts when it reads.
+            let sent = Instant::now();
             s.write_all(partial.as_bytes()).await.unwrap();
-            streams.push((s, Instant::now()));
+            streams.push((s, sent));
         }
         for (mut s, sent) in streams {
             let got = wait_closed(&mut *s, &format!("{target:?}: {partial:?}")).await;
@@ -217,19 +235,22 @@ idle_timeout = "300ms"
     let api = Target::Tcp(d.api_addr.unwrap());
     let idle_timeout = Duration::from_millis(300);
 
-    let mut silent = connect(&api).await;
+    // Instants are taken before what starts the server's clock, so that
+    // its deadline cannot precede ours.
     let opened = Instant::now();
+    let mut silent = connect(&api).await;
     let mut kept = connect(&api).await;
+    let mut last_request = Instant::now();
     for _ in 0..3 {
         // Requests in a row, each within the idle timeout of the last.
+        last_request = Instant::now();
         assert_eq!(get(&mut *kept, "/livez", "").await.0, 200);
     }
-    let answered = Instant::now();
     wait_closed(&mut *kept, "kept-alive connection").await;
     assert!(
-        answered.elapsed() >= idle_timeout,
+        last_request.elapsed() >= idle_timeout,
         "{:?}",
-        answered.elapsed()
+        last_request.elapsed()
     );
     wait_closed(&mut *silent, "silent connection").await;
     assert!(opened.elapsed() >= idle_timeout, "{:?}", opened.elapsed());
@@ -349,8 +370,6 @@ async fn a_low_file_limit_and_a_connection_flood_do_not_stop_refresh() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     register(&sim, d);
-    let api_sock = d.join("api.sock");
-    let diag_sock = d.join("diag.sock");
     let token_file = d.join("maps.token");
     let text = config(
         &sim,
@@ -374,14 +393,16 @@ path = "{dir}/maps.token"
     let mut child = spawn_with_fd_limit(&config_path, &log_path, 256);
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
-    let api = Target::Unix(api_sock.clone());
-    let diag = Target::Unix(diag_sock.clone());
+    let api = Target::Unix(d.join("api.sock"));
+    let diag = Target::Unix(d.join("diag.sock"));
+    // Started once both listeners are logged (after they bound).
     let deadline = Instant::now() + EVENT_TIMEOUT;
-    while !(api_sock.exists() && diag_sock.exists()) {
+    while log().lines().filter(|l| l.contains("listening")).count() < 2 {
         assert!(child.try_wait().unwrap().is_none(), "exited:\n{}", log());
-        assert!(Instant::now() < deadline, "no sockets:\n{}", log());
+        assert!(Instant::now() < deadline, "not listening:\n{}", log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let cap = logged_cap(&log(), "api");
 
     // The flood. Each connection waits in a task for the server to close
     // it (holding it open until then) and reports the close.
@@ -399,7 +420,6 @@ path = "{dir}/maps.token"
     }
     // Everything beyond the cap the daemon logged is refused at once; the
     // cap leaves most of the 256 descriptors to the engine.
-    let cap = logged_cap(&log(), "api");
     assert!(
         (1..128).contains(&cap),
         "cap {cap}:
@@ -491,12 +511,17 @@ fn raise_own_fd_limit(at_least: u64) {
 /// it starts, logging at info to `log`.
 fn spawn_with_fd_limit(config: &Path, log: &Path, nofile: u64) -> std::process::Child {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_rekeyd"));
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if n.starts_with("REKEYD")
+            || ["NOTIFY_SOCKET", "WATCHDOG_USEC", "FAILPOINTS"].contains(&&*n)
+        {
+            command.env_remove(&name);
+        }
+    }
     command
         .args(["run", "--config"])
         .arg(config)
-        .env_remove("REKEYD_CONFIG")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("FAILPOINTS")
         .env("RUST_LOG", "info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -618,6 +643,8 @@ key_file = "{dir}/api.key"
     for path in ["/livez", "/readyz", "/readyz/maps", "/metrics"] {
         assert_eq!(get_once(&api, path, "").await.0, 200, "{path}");
     }
+    // Unknown paths get the plain 404 they always got.
+    assert_eq!(get_once(&api, "/nope", "").await, (404, String::new()));
     d.stop().await;
 }
 
@@ -741,7 +768,7 @@ fn bad_listener_settings_are_refused_naming_the_key() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_rekeyd"))
             .args(["check", "--config"])
             .arg(&path)
-            .env_remove("REKEYD_CONFIG")
+            .env_clear()
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

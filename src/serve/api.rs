@@ -63,7 +63,7 @@ pub fn router(state: ApiState, diag_elsewhere: bool) -> Router {
             .iter()
             .fold(Router::new(), |r, path| r.route(path, get(served_by_diag)))
     } else {
-        diag_router(registry)
+        diag_routes().with_state(registry)
     };
     tokens
         .merge(diag)
@@ -72,13 +72,15 @@ pub fn router(state: ApiState, diag_elsewhere: bool) -> Router {
 
 /// The diagnostics listener: probes and metrics, never a token.
 pub fn diag_router(registry: Arc<Registry>) -> Router {
+    diag_routes().fallback(diag_only).with_state(registry)
+}
+
+fn diag_routes() -> Router<Arc<Registry>> {
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/readyz/{name}", get(readyz_one))
         .route("/metrics", get(metrics))
-        .fallback(diag_only)
-        .with_state(registry)
 }
 
 async fn served_by_diag() -> Response {

@@ -524,6 +524,8 @@ async fn serve_connection<S>(
     let mut conn = pin!(
         hyper::server::conn::http1::Builder::new()
             .max_buf_size(MAX_HEAD_BYTES)
+            // The watchdog below times heads, requests and idleness.
+            .header_read_timeout(None)
             .serve_connection(io, service)
     );
     let mut stopping = pin!(shutdown.cancelled_owned());
