@@ -9,6 +9,7 @@ use crate::cli::{Cli, Command};
 use crate::config::{
     Config, CredentialConfig, HookAction, ListenerLimits, RotationTrigger, StoreConfig,
 };
+use crate::proxy::ProxyEnv;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
@@ -50,7 +51,7 @@ pub async fn execute(cli: Cli) -> u8 {
         }
         Command::Check(args) => match load(&args.config) {
             Some(config) => {
-                println!("{}", effective_config(&config));
+                println!("{}", effective_config(&config).await);
                 for warning in config.warnings() {
                     eprintln!("rekeyd: warning: {warning}");
                 }
@@ -408,13 +409,16 @@ async fn stored_status(config: &Config) -> Vec<Value> {
 
 /// The configuration as rekeyd understood it, defaults filled in. Holds no
 /// secret values (those live in files); operator-supplied extra form fields
-/// are redacted because they may carry assertions.
-pub fn effective_config(config: &Config) -> String {
+/// are redacted because they may carry assertions. Each endpoint's
+/// `*_proxy` says how requests to it travel ([`crate::proxy`]), with any
+/// proxy credentials redacted.
+pub async fn effective_config(config: &Config) -> String {
     let dur = |d: Duration| humantime::format_duration(d).to_string();
+    let proxies = ProxyEnv::from_env();
     let credentials: Vec<Value> = config
         .credentials
         .iter()
-        .map(|c| credential_json(c, &dur))
+        .map(|c| credential_json(c, &dur, &proxies))
         .collect();
     let doc = json!({
         "state_dir": config.state_dir.display().to_string(),
@@ -430,8 +434,11 @@ pub fn effective_config(config: &Config) -> String {
             diag
         }),
         "log": {"format": format!("{:?}", config.log.format).to_lowercase()},
-        "store": store_json(&config.store, &dur),
+        "store": store_json(&config.store, &dur).await,
         "credentials": credentials,
+        // Set but unused (HTTP_PROXY, a SOCKS proxy): said, not silently
+        // dropped.
+        "proxy_variables_ignored": (!proxies.ignored().is_empty()).then(|| proxies.ignored()),
     });
     serde_json::to_string_pretty(&strip_nulls(doc)).expect("json")
 }
@@ -445,27 +452,42 @@ fn limits_json(limits: &ListenerLimits, dur: &dyn Fn(Duration) -> String) -> Val
     })
 }
 
-fn store_json(store: &StoreConfig, dur: &dyn Fn(Duration) -> String) -> Value {
+async fn store_json(store: &StoreConfig, dur: &dyn Fn(Duration) -> String) -> Value {
     match store {
         StoreConfig::File => json!({"kind": "file"}),
-        StoreConfig::Kubernetes(k) => json!({
-            "kind": "kubernetes",
-            "namespace": k.namespace,
-            "secret": k.secret,
-            "lease": k.lease,
-            "kubeconfig": k.kubeconfig.as_ref().map(|p| p.display().to_string()),
-            "claim_ttl": dur(k.claim_ttl),
-        }),
+        StoreConfig::Kubernetes(k) => {
+            // The API server's address comes from the kubeconfig or the
+            // pod's environment: read them (nothing is contacted).
+            let (api_server, proxy) = match store::kubernetes::client_config(k).await {
+                Ok((client, route)) => (Some(client.cluster_url.to_string()), route.describe()),
+                Err(e) => (None, format!("unknown ({e})")),
+            };
+            json!({
+                "kind": "kubernetes",
+                "namespace": k.namespace,
+                "secret": k.secret,
+                "lease": k.lease,
+                "kubeconfig": k.kubeconfig.as_ref().map(|p| p.display().to_string()),
+                "claim_ttl": dur(k.claim_ttl),
+                "api_server": api_server,
+                "api_server_proxy": proxy,
+            })
+        }
         StoreConfig::Etcd(e) => json!({
             "kind": "etcd",
             "endpoints": e.endpoints,
+            "endpoints_proxy": "direct (the etcd client never uses a proxy)",
             "prefix": e.prefix,
             "claim_ttl": dur(e.claim_ttl),
         }),
     }
 }
 
-fn credential_json(c: &CredentialConfig, dur: &dyn Fn(Duration) -> String) -> Value {
+fn credential_json(
+    c: &CredentialConfig,
+    dur: &dyn Fn(Duration) -> String,
+    proxies: &ProxyEnv,
+) -> Value {
     json!({
         "name": c.name,
         "provider": c.provider.as_str(),
@@ -482,7 +504,9 @@ fn credential_json(c: &CredentialConfig, dur: &dyn Fn(Duration) -> String) -> Va
         "extra_params": c.extra_params.keys().map(|k| (k.clone(), json!("[redacted]"))).collect::<serde_json::Map<_, _>>(),
         "endpoints": {
             "token_url": c.endpoints.token_url.as_str(),
+            "token_url_proxy": proxies.route(&c.endpoints.token_url).describe(),
             "secrets_url": c.endpoints.secrets_url.as_ref().map(|u| u.as_str()),
+            "secrets_url_proxy": c.endpoints.secrets_url.as_ref().map(|u| proxies.route(u).describe()),
             "connect_timeout": dur(c.endpoints.connect_timeout),
             "request_timeout": dur(c.endpoints.request_timeout),
         },

@@ -466,6 +466,24 @@ pub struct HookConfig {
     pub action: HookAction,
 }
 
+/// A value from `extra_params`: sent to the provider as given, never shown
+/// (it may be a client assertion or another secret; I7).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ParamValue(String);
+
+impl ParamValue {
+    /// The value as sent in the token request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ParamValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CredentialConfig {
     pub name: String,
@@ -477,7 +495,9 @@ pub struct CredentialConfig {
     pub scope: Option<String>,
     pub audience: Option<String>,
     pub auth_method: AuthMethod,
-    pub extra_params: BTreeMap<String, String>,
+    /// Extra form parameters of the token request (values may be
+    /// assertions, so they are redacted in `Debug`).
+    pub extra_params: BTreeMap<String, ParamValue>,
     pub endpoints: EndpointsConfig,
     pub refresh: RefreshConfig,
     pub rotation: Option<RotationConfig>,
@@ -1239,7 +1259,11 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         scope: rc.scope,
         audience: rc.audience,
         auth_method,
-        extra_params: rc.extra_params,
+        extra_params: rc
+            .extra_params
+            .into_iter()
+            .map(|(k, v)| (k, ParamValue(v)))
+            .collect(),
         endpoints,
         refresh,
         rotation,

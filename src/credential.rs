@@ -7,8 +7,8 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
-use tokio::time::Instant;
 
+use crate::clock::{self, Clock};
 use crate::token::Token;
 
 /// Human- and machine-readable state of a credential. Holds no secrets.
@@ -53,12 +53,16 @@ pub struct CredentialHandle {
     pub rotate_now: Arc<Notify>,
     /// Whether this credential's secret is rotated by rekeyd.
     pub rotates: bool,
+    /// The clock its token's lifetime is measured on (the engine's).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl CredentialHandle {
-    /// The current token, if it has not expired.
+    /// The current token, if it has not expired: decided on the boot-time
+    /// clock, so a token that ran out while the machine was suspended is
+    /// not served once it resumes, whatever tokio's timers say.
     pub fn valid_token(&self) -> Option<Arc<Token>> {
-        let now = Instant::now();
+        let now = self.clock.now();
         self.token
             .borrow()
             .as_ref()
@@ -78,6 +82,9 @@ pub struct CredentialChannels {
     /// Apart from `refresh_now` because that login must not ask for yet
     /// another rotation (`on_login`), or rotations would chain forever.
     pub promoted: Arc<Notify>,
+    /// What the token's lifetime is measured on; its suspension reports
+    /// wake the engine.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl CredentialChannels {
@@ -90,12 +97,23 @@ impl CredentialChannels {
             refresh_now: self.refresh_now.clone(),
             rotate_now: self.rotate_now.clone(),
             rotates: false,
+            clock: self.clock.clone(),
         }
     }
 }
 
-/// Creates the channels of a credential and the handle that reads them.
+/// Creates the channels of a credential and the handle that reads them, on
+/// the system clock.
 pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHandle) {
+    channels_with_clock(name, provider, clock::system())
+}
+
+/// [`channels`] on another clock (tests suspend a [`clock::ManualClock`]).
+pub fn channels_with_clock(
+    name: &str,
+    provider: &str,
+    clock: Arc<dyn Clock>,
+) -> (CredentialChannels, CredentialHandle) {
     let (token_tx, token_rx) = watch::channel(None);
     let (status_tx, status_rx) = watch::channel(CredentialStatus {
         name: name.to_string(),
@@ -112,6 +130,7 @@ pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHa
             refresh_now: refresh_now.clone(),
             rotate_now: rotate_now.clone(),
             promoted: Arc::new(Notify::new()),
+            clock: clock.clone(),
         },
         CredentialHandle {
             name: name.to_string(),
@@ -120,6 +139,7 @@ pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHa
             refresh_now,
             rotate_now,
             rotates: false,
+            clock,
         },
     )
 }

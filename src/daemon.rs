@@ -65,8 +65,15 @@ pub struct Registry {
     engine_died: AtomicBool,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
 impl Registry {
-    fn new() -> Registry {
+    /// An empty registry; the daemon fills it as credentials start.
+    pub fn new() -> Registry {
         Registry {
             map: RwLock::new(Arc::new(BTreeMap::new())),
             changed: Notify::new(),
@@ -78,7 +85,9 @@ impl Registry {
         self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn replace(&self, map: BTreeMap<String, CredentialHandle>) {
+    /// Swaps in the running credentials (after a start or a reload) and
+    /// wakes whoever watches for changes.
+    pub fn replace(&self, map: BTreeMap<String, CredentialHandle>) {
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
         self.changed.notify_one();
     }
@@ -569,6 +578,9 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     }
 
     let mut tasks = JoinSet::new();
+    // Wakes the token engines after the machine was suspended (their
+    // timers run on a clock that stopped meanwhile).
+    tasks.spawn(crate::clock::watchdog(shared.shutdown.clone()));
     let listeners = start_listeners(config, &shared, &mut tasks).await?;
     let running = Running {
         api_addr: listeners.api,

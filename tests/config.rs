@@ -676,3 +676,27 @@ fn run_logs_configuration_warnings() {
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("`credentials[0].client_id`"), "{line}");
 }
+
+#[test]
+fn extra_params_values_never_show_in_debug() {
+    let assertion = "eyJhbGciOiJSUzI1NiJ9.assertion-value.c2lnbmF0dXJl";
+    let config = Config::from_toml(&format!(
+        r#"
+state_dir = "/var/lib/rekeyd"
+[[credentials]]
+name = "idp"
+provider = "oauth2"
+client_id = "c"
+initial_secret_file = "/etc/rekeyd/idp.secret"
+extra_params = {{ client_assertion = "{assertion}" }}
+[credentials.endpoints]
+token_url = "https://idp.example/token"
+"#
+    ))
+    .unwrap();
+    let cred = &config.credentials[0];
+    assert_eq!(cred.extra_params["client_assertion"].expose(), assertion);
+    let shown = format!("{config:?}");
+    assert!(shown.contains("client_assertion"), "{shown}");
+    assert!(!shown.contains(assertion), "{shown}");
+}

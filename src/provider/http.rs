@@ -1,9 +1,9 @@
-//! The HTTP plumbing every provider shares: a client with timeouts and no
-//! redirects, a body reader that refuses to buffer more than a small cap, and
+//! The HTTP plumbing every provider shares: a client with timeouts, no
+//! redirects and the proxy rule of [`crate::proxy`], a body reader that refuses to buffer more than a small cap, and
 //! the parsing of token replies and RFC 6749 §5.2 error bodies.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::{ErrorKind, ProviderError};
 use crate::config::EndpointsConfig;
+use crate::proxy::ProxyEnv;
 use crate::token::Token;
 
 /// A token reply or error body is a few hundred bytes; a megabyte is generous
@@ -60,7 +61,13 @@ impl HttpClients {
 
 impl HttpClient {
     pub fn new(endpoints: &EndpointsConfig) -> Result<Self, ProviderError> {
-        let client = reqwest::Client::builder()
+        // Not reqwest's own reading of the environment, which sends plain
+        // http (a secret in the clear) through HTTP_PROXY.
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if let Some(proxy) = Arc::new(ProxyEnv::from_env()).reqwest_proxy() {
+            builder = builder.proxy(proxy);
+        }
+        let client = builder
             .connect_timeout(endpoints.connect_timeout)
             .timeout(endpoints.request_timeout)
             // A redirect would resend the form (and its secret) somewhere the

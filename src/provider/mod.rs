@@ -5,7 +5,7 @@
 //! and end up as a [`ProviderError`] whose [`ErrorKind`] tells the token
 //! engine how to react: retry soon, back off long, or re-read the secret.
 
-mod http;
+pub mod http;
 pub mod mappls;
 pub mod mapsindoors;
 pub mod oauth2;

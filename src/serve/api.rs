@@ -32,7 +32,6 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tokio::time::Instant;
 
 use crate::credential::CredentialHandle;
 use crate::daemon::Registry;
@@ -189,7 +188,7 @@ async fn get_token(
     let reply = TokenReply {
         access_token: token.access_token.expose_secret(),
         expires_at: humantime::format_rfc3339_seconds(token.expires_at_wall()),
-        expires_in: token.remaining(Instant::now()).as_secs(),
+        expires_in: token.remaining(handle.clock.now()).as_secs(),
         token_type: &token.token_type,
     };
     let mut response = Json(reply).into_response();
