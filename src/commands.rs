@@ -6,7 +6,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cli::{Cli, Command};
-use crate::config::{Config, CredentialConfig, HookAction, RotationTrigger, StoreConfig};
+use crate::config::{
+    Config, CredentialConfig, HookAction, ListenerLimits, RotationTrigger, StoreConfig,
+};
 use crate::proxy::ProxyEnv;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -454,10 +456,17 @@ pub async fn effective_config(config: &Config) -> String {
         .collect();
     let doc = json!({
         "state_dir": config.state_dir.display().to_string(),
-        "api": config.api.as_ref().map(|a| json!({
-            "listen": a.listen.to_string(),
-            "key_file": a.key_file.display().to_string(),
-        })),
+        "api": config.api.as_ref().map(|a| {
+            let mut api = limits_json(&a.limits, &dur);
+            api["listen"] = json!(a.listen.to_string());
+            api["key_file"] = json!(a.key_file.display().to_string());
+            api
+        }),
+        "diag": config.diag.as_ref().map(|d| {
+            let mut diag = limits_json(&d.limits, &dur);
+            diag["listen"] = json!(d.listen.to_string());
+            diag
+        }),
         "log": {"format": format!("{:?}", config.log.format).to_lowercase()},
         "store": store_json(&config.store, &dur).await,
         "credentials": credentials,
@@ -466,6 +475,15 @@ pub async fn effective_config(config: &Config) -> String {
         "proxy_variables_ignored": (!proxies.ignored().is_empty()).then(|| proxies.ignored()),
     });
     serde_json::to_string_pretty(&strip_nulls(doc)).expect("json")
+}
+
+fn limits_json(limits: &ListenerLimits, dur: &dyn Fn(Duration) -> String) -> Value {
+    json!({
+        "max_connections": limits.max_connections,
+        "header_timeout": dur(limits.header_timeout),
+        "request_timeout": dur(limits.request_timeout),
+        "idle_timeout": dur(limits.idle_timeout),
+    })
 }
 
 async fn store_json(store: &StoreConfig, dur: &dyn Fn(Duration) -> String) -> Value {

@@ -16,6 +16,23 @@ use url::Url;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rekeyd/rekeyd.toml";
 /// Default listen address of the local API when `[api]` gives none.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9860";
+/// Default cap on the open connections of the token API (`max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default cap of the diagnostics listener: probes and a scraper or two.
+/// With the API's, it fits the common soft RLIMIT_NOFILE of 1024 without
+/// being lowered (see `serve::http::connection_caps`).
+pub const DEFAULT_DIAG_MAX_CONNECTIONS: usize = 64;
+/// Default time a client has to send a request's head, from its first byte
+/// (`header_timeout`).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time a request may take from its first byte until its response
+/// is written (`request_timeout`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a connection may wait for its next request (`idle_timeout`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound of every listener timeout: beyond it a stuck client holds a
+/// connection for no client's benefit.
+pub const MAX_LISTENER_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default grace period between promoting a new secret and deleting the old one.
 pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(30);
 /// An old secret kept longer than this defeats the point of rotating.
@@ -131,6 +148,7 @@ impl<'de> Deserialize<'de> for RawScalar {
 struct RawConfig {
     state_dir: Option<PathBuf>,
     api: Option<RawApi>,
+    diag: Option<RawDiag>,
     log: Option<RawLog>,
     store: Option<RawStore>,
     #[serde(default)]
@@ -161,6 +179,22 @@ struct RawApi {
     key_file: Option<PathBuf>,
     #[serde(default)]
     allow_non_loopback: bool,
+    // The limits of every listener; spelled out in each section because
+    // serde's `flatten` cannot be combined with `deny_unknown_fields`.
+    max_connections: Option<i64>,
+    header_timeout: Option<String>,
+    request_timeout: Option<String>,
+    idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiag {
+    listen: Option<String>,
+    max_connections: Option<i64>,
+    header_timeout: Option<String>,
+    request_timeout: Option<String>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +282,7 @@ struct RawSink {
 pub struct Config {
     pub state_dir: PathBuf,
     pub api: Option<ApiConfig>,
+    pub diag: Option<DiagConfig>,
     pub log: LogConfig,
     pub store: StoreConfig,
     pub credentials: Vec<CredentialConfig>,
@@ -316,10 +351,48 @@ impl std::fmt::Display for ListenAddr {
     }
 }
 
-#[derive(Debug, Clone)]
+/// `[api]`: the token API.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiConfig {
     pub listen: ListenAddr,
     pub key_file: PathBuf,
+    pub limits: ListenerLimits,
+}
+
+/// `[diag]`: the diagnostics listener (`/livez`, `/readyz`,
+/// `/readyz/{name}`, `/metrics`; never a token), which may listen beyond
+/// the host without a key. With it, the token API serves `/v1/...` only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiagConfig {
+    pub listen: ListenAddr,
+    pub limits: ListenerLimits,
+}
+
+/// What one listener allows its clients, so that no number of local
+/// clients starves the daemon (see `serve::http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Connections open at once; more are refused with 503 at once. The
+    /// daemon may lower it at start-up to fit the file-descriptor limit.
+    pub max_connections: usize,
+    /// From the first byte of a request until its head is complete.
+    pub header_timeout: Duration,
+    /// From the first byte of a request until its response is written.
+    pub request_timeout: Duration,
+    /// How long a connection may wait for its next request.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ListenerLimits {
+    /// The token API's defaults.
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -593,6 +666,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .api
         .map(|api| validate_api(api, &state_dir))
         .transpose()?;
+    let diag = raw.diag.map(validate_diag).transpose()?;
+    if let (Some(api), Some(diag)) = (&api, &diag)
+        && listeners_collide(&api.listen, &diag.listen)
+    {
+        return Err(ConfigError::invalid(
+            "diag.listen",
+            format!(
+                "{} overlaps api.listen ({}); the diagnostics listener needs an address of its own",
+                diag.listen, api.listen
+            ),
+        ));
+    }
 
     let log = LogConfig {
         format: match raw.log.and_then(|l| l.format).as_deref() {
@@ -644,6 +729,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         state_dir,
         api,
+        diag,
         log,
         store,
         credentials,
@@ -953,36 +1039,119 @@ fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
-fn validate_api(api: RawApi, state_dir: &Path) -> Result<ApiConfig, ConfigError> {
-    let listen_text = api.listen.as_deref().unwrap_or(DEFAULT_API_LISTEN);
-    let listen = if let Some(path) = listen_text.strip_prefix("unix:") {
+/// Parses `key`'s value: `"IP:PORT"` or `"unix:/absolute/path"`.
+fn parse_listen(key: &str, text: &str) -> Result<ListenAddr, ConfigError> {
+    if let Some(path) = text.strip_prefix("unix:") {
         let path = PathBuf::from(path);
         if !path.is_absolute() {
             return Err(ConfigError::invalid(
-                "api.listen",
-                format!("unix socket path must be absolute, got {listen_text:?}"),
+                key,
+                format!("unix socket path must be absolute, got {text:?}"),
             ));
         }
-        ListenAddr::Unix(path)
-    } else {
-        let addr: SocketAddr = listen_text.parse().map_err(|_| {
-            ConfigError::invalid(
-                "api.listen",
-                format!("expected \"IP:PORT\" or \"unix:/path\", got {listen_text:?}"),
-            )
-        })?;
-        // The token endpoint hands out bearer tokens: exposing it beyond the
-        // host must be a deliberate choice.
-        if !addr.ip().is_loopback() && !api.allow_non_loopback {
-            return Err(ConfigError::invalid(
-                "api.listen",
-                format!(
-                    "{addr} is not a loopback address; set api.allow_non_loopback = true to expose the API beyond this host"
-                ),
-            ));
+        return Ok(ListenAddr::Unix(path));
+    }
+    text.parse().map(ListenAddr::Tcp).map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("expected \"IP:PORT\" or \"unix:/path\", got {text:?}"),
+        )
+    })
+}
+
+/// Whether two listeners would fight over one address: the same socket
+/// path, or the same TCP port on the same or a wildcard address (port 0
+/// picks a free port each time).
+fn listeners_collide(a: &ListenAddr, b: &ListenAddr) -> bool {
+    match (a, b) {
+        (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
+        (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => {
+            a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
         }
-        ListenAddr::Tcp(addr)
+        _ => false,
+    }
+}
+
+/// Validates the limits of the listener in `section` (`api` or `diag`).
+fn validate_limits(
+    section: &str,
+    default_max_connections: usize,
+    max_connections: Option<i64>,
+    header_timeout: Option<String>,
+    request_timeout: Option<String>,
+    idle_timeout: Option<String>,
+) -> Result<ListenerLimits, ConfigError> {
+    let key = |field: &str| format!("{section}.{field}");
+    let defaults = ListenerLimits::default();
+    let max_connections = match max_connections {
+        None => default_max_connections,
+        Some(n) => usize::try_from(n)
+            .ok()
+            .filter(|n| (1..=1_000_000).contains(n))
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    key("max_connections"),
+                    format!("must be between 1 and 1000000, got {n}"),
+                )
+            })?,
     };
+    let timeout = |field: &str, text: Option<String>, default: Duration| {
+        let Some(text) = text else {
+            return Ok(default);
+        };
+        let d = parse_duration(&key(field), &text)?;
+        if d.is_zero() || d > MAX_LISTENER_TIMEOUT {
+            return Err(ConfigError::invalid(
+                key(field),
+                format!("must be more than 0s and at most 1h, got {text:?}"),
+            ));
+        }
+        Ok(d)
+    };
+    let header_timeout = timeout("header_timeout", header_timeout, defaults.header_timeout)?;
+    let request_timeout = timeout("request_timeout", request_timeout, defaults.request_timeout)?;
+    let idle_timeout = timeout("idle_timeout", idle_timeout, defaults.idle_timeout)?;
+    // The head is part of the request: a longer header_timeout would never
+    // apply.
+    if header_timeout > request_timeout {
+        return Err(ConfigError::invalid(
+            key("header_timeout"),
+            format!(
+                "{} is longer than {} ({}); the request head is part of the request",
+                humantime::format_duration(header_timeout),
+                key("request_timeout"),
+                humantime::format_duration(request_timeout),
+            ),
+        ));
+    }
+    Ok(ListenerLimits {
+        max_connections,
+        header_timeout,
+        request_timeout,
+        idle_timeout,
+    })
+}
+
+fn validate_api(api: RawApi, state_dir: &Path) -> Result<ApiConfig, ConfigError> {
+    let listen = parse_listen(
+        "api.listen",
+        api.listen.as_deref().unwrap_or(DEFAULT_API_LISTEN),
+    )?;
+    // The token endpoint hands out bearer tokens: exposing it beyond the
+    // host must be a deliberate choice.
+    if let ListenAddr::Tcp(addr) = listen
+        && !addr.ip().is_loopback()
+        && !api.allow_non_loopback
+    {
+        return Err(ConfigError::invalid(
+            "api.listen",
+            format!(
+                "{addr} is not a loopback address; set api.allow_non_loopback = true to expose the API beyond this host (for probes and metrics, a [diag] listener is the safer choice)"
+            ),
+        ));
+    }
     let key_file = api.key_file.unwrap_or_else(|| state_dir.join("api.key"));
     if !key_file.is_absolute() {
         return Err(ConfigError::invalid(
@@ -990,7 +1159,40 @@ fn validate_api(api: RawApi, state_dir: &Path) -> Result<ApiConfig, ConfigError>
             format!("must be an absolute path, got {:?}", key_file),
         ));
     }
-    Ok(ApiConfig { listen, key_file })
+    let limits = validate_limits(
+        "api",
+        DEFAULT_MAX_CONNECTIONS,
+        api.max_connections,
+        api.header_timeout,
+        api.request_timeout,
+        api.idle_timeout,
+    )?;
+    Ok(ApiConfig {
+        listen,
+        key_file,
+        limits,
+    })
+}
+
+/// `[diag]` needs no loopback address: it serves no token, no status and
+/// no rotation, only what probes and a scraper need.
+fn validate_diag(diag: RawDiag) -> Result<DiagConfig, ConfigError> {
+    let text = diag.listen.ok_or_else(|| {
+        ConfigError::invalid(
+            "diag.listen",
+            "is required in [diag], e.g. \"0.0.0.0:9861\" or \"unix:/run/rekeyd/diag.sock\"",
+        )
+    })?;
+    let listen = parse_listen("diag.listen", &text)?;
+    let limits = validate_limits(
+        "diag",
+        DEFAULT_DIAG_MAX_CONNECTIONS,
+        diag.max_connections,
+        diag.header_timeout,
+        diag.request_timeout,
+        diag.idle_timeout,
+    )?;
+    Ok(DiagConfig { listen, limits })
 }
 
 fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, ConfigError> {

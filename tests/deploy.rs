@@ -958,7 +958,8 @@ fn container_image_runs_rekeyd_unprivileged_from_scratch() {
     );
     let volumes: Vec<String> = serde_json::from_str(get("VOLUME")[0]).unwrap();
     assert_eq!(volumes, ["/var/lib/rekeyd", "/run/tokens"]);
-    assert_eq!(get("EXPOSE"), ["9860"]);
+    // The diagnostics listener; the token API stays on loopback.
+    assert_eq!(get("EXPOSE"), ["9861"]);
     assert!(
         get("COPY").contains(&"deploy/container/rekeyd.toml /etc/rekeyd/rekeyd.toml"),
         "{:?}",
@@ -1153,7 +1154,12 @@ fn name(v: &Yaml) -> &str {
 
 /// The container port a probe's `port` means.
 fn probe_port(container: &Yaml, probe: &Yaml) -> u64 {
-    let port = &probe["httpGet"]["port"];
+    container_port(container, &probe["httpGet"]["port"])
+}
+
+/// The container port `port` (a number or the name of one of the
+/// container's ports) means.
+fn container_port(container: &Yaml, port: &Yaml) -> u64 {
     if let Some(n) = port.as_u64() {
         return n;
     }
@@ -1239,6 +1245,8 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
         rekeyd["command"].is_null() && rekeyd["args"].is_null(),
         "the image's entrypoint"
     );
+    // Probes go to the diagnostics listener ([diag] in rekeyd.toml, checked
+    // below), the one port the container declares.
     for (probe, path) in [
         ("startupProbe", "/readyz"),
         ("readinessProbe", "/readyz"),
@@ -1246,8 +1254,15 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
     ] {
         let p = &rekeyd[probe];
         assert_eq!(p["httpGet"]["path"].as_str(), Some(path), "{probe}");
-        assert_eq!(probe_port(rekeyd, p), 9860, "{probe}");
+        assert_eq!(probe_port(rekeyd, p), 9861, "{probe}");
     }
+    let declared: Vec<u64> = rekeyd["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_u64().unwrap())
+        .collect();
+    assert_eq!(declared, [9861], "only the diagnostics port is declared");
     hardened(rekeyd, pod);
     let containers = pod["containers"].as_sequence().unwrap();
     assert!(!containers.is_empty());
@@ -1314,9 +1329,56 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
     }
     let (_, state_volume, read_only) = mount_of(&config.state_dir);
     assert!(!read_only && state_volume["emptyDir"].is_mapping());
+    // Tokens stay inside the pod: the token API on loopback, the pod
+    // address for the diagnostics only.
     let api = config.api.as_ref().unwrap();
-    assert_eq!(api.listen.to_string(), "0.0.0.0:9860");
+    assert_eq!(api.listen.to_string(), "127.0.0.1:9860");
     mount_of(&api.key_file);
+    let diag = config.diag.as_ref().expect("a [diag] listener");
+    assert_eq!(diag.listen.to_string(), "0.0.0.0:9861");
+
+    // The NetworkPolicy selects this pod and admits the diagnostics port
+    // alone (from wherever the probes and the scrape come).
+    let policy = one(&docs, "NetworkPolicy");
+    let spec = &policy["spec"];
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let selector = spec["podSelector"]["matchLabels"].as_mapping().unwrap();
+    assert!(!selector.is_empty());
+    for (key, value) in selector {
+        assert_eq!(&labels[key], value, "the policy selects the pod by {key:?}");
+    }
+    assert_eq!(strs(&spec["policyTypes"]), ["Ingress"]);
+    let rules = spec["ingress"].as_sequence().expect("ingress rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let ports = rules[0]["ports"].as_sequence().expect("a port list");
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0]["protocol"].as_str(), Some("TCP"));
+    assert_eq!(container_port(rekeyd, &ports[0]["port"]), 9861);
+    assert!(ports[0]["endPort"].is_null());
+
+    // The PodMonitor scrapes that port.
+    let podmonitor = yaml("deploy/prometheus/podmonitor.yaml");
+    let endpoints = podmonitor["spec"]["podMetricsEndpoints"]
+        .as_sequence()
+        .unwrap();
+    for endpoint in endpoints {
+        let port = &endpoint["port"];
+        assert_eq!(
+            container_port(rekeyd, port),
+            9861,
+            "PodMonitor port {port:?}"
+        );
+        assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
+    }
+    for (key, value) in podmonitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(
+            &labels[key], value,
+            "the PodMonitor selects the pod by {key:?}"
+        );
+    }
 
     // The application reads the tokens from the same in-memory volume.
     let app_mounts = mounts(&containers[0], pod);

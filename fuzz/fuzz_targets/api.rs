@@ -97,7 +97,7 @@ fuzz_target!(|input: Input| {
         return;
     };
     let response = fixture.runtime.block_on(async {
-        let response = router(fixture.state.clone())
+        let response = router(fixture.state.clone(), false)
             .oneshot(request)
             .await
             .expect("the router is infallible");
