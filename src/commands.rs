@@ -133,13 +133,16 @@ async fn rotate(config: &Config, name: &str) -> u8 {
         eprintln!("rekeyd: no credential named {name:?} in the configuration");
         return EXIT_CONFIG;
     };
-    let (provider, secret_api) = match (provider::build(cred), provider::build_secret_api(cred)) {
-        (Ok(p), Ok(Some(api))) => (p, api),
-        (Err(e), _) | (_, Err(e)) => {
+    let (provider, secret_api) = match provider::build_all(cred, &Default::default()) {
+        Ok(provider::Built {
+            token,
+            secrets: Some(api),
+        }) => (token, api),
+        Err(e) => {
             eprintln!("rekeyd: {e}");
             return EXIT_FAILURE;
         }
-        (_, Ok(None)) => {
+        Ok(provider::Built { secrets: None, .. }) => {
             eprintln!("rekeyd: credential {name:?} has no secret API configured");
             return EXIT_CONFIG;
         }
@@ -388,6 +391,12 @@ async fn status(config: &Config, as_json: bool) -> u8 {
         }
         // An unfinished journal: what it waits for and the way out.
         for row in &rows {
+            if let Some(reason) = row["rotation_needs_operator"].as_str() {
+                println!(
+                    "{name}: rotation needs operator: {reason} (fix it at the provider, then `rekeyd rotate {name}`)",
+                    name = s_of(row, "name")
+                );
+            }
             if let Some(waiting) = row["rotation_waiting_for"].as_str() {
                 println!("{}: rotation waiting for {waiting}", s_of(row, "name"));
                 if let Some(e) = row["last_rotation_error"].as_str() {
@@ -546,6 +555,7 @@ fn credential_json(
         },
         "refresh": {
             "before_expiry": c.refresh.before_expiry.map(dur).unwrap_or_else(|| "70-80% of lifetime".into()),
+            "default_lifetime": dur(c.refresh.default_lifetime),
         },
         "rotation": c.rotation.as_ref().map(|r| json!({
             "every": match &r.trigger { RotationTrigger::Every(d) => Some(dur(*d)), _ => None },

@@ -39,6 +39,13 @@ pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(30);
 pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 86400);
 /// Default mode of token files: readable by the owner only (I7).
 pub const DEFAULT_SINK_MODE: u32 = 0o600;
+/// Lifetime of a token whose reply has neither `expires_in` (RFC 6749 §5.1
+/// only recommends it) nor a JWT `exp`: `refresh.default_lifetime`.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Shortest token lifetime rekeyd accepts, from a reply or as the default:
+/// a token that lives less than a second is expired by the time sinks and
+/// hooks have it, and refreshing it would spin.
+pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -252,6 +259,7 @@ struct RawEndpoints {
 #[serde(deny_unknown_fields)]
 struct RawRefresh {
     before_expiry: Option<RawScalar>,
+    default_lifetime: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -454,10 +462,22 @@ pub struct EndpointsConfig {
     pub request_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RefreshConfig {
     /// Refresh this long before expiry (jittered); `None` means 70-80% of the lifetime.
     pub before_expiry: Option<Duration>,
+    /// Lifetime of a token whose reply gives neither `expires_in` nor a JWT
+    /// `exp` (see [`crate::token::lifetime`]); at least one second.
+    pub default_lifetime: Duration,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        RefreshConfig {
+            before_expiry: None,
+            default_lifetime: DEFAULT_TOKEN_LIFETIME,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -622,7 +642,7 @@ impl Config {
             )
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| load_err(e.to_string()))?;
+            .map_err(|e| load_err(describe_load_error(&e, &text)))?;
         validate(raw)
     }
 
@@ -634,7 +654,7 @@ impl Config {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Load {
                 path: PathBuf::from("<inline>"),
-                message: e.to_string(),
+                message: describe_load_error(&e, text),
             })?;
         validate(raw)
     }
@@ -649,6 +669,123 @@ impl Config {
     pub fn warnings(&self) -> Vec<ConfigWarning> {
         shared_client_warnings(&self.credentials)
     }
+}
+
+/// Describes a configuration that cannot be read, by key and position only.
+/// The `config` and `toml` crates quote the offending line or value in their
+/// messages, and that line may hold (or sit next to) an assertion in
+/// `extra_params`: their text reaches neither stderr, nor
+/// `/dev/termination-log`, nor the daemon log on SIGHUP.
+fn describe_load_error(e: &config::ConfigError, text: &str) -> String {
+    use config::ConfigError as E;
+    match e {
+        E::FileParse { cause, .. } => match cause.downcast_ref::<toml::de::Error>() {
+            Some(syntax) => {
+                let mut out = String::from("TOML syntax error");
+                if let Some(span) = syntax.span() {
+                    let (line, column) = line_and_column(text, span.start);
+                    out.push_str(&format!(" at line {line}, column {column}"));
+                    if let Some(table) = table_at(text, line) {
+                        out.push_str(&format!(" (in {table})"));
+                    }
+                }
+                // The parser's own words ("invalid string, expected `\"`"),
+                // without its rendering of the line.
+                out.push_str(&format!(": {}", syntax.message()));
+                out
+            }
+            None => "the file is not valid TOML".to_string(),
+        },
+        E::Type {
+            key,
+            unexpected,
+            expected,
+            ..
+        } => {
+            // "string \"...\"", "64-bit integer `5`": the kind, not the value.
+            let found = unexpected.to_string();
+            let kind = found.split(['"', '`']).next().unwrap_or_default().trim();
+            match key {
+                Some(key) => format!("key `{}`: expected {expected}, found a {kind}", dotted(key)),
+                None => format!("expected {expected}, found a {kind}"),
+            }
+        }
+        E::At {
+            error,
+            key: Some(key),
+            ..
+        } => format!(
+            "key `{}`: {}",
+            dotted(key),
+            describe_load_error(error, text)
+        ),
+        E::At { error, .. } => describe_load_error(error, text),
+        E::NotFound(key) => format!("key `{key}` not found"),
+        // serde's words: key names in backticks stay, quoted values go.
+        E::Message(message) => without_quoted_values(message),
+        _ => "the configuration cannot be read".to_string(),
+    }
+}
+
+/// A key path as this crate's own errors spell it: `config` writes
+/// `credentials[0]endpoints`, we write `credentials[0].endpoints`.
+fn dotted(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut after_index = false;
+    for c in key.chars() {
+        if after_index && (c.is_ascii_alphanumeric() || c == '_') {
+            out.push('.');
+        }
+        after_index = c == ']';
+        out.push(c);
+    }
+    out
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .count()
+        + 1;
+    (line, column)
+}
+
+/// The table header (`[credentials.endpoints]`, `[[credentials]]`) that
+/// line `line` (1-based) belongs to, if the nearest header above it is one:
+/// headers are key names only, never values.
+fn table_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().take(line.saturating_sub(1)).collect();
+    let header = lines
+        .iter()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .rfind(|l| l.starts_with('['))?;
+    let (open, close) = if header.starts_with("[[") {
+        ("[[", "]]")
+    } else {
+        ("[", "]")
+    };
+    let name = header.strip_prefix(open)?.strip_suffix(close)?.trim();
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
+    (!name.is_empty() && name.chars().all(is_key_char)).then(|| format!("{open}{name}{close}"))
+}
+
+/// `message` with every double-quoted part replaced by `"..."`.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in message.split('"').enumerate() {
+        if i % 2 == 0 {
+            out.push_str(part);
+        } else {
+            out.push_str("\"...\"");
+        }
+    }
+    out
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -1287,10 +1424,25 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
 
     let endpoints = validate_endpoints(i, provider, rc.endpoints)?;
 
+    let (before_expiry, default_lifetime) = rc
+        .refresh
+        .map_or((None, None), |r| (r.before_expiry, r.default_lifetime));
+    let default_lifetime = match default_lifetime {
+        None => DEFAULT_TOKEN_LIFETIME,
+        Some(value) => {
+            let d = duration(&key("refresh.default_lifetime"), value)?;
+            if d < MIN_TOKEN_LIFETIME {
+                return Err(ConfigError::invalid(
+                    key("refresh.default_lifetime"),
+                    "must be at least 1s (a shorter token is already expired when it is served)",
+                ));
+            }
+            d
+        }
+    };
     let refresh = RefreshConfig {
-        before_expiry: rc
-            .refresh
-            .and_then(|r| r.before_expiry)
+        default_lifetime,
+        before_expiry: before_expiry
             .map(|value| duration(&key("refresh.before_expiry"), value))
             .transpose()?
             .map(|d| {
@@ -1853,6 +2005,52 @@ fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message of a configuration that cannot be read.
+    fn load_error(text: &str) -> String {
+        match Config::from_toml(text) {
+            Err(ConfigError::Load { message, .. }) => message,
+            other => panic!("expected a load error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_errors_give_key_and_position_never_the_text() {
+        const VALUE: &str = "eyJhbGciOi.assertion.value";
+        let credential = "[[credentials]]\nname = \"a\"\nprovider = \"oauth2\"\n";
+        for (text, expected) in [
+            (
+                format!("{credential}extra_params = {{ client_assertion = \"{VALUE}\" x }}\n"),
+                "TOML syntax error at line 4, column 66 (in [[credentials]]): missing comma between key-value pairs, expected `,`",
+            ),
+            (
+                format!(
+                    "{credential}[credentials.endpoints]  # note\ntoken_url = \"{VALUE}\nx = 1\n"
+                ),
+                "TOML syntax error at line 5, column 40 (in [credentials.endpoints]): invalid basic string, expected `\"`",
+            ),
+            (
+                format!("{credential}extra_params.a = \"{VALUE}\"\nextra_params.a = \"{VALUE}\"\n"),
+                "TOML syntax error at line 5, column 14 (in [[credentials]]): duplicate key",
+            ),
+            (
+                format!("{credential}[credentials.endpoints]\nallow_insecure_http = \"{VALUE}\"\n"),
+                "key `credentials[0].endpoints.allow_insecure_http`: expected a boolean, found a string",
+            ),
+            (
+                format!("{credential}client_id = [\"{VALUE}\"]\n"),
+                "key `credentials[0].client_id`: expected a string, found a sequence",
+            ),
+        ] {
+            let message = load_error(&text);
+            assert_eq!(message, expected, "{text}");
+            assert!(!message.contains("assertion"), "{message}");
+        }
+        assert_eq!(
+            without_quoted_values(r#"invalid value: string "x", expected `a`"#),
+            r#"invalid value: string "...", expected `a`"#
+        );
+    }
 
     #[test]
     fn lexical_normalization_drops_dots_and_resolves_parents() {

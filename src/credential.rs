@@ -31,6 +31,11 @@ pub struct CredentialStatus {
     /// that gets out of it ([`crate::rotation::waiting_for`]).
     pub rotation_waiting_for: Option<String>,
     pub last_rotation_error: Option<String>,
+    /// Set while the provider refuses the rotation in a way that will not
+    /// change on retry (e.g. the client already has its maximum number of
+    /// secrets): the provider's error code, else its HTTP status. Retried
+    /// slowly, and at once on `rekeyd rotate` or `POST /v1/rotate/{name}`.
+    pub rotation_needs_operator: Option<String>,
     #[serde(serialize_with = "serialize_time")]
     pub last_rotated_at: Option<SystemTime>,
 }

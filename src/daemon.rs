@@ -278,8 +278,10 @@ async fn prepare(
         name: cred.name.clone(),
         reason: e.to_string(),
     };
-    let provider = provider::build_with(cred, &shared.clients).map_err(setup)?;
-    let secret_api = provider::build_secret_api_with(cred, &shared.clients).map_err(setup)?;
+    let provider::Built {
+        token: provider,
+        secrets: secret_api,
+    } = provider::build_all(cred, &shared.clients).map_err(setup)?;
     let bootstrap = match shared.store.load(&cred.name).await? {
         Some(_) => None,
         None => Some(read_initial_secret(i, cred)?),

@@ -31,7 +31,8 @@ pub struct RefreshLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RotationLabels {
     pub credential: String,
-    /// success | aborted | error
+    /// success | aborted | error | refused (a permanent refusal: needs an
+    /// operator)
     pub result: &'static str,
     /// The journal phase the attempt ended in.
     pub phase: &'static str,
@@ -63,6 +64,7 @@ pub struct Metrics {
     pub last_rotation: Family<CredentialLabel, FloatGauge>,
     pub rotation_next_due: Family<CredentialLabel, FloatGauge>,
     pub locked_out: Family<CredentialLabel, Gauge>,
+    pub rotation_needs_operator: Family<CredentialLabel, Gauge>,
     pub request_duration: Family<RequestLabels, Histogram>,
     pub sink_token_valid: Family<SinkLabels, Gauge>,
     pub sink_current: Family<SinkLabels, Gauge>,
@@ -86,6 +88,7 @@ impl Metrics {
             last_rotation: Family::default(),
             rotation_next_due: Family::default(),
             locked_out: Family::default(),
+            rotation_needs_operator: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             sink_token_valid: Family::default(),
             sink_current: Family::default(),
@@ -126,6 +129,11 @@ impl Metrics {
             "locked_out",
             "1 while the provider rejects every secret rekeyd holds",
             m.locked_out.clone(),
+        );
+        r.register(
+            "rotation_needs_operator",
+            "1 while the provider refuses the credential's rotation in a way only an operator can fix (its last attempt ended so)",
+            m.rotation_needs_operator.clone(),
         );
         r.register(
             "provider_request_duration_seconds",
@@ -191,13 +199,14 @@ impl Metrics {
         }
         self.token_valid.remove(&label);
         self.locked_out.remove(&label);
+        self.rotation_needs_operator.remove(&label);
         for result in ["success", "transient", "quota", "rejected", "refused"] {
             self.refresh_attempts.remove(&RefreshLabels {
                 credential: name.to_string(),
                 result,
             });
         }
-        for result in ["success", "aborted", "error"] {
+        for result in ["success", "aborted", "error", "refused"] {
             // The journal phases, and what the driver reports when it
             // cannot read the journal.
             for phase in [
@@ -275,6 +284,7 @@ mod tests {
             m.token_expiry.get_or_create(&label).set(1.0);
             m.token_valid.get_or_create(&label).set(1);
             m.locked_out.get_or_create(&label).set(0);
+            m.rotation_needs_operator.get_or_create(&label).set(1);
             m.last_rotation.get_or_create(&label).set(1.0);
             m.rotation_next_due.get_or_create(&label).set(2.0);
             m.refresh_attempts
@@ -290,10 +300,17 @@ mod tests {
                     phase: "created",
                 })
                 .inc();
+            m.rotation_attempts
+                .get_or_create(&RotationLabels {
+                    credential: name.into(),
+                    result: "refused",
+                    phase: "creating",
+                })
+                .inc();
         }
         m.forget_credential("gone");
         let text = m.encode();
         assert!(!text.contains("\"gone\""), "{text}");
-        assert_eq!(text.matches("credential=\"kept\"").count(), 7, "{text}");
+        assert_eq!(text.matches("credential=\"kept\"").count(), 9, "{text}");
     }
 }

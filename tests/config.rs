@@ -892,3 +892,85 @@ fn a_hook_signal_is_a_name_not_a_number() {
     assert!(!err.contains("10"), "{err}");
     Config::from_toml(&hook("\"USR1\"")).unwrap();
 }
+
+/// `refresh.default_lifetime`: the lifetime of a token whose reply says
+/// nothing about it; one hour unless set, at least a second, shown by
+/// `rekeyd check`.
+#[tokio::test]
+async fn default_lifetime_is_configured_validated_and_shown() {
+    let config = Config::from_toml(BASE).unwrap();
+    assert_eq!(
+        config.credentials[0].refresh.default_lifetime,
+        Duration::from_secs(3600)
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&rekeyd::commands::effective_config(&config).await).unwrap();
+    assert_eq!(shown["credentials"][0]["refresh"]["default_lifetime"], "1h");
+
+    let set = format!("{BASE}[credentials.refresh]\ndefault_lifetime = \"90s\"\n");
+    let config = Config::from_toml(&set).unwrap();
+    assert_eq!(
+        config.credentials[0].refresh.default_lifetime,
+        Duration::from_secs(90)
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&rekeyd::commands::effective_config(&config).await).unwrap();
+    assert_eq!(
+        shown["credentials"][0]["refresh"]["default_lifetime"],
+        "1m 30s"
+    );
+
+    for (value, needle) in [
+        ("0s", "at least 1s"),
+        ("500ms", "at least 1s"),
+        ("soon", "invalid duration"),
+    ] {
+        let text = format!("{BASE}[credentials.refresh]\ndefault_lifetime = \"{value}\"\n");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("`credentials[0].refresh.default_lifetime`") && err.contains(needle),
+            "{value}: {err}"
+        );
+    }
+}
+
+/// A typo on the line of an assertion: `rekeyd check` names the position
+/// and exits 78, and never prints the line.
+#[test]
+fn a_parse_error_next_to_an_assertion_does_not_print_it() {
+    const ASSERTION: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rekeyd.toml");
+    for (text, position) in [
+        (
+            format!("{BASE}extra_params = {{ client_assertion = \"{ASSERTION}\" oops }}\n"),
+            "line 9, column",
+        ),
+        (
+            format!("{BASE}extra_params = {{ client_assertion = \"{ASSERTION}\n"),
+            "line 9, column",
+        ),
+        (
+            format!("{BASE}scope = [\"{ASSERTION}\"]\n"),
+            "key `credentials[0].scope`",
+        ),
+    ] {
+        std::fs::write(&path, &text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env_remove("REKEYD_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stderr.contains(position), "{stderr}");
+        for half in [&ASSERTION[..20], &ASSERTION[20..]] {
+            assert!(
+                !stderr.contains(half) && !stdout.contains(half),
+                "the assertion was printed: {stderr}"
+            );
+        }
+    }
+}

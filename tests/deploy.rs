@@ -52,12 +52,13 @@ const METRICS: &[Metric] = &[
         ..metric("rekeyd_refresh_attempts_total", &["credential", "result"])
     },
     Metric {
-        results: &["success", "aborted", "error"],
+        results: &["success", "aborted", "error", "refused"],
         ..metric(
             "rekeyd_rotation_attempts_total",
             &["credential", "result", "phase"],
         )
     },
+    metric("rekeyd_rotation_needs_operator", &["credential"]),
     metric("rekeyd_last_rotation_timestamp_seconds", &["credential"]),
     metric(
         "rekeyd_rotation_next_due_timestamp_seconds",
@@ -572,6 +573,10 @@ fn alerts_use_only_exported_metrics_and_cover_the_failures() {
         ),
         ("RekeydLockedOut", &["rekeyd_locked_out"]),
         ("RekeydTokenFileInvalid", &["rekeyd_sink_token_valid"]),
+        (
+            "RekeydRotationNeedsOperator",
+            &["rekeyd_rotation_needs_operator"],
+        ),
         ("RekeydDown", &["up{"]),
         ("RekeydAbsent", &["absent("]),
     ] {

@@ -19,11 +19,12 @@ use std::time::{Duration, SystemTime};
 use daemon::{TestDaemon, wait_status, wait_token};
 use rekeyd::credential::{CredentialHandle, CredentialStatus};
 use rekeyd::provider::ErrorKind;
-use rekeyd::sim::{Endpoint, FaultScope, Faults, SimOptions, SimProvider};
+use rekeyd::sim::{Endpoint, ExpiresIn, FaultScope, Faults, SimOptions, SimProvider, TokenReply};
 use rekeyd::store::file::FileStore;
 use rekeyd::store::{CredentialRecord, Rotation, SecretEntry, Store};
 use rekeyd::token::Token;
 use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
 
 const CLIENT: &str = "svc-client";
 const CUSTOMER: &str = "cust-1";
@@ -808,3 +809,434 @@ async fn dropped_response(profile: Profile) {
     env.stop().await;
 }
 per_profile!(dropped_response);
+
+// ---------------------------------------------------------------------------
+// Lifetimes (DESIGN.md "Token refresh", src/token/lifetime.rs)
+// ---------------------------------------------------------------------------
+
+/// The profile's provider, built from its configuration with `extra`
+/// appended (a `[credentials.refresh]` table, say).
+fn provider_for(
+    profile: Profile,
+    sim: &SimProvider,
+    extra: &str,
+) -> std::sync::Arc<dyn rekeyd::provider::TokenProvider> {
+    let text = profile
+        .config(sim, extra)
+        .replace("{dir}", "/nonexistent-rekeyd-test");
+    let config = rekeyd::config::Config::from_toml(&text).unwrap();
+    rekeyd::provider::build(&config.credentials[0]).unwrap()
+}
+
+async fn lifetimes_are_read_alike(profile: Profile) {
+    let sim = SimProvider::start(SimOptions {
+        token_lifetime: Duration::from_secs(600),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    sim.add_client(CLIENT, CUSTOMER);
+    let (_, secret) = sim.add_secret(CLIENT, "seeded by the test");
+    let provider = provider_for(
+        profile,
+        &sim,
+        "[credentials.refresh]\ndefault_lifetime = \"90s\"",
+    );
+    let secret = SecretString::from(secret);
+    let reply = |expires_in: ExpiresIn, jwt_exp_in: Option<i64>| TokenReply {
+        expires_in,
+        jwt_exp_in,
+    };
+    let secs = Duration::from_secs;
+    // (reply, shortest and longest lifetime expected)
+    for (r, (low, high)) in [
+        (reply(ExpiresIn::Seconds, None), (secs(600), secs(600))),
+        (
+            reply(ExpiresIn::SecondsAsString, None),
+            (secs(600), secs(600)),
+        ),
+        (
+            reply(ExpiresIn::Fixed(json!(3.5)), None),
+            (Duration::from_millis(3500), Duration::from_millis(3500)),
+        ),
+        (
+            reply(ExpiresIn::Fixed(json!("4.0")), None),
+            (secs(4), secs(4)),
+        ),
+        (
+            reply(ExpiresIn::Fixed(json!(" 7 ")), None),
+            (secs(7), secs(7)),
+        ),
+        // No expires_in: the configured default, or the JWT's exp.
+        (reply(ExpiresIn::Omitted, None), (secs(90), secs(90))),
+        (reply(ExpiresIn::Omitted, Some(300)), (secs(298), secs(300))),
+        // Both: the earlier wins.
+        (reply(ExpiresIn::Seconds, Some(120)), (secs(118), secs(120))),
+        (
+            reply(ExpiresIn::Seconds, Some(6000)),
+            (secs(600), secs(600)),
+        ),
+    ] {
+        sim.set_token_reply(r.clone());
+        let token = provider
+            .login(&secret)
+            .await
+            .unwrap_or_else(|e| panic!("{r:?}: {e}"));
+        assert!(
+            (low..=high).contains(&token.lifetime),
+            "{r:?}: lifetime {:?}",
+            token.lifetime
+        );
+    }
+    for (r, needle) in [
+        (reply(ExpiresIn::Fixed(json!(0)), None), "expires_in 0:"),
+        (
+            reply(ExpiresIn::Fixed(json!("0")), None),
+            "expires_in \"0\":",
+        ),
+        (reply(ExpiresIn::Fixed(json!(-5)), None), "expires_in -5:"),
+        (reply(ExpiresIn::Fixed(json!(0.4)), None), "expires_in 0.4:"),
+        (
+            reply(ExpiresIn::Fixed(json!("soon")), None),
+            "not a number of seconds",
+        ),
+        (reply(ExpiresIn::Seconds, Some(-60)), "exp claim is"),
+    ] {
+        sim.set_token_reply(r.clone());
+        let e = provider.login(&secret).await.unwrap_err();
+        assert_eq!(
+            (e.kind, e.status),
+            (ErrorKind::Transient, Some(profile.success_status())),
+            "{r:?}: {e}"
+        );
+        assert!(e.to_string().contains(needle), "{r:?}: {e}");
+    }
+    sim.shutdown().await;
+}
+per_profile!(lifetimes_are_read_alike);
+
+impl Profile {
+    /// Status of a successful login at the sim.
+    fn success_status(self) -> u16 {
+        match self {
+            Profile::Mappls => 201,
+            _ => 200,
+        }
+    }
+}
+
+/// A reply whose token is already expired is a failed refresh: warned
+/// about, counted, backed off, never published; the status says what the
+/// provider sent; the token being served stays.
+async fn zero_lifetime_is_a_failed_refresh(profile: Profile) {
+    let env = start(profile, Setup::default()).await;
+    let handle = env.handle();
+    let first = wait_token(&handle, |_| true).await;
+    let first_value = access(&first);
+    let mut published = handle.token.clone();
+    published.mark_unchanged();
+
+    env.sim.set_token_reply(TokenReply {
+        expires_in: ExpiresIn::Fixed(json!(0)),
+        ..TokenReply::default()
+    });
+    handle.refresh_now.notify_one();
+    let failing = wait_status(&handle, |s| s.consecutive_failures == 2).await;
+    let error = error_of(&failing);
+    assert!(
+        error.contains(&format!("HTTP {}", profile.success_status()))
+            && error.contains("token endpoint returned expires_in 0"),
+        "{error}"
+    );
+    assert!(!failing.locked_out);
+    // Each such reply was one failed attempt, not a token refreshed at once
+    // again: the first login and two failures.
+    assert_eq!(env.token_requests(), 3);
+    assert!(
+        !published.has_changed().unwrap(),
+        "an expired token was published"
+    );
+    assert_eq!(
+        handle.valid_token().map(|t| access(&t)).as_deref(),
+        Some(first_value.as_str())
+    );
+    let stats = env.sim.stats();
+    assert_eq!(stats.logins_ok, 3, "the provider did issue the tokens");
+
+    env.sim.set_token_reply(TokenReply::default());
+    let second = wait_token(&handle, |t| access(t) != first_value).await;
+    assert_eq!(second.lifetime, Duration::from_secs(86_400));
+    wait_healthy(&handle).await;
+    env.stop().await;
+}
+per_profile!(zero_lifetime_is_a_failed_refresh);
+
+// ---------------------------------------------------------------------------
+// Provider text (I7): echoed secrets are scrubbed where they enter rekeyd
+// ---------------------------------------------------------------------------
+
+async fn echoed_secrets_are_scrubbed(profile: Profile) {
+    const ASSERTION: &str = "eyJhbGciOiJub25lIn0.an-assertion.value";
+    let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+    sim.add_client(CLIENT, CUSTOMER);
+    let (_, secret) = sim.add_secret(CLIENT, "seeded by the test");
+    let (_, pending) = sim.add_secret(CLIENT, "another of the client's secrets");
+    let text = profile
+        .config(&sim, "")
+        .replace("{dir}", "/nonexistent-rekeyd-test");
+    let text = match profile {
+        Profile::OAuth2Basic | Profile::OAuth2Post => text.replace(
+            "[credentials.endpoints]",
+            &format!(
+                "extra_params = {{ client_assertion = \"{ASSERTION}\" }}\n[credentials.endpoints]"
+            ),
+        ),
+        _ => text,
+    };
+    let config = rekeyd::config::Config::from_toml(&text).unwrap();
+    let provider = rekeyd::provider::build(&config.credentials[0]).unwrap();
+    // As the engine and the rotation do with the journal's secrets.
+    provider.remember(&SecretString::from(secret.clone()));
+    provider.remember(&SecretString::from(pending.clone()));
+    for login_with in [secret.as_str(), WRONG_SECRET] {
+        sim.set_faults(Faults {
+            scope: FaultScope::Token,
+            echo_next: 1,
+            ..Faults::default()
+        });
+        let e = provider
+            .login(&SecretString::from(login_with.to_string()))
+            .await
+            .unwrap_err();
+        let shown = e.to_string();
+        for value in [
+            secret.as_str(),
+            pending.as_str(),
+            WRONG_SECRET,
+            ASSERTION,
+            "an-assertion",
+        ] {
+            assert!(
+                !shown.contains(value),
+                "{profile:?} leaked {value}: {shown}"
+            );
+        }
+        assert_eq!(e.status, Some(400), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+        assert!(shown.is_ascii() && shown.len() < 400, "{shown}");
+    }
+    sim.shutdown().await;
+}
+per_profile!(echoed_secrets_are_scrubbed);
+
+// ---------------------------------------------------------------------------
+// Secret API refusals (MapsIndoors)
+// ---------------------------------------------------------------------------
+
+/// A MapsIndoors credential with the secret API and a rotation; `name` keeps
+/// its metric series apart from other tests in this process.
+fn rotating_config(sim: &SimProvider, name: &str, secret_id: &str) -> String {
+    format!(
+        "state_dir = \"{{dir}}/state\"\n\
+         [[credentials]]\n\
+         name = \"{name}\"\n\
+         provider = \"mapsindoors\"\n\
+         client_id = \"{CLIENT}\"\n\
+         customer_id = \"{CUSTOMER}\"\n\
+         initial_secret_file = \"{{dir}}/initial.secret\"\n\
+         initial_secret_id = \"{secret_id}\"\n\
+         [credentials.endpoints]\n\
+         token_url = \"{}\"\n\
+         secrets_url = \"{}\"\n\
+         [credentials.rotation]\n\
+         every = \"24h\"\n\
+         grace = \"0s\"\n",
+        sim.mapsindoors_token_url(),
+        sim.mapsindoors_secrets_url(),
+    )
+}
+
+#[tokio::test]
+async fn secret_api_refusals_report_code_message_and_status() {
+    let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+    sim.add_client(CLIENT, CUSTOMER);
+    let (id, secret) = sim.add_secret(CLIENT, "seeded by the test");
+    let text = rotating_config(&sim, "cred", &id).replace("{dir}", "/nonexistent-rekeyd-test");
+    let config = rekeyd::config::Config::from_toml(&text).unwrap();
+    let built = rekeyd::provider::build_all(&config.credentials[0], &Default::default()).unwrap();
+    let api = built.secrets.expect("a secret API");
+    // As the rotation does with the journal's secrets before a run.
+    built.token.remember(&SecretString::from(secret.clone()));
+    let bearer = built
+        .token
+        .login(&SecretString::from(secret.clone()))
+        .await
+        .unwrap();
+
+    sim.set_faults(Faults {
+        too_many_secrets: true,
+        ..Faults::default()
+    });
+    let e = api.create(&bearer, "rekeyd:cred:r.a").await.unwrap_err();
+    assert_eq!(
+        (e.kind, e.status, e.code.as_deref()),
+        (ErrorKind::Refused, Some(400), Some("too_many_secrets")),
+        "{e}"
+    );
+    assert_eq!(e.reason(), "too_many_secrets");
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with("mapsindoors create secret failed: HTTP 400 error=too_many_secrets: client svc-client already has the maximum number of secrets (1)"),
+        "{shown}"
+    );
+
+    // Passing trouble is not a refusal.
+    for (faults, kind, status) in [
+        (
+            Faults {
+                fail_next: 1,
+                ..Faults::default()
+            },
+            ErrorKind::Transient,
+            503,
+        ),
+        (
+            Faults {
+                quota_next: 1,
+                ..Faults::default()
+            },
+            ErrorKind::Quota,
+            429,
+        ),
+    ] {
+        sim.set_faults(Faults {
+            scope: FaultScope::Secrets,
+            ..faults
+        });
+        let e = api.list(&bearer).await.unwrap_err();
+        assert_eq!((e.kind, e.status), (kind, Some(status)), "{e}");
+    }
+
+    // A refusal that echoes the bearer token and the client's secrets.
+    sim.set_faults(Faults {
+        scope: FaultScope::Secrets,
+        echo_next: 1,
+        ..Faults::default()
+    });
+    let e = api.delete(&bearer, &id).await.unwrap_err();
+    let shown = e.to_string();
+    assert_eq!(
+        (e.kind, e.status),
+        (ErrorKind::Refused, Some(400)),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains(&access(&bearer)),
+        "the bearer leaked: {shown}"
+    );
+    assert!(!shown.contains(&secret), "the secret leaked: {shown}");
+    assert!(shown.contains("[redacted]"), "{shown}");
+    sim.shutdown().await;
+}
+
+/// Transient failures of the secret API are retried within seconds; a
+/// refusal that will not change (the client has its maximum number of
+/// secrets) needs an operator: a distinct status and metric, slow retries,
+/// and a retry at once when asked after the fix. The current secret stays
+/// in use throughout.
+#[tokio::test]
+async fn a_permanent_secret_api_refusal_needs_an_operator() {
+    const NAME: &str = "needs-operator";
+    let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+    sim.add_client(CLIENT, CUSTOMER);
+    let (id, secret) = sim.add_secret(CLIENT, "seeded by the test");
+    let dir = tempfile::tempdir().unwrap();
+    daemon::write_secret(dir.path(), "initial.secret", &secret);
+    let daemon = TestDaemon::start_in(dir, &rotating_config(&sim, NAME, &id)).await;
+    let handle = daemon.handle(NAME);
+    wait_token(&handle, |_| true).await;
+    let creates = || sim.stats().requests_to(Endpoint::SecretsCreate);
+    let metrics = || rekeyd::metrics::global().encode();
+
+    // A 503 on create: retried by itself, no operator needed.
+    sim.set_faults(Faults {
+        scope: FaultScope::Only(Endpoint::SecretsCreate),
+        fail_next: 1,
+        ..Faults::default()
+    });
+    handle.rotate_now.notify_one();
+    let rotated = wait_status(&handle, |s| s.last_rotated_at.is_some()).await;
+    assert_eq!(rotated.rotation_needs_operator, None);
+    assert_eq!(creates(), 2);
+
+    // The client has its maximum number of secrets.
+    sim.set_faults(Faults {
+        too_many_secrets: true,
+        ..Faults::default()
+    });
+    handle.rotate_now.notify_one();
+    let refused = wait_status(&handle, |s| s.rotation_needs_operator.is_some()).await;
+    assert_eq!(
+        refused.rotation_needs_operator.as_deref(),
+        Some("too_many_secrets")
+    );
+    let error = refused.last_rotation_error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("needs operator: too_many_secrets: ")
+            && error.contains("HTTP 400")
+            && error.contains("maximum number of secrets"),
+        "{error}"
+    );
+    let m = metrics();
+    assert!(
+        m.contains(&format!(
+            "rekeyd_rotation_needs_operator{{credential=\"{NAME}\"}} 1"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "rekeyd_rotation_attempts_total{{credential=\"{NAME}\",result=\"refused\",phase=\"creating\"}} 1"
+        )),
+        "{m}"
+    );
+    assert_eq!(creates(), 3);
+    assert!(
+        handle.valid_token().is_some(),
+        "the token keeps being served"
+    );
+
+    // Five minutes on, a transient failure would have been retried several
+    // times; a refusal has not (it waits a quarter to half an hour).
+    jump_clock(Duration::from_secs(300)).await;
+    let mut status = handle.status.clone();
+    status.mark_unchanged();
+    // The schedule wakes after the jump and publishes the journal's phase;
+    // let it, then check it asked nothing.
+    let _ = tokio::time::timeout(Duration::from_millis(500), status.changed()).await;
+    assert_eq!(creates(), 3, "a permanent refusal was retried early");
+
+    // The operator frees a slot and asks again: retried at once.
+    sim.update_faults(|f| f.too_many_secrets = false);
+    handle.rotate_now.notify_one();
+    let fixed = wait_status(&handle, |s| {
+        s.rotation_needs_operator.is_none()
+            && s.last_rotation_error.is_none()
+            && s.rotation_phase == "idle"
+    })
+    .await;
+    assert_ne!(
+        fixed.last_rotated_at, rotated.last_rotated_at,
+        "rotated again"
+    );
+    assert_eq!(creates(), 4);
+    let m = metrics();
+    assert!(
+        m.contains(&format!(
+            "rekeyd_rotation_needs_operator{{credential=\"{NAME}\"}} 0"
+        )),
+        "{m}"
+    );
+    daemon.stop().await;
+    sim.shutdown().await;
+}

@@ -828,3 +828,163 @@ async fn healthz(sim: &SimProvider) -> StatusCode {
         .unwrap()
         .status()
 }
+
+// ---------------------------------------------------------------------------
+// Replies that test what rekeyd does with provider text and lifetimes
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn too_many_secrets_refuses_creation_after_checking_the_bearer() {
+    let sim = start().await;
+    let (_, secret) = sim.add_secret(CLIENT, "seed");
+    let token = mi_token(&sim, CLIENT, &secret).await;
+    sim.set_faults(Faults {
+        too_many_secrets: true,
+        ..Faults::default()
+    });
+    // The bearer is checked first, as a real API would.
+    let response = create_secret_raw(&sim, "sim_unknown", "d").await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    for _ in 0..2 {
+        let response = create_secret_raw(&sim, &token, "d").await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body = json(response).await;
+        assert_eq!(body["error"], "too_many_secrets");
+        let description = body["error_description"].as_str().unwrap();
+        assert!(
+            description.contains("maximum number of secrets (1)"),
+            "{description}"
+        );
+    }
+    assert_eq!(sim.secrets(CLIENT).len(), 1, "nothing was created");
+    // Listing and deleting still work; clearing the condition lets
+    // creation through.
+    assert_eq!(list_secrets(&sim, &token).await.len(), 1);
+    sim.update_faults(|f| f.too_many_secrets = false);
+    let response = create_secret_raw(&sim, &token, "d").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(sim.secrets(CLIENT).len(), 2);
+}
+
+#[tokio::test]
+async fn echo_next_sends_every_secret_back_in_every_field() {
+    let sim = start().await;
+    let (_, secret) = sim.add_secret(CLIENT, "seed");
+    let (_, other) = sim.add_secret(CLIENT, "another of the client's secrets");
+    sim.set_faults(Faults {
+        echo_next: 1,
+        ..Faults::default()
+    });
+    // A token endpoint, the secret in the body (and an assertion).
+    let response = http()
+        .post(sim.oauth2_token_url())
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", CLIENT),
+            ("client_secret", secret.as_str()),
+            ("client_assertion", "an-assertion-value"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let challenge = response.headers()[WWW_AUTHENTICATE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let echo_header = response.headers()["x-echo"].to_str().unwrap().to_owned();
+    let body = json(response).await;
+    for field in ["error", "error_uri", "code", "title"] {
+        let text = body[field].as_str().unwrap();
+        assert!(
+            text.contains(&secret) || text.contains("an-assertion-value"),
+            "{field}: {text}"
+        );
+    }
+    for text in [
+        body["error_description"].as_str().unwrap(),
+        body["message"].as_str().unwrap(),
+        body["detail"].as_str().unwrap(),
+        echo_header.as_str(),
+    ] {
+        for value in [&secret, &other, &"an-assertion-value".to_string()] {
+            assert!(text.contains(value.as_str()), "{text}");
+        }
+    }
+    assert!(challenge.contains("error=\""), "{challenge}");
+    assert!(body["request"].as_str().unwrap().contains(&secret));
+    assert_eq!(sim.faults().echo_next, 0);
+
+    // The secret API echoes the bearer token and the client's secrets.
+    let token = mi_token(&sim, CLIENT, &secret).await;
+    sim.set_faults(Faults {
+        echo_next: 1,
+        ..Faults::default()
+    });
+    let response = create_secret_raw(&sim, &token, "d").await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body = json(response).await;
+    let message = body["message"].as_str().unwrap();
+    for value in [&token, &secret, &other] {
+        assert!(message.contains(value.as_str()), "{message}");
+    }
+}
+
+#[tokio::test]
+async fn token_replies_state_the_lifetime_as_told() {
+    use rekeyd::sim::{ExpiresIn, TokenReply};
+    let sim = start_with(SimOptions {
+        token_lifetime: Duration::from_secs(600),
+        ..SimOptions::default()
+    })
+    .await;
+    let (_, secret) = sim.add_secret(CLIENT, "seed");
+    let reply = |r: TokenReply| {
+        sim.set_token_reply(r);
+        let sim = &sim;
+        let secret = secret.clone();
+        async move { json(mi_login_raw(sim, CLIENT, &secret).await).await }
+    };
+    assert_eq!(reply(TokenReply::default()).await["expires_in"], 600);
+    let body = reply(TokenReply {
+        expires_in: ExpiresIn::SecondsAsString,
+        ..TokenReply::default()
+    })
+    .await;
+    assert_eq!(body["expires_in"], "600");
+    let body = reply(TokenReply {
+        expires_in: ExpiresIn::Omitted,
+        ..TokenReply::default()
+    })
+    .await;
+    assert!(body.get("expires_in").is_none(), "{body}");
+    let body = reply(TokenReply {
+        expires_in: ExpiresIn::Fixed(serde_json::json!("4.0")),
+        ..TokenReply::default()
+    })
+    .await;
+    assert_eq!(body["expires_in"], "4.0");
+
+    // A JWT with an exp, which the secret API accepts as the bearer it is.
+    let body = reply(TokenReply {
+        expires_in: ExpiresIn::Omitted,
+        jwt_exp_in: Some(-30),
+    })
+    .await;
+    let jwt = body["access_token"].as_str().unwrap().to_owned();
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3, "{jwt}");
+    assert!(parts[2].starts_with("sim_"));
+    use base64::Engine as _;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .unwrap(),
+    )
+    .unwrap();
+    let exp = claims["exp"].as_i64().unwrap();
+    let iat = claims["iat"].as_i64().unwrap();
+    assert_eq!(exp - iat, -30);
+    assert_eq!(sim.token_client(&jwt).as_deref(), Some(CLIENT));
+    assert_eq!(list_secrets(&sim, &jwt).await.len(), 1);
+}

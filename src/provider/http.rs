@@ -1,6 +1,8 @@
 //! The HTTP plumbing every provider shares: a client with timeouts, no
-//! redirects and the proxy rule of [`crate::proxy`], a body reader that refuses to buffer more than a small cap, and
-//! the parsing of token replies and RFC 6749 §5.2 error bodies.
+//! redirects and the proxy rule of [`crate::proxy`], a body reader that
+//! refuses to buffer more than a small cap, and the parsing of token replies
+//! and error bodies. Every text of a reply that rekeyd keeps leaves a
+//! [`Reply`] scrubbed ([`super::redact`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,31 +11,37 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use serde_json::Value;
+use tracing::debug;
 
+use super::redact::Redactor;
 use super::{ErrorKind, ProviderError};
 use crate::config::EndpointsConfig;
 use crate::proxy::ProxyEnv;
 use crate::token::Token;
+use crate::token::lifetime::{self, LifetimeSource};
 
 /// A token reply or error body is a few hundred bytes; a megabyte is generous
 /// and keeps a misbehaving endpoint from filling memory.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-
-/// Tokens without `expires_in` are assumed to live this long (RFC 6749 leaves
-/// it optional); refreshing early is safer than serving an expired token.
-const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 
 #[derive(Clone)]
 pub struct HttpClient {
     client: reqwest::Client,
 }
 
-/// A reply whose body has been read (within the cap).
+/// A reply whose body has been read (within the cap). Its text reaches an
+/// error only through [`Reply::refusal`], [`Reply::unexpected`] and
+/// [`Reply::scrub`], which scrub it.
 pub struct Reply {
     pub status: u16,
+    /// As sent: for decisions, never to be shown unscrubbed.
     pub content_type: Option<String>,
     pub retry_after: Option<Duration>,
     pub body: Bytes,
+    /// When the reply arrived, on the wall clock (a JWT's `exp` is).
+    pub arrived: SystemTime,
+    scrub: Scrub,
 }
 
 /// Clients shared between the credentials of one daemon that have the same
@@ -89,10 +97,11 @@ impl HttpClient {
     }
 
     /// Sends the request and reads the body up to [`MAX_BODY_BYTES`].
-    pub async fn send(
+    async fn send(
         &self,
         operation: &'static str,
         request: reqwest::RequestBuilder,
+        scrub: Scrub,
     ) -> Result<Reply, ProviderError> {
         let started = tokio::time::Instant::now();
         let sent = request.send().await;
@@ -103,10 +112,11 @@ impl HttpClient {
                 metrics.observe_request(operation, None, started.elapsed());
                 return Err(ProviderError::transient(
                     operation,
-                    describe_reqwest_error(&e),
+                    scrub.text(&describe_reqwest_error(&e)),
                 ));
             }
         };
+        let arrived = SystemTime::now();
         let status = response.status().as_u16();
         metrics.observe_request(operation, Some(status), started.elapsed());
         let headers = response.headers();
@@ -123,10 +133,10 @@ impl HttpClient {
             operation,
             status: Some(status),
             code: None,
-            detail: format!(
+            detail: scrub.text(&format!(
                 "response body larger than {MAX_BODY_BYTES} bytes (content-type {})",
                 content_type.as_deref().unwrap_or("none")
-            ),
+            )),
             retry_after: None,
         };
         if response
@@ -150,7 +160,8 @@ impl HttpClient {
                         status: Some(status),
                         ..ProviderError::transient(
                             operation,
-                            format!("reading response: {}", describe_reqwest_error(&e)),
+                            scrub
+                                .text(&format!("reading response: {}", describe_reqwest_error(&e))),
                         )
                     });
                 }
@@ -161,6 +172,8 @@ impl HttpClient {
             content_type,
             retry_after,
             body: body.freeze(),
+            arrived,
+            scrub,
         })
     }
 }
@@ -216,150 +229,220 @@ fn httpdate_parse(value: &str) -> Option<SystemTime> {
     })
 }
 
-/// The parts of an RFC 6749 §5.2 error body we use.
-#[derive(Debug, Default)]
-pub struct OAuthError {
-    pub code: Option<String>,
-    pub description: Option<String>,
+/// What every provider of one credential reads replies with: the shared
+/// HTTP client, the credential's [`Redactor`] and the lifetime assumed for
+/// a token whose reply says nothing about it.
+#[derive(Clone)]
+pub struct Transport {
+    pub http: HttpClient,
+    pub redactor: Redactor,
+    /// `refresh.default_lifetime` (see [`crate::token::lifetime`]).
+    pub default_lifetime: Duration,
 }
 
-/// Reads `{"error": "...", "error_description": "..."}` if the body is that;
-/// anything else yields no code. The code is kept only if it looks like one
-/// (a short ASCII word), so a body echoing input cannot smuggle it into logs.
-pub fn parse_oauth_error(body: &[u8], secret: &SecretString) -> OAuthError {
-    #[derive(Deserialize)]
-    struct Raw {
-        error: Option<String>,
-        error_description: Option<String>,
-    }
-    let Ok(raw) = serde_json::from_slice::<Raw>(body) else {
-        return OAuthError::default();
-    };
-    let code = raw.error.filter(|c| {
-        c.len() <= 64
-            && c.chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-' || ch == '.')
-    });
-    let description = raw.error_description.map(|d| scrub(&d, secret));
-    OAuthError { code, description }
-}
-
-/// Trims a provider-supplied text for an error message and removes the secret
-/// in case the provider echoed it.
-fn scrub(text: &str, secret: &SecretString) -> String {
-    let mut text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
-    let s = secret.expose_secret();
-    if !s.is_empty() && text.contains(s) {
-        text = text.replace(s, "[REDACTED]");
-    }
-    text
-}
-
-/// Describes an unexpected body for an error message: status and content type,
-/// never the body itself (it might hold a token).
-pub fn unexpected_body(operation: &'static str, reply: &Reply, problem: &str) -> ProviderError {
-    ProviderError {
-        kind: ErrorKind::Transient,
-        operation,
-        status: Some(reply.status),
-        code: None,
-        detail: format!(
-            "{problem} (content-type {}, {} bytes)",
-            reply.content_type.as_deref().unwrap_or("none"),
-            reply.body.len()
-        ),
-        retry_after: reply.retry_after,
+impl Transport {
+    /// Sends a request carrying `request_secrets` (the client secret, a
+    /// bearer token, encoded credentials): a reply's text is scrubbed of
+    /// them as well as of everything the redactor knows.
+    pub async fn send(
+        &self,
+        operation: &'static str,
+        request: reqwest::RequestBuilder,
+        request_secrets: &[&SecretString],
+    ) -> Result<Reply, ProviderError> {
+        let scrub = Scrub {
+            redactor: self.redactor.clone(),
+            request: request_secrets.iter().map(|s| (*s).clone()).collect(),
+        };
+        self.http.send(operation, request, scrub).await
     }
 }
 
-/// Builds the error for a non-success reply from status, code and kind.
-pub fn error_reply(
+/// The values a reply's text is scrubbed of.
+struct Scrub {
+    redactor: Redactor,
+    request: Vec<SecretString>,
+}
+
+impl Scrub {
+    fn text(&self, text: &str) -> String {
+        let request: Vec<&str> = self.request.iter().map(|s| s.expose_secret()).collect();
+        self.redactor.scrub_with(text, &request)
+    }
+}
+
+impl Reply {
+    /// Provider text (a header, a field) made safe to keep: see
+    /// [`super::redact::scrub`].
+    fn scrub(&self, text: &str) -> String {
+        self.scrub.text(text)
+    }
+
+    /// A reply rekeyd cannot use, retried like any passing failure;
+    /// `detail` may quote the reply (it is scrubbed).
+    fn failure(&self, operation: &'static str, detail: &str) -> ProviderError {
+        ProviderError {
+            kind: ErrorKind::Transient,
+            operation,
+            status: Some(self.status),
+            code: None,
+            detail: self.scrub(detail),
+            retry_after: self.retry_after,
+        }
+    }
+
+    /// An error for a reply rekeyd cannot use: status and content type,
+    /// never the body itself (it might hold a token).
+    pub fn unexpected(&self, operation: &'static str, problem: &str) -> ProviderError {
+        self.failure(
+            operation,
+            &format!(
+                "{problem} (content-type {}, {} bytes)",
+                self.content_type.as_deref().unwrap_or("none"),
+                self.body.len()
+            ),
+        )
+    }
+
+    /// The error for a refusal (a non-2xx reply): the provider's error code
+    /// and message, scrubbed, with the kind `classify` gives for the
+    /// status, the code and whether a `Retry-After` came with it.
+    pub fn refusal(
+        &self,
+        operation: &'static str,
+        classify: impl FnOnce(u16, Option<&str>, bool) -> ErrorKind,
+    ) -> ProviderError {
+        let (code, message) = self.refusal_text();
+        let code = code.map(|c| self.scrub(&c)).filter(|c| !c.is_empty());
+        let message = message.map(|m| self.scrub(&m)).filter(|m| !m.is_empty());
+        let kind = classify(self.status, code.as_deref(), self.retry_after.is_some());
+        let detail = match (&code, message) {
+            (_, Some(message)) => message,
+            (Some(_), None) => String::new(),
+            (None, None) => self.scrub(&format!(
+                "content-type {}",
+                self.content_type.as_deref().unwrap_or("none")
+            )),
+        };
+        ProviderError {
+            kind,
+            operation,
+            status: Some(self.status),
+            code,
+            detail,
+            retry_after: self.retry_after,
+        }
+    }
+
+    /// The raw code and message of a refusal body, from whichever fields
+    /// the provider uses: RFC 6749 §5.2 (`error`, `error_description`),
+    /// RFC 9457 problem details (`title`, `detail`), the common `code` and
+    /// `message` (also nested as `{"error": {"code", "message"}}`); a
+    /// plain-text body is the message. HTML and other bodies give neither.
+    /// Private: the only way out is [`Reply::refusal`], which scrubs them.
+    fn refusal_text(&self) -> (Option<String>, Option<String>) {
+        if self.is_plain_text() {
+            let text = String::from_utf8_lossy(&self.body);
+            let text = text.trim();
+            return (None, (!text.is_empty()).then(|| text.to_string()));
+        }
+        let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&self.body) else {
+            return (None, None);
+        };
+        let nested = body.get("error").and_then(Value::as_object);
+        let field = |names: &[&str]| {
+            names.iter().find_map(|name| {
+                let value = body.get(*name).or_else(|| nested?.get(*name))?;
+                match value {
+                    Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                }
+            })
+        };
+        let mut code = field(&["error", "code", "error_code", "errorCode"]);
+        let mut message = field(&[
+            "error_description",
+            "message",
+            "detail",
+            "error_message",
+            "title",
+        ]);
+        // `{"error": "customerId is required"}`: a sentence, not a code.
+        if let Some(sentence) = code.take_if(|c| c.contains(char::is_whitespace)) {
+            message = Some(match message {
+                Some(m) => format!("{sentence}: {m}"),
+                None => sentence,
+            });
+        }
+        (code, message)
+    }
+
+    fn is_plain_text(&self) -> bool {
+        self.content_type
+            .as_deref()
+            .is_some_and(|ct| ct.trim().to_ascii_lowercase().starts_with("text/plain"))
+    }
+
+    fn is_json(&self) -> bool {
+        self.content_type
+            .as_deref()
+            .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
+    }
+}
+
+/// Parses a successful token reply (RFC 6749 §5.1). `token_type` is
+/// compared case-insensitively (Mappls says `bearer`); the lifetime follows
+/// [`crate::token::lifetime`], and a reply whose token is already expired
+/// is an error, not a token.
+pub fn parse_token_reply(
     operation: &'static str,
     reply: &Reply,
-    kind: ErrorKind,
-    oauth: OAuthError,
-) -> ProviderError {
-    let detail = match (&oauth.code, oauth.description) {
-        (_, Some(desc)) => desc,
-        (Some(_), None) => String::new(),
-        (None, None) => format!(
-            "content-type {}",
-            reply.content_type.as_deref().unwrap_or("none")
-        ),
-    };
-    ProviderError {
-        kind,
-        operation,
-        status: Some(reply.status),
-        code: oauth.code,
-        detail,
-        retry_after: reply.retry_after,
-    }
-}
-
-/// Parses a successful token reply. `expect_bearer` rejects other token types
-/// (compared case-insensitively: Mappls says `bearer`).
-pub fn parse_token_reply(operation: &'static str, reply: &Reply) -> Result<Token, ProviderError> {
+    default_lifetime: Duration,
+) -> Result<Token, ProviderError> {
     #[derive(Deserialize)]
     struct Raw {
         access_token: Option<String>,
         token_type: Option<String>,
-        expires_in: Option<serde_json::Value>,
+        expires_in: Option<Value>,
         scope: Option<String>,
     }
-    let is_json = reply
-        .content_type
-        .as_deref()
-        .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
-    let raw: Raw = match serde_json::from_slice(&reply.body) {
-        Ok(raw) => raw,
-        Err(_) if !is_json => {
-            return Err(unexpected_body(
-                operation,
-                reply,
-                "expected a JSON token reply",
-            ));
+    let raw: Raw = serde_json::from_slice(&reply.body).map_err(|_| {
+        if reply.is_json() {
+            reply.unexpected(operation, "malformed JSON token reply")
+        } else {
+            reply.unexpected(operation, "expected a JSON token reply")
         }
-        Err(_) => {
-            return Err(unexpected_body(
-                operation,
-                reply,
-                "malformed JSON token reply",
-            ));
-        }
-    };
+    })?;
     let access_token = raw
         .access_token
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| unexpected_body(operation, reply, "token reply without access_token"))?;
+        .ok_or_else(|| reply.unexpected(operation, "token reply without access_token"))?;
     let token_type = raw.token_type.unwrap_or_else(|| "Bearer".to_string());
     if !token_type.eq_ignore_ascii_case("bearer") {
-        return Err(unexpected_body(
-            operation,
-            reply,
-            "token_type is not bearer",
-        ));
+        return Err(reply.unexpected(operation, "token_type is not bearer"));
     }
-    // Some servers send expires_in as a string.
-    let lifetime = match raw.expires_in {
-        None | Some(serde_json::Value::Null) => DEFAULT_LIFETIME,
-        Some(serde_json::Value::Number(n)) => n
-            .as_f64()
-            .filter(|s| *s >= 0.0 && s.is_finite())
-            .map(|s| Duration::from_secs_f64(s.min(10.0 * 365.0 * 86400.0)))
-            .ok_or_else(|| unexpected_body(operation, reply, "invalid expires_in"))?,
-        Some(serde_json::Value::String(s)) => s
-            .trim()
-            .parse::<u64>()
-            .map(Duration::from_secs)
-            .map_err(|_| unexpected_body(operation, reply, "invalid expires_in"))?,
-        Some(_) => return Err(unexpected_body(operation, reply, "invalid expires_in")),
-    };
+    let lifetime = lifetime::lifetime(
+        raw.expires_in.as_ref(),
+        &access_token,
+        reply.arrived,
+        default_lifetime,
+    )
+    // Retried with backoff like any failed refresh: the next reply may be
+    // better, and the token being served stays (I8).
+    .map_err(|e| reply.failure(operation, &e.to_string()))?;
+    if lifetime.source != LifetimeSource::ExpiresIn {
+        debug!(
+            lifetime = %humantime::format_duration(Duration::from_secs(lifetime.duration.as_secs())),
+            from = lifetime.source.as_str(),
+            "token lifetime not taken from expires_in"
+        );
+    }
     Ok(Token::new(
         SecretString::from(access_token),
         "Bearer".to_string(),
         raw.scope,
-        lifetime,
+        lifetime.duration,
     ))
 }
 
@@ -367,13 +450,13 @@ pub fn parse_token_reply(operation: &'static str, reply: &Reply) -> Result<Token
 /// MapsIndoors and Mappls want it. `.form()` sets the Content-Type
 /// `application/x-www-form-urlencoded`, which Mappls insists on.
 pub async fn form_login(
-    http: &HttpClient,
+    transport: &Transport,
     operation: &'static str,
     token_url: &url::Url,
     client_id: &str,
     scope: Option<&str>,
     secret: &SecretString,
-    classify: fn(u16, Option<&str>) -> ErrorKind,
+    classify: fn(u16, Option<&str>, bool) -> ErrorKind,
 ) -> Result<Token, ProviderError> {
     let mut form = vec![
         ("grant_type", "client_credentials"),
@@ -383,26 +466,28 @@ pub async fn form_login(
     if let Some(scope) = scope {
         form.push(("scope", scope));
     }
-    let request = http.inner().post(token_url.clone()).form(&form);
-    token_request(http, operation, request, secret, classify).await
+    let request = transport.http.inner().post(token_url.clone()).form(&form);
+    token_request(transport, operation, request, secret, None, classify).await
 }
 
-/// Sends a token request and turns the reply into a token, or into an error
-/// whose kind the provider's `classify` decides from status and error code.
+/// Sends a token request that logs in with `secret` and turns the reply
+/// into a token, or into an error whose kind the provider's `classify`
+/// decides from status, error code and `Retry-After`. `encoded` is another
+/// form of the secret the request carries (HTTP Basic credentials).
 pub async fn token_request(
-    http: &HttpClient,
+    transport: &Transport,
     operation: &'static str,
     request: reqwest::RequestBuilder,
     secret: &SecretString,
-    classify: fn(u16, Option<&str>) -> ErrorKind,
+    encoded: Option<&SecretString>,
+    classify: fn(u16, Option<&str>, bool) -> ErrorKind,
 ) -> Result<Token, ProviderError> {
-    let reply = http.send(operation, request).await?;
+    let carried: Vec<&SecretString> = std::iter::once(secret).chain(encoded).collect();
+    let reply = transport.send(operation, request, &carried).await?;
     if (200..300).contains(&reply.status) {
-        return parse_token_reply(operation, &reply);
+        return parse_token_reply(operation, &reply, transport.default_lifetime);
     }
-    let oauth = parse_oauth_error(&reply.body, secret);
-    let kind = classify(reply.status, oauth.code.as_deref());
-    Err(error_reply(operation, &reply, kind, oauth))
+    Err(reply.refusal(operation, classify))
 }
 
 /// Application/x-www-form-urlencoding of one value, as RFC 6749 §2.3.1
@@ -425,16 +510,121 @@ mod tests {
         assert_eq!(parse_retry_after("soon"), None);
     }
 
+    fn reply(status: u16, content_type: &str, body: &str, secret: &str) -> Reply {
+        Reply {
+            status,
+            content_type: Some(content_type.to_string()),
+            retry_after: None,
+            body: Bytes::from(body.to_string()),
+            arrived: SystemTime::now(),
+            scrub: Scrub {
+                redactor: Redactor::new(["assertion-value".to_string()]),
+                request: vec![SecretString::from(secret.to_string())],
+            },
+        }
+    }
+
+    fn refused(status: u16, ct: &str, body: &str) -> ProviderError {
+        reply(status, ct, body, "s3cr3t-value").refusal("test", |_, _, _| ErrorKind::Refused)
+    }
+
     #[test]
-    fn oauth_error_scrubs_echoed_secret_and_odd_codes() {
-        let secret = SecretString::from("s3cr3t-value");
-        let e = parse_oauth_error(
-            br#"{"error":"invalid_client","error_description":"bad secret s3cr3t-value"}"#,
-            &secret,
+    fn refusals_scrub_code_and_message() {
+        let e = refused(
+            400,
+            "application/json",
+            r#"{"error":"s3cr3t-value","error_description":"bad secret s3cr3t-value assertion-value","error_uri":"s3cr3t-value"}"#,
         );
-        assert_eq!(e.code.as_deref(), Some("invalid_client"));
-        assert_eq!(e.description.as_deref(), Some("bad secret [REDACTED]"));
-        let e = parse_oauth_error(br#"{"error":"has spaces s3cr3t-value"}"#, &secret);
-        assert_eq!(e.code, None);
+        assert_eq!(e.code.as_deref(), Some("[redacted]"));
+        assert_eq!(e.detail, "bad secret [redacted] [redacted]");
+        assert_eq!(
+            e.to_string(),
+            "test failed: HTTP 400 error=[redacted]: bad secret [redacted] [redacted]"
+        );
+        let e = refused(400, "application/json", r#"{"error":"invalid_client"}"#);
+        assert_eq!(
+            (e.code.as_deref(), e.detail.as_str()),
+            (Some("invalid_client"), "")
+        );
+    }
+
+    #[test]
+    fn refusals_read_the_common_error_shapes() {
+        let e = refused(
+            409,
+            "application/problem+json",
+            r#"{"title":"Conflict","detail":"too many","status":409}"#,
+        );
+        assert_eq!((e.code, e.detail.as_str()), (None, "too many"));
+        let e = refused(
+            400,
+            "application/json",
+            r#"{"error":{"code":"MaxSecrets","message":"limit 2"}}"#,
+        );
+        assert_eq!(
+            (e.code.as_deref(), e.detail.as_str()),
+            (Some("MaxSecrets"), "limit 2")
+        );
+        let e = refused(400, "application/json", r#"{"code":42,"message":"no"}"#);
+        assert_eq!((e.code.as_deref(), e.detail.as_str()), (Some("42"), "no"));
+        let e = refused(
+            400,
+            "application/json",
+            r#"{"error":"customerId is required"}"#,
+        );
+        assert_eq!(
+            (e.code, e.detail.as_str()),
+            (None, "customerId is required")
+        );
+        let e = refused(
+            403,
+            "text/plain; charset=utf-8",
+            "  Forbidden: s3cr3t-value\n",
+        );
+        assert_eq!((e.code, e.detail.as_str()), (None, "Forbidden: [redacted]"));
+        // A page is described, never quoted.
+        let e = refused(503, "text/html", "<html>s3cr3t-value</html>");
+        assert_eq!(
+            (e.code, e.detail.as_str()),
+            (None, "content-type text/html")
+        );
+        // A header is provider text too.
+        let e = refused(500, "s3cr3t-value", "");
+        assert_eq!(e.detail, "content-type [redacted]");
+    }
+
+    #[test]
+    fn a_lifetime_that_is_already_over_is_an_error_naming_what_was_sent() {
+        let r = reply(
+            200,
+            "application/json",
+            r#"{"access_token":"t","expires_in":0}"#,
+            "s3cr3t-value",
+        );
+        let e = parse_token_reply("test", &r, Duration::from_secs(60)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient);
+        assert_eq!(e.status, Some(200));
+        assert!(
+            e.detail
+                .starts_with("token endpoint returned expires_in 0:"),
+            "{e}"
+        );
+        // Echoed in expires_in itself: still scrubbed.
+        let r = reply(
+            200,
+            "application/json",
+            r#"{"access_token":"t","expires_in":"s3cr3t-value"}"#,
+            "s3cr3t-value",
+        );
+        let e = parse_token_reply("test", &r, Duration::from_secs(60)).unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
+        let r = reply(
+            200,
+            "application/json",
+            r#"{"access_token":"t"}"#,
+            "s3cr3t-value",
+        );
+        let t = parse_token_reply("test", &r, Duration::from_secs(60)).unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(60));
     }
 }

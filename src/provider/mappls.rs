@@ -9,22 +9,22 @@ use futures_util::future::BoxFuture;
 use secrecy::SecretString;
 use url::Url;
 
-use super::http::{self, HttpClient};
+use super::http::{self, Transport};
 use super::{ErrorKind, ProviderError, TokenProvider};
 use crate::config::CredentialConfig;
 use crate::token::Token;
 
 pub struct Mappls {
-    http: HttpClient,
+    transport: Transport,
     token_url: Url,
     client_id: String,
     scope: Option<String>,
 }
 
 impl Mappls {
-    pub fn new(http: HttpClient, cred: &CredentialConfig) -> Self {
+    pub fn new(transport: Transport, cred: &CredentialConfig) -> Self {
         Mappls {
-            http,
+            transport,
             token_url: cred.endpoints.token_url.clone(),
             client_id: cred.client_id.clone(),
             scope: cred.scope.clone(),
@@ -32,10 +32,11 @@ impl Mappls {
     }
 }
 
-fn classify(status: u16, code: Option<&str>) -> ErrorKind {
+fn classify(status: u16, code: Option<&str>, _retry_after: bool) -> ErrorKind {
     match (status, code) {
         (401, _) | (400, Some("invalid_client")) => ErrorKind::Rejected,
         (403 | 429, _) => ErrorKind::Quota,
+        (408, _) => ErrorKind::Transient,
         (400..=499, _) => ErrorKind::Refused,
         _ => ErrorKind::Transient,
     }
@@ -48,7 +49,7 @@ impl TokenProvider for Mappls {
     ) -> BoxFuture<'a, Result<Token, ProviderError>> {
         Box::pin(async move {
             http::form_login(
-                &self.http,
+                &self.transport,
                 "mappls login",
                 &self.token_url,
                 &self.client_id,
@@ -59,6 +60,10 @@ impl TokenProvider for Mappls {
             .await
         })
     }
+
+    fn remember(&self, secret: &SecretString) {
+        self.transport.redactor.remember(secret);
+    }
 }
 
 #[cfg(test)]
@@ -67,8 +72,11 @@ mod tests {
 
     #[test]
     fn quota_is_403() {
-        assert_eq!(classify(403, None), ErrorKind::Quota);
-        assert_eq!(classify(401, Some("invalid_client")), ErrorKind::Rejected);
-        assert_eq!(classify(503, None), ErrorKind::Transient);
+        assert_eq!(classify(403, None, false), ErrorKind::Quota);
+        assert_eq!(
+            classify(401, Some("invalid_client"), false),
+            ErrorKind::Rejected
+        );
+        assert_eq!(classify(503, None, false), ErrorKind::Transient);
     }
 }

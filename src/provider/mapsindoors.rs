@@ -2,28 +2,34 @@
 //!
 //! Quirk: a wrong client secret is `400 {"error":"invalid_client"}`, not 401,
 //! so the status alone cannot tell a bad secret from a bad request.
+//!
+//! The secret API's refusals are read for an error code and message in
+//! whichever common shape they come (see `Reply::refusal`) and classified
+//! by [`classify_secret_api`]: a 4xx that will answer the same on retry
+//! (the client already has its maximum number of secrets, a wrong
+//! customer, a missing permission) needs an operator.
 
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-use super::http::{self, HttpClient, Reply};
+use super::http::{self, Reply, Transport};
 use super::{Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret, SecretApi, TokenProvider};
 use crate::config::CredentialConfig;
 use crate::token::Token;
 
 pub struct MapsIndoors {
-    http: HttpClient,
+    transport: Transport,
     token_url: Url,
     client_id: String,
     scope: Option<String>,
 }
 
 impl MapsIndoors {
-    pub fn new(http: HttpClient, cred: &CredentialConfig) -> Self {
+    pub fn new(transport: Transport, cred: &CredentialConfig) -> Self {
         MapsIndoors {
-            http,
+            transport,
             token_url: cred.endpoints.token_url.clone(),
             client_id: cred.client_id.clone(),
             scope: cred.scope.clone(),
@@ -32,10 +38,11 @@ impl MapsIndoors {
 }
 
 /// How a failed token request is treated.
-fn classify(status: u16, code: Option<&str>) -> ErrorKind {
+fn classify(status: u16, code: Option<&str>, _retry_after: bool) -> ErrorKind {
     match (status, code) {
         (400 | 401, Some("invalid_client")) | (401, None) => ErrorKind::Rejected,
         (429, _) => ErrorKind::Quota,
+        (408, _) => ErrorKind::Transient,
         (400..=499, _) => ErrorKind::Refused,
         _ => ErrorKind::Transient,
     }
@@ -48,7 +55,7 @@ impl TokenProvider for MapsIndoors {
     ) -> BoxFuture<'a, Result<Token, ProviderError>> {
         Box::pin(async move {
             http::form_login(
-                &self.http,
+                &self.transport,
                 "mapsindoors login",
                 &self.token_url,
                 &self.client_id,
@@ -59,24 +66,32 @@ impl TokenProvider for MapsIndoors {
             .await
         })
     }
+
+    fn remember(&self, secret: &SecretString) {
+        self.transport.redactor.remember(secret);
+    }
 }
 
 /// The client-credentials API (`/api/clientcredentials`): list, create and
 /// delete secrets of the customer, with a bearer token from `/connect/token`.
 /// The list may include other clients' secrets; rotation filters by tag.
 pub struct MapsIndoorsSecrets {
-    http: HttpClient,
+    transport: Transport,
     url: Url,
     customer_id: String,
 }
 
 impl MapsIndoorsSecrets {
-    pub fn new(http: HttpClient, url: Url, customer_id: String) -> Self {
+    pub fn new(transport: Transport, url: Url, customer_id: String) -> Self {
         MapsIndoorsSecrets {
-            http,
+            transport,
             url,
             customer_id,
         }
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        self.transport.http.inner()
     }
 
     fn url_with(&self, params: &[(&str, &str)]) -> Url {
@@ -98,28 +113,33 @@ impl MapsIndoorsSecrets {
         bearer: &Token,
     ) -> Result<Reply, ProviderError> {
         let request = request.bearer_auth(bearer.access_token.expose_secret());
-        self.http.send(operation, request).await
+        self.transport
+            .send(operation, request, &[&bearer.access_token])
+            .await
     }
 }
 
-/// Secret API failures: 401 means our token is not accepted.
-fn classify_secret_api(status: u16) -> ErrorKind {
+/// Secret API failures. 401: our bearer token is not accepted (the next run
+/// logs in again). 408, 425 and 5xx are passing trouble, 429 or any 4xx with
+/// a `Retry-After` a limit that lifts by itself. Every other 4xx (400, 403,
+/// 404, 409, 422, ...) is a refusal that will be the same on every retry,
+/// whatever its error code says: the client already has its maximum number
+/// of secrets, the customer id is wrong, the client may not manage secrets.
+/// Those are [`ErrorKind::Refused`], which the rotation reports as needing
+/// an operator and retries only slowly.
+pub fn classify_secret_api(status: u16, _code: Option<&str>, retry_after: bool) -> ErrorKind {
     match status {
         401 => ErrorKind::Rejected,
         429 => ErrorKind::Quota,
+        408 | 425 => ErrorKind::Transient,
+        400..=499 if retry_after => ErrorKind::Quota,
         400..=499 => ErrorKind::Refused,
         _ => ErrorKind::Transient,
     }
 }
 
 fn secret_api_error(operation: &'static str, reply: &Reply) -> ProviderError {
-    // The body is not parsed: on this API it is empty or free text.
-    http::error_reply(
-        operation,
-        reply,
-        classify_secret_api(reply.status),
-        http::OAuthError::default(),
-    )
+    reply.refusal(operation, classify_secret_api)
 }
 
 impl SecretApi for MapsIndoorsSecrets {
@@ -139,14 +159,13 @@ impl SecretApi for MapsIndoorsSecrets {
                 #[serde(default, rename = "createdAt")]
                 created_at: Option<String>,
             }
-            let request = self.http.inner().get(self.url_with(&[]));
+            let request = self.http().get(self.url_with(&[]));
             let reply = self.call(OP, request, bearer).await?;
             if !(200..300).contains(&reply.status) {
                 return Err(secret_api_error(OP, &reply));
             }
-            let items: Vec<Item> = serde_json::from_slice(&reply.body).map_err(|_| {
-                http::unexpected_body(OP, &reply, "expected a JSON list of secrets")
-            })?;
+            let items: Vec<Item> = serde_json::from_slice(&reply.body)
+                .map_err(|_| reply.unexpected(OP, "expected a JSON list of secrets"))?;
             Ok(items
                 .into_iter()
                 .map(|i| RemoteSecret {
@@ -177,21 +196,22 @@ impl SecretApi for MapsIndoorsSecrets {
                 secret: String,
             }
             let request = self
-                .http
-                .inner()
+                .http()
                 .post(self.url_with(&[("description", description)]));
             let reply = self.call(OP, request, bearer).await?;
             if !(200..300).contains(&reply.status) {
                 return Err(secret_api_error(OP, &reply));
             }
             let created: Created = serde_json::from_slice(&reply.body)
-                .map_err(|_| http::unexpected_body(OP, &reply, "expected {id, secret} JSON"))?;
+                .map_err(|_| reply.unexpected(OP, "expected {id, secret} JSON"))?;
             if created.secret.is_empty() || created.id.is_empty() {
-                return Err(http::unexpected_body(OP, &reply, "empty id or secret"));
+                return Err(reply.unexpected(OP, "empty id or secret"));
             }
+            let value = SecretString::from(created.secret);
+            self.transport.redactor.remember(&value);
             Ok(NewSecret {
                 id: created.id,
-                value: SecretString::from(created.secret),
+                value,
             })
         })
     }
@@ -203,7 +223,7 @@ impl SecretApi for MapsIndoorsSecrets {
     ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "mapsindoors delete secret";
-            let request = self.http.inner().delete(self.url_with(&[("id", id)]));
+            let request = self.http().delete(self.url_with(&[("id", id)]));
             let reply = self.call(OP, request, bearer).await?;
             match reply.status {
                 200..=299 => Ok(Deleted::Deleted),
@@ -220,9 +240,35 @@ mod tests {
 
     #[test]
     fn bad_secret_is_400_invalid_client() {
-        assert_eq!(classify(400, Some("invalid_client")), ErrorKind::Rejected);
-        assert_eq!(classify(400, Some("invalid_scope")), ErrorKind::Refused);
-        assert_eq!(classify(503, None), ErrorKind::Transient);
-        assert_eq!(classify(429, None), ErrorKind::Quota);
+        assert_eq!(
+            classify(400, Some("invalid_client"), false),
+            ErrorKind::Rejected
+        );
+        assert_eq!(
+            classify(400, Some("invalid_scope"), false),
+            ErrorKind::Refused
+        );
+        assert_eq!(classify(503, None, false), ErrorKind::Transient);
+        assert_eq!(classify(429, None, false), ErrorKind::Quota);
+    }
+
+    #[test]
+    fn secret_api_refusals_that_stay_need_an_operator() {
+        for status in [400, 403, 404, 409, 410, 422] {
+            assert_eq!(
+                classify_secret_api(status, Some("too_many_secrets"), false),
+                ErrorKind::Refused,
+                "{status}"
+            );
+        }
+        assert_eq!(classify_secret_api(401, None, false), ErrorKind::Rejected);
+        assert_eq!(classify_secret_api(429, None, false), ErrorKind::Quota);
+        assert_eq!(classify_secret_api(409, None, true), ErrorKind::Quota);
+        for status in [408, 425, 500, 502, 503] {
+            assert_eq!(
+                classify_secret_api(status, None, false),
+                ErrorKind::Transient
+            );
+        }
     }
 }

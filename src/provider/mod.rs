@@ -4,11 +4,14 @@
 //! each dialect's quirks (status codes, error shapes) live in its own file
 //! and end up as a [`ProviderError`] whose [`ErrorKind`] tells the token
 //! engine how to react: retry soon, back off long, or re-read the secret.
+//! Whatever text a provider sends reaches an error only scrubbed of the
+//! credential's secrets ([`redact`]).
 
 pub mod http;
 pub mod mappls;
 pub mod mapsindoors;
 pub mod oauth2;
+pub mod redact;
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,11 +24,20 @@ use crate::config::{CredentialConfig, ProviderKind};
 use crate::token::Token;
 
 pub use http::{HttpClient, HttpClients};
+pub use redact::Redactor;
 
 /// Logs in with a client secret and returns a token.
 pub trait TokenProvider: Send + Sync {
+    /// A token whose lifetime follows [`crate::token::lifetime`]; a reply
+    /// whose token is already expired is an error.
     fn login<'a>(&'a self, secret: &'a SecretString)
     -> BoxFuture<'a, Result<Token, ProviderError>>;
+
+    /// Tells the provider a secret of this credential that a reply may echo
+    /// although the request did not carry it (the journal's current,
+    /// pending or old one), so that it is scrubbed all the same. The secret
+    /// a request carries is scrubbed from its reply anyway.
+    fn remember(&self, _secret: &SecretString) {}
 }
 
 /// A secret as the provider lists it (never with its value).
@@ -73,22 +85,27 @@ pub trait SecretApi: Send + Sync {
     ) -> BoxFuture<'a, Result<Deleted, ProviderError>>;
 }
 
-/// How the token engine should treat a failure.
+/// How the token engine and the rotation should treat a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The provider rejected the client secret (401, `invalid_client`).
     Rejected,
     /// Quota or rate limit (403 on Mappls, 429): back off longer.
     Quota,
-    /// Network trouble, timeouts, 5xx, garbage bodies: retry with backoff.
+    /// Network trouble, timeouts, 5xx, garbage bodies, a token that is
+    /// already expired: retry with backoff.
     Transient,
-    /// The request itself is wrong (bad scope, unauthorized grant): retrying
-    /// soon will not help, but the operator may fix the provider side.
+    /// A permanent refusal: the request itself is wrong or not allowed (bad
+    /// scope, unauthorized grant; a secret API that will not create another
+    /// secret). Retrying will not help until an operator changes something
+    /// at the provider or in the configuration.
     Refused,
 }
 
 /// A failed provider call. Carries the HTTP status, the provider's error code
-/// and a short detail; never a secret or a token.
+/// and a short detail; never a secret or a token. `code` and `detail` are
+/// scrubbed, bounded, printable ASCII whenever they hold provider text
+/// ([`redact::scrub`]).
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ProviderError {
     pub kind: ErrorKind,
@@ -117,16 +134,63 @@ impl fmt::Display for ProviderError {
 }
 
 impl ProviderError {
+    /// A failure without a reply (network, timeout, a local problem). The
+    /// detail is bounded and made printable like provider text.
     pub fn transient(operation: &'static str, detail: impl Into<String>) -> Self {
         ProviderError {
             kind: ErrorKind::Transient,
             operation,
             status: None,
             code: None,
-            detail: detail.into(),
+            detail: redact::scrub(&detail.into(), &[]),
             retry_after: None,
         }
     }
+
+    /// What to call the refusal in a status line: the provider's error code,
+    /// else the HTTP status.
+    pub fn reason(&self) -> String {
+        match (&self.code, self.status) {
+            (Some(code), _) => code.clone(),
+            (None, Some(status)) => format!("HTTP {status}"),
+            (None, None) => self.operation.to_string(),
+        }
+    }
+}
+
+/// A credential's token provider and, if it has one, its secret API,
+/// sharing one [`Redactor`]: a refusal of either is scrubbed of what the
+/// other was sent or given.
+pub struct Built {
+    pub token: Arc<dyn TokenProvider>,
+    pub secrets: Option<Arc<dyn SecretApi>>,
+}
+
+/// Builds a credential's token provider and secret API (MapsIndoors with
+/// `secrets_url` and `customer_id`) with clients shared across credentials.
+pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built, ProviderError> {
+    let transport = http::Transport {
+        http: clients.get(&cred.endpoints)?,
+        // extra_params may carry assertions (RFC 7521 `client_assertion`).
+        redactor: Redactor::new(cred.extra_params.values().map(|v| v.expose().to_string())),
+        default_lifetime: cred.refresh.default_lifetime,
+    };
+    let secrets: Option<Arc<dyn SecretApi>> = match (
+        cred.provider,
+        &cred.endpoints.secrets_url,
+        &cred.customer_id,
+    ) {
+        (ProviderKind::MapsIndoors, Some(url), Some(customer)) => Some(Arc::new(
+            mapsindoors::MapsIndoorsSecrets::new(transport.clone(), url.clone(), customer.clone()),
+        )),
+        _ => None,
+    };
+    let token: Arc<dyn TokenProvider> = match cred.provider {
+        ProviderKind::MapsIndoors => Arc::new(mapsindoors::MapsIndoors::new(transport, cred)),
+        ProviderKind::Mappls => Arc::new(mappls::Mappls::new(transport, cred)),
+        ProviderKind::OAuth2 => Arc::new(oauth2::OAuth2::new(transport, cred)),
+    };
+    Ok(Built { token, secrets })
 }
 
 /// The secret API of a credential, if its provider has one and the
@@ -142,21 +206,7 @@ pub fn build_secret_api_with(
     cred: &CredentialConfig,
     clients: &HttpClients,
 ) -> Result<Option<Arc<dyn SecretApi>>, ProviderError> {
-    match (
-        cred.provider,
-        &cred.endpoints.secrets_url,
-        &cred.customer_id,
-    ) {
-        (ProviderKind::MapsIndoors, Some(url), Some(customer)) => {
-            let http = clients.get(&cred.endpoints)?;
-            Ok(Some(Arc::new(mapsindoors::MapsIndoorsSecrets::new(
-                http,
-                url.clone(),
-                customer.clone(),
-            ))))
-        }
-        _ => Ok(None),
-    }
+    Ok(build_all(cred, clients)?.secrets)
 }
 
 /// Builds the provider for a credential from its configuration.
@@ -169,10 +219,5 @@ pub fn build_with(
     cred: &CredentialConfig,
     clients: &HttpClients,
 ) -> Result<Arc<dyn TokenProvider>, ProviderError> {
-    let http = clients.get(&cred.endpoints)?;
-    Ok(match cred.provider {
-        ProviderKind::MapsIndoors => Arc::new(mapsindoors::MapsIndoors::new(http, cred)),
-        ProviderKind::Mappls => Arc::new(mappls::Mappls::new(http, cred)),
-        ProviderKind::OAuth2 => Arc::new(oauth2::OAuth2::new(http, cred)),
-    })
+    Ok(build_all(cred, clients)?.token)
 }

@@ -5,17 +5,18 @@
 //! form body (`client_secret_post`). Errors follow §5.2; `invalid_client`
 //! may come as 400 or 401 depending on the server.
 
+use base64::Engine as _;
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
-use super::http::{self, HttpClient};
+use super::http::{self, Transport};
 use super::{ErrorKind, ProviderError, TokenProvider};
 use crate::config::{AuthMethod, CredentialConfig};
 use crate::token::Token;
 
 pub struct OAuth2 {
-    http: HttpClient,
+    transport: Transport,
     token_url: Url,
     client_id: String,
     auth_method: AuthMethod,
@@ -24,7 +25,7 @@ pub struct OAuth2 {
 }
 
 impl OAuth2 {
-    pub fn new(http: HttpClient, cred: &CredentialConfig) -> Self {
+    pub fn new(transport: Transport, cred: &CredentialConfig) -> Self {
         let mut params = Vec::new();
         if let Some(scope) = &cred.scope {
             params.push(("scope".to_string(), scope.clone()));
@@ -38,7 +39,7 @@ impl OAuth2 {
                 .map(|(k, v)| (k.clone(), v.expose().to_string())),
         );
         OAuth2 {
-            http,
+            transport,
             token_url: cred.endpoints.token_url.clone(),
             client_id: cred.client_id.clone(),
             auth_method: cred.auth_method,
@@ -47,10 +48,11 @@ impl OAuth2 {
     }
 }
 
-fn classify(status: u16, code: Option<&str>) -> ErrorKind {
+fn classify(status: u16, code: Option<&str>, _retry_after: bool) -> ErrorKind {
     match (status, code) {
         (_, Some("invalid_client")) | (401, _) => ErrorKind::Rejected,
         (429, _) => ErrorKind::Quota,
+        (408, _) => ErrorKind::Transient,
         (400..=499, _) => ErrorKind::Refused,
         _ => ErrorKind::Transient,
     }
@@ -65,21 +67,43 @@ impl TokenProvider for OAuth2 {
             const OP: &str = "oauth2 login";
             let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
             form.extend(self.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-            let mut request = self.http.inner().post(self.token_url.clone());
+            let mut request = self.transport.http.inner().post(self.token_url.clone());
+            // For Basic, the request also carries the secret as the encoded
+            // `id:secret` pair of the Authorization header, which a
+            // provider could echo as well.
+            let mut encoded = None;
             match self.auth_method {
                 AuthMethod::ClientSecretBasic => {
-                    request = request.basic_auth(
+                    let (id, password) = (
                         http::form_encode(&self.client_id),
-                        Some(http::form_encode(secret.expose_secret())),
+                        http::form_encode(secret.expose_secret()),
                     );
+                    encoded = Some(SecretString::from(
+                        base64::engine::general_purpose::STANDARD
+                            .encode(format!("{id}:{password}")),
+                    ));
+                    request = request.basic_auth(id, Some(password));
                 }
                 AuthMethod::ClientSecretPost => {
                     form.push(("client_id", &self.client_id));
                     form.push(("client_secret", secret.expose_secret()));
                 }
             }
-            http::token_request(&self.http, OP, request.form(&form), secret, classify).await
+            let request = request.form(&form);
+            http::token_request(
+                &self.transport,
+                OP,
+                request,
+                secret,
+                encoded.as_ref(),
+                classify,
+            )
+            .await
         })
+    }
+
+    fn remember(&self, secret: &SecretString) {
+        self.transport.redactor.remember(secret);
     }
 }
 
@@ -89,9 +113,18 @@ mod tests {
 
     #[test]
     fn invalid_client_as_400_or_401() {
-        assert_eq!(classify(400, Some("invalid_client")), ErrorKind::Rejected);
-        assert_eq!(classify(401, Some("invalid_client")), ErrorKind::Rejected);
-        assert_eq!(classify(400, Some("invalid_scope")), ErrorKind::Refused);
-        assert_eq!(classify(500, None), ErrorKind::Transient);
+        assert_eq!(
+            classify(400, Some("invalid_client"), false),
+            ErrorKind::Rejected
+        );
+        assert_eq!(
+            classify(401, Some("invalid_client"), false),
+            ErrorKind::Rejected
+        );
+        assert_eq!(
+            classify(400, Some("invalid_scope"), false),
+            ErrorKind::Refused
+        );
+        assert_eq!(classify(500, None, false), ErrorKind::Transient);
     }
 }

@@ -61,6 +61,13 @@ pub const DEFAULT_VERIFY_WINDOW: Duration = Duration::from_secs(60);
 /// later): each one means another actor moved the journal on.
 const MAX_CONFLICTS: u32 = 5;
 
+/// After a refusal that only an operator can lift (the provider's secret
+/// API will not create another secret, a wrong customer, a scope the
+/// client may not have), try again this rarely (jittered by up to half
+/// less): the provider would answer the same sooner. A rotation request
+/// (`rekeyd rotate`, SIGUSR1, the API) retries at once.
+pub const NEEDS_OPERATOR_RETRY: Duration = Duration::from_secs(30 * 60);
+
 /// The wall clock the journal's times come from (grace periods, creation
 /// times). A function so that tests can run the driver on a simulated clock.
 pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -157,6 +164,7 @@ impl Rotator {
             .load_settled(&self.name)
             .await?
             .ok_or(RotationError::NoRecord)?;
+        self.remember_secrets(&record.value);
         let idle = !record.value.is_unfinished();
         let event = if begin && idle {
             // I2: a full or read-only disk stops us before the provider
@@ -185,6 +193,18 @@ impl Rotator {
             stop,
         };
         run.drive(event).await
+    }
+
+    /// I7: a refusal of the secret API may echo any secret of the journal,
+    /// not only one this process has sent or been given yet.
+    fn remember_secrets(&self, record: &CredentialRecord) {
+        let old = record.rotation.old();
+        for entry in [Some(&record.current), record.pending(), old]
+            .into_iter()
+            .flatten()
+        {
+            self.provider.remember(&entry.value);
+        }
     }
 
     fn context(&self) -> machine::Context<'_> {
@@ -246,6 +266,7 @@ impl Run<'_> {
                             .load_settled(&r.name)
                             .await?
                             .ok_or(RotationError::NoRecord)?;
+                        r.remember_secrets(&self.record.value);
                         r.publish(&self.record.value);
                         // The current secret may have changed.
                         self.bearer = None;
@@ -524,6 +545,8 @@ pub async fn run_schedule(
         // A request stays pending until a rotation actually ran: another
         // process holding the claim must not swallow it.
         let mut requested = false;
+        // The last run ended in a refusal only an operator can lift.
+        let mut needs_operator = false;
         loop {
             let retry_wait = retry_at.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
             // Re-read every time: `rekeyd rotate` or `set-secret` may have
@@ -558,12 +581,23 @@ pub async fn run_schedule(
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(wait.min(Duration::from_secs(300))) => {}
-                        _ = rotate_now.notified() => requested = true,
+                        _ = rotate_now.notified() => {
+                            requested = true;
+                            // The operator says it is fixed: try now
+                            // rather than half an hour from now.
+                            if needs_operator {
+                                retry_at = None;
+                            }
+                        }
                     }
                     continue;
                 }
             };
             let result = rotator.rotate(begin, false, &shutdown).await;
+            let refusal = match &result {
+                Err(RotationError::Provider(e)) if e.kind == ErrorKind::Refused => Some(e.reason()),
+                _ => None,
+            };
             let result_label = match &result {
                 Ok(Outcome::Rotated) => Some("success"),
                 Ok(Outcome::Aborted) => Some("aborted"),
@@ -571,8 +605,15 @@ pub async fn run_schedule(
                 | Err(RotationError::Busy | RotationError::Shutdown | RotationError::ClaimLost) => {
                     None
                 }
+                Err(_) if refusal.is_some() => Some("refused"),
                 Err(_) => Some("error"),
             };
+            // A run that got anywhere (even one with nothing left to do,
+            // after `rekeyd rotate` finished the work) clears it.
+            if result_label.is_some() || result.is_ok() {
+                needs_operator = refusal.is_some();
+                set_needs_operator(&rotator, refusal.clone());
+            }
             match result {
                 Ok(outcome) => {
                     // A run that only cleaned up leftovers (secrets still to
@@ -596,6 +637,18 @@ pub async fn run_schedule(
                     warn!(step = "rotate", "the rotation claim lapsed (store unreachable or too slow); stopped, resuming from the journal shortly");
                     failures = failures.max(1);
                 }
+                Err(e) if needs_operator => {
+                    failures += 1;
+                    let reason = refusal.unwrap_or_default();
+                    warn!(
+                        step = "rotate",
+                        error = %e,
+                        needs_operator = %reason,
+                        "rotation needs an operator: the provider refuses this step and will until someone acts; the current secret stays in use, retried every 15 to 30 minutes. Fix it at the provider, then `rekeyd rotate {}`",
+                        rotator.name
+                    );
+                    set_rotation_error(&rotator, Some(format!("needs operator: {reason}: {e}")));
+                }
                 Err(e) => {
                     failures += 1;
                     warn!(step = "rotate", error = %e, failures, "rotation step failed; will resume");
@@ -616,7 +669,12 @@ pub async fn run_schedule(
                     })
                     .inc();
             }
-            retry_at = (failures > 0).then(|| Instant::now() + retry_delay(failures));
+            let wait = if needs_operator {
+                NEEDS_OPERATOR_RETRY.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+            } else {
+                retry_delay(failures)
+            };
+            retry_at = (failures > 0).then(|| Instant::now() + wait);
         }
     }
     .instrument(span)
@@ -676,6 +734,18 @@ fn retry_delay(failures: u32) -> Duration {
 fn set_rotation_error(rotator: &Rotator, error: Option<String>) {
     if let Some(status) = &rotator.status {
         status.send_modify(|s| s.last_rotation_error = error);
+    }
+}
+
+/// Shows (status, metric) whether the last rotation attempt ended in a
+/// refusal only an operator can lift, and its reason.
+fn set_needs_operator(rotator: &Rotator, reason: Option<String>) {
+    metrics::global()
+        .rotation_needs_operator
+        .get_or_create(&metrics::credential(&rotator.name))
+        .set(i64::from(reason.is_some()));
+    if let Some(status) = &rotator.status {
+        status.send_modify(|s| s.rotation_needs_operator = reason);
     }
 }
 

@@ -98,9 +98,10 @@ impl FaultScope {
 }
 
 /// A fault plan. Counters (`*_next`) are consumed one per matching request,
-/// in the order hang, fail, quota, drop, garbage, huge; only when none is
-/// left do the random faults get a chance. Latency is added to every
-/// matching request, faulted or not.
+/// in the order hang, fail, quota, drop, garbage, huge, echo; only when none
+/// is left do the random faults get a chance. Latency is added to every
+/// matching request, faulted or not. `too_many_secrets` is a standing
+/// condition of the provider, not a counter.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Faults {
     pub scope: FaultScope,
@@ -120,6 +121,20 @@ pub struct Faults {
     pub huge_next: u32,
     /// Next N never answer.
     pub hang_next: u32,
+    /// Next N are refused (400) with a body and headers that echo every
+    /// secret value the request carried and the sim knows for its client:
+    /// the client secret (as sent, and the Basic credentials), every other
+    /// form value (assertions), the bearer token, and all of the client's
+    /// secrets, in `error`, `error_description`, `error_uri`, `message`,
+    /// `detail`, unknown fields, `WWW-Authenticate` and `X-Echo`. What a
+    /// careless provider (or a debugging proxy) sends back.
+    pub echo_next: u32,
+    /// While set, creating a secret (`POST /api/clientcredentials`) is
+    /// refused like a client that already has its maximum number of
+    /// secrets: `400 {"error": "too_many_secrets", "error_description":
+    /// ...}`, after the bearer token is checked. A permanent refusal: it
+    /// lasts until the test (the "operator") clears it.
+    pub too_many_secrets: bool,
     /// Probability per matching request of a 500/502/503.
     pub random_5xx: f64,
     /// Probability per matching request of a performed-but-lost response.
@@ -139,6 +154,8 @@ pub(crate) enum Fault {
     Drop,
     Garbage,
     Huge,
+    /// A 400 echoing the request's secrets back.
+    Echo,
     /// A 5xx chosen at random (500, 502 or 503); the request is not performed.
     Random5xx(u16),
 }
@@ -150,6 +167,12 @@ pub(crate) struct Decision {
 }
 
 impl Faults {
+    /// Whether a secret creation is refused as one too many (see
+    /// [`Faults::too_many_secrets`]).
+    pub(crate) fn refuses_create(&self) -> bool {
+        self.too_many_secrets && self.scope.contains(Endpoint::SecretsCreate)
+    }
+
     /// Decides the fate of one request to `endpoint`, consuming a counter if
     /// one applies.
     pub(crate) fn decide(&mut self, endpoint: Endpoint, rng: &mut impl Rng) -> Decision {
@@ -173,6 +196,8 @@ impl Faults {
             Some(Fault::Garbage)
         } else if take(&mut self.huge_next) {
             Some(Fault::Huge)
+        } else if take(&mut self.echo_next) {
+            Some(Fault::Echo)
         } else if chance(rng, self.random_5xx) {
             Some(Fault::Random5xx([500, 502, 503][rng.random_range(0..3)]))
         } else if chance(rng, self.random_drop) {
@@ -219,10 +244,11 @@ mod tests {
             drop_next: 1,
             garbage_next: 1,
             huge_next: 1,
+            echo_next: 1,
             ..Faults::default()
         };
         let mut rng = rng();
-        let seen: Vec<_> = (0..7)
+        let seen: Vec<_> = (0..8)
             .map(|_| f.decide(Endpoint::MapplsToken, &mut rng).fault)
             .collect();
         assert_eq!(
@@ -236,6 +262,7 @@ mod tests {
                 Some(Fault::Drop),
                 Some(Fault::Garbage),
                 Some(Fault::Huge),
+                Some(Fault::Echo),
                 None,
             ]
         );
@@ -268,6 +295,19 @@ mod tests {
                 fault: Some(Fault::Fail)
             }
         );
+    }
+
+    #[test]
+    fn too_many_secrets_stands_and_follows_the_scope() {
+        let mut f = Faults {
+            too_many_secrets: true,
+            ..Faults::default()
+        };
+        assert!(f.refuses_create());
+        assert_eq!(f.decide(Endpoint::SecretsCreate, &mut rng()).fault, None);
+        assert!(f.refuses_create(), "not consumed");
+        f.scope = FaultScope::Token;
+        assert!(!f.refuses_create());
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! a while to propagate). On top of that, a scriptable [`Faults`] plan makes
 //! it misbehave the way real infrastructure does: 503 pages, quota errors,
 //! replies lost after the work was done, HTML where JSON was expected,
-//! endless bodies and hung requests.
+//! endless bodies and hung requests, refusals that echo the request's
+//! secrets, a client that has its maximum number of secrets; and
+//! [`TokenReply`] varies how a successful token reply states the lifetime
+//! (a number, a string, none, anything; JWTs with an `exp`).
 //!
 //! Layout: `state.rs` holds the registry logic (pure, unit-tested),
 //! `faults.rs` the fault plan and its decision function, `routes.rs` the
@@ -37,6 +40,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Endpoint, FaultScope, Faults};
+pub use routes::{ExpiresIn, TokenReply};
 
 use state::Registry;
 
@@ -127,6 +131,7 @@ struct SimState {
     registry: Registry,
     faults: Faults,
     stats: SimStats,
+    token_reply: TokenReply,
 }
 
 /// State shared by the handle and the server's handlers.
@@ -167,6 +172,7 @@ impl SimProvider {
                 registry: Registry::new(options.token_lifetime, options.propagation_delay),
                 faults: Faults::default(),
                 stats: SimStats::default(),
+                token_reply: TokenReply::default(),
             }),
             cancel: CancellationToken::new(),
             mappls_success,
@@ -287,6 +293,13 @@ impl SimProvider {
     /// theirs.
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         self.shared.lock().registry.token_lifetime = lifetime;
+    }
+
+    /// How the token endpoints write successful replies from now on (the
+    /// `expires_in` field, JWT access tokens); tokens still live
+    /// `token_lifetime` at the sim.
+    pub fn set_token_reply(&self, reply: TokenReply) {
+        self.shared.lock().token_reply = reply;
     }
 
     /// Propagation delay for secrets created through the API from now on.

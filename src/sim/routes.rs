@@ -25,6 +25,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use base64::Engine as _;
 use futures_util::StreamExt;
 use futures_util::stream;
 use serde_json::{Value, json};
@@ -98,6 +99,7 @@ async fn faults_and_stats(State(sh): State<Arc<Shared>>, req: Request, next: Nex
         Some(Fault::Garbage) => html(StatusCode::OK, GARBAGE_PAGE),
         Some(Fault::Huge) => huge_json(&sh),
         Some(Fault::Drop) => lose_response(next.run(req).await).await,
+        Some(Fault::Echo) => echo_refusal(&sh, req).await,
     };
     if endpoint != Endpoint::Health {
         // Tokens and secret values must never be cached by an intermediary.
@@ -111,6 +113,84 @@ async fn faults_and_stats(State(sh): State<Arc<Shared>>, req: Request, next: Nex
 }
 
 const SERVICE_UNAVAILABLE_PAGE: &str = "<html>Service Unavailable</html>";
+
+/// A 400 that echoes every secret value the request carried and the sim
+/// knows for its client, in every field and header a client might read.
+async fn echo_refusal(sh: &Shared, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    let mut values = Vec::new();
+    let mut client = None;
+    for (key, value) in parse_form(&body) {
+        match key.as_str() {
+            "client_id" => client = Some(value),
+            "grant_type" | "scope" => {}
+            // client_secret, client_assertion and any other extra field.
+            _ => values.push(value),
+        }
+    }
+    let authorization = parts.headers.get(AUTHORIZATION);
+    if let Some(header) = authorization {
+        if let Some((id, secret)) = parse_basic(header) {
+            client = Some(id);
+            values.push(secret);
+        }
+        if let Some(credentials) = header.to_str().ok().and_then(|v| v.split_once(' ')) {
+            // The Basic credentials as sent (base64), or the bearer token.
+            values.push(credentials.1.trim().to_owned());
+        }
+    }
+    {
+        let st = sh.lock();
+        if let Some(token) = authorization
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| strip_scheme(v, "Bearer"))
+            .and_then(|t| st.registry.token(t, Instant::now()))
+        {
+            client = Some(token.client_id.clone());
+        }
+        if let Some(client) = &client {
+            values.extend(
+                st.registry
+                    .secrets_of_client(client)
+                    .map(|s| s.value.clone()),
+            );
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    values.retain(|v| !v.is_empty() && seen.insert(v.clone()));
+    let first = values.first().cloned().unwrap_or_default();
+    let all = values.join(" ");
+    let mut response = json_response(
+        StatusCode::BAD_REQUEST,
+        json!({
+            "error": first,
+            "error_description": format!("rejected: {all}"),
+            "error_uri": format!("https://sim.invalid/errors?echo={first}"),
+            "code": first,
+            "title": first,
+            "message": all,
+            "detail": all,
+            "echo": values,
+            "request": String::from_utf8_lossy(&body),
+        }),
+    );
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            WWW_AUTHENTICATE.as_str(),
+            format!("Basic realm=\"sim\", error=\"{first}\""),
+        ),
+        ("x-echo", all),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    response
+}
 
 const GARBAGE_PAGE: &str = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\
 <body><h1>Please sign in</h1><p>Your session has expired. \
@@ -217,6 +297,70 @@ enum LoginError {
     UnsupportedGrantType,
 }
 
+/// How the token endpoints write a successful reply: the lifetime field
+/// and the kind of access token. The default is what real providers send:
+/// an opaque token and `expires_in` in whole seconds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenReply {
+    pub expires_in: ExpiresIn,
+    /// Issue JWTs (`header.payload.signature`, unsigned; the signature part
+    /// is the sim's opaque token, which is all the sim checks) whose `exp`
+    /// claim is this many seconds after the moment of issue (negative:
+    /// already past). `None`: opaque tokens.
+    pub jwt_exp_in: Option<i64>,
+}
+
+/// The `expires_in` field of a successful token reply.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum ExpiresIn {
+    /// The token's lifetime in whole seconds, a JSON number.
+    #[default]
+    Seconds,
+    /// The same, as a JSON string (`"3600"`), as some servers send it.
+    SecondsAsString,
+    /// No `expires_in` at all (RFC 6749 §5.1 only recommends it).
+    Omitted,
+    /// Exactly this value, whatever the token's real lifetime (`0`, `-5`,
+    /// `"4.0"`, `3.5`, `"soon"`).
+    Fixed(Value),
+}
+
+impl Shared {
+    /// A successful token reply: `fields` plus `access_token` and
+    /// `expires_in` as the current [`TokenReply`] says.
+    fn token_body(&self, issued: Issued, mut fields: Value) -> Value {
+        let reply = self.lock().token_reply.clone();
+        let access_token = match reply.jwt_exp_in {
+            None => issued.access_token,
+            Some(offset) => {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs() as i64;
+                let b64 = |v: &Value| {
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+                };
+                format!(
+                    "{}.{}.{}",
+                    b64(&json!({"alg": "none", "typ": "JWT"})),
+                    b64(&json!({"sub": "sim", "iat": now, "exp": now + offset})),
+                    issued.access_token
+                )
+            }
+        };
+        fields["access_token"] = Value::String(access_token);
+        match reply.expires_in {
+            ExpiresIn::Seconds => fields["expires_in"] = json!(issued.expires_in),
+            ExpiresIn::SecondsAsString => {
+                fields["expires_in"] = json!(issued.expires_in.to_string())
+            }
+            ExpiresIn::Omitted => {}
+            ExpiresIn::Fixed(value) => fields["expires_in"] = value,
+        }
+        fields
+    }
+}
+
 impl Shared {
     /// Authenticates the client and issues a token; shared by all three token
     /// endpoints because a client is a client whichever door it uses.
@@ -283,12 +427,13 @@ async fn mapsindoors_token(
     ) {
         Ok(t) => json_response(
             StatusCode::OK,
-            json!({
-                "access_token": t.access_token,
-                "expires_in": t.expires_in,
-                "token_type": "Bearer",
-                "scope": scope,
-            }),
+            sh.token_body(
+                t,
+                json!({
+                    "token_type": "Bearer",
+                    "scope": scope,
+                }),
+            ),
         ),
         // IdentityServer answers a bad secret with 400, not 401.
         Err(LoginError::InvalidClient) => oauth_error(StatusCode::BAD_REQUEST, "invalid_client"),
@@ -314,14 +459,15 @@ async fn mappls_token(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: B
     ) {
         Ok(t) => json_response(
             sh.mappls_success,
-            json!({
-                "access_token": t.access_token,
-                "token_type": "bearer",
-                "expires_in": t.expires_in,
-                "scope": "READ",
-                "project_code": "prj123",
-                "client_id": client_id,
-            }),
+            sh.token_body(
+                t,
+                json!({
+                    "token_type": "bearer",
+                    "scope": "READ",
+                    "project_code": "prj123",
+                    "client_id": client_id,
+                }),
+            ),
         ),
         Err(LoginError::InvalidClient) => json_response(
             StatusCode::UNAUTHORIZED,
@@ -377,15 +523,11 @@ async fn oauth2_token(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: B
                     st.stats.oauth2_post_logins += 1;
                 }
             }
-            let mut body = json!({
-                "access_token": t.access_token,
-                "token_type": "Bearer",
-                "expires_in": t.expires_in,
-            });
+            let mut fields = json!({"token_type": "Bearer"});
             if let Some(scope) = scope {
-                body["scope"] = Value::String(scope);
+                fields["scope"] = Value::String(scope);
             }
-            json_response(StatusCode::OK, body)
+            json_response(StatusCode::OK, sh.token_body(t, fields))
         }
         // RFC 6749 §5.2: a client that tried the Authorization header gets
         // 401 with a challenge; one that authenticated in the body gets 400.
@@ -551,6 +693,21 @@ async fn create_secret(
         );
     };
     let mut st = sh.lock();
+    if st.faults.refuses_create() {
+        st.stats.faults_injected += 1;
+        let count = st.registry.secrets_of_client(&caller.client_id).count();
+        debug!(client_id = %caller.client_id, "sim: too many secrets");
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "error": "too_many_secrets",
+                "error_description": format!(
+                    "client {} already has the maximum number of secrets ({count}); delete one before creating another",
+                    caller.client_id
+                ),
+            }),
+        );
+    }
     let Some(secret) = st.registry.create_secret(
         &caller.client_id,
         description,
@@ -649,32 +806,11 @@ fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
     Some((form_decode(id)?, form_decode(secret)?))
 }
 
-/// Standard base64 with optional padding; no crate for twenty lines.
+/// Standard base64 with or without padding.
 fn decode_base64(input: &str) -> Option<Vec<u8>> {
-    fn sextet(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let data = input.trim_end_matches('=').as_bytes();
-    if data.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(data.len() * 3 / 4);
-    for chunk in data.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= sextet(c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(input.trim_end_matches('='))
+        .ok()
 }
 
 /// Decodes one `application/x-www-form-urlencoded` component: `%XX`

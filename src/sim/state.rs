@@ -198,9 +198,12 @@ impl Registry {
         }
     }
 
-    /// The token if it is known and has not expired at `now`.
+    /// The token if it is known and has not expired at `now`. A JWT the
+    /// sim issued (see `TokenReply::jwt_exp_in`) carries the opaque token
+    /// as its signature, which is all the sim checks.
     pub fn token(&self, access_token: &str, now: Instant) -> Option<&Token> {
-        self.tokens.get(access_token).filter(|t| now < t.expires_at)
+        let opaque = access_token.rsplit('.').next().unwrap_or(access_token);
+        self.tokens.get(opaque).filter(|t| now < t.expires_at)
     }
 
     pub fn secrets_of_client(&self, client_id: &str) -> impl Iterator<Item = &Secret> {
@@ -314,6 +317,9 @@ mod tests {
                 .is_none()
         );
         assert!(r.token("sim_unknown", now).is_none());
+        // A JWT wrapping the opaque token is the same token.
+        let jwt = format!("eyJhbGciOiJub25lIn0.e30.{}", t.access_token);
+        assert_eq!(r.token(&jwt, now).unwrap().client_id, "a");
     }
 
     #[test]

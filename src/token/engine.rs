@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Token;
+use super::lifetime;
 use super::policy::{self, RefreshPolicy};
 use crate::credential::CredentialChannels;
 use crate::metrics::{self, RefreshLabels};
@@ -175,24 +176,48 @@ impl Engine {
         debug!(step = "shutdown", "token engine stopped");
     }
 
+    /// One refresh attempt, without publishing: what the engine's loop does
+    /// each time (the simulation tests call it directly). A token that is
+    /// already expired when it arrives (a provider answering `expires_in:
+    /// 0`) is a failed attempt, never a token to publish.
+    pub async fn attempt(&self) -> Attempt {
+        let token = self.login().await?;
+        // The providers refuse such replies already (token::lifetime);
+        // this holds for every provider whatever it parsed.
+        if token.lifetime < lifetime::MIN_LIFETIME {
+            return Err(ProviderError::transient(
+                "login",
+                format!(
+                    "the provider gave a token that lives {:?}: it is already expired",
+                    token.lifetime
+                ),
+            ));
+        }
+        Ok(token)
+    }
+
     /// Logs in with the current secret; if the provider rejects it, re-reads
     /// the store (another process may have rotated it) and tries the pending
     /// secret of an unfinished rotation, then the old secret of a promoted
     /// one (S5: until it is deleted it still works), before giving up.
-    /// One refresh attempt, without publishing: what the engine's loop does
-    /// each time (the simulation tests call it directly).
-    pub async fn attempt(&self) -> Attempt {
+    async fn login(&self) -> Attempt {
         let _slot = self
             .login_slots
             .acquire()
             .await
             .expect("the login semaphore is never closed");
         let secrets = self.load_secrets().await?;
+        // A refusal may echo any of them, not only the one it was sent (I7).
+        for secret in [&secrets.pending, &secrets.old].into_iter().flatten() {
+            self.provider.remember(secret);
+        }
         let first = self.provider.login(&secrets.current).await;
         let rejected = match first {
             Err(e) if e.kind == ErrorKind::Rejected => e,
             other => return other,
         };
+        // Other secrets are tried next: a refusal may echo this one too.
+        self.provider.remember(&secrets.current);
         let fresh = self.load_secrets().await?;
         let mut tried = vec![secrets.current];
         for candidate in [Some(fresh.current), fresh.pending, fresh.old]
@@ -293,4 +318,62 @@ fn whole_seconds(d: Duration) -> Duration {
 
 fn whole_millis(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider whose tokens live `lifetime`, whatever it is.
+    struct Lives(Duration);
+
+    impl TokenProvider for Lives {
+        fn login<'a>(&'a self, _: &'a SecretString) -> BoxFuture<'a, Result<Token, ProviderError>> {
+            Box::pin(async move {
+                Ok(Token::new(
+                    SecretString::from("t"),
+                    "Bearer".into(),
+                    None,
+                    self.0,
+                ))
+            })
+        }
+    }
+
+    struct OneSecret;
+
+    impl SecretSource for OneSecret {
+        fn secrets(&self) -> BoxFuture<'_, Result<Secrets, String>> {
+            Box::pin(async {
+                Ok(Secrets {
+                    current: SecretString::from("s"),
+                    pending: None,
+                    old: None,
+                })
+            })
+        }
+    }
+
+    fn engine(lifetime: Duration) -> Engine {
+        Engine {
+            name: "c".into(),
+            provider: Arc::new(Lives(lifetime)),
+            secrets: Arc::new(OneSecret),
+            policy: RefreshPolicy::default(),
+            channels: crate::credential::channels("c", "test").0,
+            rotate_on_login: false,
+            login_slots: Arc::new(Semaphore::new(1)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_that_is_already_expired_is_a_failed_attempt() {
+        for lifetime in [Duration::ZERO, Duration::from_millis(999)] {
+            let e = engine(lifetime).attempt().await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Transient);
+            assert!(e.to_string().contains("already expired"), "{e}");
+        }
+        let token = engine(Duration::from_secs(1)).attempt().await.unwrap();
+        assert_eq!(token.lifetime, Duration::from_secs(1));
+    }
 }

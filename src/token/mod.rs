@@ -1,7 +1,9 @@
-//! Bearer tokens: the value type, the pure refresh policy, and the engine
-//! task that keeps one credential's token current.
+//! Bearer tokens: the value type, the pure rules for a reply's lifetime and
+//! for when to refresh, and the engine task that keeps one credential's
+//! token current.
 
 pub mod engine;
+pub mod lifetime;
 pub mod policy;
 
 use std::time::{Duration, SystemTime};
