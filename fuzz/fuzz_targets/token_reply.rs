@@ -1,24 +1,18 @@
 //! Token endpoint replies (RFC 6749 §5.1 success, §5.2 error) as every
 //! provider parses them: never a panic, never a secret or token in an error.
 //!
-//! Input: a status byte pair (little-endian `u16`), one byte choosing the
-//! content type, then the body with a planted secret somewhere in a second
-//! pass.
+//! Input: one byte choosing the content type, a little-endian `u16` that is
+//! the status and says where a second pass plants the secret, then the body.
 #![no_main]
+
+use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use rekeyd::provider::ErrorKind;
-use rekeyd::provider::http::{Reply, error_reply, parse_oauth_error, parse_token_reply};
-use rekeyd_fuzz::{SECRET, assert_hidden, plant, split};
+use rekeyd::provider::http::{Reply, parse_token_reply};
+use rekeyd::provider::redact::Redactor;
+use rekeyd_fuzz::{CONTENT_TYPES, SECRET, assert_hidden, plant, split};
 use secrecy::SecretString;
-
-const CONTENT_TYPES: &[Option<&str>] = &[
-    Some("application/json"),
-    Some("application/json; charset=utf-8"),
-    Some("text/html"),
-    Some("text/plain"),
-    None,
-];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&content_type, rest)) = data.split_first() else {
@@ -31,15 +25,18 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let content_type = CONTENT_TYPES[content_type as usize % CONTENT_TYPES.len()];
+    // The login request carried the secret: a reply may echo it anywhere.
     let secret = SecretString::from(SECRET);
+    let redactor = Redactor::default();
     for body in [body.to_string(), plant(body, SECRET, status)] {
-        let reply = Reply {
-            status: status as u16,
-            content_type: content_type.map(str::to_string),
-            retry_after: None,
-            body: body.clone().into_bytes().into(),
-        };
-        match parse_token_reply("fuzz login", &reply) {
+        let reply = Reply::received(
+            status as u16,
+            content_type.map(str::to_string),
+            body.clone().into_bytes().into(),
+            &redactor,
+            &[&secret],
+        );
+        match parse_token_reply("fuzz login", &reply, Duration::from_secs(3600)) {
             Ok(token) => {
                 let shown = format!("{token:?}");
                 assert_hidden(&shown, SECRET, "a token's Debug");
@@ -55,9 +52,8 @@ fuzz_target!(|data: &[u8]| {
                 assert_hidden(&format!("{e:?}"), SECRET, "a token reply error's Debug");
             }
         }
-        let oauth = parse_oauth_error(&reply.body, &secret);
-        let e = error_reply("fuzz login", &reply, ErrorKind::Rejected, oauth);
-        assert_hidden(&e.to_string(), SECRET, "an error reply");
-        assert_hidden(&format!("{e:?}"), SECRET, "an error reply's Debug");
+        let e = reply.refusal("fuzz login", |_, _, _| ErrorKind::Rejected);
+        assert_hidden(&e.to_string(), SECRET, "a refusal");
+        assert_hidden(&format!("{e:?}"), SECRET, "a refusal's Debug");
     }
 });

@@ -9,6 +9,16 @@ pub const TOKEN: &str = "fzT0k3n-eyJhbGciOiJub25lIn0.c2VydmVk.4b9d";
 /// The local API key in the router target.
 pub const API_KEY: &str = "fzK3y-bG9jYWwtYXBpLWtleQ-0c2a";
 
+/// Content types a reply may come with; the first input byte picks one.
+pub const CONTENT_TYPES: &[Option<&str>] = &[
+    Some("application/json"),
+    Some("application/json; charset=utf-8"),
+    Some("application/problem+json"),
+    Some("text/plain; charset=utf-8"),
+    Some("text/html"),
+    None,
+];
+
 /// Panics (a finding) when `text` holds `value`; `what` names the output.
 pub fn assert_hidden(text: &str, value: &str, what: &str) {
     assert!(

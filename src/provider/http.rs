@@ -272,6 +272,30 @@ impl Scrub {
 }
 
 impl Reply {
+    /// A reply that arrived now, as the transport builds it after reading
+    /// the body: its text will be scrubbed of what `redactor` knows and of
+    /// `request_secrets` (what the request carried). For parsers' tests and
+    /// the fuzz targets, which have no server.
+    pub fn received(
+        status: u16,
+        content_type: Option<String>,
+        body: Bytes,
+        redactor: &Redactor,
+        request_secrets: &[&SecretString],
+    ) -> Reply {
+        Reply {
+            status,
+            content_type,
+            retry_after: None,
+            body,
+            arrived: SystemTime::now(),
+            scrub: Scrub {
+                redactor: redactor.clone(),
+                request: request_secrets.iter().map(|s| (*s).clone()).collect(),
+            },
+        }
+    }
+
     /// Provider text (a header, a field) made safe to keep: see
     /// [`super::redact::scrub`].
     fn scrub(&self, text: &str) -> String {
@@ -511,17 +535,13 @@ mod tests {
     }
 
     fn reply(status: u16, content_type: &str, body: &str, secret: &str) -> Reply {
-        Reply {
+        Reply::received(
             status,
-            content_type: Some(content_type.to_string()),
-            retry_after: None,
-            body: Bytes::from(body.to_string()),
-            arrived: SystemTime::now(),
-            scrub: Scrub {
-                redactor: Redactor::new(["assertion-value".to_string()]),
-                request: vec![SecretString::from(secret.to_string())],
-            },
-        }
+            Some(content_type.to_string()),
+            Bytes::from(body.to_string()),
+            &Redactor::new(["assertion-value".to_string()]),
+            &[&SecretString::from(secret.to_string())],
+        )
     }
 
     fn refused(status: u16, ct: &str, body: &str) -> ProviderError {
