@@ -6,7 +6,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cli::{Cli, Command};
-use crate::config::{Config, CredentialConfig, HookAction, RotationTrigger, StoreConfig};
+use crate::config::{
+    Config, CredentialConfig, HookAction, ListenerLimits, RotationTrigger, StoreConfig,
+};
+use crate::proxy::ProxyEnv;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
@@ -33,7 +36,7 @@ pub async fn execute(cli: Cli) -> u8 {
                 return EXIT_CONFIG;
             };
             logging::init(config.log.format);
-            for warning in config.warnings() {
+            for warning in all_warnings(&config) {
                 tracing::warn!(step = "config", "{warning}");
             }
             match daemon::run(&args.config, config).await {
@@ -48,8 +51,8 @@ pub async fn execute(cli: Cli) -> u8 {
         }
         Command::Check(args) => match load(&args.config) {
             Some(config) => {
-                println!("{}", effective_config(&config));
-                for warning in config.warnings() {
+                println!("{}", effective_config(&config).await);
+                for warning in all_warnings(&config) {
                     eprintln!("rekeyd: warning: {warning}");
                 }
                 eprintln!("rekeyd: {} is valid", args.config.display());
@@ -308,6 +311,15 @@ fn load(path: &std::path::Path) -> Option<Config> {
     }
 }
 
+/// The configuration's warnings, and what this process could not do with
+/// it (set a token file's owner or group).
+fn all_warnings(config: &Config) -> Vec<crate::config::ConfigWarning> {
+    let me = crate::serve::sink::Privileges::of_this_process();
+    let mut warnings = config.warnings();
+    warnings.extend(crate::serve::sink::ownership_warnings(config, &me));
+    warnings
+}
+
 /// Kubernetes shows this file's content as the reason a container ended.
 const TERMINATION_LOG: &str = "/dev/termination-log";
 
@@ -351,6 +363,31 @@ async fn status(config: &Config, as_json: bool) -> u8 {
                 s("last_rotated_at"),
                 s("last_error"),
             );
+        }
+        // Token files that do not hold the token being served, and why.
+        for row in &rows {
+            for sink in row["sinks"].as_array().into_iter().flatten() {
+                let freshness = sink["freshness"].as_str().unwrap_or("-");
+                let failures = sink["consecutive_failures"].as_u64().unwrap_or(0);
+                if freshness == "current" && failures == 0 {
+                    continue;
+                }
+                let mut line = format!(
+                    "{}: token file {} holds {}",
+                    s_of(row, "name"),
+                    s_of(sink, "path"),
+                    match freshness {
+                        "old" => "an older token",
+                        "expired" => "an expired token",
+                        "missing" => "no token yet",
+                        _ => "the current token",
+                    }
+                );
+                if let Some(e) = sink["last_error"].as_str() {
+                    line.push_str(&format!("; {failures} failed writes, last: {e}"));
+                }
+                println!("{line}");
+            }
         }
         // An unfinished journal: what it waits for and the way out.
         for row in &rows {
@@ -415,48 +452,85 @@ async fn stored_status(config: &Config) -> Vec<Value> {
 
 /// The configuration as rekeyd understood it, defaults filled in. Holds no
 /// secret values (those live in files); operator-supplied extra form fields
-/// are redacted because they may carry assertions.
-pub fn effective_config(config: &Config) -> String {
+/// are redacted because they may carry assertions. Each endpoint's
+/// `*_proxy` says how requests to it travel ([`crate::proxy`]), with any
+/// proxy credentials redacted.
+pub async fn effective_config(config: &Config) -> String {
     let dur = |d: Duration| humantime::format_duration(d).to_string();
+    let proxies = ProxyEnv::from_env();
     let credentials: Vec<Value> = config
         .credentials
         .iter()
-        .map(|c| credential_json(c, &dur))
+        .map(|c| credential_json(c, &dur, &proxies))
         .collect();
     let doc = json!({
         "state_dir": config.state_dir.display().to_string(),
-        "api": config.api.as_ref().map(|a| json!({
-            "listen": a.listen.to_string(),
-            "key_file": a.key_file.display().to_string(),
-        })),
+        "api": config.api.as_ref().map(|a| {
+            let mut api = limits_json(&a.limits, &dur);
+            api["listen"] = json!(a.listen.to_string());
+            api["key_file"] = json!(a.key_file.display().to_string());
+            api
+        }),
+        "diag": config.diag.as_ref().map(|d| {
+            let mut diag = limits_json(&d.limits, &dur);
+            diag["listen"] = json!(d.listen.to_string());
+            diag
+        }),
         "log": {"format": format!("{:?}", config.log.format).to_lowercase()},
-        "store": store_json(&config.store, &dur),
+        "store": store_json(&config.store, &dur).await,
         "credentials": credentials,
+        // Set but unused (HTTP_PROXY, a SOCKS proxy): said, not silently
+        // dropped.
+        "proxy_variables_ignored": (!proxies.ignored().is_empty()).then(|| proxies.ignored()),
     });
     serde_json::to_string_pretty(&strip_nulls(doc)).expect("json")
 }
 
-fn store_json(store: &StoreConfig, dur: &dyn Fn(Duration) -> String) -> Value {
+fn limits_json(limits: &ListenerLimits, dur: &dyn Fn(Duration) -> String) -> Value {
+    json!({
+        "max_connections": limits.max_connections,
+        "header_timeout": dur(limits.header_timeout),
+        "request_timeout": dur(limits.request_timeout),
+        "idle_timeout": dur(limits.idle_timeout),
+    })
+}
+
+async fn store_json(store: &StoreConfig, dur: &dyn Fn(Duration) -> String) -> Value {
     match store {
         StoreConfig::File => json!({"kind": "file"}),
-        StoreConfig::Kubernetes(k) => json!({
-            "kind": "kubernetes",
-            "namespace": k.namespace,
-            "secret": k.secret,
-            "lease": k.lease,
-            "kubeconfig": k.kubeconfig.as_ref().map(|p| p.display().to_string()),
-            "claim_ttl": dur(k.claim_ttl),
-        }),
+        StoreConfig::Kubernetes(k) => {
+            // The API server's address comes from the kubeconfig or the
+            // pod's environment: read them (nothing is contacted).
+            let (api_server, proxy) = match store::kubernetes::client_config(k).await {
+                Ok((client, route)) => (Some(client.cluster_url.to_string()), route.describe()),
+                Err(e) => (None, format!("unknown ({e})")),
+            };
+            json!({
+                "kind": "kubernetes",
+                "namespace": k.namespace,
+                "secret": k.secret,
+                "lease": k.lease,
+                "kubeconfig": k.kubeconfig.as_ref().map(|p| p.display().to_string()),
+                "claim_ttl": dur(k.claim_ttl),
+                "api_server": api_server,
+                "api_server_proxy": proxy,
+            })
+        }
         StoreConfig::Etcd(e) => json!({
             "kind": "etcd",
             "endpoints": e.endpoints,
+            "endpoints_proxy": "direct (the etcd client never uses a proxy)",
             "prefix": e.prefix,
             "claim_ttl": dur(e.claim_ttl),
         }),
     }
 }
 
-fn credential_json(c: &CredentialConfig, dur: &dyn Fn(Duration) -> String) -> Value {
+fn credential_json(
+    c: &CredentialConfig,
+    dur: &dyn Fn(Duration) -> String,
+    proxies: &ProxyEnv,
+) -> Value {
     json!({
         "name": c.name,
         "provider": c.provider.as_str(),
@@ -473,7 +547,9 @@ fn credential_json(c: &CredentialConfig, dur: &dyn Fn(Duration) -> String) -> Va
         "extra_params": c.extra_params.keys().map(|k| (k.clone(), json!("[redacted]"))).collect::<serde_json::Map<_, _>>(),
         "endpoints": {
             "token_url": c.endpoints.token_url.as_str(),
+            "token_url_proxy": proxies.route(&c.endpoints.token_url).describe(),
             "secrets_url": c.endpoints.secrets_url.as_ref().map(|u| u.as_str()),
+            "secrets_url_proxy": c.endpoints.secrets_url.as_ref().map(|u| proxies.route(u).describe()),
             "connect_timeout": dur(c.endpoints.connect_timeout),
             "request_timeout": dur(c.endpoints.request_timeout),
         },
@@ -498,6 +574,8 @@ fn credential_json(c: &CredentialConfig, dur: &dyn Fn(Duration) -> String) -> Va
             "path": s.path.display().to_string(),
             "format": format!("{:?}", s.format).to_lowercase(),
             "mode": format!("{:04o}", s.mode),
+            "owner": s.owner.as_ref().map(|o| &o.shown),
+            "group": s.group.as_ref().map(|g| &g.shown),
         })).collect::<Vec<_>>(),
     })
 }

@@ -16,6 +16,23 @@ use url::Url;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rekeyd/rekeyd.toml";
 /// Default listen address of the local API when `[api]` gives none.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9860";
+/// Default cap on the open connections of the token API (`max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default cap of the diagnostics listener: probes and a scraper or two.
+/// With the API's, it fits the common soft RLIMIT_NOFILE of 1024 without
+/// being lowered (see `serve::http::connection_caps`).
+pub const DEFAULT_DIAG_MAX_CONNECTIONS: usize = 64;
+/// Default time a client has to send a request's head, from its first byte
+/// (`header_timeout`).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time a request may take from its first byte until its response
+/// is written (`request_timeout`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a connection may wait for its next request (`idle_timeout`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound of every listener timeout: beyond it a stuck client holds a
+/// connection for no client's benefit.
+pub const MAX_LISTENER_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default grace period between promoting a new secret and deleting the old one.
 pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(30);
 /// An old secret kept longer than this defeats the point of rotating.
@@ -69,11 +86,76 @@ impl ConfigError {
 // error can say which key was wrong and why.
 // ---------------------------------------------------------------------------
 
+/// A value whose meaning depends on how the file wrote it. The `config`
+/// crate hands a TOML number to a `String` field as its decimal text, so
+/// `mode = 0o640` would arrive as "416" and be read as octal text, and an
+/// error would quote a number the operator never wrote. Keys that take a
+/// number, a unit or a name deserialize into this instead, and validation
+/// decides what each kind means for that key.
+#[derive(Debug, Clone, PartialEq)]
+enum RawScalar {
+    /// A TOML integer: the number itself, whatever base it was written in.
+    Integer(i64),
+    Text(String),
+    /// Any other kind, named for the error ("a float", "a boolean", ...).
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for RawScalar {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawScalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an integer")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawScalar, E> {
+                Ok(RawScalar::Integer(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<RawScalar, E> {
+                Ok(i64::try_from(v)
+                    .map_or(RawScalar::Other("an integer too large"), RawScalar::Integer))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<RawScalar, E> {
+                Ok(RawScalar::Other("a floating-point number"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<RawScalar, E> {
+                Ok(RawScalar::Other("a boolean"))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<RawScalar, E> {
+                Ok(RawScalar::Text(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<RawScalar, E> {
+                Ok(RawScalar::Text(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawScalar, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(RawScalar::Other("a list"))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawScalar, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(RawScalar::Other("a table"))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     state_dir: Option<PathBuf>,
     api: Option<RawApi>,
+    diag: Option<RawDiag>,
     log: Option<RawLog>,
     store: Option<RawStore>,
     #[serde(default)]
@@ -86,7 +168,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     kind: Option<String>,
-    claim_ttl: Option<String>,
+    claim_ttl: Option<RawScalar>,
     // kubernetes
     namespace: Option<String>,
     secret: Option<String>,
@@ -104,6 +186,22 @@ struct RawApi {
     key_file: Option<PathBuf>,
     #[serde(default)]
     allow_non_loopback: bool,
+    // The limits of every listener; spelled out in each section because
+    // serde's `flatten` cannot be combined with `deny_unknown_fields`.
+    max_connections: Option<i64>,
+    header_timeout: Option<String>,
+    request_timeout: Option<String>,
+    idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiag {
+    listen: Option<String>,
+    max_connections: Option<i64>,
+    header_timeout: Option<String>,
+    request_timeout: Option<String>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,8 +239,8 @@ struct RawHook {
     #[serde(default)]
     on: Vec<String>,
     command: Option<Vec<String>>,
-    timeout: Option<String>,
-    signal: Option<String>,
+    timeout: Option<RawScalar>,
+    signal: Option<RawScalar>,
     pid_file: Option<PathBuf>,
 }
 
@@ -153,23 +251,23 @@ struct RawEndpoints {
     secrets_url: Option<String>,
     #[serde(default)]
     allow_insecure_http: bool,
-    connect_timeout: Option<String>,
-    request_timeout: Option<String>,
+    connect_timeout: Option<RawScalar>,
+    request_timeout: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRefresh {
-    before_expiry: Option<String>,
-    default_lifetime: Option<String>,
+    before_expiry: Option<RawScalar>,
+    default_lifetime: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRotation {
-    every: Option<String>,
+    every: Option<RawScalar>,
     schedule: Option<String>,
-    grace: Option<String>,
+    grace: Option<RawScalar>,
     #[serde(default)]
     on_login: bool,
 }
@@ -179,7 +277,9 @@ struct RawRotation {
 struct RawSink {
     path: Option<PathBuf>,
     format: Option<String>,
-    mode: Option<String>,
+    mode: Option<RawScalar>,
+    owner: Option<RawScalar>,
+    group: Option<RawScalar>,
 }
 
 // ---------------------------------------------------------------------------
@@ -190,6 +290,7 @@ struct RawSink {
 pub struct Config {
     pub state_dir: PathBuf,
     pub api: Option<ApiConfig>,
+    pub diag: Option<DiagConfig>,
     pub log: LogConfig,
     pub store: StoreConfig,
     pub credentials: Vec<CredentialConfig>,
@@ -258,10 +359,48 @@ impl std::fmt::Display for ListenAddr {
     }
 }
 
-#[derive(Debug, Clone)]
+/// `[api]`: the token API.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiConfig {
     pub listen: ListenAddr,
     pub key_file: PathBuf,
+    pub limits: ListenerLimits,
+}
+
+/// `[diag]`: the diagnostics listener (`/livez`, `/readyz`,
+/// `/readyz/{name}`, `/metrics`; never a token), which may listen beyond
+/// the host without a key. With it, the token API serves `/v1/...` only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiagConfig {
+    pub listen: ListenAddr,
+    pub limits: ListenerLimits,
+}
+
+/// What one listener allows its clients, so that no number of local
+/// clients starves the daemon (see `serve::http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Connections open at once; more are refused with 503 at once. The
+    /// daemon may lower it at start-up to fit the file-descriptor limit.
+    pub max_connections: usize,
+    /// From the first byte of a request until its head is complete.
+    pub header_timeout: Duration,
+    /// From the first byte of a request until its response is written.
+    pub request_timeout: Duration,
+    /// How long a connection may wait for its next request.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ListenerLimits {
+    /// The token API's defaults.
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -371,7 +510,22 @@ pub enum SinkFormat {
 pub struct SinkConfig {
     pub path: PathBuf,
     pub format: SinkFormat,
+    /// Permission bits, within [`SINK_MODE_ALLOWED`].
     pub mode: u32,
+    /// The user the file is given to on every write; `None`: rekeyd's own.
+    pub owner: Option<FileOwner>,
+    /// The group the file is given to on every write; `None`: rekeyd's
+    /// (or the directory's, when it is setgid).
+    pub group: Option<FileOwner>,
+}
+
+/// A user or group a token file is given to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileOwner {
+    /// The numeric uid or gid.
+    pub id: u32,
+    /// The name or number as the configuration gave it, for messages.
+    pub shown: String,
 }
 
 /// When a hook runs.
@@ -413,6 +567,24 @@ pub struct HookConfig {
     pub action: HookAction,
 }
 
+/// A value from `extra_params`: sent to the provider as given, never shown
+/// (it may be a client assertion or another secret; I7).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ParamValue(String);
+
+impl ParamValue {
+    /// The value as sent in the token request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ParamValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CredentialConfig {
     pub name: String,
@@ -424,7 +596,9 @@ pub struct CredentialConfig {
     pub scope: Option<String>,
     pub audience: Option<String>,
     pub auth_method: AuthMethod,
-    pub extra_params: BTreeMap<String, String>,
+    /// Extra form parameters of the token request (values may be
+    /// assertions, so they are redacted in `Debug`).
+    pub extra_params: BTreeMap<String, ParamValue>,
     pub endpoints: EndpointsConfig,
     pub refresh: RefreshConfig,
     pub rotation: Option<RotationConfig>,
@@ -629,6 +803,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .api
         .map(|api| validate_api(api, &state_dir))
         .transpose()?;
+    let diag = raw.diag.map(validate_diag).transpose()?;
+    if let (Some(api), Some(diag)) = (&api, &diag)
+        && listeners_collide(&api.listen, &diag.listen)
+    {
+        return Err(ConfigError::invalid(
+            "diag.listen",
+            format!(
+                "{} overlaps api.listen ({}); the diagnostics listener needs an address of its own",
+                diag.listen, api.listen
+            ),
+        ));
+    }
 
     let log = LogConfig {
         format: match raw.log.and_then(|l| l.format).as_deref() {
@@ -680,6 +866,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         state_dir,
         api,
+        diag,
         log,
         store,
         credentials,
@@ -871,10 +1058,11 @@ fn validate_store(raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
             ));
         }
     }
-    let claim_ttl = match &raw.claim_ttl {
+    let claim_ttl = match raw.claim_ttl {
         None => DEFAULT_CLAIM_TTL,
-        Some(text) => {
-            let ttl = parse_duration("store.claim_ttl", text)?;
+        Some(value) => {
+            let text = duration_text("store.claim_ttl", value)?;
+            let ttl = parse_duration("store.claim_ttl", &text)?;
             // At least 4 s: store requests time out at a quarter of the
             // TTL and no less than 1 s, and a holder stops starting side
             // effects at half of it (S3); below 4 s one slow renewal would
@@ -988,36 +1176,119 @@ fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
-fn validate_api(api: RawApi, state_dir: &Path) -> Result<ApiConfig, ConfigError> {
-    let listen_text = api.listen.as_deref().unwrap_or(DEFAULT_API_LISTEN);
-    let listen = if let Some(path) = listen_text.strip_prefix("unix:") {
+/// Parses `key`'s value: `"IP:PORT"` or `"unix:/absolute/path"`.
+fn parse_listen(key: &str, text: &str) -> Result<ListenAddr, ConfigError> {
+    if let Some(path) = text.strip_prefix("unix:") {
         let path = PathBuf::from(path);
         if !path.is_absolute() {
             return Err(ConfigError::invalid(
-                "api.listen",
-                format!("unix socket path must be absolute, got {listen_text:?}"),
+                key,
+                format!("unix socket path must be absolute, got {text:?}"),
             ));
         }
-        ListenAddr::Unix(path)
-    } else {
-        let addr: SocketAddr = listen_text.parse().map_err(|_| {
-            ConfigError::invalid(
-                "api.listen",
-                format!("expected \"IP:PORT\" or \"unix:/path\", got {listen_text:?}"),
-            )
-        })?;
-        // The token endpoint hands out bearer tokens: exposing it beyond the
-        // host must be a deliberate choice.
-        if !addr.ip().is_loopback() && !api.allow_non_loopback {
-            return Err(ConfigError::invalid(
-                "api.listen",
-                format!(
-                    "{addr} is not a loopback address; set api.allow_non_loopback = true to expose the API beyond this host"
-                ),
-            ));
+        return Ok(ListenAddr::Unix(path));
+    }
+    text.parse().map(ListenAddr::Tcp).map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("expected \"IP:PORT\" or \"unix:/path\", got {text:?}"),
+        )
+    })
+}
+
+/// Whether two listeners would fight over one address: the same socket
+/// path, or the same TCP port on the same or a wildcard address (port 0
+/// picks a free port each time).
+fn listeners_collide(a: &ListenAddr, b: &ListenAddr) -> bool {
+    match (a, b) {
+        (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
+        (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => {
+            a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
         }
-        ListenAddr::Tcp(addr)
+        _ => false,
+    }
+}
+
+/// Validates the limits of the listener in `section` (`api` or `diag`).
+fn validate_limits(
+    section: &str,
+    default_max_connections: usize,
+    max_connections: Option<i64>,
+    header_timeout: Option<String>,
+    request_timeout: Option<String>,
+    idle_timeout: Option<String>,
+) -> Result<ListenerLimits, ConfigError> {
+    let key = |field: &str| format!("{section}.{field}");
+    let defaults = ListenerLimits::default();
+    let max_connections = match max_connections {
+        None => default_max_connections,
+        Some(n) => usize::try_from(n)
+            .ok()
+            .filter(|n| (1..=1_000_000).contains(n))
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    key("max_connections"),
+                    format!("must be between 1 and 1000000, got {n}"),
+                )
+            })?,
     };
+    let timeout = |field: &str, text: Option<String>, default: Duration| {
+        let Some(text) = text else {
+            return Ok(default);
+        };
+        let d = parse_duration(&key(field), &text)?;
+        if d.is_zero() || d > MAX_LISTENER_TIMEOUT {
+            return Err(ConfigError::invalid(
+                key(field),
+                format!("must be more than 0s and at most 1h, got {text:?}"),
+            ));
+        }
+        Ok(d)
+    };
+    let header_timeout = timeout("header_timeout", header_timeout, defaults.header_timeout)?;
+    let request_timeout = timeout("request_timeout", request_timeout, defaults.request_timeout)?;
+    let idle_timeout = timeout("idle_timeout", idle_timeout, defaults.idle_timeout)?;
+    // The head is part of the request: a longer header_timeout would never
+    // apply.
+    if header_timeout > request_timeout {
+        return Err(ConfigError::invalid(
+            key("header_timeout"),
+            format!(
+                "{} is longer than {} ({}); the request head is part of the request",
+                humantime::format_duration(header_timeout),
+                key("request_timeout"),
+                humantime::format_duration(request_timeout),
+            ),
+        ));
+    }
+    Ok(ListenerLimits {
+        max_connections,
+        header_timeout,
+        request_timeout,
+        idle_timeout,
+    })
+}
+
+fn validate_api(api: RawApi, state_dir: &Path) -> Result<ApiConfig, ConfigError> {
+    let listen = parse_listen(
+        "api.listen",
+        api.listen.as_deref().unwrap_or(DEFAULT_API_LISTEN),
+    )?;
+    // The token endpoint hands out bearer tokens: exposing it beyond the
+    // host must be a deliberate choice.
+    if let ListenAddr::Tcp(addr) = listen
+        && !addr.ip().is_loopback()
+        && !api.allow_non_loopback
+    {
+        return Err(ConfigError::invalid(
+            "api.listen",
+            format!(
+                "{addr} is not a loopback address; set api.allow_non_loopback = true to expose the API beyond this host (for probes and metrics, a [diag] listener is the safer choice)"
+            ),
+        ));
+    }
     let key_file = api.key_file.unwrap_or_else(|| state_dir.join("api.key"));
     if !key_file.is_absolute() {
         return Err(ConfigError::invalid(
@@ -1025,7 +1296,40 @@ fn validate_api(api: RawApi, state_dir: &Path) -> Result<ApiConfig, ConfigError>
             format!("must be an absolute path, got {:?}", key_file),
         ));
     }
-    Ok(ApiConfig { listen, key_file })
+    let limits = validate_limits(
+        "api",
+        DEFAULT_MAX_CONNECTIONS,
+        api.max_connections,
+        api.header_timeout,
+        api.request_timeout,
+        api.idle_timeout,
+    )?;
+    Ok(ApiConfig {
+        listen,
+        key_file,
+        limits,
+    })
+}
+
+/// `[diag]` needs no loopback address: it serves no token, no status and
+/// no rotation, only what probes and a scraper need.
+fn validate_diag(diag: RawDiag) -> Result<DiagConfig, ConfigError> {
+    let text = diag.listen.ok_or_else(|| {
+        ConfigError::invalid(
+            "diag.listen",
+            "is required in [diag], e.g. \"0.0.0.0:9861\" or \"unix:/run/rekeyd/diag.sock\"",
+        )
+    })?;
+    let listen = parse_listen("diag.listen", &text)?;
+    let limits = validate_limits(
+        "diag",
+        DEFAULT_DIAG_MAX_CONNECTIONS,
+        diag.max_connections,
+        diag.header_timeout,
+        diag.request_timeout,
+        diag.idle_timeout,
+    )?;
+    Ok(DiagConfig { listen, limits })
 }
 
 fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, ConfigError> {
@@ -1125,8 +1429,8 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         .map_or((None, None), |r| (r.before_expiry, r.default_lifetime));
     let default_lifetime = match default_lifetime {
         None => DEFAULT_TOKEN_LIFETIME,
-        Some(text) => {
-            let d = parse_duration(&key("refresh.default_lifetime"), &text)?;
+        Some(value) => {
+            let d = duration(&key("refresh.default_lifetime"), value)?;
             if d < MIN_TOKEN_LIFETIME {
                 return Err(ConfigError::invalid(
                     key("refresh.default_lifetime"),
@@ -1139,7 +1443,7 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
     let refresh = RefreshConfig {
         default_lifetime,
         before_expiry: before_expiry
-            .map(|text| parse_duration(&key("refresh.before_expiry"), &text))
+            .map(|value| duration(&key("refresh.before_expiry"), value))
             .transpose()?
             .map(|d| {
                 if d.is_zero() {
@@ -1189,7 +1493,11 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         scope: rc.scope,
         audience: rc.audience,
         auth_method,
-        extra_params: rc.extra_params,
+        extra_params: rc
+            .extra_params
+            .into_iter()
+            .map(|(k, v)| (k, ParamValue(v)))
+            .collect(),
         endpoints,
         refresh,
         rotation,
@@ -1256,12 +1564,28 @@ fn validate_hook(key: &str, raw: RawHook, rotates: bool) -> Result<HookConfig, C
             }
             let timeout = raw
                 .timeout
-                .map(|t| parse_duration(&format!("{key}.timeout"), &t))
+                .map(|t| duration(&format!("{key}.timeout"), t))
                 .transpose()?
                 .unwrap_or(Duration::from_secs(30));
             HookAction::Command { argv, timeout }
         }
         (None, Some(signal), Some(pid_file)) => {
+            let signal = match signal {
+                RawScalar::Text(text) => text,
+                // A number means different signals on different systems.
+                RawScalar::Integer(_) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.signal"),
+                        "give the signal's name (HUP, INT, QUIT, USR1, USR2 or TERM), not its number",
+                    ));
+                }
+                RawScalar::Other(kind) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.signal"),
+                        format!("expected a signal name such as \"HUP\", got {kind}"),
+                    ));
+                }
+            };
             let name = signal.trim_start_matches("SIG").to_ascii_uppercase();
             let number = HOOK_SIGNALS
                 .iter()
@@ -1344,12 +1668,12 @@ fn validate_endpoints(
     };
     let connect_timeout = raw
         .connect_timeout
-        .map(|t| parse_duration(&key("connect_timeout"), &t))
+        .map(|t| duration(&key("connect_timeout"), t))
         .transpose()?
         .unwrap_or(Duration::from_secs(10));
     let request_timeout = raw
         .request_timeout
-        .map(|t| parse_duration(&key("request_timeout"), &t))
+        .map(|t| duration(&key("request_timeout"), t))
         .transpose()?
         .unwrap_or(Duration::from_secs(30));
     Ok(EndpointsConfig {
@@ -1424,7 +1748,7 @@ fn validate_rotation(
             ));
         }
         (Some(every), None) => {
-            let d = parse_duration(&key("every"), &every)?;
+            let d = duration(&key("every"), every)?;
             if d < Duration::from_secs(1) || d > Duration::from_secs(10 * 365 * 86400) {
                 return Err(ConfigError::invalid(
                     key("every"),
@@ -1447,7 +1771,7 @@ fn validate_rotation(
     };
     let grace = raw
         .grace
-        .map(|g| parse_duration(&key("grace"), &g))
+        .map(|g| duration(&key("grace"), g))
         .transpose()?
         .unwrap_or(DEFAULT_ROTATION_GRACE);
     if grace > MAX_ROTATION_GRACE {
@@ -1491,37 +1815,182 @@ fn validate_sink(key: &str, raw: RawSink) -> Result<SinkConfig, ConfigError> {
             ));
         }
     };
-    let mode = match raw.mode {
-        None => DEFAULT_SINK_MODE,
-        Some(text) => {
-            let mode = u32::from_str_radix(&text, 8)
+    let mode = sink_mode(&format!("{key}.mode"), raw.mode)?;
+    let owner = sink_owner(&format!("{key}.owner"), raw.owner, Principal::User)?;
+    let group = sink_owner(&format!("{key}.group"), raw.group, Principal::Group)?;
+    Ok(SinkConfig {
+        path,
+        format,
+        mode,
+        owner,
+        group,
+    })
+}
+
+/// The bits a token file may have: read and write for its owner, read for
+/// its group. Others are refused rather than applied: access for all users
+/// (I7), execute (a token is no program) and group write (readers never
+/// write; rekeyd replaces the file). This also refuses a mode written as a
+/// decimal TOML number by mistake: `640` is 0o1200, `440` is 0o670.
+pub const SINK_MODE_ALLOWED: u32 = 0o640;
+
+/// `mode`: a TOML integer is the mode itself (`0o640`), text is octal
+/// digits (`"0640"`). Errors quote text as written and never print an
+/// integer, which may not be in the base the operator used.
+fn sink_mode(key: &str, value: Option<RawScalar>) -> Result<u32, ConfigError> {
+    const FORMS: &str = "write it in octal, as the TOML integer 0o640 or the text \"0640\"";
+    let (mode, shown) = match value {
+        None => return Ok(DEFAULT_SINK_MODE),
+        Some(RawScalar::Text(text)) => {
+            let digits = text.strip_prefix("0o").unwrap_or(&text);
+            let mode = u32::from_str_radix(digits, 8)
                 .ok()
-                .filter(|m| *m <= 0o777)
-                .ok_or_else(|| {
-                    ConfigError::invalid(
-                        format!("{key}.mode"),
-                        format!("expected an octal file mode such as \"0640\", got {text:?}"),
-                    )
-                })?;
-            // I7: a token file is never world-readable.
-            if mode & 0o007 != 0 {
+                .filter(|m| digits.chars().all(|c| c.is_ascii_digit()) && *m <= 0o777);
+            let Some(mode) = mode else {
                 return Err(ConfigError::invalid(
-                    format!("{key}.mode"),
+                    key,
+                    format!("{text:?} is not an octal file mode; {FORMS}"),
+                ));
+            };
+            (mode, format!("{text:?}"))
+        }
+        Some(RawScalar::Integer(n)) => {
+            let Some(mode) = u32::try_from(n).ok().filter(|m| *m <= 0o777) else {
+                return Err(ConfigError::invalid(
+                    key,
                     format!(
-                        "{text} gives access to all users; token files must not be world-accessible"
+                        "this integer is not a file mode (a TOML integer is taken as the \
+                         number it is, not as octal digits); {FORMS}"
                     ),
                 ));
-            }
-            if mode & 0o400 == 0 {
-                return Err(ConfigError::invalid(
-                    format!("{key}.mode"),
-                    format!("{text} does not let the owner read the file"),
-                ));
-            }
-            mode
+            };
+            (mode, "this mode".to_string())
+        }
+        Some(RawScalar::Other(kind)) => {
+            return Err(ConfigError::invalid(key, format!("got {kind}; {FORMS}")));
         }
     };
-    Ok(SinkConfig { path, format, mode })
+    let refusal = if mode & 0o007 != 0 {
+        // I7: a token file is never world-readable.
+        Some("gives access to all users; token files must not be world-accessible")
+    } else if mode & 0o400 == 0 {
+        Some("does not let the owner read the file")
+    } else if mode & 0o111 != 0 {
+        Some("makes the file executable; a token file is not a program")
+    } else if mode & 0o020 != 0 {
+        Some("lets the group write the file; readers only read it, rekeyd replaces it")
+    } else {
+        None
+    };
+    debug_assert!(refusal.is_some() || mode & !SINK_MODE_ALLOWED == 0);
+    match refusal {
+        Some(why) => Err(ConfigError::invalid(
+            key,
+            format!(
+                "{shown} {why} (allowed: read and write for the owner, read for the group, such as 0o640 or \"0600\")"
+            ),
+        )),
+        None => Ok(mode),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Principal {
+    User,
+    Group,
+}
+
+/// `owner` or `group`: a name known to this system, or a numeric id (TOML
+/// integer or digits). Names are resolved now, so a typo is a
+/// configuration error rather than a failed write.
+fn sink_owner(
+    key: &str,
+    value: Option<RawScalar>,
+    principal: Principal,
+) -> Result<Option<FileOwner>, ConfigError> {
+    let what = match principal {
+        Principal::User => "user",
+        Principal::Group => "group",
+    };
+    // u32::MAX is chown(2)'s "leave unchanged", never a real id.
+    let valid_id = |n: i64| u32::try_from(n).ok().filter(|id| *id != u32::MAX);
+    let bad_id = || {
+        ConfigError::invalid(
+            key,
+            format!("this number is not a {what} id (0 to 4294967294)"),
+        )
+    };
+    let text = match value {
+        None => return Ok(None),
+        Some(RawScalar::Integer(n)) => {
+            let id = valid_id(n).ok_or_else(bad_id)?;
+            return Ok(Some(FileOwner {
+                id,
+                shown: id.to_string(),
+            }));
+        }
+        Some(RawScalar::Text(text)) => text,
+        Some(RawScalar::Other(kind)) => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("expected a {what} name or a numeric id, got {kind}"),
+            ));
+        }
+    };
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit()) {
+        let id = text
+            .parse::<i64>()
+            .ok()
+            .and_then(valid_id)
+            .ok_or_else(bad_id)?;
+        return Ok(Some(FileOwner { id, shown: text }));
+    }
+    let found = match principal {
+        Principal::User => crate::fsutil::user_id(&text),
+        Principal::Group => crate::fsutil::group_id(&text),
+    };
+    match found {
+        Ok(Some(id)) => Ok(Some(FileOwner { id, shown: text })),
+        Ok(None) => Err(ConfigError::invalid(
+            key,
+            format!(
+                "no {what} named {text:?} on this system; give a numeric id where the name is \
+                 not known (a container without that entry in /etc/{})",
+                match principal {
+                    Principal::User => "passwd",
+                    Principal::Group => "group",
+                }
+            ),
+        )),
+        Err(e) => Err(ConfigError::invalid(
+            key,
+            format!("cannot look up {what} {text:?}: {e}"),
+        )),
+    }
+}
+
+/// A duration key's value: text with units (`"30s"`, `"24h"`). A bare
+/// number has no unit, so it is refused with the form to use; the message
+/// does not repeat the number, which the `config` crate may have rewritten
+/// (a TOML `0x1E` arrives as 30).
+fn duration(key: &str, value: RawScalar) -> Result<Duration, ConfigError> {
+    let text = duration_text(key, value)?;
+    parse_duration(key, &text)
+}
+
+fn duration_text(key: &str, value: RawScalar) -> Result<String, ConfigError> {
+    let kind = match value {
+        RawScalar::Text(text) => return Ok(text),
+        RawScalar::Integer(_) => "a number without a unit",
+        RawScalar::Other(kind) => kind,
+    };
+    Err(ConfigError::invalid(
+        key,
+        format!(
+            "a duration is text with a unit, such as \"90s\", \"5m\" or \"24h\" (in quotes), \
+             got {kind}"
+        ),
+    ))
 }
 
 fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {

@@ -2,13 +2,14 @@
 //! token and its status, both as watch channels so readers never block the
 //! engine and always see the latest value.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
-use tokio::time::Instant;
 
+use crate::clock::{self, Clock};
 use crate::token::Token;
 
 /// Human- and machine-readable state of a credential. Holds no secrets.
@@ -46,6 +47,77 @@ fn serialize_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<
     }
 }
 
+/// What one token file holds, as its writer last left it
+/// ([`crate::serve::sink`]).
+#[derive(Debug, Clone)]
+pub struct SinkState {
+    pub path: PathBuf,
+    /// The token the file holds: the last one written to it.
+    pub token: Option<Arc<Token>>,
+    pub last_written_at: Option<SystemTime>,
+    /// Failed writes since the last one that landed.
+    pub consecutive_failures: u32,
+    /// Why the last write failed; cleared by the next that lands.
+    pub last_error: Option<String>,
+}
+
+impl SinkState {
+    pub fn new(path: PathBuf) -> SinkState {
+        SinkState {
+            path,
+            token: None,
+            last_written_at: None,
+            consecutive_failures: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// How up to date a token file is, compared with the token being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFreshness {
+    /// It holds the token being served.
+    Current,
+    /// It holds an earlier token that is still valid.
+    Old,
+    /// It holds a token that has expired.
+    Expired,
+    /// Nothing was written to it yet.
+    Missing,
+}
+
+impl SinkFreshness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkFreshness::Current => "current",
+            SinkFreshness::Old => "old",
+            SinkFreshness::Expired => "expired",
+            SinkFreshness::Missing => "missing",
+        }
+    }
+
+    /// The file holds a token its readers can use.
+    pub fn is_valid(self) -> bool {
+        matches!(self, SinkFreshness::Current | SinkFreshness::Old)
+    }
+}
+
+/// One token file as `rekeyd status` and `/v1/status` show it. Holds no
+/// token, only its expiry.
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkReport {
+    pub path: String,
+    pub freshness: SinkFreshness,
+    /// Wall-clock expiry of the token the file holds.
+    #[serde(serialize_with = "serialize_time")]
+    pub token_expires_at: Option<SystemTime>,
+    #[serde(serialize_with = "serialize_time")]
+    pub last_written_at: Option<SystemTime>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
 /// The reading side of a running credential.
 #[derive(Clone)]
 pub struct CredentialHandle {
@@ -58,17 +130,58 @@ pub struct CredentialHandle {
     pub rotate_now: Arc<Notify>,
     /// Whether this credential's secret is rotated by rekeyd.
     pub rotates: bool,
+    /// The clock its token's lifetime is measured on (the engine's).
+    pub clock: Arc<dyn Clock>,
+    /// The credential's token files.
+    pub sinks: watch::Receiver<Vec<SinkState>>,
 }
 
 impl CredentialHandle {
-    /// The current token, if it has not expired.
+    /// The current token, if it has not expired: decided on the boot-time
+    /// clock, so a token that ran out while the machine was suspended is
+    /// not served once it resumes, whatever tokio's timers say.
     pub fn valid_token(&self) -> Option<Arc<Token>> {
-        let now = Instant::now();
+        let now = self.clock.now();
         self.token
             .borrow()
             .as_ref()
             .filter(|t| t.is_valid(now))
             .cloned()
+    }
+
+    /// Each token file's state now: expiry passes with time alone, so it
+    /// is judged at each call, on the credential's boot-time clock.
+    pub fn sink_reports(&self) -> Vec<SinkReport> {
+        let now = self.clock.now();
+        let serving = self.token.borrow().clone();
+        self.sinks
+            .borrow()
+            .iter()
+            .map(|sink| {
+                let freshness = match &sink.token {
+                    None => SinkFreshness::Missing,
+                    Some(t) if !t.is_valid(now) => SinkFreshness::Expired,
+                    Some(t) if serving.as_ref().is_some_and(|s| Arc::ptr_eq(s, t)) => {
+                        SinkFreshness::Current
+                    }
+                    Some(_) => SinkFreshness::Old,
+                };
+                SinkReport {
+                    path: sink.path.display().to_string(),
+                    freshness,
+                    token_expires_at: sink.token.as_ref().map(|t| t.expires_at_wall()),
+                    last_written_at: sink.last_written_at,
+                    consecutive_failures: sink.consecutive_failures,
+                    last_error: sink.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Ready: a valid token is served, and every token file holds a valid
+    /// token (an application reading an expired one fails just the same).
+    pub fn ready(&self) -> bool {
+        self.valid_token().is_some() && self.sink_reports().iter().all(|s| s.freshness.is_valid())
     }
 }
 
@@ -83,6 +196,10 @@ pub struct CredentialChannels {
     /// Apart from `refresh_now` because that login must not ask for yet
     /// another rotation (`on_login`), or rotations would chain forever.
     pub promoted: Arc<Notify>,
+    /// What the token's lifetime is measured on; its suspension reports
+    /// wake the engine.
+    pub clock: Arc<dyn Clock>,
+    pub sinks: watch::Sender<Vec<SinkState>>,
 }
 
 impl CredentialChannels {
@@ -95,12 +212,24 @@ impl CredentialChannels {
             refresh_now: self.refresh_now.clone(),
             rotate_now: self.rotate_now.clone(),
             rotates: false,
+            clock: self.clock.clone(),
+            sinks: self.sinks.subscribe(),
         }
     }
 }
 
-/// Creates the channels of a credential and the handle that reads them.
+/// Creates the channels of a credential and the handle that reads them, on
+/// the system clock.
 pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHandle) {
+    channels_with_clock(name, provider, clock::system())
+}
+
+/// [`channels`] on another clock (tests suspend a [`clock::ManualClock`]).
+pub fn channels_with_clock(
+    name: &str,
+    provider: &str,
+    clock: Arc<dyn Clock>,
+) -> (CredentialChannels, CredentialHandle) {
     let (token_tx, token_rx) = watch::channel(None);
     let (status_tx, status_rx) = watch::channel(CredentialStatus {
         name: name.to_string(),
@@ -110,6 +239,7 @@ pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHa
     });
     let refresh_now = Arc::new(Notify::new());
     let rotate_now = Arc::new(Notify::new());
+    let (sinks_tx, sinks_rx) = watch::channel(Vec::new());
     (
         CredentialChannels {
             token: token_tx,
@@ -117,6 +247,8 @@ pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHa
             refresh_now: refresh_now.clone(),
             rotate_now: rotate_now.clone(),
             promoted: Arc::new(Notify::new()),
+            clock: clock.clone(),
+            sinks: sinks_tx,
         },
         CredentialHandle {
             name: name.to_string(),
@@ -125,6 +257,8 @@ pub fn channels(name: &str, provider: &str) -> (CredentialChannels, CredentialHa
             refresh_now,
             rotate_now,
             rotates: false,
+            clock,
+            sinks: sinks_rx,
         },
     )
 }

@@ -22,7 +22,7 @@ use crate::credential::{self, CredentialChannels, CredentialHandle};
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
-use crate::serve::{api, hooks, sink};
+use crate::serve::{api, hooks, http, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
 use crate::token::engine::{Engine, StoreSecrets};
 use crate::token::policy::RefreshPolicy;
@@ -37,7 +37,8 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("local API: {0}")]
+    /// A listener (`[api]`, `[diag]`) could not be set up.
+    #[error("listener {0}")]
     Api(String),
     #[error("credential {name}: {reason}")]
     Setup { name: String, reason: String },
@@ -64,8 +65,15 @@ pub struct Registry {
     engine_died: AtomicBool,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
 impl Registry {
-    fn new() -> Registry {
+    /// An empty registry; the daemon fills it as credentials start.
+    pub fn new() -> Registry {
         Registry {
             map: RwLock::new(Arc::new(BTreeMap::new())),
             changed: Notify::new(),
@@ -77,7 +85,9 @@ impl Registry {
         self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn replace(&self, map: BTreeMap<String, CredentialHandle>) {
+    /// Swaps in the running credentials (after a start or a reload) and
+    /// wakes whoever watches for changes.
+    pub fn replace(&self, map: BTreeMap<String, CredentialHandle>) {
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
         self.changed.notify_one();
     }
@@ -123,7 +133,9 @@ const MAX_CONCURRENT_LOGINS: usize = 64;
 pub struct Running {
     /// The API's TCP address, when it listens on TCP (port 0 resolved).
     pub api_addr: Option<SocketAddr>,
-    /// The settings only a restart changes (`state_dir`, `[api]`); its
+    /// The diagnostics listener's TCP address, likewise.
+    pub diag_addr: Option<SocketAddr>,
+    /// The settings only a restart changes (`state_dir`, `[api]`, `[diag]`); its
     /// `credentials` stay empty: each runtime keeps its own configuration,
     /// and ten thousand credentials are not worth a second copy.
     config: Config,
@@ -167,12 +179,13 @@ impl Running {
     /// configuration cannot be prepared, nothing changes.
     pub async fn reload(&mut self, new: &Config) -> Result<(), DaemonError> {
         if new.state_dir != self.config.state_dir
-            || api_differs(&new.api, &self.config.api)
+            || new.api != self.config.api
+            || new.diag != self.config.diag
             || new.store != self.config.store
         {
             warn!(
                 step = "reload",
-                "state_dir, [api] and [store] changes take effect only after a restart"
+                "state_dir, [api], [diag] and [store] changes take effect only after a restart"
             );
         }
         let mut prepared = Vec::new();
@@ -240,14 +253,6 @@ impl Running {
                 .map(|(name, r)| (name.clone(), r.handle.clone()))
                 .collect(),
         );
-    }
-}
-
-fn api_differs(a: &Option<crate::config::ApiConfig>, b: &Option<crate::config::ApiConfig>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => a.listen != b.listen || a.key_file != b.key_file,
-        (None, None) => false,
-        _ => true,
     }
 }
 
@@ -379,14 +384,15 @@ async fn launch(
         let _watch = watch;
         engine.run(_watch.cancel.clone()).await
     });
-    if !cred.sinks.is_empty() {
-        tasks.spawn(sink::run(
-            cred.name.clone(),
-            cred.sinks.clone(),
-            handle.token.clone(),
-            cancel.clone(),
-        ));
-    }
+    // Also without sinks: it clears those a reload removed from status.
+    tasks.spawn(sink::run(
+        cred.name.clone(),
+        cred.sinks.clone(),
+        handle.token.clone(),
+        channels.sinks.clone(),
+        handle.clock.clone(),
+        cancel.clone(),
+    ));
     for hook in &cred.hooks {
         tasks.spawn(hooks::run(
             cred.name.clone(),
@@ -478,6 +484,79 @@ async fn forward_changes(
     }
 }
 
+/// The TCP addresses the listeners bound (port 0 resolved).
+struct BoundListeners {
+    api: Option<SocketAddr>,
+    diag: Option<SocketAddr>,
+}
+
+/// Binds the token API and the diagnostics listener and starts serving
+/// them. Their connection caps are lowered, if need be, so that
+/// connections never take the file descriptors the engines, the store and
+/// the token files need (see `serve::http::connection_caps`).
+async fn start_listeners(
+    config: &Config,
+    shared: &Shared,
+    tasks: &mut JoinSet<()>,
+) -> Result<BoundListeners, DaemonError> {
+    let mut planned = Vec::new();
+    if let Some(api) = &config.api {
+        let key = api::load_or_create_key(&api.key_file)
+            .map_err(|e| DaemonError::Api(format!("api: {e}")))?;
+        let state = api::ApiState {
+            registry: shared.registry.clone(),
+            key: Arc::new(key),
+        };
+        let router = api::router(state, config.diag.is_some());
+        planned.push(("api", &api.listen, api.limits, router));
+    }
+    if let Some(diag) = &config.diag {
+        let router = api::diag_router(shared.registry.clone());
+        planned.push(("diag", &diag.listen, diag.limits, router));
+    }
+    let nofile = http::nofile_limit().map_err(|e| {
+        DaemonError::Api(format!(
+            "set-up: cannot read the file-descriptor limit: {e}"
+        ))
+    })?;
+    let wanted: Vec<usize> = planned.iter().map(|p| p.2.max_connections).collect();
+    let caps = http::connection_caps(nofile, &wanted);
+    let mut bound = BoundListeners {
+        api: None,
+        diag: None,
+    };
+    for ((name, listen, mut limits, router), cap) in planned.into_iter().zip(caps) {
+        if cap < limits.max_connections {
+            warn!(
+                step = "listen",
+                listener = name,
+                configured = limits.max_connections,
+                max_connections = cap,
+                nofile,
+                "connection cap lowered to keep half of the file-descriptor limit (RLIMIT_NOFILE) for the token engines; raise the limit (systemd LimitNOFILE=, ulimit -n) for more"
+            );
+            limits.max_connections = cap;
+        }
+        let listener = http::Listener::bind(listen)
+            .await
+            .map_err(|e| DaemonError::Api(format!("{name}: cannot listen on {listen}: {e}")))?;
+        let addr = listener.local_addr();
+        match name {
+            "api" => bound.api = addr,
+            _ => bound.diag = addr,
+        }
+        tasks.spawn(listener.serve(name, router, limits, shared.shutdown.clone()));
+        info!(
+            step = "listen",
+            listener = name,
+            listen = %addr.map_or(listen.to_string(), |a| a.to_string()),
+            max_connections = limits.max_connections,
+            "listening"
+        );
+    }
+    Ok(bound)
+}
+
 /// Starts everything; returns once the API listens and the engines run.
 pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Running, DaemonError> {
     let shared = Shared {
@@ -502,32 +581,17 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     }
 
     let mut tasks = JoinSet::new();
-    let mut api_addr = None;
-    if let Some(api_config) = &config.api {
-        let key = api::load_or_create_key(&api_config.key_file)
-            .map_err(|e| DaemonError::Api(e.to_string()))?;
-        let listener = api::Listener::bind(&api_config.listen).await.map_err(|e| {
-            DaemonError::Api(format!("cannot listen on {}: {e}", api_config.listen))
-        })?;
-        api_addr = listener.local_addr();
-        let router = api::router(api::ApiState {
-            registry: shared.registry.clone(),
-            key: Arc::new(key),
-        });
-        let stop = shared.shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = listener.serve(router, stop).await {
-                warn!(step = "api", error = %e, "local API stopped");
-            }
-        });
-        info!(step = "api", listen = %api_addr.map_or(api_config.listen.to_string(), |a| a.to_string()), "local API listening");
-    }
-
+    // Wakes the token engines after the machine was suspended (their
+    // timers run on a clock that stopped meanwhile).
+    tasks.spawn(crate::clock::watchdog(shared.shutdown.clone()));
+    let listeners = start_listeners(config, &shared, &mut tasks).await?;
     let running = Running {
-        api_addr,
+        api_addr: listeners.api,
+        diag_addr: listeners.diag,
         config: Config {
             state_dir: config.state_dir.clone(),
             api: config.api.clone(),
+            diag: config.diag.clone(),
             log: config.log.clone(),
             store: config.store.clone(),
             credentials: Vec::new(),

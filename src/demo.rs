@@ -228,7 +228,7 @@ async fn narrate(
         println!(
             ">>> demo: {:<6} token #{seen} valid for {}s; {served}",
             handle.name,
-            token.remaining(Instant::now()).as_secs()
+            token.remaining(handle.clock.now()).as_secs()
         );
     }
 }

@@ -4,10 +4,13 @@
 //! a half-written file, and the new content must survive power loss once we
 //! act on it: write a fresh temp file → fsync → rename over the target →
 //! fsync the directory. The temp file is created with `O_CREAT | O_EXCL`
-//! (which never follows a symlink) and its final mode, so neither a planted
-//! symlink nor a moment of looser
-//! permissions can leak the content; renaming over a symlink replaces the
-//! link itself instead of writing through it.
+//! (which never follows a symlink), accessible to its creator only until it
+//! has its owner and final mode and before any content is written, so
+//! neither a planted symlink nor a moment of looser permissions can leak
+//! the content; renaming over a symlink replaces the link itself instead of
+//! writing through it. A file can be given to
+//! another owner and group before it appears ([`write_atomic_owned`]), with
+//! user and group names looked up in the system's databases.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -16,6 +19,32 @@ use std::path::{Path, PathBuf};
 
 /// Writes `contents` to `path` atomically and durably with `mode`.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_owned(path, contents, mode, Ownership::default())
+}
+
+/// The user and group a file written by [`write_atomic_owned`] is given;
+/// `None` keeps what the writing process gets by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Like [`write_atomic`], and gives the file to `owner` before it appears
+/// under `path`: readers never see it with the wrong owner or group.
+///
+/// The temp file is created readable by its creator only, given away
+/// (`fchown(2)`), then set to `mode`, and only then written: nobody can
+/// open it while it still carries the writer's group. Errors name the step
+/// (`cannot set owner ... and group ...: Operation not permitted (os error
+/// 1)` when the process may not give files away, see `chown(2)`); on any
+/// error the temp file is removed and `path` keeps its old content.
+pub fn write_atomic_owned(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Ownership,
+) -> io::Result<()> {
     let dir = parent_dir(path);
     let file_name = path
         .file_name()
@@ -30,9 +59,23 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(mode)
+            .mode(0o600 & mode)
             .open(&tmp)?;
-        // The umask may have narrowed the mode; set it exactly.
+        if owner != Ownership::default() {
+            std::os::unix::fs::fchown(&file, owner.uid, owner.gid).map_err(|e| {
+                let id = |id: Option<u32>| id.map_or("unchanged".to_string(), |i| i.to_string());
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot set owner {} and group {}: {e}",
+                        id(owner.uid),
+                        id(owner.gid)
+                    ),
+                )
+            })?;
+        }
+        // Exactly `mode`: the umask may have narrowed it, and a chown may
+        // clear bits.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
         file.sync_all()?;
@@ -43,6 +86,62 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The uid of the user `name` (passwd database: /etc/passwd or NSS), if
+/// there is one.
+pub fn user_id(name: &str) -> io::Result<Option<u32>> {
+    lookup(
+        name,
+        |name, entry: &mut libc::passwd, buf, result| {
+            // SAFETY: every pointer is valid for the call: `name` is
+            // NUL-terminated, `entry` and `result` are live, and `buf` is a
+            // live buffer of the length passed.
+            unsafe { libc::getpwnam_r(name, entry, buf.as_mut_ptr(), buf.len(), result) }
+        },
+        |entry| entry.pw_uid,
+    )
+}
+
+/// The gid of the group `name` (group database: /etc/group or NSS), if
+/// there is one.
+pub fn group_id(name: &str) -> io::Result<Option<u32>> {
+    lookup(
+        name,
+        |name, entry: &mut libc::group, buf, result| {
+            // SAFETY: as in `user_id`.
+            unsafe { libc::getgrnam_r(name, entry, buf.as_mut_ptr(), buf.len(), result) }
+        },
+        |entry| entry.gr_gid,
+    )
+}
+
+/// Calls a reentrant `get*nam_r` function, growing its buffer while it
+/// answers ERANGE, and reads the id out of the entry while the buffer its
+/// strings point into is alive.
+fn lookup<T>(
+    name: &str,
+    call: impl Fn(*const libc::c_char, &mut T, &mut [libc::c_char], *mut *mut T) -> libc::c_int,
+    id: impl Fn(&T) -> u32,
+) -> io::Result<Option<u32>> {
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))?;
+    let mut size = 1024;
+    loop {
+        let mut buf = vec![0 as libc::c_char; size];
+        // SAFETY: an all-zero passwd or group is a valid value (null
+        // pointers, zero ids); the call overwrites it.
+        let mut entry: T = unsafe { std::mem::zeroed() };
+        let mut result: *mut T = std::ptr::null_mut();
+        match call(name.as_ptr(), &mut entry, &mut buf, &mut result) {
+            0 if result.is_null() => return Ok(None),
+            0 => return Ok(Some(id(&entry))),
+            libc::ERANGE if size < 1 << 20 => size *= 4,
+            // Some C libraries report "not found" as one of these.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            errno => return Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
 }
 
 /// Makes a rename or create in `dir` durable.
@@ -131,6 +230,61 @@ mod tests {
         );
         // No temp files left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A non-empty directory where the file belongs: the content is
+        // written to the temp file, then the rename fails.
+        let path = dir.path().join("token");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("keep"), b"x").unwrap();
+        let err = write_atomic(&path, b"secret", 0o600).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EISDIR), "{err}");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["token"], "no temp file left");
+    }
+
+    #[test]
+    fn owner_and_group_are_set_before_the_file_appears() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        // SAFETY: these calls only read the process's credentials.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        // Root may give it to anyone; others to themselves and their group.
+        let (to_uid, to_gid) = if uid == 0 { (4242, 4343) } else { (uid, gid) };
+        let owner = Ownership {
+            uid: Some(to_uid),
+            gid: Some(to_gid),
+        };
+        write_atomic_owned(&path, b"one", 0o640, owner).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (to_uid, to_gid));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        if uid != 0 {
+            // Giving it to root is refused, and says so; the file stays.
+            let refused = Ownership {
+                uid: Some(0),
+                gid: None,
+            };
+            let err = write_atomic_owned(&path, b"two", 0o640, refused).unwrap_err();
+            assert!(err.to_string().contains("cannot set owner 0"), "{err}");
+            assert_eq!(fs::read(&path).unwrap(), b"one");
+        }
+    }
+
+    #[test]
+    fn users_and_groups_are_looked_up_by_name() {
+        assert_eq!(user_id("root").unwrap(), Some(0));
+        assert_eq!(group_id("root").unwrap(), Some(0));
+        assert_eq!(user_id("no-such-user-rekeyd").unwrap(), None);
+        assert_eq!(group_id("no-such-group-rekeyd").unwrap(), None);
+        assert!(user_id("nul\0byte").is_err());
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! Module map:
 //! - [`config`]: TOML + environment → validated [`config::Config`].
 //! - [`provider`]: one [`provider::TokenProvider`] per provider dialect.
+//! - [`proxy`]: which proxy each HTTP request goes through (never for
+//!   plain http).
 //! - [`token`]: the token value, the pure refresh policy and the engine task.
 //! - [`store`]: durable per-credential record (secret + rotation journal).
 //! - [`credential`]: watch channels through which tokens and status flow.
+//! - [`clock`]: the boot-time clock token lifetimes are measured on.
 //! - [`serve`]: token files and the local HTTP API.
 //! - [`daemon`]: wires credentials, serving, signals and shutdown together.
 //! - [`sim`]: simulated providers for `rekeyd demo` and the tests.
@@ -13,6 +16,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod credential;
@@ -23,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod provider;
+pub mod proxy;
 pub mod rotation;
 pub mod serve;
 pub mod sim;

@@ -5,8 +5,8 @@
 //! having to carry a handle. Labels carry credential names, operations and
 //! outcomes, never a secret or token.
 
-use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -38,6 +38,14 @@ pub struct RotationLabels {
     pub phase: &'static str,
 }
 
+/// A token file: its credential and its path (a path names a file, never
+/// holds a secret).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    pub credential: String,
+    pub path: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub operation: &'static str,
@@ -58,6 +66,10 @@ pub struct Metrics {
     pub locked_out: Family<CredentialLabel, Gauge>,
     pub rotation_needs_operator: Family<CredentialLabel, Gauge>,
     pub request_duration: Family<RequestLabels, Histogram>,
+    pub sink_token_valid: Family<SinkLabels, Gauge>,
+    pub sink_current: Family<SinkLabels, Gauge>,
+    /// Token file series are rebuilt at each scrape; one scrape at a time.
+    sink_scrape: Mutex<()>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -78,6 +90,9 @@ impl Metrics {
             locked_out: Family::default(),
             rotation_needs_operator: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
+            sink_token_valid: Family::default(),
+            sink_current: Family::default(),
+            sink_scrape: Mutex::new(()),
         };
         let r = &mut m.registry;
         r.register(
@@ -125,6 +140,16 @@ impl Metrics {
             "Provider request latency by operation and HTTP status",
             m.request_duration.clone(),
         );
+        r.register(
+            "sink_token_valid",
+            "1 while the token file holds a token that has not expired",
+            m.sink_token_valid.clone(),
+        );
+        r.register(
+            "sink_current",
+            "1 while the token file holds the token being served (0: an older or expired one, or none)",
+            m.sink_current.clone(),
+        );
         m
     }
 
@@ -134,6 +159,29 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// [`Metrics::encode`], with the token file series set from `sinks`:
+    /// (credential, path, holds a valid token, holds the token being
+    /// served) for every file now. They are rebuilt from scratch, so a file
+    /// or credential that a reload removed leaves no series behind.
+    pub fn encode_with_sinks(
+        &self,
+        sinks: impl IntoIterator<Item = (String, String, bool, bool)>,
+    ) -> String {
+        let _one_scrape = self.sink_scrape.lock().unwrap_or_else(|e| e.into_inner());
+        self.sink_token_valid.clear();
+        self.sink_current.clear();
+        for (credential, path, valid, current) in sinks {
+            let labels = SinkLabels { credential, path };
+            self.sink_token_valid
+                .get_or_create(&labels)
+                .set(i64::from(valid));
+            self.sink_current
+                .get_or_create(&labels)
+                .set(i64::from(current));
+        }
+        self.encode()
     }
 
     /// Drops every series of a credential that is no longer configured

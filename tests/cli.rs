@@ -217,16 +217,15 @@ impl Daemon {
         }
     }
 
-    /// Sends `signal` ("TERM", "INT") with kill(1), to this child only.
-    async fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("daemon still running");
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .await
-            .expect("kill(1) runs");
-        assert!(status.success(), "kill -{signal} {pid}: {status}");
+    /// Sends `signal` (libc::SIGTERM, SIGINT) to this child only.
+    async fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("daemon still running") as i32;
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "signal {signal} to {pid}"
+        );
     }
 
     /// Waits for the child to exit; returns its status and how long it took.
@@ -389,7 +388,7 @@ async fn run_serves_token_and_status_and_stops_on_sigterm() {
     );
 
     // SIGTERM: a clean exit, quickly.
-    daemon.signal("TERM").await;
+    daemon.signal(libc::SIGTERM).await;
     let (status, took) = daemon.wait_exit(EXIT_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.output());
     assert!(took < EXIT_TIMEOUT, "took {took:?}");
@@ -435,7 +434,7 @@ async fn token_and_status_while_the_provider_is_down() {
     assert_eq!(doc["credentials"][0]["name"], "maps", "{out}");
     assert_eq!(doc["credentials"][0]["ready"], false, "{out}");
 
-    daemon.signal("TERM").await;
+    daemon.signal(libc::SIGTERM).await;
     let (status, _) = daemon.wait_exit(EXIT_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.output());
 }
@@ -461,7 +460,7 @@ async fn sigterm_during_a_hung_login_still_exits_promptly() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    daemon.signal("TERM").await;
+    daemon.signal(libc::SIGTERM).await;
     let (status, took) = daemon.wait_exit(EXIT_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.output());
     assert!(took < EXIT_TIMEOUT, "took {took:?}");
@@ -472,7 +471,7 @@ async fn run_stops_on_sigint() {
     let setup = Setup::new().await;
     let mut daemon = Daemon::spawn(&setup);
     daemon.wait_ready(&setup.socket).await;
-    daemon.signal("INT").await;
+    daemon.signal(libc::SIGINT).await;
     let (status, took) = daemon.wait_exit(EXIT_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.output());
     assert!(took < EXIT_TIMEOUT, "took {took:?}");

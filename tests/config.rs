@@ -677,18 +677,234 @@ fn run_logs_configuration_warnings() {
     assert!(line.contains("`credentials[0].client_id`"), "{line}");
 }
 
+#[test]
+fn extra_params_values_never_show_in_debug() {
+    let assertion = "eyJhbGciOiJSUzI1NiJ9.assertion-value.c2lnbmF0dXJl";
+    let config = Config::from_toml(&format!(
+        r#"
+state_dir = "/var/lib/rekeyd"
+[[credentials]]
+name = "idp"
+provider = "oauth2"
+client_id = "c"
+initial_secret_file = "/etc/rekeyd/idp.secret"
+extra_params = {{ client_assertion = "{assertion}" }}
+[credentials.endpoints]
+token_url = "https://idp.example/token"
+"#
+    ))
+    .unwrap();
+    let cred = &config.credentials[0];
+    assert_eq!(cred.extra_params["client_assertion"].expose(), assertion);
+    let shown = format!("{config:?}");
+    assert!(shown.contains("client_assertion"), "{shown}");
+    assert!(!shown.contains(assertion), "{shown}");
+}
+
+// ---------------------------------------------------------------------------
+// Numbers: modes, ids and durations written as TOML integers or as text
+
+/// `[[credentials.sinks]]` with `extra` after its path, parsed.
+fn sink_with(extra: &str) -> Result<Config, String> {
+    Config::from_toml(&format!(
+        "{BASE}[[credentials.sinks]]\npath = \"/run/rekeyd/t\"\n{extra}\n"
+    ))
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_mode_is_the_integer_it_is_or_octal_text() {
+    for (written, mode) in [
+        ("mode = 0o640", 0o640),
+        ("mode = 0o600", 0o600),
+        ("mode = 0o440", 0o440),
+        ("mode = 0o400", 0o400),
+        // The same numbers in another base are the same modes.
+        ("mode = 416", 0o640),
+        ("mode = 0x180", 0o600),
+        ("mode = \"0640\"", 0o640),
+        ("mode = \"640\"", 0o640),
+        ("mode = \"0o640\"", 0o640),
+        ("mode = \"0600\"", 0o600),
+        ("", 0o600),
+    ] {
+        let config = sink_with(written).unwrap_or_else(|e| panic!("{written}: {e}"));
+        assert_eq!(config.credentials[0].sinks[0].mode, mode, "{written}");
+    }
+}
+
+#[test]
+fn a_refused_mode_is_explained_without_numbers_the_operator_did_not_write() {
+    // (written, what the error says, numbers it must not print)
+    for (written, reason, foreign) in [
+        // 0o644 is 420: neither it nor a reading of its digits may appear.
+        ("mode = 0o644", "all users", &["420", "644"][..]),
+        ("mode = 0o604", "all users", &["388", "604"][..]),
+        ("mode = 0o200", "owner read", &["128", "200"][..]),
+        ("mode = 0o700", "executable", &["448", "700"][..]),
+        ("mode = 0o660", "group write", &["432", "660"][..]),
+        // Decimal by mistake: 640 is 0o1200, 600 is 0o1130, 400 is 0o620
+        // (group write), 440 is 0o670 (executable).
+        ("mode = 640", "not a file mode", &["1200", "416"][..]),
+        ("mode = 600", "not a file mode", &["1130", "384"][..]),
+        ("mode = 400", "group write", &["620", "256"][..]),
+        ("mode = 440", "executable", &["670", "288"][..]),
+        ("mode = -1", "not a file mode", &["4294967295"][..]),
+        ("mode = 1.5", "floating-point", &[][..]),
+        ("mode = true", "boolean", &[][..]),
+        ("mode = \"0644\"", "all users", &["420"][..]),
+        ("mode = \"0888\"", "not an octal file mode", &[][..]),
+        ("mode = \"rw-r-----\"", "not an octal file mode", &[][..]),
+    ] {
+        let err = sink_with(written).expect_err(written);
+        assert!(
+            err.contains("`credentials[0].sinks[0].mode`"),
+            "{written}: {err}"
+        );
+        let reason_words: Vec<&str> = reason.split(' ').collect();
+        assert!(
+            reason_words.iter().all(|w| err.contains(w)),
+            "{written}: {reason:?} not in {err}"
+        );
+        for number in foreign {
+            assert!(!err.contains(number), "{written}: {err} prints {number}");
+        }
+        assert!(
+            err.contains("0o640"),
+            "{written}: shows the right form: {err}"
+        );
+    }
+    // Text is quoted as written.
+    let err = sink_with("mode = \"0644\"").unwrap_err();
+    assert!(err.contains("\"0644\""), "{err}");
+}
+
+#[test]
+fn owner_and_group_take_names_or_numeric_ids() {
+    let config = sink_with("owner = \"root\"\ngroup = \"root\"").unwrap();
+    let sink = &config.credentials[0].sinks[0];
+    assert_eq!(sink.owner.as_ref().map(|o| o.id), Some(0));
+    assert_eq!(sink.group.as_ref().map(|g| g.id), Some(0));
+    let config = sink_with("owner = 65532\ngroup = \"65533\"").unwrap();
+    let sink = &config.credentials[0].sinks[0];
+    assert_eq!(sink.owner.as_ref().map(|o| o.id), Some(65532));
+    assert_eq!(sink.group.as_ref().map(|g| g.id), Some(65533));
+    let config = sink_with("").unwrap();
+    assert_eq!(config.credentials[0].sinks[0].owner, None);
+    assert_eq!(config.credentials[0].sinks[0].group, None);
+
+    for (written, key, reason) in [
+        (
+            "owner = \"no-such-user-rekeyd\"",
+            "owner",
+            "no user named \"no-such-user-rekeyd\"",
+        ),
+        (
+            "group = \"no-such-group-rekeyd\"",
+            "group",
+            "no group named \"no-such-group-rekeyd\"",
+        ),
+        ("owner = -1", "owner", "not a user id"),
+        ("group = 4294967295", "group", "not a group id"),
+        ("group = \"4294967295\"", "group", "not a group id"),
+        ("owner = 1.0", "owner", "floating-point"),
+    ] {
+        let err = sink_with(written).expect_err(written);
+        assert!(
+            err.contains(&format!("`credentials[0].sinks[0].{key}`")) && err.contains(reason),
+            "{written}: {err}"
+        );
+    }
+}
+
+#[test]
+fn durations_are_text_with_a_unit() {
+    // Every duration key, given a bare number: refused, naming the key and
+    // the right form, without repeating the number (0x1E would print as 30).
+    let cases = [
+        (
+            BASE.replacen(
+                "\n[[credentials]]",
+                "\n[store]\nkind = \"kubernetes\"\nclaim_ttl = 0x1E\n[[credentials]]",
+                1,
+            ),
+            "store.claim_ttl",
+        ),
+        (
+            format!("{BASE}[credentials.refresh]\nbefore_expiry = 0x1E\n"),
+            "credentials[0].refresh.before_expiry",
+        ),
+        (
+            format!("{BASE}[credentials.rotation]\nevery = 0x1E\n"),
+            "credentials[0].rotation.every",
+        ),
+        (
+            format!("{BASE}[credentials.rotation]\nevery = \"1h\"\ngrace = 0x1E\n"),
+            "credentials[0].rotation.grace",
+        ),
+        (
+            format!("{BASE}[credentials.endpoints]\nconnect_timeout = 0x1E\n"),
+            "credentials[0].endpoints.connect_timeout",
+        ),
+        (
+            format!("{BASE}[credentials.endpoints]\nrequest_timeout = 0x1E\n"),
+            "credentials[0].endpoints.request_timeout",
+        ),
+        (
+            format!(
+                "{BASE}[[credentials.hooks]]\non = [\"token\"]\ncommand = [\"/bin/true\"]\ntimeout = 0x1E\n"
+            ),
+            "credentials[0].hooks[0].timeout",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = Config::from_toml(&text).expect_err(key).to_string();
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        assert!(
+            err.contains("unit") && err.contains("\"5m\""),
+            "{key}: {err}"
+        );
+        assert!(
+            !err.contains("30"),
+            "{key}: {err} prints a number not written"
+        );
+        let text = text.replace("0x1E", "\"30s\"");
+        Config::from_toml(&text).unwrap_or_else(|e| panic!("{key} = \"30s\": {e}"));
+    }
+    let err = Config::from_toml(&format!("{BASE}[credentials.rotation]\nevery = 1.5\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("floating-point"), "{err}");
+}
+
+#[test]
+fn a_hook_signal_is_a_name_not_a_number() {
+    let hook = |signal: &str| {
+        format!(
+            "{BASE}[[credentials.hooks]]\non = [\"token\"]\nsignal = {signal}\npid_file = \"/run/app.pid\"\n"
+        )
+    };
+    let err = Config::from_toml(&hook("0xA")).unwrap_err().to_string();
+    assert!(
+        err.contains("`credentials[0].hooks[0].signal`") && err.contains("name"),
+        "{err}"
+    );
+    assert!(!err.contains("10"), "{err}");
+    Config::from_toml(&hook("\"USR1\"")).unwrap();
+}
+
 /// `refresh.default_lifetime`: the lifetime of a token whose reply says
 /// nothing about it; one hour unless set, at least a second, shown by
 /// `rekeyd check`.
-#[test]
-fn default_lifetime_is_configured_validated_and_shown() {
+#[tokio::test]
+async fn default_lifetime_is_configured_validated_and_shown() {
     let config = Config::from_toml(BASE).unwrap();
     assert_eq!(
         config.credentials[0].refresh.default_lifetime,
         Duration::from_secs(3600)
     );
     let shown: serde_json::Value =
-        serde_json::from_str(&rekeyd::commands::effective_config(&config)).unwrap();
+        serde_json::from_str(&rekeyd::commands::effective_config(&config).await).unwrap();
     assert_eq!(shown["credentials"][0]["refresh"]["default_lifetime"], "1h");
 
     let set = format!("{BASE}[credentials.refresh]\ndefault_lifetime = \"90s\"\n");
@@ -698,7 +914,7 @@ fn default_lifetime_is_configured_validated_and_shown() {
         Duration::from_secs(90)
     );
     let shown: serde_json::Value =
-        serde_json::from_str(&rekeyd::commands::effective_config(&config)).unwrap();
+        serde_json::from_str(&rekeyd::commands::effective_config(&config).await).unwrap();
     assert_eq!(
         shown["credentials"][0]["refresh"]["default_lifetime"],
         "1m 30s"

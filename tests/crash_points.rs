@@ -259,13 +259,9 @@ grace = "0s"
         .await
         .expect("rekeyd run starts in time");
         assert!(started, "rekeyd run ended before starting:\n{logs}");
-        let pid = child.id().expect("running").to_string();
-        let kill = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap();
-        assert!(kill.success());
+        let pid = child.id().expect("running") as i32;
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
         tokio::time::timeout(RUN_TIMEOUT, async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 logs.push_str(&line);

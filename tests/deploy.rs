@@ -7,9 +7,11 @@
 //! daemon exports. Where a tool exists, that tool checks it too:
 //! `systemd-analyze` and `systemd-sysusers` (package systemd), `kubectl
 //! kustomize` (kubectl, or Debian's kubernetes-client) and `promtool`
-//! (prometheus). `.ci/run` installs them; a missing tool fails the test
-//! unless `REKEYD_SKIP_SYSTEM_TOOLS=1` is set. With `REKEYD_TEST_NSPAWN=1`
-//! (as root; a manual run), systemd-nspawn boots the unit with the daemon.
+//! (prometheus). A test whose tool is missing says it was skipped and
+//! passes, unless `REKEYD_REQUIRE_TOOLS=1` (which `.ci/run` sets after
+//! installing them all) makes that a failure (tests/support/tools.rs). With
+//! `REKEYD_TEST_NSPAWN=1` (as root; a manual run), systemd-nspawn boots the
+//! unit with the daemon.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -18,6 +20,9 @@ use std::process::{Command, Output};
 use rekeyd::config::{Config, StoreConfig};
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
+
+#[path = "support/tools.rs"]
+mod tools;
 
 // ---------------------------------------------------------------------------
 // What rekeyd exports on GET /metrics.
@@ -67,6 +72,8 @@ const METRICS: &[Metric] = &[
             &["operation", "status"],
         )
     },
+    metric("rekeyd_sink_token_valid", &["credential", "path"]),
+    metric("rekeyd_sink_current", &["credential", "path"]),
 ];
 
 /// Labels Prometheus adds to every scraped series.
@@ -306,7 +313,10 @@ secrets_url = "{secrets_url}"
 [credentials.rotation]
 every = "2s"
 grace = "1s"
+[[credentials.sinks]]
+path = "{sink}"
 "#,
+            sink = d.join("maps.token").display(),
             state = d.join("state").display(),
             socket = socket.display(),
             secret = d.join("secret").display(),
@@ -343,7 +353,8 @@ grace = "1s"
             .unwrap();
         if let Some((200, body)) = got {
             let done = wanted.is_subset(&families(&body))
-                && body.contains("rekeyd_last_rotation_timestamp_seconds{");
+                && body.contains("rekeyd_last_rotation_timestamp_seconds{")
+                && body.contains("rekeyd_sink_current{");
             last = body;
             if done {
                 break;
@@ -420,25 +431,10 @@ fn the_promql_scanner_finds_what_it_should() {
 // ---------------------------------------------------------------------------
 // Tools
 
-/// The path of `name` on PATH. Missing: a failure, unless
-/// REKEYD_SKIP_SYSTEM_TOOLS=1 (then None, and the caller skips).
+/// The path of `name` on PATH; `None` (reported as a skip, or a failure
+/// under REKEYD_REQUIRE_TOOLS=1) when the Debian `package` is not installed.
 fn tool(name: &str, package: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        if std::env::var("REKEYD_SKIP_SYSTEM_TOOLS").as_deref() == Ok("1") {
-            eprintln!("SKIPPED: {name} is not installed (REKEYD_SKIP_SYSTEM_TOOLS=1)");
-            return None;
-        }
-        panic!(
-            "{name} is not installed: `apt-get install {package}` (.ci/run does), \
-             or set REKEYD_SKIP_SYSTEM_TOOLS=1 to skip the checks that need it"
-        );
-    }
-    found
+    tools::find(name, &format!("Debian package {package}"))
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -576,6 +572,7 @@ fn alerts_use_only_exported_metrics_and_cover_the_failures() {
             &["time()", "rekeyd_rotation_next_due_timestamp_seconds", "+"],
         ),
         ("RekeydLockedOut", &["rekeyd_locked_out"]),
+        ("RekeydTokenFileInvalid", &["rekeyd_sink_token_valid"]),
         (
             "RekeydRotationNeedsOperator",
             &["rekeyd_rotation_needs_operator"],
@@ -966,7 +963,8 @@ fn container_image_runs_rekeyd_unprivileged_from_scratch() {
     );
     let volumes: Vec<String> = serde_json::from_str(get("VOLUME")[0]).unwrap();
     assert_eq!(volumes, ["/var/lib/rekeyd", "/run/tokens"]);
-    assert_eq!(get("EXPOSE"), ["9860"]);
+    // The diagnostics listener; the token API stays on loopback.
+    assert_eq!(get("EXPOSE"), ["9861"]);
     assert!(
         get("COPY").contains(&"deploy/container/rekeyd.toml /etc/rekeyd/rekeyd.toml"),
         "{:?}",
@@ -1057,14 +1055,34 @@ fn container_image_runs_rekeyd_unprivileged_from_scratch() {
         .find_map(|l| l.strip_prefix("host: "))
         .expect("rustc -vV names the host");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // Offline and for this host only: the packages are in the local cache
-    // after building the tests. A target the manifest declares but the
-    // context lacks fails here, as it would in the image.
-    run_ok(
+    // The image builds `rekeyd` with the default features: resolving what
+    // that build needs (normal and build dependencies, default features,
+    // this host) proves the lock file is current and every declared target
+    // is in the context. Building the tests already needed all of those
+    // packages, so cargo finds them in its cache; `cargo fetch` would want
+    // every optional dependency too (etcd-client, without the feature),
+    // which nothing here has downloaded. Not `--offline`: where the cache
+    // lacks a package (another CARGO_HOME built the tests), cargo gets it
+    // from the registry instead of failing.
+    let out = run_ok(
         Command::new(cargo)
-            .args(["fetch", "--locked", "--offline", "--target", host])
+            .args([
+                "tree",
+                "--locked",
+                "--edges",
+                "normal,build",
+                "--prefix",
+                "none",
+            ])
+            .args(["--target", host])
             .arg("--manifest-path")
             .arg(context.path().join("Cargo.toml")),
+    );
+    assert!(
+        out.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("rekeyd v")),
+        "cargo tree shows the rekeyd package first:\n{out}"
     );
 }
 
@@ -1141,7 +1159,12 @@ fn name(v: &Yaml) -> &str {
 
 /// The container port a probe's `port` means.
 fn probe_port(container: &Yaml, probe: &Yaml) -> u64 {
-    let port = &probe["httpGet"]["port"];
+    container_port(container, &probe["httpGet"]["port"])
+}
+
+/// The container port `port` (a number or the name of one of the
+/// container's ports) means.
+fn container_port(container: &Yaml, port: &Yaml) -> u64 {
     if let Some(n) = port.as_u64() {
         return n;
     }
@@ -1227,6 +1250,8 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
         rekeyd["command"].is_null() && rekeyd["args"].is_null(),
         "the image's entrypoint"
     );
+    // Probes go to the diagnostics listener ([diag] in rekeyd.toml, checked
+    // below), the one port the container declares.
     for (probe, path) in [
         ("startupProbe", "/readyz"),
         ("readinessProbe", "/readyz"),
@@ -1234,8 +1259,15 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
     ] {
         let p = &rekeyd[probe];
         assert_eq!(p["httpGet"]["path"].as_str(), Some(path), "{probe}");
-        assert_eq!(probe_port(rekeyd, p), 9860, "{probe}");
+        assert_eq!(probe_port(rekeyd, p), 9861, "{probe}");
     }
+    let declared: Vec<u64> = rekeyd["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_u64().unwrap())
+        .collect();
+    assert_eq!(declared, [9861], "only the diagnostics port is declared");
     hardened(rekeyd, pod);
     let containers = pod["containers"].as_sequence().unwrap();
     assert!(!containers.is_empty());
@@ -1302,9 +1334,56 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
     }
     let (_, state_volume, read_only) = mount_of(&config.state_dir);
     assert!(!read_only && state_volume["emptyDir"].is_mapping());
+    // Tokens stay inside the pod: the token API on loopback, the pod
+    // address for the diagnostics only.
     let api = config.api.as_ref().unwrap();
-    assert_eq!(api.listen.to_string(), "0.0.0.0:9860");
+    assert_eq!(api.listen.to_string(), "127.0.0.1:9860");
     mount_of(&api.key_file);
+    let diag = config.diag.as_ref().expect("a [diag] listener");
+    assert_eq!(diag.listen.to_string(), "0.0.0.0:9861");
+
+    // The NetworkPolicy selects this pod and admits the diagnostics port
+    // alone (from wherever the probes and the scrape come).
+    let policy = one(&docs, "NetworkPolicy");
+    let spec = &policy["spec"];
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let selector = spec["podSelector"]["matchLabels"].as_mapping().unwrap();
+    assert!(!selector.is_empty());
+    for (key, value) in selector {
+        assert_eq!(&labels[key], value, "the policy selects the pod by {key:?}");
+    }
+    assert_eq!(strs(&spec["policyTypes"]), ["Ingress"]);
+    let rules = spec["ingress"].as_sequence().expect("ingress rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let ports = rules[0]["ports"].as_sequence().expect("a port list");
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0]["protocol"].as_str(), Some("TCP"));
+    assert_eq!(container_port(rekeyd, &ports[0]["port"]), 9861);
+    assert!(ports[0]["endPort"].is_null());
+
+    // The PodMonitor scrapes that port.
+    let podmonitor = yaml("deploy/prometheus/podmonitor.yaml");
+    let endpoints = podmonitor["spec"]["podMetricsEndpoints"]
+        .as_sequence()
+        .unwrap();
+    for endpoint in endpoints {
+        let port = &endpoint["port"];
+        assert_eq!(
+            container_port(rekeyd, port),
+            9861,
+            "PodMonitor port {port:?}"
+        );
+        assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
+    }
+    for (key, value) in podmonitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(
+            &labels[key], value,
+            "the PodMonitor selects the pod by {key:?}"
+        );
+    }
 
     // The application reads the tokens from the same in-memory volume.
     let app_mounts = mounts(&containers[0], pod);
@@ -1528,12 +1607,14 @@ fn base64_decode(s: &str) -> Vec<u8> {
 fn nspawn_boots_the_unit_and_rekeyd_serves_tokens() {
     let mode = std::env::var("REKEYD_TEST_NSPAWN").unwrap_or_default();
     if mode != "1" && mode != "no-notify" {
-        eprintln!(
-            "SKIPPED: set REKEYD_TEST_NSPAWN=1 (or no-notify) to boot the unit in systemd-nspawn"
+        tools::not_requested(
+            "set REKEYD_TEST_NSPAWN=1 (or no-notify) to boot the unit in systemd-nspawn",
         );
         return;
     }
-    let nspawn = tool("systemd-nspawn", "systemd-container").expect("systemd-nspawn");
+    let Some(nspawn) = tool("systemd-nspawn", "systemd-container") else {
+        return;
+    };
     let full = mode == "1";
     let example = load_config(&read("systemd/rekeyd.toml.example"));
     let api = example.api.as_ref().unwrap();

@@ -9,7 +9,8 @@
 //! private mount namespace (`unshare -m`, or `unshare -r -m` for a non-root
 //! user where user namespaces are allowed). The mount dies with the
 //! namespace; the state directory underneath is never modified. Where no
-//! namespace can be made, those tests say so on stderr and pass vacuously:
+//! namespace can be made, those tests report themselves skipped
+//! (tests/support/tools.rs; a failure under `REKEYD_REQUIRE_TOOLS=1`):
 //! `chmod` is no substitute here, since rekeyd restores its state
 //! directory's 0700 mode (which the owner may always do).
 
@@ -25,6 +26,9 @@ use rekeyd::store::{CredentialRecord, SecretEntry, Store};
 use secrecy::SecretString;
 use serde_json::Value;
 use tokio::process::Command;
+
+#[path = "support/tools.rs"]
+mod tools;
 
 const NAME: &str = "maps";
 const CLIENT: &str = "maps-client";
@@ -232,6 +236,9 @@ umount "$state"
 exit $status
 "#;
 
+const NO_NAMESPACE: &str = "cannot mount a tmpfs in a private mount namespace here \
+    (`unshare --mount` as root, or `unshare --map-root-user --mount` where user namespaces are allowed)";
+
 /// How to enter a private mount namespace in which tmpfs can be mounted
 /// here, if at all: as root `unshare -m`, otherwise a user namespace.
 fn namespace() -> Option<&'static [&'static str]> {
@@ -275,9 +282,7 @@ fn mounted(path: &Path) -> bool {
 /// rotation succeeds.
 async fn rotation_refused_on(fault: &str, reason: &str) {
     let Some(namespace) = namespace() else {
-        eprintln!(
-            "SKIPPED ({fault} state directory): cannot mount tmpfs in a private mount namespace here"
-        );
+        tools::skip(NO_NAMESPACE);
         return;
     };
     let setup = Setup::new().await;
@@ -424,4 +429,248 @@ async fn corrupt_record_fails_loudly_and_is_kept() {
     assert_eq!(stats.requests.values().sum::<u64>(), 0, "{stats:?}");
     setup.assert_provider_untouched();
     setup.sim.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// A token file on a disk that fills up for a moment
+// ---------------------------------------------------------------------------
+
+/// Inside the namespace: a 1 MiB tmpfs over the token directory, the daemon
+/// in the background, and the disk filled and freed when the test says so
+/// (by creating files in `work`, outside the tmpfs). Saves the token file
+/// and the directory listing as the daemon left them, then stops it.
+const SINK_FAULT_SCRIPT: &str = r#"
+set -u
+tokens=$1 work=$2
+shift 2
+mount -t tmpfs -o size=1m,mode=0755 rekeyd-tokens "$tokens" || exit 100
+"$@" &
+pid=$!
+step() {
+    while [ ! -e "$work/$1" ]; do
+        kill -0 "$pid" 2>/dev/null || { umount "$tokens"; exit 101; }
+        sleep 0.05
+    done
+}
+step fill
+dd if=/dev/zero of="$tokens/filler" bs=4096 2>/dev/null
+touch "$work/filled"
+step free
+rm "$tokens/filler"
+touch "$work/freed"
+step done
+cp "$tokens/maps.token" "$work/token-after"
+ls -A "$tokens" > "$work/listing-after"
+kill -TERM "$pid"
+wait "$pid"
+status=$?
+umount "$tokens"
+exit $status
+"#;
+
+/// The replayed report: with the token file's disk full for a moment, the
+/// write fails when the token is refreshed; the file keeps the old token,
+/// which expires. Now status, `/readyz/maps` and the metrics say so while
+/// it lasts, the write is retried until it lands once there is room, and
+/// the file is never partial nor are temp files left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_file_on_a_full_disk_is_shown_stale_and_written_once_there_is_room() {
+    let Some(namespace) = namespace() else {
+        tools::skip(NO_NAMESPACE);
+        return;
+    };
+    // Eight-second tokens, as in the report.
+    let sim = SimProvider::start(SimOptions {
+        token_lifetime: Duration::from_secs(8),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    sim.add_client(CLIENT, CUSTOMER);
+    let (_, secret) = sim.add_secret(CLIENT, "bootstrap");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (tokens, work, socket) = (d.join("tokens"), d.join("work"), d.join("api.sock"));
+    std::fs::create_dir(&tokens).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(d.join("maps.secret"), &secret).unwrap();
+    let config = d.join("rekeyd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"state_dir = "{d}/state"
+[api]
+listen = "unix:{socket}"
+key_file = "{d}/api.key"
+[[credentials]]
+name = "{NAME}"
+provider = "mapsindoors"
+client_id = "{CLIENT}"
+initial_secret_file = "{d}/maps.secret"
+[credentials.endpoints]
+token_url = "{token}"
+[[credentials.sinks]]
+path = "{tokens}/maps.token"
+"#,
+            d = d.display(),
+            socket = socket.display(),
+            tokens = tokens.display(),
+            token = sim.mapsindoors_token_url(),
+        ),
+    )
+    .unwrap();
+    let mut argv: Vec<String> = namespace.iter().map(|s| s.to_string()).collect();
+    argv.extend(["sh", "-c", SINK_FAULT_SCRIPT, "sh"].map(String::from));
+    argv.push(tokens.display().to_string());
+    argv.push(work.display().to_string());
+    argv.extend([
+        env!("CARGO_BIN_EXE_rekeyd").to_string(),
+        "run".to_string(),
+        "--config".to_string(),
+        config.display().to_string(),
+    ]);
+    let log = d.join("daemon.log");
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("RUST_LOG", "info")
+        .env_remove("FAILPOINTS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .unix_socket(socket.clone())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+
+    // Polls GET `path` (with the key once it exists) until `accept` holds.
+    let mut poll = async |what: &str, path: &str, accept: &dyn Fn(u16, &Value) -> bool| -> Value {
+        let deadline = tokio::time::Instant::now() + RUN_TIMEOUT;
+        loop {
+            let key = std::fs::read_to_string(d.join("api.key")).unwrap_or_default();
+            if let Ok(response) = client
+                .get(format!("http://localhost{path}"))
+                .header("X-Rekeyd-Key", key.trim())
+                .send()
+                .await
+            {
+                let status = response.status().as_u16();
+                let body: Value =
+                    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or_default();
+                if accept(status, &body) {
+                    return body;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "exited ({status}) waiting for {what}:\n{}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let sink_of = |body: &Value| body["credentials"][0]["sinks"][0].clone();
+    let wait_file = async |name: &str| {
+        let deadline = tokio::time::Instant::now() + RUN_TIMEOUT;
+        while !work.join(name).exists() {
+            assert!(tokio::time::Instant::now() < deadline, "no {name}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    poll("the first write", "/v1/status", &|_, b| {
+        sink_of(b)["freshness"] == "current"
+    })
+    .await;
+    std::fs::write(work.join("fill"), b"").unwrap();
+    wait_file("filled").await;
+
+    // The next token cannot be written: the file's token grows old, then
+    // expires, and that shows.
+    let body = poll("a failed write", "/v1/status", &|_, b| {
+        sink_of(b)["consecutive_failures"].as_u64() >= Some(1)
+    })
+    .await;
+    let error = sink_of(&body)["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("No space left on device"), "{body}");
+    poll("the expired token", "/v1/status", &|_, b| {
+        sink_of(b)["freshness"] == "expired"
+    })
+    .await;
+    let ready = poll(
+        "/readyz/maps to say so",
+        &format!("/readyz/{NAME}"),
+        &|s, _| s != 0,
+    )
+    .await;
+    let file = format!("{}/maps.token", tokens.display());
+    assert_eq!(ready["ready"], false, "{ready}");
+    assert_eq!(ready["token"], true, "{ready}");
+    assert_eq!(ready["sinks"][&file], "expired", "{ready}");
+    let metrics = client
+        .get("http://localhost/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "rekeyd_sink_token_valid{{credential=\"{NAME}\",path=\"{file}\"}} 0"
+        )),
+        "{metrics}"
+    );
+
+    // Room again: the retry lands with the token being served.
+    std::fs::write(work.join("free"), b"").unwrap();
+    wait_file("freed").await;
+    let body = poll("the retried write", "/v1/status", &|_, b| {
+        sink_of(b)["freshness"] == "current"
+    })
+    .await;
+    let row = &body["credentials"][0];
+    assert_eq!(row["ready"], true, "{body}");
+    assert_eq!(
+        sink_of(&body)["token_expires_at"],
+        row["token_expires_at"],
+        "{body}"
+    );
+    assert!(sink_of(&body)["last_error"].is_null(), "{body}");
+
+    std::fs::write(work.join("done"), b"").unwrap();
+    let status = tokio::time::timeout(RUN_TIMEOUT, child.wait())
+        .await
+        .expect("the daemon stops")
+        .unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}\n{logged}");
+    assert!(!mounted(&tokens), "the tmpfs went away with the namespace");
+    let token = std::fs::read_to_string(work.join("token-after")).unwrap();
+    assert_eq!(
+        sim.token_client(&token).as_deref(),
+        Some(CLIENT),
+        "a whole token"
+    );
+    let listing = std::fs::read_to_string(work.join("listing-after")).unwrap();
+    assert_eq!(listing.trim(), "maps.token", "no temp file left behind");
+    assert!(logged.contains("cannot write token file"), "{logged}");
+    assert!(
+        logged.contains("token file written after failed attempts"),
+        "{logged}"
+    );
+    assert!(!logged.contains(&token) && !logged.contains(&secret));
+    sim.shutdown().await;
 }

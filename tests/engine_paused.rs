@@ -6,7 +6,8 @@
 //! - refresh at 70-80% of the lifetime, or `before_expiry` before it;
 //! - `expires_in: 0` is a failed refresh, backed off, never served;
 //! - failures back off exponentially, but a retry is never scheduled past the
-//!   expiry of the token being served;
+//!   expiry of the token being served, and while none is served a transient
+//!   failure is retried within 30 s;
 //! - a quota error's Retry-After is honoured;
 //! - the served token stays valid during failures and is invalid after expiry;
 //! - a rejected secret makes the engine re-read the store and try the pending
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use rekeyd::clock::BootInstant;
 use rekeyd::credential::{self, CredentialHandle, CredentialStatus};
 use rekeyd::provider::{ErrorKind, ProviderError, TokenProvider};
 use rekeyd::token::Token;
@@ -36,6 +38,10 @@ const TICK: Duration = Duration::from_millis(2);
 /// than hanging it.
 const VIRTUAL_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
 const MIN_RETRY: Duration = Duration::from_millis(250);
+/// The longest retry interval while no token is served.
+const NO_TOKEN_MAX_RETRY: Duration = Duration::from_secs(30);
+/// The end of a token's life in which retries no longer aim before expiry.
+const LAST_SECONDS: Duration = Duration::from_secs(3);
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -288,6 +294,13 @@ impl Running {
         self.handle.valid_token().map(|t| access(&t))
     }
 
+    /// When `at` (on the credential's boot-time clock) comes on tokio's
+    /// clock; the two differ only by a suspension, and these tests make
+    /// none.
+    fn monotonic(&self, at: BootInstant) -> Instant {
+        Instant::now() + at.saturating_duration_since(self.handle.clock.now())
+    }
+
     /// Stops the engine; it must not need any (virtual) time to do so.
     async fn stop(self) {
         let before = Instant::now();
@@ -334,7 +347,7 @@ async fn refreshes_at_70_to_80_percent_of_the_lifetime() {
     assert!(gaps.iter().any(|g| *g != gaps[0]), "{gaps:?}");
     // Every refresh was published: the latest token is served.
     let latest = engine.token(|t| access(t) == "tok-11").await;
-    assert!(latest.is_valid(Instant::now()));
+    assert!(latest.is_valid(engine.handle.clock.now()));
     let status = engine.status(|s| s.last_refresh_at.is_some()).await;
     assert_eq!(status.consecutive_failures, 0);
     engine.stop().await;
@@ -406,12 +419,12 @@ async fn expires_in_zero_is_a_failed_refresh_and_backs_off() {
 async fn transient_failures_back_off_exponentially() {
     let provider = FakeProvider::new([], Reply::Fail(ErrorKind::Transient, None));
     let engine = run(provider, FakeSecrets::fixed("s"), RefreshPolicy::default());
-    let calls = engine.calls(16).await;
+    let calls = engine.calls(30).await;
     let gaps = gaps(&calls);
     for (i, gap) in gaps.iter().enumerate() {
         // After failure k (1-based): full jitter below 2^(k-1) s, capped at
-        // 5 min, never below the floor.
-        let cap = secs(1u64 << i.min(20)).min(secs(300));
+        // 30 s while no token is served, never below the floor.
+        let cap = secs(1u64 << i.min(20)).min(NO_TOKEN_MAX_RETRY);
         assert_within(
             *gap,
             MIN_RETRY,
@@ -419,11 +432,11 @@ async fn transient_failures_back_off_exponentially() {
             &format!("retry after failure {}", i + 1),
         );
     }
-    // Growth, not just bounds: failures 10-15 may wait up to 5 min each; all
-    // five drawing under 8 s has a probability below 1e-10.
+    // Growth, not just bounds: failures 10-29 may wait up to 30 s each; all
+    // twenty drawing under 8 s has a probability below 1e-11.
     let late = gaps[9..].iter().max().unwrap();
     assert!(*late > secs(8), "{gaps:?}");
-    let status = engine.status(|s| s.consecutive_failures >= 16).await;
+    let status = engine.status(|s| s.consecutive_failures >= 30).await;
     assert!(status.last_error.as_deref().unwrap().contains("HTTP 503"));
     assert!(!status.locked_out);
     assert_eq!(engine.served(), None);
@@ -461,7 +474,7 @@ async fn served_token_stays_valid_through_failures_until_it_expires() {
         RefreshPolicy::default(),
     );
     let first = engine.token(|_| true).await;
-    let expiry = first.expires_at();
+    let expiry = engine.monotonic(first.expires_at());
 
     // Just before expiry: refreshes have been failing, the old token is
     // still served.
@@ -475,24 +488,28 @@ async fn served_token_stays_valid_through_failures_until_it_expires() {
     tokio::time::sleep_until(expiry).await;
     assert_eq!(engine.served(), None);
 
-    // Every retry scheduled while the token had more than the retry floor
-    // left happened before it expired.
+    // Every retry scheduled while the token had more than its last 3 s
+    // left happened before it expired (in those, retries follow the
+    // no-token bound instead of crowding the last moments).
     let calls = engine
         .calls_until(|c| c.last().is_some_and(|l| l.at > expiry))
         .await;
     let failures: Vec<&[Call]> = calls[1..].windows(2).collect();
     for pair in &failures {
         let (failed, next) = (&pair[0], &pair[1]);
-        if failed.at < expiry && expiry - failed.at > MIN_RETRY {
+        if failed.at < expiry && expiry - failed.at >= LAST_SECONDS {
             assert!(
                 next.at < expiry,
                 "retry at {:?} after expiry (failed {:?} before it)",
                 next.at - expiry,
                 expiry - failed.at
             );
+        } else if failed.at < expiry {
+            assert!(next.at - failed.at <= NO_TOKEN_MAX_RETRY + TICK);
         }
     }
-    // The refresh happened at 70-80% and then kept trying until expiry.
+    // The refresh happened at 70-80% and then kept trying until the last
+    // seconds.
     assert_within(calls[1].at - calls[0].at, secs(70), secs(80), "refresh");
     let before_expiry = calls.iter().filter(|c| c.at < expiry).count();
     assert!(before_expiry >= 4, "{:?}", gaps(&calls));
@@ -500,7 +517,7 @@ async fn served_token_stays_valid_through_failures_until_it_expires() {
     // The provider recovers: a new token is served again.
     provider.set_then(Reply::Token(secs(100)));
     let second = engine.token(|t| access(t) != "tok-1").await;
-    assert!(second.is_valid(Instant::now()));
+    assert!(second.is_valid(engine.handle.clock.now()));
     assert_eq!(engine.served(), Some(access(&second)));
     engine
         .status(|s| s.consecutive_failures == 0 && s.last_error.is_none())
@@ -523,18 +540,18 @@ async fn quota_waits_for_retry_after_when_no_token_is_served() {
     let gaps = gaps(&calls);
     // Without Retry-After: the quota backoff (30 s cap on the first failure).
     assert_within(gaps[0], MIN_RETRY, secs(30), "quota without Retry-After");
-    // With Retry-After 120: exactly that long (the jittered backoff, at most
-    // 60 s and 120 s here, is shorter).
+    // With Retry-After 120: that long, spread by up to a tenth of it (the
+    // jittered backoff, at most 60 s and 120 s here, is shorter).
     assert_within(
         gaps[1],
         secs(120),
-        secs(120),
+        secs(132),
         "Retry-After 120 (2nd failure)",
     );
     assert_within(
         gaps[2],
         secs(120),
-        secs(120),
+        secs(132),
         "Retry-After 120 (3rd failure)",
     );
     let token = engine.token(|_| true).await;
@@ -557,18 +574,22 @@ async fn quota_retry_after_never_outlasts_the_served_token() {
         RefreshPolicy::default(),
     );
     let first = engine.token(|_| true).await;
-    let expiry = first.expires_at();
+    let expiry = engine.monotonic(first.expires_at());
     let calls = engine.calls(3).await;
-    // I8 wins over Retry-After: one more try shortly (half a second) before
-    // the served token expires, not 600 s later.
+    // I8 wins over Retry-After: one more try before the served token
+    // expires, not 600 s later; in the second half of the time left (less
+    // a second for the request), so as late as it can be while credentials
+    // told the same thing still spread out.
+    let left = expiry - calls[1].at;
     assert!(calls[2].at < expiry, "retried after expiry");
-    assert!(
-        expiry - calls[2].at <= Duration::from_millis(500),
-        "retried {:?} before expiry: earlier than needed",
-        expiry - calls[2].at
+    assert_within(
+        calls[2].at - calls[1].at,
+        (left - secs(1)) / 2,
+        left - secs(1),
+        "retry with a Retry-After past the expiry",
     );
     let second = engine.token(|t| access(t) == "tok-2").await;
-    assert!(second.received_at < expiry);
+    assert!(second.received_at < first.expires_at());
     engine.stop().await;
 }
 

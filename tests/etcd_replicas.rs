@@ -117,7 +117,9 @@ fn store_toml(server: &EtcdServer) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_paused_past_its_ttl_mid_create_is_taken_over_and_starts_nothing_on_waking() {
-    let server = EtcdServer::start();
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
     let create = Duration::from_millis(1500);
     let mut world = World::start((create, create)).await;
     let root = tempfile::tempdir().unwrap();

@@ -426,8 +426,12 @@ command = [{:?}]
         script.to_str().unwrap()
     ));
     let mut daemon = setup.spawn(&[]);
+    // The script's output comes before the daemon logs that it ran: wait
+    // for both, or a stop in between would find no "hook ran".
     daemon
-        .wait_until("the rotation hook", |_| !setup.read("hook.out").is_empty())
+        .wait_until("the rotation hook to run and be logged", |d| {
+            !setup.read("hook.out").is_empty() && d.log().contains("hook ran")
+        })
         .await;
     // The hook runs once the new secret is in use.
     let stats = setup.sim.stats();

@@ -695,7 +695,7 @@ fn sample_tokens(r: &Replicas, stop: &CancellationToken) -> Vec<tokio::task::Joi
                     let token = handle
                         .valid_token()
                         .expect("a valid token is always served");
-                    if token.remaining(Instant::now()) > Duration::from_millis(500) {
+                    if token.remaining(handle.clock.now()) > Duration::from_millis(500) {
                         assert_eq!(
                             sim.token_client(token.access_token.expose_secret())
                                 .as_deref(),

@@ -172,7 +172,7 @@ fn idle_and_rotated_after(s: &CredentialStatus, after: Option<SystemTime>) -> bo
 
 /// Asks for a refresh and waits for a token received after the request.
 async fn fresh_token(handle: &rekeyd::credential::CredentialHandle) -> Arc<rekeyd::token::Token> {
-    let asked = Instant::now();
+    let asked = handle.clock.now();
     handle.refresh_now.notify_one();
     wait_token(handle, |t| t.received_at >= asked).await
 }
@@ -220,7 +220,7 @@ async fn interval_rotation_keeps_serving_and_moves_to_the_new_secret() {
                     .expect("a valid token is always served");
                 // Near its end the sim (which started the clock first) may
                 // already have dropped it; the daemon refreshes long before.
-                if token.remaining(Instant::now()) > Duration::from_millis(500) {
+                if token.remaining(handle.clock.now()) > Duration::from_millis(500) {
                     assert_eq!(
                         sim.token_client(token.access_token.expose_secret())
                             .as_deref(),

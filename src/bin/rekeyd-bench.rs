@@ -14,12 +14,15 @@
 //!   wrk on the first half of the cores, the server on the other half;
 //! - scale: 10,000 credentials with 60 s tokens for 3 minutes;
 //! - rotation: 1,000 rotations at once with the file store, in-process, on
-//!   disk and on tmpfs, with the time spent in store writes measured.
+//!   disk and on tmpfs, with the time spent in store writes measured;
+//! - outage: 200 credentials on one endpoint that goes down for 2 minutes:
+//!   how the retries spread (token requests per 100 ms) and how long after
+//!   the recovery every credential holds a valid token again.
 //!
 //! `--only idle,api` runs some sections; `--quick` shortens every window
 //! (for trying the bench, not for numbers). Without `--output`, partial or
 //! quick runs only print. Everything is bounded in time; the whole run takes
-//! about 7 minutes.
+//! about 10 minutes.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -39,7 +42,7 @@ use rand::Rng;
 use rekeyd::config::Config;
 use rekeyd::provider::HttpClients;
 use rekeyd::rotation::driver::{Outcome, Rotator};
-use rekeyd::sim::{Faults, SimOptions, SimProvider};
+use rekeyd::sim::{Endpoint, FaultScope, Faults, SimOptions, SimProvider};
 use rekeyd::store::file::FileStore;
 use rekeyd::store::{Claim, CredentialRecord, SecretEntry, Store, StoreError, Versioned};
 use secrecy::SecretString;
@@ -56,8 +59,9 @@ usage: rekeyd-bench [--only SECTIONS] [--quick] [--output FILE | --no-write] [--
                     [--rekeyd PATH] [--no-pin] [--scale-credentials N] [--scale-secs S]
                     [--daemon-env K=V]...
 
-  --only SECTIONS  comma-separated: binary,idle,api,scale,rotation (default: all)
-  --quick          short windows (idle 10 s, wrk 3 s, 1,000 credentials for 60 s)
+  --only SECTIONS  comma-separated: binary,idle,api,scale,rotation,outage (default: all)
+  --quick          short windows (idle 10 s, wrk 3 s, 1,000 credentials for 60 s,
+                   a 45 s outage)
   --output FILE    where to write the report (default BENCHMARKS.md in the
                    repository, for a full run only)
   --no-write       print the report only
@@ -70,7 +74,7 @@ usage: rekeyd-bench [--only SECTIONS] [--quick] [--output FILE | --no-write] [--
                    the first half of the cores, the server on the other half)
 ";
 
-const SECTIONS: [&str; 5] = ["binary", "idle", "api", "scale", "rotation"];
+const SECTIONS: [&str; 6] = ["binary", "idle", "api", "scale", "rotation", "outage"];
 
 /// Window sizes; `--quick` shrinks them.
 #[derive(Clone, Debug)]
@@ -82,6 +86,8 @@ struct Plan {
     scale_credentials: usize,
     scale_run: Duration,
     rotations: usize,
+    /// outage: how long the token endpoint stays down.
+    outage: Duration,
     output: Option<PathBuf>,
     build: bool,
     full: bool,
@@ -166,6 +172,7 @@ fn parse_args() -> Result<Plan> {
         scale_credentials: scale_credentials.unwrap_or(if quick { 1_000 } else { 10_000 }),
         scale_run: secs(scale_secs.unwrap_or(if quick { 60 } else { 180 })),
         rotations: 1_000,
+        outage: secs(if quick { 45 } else { 120 }),
         output,
         build,
         full: full && pin && rekeyd.is_none() && daemon_env.is_empty(),
@@ -2029,6 +2036,144 @@ async fn bench_rotation(plan: &Plan, report: &mut Report) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
+// outage: many credentials, one endpoint, down for a while.
+// ---------------------------------------------------------------------------
+
+/// Polls `/readyz` every 50 ms until it answers 200; the time that took.
+async fn until_ready(client: &reqwest::Client, d: &Daemon, timeout: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let ok = client
+            .get(d.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            return Err(format!("/readyz not 200 within {timeout:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn bench_outage(bin: &Path, plan: &Plan, report: &mut Report) -> Result<()> {
+    const CREDENTIALS: usize = 200;
+    const LIFETIME: Duration = Duration::from_secs(30);
+    const BUCKET: Duration = Duration::from_millis(100);
+    let outage = plan.outage;
+    log(format!(
+        "outage: {CREDENTIALS} credentials, {} s tokens, token endpoint down for {} s",
+        LIFETIME.as_secs(),
+        outage.as_secs()
+    ));
+    let sim = SimProvider::start(SimOptions {
+        token_lifetime: LIFETIME,
+        ..SimOptions::default()
+    })
+    .await?;
+    let setup = write_setup(&sim, &creds(CREDENTIALS))?;
+    let mut d = Daemon::spawn(bin, setup.dir.path(), setup.api, &setup.key)?;
+    d.wait_ready(secs(60)).await?;
+    let client = http();
+    until_ready(&client, &d, secs(60)).await?;
+    tokio::time::sleep(secs(2)).await;
+
+    // Every token request fails (500/502/503, nothing performed) from now
+    // on; the tokens obtained at start run out meanwhile.
+    let requests = || sim.stats().requests_to(Endpoint::MapsIndoorsToken);
+    sim.set_faults(Faults {
+        scope: FaultScope::Token,
+        random_5xx: 1.0,
+        ..Faults::default()
+    });
+    let down_at = Instant::now();
+    let at_start = requests();
+    // Token requests per 100 ms, sampled on the bench's clock.
+    let mut buckets: Vec<(Duration, u64)> = Vec::new();
+    let mut tick = tokio::time::interval(BUCKET);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last = at_start;
+    while down_at.elapsed() < outage {
+        tick.tick().await;
+        let now = requests();
+        buckets.push((down_at.elapsed(), now - last));
+        last = now;
+        if let Some(status) = d.child.try_wait()? {
+            return Err(format!("rekeyd exited: {status}\n{}", tail(&d.log_path, 20)).into());
+        }
+    }
+    sim.set_faults(Faults::default());
+    let during = requests() - at_start;
+    let all_valid = until_ready(&client, &d, secs(600)).await?;
+    let after = requests() - at_start - during;
+    let log_lines = d.log_lines();
+    d.stop().await?;
+    sim.shutdown().await;
+
+    let busiest = buckets.iter().max_by_key(|(_, n)| *n).copied();
+    let (busiest_at, busiest_n) = busiest.unwrap_or_default();
+    let mean = during as f64 / buckets.len().max(1) as f64;
+    // The start-up tokens were all issued before `/readyz` turned 200, two
+    // seconds before the outage began, within a few seconds of each other:
+    // they expired in the few seconds before `expiry`.
+    let expiry = LIFETIME.saturating_sub(secs(2));
+    let near_expiry = buckets
+        .iter()
+        .filter(|(at, _)| *at <= expiry && expiry - *at <= secs(5))
+        .map(|(_, n)| *n)
+        .max()
+        .unwrap_or(0);
+    report.row(
+        &format!("Outage: retry spread, {CREDENTIALS} credentials on one endpoint"),
+        "reported",
+        format!(
+            "at most {busiest_n} token requests per 100 ms (at {:.1} s; mean {mean:.1}; \
+             at most {near_expiry} in the 5 s before the tokens expired)",
+            busiest_at.as_secs_f64()
+        ),
+        Verdict::Reported,
+    );
+    report.check(
+        "Outage: every token valid again after the provider recovers",
+        "≤ 30 s",
+        format!("{:.1} s", all_valid.as_secs_f64()),
+        all_valid <= secs(30),
+    );
+    let mut detail = format!(
+        "{CREDENTIALS} MapsIndoors credentials in one `rekeyd run`, sim token lifetime {} s, \
+         all logged in at start. Two seconds after `/readyz` turned 200 the sim's token \
+         endpoint answered every request with a 5xx for {} s; the tokens from the start \
+         had all expired {} s into the outage.\n\n\
+         - Token requests during the outage: {during} ({:.1} per second); per 100 ms \
+         (sampled by the bench): mean {mean:.1}, at most {busiest_n} (at {:.1} s), at most \
+         {near_expiry} in the 5 s before the tokens expired.\n\
+         - After the recovery: `/readyz` 200 (every credential holds a valid token) after \
+         {}, with {after} token requests.\n\
+         - Log: {log_lines} lines.\n",
+        LIFETIME.as_secs(),
+        outage.as_secs(),
+        expiry.as_secs(),
+        during as f64 / outage.as_secs_f64(),
+        busiest_at.as_secs_f64(),
+        ms(all_valid),
+    );
+    let mut per_second: Vec<u64> = buckets
+        .chunks(10)
+        .map(|c| c.iter().map(|(_, n)| *n).sum())
+        .collect();
+    per_second.truncate(outage.as_secs() as usize);
+    let _ = writeln!(
+        detail,
+        "- Token requests per second of the outage: {per_second:?}"
+    );
+    report.detail("Outage", &detail);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
 // Report.
 // ---------------------------------------------------------------------------
 
@@ -2167,6 +2312,7 @@ async fn run() -> Result<()> {
             "api" => bench_api(&bin, &plan, &mut report).await,
             "scale" => bench_scale(&bin, &plan, &mut report).await,
             "rotation" => bench_rotation(&plan, &mut report).await,
+            "outage" => bench_outage(&bin, &plan, &mut report).await,
             _ => unreachable!("sections are validated"),
         };
         if let Err(e) = result {

@@ -1,10 +1,11 @@
-//! The HTTP plumbing every provider shares: a client with timeouts and no
-//! redirects, a body reader that refuses to buffer more than a small cap, and
-//! the parsing of token replies and error bodies. Every text of a reply that
-//! rekeyd keeps leaves a [`Reply`] scrubbed ([`super::redact`]).
+//! The HTTP plumbing every provider shares: a client with timeouts, no
+//! redirects and the proxy rule of [`crate::proxy`], a body reader that
+//! refuses to buffer more than a small cap, and the parsing of token replies
+//! and error bodies. Every text of a reply that rekeyd keeps leaves a
+//! [`Reply`] scrubbed ([`super::redact`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +17,7 @@ use tracing::debug;
 use super::redact::Redactor;
 use super::{ErrorKind, ProviderError};
 use crate::config::EndpointsConfig;
+use crate::proxy::ProxyEnv;
 use crate::token::Token;
 use crate::token::lifetime::{self, LifetimeSource};
 
@@ -67,7 +69,13 @@ impl HttpClients {
 
 impl HttpClient {
     pub fn new(endpoints: &EndpointsConfig) -> Result<Self, ProviderError> {
-        let client = reqwest::Client::builder()
+        // Not reqwest's own reading of the environment, which sends plain
+        // http (a secret in the clear) through HTTP_PROXY.
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if let Some(proxy) = Arc::new(ProxyEnv::from_env()).reqwest_proxy() {
+            builder = builder.proxy(proxy);
+        }
+        let client = builder
             .connect_timeout(endpoints.connect_timeout)
             .timeout(endpoints.request_timeout)
             // A redirect would resend the form (and its secret) somewhere the
@@ -264,6 +272,30 @@ impl Scrub {
 }
 
 impl Reply {
+    /// A reply that arrived now, as the transport builds it after reading
+    /// the body: its text will be scrubbed of what `redactor` knows and of
+    /// `request_secrets` (what the request carried). For parsers' tests and
+    /// the fuzz targets, which have no server.
+    pub fn received(
+        status: u16,
+        content_type: Option<String>,
+        body: Bytes,
+        redactor: &Redactor,
+        request_secrets: &[&SecretString],
+    ) -> Reply {
+        Reply {
+            status,
+            content_type,
+            retry_after: None,
+            body,
+            arrived: SystemTime::now(),
+            scrub: Scrub {
+                redactor: redactor.clone(),
+                request: request_secrets.iter().map(|s| (*s).clone()).collect(),
+            },
+        }
+    }
+
     /// Provider text (a header, a field) made safe to keep: see
     /// [`super::redact::scrub`].
     fn scrub(&self, text: &str) -> String {
@@ -503,17 +535,13 @@ mod tests {
     }
 
     fn reply(status: u16, content_type: &str, body: &str, secret: &str) -> Reply {
-        Reply {
+        Reply::received(
             status,
-            content_type: Some(content_type.to_string()),
-            retry_after: None,
-            body: Bytes::from(body.to_string()),
-            arrived: SystemTime::now(),
-            scrub: Scrub {
-                redactor: Redactor::new(["assertion-value".to_string()]),
-                request: vec![SecretString::from(secret.to_string())],
-            },
-        }
+            Some(content_type.to_string()),
+            Bytes::from(body.to_string()),
+            &Redactor::new(["assertion-value".to_string()]),
+            &[&SecretString::from(secret.to_string())],
+        )
     }
 
     fn refused(status: u16, ct: &str, body: &str) -> ProviderError {

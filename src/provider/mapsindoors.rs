@@ -142,6 +142,68 @@ fn secret_api_error(operation: &'static str, reply: &Reply) -> ProviderError {
     reply.refusal(operation, classify_secret_api)
 }
 
+/// Reads a reply to `GET .../secrets`: a JSON list of `{id, description,
+/// client_id, createdAt}` on 2xx, else the provider's refusal.
+pub fn parse_list_reply(
+    operation: &'static str,
+    reply: &Reply,
+) -> Result<Vec<RemoteSecret>, ProviderError> {
+    #[derive(Deserialize)]
+    struct Item {
+        id: String,
+        #[serde(default)]
+        description: Option<String>,
+        #[serde(default)]
+        client_id: Option<String>,
+        #[serde(default, rename = "createdAt")]
+        created_at: Option<String>,
+    }
+    if !(200..300).contains(&reply.status) {
+        return Err(secret_api_error(operation, reply));
+    }
+    let items: Vec<Item> = serde_json::from_slice(&reply.body)
+        .map_err(|_| reply.unexpected(operation, "expected a JSON list of secrets"))?;
+    Ok(items
+        .into_iter()
+        .map(|i| RemoteSecret {
+            id: i.id,
+            description: i.description.unwrap_or_default(),
+            client_id: i.client_id,
+            // An unreadable time is as good as none: it only delays
+            // sweeping an orphan (S7), never licenses a delete.
+            created_at: i
+                .created_at
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                .map(std::time::SystemTime::from),
+        })
+        .collect())
+}
+
+/// Reads a reply to `POST .../secrets`: `{id, secret}` on 2xx (both
+/// non-empty), else the provider's refusal.
+pub fn parse_create_reply(
+    operation: &'static str,
+    reply: &Reply,
+) -> Result<NewSecret, ProviderError> {
+    #[derive(Deserialize)]
+    struct Created {
+        id: String,
+        secret: String,
+    }
+    if !(200..300).contains(&reply.status) {
+        return Err(secret_api_error(operation, reply));
+    }
+    let created: Created = serde_json::from_slice(&reply.body)
+        .map_err(|_| reply.unexpected(operation, "expected {id, secret} JSON"))?;
+    if created.secret.is_empty() || created.id.is_empty() {
+        return Err(reply.unexpected(operation, "empty id or secret"));
+    }
+    Ok(NewSecret {
+        id: created.id,
+        value: SecretString::from(created.secret),
+    })
+}
+
 impl SecretApi for MapsIndoorsSecrets {
     fn list<'a>(
         &'a self,
@@ -149,37 +211,9 @@ impl SecretApi for MapsIndoorsSecrets {
     ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "mapsindoors list secrets";
-            #[derive(Deserialize)]
-            struct Item {
-                id: String,
-                #[serde(default)]
-                description: Option<String>,
-                #[serde(default)]
-                client_id: Option<String>,
-                #[serde(default, rename = "createdAt")]
-                created_at: Option<String>,
-            }
             let request = self.http().get(self.url_with(&[]));
             let reply = self.call(OP, request, bearer).await?;
-            if !(200..300).contains(&reply.status) {
-                return Err(secret_api_error(OP, &reply));
-            }
-            let items: Vec<Item> = serde_json::from_slice(&reply.body)
-                .map_err(|_| reply.unexpected(OP, "expected a JSON list of secrets"))?;
-            Ok(items
-                .into_iter()
-                .map(|i| RemoteSecret {
-                    id: i.id,
-                    description: i.description.unwrap_or_default(),
-                    client_id: i.client_id,
-                    // An unreadable time is as good as none: it only delays
-                    // sweeping an orphan (S7), never licenses a delete.
-                    created_at: i
-                        .created_at
-                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-                        .map(std::time::SystemTime::from),
-                })
-                .collect())
+            parse_list_reply(OP, &reply)
         })
     }
 
@@ -190,29 +224,13 @@ impl SecretApi for MapsIndoorsSecrets {
     ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "mapsindoors create secret";
-            #[derive(Deserialize)]
-            struct Created {
-                id: String,
-                secret: String,
-            }
             let request = self
                 .http()
                 .post(self.url_with(&[("description", description)]));
             let reply = self.call(OP, request, bearer).await?;
-            if !(200..300).contains(&reply.status) {
-                return Err(secret_api_error(OP, &reply));
-            }
-            let created: Created = serde_json::from_slice(&reply.body)
-                .map_err(|_| reply.unexpected(OP, "expected {id, secret} JSON"))?;
-            if created.secret.is_empty() || created.id.is_empty() {
-                return Err(reply.unexpected(OP, "empty id or secret"));
-            }
-            let value = SecretString::from(created.secret);
-            self.transport.redactor.remember(&value);
-            Ok(NewSecret {
-                id: created.id,
-                value,
-            })
+            let created = parse_create_reply(OP, &reply)?;
+            self.transport.redactor.remember(&created.value);
+            Ok(created)
         })
     }
 

@@ -7,7 +7,7 @@
 //! Whatever text a provider sends reaches an error only scrubbed of the
 //! credential's secrets ([`redact`]).
 
-mod http;
+pub mod http;
 pub mod mappls;
 pub mod mapsindoors;
 pub mod oauth2;
@@ -172,7 +172,7 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
     let transport = http::Transport {
         http: clients.get(&cred.endpoints)?,
         // extra_params may carry assertions (RFC 7521 `client_assertion`).
-        redactor: Redactor::new(cred.extra_params.values().cloned()),
+        redactor: Redactor::new(cred.extra_params.values().map(|v| v.expose().to_string())),
         default_lifetime: cred.refresh.default_lifetime,
     };
     let secrets: Option<Arc<dyn SecretApi>> = match (

@@ -33,7 +33,11 @@ impl OAuth2 {
         if let Some(audience) = &cred.audience {
             params.push(("audience".to_string(), audience.clone()));
         }
-        params.extend(cred.extra_params.clone());
+        params.extend(
+            cred.extra_params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_string())),
+        );
         OAuth2 {
             transport,
             token_url: cred.endpoints.token_url.clone(),

@@ -18,6 +18,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::machine::{self, Event, Next};
 use super::{schedule, verify};
+use crate::clock::{self, Clock};
 use crate::config::{RotationConfig, RotationTrigger};
 use crate::credential::CredentialStatus;
 use crate::metrics::{self, RotationLabels};
@@ -418,7 +419,8 @@ impl Run<'_> {
     /// current secret, or, while promoted and the current one is refused,
     /// with the old one (S5).
     async fn bearer(&mut self) -> Result<Token, RotationError> {
-        let now = Instant::now();
+        // Its own logins' tokens, stamped on the system clock.
+        let now = clock::system().now();
         if let Some(token) = self
             .bearer
             .as_ref()

@@ -1,19 +1,24 @@
-//! The local HTTP API.
+//! The local HTTP API and the diagnostics listener.
 //!
+//! The token API ([`router`]):
 //! - `GET /v1/token/{name}`: the current token (needs `X-Rekeyd-Key`).
 //! - `GET /v1/status`: per-credential status (needs `X-Rekeyd-Key`).
 //! - `POST /v1/rotate/{name}`: request a secret rotation now (needs the key).
-//! - `GET /livez`, `GET /readyz`, `GET /readyz/{name}`, `GET /metrics`: no
-//!   key, they hold no secrets.
 //!
-//! Requests carrying `X-Forwarded-For` (or `Forwarded`, `X-Real-IP`) are
-//! refused: the API is meant for programs on the same host or pod, and a
-//! proxy in front of it would turn a local secret into a remote one (the
-//! SSRF pattern).
+//! The diagnostics ([`diag_router`]): `GET /livez`, `GET /readyz`,
+//! `GET /readyz/{name}`, `GET /metrics`; no key, they hold no secrets. With
+//! a `[diag]` listener they are served there only (the token API answers
+//! `404 served_by_diag` for them); without one, the token API serves them
+//! too, as it always did.
+//!
+//! Requests to the token API carrying `X-Forwarded-For` (or `Forwarded`,
+//! `X-Real-IP`) are refused: the API is meant for programs on the same host
+//! or pod, and a proxy in front of it would turn a local secret into a
+//! remote one (the SSRF pattern). The diagnostics listener serves nothing
+//! a proxy could leak, so it does not check.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -27,11 +32,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::config::ListenAddr;
-use crate::credential::CredentialHandle;
+use crate::credential::{CredentialHandle, SinkFreshness};
 use crate::daemon::Registry;
 use crate::fsutil;
 
@@ -43,17 +45,57 @@ pub struct ApiState {
     pub key: Arc<SecretString>,
 }
 
-pub fn router(state: ApiState) -> Router {
-    Router::new()
+/// The diagnostics paths, which [`diag_router`] serves.
+pub const DIAG_PATHS: [&str; 4] = ["/livez", "/readyz", "/readyz/{name}", "/metrics"];
+
+/// The token API. `diag_elsewhere`: a `[diag]` listener serves the
+/// diagnostics, so this one answers them with a pointer there.
+pub fn router(state: ApiState, diag_elsewhere: bool) -> Router {
+    let registry = state.registry.clone();
+    let tokens = Router::new()
         .route("/v1/token/{name}", get(get_token))
         .route("/v1/status", get(get_status))
         .route("/v1/rotate/{name}", post(post_rotate))
+        .with_state(state);
+    let diag = if diag_elsewhere {
+        DIAG_PATHS
+            .iter()
+            .fold(Router::new(), |r, path| r.route(path, get(served_by_diag)))
+    } else {
+        diag_routes().with_state(registry)
+    };
+    tokens
+        .merge(diag)
+        .layer(middleware::from_fn(refuse_forwarded))
+}
+
+/// The diagnostics listener: probes and metrics, never a token.
+pub fn diag_router(registry: Arc<Registry>) -> Router {
+    diag_routes().fallback(diag_only).with_state(registry)
+}
+
+fn diag_routes() -> Router<Arc<Registry>> {
+    Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/readyz/{name}", get(readyz_one))
         .route("/metrics", get(metrics))
-        .layer(middleware::from_fn(refuse_forwarded))
-        .with_state(state)
+}
+
+async fn served_by_diag() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "served_by_diag",
+        "probes and metrics are served by the diagnostics listener ([diag] listen)",
+    )
+}
+
+async fn diag_only() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "the diagnostics listener serves GET /livez, /readyz, /readyz/{name} and /metrics only",
+    )
 }
 
 async fn refuse_forwarded(request: Request, next: Next) -> Response {
@@ -74,8 +116,8 @@ fn error(status: StatusCode, code: &str, detail: &str) -> Response {
     (status, Json(json!({"error": code, "detail": detail}))).into_response()
 }
 
-fn lookup(state: &ApiState, name: &str) -> Option<CredentialHandle> {
-    state.registry.snapshot().get(name).cloned()
+fn lookup(registry: &Registry, name: &str) -> Option<CredentialHandle> {
+    registry.snapshot().get(name).cloned()
 }
 
 fn unknown_credential() -> Response {
@@ -146,7 +188,7 @@ async fn get_token(
     let reply = TokenReply {
         access_token: token.access_token.expose_secret(),
         expires_at: humantime::format_rfc3339_seconds(token.expires_at_wall()),
-        expires_in: token.remaining(Instant::now()).as_secs(),
+        expires_in: token.remaining(handle.clock.now()).as_secs(),
         token_type: &token.token_type,
     };
     let mut response = Json(reply).into_response();
@@ -166,7 +208,8 @@ async fn get_status(State(state): State<ApiState>, headers: HeaderMap) -> Respon
         .values()
         .map(|h| {
             let mut value = serde_json::to_value(&*h.status.borrow()).expect("status serializes");
-            value["ready"] = json!(h.valid_token().is_some());
+            value["ready"] = json!(h.ready());
+            value["sinks"] = json!(h.sink_reports());
             value
         })
         .collect();
@@ -181,7 +224,7 @@ async fn post_rotate(
     if let Some(denied) = check_key(&state, &headers) {
         return denied;
     }
-    let Some(handle) = lookup(&state, &name) else {
+    let Some(handle) = lookup(&state.registry, &name) else {
         return unknown_credential();
     };
     if !handle.rotates {
@@ -199,34 +242,58 @@ async fn post_rotate(
         .into_response()
 }
 
-async fn readyz_one(State(state): State<ApiState>, UrlPath(name): UrlPath<String>) -> Response {
-    let Some(handle) = lookup(&state, &name) else {
+async fn readyz_one(
+    State(registry): State<Arc<Registry>>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    let Some(handle) = lookup(&registry, &name) else {
         return unknown_credential();
     };
-    let ready = handle.valid_token().is_some();
+    // Not ready while a token file holds an expired token (or none): the
+    // application reading it fails as if rekeyd had no token.
+    let ready = handle.ready();
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({"ready": ready, "credential": name}))).into_response()
+    let sinks: BTreeMap<String, &str> = handle
+        .sink_reports()
+        .into_iter()
+        .map(|s| (s.path, s.freshness.as_str()))
+        .collect();
+    let body = json!({
+        "ready": ready,
+        "credential": name,
+        "token": handle.valid_token().is_some(),
+        "sinks": sinks,
+    });
+    (status, Json(body)).into_response()
 }
 
 /// OpenMetrics exposition. Token validity changes with time alone, so it is
 /// brought up to date at each scrape.
-async fn metrics(State(state): State<ApiState>) -> Response {
+async fn metrics(State(registry): State<Arc<Registry>>) -> Response {
     let m = crate::metrics::global();
-    for (name, handle) in state.registry.snapshot().iter() {
+    let snapshot = registry.snapshot();
+    for (name, handle) in snapshot.iter() {
         m.token_valid
             .get_or_create(&crate::metrics::credential(name))
             .set(i64::from(handle.valid_token().is_some()));
     }
+    let sinks = snapshot.iter().flat_map(|(name, h)| {
+        h.sink_reports().into_iter().map(move |s| {
+            let current = s.freshness == SinkFreshness::Current;
+            (name.clone(), s.path, s.freshness.is_valid(), current)
+        })
+    });
+    let text = m.encode_with_sinks(sinks);
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        m.encode(),
+        text,
     )
         .into_response()
 }
@@ -235,11 +302,11 @@ async fn livez() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
-async fn readyz(State(state): State<ApiState>) -> Response {
-    let snapshot = state.registry.snapshot();
+async fn readyz(State(registry): State<Arc<Registry>>) -> Response {
+    let snapshot = registry.snapshot();
     let per: BTreeMap<&str, bool> = snapshot
         .iter()
-        .map(|(name, h)| (name.as_str(), h.valid_token().is_some()))
+        .map(|(name, h)| (name.as_str(), h.ready()))
         .collect();
     let ready = per.values().all(|r| *r);
     let status = if ready {
@@ -275,61 +342,5 @@ pub fn load_or_create_key(path: &Path) -> io::Result<SecretString> {
             e.kind(),
             format!("cannot read API key file {}: {e}", path.display()),
         )),
-    }
-}
-
-/// A bound listener, so bind errors surface at start-up, before serving.
-pub enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
-impl Listener {
-    pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
-        match addr {
-            ListenAddr::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
-            ListenAddr::Unix(path) => {
-                // A stale socket from a previous run would make bind fail.
-                // A live one belongs to a running daemon: removing it would
-                // silently take its API away, so refuse instead.
-                match std::fs::symlink_metadata(path) {
-                    Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-                        let probe = tokio::time::timeout(
-                            std::time::Duration::from_secs(1),
-                            tokio::net::UnixStream::connect(path),
-                        )
-                        .await;
-                        if !matches!(probe, Ok(Err(_))) {
-                            return Err(io::Error::new(
-                                io::ErrorKind::AddrInUse,
-                                "another process is listening on this socket",
-                            ));
-                        }
-                        std::fs::remove_file(path)?
-                    }
-                    _ => {}
-                }
-                let listener = tokio::net::UnixListener::bind(path)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-                Ok(Listener::Unix(listener))
-            }
-        }
-    }
-
-    /// The address actually bound (resolves port 0).
-    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        match self {
-            Listener::Tcp(l) => l.local_addr().ok(),
-            Listener::Unix(_) => None,
-        }
-    }
-
-    /// Serves until `shutdown`; in-flight requests finish first.
-    pub async fn serve(self, router: Router, shutdown: CancellationToken) -> io::Result<()> {
-        let stop = async move { shutdown.cancelled().await };
-        match self {
-            Listener::Tcp(l) => axum::serve(l, router).with_graceful_shutdown(stop).await,
-            Listener::Unix(l) => axum::serve(l, router).with_graceful_shutdown(stop).await,
-        }
     }
 }

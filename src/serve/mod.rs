@@ -1,6 +1,7 @@
 //! Handing tokens to applications: files ([`sink`]) and the local HTTP API
-//! ([`api`]).
+//! ([`api`]), served with limits by [`http`].
 
 pub mod api;
 pub mod hooks;
+pub mod http;
 pub mod sink;

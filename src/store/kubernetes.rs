@@ -35,10 +35,12 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{Kubeconfig, KubeconfigError};
 use kube::{Api, Client};
+use url::Url;
 
 use super::record;
 use super::{CredentialRecord, Store, StoreError, Versioned};
 use crate::config::KubernetesStoreConfig;
+use crate::proxy::{ProxyEnv, Route};
 
 /// Bound on read-decide-write rounds lost to other writers of the Secret.
 /// Each lost round means another replica wrote successfully, so running out
@@ -59,36 +61,11 @@ pub struct KubernetesStore {
 }
 
 impl KubernetesStore {
-    /// Builds the API client (the given kubeconfig, else in-cluster, else
-    /// `KUBECONFIG` / `~/.kube/config`). Contacts nothing: the first request
-    /// says whether the server is reachable and what RBAC allows.
+    /// Builds the API client ([`client_config`]). Contacts nothing: the
+    /// first request says whether the server is reachable and what RBAC
+    /// allows.
     pub async fn connect(config: &KubernetesStoreConfig) -> Result<Self, StoreError> {
-        let mut client_config = match &config.kubeconfig {
-            Some(path) => {
-                let kubeconfig =
-                    Kubeconfig::read_from(path).map_err(|e| StoreError::Unavailable {
-                        target: format!("kubeconfig {}", path.display()),
-                        reason: describe_kubeconfig_error(&e),
-                    })?;
-                from_kubeconfig(kubeconfig, &format!("kubeconfig {}", path.display())).await?
-            }
-            // In a pod, the service account; elsewhere `KUBECONFIG` or
-            // ~/.kube/config (the order the configuration documents).
-            None => match kube::Config::incluster() {
-                Ok(in_cluster) => in_cluster,
-                Err(not_in_cluster) => {
-                    let kubeconfig =
-                        Kubeconfig::read().map_err(|e| StoreError::Unavailable {
-                            target: "kubernetes".into(),
-                            reason: format!(
-                                "no cluster configuration: not in a cluster ({not_in_cluster}), and no usable kubeconfig ({})",
-                                describe_kubeconfig_error(&e)
-                            ),
-                        })?;
-                    from_kubeconfig(kubeconfig, "kubeconfig").await?
-                }
-            },
-        };
+        let (mut client_config, _) = client_config(config).await?;
         let timeout = claim::request_timeout(config.claim_ttl, MAX_REQUEST_TIMEOUT);
         // Per connection step; `bounded` limits each request as a whole.
         client_config.connect_timeout = Some(timeout);
@@ -192,13 +169,78 @@ enum Created {
     Raced,
 }
 
-async fn from_kubeconfig(kubeconfig: Kubeconfig, what: &str) -> Result<kube::Config, StoreError> {
-    kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+/// The configuration of the kubeconfig's current context, and the
+/// `proxy-url` its cluster names, if any.
+async fn from_kubeconfig(
+    kubeconfig: Kubeconfig,
+    what: &str,
+) -> Result<(kube::Config, Option<String>), StoreError> {
+    let proxy = kubeconfig
+        .current_context
+        .as_ref()
+        .and_then(|name| kubeconfig.contexts.iter().find(|c| &c.name == name))
+        .and_then(|c| c.context.as_ref())
+        .and_then(|c| kubeconfig.clusters.iter().find(|k| k.name == c.cluster))
+        .and_then(|k| k.cluster.as_ref())
+        .and_then(|k| k.proxy_url.clone());
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .map_err(|e| StoreError::Unavailable {
             target: what.to_string(),
             reason: describe_kubeconfig_error(&e),
-        })
+        })?;
+    Ok((config, proxy))
+}
+
+/// The API client's configuration: the given kubeconfig, else in-cluster,
+/// else `KUBECONFIG` / `~/.kube/config` (the order the configuration
+/// documents), with its proxy decided by the rule of [`crate::proxy`]: none
+/// for a plain-http API server (kube would take `HTTPS_PROXY` for it), else
+/// the kubeconfig cluster's `proxy-url`, else `HTTPS_PROXY`/`ALL_PROXY`
+/// unless `NO_PROXY` names the server. Also returns that route, which
+/// `rekeyd check` shows. Contacts nothing.
+pub async fn client_config(
+    config: &KubernetesStoreConfig,
+) -> Result<(kube::Config, Route), StoreError> {
+    let (mut client_config, configured_proxy) = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(|e| StoreError::Unavailable {
+                target: format!("kubeconfig {}", path.display()),
+                reason: describe_kubeconfig_error(&e),
+            })?;
+            from_kubeconfig(kubeconfig, &format!("kubeconfig {}", path.display())).await?
+        }
+        // In a pod, the service account; elsewhere `KUBECONFIG` or
+        // ~/.kube/config (the order the configuration documents).
+        None => match kube::Config::incluster() {
+            Ok(in_cluster) => (in_cluster, None),
+            Err(not_in_cluster) => {
+                let kubeconfig =
+                        Kubeconfig::read().map_err(|e| StoreError::Unavailable {
+                            target: "kubernetes".into(),
+                            reason: format!(
+                                "no cluster configuration: not in a cluster ({not_in_cluster}), and no usable kubeconfig ({})",
+                                describe_kubeconfig_error(&e)
+                            ),
+                        })?;
+                from_kubeconfig(kubeconfig, "kubeconfig").await?
+            }
+        },
+    };
+    let unavailable = |reason: String| StoreError::Unavailable {
+        target: "kubernetes".into(),
+        reason,
+    };
+    let server = Url::parse(&client_config.cluster_url.to_string())
+        .map_err(|e| unavailable(format!("API server URL: {e}")))?;
+    let route = ProxyEnv::from_env()
+        .route_configured(&server, configured_proxy.as_deref(), "kubeconfig proxy-url")
+        .map_err(unavailable)?;
+    client_config.proxy_url = match &route {
+        Route::Proxy(proxy) => proxy.uri(),
+        Route::Direct(_) => None,
+    };
+    Ok((client_config, route))
 }
 
 /// kube's wording, except for YAML errors: the parser may quote the

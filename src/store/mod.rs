@@ -8,7 +8,7 @@
 pub mod etcd;
 pub mod file;
 pub mod kubernetes;
-mod record;
+pub mod record;
 
 use std::sync::Arc;
 

@@ -386,13 +386,13 @@ fn retired_entries(field: &str, docs: Vec<DocRetired>) -> Result<Vec<RetiredSecr
 
 /// The bytes of `record` as every store writes them (pretty JSON, so an
 /// operator can read it with `cat` or `etcdctl get`).
-pub(crate) fn encode(record: &CredentialRecord, version: u64) -> Vec<u8> {
+pub fn encode(record: &CredentialRecord, version: u64) -> Vec<u8> {
     serde_json::to_vec_pretty(&Document::from_record(record, version)).expect("record serializes")
 }
 
 /// Parses what [`encode`] wrote. The error says what is wrong and where,
 /// never quoting the bytes: they may hold a secret (I7).
-pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, CredentialRecord), String> {
+pub fn decode(bytes: &[u8]) -> Result<(u64, CredentialRecord), String> {
     let doc: Document = serde_json::from_slice(bytes).map_err(|e| describe_json_error(&e))?;
     doc.into_record()
 }

@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -88,6 +87,11 @@ impl Engine {
     }
 
     async fn run_inner(self, shutdown: CancellationToken) {
+        let clock = self.channels.clock.clone();
+        // Suspensions reported before this engine started are no reason to
+        // refresh: the first login is about to happen anyway.
+        let mut jumps = clock.jumps();
+        jumps.borrow_and_update();
         let mut failures: u32 = 0;
         // The login that follows a promotion proves the new secret; it is
         // not a login that asks for a rotation (that would chain forever).
@@ -96,7 +100,11 @@ impl Engine {
             // Boxed: a login's state lives only while it runs, instead of
             // taking room in every sleeping engine (thousands of them).
             let wait = match Box::pin(self.attempt()).await {
-                Ok(token) => {
+                Ok(mut token) => {
+                    // The lifetime counts from the reply's arrival, a moment
+                    // ago, on the clock every reader of this credential
+                    // decides validity on.
+                    token.received_at = clock.now();
                     failures = 0;
                     let wait = self.policy.refresh_delay(token.lifetime, rand::random());
                     info!(
@@ -118,7 +126,7 @@ impl Engine {
                         .token
                         .borrow()
                         .as_ref()
-                        .map(|t| t.remaining(Instant::now()));
+                        .map(|t| t.remaining(clock.now()));
                     let wait = policy::retry_delay(
                         failures,
                         err.kind,
@@ -140,6 +148,9 @@ impl Engine {
                 }
             };
             after_promotion = false;
+            // tokio's timer runs on the monotonic clock, which stops while
+            // the machine is suspended: a suspension report ends the wait,
+            // since the token may have expired meanwhile.
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
@@ -149,6 +160,16 @@ impl Engine {
                 _ = self.channels.promoted.notified() => {
                     debug!(step = "refresh", "new secret promoted; refreshing with it");
                     after_promotion = true;
+                }
+                Ok(()) = jumps.changed() => {
+                    // The watchdog logs the suspension once, not once per
+                    // credential.
+                    let total = *jumps.borrow_and_update();
+                    debug!(
+                        step = "refresh",
+                        suspended_total = %humantime::format_duration(whole_seconds(total)),
+                        "the machine was suspended; refreshing now"
+                    );
                 }
             }
         }

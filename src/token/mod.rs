@@ -9,13 +9,16 @@ pub mod policy;
 use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
-use tokio::time::Instant;
+
+use crate::clock::{self, BootInstant, Clock};
 
 /// A bearer token as received from a provider.
 ///
-/// Expiry is tracked on the monotonic clock from the moment the reply
-/// arrived, because wall clocks skew and jump; the wall-clock time is kept
-/// only to show `expires_at` to people and programs.
+/// Expiry is tracked from the moment the reply arrived on the boot-time
+/// clock ([`crate::clock`]), which keeps counting while the machine is
+/// suspended, because wall clocks skew and jump and the monotonic clock
+/// stops during a suspension; the wall-clock time is kept only to show
+/// `expires_at` to people and programs.
 #[derive(Debug, Clone)]
 pub struct Token {
     /// Redacted by `SecretString`'s `Debug`.
@@ -23,12 +26,14 @@ pub struct Token {
     pub token_type: String,
     pub scope: Option<String>,
     pub lifetime: Duration,
-    pub received_at: Instant,
+    /// On the clock of the credential that received it (the token engine
+    /// stamps it again on its own clock, see [`crate::clock`]).
+    pub received_at: BootInstant,
     pub received_at_wall: SystemTime,
 }
 
 impl Token {
-    /// A token received now.
+    /// A token received now (on the system clock).
     pub fn new(
         access_token: SecretString,
         token_type: String,
@@ -40,12 +45,12 @@ impl Token {
             token_type,
             scope,
             lifetime,
-            received_at: Instant::now(),
+            received_at: clock::system().now(),
             received_at_wall: SystemTime::now(),
         }
     }
 
-    pub fn expires_at(&self) -> Instant {
+    pub fn expires_at(&self) -> BootInstant {
         self.received_at + self.lifetime
     }
 
@@ -54,11 +59,14 @@ impl Token {
     }
 
     /// Time left before expiry; zero once expired.
-    pub fn remaining(&self, now: Instant) -> Duration {
+    /// `now` comes from the same clock as `received_at`.
+    pub fn remaining(&self, now: BootInstant) -> Duration {
         self.expires_at().saturating_duration_since(now)
     }
 
-    pub fn is_valid(&self, now: Instant) -> bool {
+    /// Whether the token is still valid at `now` (same clock as
+    /// `received_at`).
+    pub fn is_valid(&self, now: BootInstant) -> bool {
         now < self.expires_at()
     }
 }

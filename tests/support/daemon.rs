@@ -21,6 +21,7 @@ pub struct TestDaemon {
     pub config: Config,
     pub credentials: Arc<std::collections::BTreeMap<String, CredentialHandle>>,
     pub api_addr: Option<std::net::SocketAddr>,
+    pub diag_addr: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -43,12 +44,14 @@ impl TestDaemon {
             .expect("daemon starts");
         let credentials = running.credentials();
         let api_addr = running.api_addr;
+        let diag_addr = running.diag_addr;
         let task = tokio::spawn(running.wait());
         TestDaemon {
             dir,
             config,
             credentials,
             api_addr,
+            diag_addr,
             shutdown,
             task: Some(task),
         }

@@ -1,11 +1,16 @@
-//! A single-member etcd server for integration tests: `/usr/bin/etcd` (or
+//! A single-member etcd server for integration tests: `etcd` on `PATH` (or
 //! `$REKEYD_TEST_ETCD`) on loopback ports picked by the kernel, data in a
-//! temporary directory, killed when dropped.
+//! temporary directory, killed when dropped. Without etcd the calling test
+//! is reported as skipped (`tests/support/tools.rs`: a failure under
+//! `REKEYD_REQUIRE_TOOLS=1`).
 //! Include with `#[path = "support/etcd.rs"] mod etcd;`.
 #![allow(dead_code)]
 
+#[path = "tools.rs"]
+mod tools;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,11 +34,17 @@ fn free_port() -> u16 {
 }
 
 impl EtcdServer {
-    pub fn start() -> EtcdServer {
+    /// A running server, or `None` (the caller returns: skipped) when etcd
+    /// is not installed.
+    pub fn start() -> Option<EtcdServer> {
+        let binary = match std::env::var_os("REKEYD_TEST_ETCD") {
+            Some(path) => PathBuf::from(path),
+            None => tools::find("etcd", "Debian package etcd-server")?,
+        };
         let mut last_log = String::new();
         for _ in 0..3 {
-            match Self::try_start() {
-                Ok(server) => return server,
+            match Self::try_start(&binary) {
+                Ok(server) => return Some(server),
                 Err(log) => last_log = log,
             }
         }
@@ -42,8 +53,7 @@ impl EtcdServer {
 
     /// Starts etcd and waits until its client port accepts connections and
     /// answers; on failure returns its log.
-    fn try_start() -> Result<EtcdServer, String> {
-        let binary = std::env::var("REKEYD_TEST_ETCD").unwrap_or_else(|_| "/usr/bin/etcd".into());
+    fn try_start(binary: &Path) -> Result<EtcdServer, String> {
         let dir = tempfile::tempdir().unwrap();
         let (client_port, peer_port) = (free_port(), free_port());
         let client = format!("http://127.0.0.1:{client_port}");
@@ -53,7 +63,7 @@ impl EtcdServer {
         let name = format!("rekeyd-test-{}-{client_port}", std::process::id());
         let log = dir.path().join("etcd.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(&binary)
+        let child = Command::new(binary)
             .arg("--name")
             .arg(&name)
             .arg("--data-dir")
@@ -70,7 +80,7 @@ impl EtcdServer {
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {binary} ({e}); install etcd-server"));
+            .unwrap_or_else(|e| panic!("cannot run {} ({e})", binary.display()));
         let mut server = EtcdServer {
             child,
             endpoint: client,
@@ -107,20 +117,18 @@ impl EtcdServer {
     /// Freezes the server (SIGSTOP): connections stay open, requests get no
     /// answer, as from a hung member.
     pub fn pause(&self) {
-        self.signal("-STOP");
+        self.signal(libc::SIGSTOP);
     }
 
     /// Thaws a [`EtcdServer::pause`]d server (SIGCONT).
     pub fn resume(&self) {
-        self.signal("-CONT");
+        self.signal(libc::SIGCONT);
     }
 
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {sig} etcd");
+    fn signal(&self, sig: i32) {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to etcd");
     }
 
     /// Stops the server now (SIGKILL), e.g. to test an unreachable store.

@@ -7,9 +7,12 @@
 //! mod oidc;
 //! ```
 //!
-//! Needs Node.js >= 20 and npm on `PATH`. The first use runs
-//! `npm ci --prefix tests/oidc` (once, serialised across threads and
-//! processes) when `tests/oidc/node_modules` is missing or stale.
+//! Needs Node.js >= 20 and npm on `PATH`; without them [`OidcServer::start`]
+//! reports the calling test as skipped and returns `None`
+//! (`tests/support/tools.rs`: a failure under `REKEYD_REQUIRE_TOOLS=1`).
+//! The first use runs `npm ci --prefix tests/oidc` (once, serialised across
+//! threads and processes; it downloads from the npm registry) when
+//! `tests/oidc/node_modules` is missing or stale.
 //!
 //! The server has two static clients, both limited to `client_credentials`:
 //! * [`BASIC_CLIENT`] — `client_secret_basic`, secret [`OidcServer::basic_secret`]
@@ -44,6 +47,9 @@ use std::{
 };
 
 use rand::{Rng, distr::Alphanumeric};
+
+#[path = "tools.rs"]
+mod tools;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -93,7 +99,8 @@ pub struct OidcServer {
 
 impl OidcServer {
     /// Starts a server with the default options. See the module docs.
-    pub async fn start() -> OidcServer {
+    /// `None` when Node.js is missing: the caller returns (skipped).
+    pub async fn start() -> Option<OidcServer> {
         Self::start_with(OidcOptions::default()).await
     }
 
@@ -104,14 +111,22 @@ impl OidcServer {
     /// A start that hangs (seen once on a loaded CI machine: the server
     /// loaded oidc-provider and then printed nothing for a minute) is killed
     /// and retried; the test itself only begins once a server answers.
-    pub async fn start_with(opts: OidcOptions) -> OidcServer {
-        tokio::task::spawn_blocking(ensure_node_modules)
+    pub async fn start_with(opts: OidcOptions) -> Option<OidcServer> {
+        let node = match node_tools() {
+            Ok(tools) => tools,
+            Err(why) => {
+                tools::skip(why);
+                return None;
+            }
+        };
+        let npm = node.npm.clone();
+        tokio::task::spawn_blocking(move || ensure_node_modules(&npm))
             .await
             .expect("npm ci task panicked");
         let mut failures = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
-            match Self::spawn(&opts).await {
-                Ok(server) => return server,
+            match Self::spawn(&node.node, &opts).await {
+                Ok(server) => return Some(server),
                 Err(failure) => {
                     eprintln!("oidc test server start attempt {attempt} failed: {failure}");
                     failures.push(failure);
@@ -124,8 +139,7 @@ impl OidcServer {
         );
     }
 
-    async fn spawn(opts: &OidcOptions) -> Result<OidcServer, String> {
-        let node = find_tool("node");
+    async fn spawn(node: &Path, opts: &OidcOptions) -> Result<OidcServer, String> {
         let basic_secret = random_secret();
         let post_secret = random_secret();
         let dir = oidc_dir();
@@ -332,25 +346,38 @@ fn oidc_dir() -> PathBuf {
         .join("oidc")
 }
 
-/// Panics with an install hint when `tool` is not runnable.
-fn find_tool(tool: &str) -> &str {
-    match std::process::Command::new(tool)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-    {
-        Ok(s) if s.success() => tool,
-        Ok(s) => panic!(
-            "`{tool} --version` failed ({s}); the OAuth2 integration tests need Node.js >= 20 with npm"
-        ),
-        Err(e) => panic!(
-            "`{tool}` not found on PATH ({e}): the OAuth2 integration tests run a real \
-             oidc-provider server and need Node.js >= 20 with npm \
-             (e.g. `apt-get install nodejs npm`, or from nodejs.org)"
-        ),
-    }
+/// Node.js and npm, as found on `PATH`.
+struct NodeTools {
+    node: PathBuf,
+    npm: PathBuf,
+}
+
+/// Node.js >= 20 and npm, or why the OAuth2 server cannot run here
+/// (looked up once per test binary).
+fn node_tools() -> Result<&'static NodeTools, &'static str> {
+    static FOUND: OnceLock<Result<NodeTools, String>> = OnceLock::new();
+    let found = FOUND.get_or_init(|| {
+        let hint = "the real OAuth2 server (oidc-provider) needs Node.js >= 20 with npm: \
+                    Debian packages nodejs and npm, or nodejs.org";
+        let (Some(node), Some(npm)) = (tools::on_path("node"), tools::on_path("npm")) else {
+            return Err(format!("node or npm is not on PATH ({hint})"));
+        };
+        let version = std::process::Command::new(&node)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {} ({e}; {hint})", node.display()))?;
+        let text = String::from_utf8_lossy(&version.stdout).trim().to_string();
+        let major: Option<u32> = text
+            .strip_prefix('v')
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok());
+        match major {
+            Some(major) if major >= 20 => Ok(NodeTools { node, npm }),
+            _ => Err(format!("node --version says {text:?} ({hint})")),
+        }
+    });
+    found.as_ref().map_err(String::as_str)
 }
 
 /// True when node_modules holds a finished install of the pinned version.
@@ -387,7 +414,7 @@ fn node_modules_ready(dir: &Path) -> bool {
 
 /// Runs `npm ci --prefix tests/oidc` if needed: once per process
 /// (OnceLock) and under an exclusive file lock across processes.
-fn ensure_node_modules() {
+fn ensure_node_modules(npm: &Path) {
     static READY: OnceLock<()> = OnceLock::new();
     READY.get_or_init(|| {
         let dir = oidc_dir();
@@ -402,7 +429,6 @@ fn ensure_node_modules() {
         if node_modules_ready(&dir) {
             return; // another process installed it while we waited
         }
-        let npm = find_tool("npm");
         let out = std::process::Command::new(npm)
             .args(["ci", "--prefix", "tests/oidc", "--no-audit", "--no-fund"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
