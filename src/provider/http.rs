@@ -465,7 +465,8 @@ pub fn parse_token_reply(
     Ok(Token::new(
         SecretString::from(access_token),
         "Bearer".to_string(),
-        raw.scope,
+        // Provider text like any other: a server may echo the request here.
+        raw.scope.map(|scope| reply.scrub(&scope)),
         lifetime.duration,
     ))
 }
@@ -542,6 +543,18 @@ mod tests {
             &Redactor::new(["assertion-value".to_string()]),
             &[&SecretString::from(secret.to_string())],
         )
+    }
+
+    #[test]
+    fn a_granted_scope_is_scrubbed_of_an_echoed_secret() {
+        let r = reply(
+            200,
+            "application/json",
+            r#"{"access_token":"abcdefgh12345678","expires_in":60,"scope":"read s3cr3t-value"}"#,
+            "s3cr3t-value",
+        );
+        let token = parse_token_reply("test", &r, Duration::from_secs(3600)).unwrap();
+        assert_eq!(token.scope.as_deref(), Some("read [redacted]"));
     }
 
     fn refused(status: u16, ct: &str, body: &str) -> ProviderError {
