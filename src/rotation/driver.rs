@@ -593,7 +593,10 @@ pub async fn run_schedule(
                     continue;
                 }
             };
-            let result = rotator.rotate(begin, false, &shutdown).await;
+            // Boxed: the rotation's state lives on the heap only while it
+            // runs, so each credential's idle schedule task stays small
+            // (10,000 credentials hold 10,000 of them).
+            let result = Box::pin(rotator.rotate(begin, false, &shutdown)).await;
             let refusal = match &result {
                 Err(RotationError::Provider(e)) if e.kind == ErrorKind::Refused => Some(e.reason()),
                 _ => None,
