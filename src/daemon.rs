@@ -384,15 +384,21 @@ async fn launch(
         let _watch = watch;
         engine.run(_watch.cancel.clone()).await
     });
-    // Also without sinks: it clears those a reload removed from status.
-    tasks.spawn(sink::run(
-        cred.name.clone(),
-        cred.sinks.clone(),
-        handle.token.clone(),
-        channels.sinks.clone(),
-        handle.clock.clone(),
-        cancel.clone(),
-    ));
+    if cred.sinks.is_empty() {
+        // No task for nothing to write: a finished task stays in the
+        // JoinSet until the credential stops, and 10,000 of them add up.
+        // A reload that removed every sink clears them from status here.
+        channels.sinks.send_replace(Vec::new());
+    } else {
+        tasks.spawn(sink::run(
+            cred.name.clone(),
+            cred.sinks.clone(),
+            handle.token.clone(),
+            channels.sinks.clone(),
+            handle.clock.clone(),
+            cancel.clone(),
+        ));
+    }
     for hook in &cred.hooks {
         tasks.spawn(hooks::run(
             cred.name.clone(),
