@@ -721,8 +721,9 @@ fn describe_load_error(e: &config::ConfigError, text: &str) -> String {
         ),
         E::At { error, .. } => describe_load_error(error, text),
         E::NotFound(key) => format!("key `{key}` not found"),
-        // serde's words: key names in backticks stay, quoted values go.
-        E::Message(message) => without_quoted_values(message),
+        // serde's words: quoted values go; a name in backticks stays only
+        // when it reads like a key (see `without_file_text`).
+        E::Message(message) => without_file_text(message),
         _ => "the configuration cannot be read".to_string(),
     }
 }
@@ -773,6 +774,41 @@ fn table_at(text: &str, line: usize) -> Option<String> {
     let name = header.strip_prefix(open)?.strip_suffix(close)?.trim();
     let is_key_char = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
     (!name.is_empty() && name.chars().all(is_key_char)).then(|| format!("{open}{name}{close}"))
+}
+
+/// serde's `message` without text from the file that could be a value:
+/// double-quoted parts become `"..."`, and a backticked name that does not
+/// read like a configuration key becomes `` `...` ``. serde quotes an
+/// unknown key or enum variant as written (`` unknown field `colour` ``),
+/// and a secret pasted on a line of its own, or quoted as a key, is such a
+/// "name"; a key (lowercase, at most one digit, at the end as in `oauth2`,
+/// at most 32 characters) is kept because it names the operator's typo.
+fn without_file_text(message: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in without_quoted_values(message).split('`').enumerate() {
+        if i > 0 {
+            out.push('`');
+        }
+        if i % 2 == 1 && !reads_like_a_key(part) {
+            out.push_str("...");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// `[a-z][a-z_-]*[0-9]?`, at most 32 characters: how rekeyd spells its
+/// keys and enum values. Generated secrets mix case or digits.
+fn reads_like_a_key(name: &str) -> bool {
+    let body = name
+        .strip_suffix(|c: char| c.is_ascii_digit())
+        .unwrap_or(name);
+    name.len() <= 32
+        && body.starts_with(|c: char| c.is_ascii_lowercase())
+        && body
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_' || c == '-')
 }
 
 /// `message` with every double-quoted part replaced by `"..."`.
@@ -2047,9 +2083,27 @@ mod tests {
             assert!(!message.contains("assertion"), "{message}");
         }
         assert_eq!(
-            without_quoted_values(r#"invalid value: string "x", expected `a`"#),
+            without_file_text(r#"invalid value: string "x", expected `a`"#),
             r#"invalid value: string "...", expected `a`"#
         );
+        // A key quoted as written by serde: kept when it reads like a key,
+        // hidden when it could be a secret pasted as a key (found by the
+        // `config` fuzz target).
+        assert_eq!(
+            load_error("colour = 1\nstate_dir = \"/x\"\n"),
+            "unknown field `colour`, expected one of `state_dir`, `api`, `diag`, `log`, `store`, `credentials`"
+        );
+        for key in [
+            "\"fzS3cr3t-Qm9vN2xhYmVsLXJvdGF0ZQ\"",
+            "a1b2c3d4e5f6",
+            "x0000000000000000000000000000000000",
+        ] {
+            let message = load_error(&format!("{key} = \"#\"\n"));
+            assert!(
+                message.starts_with("unknown field `...`, expected one of `state_dir`"),
+                "{message}"
+            );
+        }
     }
 
     #[test]
