@@ -81,13 +81,18 @@ pub type Attempt = Result<Token, ProviderError>;
 
 impl Engine {
     /// Runs until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) {
+    ///
+    /// Not an `async fn`: one engine sleeps per credential, and an async
+    /// fn's future keeps its arguments twice (as given and as moved into
+    /// its body), a copy of the whole engine per credential. The block
+    /// below owns the engine once and the loop borrows it.
+    pub fn run(self, shutdown: CancellationToken) -> impl Future<Output = ()> + Send {
         let span = info_span!("credential", name = %self.name);
-        self.run_inner(shutdown).instrument(span).await
+        async move { self.run_loop(&shutdown).await }.instrument(span)
     }
 
-    async fn run_inner(self, shutdown: CancellationToken) {
-        let clock = self.channels.clock.clone();
+    async fn run_loop(&self, shutdown: &CancellationToken) {
+        let clock = &*self.channels.clock;
         // Suspensions reported before this engine started are no reason to
         // refresh: the first login is about to happen anyway.
         let mut jumps = clock.jumps();
