@@ -479,6 +479,7 @@ impl Drop for EngineWatch {
 /// Holds only the two receivers it watches, not the whole handle, and is a
 /// block rather than an `async fn` (which would keep its arguments twice):
 /// one such task sleeps per credential.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
 fn forward_changes(
     mut token: watch::Receiver<Option<Arc<Token>>>,
     mut status: watch::Receiver<CredentialStatus>,
