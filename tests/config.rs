@@ -959,7 +959,10 @@ async fn min_forced_interval_is_configured_validated_and_shown() {
     );
     let shown: serde_json::Value =
         serde_json::from_str(&rekeyd::commands::effective_config(&config).await).unwrap();
-    assert_eq!(shown["credentials"][0]["refresh"]["min_forced_interval"], "5s");
+    assert_eq!(
+        shown["credentials"][0]["refresh"]["min_forced_interval"],
+        "5s"
+    );
 
     for (value, expected, display) in [
         ("0s", Duration::ZERO, "0s"),

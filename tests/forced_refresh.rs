@@ -170,7 +170,10 @@ impl Api {
 async fn wait_logins(sim: &SimProvider, n: u64) {
     let deadline = Instant::now() + EVENT_TIMEOUT;
     while logins(sim) < n {
-        assert!(Instant::now() < deadline, "login #{n} never reached the sim");
+        assert!(
+            Instant::now() < deadline,
+            "login #{n} never reached the sim"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -217,7 +220,11 @@ async fn concurrent_forced_requests_make_one_login() {
     assert_eq!(sim.token_client(&fresh).as_deref(), Some("client-maps"));
     for other in others {
         let other = other.await.unwrap();
-        assert_eq!(other.token(), fresh, "every request got the one login's token");
+        assert_eq!(
+            other.token(),
+            fresh,
+            "every request got the one login's token"
+        );
     }
     assert_eq!(logins(&sim), before + 1, "exactly one login for 8 requests");
     assert_eq!(served(&d), fresh, "the new token is the one served");
@@ -245,10 +252,17 @@ async fn a_refused_older_token_gets_the_current_one_without_a_login() {
         let reply = api.refresh_rejecting(&old).await;
         assert_eq!(reply.token(), current);
         assert_eq!(
-            reply.headers.get("cache-control").map(|v| v.to_str().unwrap()),
+            reply
+                .headers
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap()),
             Some("no-store")
         );
-        assert!(reply.body["expires_in"].as_u64().unwrap() > 86_000, "{}", reply.text);
+        assert!(
+            reply.body["expires_in"].as_u64().unwrap() > 86_000,
+            "{}",
+            reply.text
+        );
     }
     assert_eq!(logins(&sim), after_login, "no login for an older token");
     assert_eq!(served(&d), current, "the current token was not thrown away");
@@ -287,8 +301,17 @@ async fn forced_logins_are_limited_to_one_per_interval() {
     // Finished, within the interval: refused with the time left, whether or
     // not the request names the token served now.
     for reply in [api.refresh(None).await, api.refresh_rejecting(&fresh).await] {
-        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text);
-        assert_eq!(reply.body["error"], "refresh_rate_limited", "{}", reply.text);
+        assert_eq!(
+            reply.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            reply.text
+        );
+        assert_eq!(
+            reply.body["error"], "refresh_rate_limited",
+            "{}",
+            reply.text
+        );
         assert!(
             reply.body["detail"]
                 .as_str()
@@ -327,9 +350,17 @@ async fn a_forced_login_is_allowed_again_once_the_interval_is_over() {
             if reply.status == StatusCode::OK {
                 break reply.token().to_string();
             }
-            assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text);
+            assert_eq!(
+                reply.status,
+                StatusCode::TOO_MANY_REQUESTS,
+                "{}",
+                reply.text
+            );
             assert_eq!(logins(&sim), after_first, "a refused request logged in");
-            assert!(started.elapsed() < EVENT_TIMEOUT, "the interval never ended");
+            assert!(
+                started.elapsed() < EVENT_TIMEOUT,
+                "the interval never ended"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert_ne!(second, first);
@@ -364,9 +395,15 @@ async fn a_failed_forced_login_keeps_the_previous_token_served_and_says_why() {
     assert_eq!(reply.body["serving_previous_token"], true, "{}", reply.text);
     assert!(reply.headers.get("retry-after").is_none(), "{}", reply.text);
     for (what, value) in [("token", &old), ("secret", &secret)] {
-        assert!(!reply.text.contains(value.as_str()), "the answer holds the {what}");
+        assert!(
+            !reply.text.contains(value.as_str()),
+            "the answer holds the {what}"
+        );
     }
-    assert!(logins(&sim) > before, "the forced login reached the provider");
+    assert!(
+        logins(&sim) > before,
+        "the forced login reached the provider"
+    );
 
     // I8: the previous token is still served, by the API and to the engine's
     // readers, and the status says why the refresh failed.
@@ -374,7 +411,10 @@ async fn a_failed_forced_login_keeps_the_previous_token_served_and_says_why() {
     assert_eq!(served(&d), old);
     let status = d.handle("maps").status.borrow().clone();
     assert!(
-        status.last_error.as_deref().is_some_and(|e| e.contains("503")),
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("503")),
         "{status:?}"
     );
 
@@ -405,8 +445,17 @@ async fn a_quota_reply_holds_forced_logins_as_long_as_the_provider_asked() {
     assert_eq!(logins(&sim), before + 1);
 
     let reply = api.refresh_rejecting(&old).await;
-    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text);
-    assert_eq!(reply.body["error"], "refresh_rate_limited", "{}", reply.text);
+    assert_eq!(
+        reply.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        reply.text
+    );
+    assert_eq!(
+        reply.body["error"], "refresh_rate_limited",
+        "{}",
+        reply.text
+    );
     assert!(
         reply.body["detail"].as_str().unwrap().contains("quota"),
         "{}",
@@ -415,7 +464,11 @@ async fn a_quota_reply_holds_forced_logins_as_long_as_the_provider_asked() {
     // Retry-After plus the engine's spread of up to a tenth of it.
     let retry = reply.retry_after();
     assert!((110..=133).contains(&retry), "Retry-After {retry}");
-    assert_eq!(logins(&sim), before + 1, "no login during the quota backoff");
+    assert_eq!(
+        logins(&sim),
+        before + 1,
+        "no login during the quota backoff"
+    );
     assert_eq!(api.get().await.token(), old);
 
     d.stop().await;
