@@ -321,6 +321,10 @@ async fn launch(
         None => credential::channels(&cred.name, cred.provider.as_str()),
     };
     handle.rotates = cred.rotation.is_some();
+    // Channels outlive a reload; the interval is the configuration's now.
+    channels
+        .forced
+        .set_min_interval(cred.refresh.min_forced_interval);
     let mut unfinished = false;
     if let Some(record) = store.load_settled(&cred.name).await? {
         unfinished = record.value.is_unfinished();
@@ -522,6 +526,7 @@ async fn start_listeners(
         let state = api::ApiState {
             registry: shared.registry.clone(),
             key: Arc::new(key),
+            forced_wait: api::forced_wait(api.limits.request_timeout),
         };
         let router = api::router(state, config.diag.is_some());
         planned.push(("api", &api.listen, api.limits, router));
