@@ -47,6 +47,13 @@ pub struct RunArgs {
 pub enum Command {
     /// Run the daemon in the foreground until SIGTERM or SIGINT (or, with
     /// --once, every credential once, then exit).
+    #[command(
+        after_help = "One-shot use (--once): an init container before the application starts, \
+a cron job or a CI step (`rekeyd run --once -c ci.toml && ./deploy.sh`). With \
+`on_login = true` and `grace = \"0s\"` each run creates the next secret and deletes the old one. \
+A grace period longer than a minute is left to the next run or the daemon.\n\
+Exit status: 0 every credential has a valid token written, 69 one has not, 78 configuration error."
+    )]
     Run(RunArgs),
     /// Validate the configuration and print the effective settings.
     Check(ConfigArg),

@@ -94,10 +94,10 @@ async fn credential(p: Prepared, shared: &Shared) -> CredentialReport {
         ok: false,
         detail,
     };
-    if let Some(secret) = p.bootstrap {
-        if let Err(e) = daemon::store_bootstrap(shared.store.as_ref(), &p.config, secret).await {
-            return failed(format!("cannot store the initial secret: {e}"));
-        }
+    if let Some(secret) = p.bootstrap
+        && let Err(e) = daemon::store_bootstrap(shared.store.as_ref(), &p.config, secret).await
+    {
+        return failed(format!("cannot store the initial secret: {e}"));
     }
     let stop = &shared.shutdown;
     let cred = &p.config;
@@ -255,8 +255,7 @@ async fn write_sinks(
     // A write that has started finishes (the writer never leaves a file
     // half-written); then the states are final.
     let _ = writer.await;
-    let states = channels.sinks.borrow().clone();
-    states
+    channels.sinks.borrow().clone()
 }
 
 /// Runs each hook for this run's events (a token; a completed rotation),
@@ -319,9 +318,9 @@ fn describe_rotation(result: &Result<OnceOutcome, RotationError>) -> String {
     }
     if let Some((phase, outcome)) = &once.resumed {
         parts.push(match outcome {
-            Outcome::Rotated => format!("finished an interrupted rotation (it was {phase})"),
+            Outcome::Rotated => format!("finished a rotation left unfinished (it was {phase})"),
             Outcome::Aborted => format!(
-                "finished an interrupted rotation (it was {phase}): the provider refused the new secret, the old one is kept"
+                "finished a rotation left unfinished (it was {phase}): the provider refused the new secret, the old one is kept"
             ),
             Outcome::Idle => format!("finished unfinished rotation work (it was {phase})"),
         });
@@ -380,7 +379,7 @@ mod tests {
         };
         assert_eq!(
             describe_rotation(&Ok(resumed)),
-            "waited for another process's rotation; finished an interrupted rotation (it was created)"
+            "waited for another process's rotation; finished a rotation left unfinished (it was created)"
         );
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let deferred = OnceOutcome {

@@ -7,8 +7,9 @@
 //!   configuration error with nothing touched.
 //! - The token file holds a token the provider issued.
 //! - A rotation interrupted by a crash (fail points) is finished.
-//! - `on_login = true`: the run rotates, and the old secret is deleted at
-//!   the provider.
+//! - `on_login = true`: the run rotates, the old secret is deleted at the
+//!   provider, and the hooks run for the token and the rotation.
+//! - A grace period longer than a run waits for is left to the next run.
 //! - The seeds' script pattern: one-shot runs back to back each rotate
 //!   once; and one-shot runs killed at random moments against a flaky
 //!   provider converge, with the kill loop's assertions: no lockout (the
@@ -19,8 +20,12 @@
 
 use std::time::Duration;
 
+use std::time::SystemTime;
+
 use rand::Rng;
 use rekeyd::sim::{FaultScope, Faults, SimOptions};
+use rekeyd::store::file::FileStore;
+use rekeyd::store::{Rotation, Store};
 use tokio::time::Instant;
 
 #[path = "support/process.rs"]
@@ -238,7 +243,7 @@ async fn interrupted_at(point: &'static str, phase: &'static str) {
     let line = line_of(&stdout, NAME);
     assert!(
         line.ends_with(&format!(
-            "; finished an interrupted rotation (it was {phase})"
+            "; finished a rotation left unfinished (it was {phase})"
         )),
         "{point}: {line}"
     );
@@ -275,6 +280,20 @@ async fn on_login_rotates_and_deletes_the_old_secret() {
         },
     )
     .await;
+    // A hook that notes each event, once the token file is there.
+    let events = world.dir.path().join("events");
+    let mut config = std::fs::read_to_string(&world.config).unwrap();
+    config.push_str(&format!(
+        r#"
+[[credentials.hooks]]
+on = ["token", "rotation"]
+command = ["/bin/sh", "-c", "test -s '{token}' && echo $REKEYD_EVENT >> '{events}'"]
+"#,
+        token = world.token_file().display(),
+        events = events.display(),
+    ));
+    std::fs::write(&world.config, config).unwrap();
+
     let out = world.run(ONCE, None, &[]).await;
     let stdout = text(&out.stdout);
     assert_eq!(
@@ -284,8 +303,12 @@ async fn on_login_rotates_and_deletes_the_old_secret() {
         text(&out.stderr)
     );
     assert!(
-        line_of(&stdout, NAME).ends_with("; rotated the secret"),
+        line_of(&stdout, NAME).ends_with("; rotated the secret; 2 hooks ran"),
         "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&events).unwrap(),
+        "token\nrotation\n"
     );
     assert_rotated(&world).await;
     assert!(
@@ -294,6 +317,81 @@ async fn on_login_rotates_and_deletes_the_old_secret() {
     );
     assert_eq!(world.sim.stats().secrets_created, 1);
     assert_token_file_valid(&world);
+    world.assert_no_secret_printed(&[]);
+    world.sim.shutdown().await;
+}
+
+/// A grace period longer than a one-shot run waits for: the run promotes
+/// the new secret, writes a token of it and exits, leaving the old secret
+/// in the journal (known, so no orphan, and still valid: no lockout). The
+/// next run after the grace period deletes it, then rotates again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_grace_period_is_left_to_the_next_run() {
+    let world = World::new(
+        SimOptions::default(),
+        &Settings {
+            grace: Some("10m"),
+            on_login: true,
+            ..with_token_file()
+        },
+    )
+    .await;
+    let out = world.run(ONCE, None, &[]).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    let r = world.record();
+    assert_eq!(world.phase(), "promoted", "{r}");
+    let until = humantime::format_rfc3339_seconds(world::delete_after(&r)).to_string();
+    assert!(
+        line_of(&stdout, NAME).ends_with(&format!(
+            "; rotated the secret; the old one is deleted after {until} (grace period) by a later run or the daemon"
+        )),
+        "{stdout}"
+    );
+    // Both secrets work and both are the journal's.
+    assert_eq!(r["rotation"]["old"]["id"], world.bootstrap.id.as_str());
+    assert!(world.login(&world.bootstrap.value).await);
+    assert!(world.login(r["current"]["value"].as_str().unwrap()).await);
+    let tagged = world.tagged();
+    assert_eq!(tagged.len(), 1, "{tagged:?}");
+    assert_eq!(r["current"]["id"], tagged[0].id.as_str());
+    assert_token_file_valid(&world);
+
+    // The grace period is over (moved into the past in the journal).
+    let store = FileStore::new(&world.dir.path().join("state"));
+    let mut record = store.load(NAME).await.unwrap().unwrap();
+    let Rotation::Promoted { delete_after, .. } = &mut record.value.rotation else {
+        panic!("not promoted");
+    };
+    *delete_after = SystemTime::now() - Duration::from_secs(1);
+    store
+        .compare_and_swap(NAME, Some(record.version), &record.value)
+        .await
+        .unwrap();
+    let out = world.run(ONCE, None, &[]).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(
+        line_of(&stdout, NAME).contains(
+            "; finished a rotation left unfinished (it was promoted); rotated the secret; the old one is deleted after "
+        ),
+        "{stdout}"
+    );
+    assert!(
+        !world.at_sim(&world.bootstrap.id),
+        "the first old secret is deleted"
+    );
+    assert_eq!(world.sim.stats().secrets_created, 2);
     world.assert_no_secret_printed(&[]);
     world.sim.shutdown().await;
 }
