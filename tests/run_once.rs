@@ -9,6 +9,7 @@
 //! - A rotation interrupted by a crash (fail points) is finished.
 //! - `on_login = true`: the run rotates, the old secret is deleted at the
 //!   provider, and the hooks run for the token and the rotation.
+//! - A rotation due by schedule is performed, once.
 //! - A grace period longer than a run waits for is left to the next run.
 //! - The seeds' script pattern: one-shot runs back to back each rotate
 //!   once; and one-shot runs killed at random moments against a flaky
@@ -317,6 +318,39 @@ command = ["/bin/sh", "-c", "test -s '{token}' && echo $REKEYD_EVENT >> '{events
     );
     assert_eq!(world.sim.stats().secrets_created, 1);
     assert_token_file_valid(&world);
+    world.assert_no_secret_printed(&[]);
+    world.sim.shutdown().await;
+}
+
+/// `every = "24h"` and the stored secret is older: the run rotates it
+/// (without `on_login`), and the next run finds nothing due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_rotation_is_performed_once() {
+    let world = World::new(SimOptions::default(), &with_token_file()).await;
+    let store = FileStore::new(&world.dir.path().join("state"));
+    let mut record = store.load(NAME).await.unwrap().unwrap();
+    record.value.current.created_at = SystemTime::now() - Duration::from_secs(25 * 3600);
+    store
+        .compare_and_swap(NAME, Some(record.version), &record.value)
+        .await
+        .unwrap();
+    for (run, expected) in [(1, "rotated the secret"), (2, "no rotation due")] {
+        let out = world.run(ONCE, None, &[]).await;
+        let stdout = text(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}\n{}",
+            text(&out.stderr)
+        );
+        assert!(
+            line_of(&stdout, NAME).ends_with(&format!("; {expected}")),
+            "run {run}: {stdout}"
+        );
+        assert_rotated(&world).await;
+        assert_eq!(world.sim.stats().secrets_created, 1, "run {run}");
+        assert_token_file_valid(&world);
+    }
     world.assert_no_secret_printed(&[]);
     world.sim.shutdown().await;
 }
