@@ -12,18 +12,19 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, CredentialConfig};
-use crate::credential::{self, CredentialChannels, CredentialHandle};
+use crate::credential::{self, CredentialChannels, CredentialHandle, CredentialStatus};
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
 use crate::serve::{api, hooks, http, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
+use crate::token::Token;
 use crate::token::engine::{Engine, StoreSecrets};
 use crate::token::policy::RefreshPolicy;
 
@@ -405,7 +406,8 @@ async fn launch(
         ));
     }
     tasks.spawn(forward_changes(
-        handle.clone(),
+        handle.token.clone(),
+        handle.status.clone(),
         registry.clone(),
         cancel.clone(),
     ));
@@ -520,19 +522,22 @@ impl Drop for EngineWatch {
 }
 
 /// Wakes the supervisor whenever this credential's token or status changes.
+/// Holds only the two receivers it watches, not the whole handle: one such
+/// task sleeps per credential, and its size is memory times 10,000.
 async fn forward_changes(
-    mut handle: CredentialHandle,
+    mut token: watch::Receiver<Option<Arc<Token>>>,
+    mut status: watch::Receiver<CredentialStatus>,
     registry: Arc<Registry>,
     cancel: CancellationToken,
 ) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            r = handle.token.changed() => if r.is_err() { return },
-            r = handle.status.changed() => if r.is_err() { return },
+            r = token.changed() => if r.is_err() { return },
+            r = status.changed() => if r.is_err() { return },
         }
-        handle.token.borrow_and_update();
-        handle.status.borrow_and_update();
+        token.borrow_and_update();
+        status.borrow_and_update();
         registry.changed.notify_one();
     }
 }

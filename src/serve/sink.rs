@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::clock::Clock;
 use crate::config::{Config, ConfigWarning, FileOwner, SinkConfig, SinkFormat};
-use crate::credential::SinkState;
+use crate::credential::{SinkState, SinkStates};
 use crate::fsutil::{self, Ownership};
 use crate::token::Token;
 
@@ -63,7 +63,7 @@ pub async fn run(
     name: String,
     sinks: Vec<SinkConfig>,
     mut tokens: watch::Receiver<Option<Arc<Token>>>,
-    states: watch::Sender<Vec<SinkState>>,
+    states: SinkStates,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) {
@@ -143,7 +143,7 @@ async fn write_due(
     sinks: &[SinkConfig],
     token: &Arc<Token>,
     due: &mut [Option<Instant>],
-    states: &watch::Sender<Vec<SinkState>>,
+    states: &SinkStates,
 ) {
     for (i, sink) in sinks.iter().enumerate() {
         if due[i].is_none_or(|at| at > Instant::now()) {
