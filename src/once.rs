@@ -230,7 +230,6 @@ async fn write_sinks(
     if cred.sinks.is_empty() {
         return Vec::new();
     }
-    let mut states = channels.sinks.subscribe();
     let done = CancellationToken::new();
     let writer = tokio::spawn(sink::run(
         cred.name.clone(),
@@ -240,7 +239,7 @@ async fn write_sinks(
         channels.clock.clone(),
         done.clone(),
     ));
-    let settled = |states: &Vec<SinkState>| {
+    let settled = |states: &[SinkState]| {
         states.len() == cred.sinks.len()
             && states.iter().all(|s| {
                 s.token.as_ref().is_some_and(|t| Arc::ptr_eq(t, token))
@@ -248,7 +247,7 @@ async fn write_sinks(
             })
     };
     tokio::select! {
-        _ = states.wait_for(settled) => {}
+        _ = channels.sinks.wait_for(settled) => {}
         _ = stop.cancelled() => {}
     }
     done.cancel();

@@ -3,8 +3,9 @@
 //! loopback, with the file store.
 //!
 //! - Exit status 0 when every credential has a valid token in its files,
-//!   69 when one has not (its line says why, without a secret), 78 for a
-//!   configuration error with nothing touched.
+//!   69 when one has not (no token, or a token file not written; its line
+//!   says why, without a secret), 78 for a configuration error with
+//!   nothing touched.
 //! - The token file holds a token the provider issued.
 //! - A rotation interrupted by a crash (fail points) is finished.
 //! - `on_login = true`: the run rotates, the old secret is deleted at the
@@ -19,9 +20,7 @@
 //! - A one-shot run while the daemon rotates the same credential waits for
 //!   the daemon's rotation claim (I6) and does not start another.
 
-use std::time::Duration;
-
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use rekeyd::sim::{FaultScope, Faults, SimOptions};
@@ -177,6 +176,41 @@ path = "{path}"
             "the rejected secret reached the output"
         );
     }
+    world.sim.shutdown().await;
+}
+
+/// A token file that cannot be written (its directory is missing) fails
+/// the credential after the writer's retries; the other file is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_that_cannot_be_written_fails_the_run_with_69() {
+    let world = World::new(SimOptions::default(), &with_token_file()).await;
+    let unwritable = world.dir.path().join("missing/maps.token");
+    let mut config = std::fs::read_to_string(&world.config).unwrap();
+    config.push_str(&format!(
+        "[[credentials.sinks]]\npath = \"{}\"\n",
+        unwritable.display()
+    ));
+    std::fs::write(&world.config, config).unwrap();
+    let out = world.run(ONCE, None, &[]).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    let line = line_of(&stdout, NAME);
+    assert!(
+        line.starts_with(&format!(
+            "maps: failed: token file {} not written: ",
+            unwritable.display()
+        )),
+        "{line}"
+    );
+    assert!(line.contains("No such file or directory"), "{line}");
+    assert_token_file_valid(&world);
+    assert!(!unwritable.exists());
+    world.assert_no_secret_printed(&[]);
     world.sim.shutdown().await;
 }
 
