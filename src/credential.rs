@@ -11,6 +11,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::clock::{self, Clock};
 use crate::token::Token;
+use crate::token::forced::ForcedRefresh;
 
 /// Human- and machine-readable state of a credential. Holds no secrets.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -179,6 +180,9 @@ pub struct CredentialHandle {
     pub refresh_now: Arc<Notify>,
     /// Asks for a rotation now (credentials with rotation configured).
     pub rotate_now: Arc<Notify>,
+    /// Forced logins asked for by applications (`POST
+    /// /v1/token/{name}/refresh`); the engine is woken through `refresh_now`.
+    pub forced: Arc<ForcedRefresh>,
     /// Whether this credential's secret is rotated by rekeyd.
     pub rotates: bool,
     /// The clock its token's lifetime is measured on (the engine's).
@@ -243,6 +247,8 @@ pub struct CredentialChannels {
     pub status: watch::Sender<CredentialStatus>,
     pub refresh_now: Arc<Notify>,
     pub rotate_now: Arc<Notify>,
+    /// Forced logins: the engine claims and finishes them.
+    pub forced: Arc<ForcedRefresh>,
     /// Wakes the token engine after a rotation promoted a new secret (S5).
     /// Apart from `refresh_now` because that login must not ask for yet
     /// another rotation (`on_login`), or rotations would chain forever.
@@ -262,6 +268,7 @@ impl CredentialChannels {
             status: self.status.subscribe(),
             refresh_now: self.refresh_now.clone(),
             rotate_now: self.rotate_now.clone(),
+            forced: self.forced.clone(),
             rotates: false,
             clock: self.clock.clone(),
             sinks: self.sinks.clone(),
@@ -290,6 +297,9 @@ pub fn channels_with_clock(
     });
     let refresh_now = Arc::new(Notify::new());
     let rotate_now = Arc::new(Notify::new());
+    let forced = Arc::new(ForcedRefresh::new(
+        crate::config::DEFAULT_MIN_FORCED_INTERVAL,
+    ));
     let sinks = SinkStates::default();
     (
         CredentialChannels {
@@ -297,6 +307,7 @@ pub fn channels_with_clock(
             status: status_tx,
             refresh_now: refresh_now.clone(),
             rotate_now: rotate_now.clone(),
+            forced: forced.clone(),
             promoted: Arc::new(Notify::new()),
             clock: clock.clone(),
             sinks: sinks.clone(),
@@ -307,6 +318,7 @@ pub fn channels_with_clock(
             status: status_rx,
             refresh_now,
             rotate_now,
+            forced,
             rotates: false,
             clock,
             sinks,
