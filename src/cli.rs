@@ -27,10 +27,34 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Do every credential's work once, then exit, for init containers,
+    /// cron jobs and CI: finish any unfinished rotation, rotate where a
+    /// rotation is due or `on_login = true`, log in, write the token files,
+    /// run the hooks, print one line per credential. Exit 0 when every
+    /// credential has a valid token in all of its files, 69 otherwise.
+    /// Takes the rotation claim the daemon takes, waiting while another
+    /// process (a running daemon, `rekeyd rotate`) rotates the same
+    /// credential; serves no API.
+    #[arg(long)]
+    pub once: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon in the foreground until SIGTERM or SIGINT.
-    Run(ConfigArg),
+    /// Run the daemon in the foreground until SIGTERM or SIGINT (or, with
+    /// --once, every credential once, then exit).
+    #[command(
+        after_help = "One-shot use (--once): an init container before the application starts, \
+a cron job or a CI step (`rekeyd run --once -c ci.toml && ./deploy.sh`). With \
+`on_login = true` and `grace = \"0s\"` each run creates the next secret and deletes the old one. \
+A grace period longer than a minute is left to the next run or the daemon.\n\
+Exit status: 0 every credential has a valid token written, 69 one has not, 78 configuration error."
+    )]
+    Run(RunArgs),
     /// Validate the configuration and print the effective settings.
     Check(ConfigArg),
     /// Print a currently valid token of credential NAME (asks the running daemon).

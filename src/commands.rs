@@ -19,7 +19,7 @@ use crate::rotation::driver::{
 };
 use crate::rotation::operator;
 use crate::store;
-use crate::{client, daemon, demo, logging, provider};
+use crate::{client, daemon, demo, logging, once, provider};
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
@@ -35,14 +35,18 @@ pub const EXIT_CONFIG: u8 = 78;
 pub async fn execute(cli: Cli) -> u8 {
     match cli.command {
         Command::Run(args) => {
-            let Some(config) = load(&args.config) else {
+            let path = &args.config.config;
+            let Some(config) = load(path) else {
                 return EXIT_CONFIG;
             };
             logging::init(config.log.format);
             for warning in all_warnings(&config) {
                 tracing::warn!(step = "config", "{warning}");
             }
-            match daemon::run(&args.config, config).await {
+            if args.once {
+                return run_once(&config).await;
+            }
+            match daemon::run(path, config).await {
                 Ok(()) => EXIT_OK,
                 Err(e) => {
                     tracing::error!(error = %e, "rekeyd cannot start");
@@ -153,6 +157,36 @@ pub async fn execute(cli: Cli) -> u8 {
                     eprintln!("rekeyd demo: {e}");
                     EXIT_FAILURE
                 }
+            }
+        }
+    }
+}
+
+/// `rekeyd run --once`: one line per credential on stdout (the logs go to
+/// stderr), 0 when every credential has a valid token written, 69 when
+/// one has not, 78 for a configuration error found before anything was
+/// touched.
+async fn run_once(config: &Config) -> u8 {
+    let stop = CancellationToken::new();
+    daemon::spawn_signal_listener(stop.clone());
+    match once::run(config, stop).await {
+        Ok(reports) => {
+            for report in &reports {
+                println!("{}", report.line());
+            }
+            if reports.iter().all(|r| r.ok) {
+                EXIT_OK
+            } else {
+                EXIT_UNAVAILABLE
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "rekeyd run --once cannot start");
+            eprintln!("rekeyd: {e}");
+            write_termination_log(&e.to_string());
+            match e.exit_code() {
+                EXIT_CONFIG => EXIT_CONFIG,
+                _ => EXIT_UNAVAILABLE,
             }
         }
     }

@@ -78,7 +78,8 @@ impl SinkState {
 /// every reader of the credential. A lock and a [`Notify`], not a watch
 /// channel: a watch channel's wake-up machinery costs some 400 bytes per
 /// credential, mostly for credentials without token files (10,000 of them
-/// in the scale benchmark), and only tests wait for these to change.
+/// in the scale benchmark), and only tests and `rekeyd run --once` wait
+/// for these to change.
 #[derive(Clone, Default)]
 pub struct SinkStates(Arc<SinkStatesInner>);
 

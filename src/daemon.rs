@@ -114,11 +114,11 @@ impl CredentialRuntime {
 
 /// What a credential needs before its tasks start; everything that can fail
 /// because of the configuration is done while building it.
-struct Prepared {
-    config: CredentialConfig,
-    provider: Arc<dyn TokenProvider>,
-    secret_api: Option<Arc<dyn SecretApi>>,
-    bootstrap: Option<SecretString>,
+pub(crate) struct Prepared {
+    pub(crate) config: CredentialConfig,
+    pub(crate) provider: Arc<dyn TokenProvider>,
+    pub(crate) secret_api: Option<Arc<dyn SecretApi>>,
+    pub(crate) bootstrap: Option<SecretString>,
 }
 
 /// systemd hears a new STATUS line at most this often.
@@ -129,7 +129,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 const SUMMARY_PACING: u32 = 20;
 
 /// Logins in flight at once across all credentials.
-const MAX_CONCURRENT_LOGINS: usize = 64;
+pub(crate) const MAX_CONCURRENT_LOGINS: usize = 64;
 
 /// A started daemon.
 pub struct Running {
@@ -150,13 +150,30 @@ pub struct Running {
     tasks: JoinSet<()>,
 }
 
-/// What every credential's tasks share.
-struct Shared {
-    store: Arc<dyn Store>,
-    registry: Arc<Registry>,
-    clients: HttpClients,
-    login_slots: Arc<Semaphore>,
-    shutdown: CancellationToken,
+/// What every credential's tasks share (also a one-shot run's,
+/// [`crate::once`]).
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) clients: HttpClients,
+    pub(crate) login_slots: Arc<Semaphore>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Opens the configured store; nothing else is touched.
+    pub(crate) async fn open(
+        config: &Config,
+        shutdown: CancellationToken,
+    ) -> Result<Shared, DaemonError> {
+        Ok(Shared {
+            store: store::open(config).await?,
+            registry: Arc::new(Registry::new()),
+            clients: HttpClients::default(),
+            login_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_LOGINS)),
+            shutdown,
+        })
+    }
 }
 
 impl Running {
@@ -274,7 +291,7 @@ async fn join_bounded(tasks: &mut JoinSet<()>) {
 
 /// Builds the provider clients and reads the bootstrap secret if the store
 /// has none. Touches nothing.
-async fn prepare(
+pub(crate) async fn prepare(
     i: usize,
     cred: &CredentialConfig,
     shared: &Shared,
@@ -348,21 +365,13 @@ async fn launch(
         .secret_api
         .filter(|_| cred.rotation.is_some() || unfinished);
     if let Some(secret_api) = secret_api {
-        let rotator = Arc::new(Rotator {
-            name: cred.name.clone(),
-            client_id: cred.client_id.clone(),
-            provider: p.provider.clone(),
+        let rotator = Arc::new(rotator(
+            &cred,
+            &p.provider,
             secret_api,
-            store: store.clone(),
-            grace: cred
-                .rotation
-                .as_ref()
-                .map_or(crate::config::DEFAULT_ROTATION_GRACE, |r| r.grace),
-            verify_window: DEFAULT_VERIFY_WINDOW,
-            status: Some(channels.status.clone()),
-            refresh_now: Some(channels.promoted.clone()),
-            clock: system_clock(),
-        });
+            store,
+            Some(&channels),
+        ));
         tasks.spawn(run_schedule(
             rotator,
             cred.rotation.clone(),
@@ -370,20 +379,7 @@ async fn launch(
             cancel.clone(),
         ));
     }
-    let engine = Engine {
-        name: cred.name.clone(),
-        provider: p.provider,
-        secrets: Arc::new(StoreSecrets {
-            store: store.clone(),
-            name: cred.name.clone(),
-        }),
-        policy: RefreshPolicy {
-            before_expiry: cred.refresh.before_expiry,
-        },
-        rotate_on_login: cred.rotation.as_ref().is_some_and(|r| r.on_login),
-        login_slots: login_slots.clone(),
-        channels: channels.clone(),
-    };
+    let engine = engine(&cred, p.provider, store, login_slots, channels.clone());
     let watch = EngineWatch {
         registry: registry.clone(),
         cancel: cancel.clone(),
@@ -432,7 +428,58 @@ async fn launch(
     })
 }
 
-async fn store_bootstrap(
+/// The rotation driver of `cred`, as the daemon and a one-shot run use
+/// it; `channels` (the daemon's) show its progress and hear about
+/// promotions (S5).
+pub(crate) fn rotator(
+    cred: &CredentialConfig,
+    provider: &Arc<dyn TokenProvider>,
+    secret_api: Arc<dyn SecretApi>,
+    store: &Arc<dyn Store>,
+    channels: Option<&CredentialChannels>,
+) -> Rotator {
+    Rotator {
+        name: cred.name.clone(),
+        client_id: cred.client_id.clone(),
+        provider: provider.clone(),
+        secret_api,
+        store: store.clone(),
+        grace: cred
+            .rotation
+            .as_ref()
+            .map_or(crate::config::DEFAULT_ROTATION_GRACE, |r| r.grace),
+        verify_window: DEFAULT_VERIFY_WINDOW,
+        status: channels.map(|c| c.status.clone()),
+        refresh_now: channels.map(|c| c.promoted.clone()),
+        clock: system_clock(),
+    }
+}
+
+/// The token engine of `cred`, as the daemon and a one-shot run use it.
+pub(crate) fn engine(
+    cred: &CredentialConfig,
+    provider: Arc<dyn TokenProvider>,
+    store: &Arc<dyn Store>,
+    login_slots: &Arc<Semaphore>,
+    channels: CredentialChannels,
+) -> Engine {
+    Engine {
+        name: cred.name.clone(),
+        provider,
+        secrets: Arc::new(StoreSecrets {
+            store: store.clone(),
+            name: cred.name.clone(),
+        }),
+        policy: RefreshPolicy {
+            before_expiry: cred.refresh.before_expiry,
+        },
+        rotate_on_login: cred.rotation.as_ref().is_some_and(|r| r.on_login),
+        login_slots: login_slots.clone(),
+        channels,
+    }
+}
+
+pub(crate) async fn store_bootstrap(
     store: &dyn Store,
     cred: &CredentialConfig,
     secret: SecretString,
@@ -583,13 +630,7 @@ async fn start_listeners(
 
 /// Starts everything; returns once the API listens and the engines run.
 pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Running, DaemonError> {
-    let shared = Shared {
-        store: store::open(config).await?,
-        registry: Arc::new(Registry::new()),
-        clients: HttpClients::default(),
-        login_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_LOGINS)),
-        shutdown,
-    };
+    let shared = Shared::open(config, shutdown).await?;
 
     // Everything that can fail because of the configuration happens before
     // anything is written or started.

@@ -12,6 +12,8 @@
 //! - [`clock`]: the boot-time clock token lifetimes are measured on.
 //! - [`serve`]: token files and the local HTTP API.
 //! - [`daemon`]: wires credentials, serving, signals and shutdown together.
+//! - [`once`]: `rekeyd run --once`, every credential once with the
+//!   daemon's pieces, then exit.
 //! - [`sim`]: simulated providers for `rekeyd demo` and the tests.
 //! - [`fsutil`]: atomic, durable file writes.
 
@@ -27,6 +29,7 @@ pub mod fsutil;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod once;
 pub mod provider;
 pub mod proxy;
 pub mod rotation;

@@ -214,6 +214,7 @@ async fn set_secret_force_of_the_old_secret_let_in_by_a_reload() {
     world.write_config(&Settings {
         grace: Some("5s"),
         request_timeout: "11s",
+        ..Settings::default()
     });
     daemon.signal(libc::SIGHUP);
     let status = set.wait_exit().await;

@@ -108,6 +108,29 @@ pub enum Outcome {
     Idle,
 }
 
+/// What [`Rotator::settle_once`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnceOutcome {
+    /// Another process (the daemon, `rekeyd rotate`) held the rotation
+    /// claim, and this run waited for it to let go.
+    pub waited_for_claim: bool,
+    /// Unfinished work found in the journal: its phase then, and how
+    /// finishing it ended.
+    pub resumed: Option<(&'static str, Outcome)>,
+    /// A rotation this run began, and how it ended. [`Outcome::Idle`]
+    /// with [`OnceOutcome::waiting_until`] set: the new secret is in use
+    /// (promoted); deleting the old one waits for its grace period.
+    pub began: Option<Outcome>,
+    /// The journal's next step waits until then (a grace period, or a
+    /// listing that may lag): left to a later run or the daemon.
+    pub waiting_until: Option<SystemTime>,
+    /// The journal's phase at the end (`idle`, `promoted`, ...).
+    pub phase: &'static str,
+    /// A rotation completed during this run (`last_rotated_at` moved): the
+    /// `rotation` hooks' event.
+    pub rotation_completed: bool,
+}
+
 pub struct Rotator {
     pub name: String,
     pub client_id: String,
@@ -137,6 +160,12 @@ struct Run<'a> {
     lost: CancellationToken,
     /// Shutdown, reload or Ctrl-C.
     stop: &'a CancellationToken,
+    /// A journal step that must wait longer than this (a grace period, a
+    /// listing that may lag) ends the run instead, leaving the wait to a
+    /// later run: one-shot runs ([`Rotator::settle_once`]). `None`: wait.
+    max_wait: Option<Duration>,
+    /// Set when the run ended at such a wait: when the step may go on.
+    waiting_until: Option<SystemTime>,
 }
 
 impl Rotator {
@@ -158,6 +187,96 @@ impl Rotator {
             claim = self.store.claim(&self.name, wait_claim) => claim?.ok_or(RotationError::Busy)?,
             _ = stop.cancelled() => return Err(RotationError::Shutdown),
         };
+        let mut run = self.start_run(claim, stop, None).await?;
+        let idle = !run.record.value.is_unfinished();
+        let event = if begin && idle {
+            self.begin_event().await?
+        } else {
+            if !idle {
+                run.announce_resume();
+            }
+            Event::Resume
+        };
+        run.drive(event).await
+    }
+
+    /// What a one-shot run (`rekeyd run --once`) does with the journal,
+    /// under one claim taken as the daemon takes it (waiting for another
+    /// process's rotation to end, I6): finishes unfinished work first,
+    /// then begins a new rotation when `rotation` says one is due now or
+    /// asks for one at every login (`on_login`). Decided on the record
+    /// read under the claim, so a rotation another process just finished
+    /// is not repeated because it was due when this run started.
+    ///
+    /// Never sleeps on the journal for longer than `max_wait`: a grace
+    /// period or a lagging listing that ends later is left in the journal
+    /// (old secrets stay valid and known to it, I1/I3) for the next run or
+    /// the daemon, and [`OnceOutcome::waiting_until`] says until when.
+    /// `stop` behaves as in [`Rotator::rotate`].
+    pub async fn settle_once(
+        &self,
+        rotation: Option<&RotationConfig>,
+        max_wait: Duration,
+        stop: &CancellationToken,
+    ) -> Result<OnceOutcome, RotationError> {
+        let claim = match self.store.claim(&self.name, false).await? {
+            Some(claim) => (claim, false),
+            None => tokio::select! {
+                claim = self.store.claim(&self.name, true) => (claim?.ok_or(RotationError::Busy)?, true),
+                _ = stop.cancelled() => return Err(RotationError::Shutdown),
+            },
+        };
+        let (claim, waited_for_claim) = claim;
+        let mut run = self.start_run(claim, stop, Some(max_wait)).await?;
+        let rotated_before = run.record.value.last_rotated_at;
+        let mut once = OnceOutcome {
+            waited_for_claim,
+            resumed: None,
+            began: None,
+            waiting_until: None,
+            phase: "idle",
+            rotation_completed: false,
+        };
+        if run.record.value.is_unfinished() {
+            let phase = run.record.value.phase();
+            run.announce_resume();
+            let outcome = run.drive(Event::Resume).await?;
+            once.resumed = Some((phase, outcome));
+        }
+        let resumed_ok = once
+            .resumed
+            .as_ref()
+            .is_none_or(|(_, outcome)| *outcome != Outcome::Aborted);
+        let begin = run.waiting_until.is_none()
+            && resumed_ok
+            && rotation.is_some_and(|r| {
+                r.on_login
+                    || plan(
+                        &run.record.value,
+                        Some(&r.trigger),
+                        (self.clock)(),
+                        false,
+                        Duration::ZERO,
+                    )
+                    .0 == (Plan::Rotate { begin: true })
+            });
+        if begin {
+            let event = self.begin_event().await?;
+            once.began = Some(run.drive(event).await?);
+        }
+        once.waiting_until = run.waiting_until;
+        once.phase = run.record.value.phase();
+        once.rotation_completed = run.record.value.last_rotated_at != rotated_before;
+        Ok(once)
+    }
+
+    /// Reads the journal under `claim` and sets up a run on it.
+    async fn start_run<'a>(
+        &'a self,
+        claim: Box<dyn Claim>,
+        stop: &'a CancellationToken,
+        max_wait: Option<Duration>,
+    ) -> Result<Run<'a>, RotationError> {
         // Read after claiming: the previous holder may have moved on.
         let record = self
             .store
@@ -165,34 +284,27 @@ impl Rotator {
             .await?
             .ok_or(RotationError::NoRecord)?;
         self.remember_secrets(&record.value);
-        let idle = !record.value.is_unfinished();
-        let event = if begin && idle {
-            // I2: a full or read-only disk stops us before the provider
-            // creates a secret we could not record.
-            self.store.check_writable(&self.name).await?;
-            let rid = new_rotation_id();
-            info!(step = "rotate", rid = %rid, "rotation started");
-            Event::Begin { rid }
-        } else {
-            if !idle {
-                info!(
-                    step = "rotate",
-                    phase = record.value.phase(),
-                    retiring = record.value.retire.len(),
-                    "resuming unfinished rotation work"
-                );
-            }
-            Event::Resume
-        };
-        let mut run = Run {
+        Ok(Run {
             rotator: self,
             record,
             bearer: None,
             lost: claim.lost(),
             claim,
             stop,
-        };
-        run.drive(event).await
+            max_wait,
+            waiting_until: None,
+        })
+    }
+
+    /// The event that starts a new rotation, once the store has shown it
+    /// can record one.
+    async fn begin_event(&self) -> Result<Event, RotationError> {
+        // I2: a full or read-only disk stops us before the provider
+        // creates a secret we could not record.
+        self.store.check_writable(&self.name).await?;
+        let rid = new_rotation_id();
+        info!(step = "rotate", rid = %rid, "rotation started");
+        Ok(Event::Begin { rid })
     }
 
     /// I7: a refusal of the secret API may echo any secret of the journal,
@@ -234,6 +346,15 @@ impl Rotator {
 }
 
 impl Run<'_> {
+    fn announce_resume(&self) {
+        info!(
+            step = "rotate",
+            phase = self.record.value.phase(),
+            retiring = self.record.value.retire.len(),
+            "resuming unfinished rotation work"
+        );
+    }
+
     async fn drive(&mut self, first: Event) -> Result<Outcome, RotationError> {
         let r = self.rotator;
         let mut outcome = Outcome::Idle;
@@ -350,6 +471,13 @@ impl Run<'_> {
                 }
                 Next::WaitUntil(at) => {
                     let wait = schedule::wait_for(at, (r.clock)());
+                    if self.max_wait.is_some_and(|max| wait > max) {
+                        // Everything so far is persisted; the journal
+                        // resumes here in the next run (I5).
+                        info!(step = "grace", wait = %humantime::format_duration(whole_seconds(wait)), "leaving the wait (grace period, or a listing that may lag) and what follows it to a later run");
+                        self.waiting_until = Some(at);
+                        return Ok(outcome);
+                    }
                     if !wait.is_zero() {
                         info!(step = "grace", wait = %humantime::format_duration(whole_seconds(wait)), "waiting before deleting (grace period, or a listing that may lag)");
                         self.guard(tokio::time::sleep(wait)).await?;

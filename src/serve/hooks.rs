@@ -83,39 +83,52 @@ pub async fn run(
                 }
             };
             let Some(event) = event else { continue };
-            let mut attempt = 1;
-            loop {
-                // Shutdown (or a reload restarting this credential) does not
-                // wait out a slow hook: dropping it kills the program
-                // (`kill_on_drop`).
-                let result = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    result = fire(&hook.action, &name, event) => result,
-                };
-                match result {
-                    Ok(()) => {
-                        info!(step = "hook", event = event.as_str(), "hook ran");
-                        break;
-                    }
-                    Err(e) if attempt < MAX_ATTEMPTS => {
-                        let wait = retry_delay(attempt);
-                        warn!(step = "hook", event = event.as_str(), error = %e, attempt, retry_in = ?wait, "hook failed");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(wait) => {}
-                        }
-                        attempt += 1;
-                    }
-                    Err(e) => {
-                        warn!(step = "hook", event = event.as_str(), error = %e, attempt, "hook failed; giving up until the next event");
-                        break;
-                    }
-                }
+            if deliver(&name, &hook, event, &shutdown).await.is_none() {
+                return;
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Performs `hook` for `event`, retrying a failure with backoff up to
+/// [`MAX_ATTEMPTS`] times, and logs how it went: the last attempt's result,
+/// or `None` when `shutdown` came first. Shutdown (or a reload restarting
+/// the credential) does not wait out a slow hook: dropping it kills the
+/// program (`kill_on_drop`).
+pub async fn deliver(
+    name: &str,
+    hook: &HookConfig,
+    event: HookEvent,
+    shutdown: &CancellationToken,
+) -> Option<Result<(), HookError>> {
+    let mut attempt = 1;
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            result = fire(&hook.action, name, event) => result,
+        };
+        match result {
+            Ok(()) => {
+                info!(step = "hook", event = event.as_str(), "hook ran");
+                return Some(Ok(()));
+            }
+            Err(e) if attempt < MAX_ATTEMPTS => {
+                let wait = retry_delay(attempt);
+                warn!(step = "hook", event = event.as_str(), error = %e, attempt, retry_in = ?wait, "hook failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                attempt += 1;
+            }
+            Err(e) => {
+                warn!(step = "hook", event = event.as_str(), error = %e, attempt, "hook failed; giving up until the next event");
+                return Some(Err(e));
+            }
+        }
+    }
 }
 
 /// 1 s, 2 s, 4 s, ... up to a minute.

@@ -24,7 +24,7 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A `rekeyd run` child (or another subcommand: `spawn_command`), isolated
 /// from the caller's REKEYD_*, FAILPOINTS and systemd variables, killed if
-/// the test drops it; stderr goes to a file.
+/// the test drops it; stderr and stdout go to files.
 pub struct RekeydProcess {
     pub child: Child,
     log: PathBuf,
@@ -79,7 +79,7 @@ impl RekeydProcess {
                 Some(path) => Stdio::from(File::open(path).unwrap()),
                 None => Stdio::null(),
             })
-            .stdout(Stdio::null())
+            .stdout(File::create(log.with_extension("out")).unwrap())
             .stderr(File::create(log).unwrap())
             .kill_on_drop(true);
         RekeydProcess {
@@ -90,6 +90,11 @@ impl RekeydProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the process printed on stdout (next to the log, `.out`).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.log.with_extension("out")).unwrap_or_default()
     }
 
     pub fn signal(&self, signal: i32) {

@@ -49,6 +49,10 @@ pub struct Settings {
     /// credential's configuration, so a reload restarts its tasks, and
     /// nothing else.
     pub request_timeout: &'static str,
+    /// `[credentials.rotation] on_login = true` (with a rotation section).
+    pub on_login: bool,
+    /// A token file, `maps.token` in the test's directory ([`World::token_file`]).
+    pub token_file: bool,
 }
 
 impl Default for Settings {
@@ -56,6 +60,8 @@ impl Default for Settings {
         Settings {
             grace: Some("0s"),
             request_timeout: "10s",
+            on_login: false,
+            token_file: false,
         }
     }
 }
@@ -116,12 +122,21 @@ impl World {
 
     pub fn write_config(&self, settings: &Settings) {
         let d = self.dir.path().display();
-        let rotation = match settings.grace {
+        let mut rotation = match settings.grace {
             Some(grace) => {
                 format!("[credentials.rotation]\nevery = \"24h\"\ngrace = \"{grace}\"\n")
             }
             None => String::new(),
         };
+        if settings.on_login {
+            rotation.push_str("on_login = true\n");
+        }
+        if settings.token_file {
+            rotation.push_str(&format!(
+                "[[credentials.sinks]]\npath = \"{}\"\n",
+                self.token_file().display()
+            ));
+        }
         let text = format!(
             r#"state_dir = "{d}/state"
 [api]
@@ -146,6 +161,11 @@ request_timeout = "{timeout}"
             timeout = settings.request_timeout,
         );
         std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Where [`Settings::token_file`] has the token written.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("maps.token")
     }
 
     fn record_path(&self) -> PathBuf {
