@@ -1951,7 +1951,13 @@ fn validate_sink(key: &str, raw: RawSink, credential: &str) -> Result<SinkConfig
             }
         }
     }
-    let format = sink_format(key, raw.format.as_deref(), raw.variable, raw.template, credential)?;
+    let format = sink_format(
+        key,
+        raw.format.as_deref(),
+        raw.variable,
+        raw.template,
+        credential,
+    )?;
     let target = match kind {
         "file" => SinkTarget::File(file_sink(key, raw.path, raw.mode, raw.owner, raw.group)?),
         "kubernetes-secret" => SinkTarget::KubernetesSecret(secret_sink(

@@ -285,8 +285,7 @@ impl TokenTemplate {
             expires_at => rfc3339(token.expires_at),
             expires_at_unix => unix,
         };
-        env.render_str(&self.source, ctx)
-            .map_err(|e| describe(&e))
+        env.render_str(&self.source, ctx).map_err(|e| describe(&e))
     }
 }
 
@@ -339,7 +338,9 @@ mod tests {
             render(padded, &env).unwrap(),
             b"REKEYD_MAPS_EU2_TOKEN=abc+/~.-_==\n"
         );
-        for unsafe_token in ["a=b", "a b", "a\"b", "a'b", "a\\b", "a$b", "a\nb", "", "=", "a#b"] {
+        for unsafe_token in [
+            "a=b", "a b", "a\"b", "a'b", "a\\b", "a$b", "a\nb", "", "=", "a#b",
+        ] {
             let token = TokenView {
                 access_token: unsafe_token,
                 ..view()
@@ -369,9 +370,7 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
         let status = doc["status"].as_object().unwrap();
         assert_eq!(status.len(), 2);
-        assert!(
-            humantime::parse_rfc3339(status["expirationTimestamp"].as_str().unwrap()).is_ok()
-        );
+        assert!(humantime::parse_rfc3339(status["expirationTimestamp"].as_str().unwrap()).is_ok());
     }
 
     fn template(source: &str) -> Result<TokenTemplate, String> {

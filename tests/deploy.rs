@@ -820,9 +820,9 @@ fn systemd_example_config_fits_the_unit() {
         );
         for sink in &cred.sinks {
             assert!(
-                sink.path.starts_with(&runtime_dir),
+                sink.file().unwrap().path.starts_with(&runtime_dir),
                 "{}: the sandbox writes only {} and the state directory",
-                sink.path.display(),
+                sink.file().unwrap().path.display(),
                 runtime_dir.display()
             );
         }
@@ -990,9 +990,9 @@ fn container_image_runs_rekeyd_unprivileged_from_scratch() {
         );
         for sink in &cred.sinks {
             assert!(
-                sink.path.starts_with(&volumes[1]),
+                sink.file().unwrap().path.starts_with(&volumes[1]),
                 "{}",
-                sink.path.display()
+                sink.file().unwrap().path.display()
             );
         }
     }
@@ -1326,7 +1326,7 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
             "{secret_key} not in the Secret"
         );
         for sink in &cred.sinks {
-            let (mount, volume, read_only) = mount_of(&sink.path);
+            let (mount, volume, read_only) = mount_of(&sink.file().unwrap().path);
             assert!(!read_only);
             assert_eq!(mount, "/run/tokens");
             assert_eq!(volume["emptyDir"]["medium"].as_str(), Some("Memory"));
@@ -1621,7 +1621,7 @@ fn nspawn_boots_the_unit_and_rekeyd_serves_tokens() {
     let cred = &example.credentials[0];
     let secret_file = cred.initial_secret_file.as_ref().unwrap();
     let secret_name = secret_file.file_name().unwrap().to_str().unwrap();
-    let sink = &cred.sinks[0].path;
+    let sink = &cred.sinks[0].file().unwrap().path;
     let listen = api.listen.to_string();
     let curl = match listen.strip_prefix("unix:") {
         Some(sock) => format!("curl -s --unix-socket {sock} http://rekeyd"),

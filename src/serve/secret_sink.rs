@@ -93,7 +93,10 @@ pub fn with_token(
     let annotation = expiry_annotation(key);
     let expires = rfc3339(expires_at);
     let data = secret.data.get_or_insert_with(BTreeMap::new);
-    let annotations = secret.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    let annotations = secret
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new);
     if data.get(key).is_some_and(|v| v.0 == content)
         && annotations.get(&annotation) == Some(&expires)
     {
@@ -175,7 +178,8 @@ impl SecretWriter {
                 .await
                 .map_err(|e| self.error(describe_api_error(&e)))?;
             let Some(current) = current else {
-                let secret = new_secret(&self.name, &self.namespace, &self.key, content, expires_at);
+                let secret =
+                    new_secret(&self.name, &self.namespace, &self.key, content, expires_at);
                 match bounded(
                     REQUEST_TIMEOUT,
                     self.secrets.create(&PostParams::default(), &secret),
@@ -266,11 +270,18 @@ mod tests {
         assert_eq!(data["token"].0, b"new");
         let annotations = updated.metadata.annotations.as_ref().unwrap();
         assert_eq!(annotations["team"], "x");
-        assert_eq!(annotations["rekeyd/token.expires-at"], "1970-01-01T00:01:40Z");
+        assert_eq!(
+            annotations["rekeyd/token.expires-at"],
+            "1970-01-01T00:01:40Z"
+        );
         // Written already: nothing to do.
         assert!(with_token(updated.clone(), "token", b"new", at(100)).is_none());
         // Same token, expiry missing: written.
-        existing.data.as_mut().unwrap().insert("token".into(), ByteString(b"new".to_vec()));
+        existing
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("token".into(), ByteString(b"new".to_vec()));
         assert!(with_token(existing, "token", b"new", at(100)).is_some());
     }
 }
