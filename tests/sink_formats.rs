@@ -269,6 +269,9 @@ async fn kubectl_takes_the_exec_credential_as_its_plugin() {
     let Some(kubectl) = tools::find("kubectl", "apt-get install kubectl") else {
         return;
     };
+    if !tools::kubectl_at_least(&kubectl, 22, "client.authentication.k8s.io/v1 exec plugins") {
+        return;
+    }
     let sim = sim().await;
     let fake = KubeFake::start().await;
     fake.set_secret_entry(NS, "probe", "k", b"v");
