@@ -217,13 +217,17 @@ async fn write_due(
         let result = writer.write(token).await;
         let before = states.borrow()[i].clone();
         let target = &before.target;
+        let what = match writer.sink.target {
+            SinkTarget::File(_) => "token file",
+            SinkTarget::KubernetesSecret(_) => "kubernetes Secret key",
+        };
         match result {
             Ok(()) => {
                 due[i] = None;
                 if before.consecutive_failures > 0 {
-                    info!(step = "sink", path = %target, failed_attempts = before.consecutive_failures, "token written after failed attempts");
+                    info!(step = "sink", path = %target, failed_attempts = before.consecutive_failures, "{what} written after failed attempts");
                 } else {
-                    debug!(step = "sink", path = %target, "token written");
+                    debug!(step = "sink", path = %target, "{what} written");
                 }
                 states.send_modify(|s| {
                     s[i].token = Some(token.clone());
@@ -238,9 +242,9 @@ async fn write_due(
                 due[i] = Some(Instant::now() + wait);
                 // Once per kind of trouble at WARN, not at every retry.
                 if before.last_error.as_deref() != Some(error.as_str()) {
-                    warn!(step = "sink", path = %target, error = %error, retry_in = ?wait, "cannot write token; retrying until it lands");
+                    warn!(step = "sink", path = %target, error = %error, retry_in = ?wait, "cannot write {what}; retrying until it lands");
                 } else {
-                    debug!(step = "sink", path = %target, error = %error, failures, retry_in = ?wait, "token still not written");
+                    debug!(step = "sink", path = %target, error = %error, failures, retry_in = ?wait, "{what} still not written");
                 }
                 states.send_modify(|s| {
                     s[i].consecutive_failures = failures;
