@@ -192,6 +192,9 @@ struct ExecCredentialStatus<'a> {
     expiration_timestamp: &'a str,
 }
 
+/// Largest template file rekeyd reads: a configuration file, not a data set.
+pub const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+
 /// A template file for `format = "template"`, checked when loaded: its
 /// syntax, and that it uses no variable but `token`, `token_type`,
 /// `expires_at` and `expires_at_unix` (a misspelt variable is an error, not
@@ -218,7 +221,23 @@ impl TokenTemplate {
     /// Reads and checks the template at `path`. The error says what is wrong
     /// (MiniJinja's message and line), for a configuration error.
     pub fn load(path: &Path) -> Result<TokenTemplate, String> {
-        let source = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+        use std::io::Read;
+        // A regular file of bounded size: `/dev/zero` or a log file named
+        // by mistake must not hang or exhaust the configuration load.
+        let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("cannot read it: {e}"))?;
+        if !meta.is_file() {
+            return Err("is not a regular file".into());
+        }
+        let mut source = String::new();
+        file.take(MAX_TEMPLATE_BYTES + 1)
+            .read_to_string(&mut source)
+            .map_err(|e| format!("cannot read it: {e}"))?;
+        if source.len() as u64 > MAX_TEMPLATE_BYTES {
+            return Err(format!("is larger than {MAX_TEMPLATE_BYTES} bytes"));
+        }
         TokenTemplate::parse(path, source)
     }
 
@@ -402,6 +421,13 @@ mod tests {
         assert!(syntax.contains("syntax error"), "{syntax}");
         let missing = TokenTemplate::load(Path::new("/nonexistent/rekeyd.tmpl")).unwrap_err();
         assert!(missing.contains("cannot read it"), "{missing}");
+        let device = TokenTemplate::load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(device, "is not a regular file");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.tmpl");
+        std::fs::write(&big, vec![b'x'; MAX_TEMPLATE_BYTES as usize + 1]).unwrap();
+        let too_big = TokenTemplate::load(&big).unwrap_err();
+        assert!(too_big.contains("larger than"), "{too_big}");
     }
 
     #[test]
