@@ -44,6 +44,16 @@ pub enum Command {
         /// The template file of `--format template` (MiniJinja syntax).
         #[arg(long, value_name = "FILE")]
         template: Option<PathBuf>,
+        /// Log in again now and print the new token (POST
+        /// /v1/token/NAME/refresh), e.g. after the token was refused.
+        /// Limited to one login per `refresh.min_forced_interval`.
+        #[arg(long)]
+        fresh: bool,
+        /// With --fresh: the SHA-256 (64 hex digits) of the token that was
+        /// refused. If the daemon already serves another token, that one
+        /// is printed without a login.
+        #[arg(long, value_name = "HEX", requires = "fresh")]
+        rejected_sha256: Option<String>,
         #[command(flatten)]
         config: ConfigArg,
     },

@@ -6,6 +6,10 @@ use std::time::Duration;
 use crate::config::{ApiConfig, ListenAddr};
 use crate::serve::api::KEY_HEADER;
 
+/// The shortest time a request is given: the daemon answers a `GET` at
+/// once, but a slow machine should not make `rekeyd status` fail.
+const MIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
@@ -16,11 +20,13 @@ pub enum ClientError {
     Key(String),
     #[error("rekeyd is not reachable at {addr}: {reason}")]
     Unreachable { addr: String, reason: String },
-    #[error("{path}: HTTP {status}: {detail}")]
+    #[error("{path}: HTTP {status}: {detail}{}", retry_hint(*retry_after))]
     Status {
         path: String,
         status: u16,
         detail: String,
+        /// The daemon's `Retry-After`, in seconds.
+        retry_after: Option<u64>,
     },
 }
 
@@ -28,6 +34,26 @@ pub enum ClientError {
 pub async fn get_json(
     api: Option<&ApiConfig>,
     path: &str,
+) -> Result<serde_json::Value, ClientError> {
+    request_json(api, reqwest::Method::GET, path, None).await
+}
+
+/// Sends `POST path` with the API key and `body` as JSON, and returns the
+/// JSON answer. Waits as long as the daemon may take to answer (its
+/// listener's `request_timeout`): a forced refresh waits for a login.
+pub async fn post_json(
+    api: Option<&ApiConfig>,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, ClientError> {
+    request_json(api, reqwest::Method::POST, path, Some(body)).await
+}
+
+async fn request_json(
+    api: Option<&ApiConfig>,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
 ) -> Result<serde_json::Value, ClientError> {
     let api = api.ok_or(ClientError::NoApi)?;
     let key = std::fs::read_to_string(&api.key_file)
@@ -42,24 +68,34 @@ pub async fn get_json(
             "http://localhost".to_string(),
         ),
     };
-    let client = builder
-        .timeout(Duration::from_secs(10))
-        .no_proxy()
-        .build()
-        .map_err(|e| ClientError::Unreachable {
-            addr: api.listen.to_string(),
-            reason: e.to_string(),
-        })?;
-    let response = client
-        .get(format!("{base}{path}"))
-        .header(KEY_HEADER, key.trim())
-        .send()
-        .await
-        .map_err(|e| ClientError::Unreachable {
-            addr: api.listen.to_string(),
-            reason: e.to_string(),
-        })?;
+    let timeout = (api.limits.request_timeout + Duration::from_secs(1)).max(MIN_TIMEOUT);
+    let client =
+        builder
+            .timeout(timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                addr: api.listen.to_string(),
+                reason: e.to_string(),
+            })?;
+    let mut request = client
+        .request(method, format!("{base}{path}"))
+        .header(KEY_HEADER, key.trim());
+    if let Some(body) = body {
+        request = request
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+    }
+    let response = request.send().await.map_err(|e| ClientError::Unreachable {
+        addr: api.listen.to_string(),
+        reason: e.to_string(),
+    })?;
     let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let body = response
         .bytes()
         .await
@@ -78,9 +114,14 @@ pub async fn get_json(
             path: path.to_string(),
             status,
             detail,
+            retry_after,
         });
     }
     Ok(json)
+}
+
+fn retry_hint(retry_after: Option<u64>) -> String {
+    retry_after.map_or_else(String::new, |s| format!(" (retry after {s}s)"))
 }
 
 /// A wildcard listen address is reached through loopback.

@@ -25,6 +25,9 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
 /// EX_UNAVAILABLE: the daemon is not running or has no valid token.
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// A command line clap accepted but rekeyd cannot use (clap's own
+/// usage errors exit 2 as well).
+pub const EXIT_USAGE: u8 = 2;
 /// EX_CONFIG.
 pub const EXIT_CONFIG: u8 = 78;
 
@@ -64,6 +67,8 @@ pub async fn execute(cli: Cli) -> u8 {
             name,
             format,
             template,
+            fresh,
+            rejected_sha256,
             config,
         } => {
             let Some(config) = load(&config.config) else {
@@ -77,10 +82,32 @@ pub async fn execute(cli: Cli) -> u8 {
                 Ok(format) => format,
                 Err(e) => {
                     eprintln!("rekeyd: {e}");
-                    return EXIT_CONFIG;
+                    return EXIT_USAGE;
                 }
             };
-            match client::get_json(config.api.as_ref(), &format!("/v1/token/{name}")).await {
+            // Checked here rather than by clap, whose message would quote
+            // the value: a token pasted where its digest belongs (I7).
+            if rejected_sha256
+                .as_deref()
+                .is_some_and(|hex| hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                eprintln!(
+                    "rekeyd: --rejected-sha256 takes 64 hex digits, the SHA-256 of the refused token \
+                     (e.g. the first field of `printf %s \"$TOKEN\" | sha256sum`)"
+                );
+                return EXIT_USAGE;
+            }
+            let api = config.api.as_ref();
+            let reply = if fresh {
+                let body = match rejected_sha256 {
+                    Some(hex) => json!({ "rejected_sha256": hex }),
+                    None => json!({}),
+                };
+                client::post_json(api, &format!("/v1/token/{name}/refresh"), &body).await
+            } else {
+                client::get_json(api, &format!("/v1/token/{name}")).await
+            };
+            match reply {
                 Ok(body) => print_token(&body, format.as_ref()),
                 Err(e) => {
                     eprintln!("rekeyd: {e}");
@@ -637,6 +664,7 @@ fn credential_json(
         "refresh": {
             "before_expiry": c.refresh.before_expiry.map(dur).unwrap_or_else(|| "70-80% of lifetime".into()),
             "default_lifetime": dur(c.refresh.default_lifetime),
+            "min_forced_interval": dur(c.refresh.min_forced_interval),
         },
         "rotation": c.rotation.as_ref().map(|r| json!({
             "every": match &r.trigger { RotationTrigger::Every(d) => Some(dur(*d)), _ => None },

@@ -42,6 +42,12 @@ pub const DEFAULT_SINK_MODE: u32 = 0o600;
 /// Lifetime of a token whose reply has neither `expires_in` (RFC 6749 §5.1
 /// only recommends it) nor a JWT `exp`: `refresh.default_lifetime`.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Default shortest time between two forced logins of one credential
+/// (`refresh.min_forced_interval`): applications asking for a fresh token
+/// in a crash loop cost the provider one login per interval at most.
+pub const DEFAULT_MIN_FORCED_INTERVAL: Duration = Duration::from_secs(5);
+/// Upper bound of `refresh.min_forced_interval`.
+pub const MAX_MIN_FORCED_INTERVAL: Duration = Duration::from_secs(3600);
 /// Shortest token lifetime rekeyd accepts, from a reply or as the default:
 /// a token that lives less than a second is expired by the time sinks and
 /// hooks have it, and refreshing it would spin.
@@ -260,6 +266,7 @@ struct RawEndpoints {
 struct RawRefresh {
     before_expiry: Option<RawScalar>,
     default_lifetime: Option<RawScalar>,
+    min_forced_interval: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -480,6 +487,11 @@ pub struct RefreshConfig {
     /// Lifetime of a token whose reply gives neither `expires_in` nor a JWT
     /// `exp` (see [`crate::token::lifetime`]); at least one second.
     pub default_lifetime: Duration,
+    /// Shortest time between two forced logins (`POST
+    /// /v1/token/{name}/refresh`, `rekeyd token --fresh`); zero limits only
+    /// concurrency (one forced login at a time). See
+    /// [`crate::token::forced`].
+    pub min_forced_interval: Duration,
 }
 
 impl Default for RefreshConfig {
@@ -487,6 +499,7 @@ impl Default for RefreshConfig {
         RefreshConfig {
             before_expiry: None,
             default_lifetime: DEFAULT_TOKEN_LIFETIME,
+            min_forced_interval: DEFAULT_MIN_FORCED_INTERVAL,
         }
     }
 }
@@ -1556,9 +1569,23 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
 
     let endpoints = validate_endpoints(i, provider, rc.endpoints)?;
 
-    let (before_expiry, default_lifetime) = rc
-        .refresh
-        .map_or((None, None), |r| (r.before_expiry, r.default_lifetime));
+    let (before_expiry, default_lifetime, min_forced_interval) =
+        rc.refresh.map_or((None, None, None), |r| {
+            (r.before_expiry, r.default_lifetime, r.min_forced_interval)
+        });
+    let min_forced_interval = match min_forced_interval {
+        None => DEFAULT_MIN_FORCED_INTERVAL,
+        Some(value) => {
+            let d = duration(&key("refresh.min_forced_interval"), value)?;
+            if d > MAX_MIN_FORCED_INTERVAL {
+                return Err(ConfigError::invalid(
+                    key("refresh.min_forced_interval"),
+                    "must be at most 1h (an application whose token was refused waits that long for a new one)",
+                ));
+            }
+            d
+        }
+    };
     let default_lifetime = match default_lifetime {
         None => DEFAULT_TOKEN_LIFETIME,
         Some(value) => {
@@ -1574,6 +1601,7 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
     };
     let refresh = RefreshConfig {
         default_lifetime,
+        min_forced_interval,
         before_expiry: before_expiry
             .map(|value| duration(&key("refresh.before_expiry"), value))
             .transpose()?

@@ -11,19 +11,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use futures_util::FutureExt;
 use secrecy::SecretString;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, CredentialConfig};
-use crate::credential::{self, CredentialChannels, CredentialHandle};
+use crate::credential::{self, CredentialChannels, CredentialHandle, CredentialStatus};
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
 use crate::serve::{api, hooks, http, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
+use crate::token::Token;
 use crate::token::engine::{Engine, StoreSecrets};
 use crate::token::policy::RefreshPolicy;
 
@@ -319,6 +321,10 @@ async fn launch(
         None => credential::channels(&cred.name, cred.provider.as_str()),
     };
     handle.rotates = cred.rotation.is_some();
+    // Channels outlive a reload; the interval is the configuration's now.
+    channels
+        .forced
+        .set_min_interval(cred.refresh.min_forced_interval);
     let mut unfinished = false;
     if let Some(record) = store.load_settled(&cred.name).await? {
         unfinished = record.value.is_unfinished();
@@ -379,11 +385,11 @@ async fn launch(
         registry: registry.clone(),
         cancel: cancel.clone(),
     };
-    tasks.spawn(async move {
-        // Dropped when the engine ends, also by a panic.
-        let _watch = watch;
-        engine.run(_watch.cancel.clone()).await
-    });
+    // The guard goes with the future (dropped when the engine ends, also
+    // by a panic), not in an async block around it: a block that awaits
+    // what it captured keeps room for it twice, per credential.
+    let engine = engine.run(watch.cancel.clone());
+    tasks.spawn(engine.map(move |()| drop(watch)));
     if cred.sinks.is_empty() {
         // No task for nothing to write: a finished task stays in the
         // JoinSet until the credential stops, and 10,000 of them add up.
@@ -409,7 +415,8 @@ async fn launch(
         ));
     }
     tasks.spawn(forward_changes(
-        handle.clone(),
+        handle.token.clone(),
+        handle.status.clone(),
         registry.clone(),
         cancel.clone(),
     ));
@@ -473,20 +480,27 @@ impl Drop for EngineWatch {
 }
 
 /// Wakes the supervisor whenever this credential's token or status changes.
-async fn forward_changes(
-    mut handle: CredentialHandle,
+/// Holds only the two receivers it watches, not the whole handle, and is a
+/// block rather than an `async fn` (which would keep its arguments twice):
+/// one such task sleeps per credential.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+fn forward_changes(
+    mut token: watch::Receiver<Option<Arc<Token>>>,
+    mut status: watch::Receiver<CredentialStatus>,
     registry: Arc<Registry>,
     cancel: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = handle.token.changed() => if r.is_err() { return },
-            r = handle.status.changed() => if r.is_err() { return },
+) -> impl Future<Output = ()> + Send {
+    async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = token.changed() => if r.is_err() { return },
+                r = status.changed() => if r.is_err() { return },
+            }
+            token.borrow_and_update();
+            status.borrow_and_update();
+            registry.changed.notify_one();
         }
-        handle.token.borrow_and_update();
-        handle.status.borrow_and_update();
-        registry.changed.notify_one();
     }
 }
 
@@ -512,6 +526,7 @@ async fn start_listeners(
         let state = api::ApiState {
             registry: shared.registry.clone(),
             key: Arc::new(key),
+            forced_wait: api::forced_wait(api.limits.request_timeout),
         };
         let router = api::router(state, config.diag.is_some());
         planned.push(("api", &api.listen, api.limits, router));

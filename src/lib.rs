@@ -5,7 +5,8 @@
 //! - [`provider`]: one [`provider::TokenProvider`] per provider dialect.
 //! - [`proxy`]: which proxy each HTTP request goes through (never for
 //!   plain http).
-//! - [`token`]: the token value, the pure refresh policy and the engine task.
+//! - [`token`]: the token value, the pure refresh policy, the engine task
+//!   and the rules for refreshes applications force.
 //! - [`store`]: durable per-credential record (secret + rotation journal).
 //! - [`credential`]: watch channels through which tokens and status flow.
 //! - [`clock`]: the boot-time clock token lifetimes are measured on.

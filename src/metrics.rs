@@ -28,6 +28,14 @@ pub struct RefreshLabels {
     pub result: &'static str,
 }
 
+/// A forced refresh (`POST /v1/token/{name}/refresh`) by what it answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForcedLabels {
+    pub credential: String,
+    /// refreshed | served_current | rate_limited | failed | pending
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RotationLabels {
     pub credential: String,
@@ -53,6 +61,15 @@ pub struct RequestLabels {
     pub status: String,
 }
 
+/// Every `outcome` of [`ForcedLabels`].
+const FORCED_OUTCOMES: [&str; 5] = [
+    "refreshed",
+    "served_current",
+    "rate_limited",
+    "failed",
+    "pending",
+];
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 pub struct Metrics {
@@ -60,6 +77,7 @@ pub struct Metrics {
     pub token_expiry: Family<CredentialLabel, FloatGauge>,
     pub token_valid: Family<CredentialLabel, Gauge>,
     pub refresh_attempts: Family<RefreshLabels, Counter>,
+    pub forced_refreshes: Family<ForcedLabels, Counter>,
     pub rotation_attempts: Family<RotationLabels, Counter>,
     pub last_rotation: Family<CredentialLabel, FloatGauge>,
     pub rotation_next_due: Family<CredentialLabel, FloatGauge>,
@@ -84,6 +102,7 @@ impl Metrics {
             token_expiry: Family::default(),
             token_valid: Family::default(),
             refresh_attempts: Family::default(),
+            forced_refreshes: Family::default(),
             rotation_attempts: Family::default(),
             last_rotation: Family::default(),
             rotation_next_due: Family::default(),
@@ -109,6 +128,11 @@ impl Metrics {
             "refresh_attempts",
             "Token refresh attempts by result",
             m.refresh_attempts.clone(),
+        );
+        r.register(
+            "forced_refreshes",
+            "Refreshes applications asked for (POST /v1/token/{name}/refresh) by outcome",
+            m.forced_refreshes.clone(),
         );
         r.register(
             "rotation_attempts",
@@ -204,6 +228,12 @@ impl Metrics {
             self.refresh_attempts.remove(&RefreshLabels {
                 credential: name.to_string(),
                 result,
+            });
+        }
+        for outcome in FORCED_OUTCOMES {
+            self.forced_refreshes.remove(&ForcedLabels {
+                credential: name.to_string(),
+                outcome,
             });
         }
         for result in ["success", "aborted", "error", "refused"] {
@@ -307,10 +337,22 @@ mod tests {
                     phase: "creating",
                 })
                 .inc();
+            for outcome in FORCED_OUTCOMES {
+                m.forced_refreshes
+                    .get_or_create(&ForcedLabels {
+                        credential: name.into(),
+                        outcome,
+                    })
+                    .inc();
+            }
         }
         m.forget_credential("gone");
         let text = m.encode();
         assert!(!text.contains("\"gone\""), "{text}");
-        assert_eq!(text.matches("credential=\"kept\"").count(), 9, "{text}");
+        assert_eq!(
+            text.matches("credential=\"kept\"").count(),
+            9 + FORCED_OUTCOMES.len(),
+            "{text}"
+        );
     }
 }

@@ -196,6 +196,19 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].refresh.before_expiry`", "invalid duration"],
         ),
         (
+            "forced refresh interval too long",
+            with("[credentials.refresh]\nmin_forced_interval = \"2h\"\n"),
+            vec!["`credentials[0].refresh.min_forced_interval`", "at most 1h"],
+        ),
+        (
+            "forced refresh interval without a unit",
+            with("[credentials.refresh]\nmin_forced_interval = 5\n"),
+            vec![
+                "`credentials[0].refresh.min_forced_interval`",
+                "without a unit",
+            ],
+        ),
+        (
             "both every and schedule",
             with("[credentials.rotation]\nevery = \"1h\"\nschedule = \"0 0 3 * * *\"\n"),
             vec!["`credentials[0].rotation.every`", "not both"],
@@ -1044,6 +1057,48 @@ async fn default_lifetime_is_configured_validated_and_shown() {
         let err = Config::from_toml(&text).unwrap_err().to_string();
         assert!(
             err.contains("`credentials[0].refresh.default_lifetime`") && err.contains(needle),
+            "{value}: {err}"
+        );
+    }
+}
+
+/// `refresh.min_forced_interval`: forced logins (`POST
+/// /v1/token/{name}/refresh`) at most once per 5s unless set; zero allowed
+/// (one at a time only), at most an hour; shown by `rekeyd check`.
+#[tokio::test]
+async fn min_forced_interval_is_configured_validated_and_shown() {
+    let config = Config::from_toml(BASE).unwrap();
+    assert_eq!(
+        config.credentials[0].refresh.min_forced_interval,
+        Duration::from_secs(5)
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&rekeyd::commands::effective_config(&config).await).unwrap();
+    assert_eq!(
+        shown["credentials"][0]["refresh"]["min_forced_interval"],
+        "5s"
+    );
+
+    for (value, expected, display) in [
+        ("0s", Duration::ZERO, "0s"),
+        ("30s", Duration::from_secs(30), "30s"),
+        ("1h", Duration::from_secs(3600), "1h"),
+    ] {
+        let text = format!("{BASE}[credentials.refresh]\nmin_forced_interval = \"{value}\"\n");
+        let config = Config::from_toml(&text).unwrap();
+        assert_eq!(config.credentials[0].refresh.min_forced_interval, expected);
+        let shown: serde_json::Value =
+            serde_json::from_str(&rekeyd::commands::effective_config(&config).await).unwrap();
+        assert_eq!(
+            shown["credentials"][0]["refresh"]["min_forced_interval"],
+            display
+        );
+    }
+    for (value, needle) in [("1h 1s", "at most 1h"), ("soon", "invalid duration")] {
+        let text = format!("{BASE}[credentials.refresh]\nmin_forced_interval = \"{value}\"\n");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("`credentials[0].refresh.min_forced_interval`") && err.contains(needle),
             "{value}: {err}"
         );
     }

@@ -86,11 +86,9 @@ fn rfc3339(t: &Token) -> String {
 
 /// Waits until every sink holds a token and no write is failing.
 async fn wait_written(handle: &CredentialHandle, accept: impl Fn(&[SinkState]) -> bool) {
-    let mut rx = handle.sinks.clone();
-    tokio::time::timeout(EVENT_TIMEOUT, rx.wait_for(|s| accept(s)))
+    tokio::time::timeout(EVENT_TIMEOUT, handle.sinks.wait_for(accept))
         .await
-        .unwrap_or_else(|_| panic!("sinks not written: {:?}", handle.sink_reports()))
-        .expect("sink writer alive");
+        .unwrap_or_else(|_| panic!("sinks not written: {:?}", handle.sink_reports()));
 }
 
 /// Polls sink `i`'s report until `accept` holds.
@@ -251,14 +249,16 @@ async fn token_files_and_the_cli_have_each_formats_exact_bytes() {
     // Without --format: the bare token and a newline, as before.
     let output = cli(&["token", "maps"], &config_file).await;
     assert_eq!(String::from_utf8(output.stdout).unwrap(), format!("{t}\n"));
-    // A template that does not check out is a usage error, before asking.
+    // A template that does not check out is a usage error (exit 2), before
+    // the daemon is asked.
     let bad = o.join("bad.tmpl");
     std::fs::write(&bad, "{{ tokn }}").unwrap();
     let bad_arg = bad.display().to_string();
     let output = cli(&["token", "maps", "--template", &bad_arg], &config_file).await;
-    assert_eq!(output.status.code(), Some(78), "{output:?}");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("undefined"));
     let output = cli(&["token", "maps", "--format", "template"], &config_file).await;
-    assert_eq!(output.status.code(), Some(78), "{output:?}");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("--template FILE"));
 
     d.stop().await;

@@ -103,11 +103,9 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
 /// Waits for a published change of the credential's token files that
 /// satisfies `accept`.
 async fn wait_sinks(handle: &CredentialHandle, what: &str, accept: impl Fn(&[SinkState]) -> bool) {
-    let mut rx = handle.sinks.clone();
-    tokio::time::timeout(EVENT_TIMEOUT, rx.wait_for(|s| accept(s)))
+    tokio::time::timeout(EVENT_TIMEOUT, handle.sinks.wait_for(accept))
         .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", handle.sink_reports()))
-        .expect("sink writer alive");
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", handle.sink_reports()));
 }
 
 /// Polls the first file's report until `accept` holds: expiry comes with

@@ -2,6 +2,8 @@
 //!
 //! The token API ([`router`]):
 //! - `GET /v1/token/{name}`: the current token (needs `X-Rekeyd-Key`).
+//! - `POST /v1/token/{name}/refresh`: log in again now and answer like
+//!   `GET /v1/token/{name}` (needs the key); see [`post_refresh`].
 //! - `GET /v1/status`: per-credential status (needs `X-Rekeyd-Key`).
 //! - `POST /v1/rotate/{name}`: request a secret rotation now (needs the key).
 //!
@@ -21,7 +23,9 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -36,6 +40,9 @@ use subtle::ConstantTimeEq;
 use crate::credential::{CredentialHandle, SinkFreshness};
 use crate::daemon::Registry;
 use crate::fsutil;
+use crate::metrics::{self, ForcedLabels};
+use crate::token::Token;
+use crate::token::forced::{self, Ticket, Wait};
 
 pub const KEY_HEADER: &str = "x-rekeyd-key";
 
@@ -43,6 +50,16 @@ pub const KEY_HEADER: &str = "x-rekeyd-key";
 pub struct ApiState {
     pub registry: Arc<Registry>,
     pub key: Arc<SecretString>,
+    /// How long `POST /v1/token/{name}/refresh` waits for its login before
+    /// answering `504 refresh_pending` ([`forced_wait`]).
+    pub forced_wait: Duration,
+}
+
+/// How long a forced refresh waits for its login: nine tenths of the
+/// listener's `request_timeout`, so that the answer is written before the
+/// listener gives up on the request and closes the connection.
+pub fn forced_wait(request_timeout: Duration) -> Duration {
+    request_timeout - request_timeout / 10
 }
 
 /// The diagnostics paths, which [`diag_router`] serves.
@@ -54,6 +71,7 @@ pub fn router(state: ApiState, diag_elsewhere: bool) -> Router {
     let registry = state.registry.clone();
     let tokens = Router::new()
         .route("/v1/token/{name}", get(get_token))
+        .route("/v1/token/{name}/refresh", post(post_refresh))
         .route("/v1/status", get(get_status))
         .route("/v1/rotate/{name}", post(post_rotate))
         .with_state(state);
@@ -176,15 +194,14 @@ async fn get_token(
     let Some(handle) = snapshot.get(&name) else {
         return unknown_credential();
     };
-    let Some(token) = handle.valid_token() else {
-        let detail = handle
-            .status
-            .borrow()
-            .last_error
-            .clone()
-            .unwrap_or_else(|| "no token obtained yet".to_string());
-        return error(StatusCode::SERVICE_UNAVAILABLE, "no_valid_token", &detail);
-    };
+    match handle.valid_token() {
+        Some(token) => token_response(handle, &token),
+        None => no_valid_token(handle),
+    }
+}
+
+/// The answer of `GET /v1/token/{name}` for `token`.
+fn token_response(handle: &CredentialHandle, token: &Token) -> Response {
     let reply = TokenReply {
         access_token: token.access_token.expose_secret(),
         expires_at: humantime::format_rfc3339_seconds(token.expires_at_wall()),
@@ -196,6 +213,156 @@ async fn get_token(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+fn no_valid_token(handle: &CredentialHandle) -> Response {
+    let detail = handle
+        .status
+        .borrow()
+        .last_error
+        .clone()
+        .unwrap_or_else(|| "no token obtained yet".to_string());
+    error(StatusCode::SERVICE_UNAVAILABLE, "no_valid_token", &detail)
+}
+
+/// `POST /v1/token/{name}/refresh`: an application whose token was refused
+/// asks for a new one now (decided by [`forced::decide`]).
+///
+/// Body: empty, or `{"rejected_sha256": "<64 hex digits>"}`, the SHA-256
+/// of the `access_token` the application saw refused. Answers:
+/// - `200` with the body of `GET /v1/token/{name}`: the token of the
+///   forced login this request started or joined, or, without a login,
+///   the token served now when it is not the refused one;
+/// - `429 refresh_rate_limited` with `Retry-After` (seconds): a forced
+///   login of this credential started less than
+///   `refresh.min_forced_interval` ago (and is over), or the provider's
+///   quota backoff is running;
+/// - `502 refresh_failed`: the login failed; `detail` says why (the
+///   provider's status and error, no secret), `serving_previous_token`
+///   whether the previous token is still served (I8), and `Retry-After`
+///   is the provider's when it sent one;
+/// - `504 refresh_pending`: the login did not finish within
+///   [`forced_wait`]; it goes on, and `GET /v1/token/{name}` serves its
+///   token once it lands;
+/// - `400 bad_request` for a body of another shape, `401`, `404` as `GET`.
+async fn post_refresh(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(denied) = check_key(&state, &headers) {
+        return denied;
+    }
+    let Some(handle) = lookup(&state.registry, &name) else {
+        return unknown_credential();
+    };
+    let rejected = match rejected_sha256(&body) {
+        Ok(rejected) => rejected,
+        Err(detail) => return error(StatusCode::BAD_REQUEST, "bad_request", detail),
+    };
+    let current = handle.valid_token();
+    let serves_other = rejected
+        .zip(current.as_ref())
+        .is_some_and(|(rejected, token)| !forced::is_rejected(token, &rejected));
+    let (outcome, response) = match handle.forced.request(serves_other, handle.clock.now()) {
+        Ticket::ServeCurrent => {
+            let token = current.expect("another token is served");
+            ("served_current", token_response(&handle, &token))
+        }
+        Ticket::TooSoon { retry_after, cause } => {
+            let detail = match cause {
+                Wait::Interval => {
+                    "a forced login of this credential started less than refresh.min_forced_interval ago; ask again after Retry-After"
+                }
+                Wait::ProviderQuota => {
+                    "the provider answered the last login with a quota error; rekeyd waits as long as it asked before logging in again"
+                }
+            };
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "refresh_rate_limited",
+                detail,
+            );
+            set_retry_after(&mut response, retry_after);
+            ("rate_limited", response)
+        }
+        Ticket::Await { finished, started } => {
+            if started {
+                handle.refresh_now.notify_one();
+            }
+            match tokio::time::timeout(state.forced_wait, handle.forced.outcome(finished)).await {
+                Err(_) => (
+                    "pending",
+                    error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "refresh_pending",
+                        "the login is still running; GET /v1/token/{name} serves its token once it lands",
+                    ),
+                ),
+                Ok(Ok(())) => match handle.valid_token() {
+                    Some(token) => ("refreshed", token_response(&handle, &token)),
+                    None => ("failed", no_valid_token(&handle)),
+                },
+                Ok(Err(failure)) => {
+                    let body = json!({
+                        "error": "refresh_failed",
+                        "detail": failure.reason,
+                        "serving_previous_token": handle.valid_token().is_some(),
+                    });
+                    let mut response = (StatusCode::BAD_GATEWAY, Json(body)).into_response();
+                    if let Some(wait) = failure.retry_after {
+                        set_retry_after(&mut response, wait);
+                    }
+                    ("failed", response)
+                }
+            }
+        }
+    };
+    metrics::global()
+        .forced_refreshes
+        .get_or_create(&ForcedLabels {
+            credential: name,
+            outcome,
+        })
+        .inc();
+    response
+}
+
+/// Reads the body of `POST /v1/token/{name}/refresh`. The errors never
+/// quote the body: an application may send its token where the digest
+/// belongs (I7).
+fn rejected_sha256(body: &[u8]) -> Result<Option<[u8; 32]>, &'static str> {
+    const SHAPE: &str =
+        "the body must be empty or a JSON object {\"rejected_sha256\": \"<64 hex digits>\"}";
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| SHAPE)?;
+    let object = value.as_object().ok_or(SHAPE)?;
+    if object.keys().any(|k| k != "rejected_sha256") {
+        return Err(SHAPE);
+    }
+    match object.get("rejected_sha256") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(text)) => {
+            let mut digest = [0u8; 32];
+            hex::decode_to_slice(text, &mut digest).map_err(|_| {
+                "rejected_sha256 must be 64 hex digits: the SHA-256 of the access_token that was refused"
+            })?;
+            Ok(Some(digest))
+        }
+        Some(_) => Err(
+            "rejected_sha256 must be a string of 64 hex digits: the SHA-256 of the access_token that was refused",
+        ),
+    }
+}
+
+fn set_retry_after(response: &mut Response, wait: Duration) {
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(forced::retry_after_seconds(wait)),
+    );
 }
 
 async fn get_status(State(state): State<ApiState>, headers: HeaderMap) -> Response {

@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::secret_sink::SecretWriter;
 use crate::clock::Clock;
 use crate::config::{Config, ConfigWarning, FileOwner, SinkConfig, SinkFormat, SinkTarget};
-use crate::credential::SinkState;
+use crate::credential::{SinkState, SinkStates};
 use crate::format::{RenderError, TokenView};
 use crate::fsutil::{self, Ownership};
 use crate::token::Token;
@@ -61,7 +61,7 @@ pub async fn run(
     name: String,
     sinks: Vec<SinkConfig>,
     mut tokens: watch::Receiver<Option<Arc<Token>>>,
-    states: watch::Sender<Vec<SinkState>>,
+    states: SinkStates,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) {
@@ -208,7 +208,7 @@ async fn write_due(
     writers: &mut [Writer],
     token: &Arc<Token>,
     due: &mut [Option<Instant>],
-    states: &watch::Sender<Vec<SinkState>>,
+    states: &SinkStates,
 ) {
     for (i, writer) in writers.iter_mut().enumerate() {
         if due[i].is_none_or(|at| at > Instant::now()) {

@@ -1,7 +1,8 @@
 //! The token engine: one task per credential that logs in, publishes the
 //! token, sleeps until the refresh point and starts over; on failure it
 //! backs off (see [`super::policy`]) while the old token keeps being served
-//! until it expires (I8).
+//! until it expires (I8). An application may ask for a login now
+//! ([`super::forced`]); the engine performs it and reports its outcome.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Token;
+use super::forced::Failure;
 use super::lifetime;
 use super::policy::{self, RefreshPolicy};
 use crate::credential::CredentialChannels;
@@ -81,13 +83,18 @@ pub type Attempt = Result<Token, ProviderError>;
 
 impl Engine {
     /// Runs until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) {
+    ///
+    /// Not an `async fn`: one engine sleeps per credential, and an async
+    /// fn's future keeps its arguments twice (as given and as moved into
+    /// its body), a copy of the whole engine per credential. The block
+    /// below owns the engine once and the loop borrows it.
+    pub fn run(self, shutdown: CancellationToken) -> impl Future<Output = ()> + Send {
         let span = info_span!("credential", name = %self.name);
-        self.run_inner(shutdown).instrument(span).await
+        async move { self.run_loop(&shutdown).await }.instrument(span)
     }
 
-    async fn run_inner(self, shutdown: CancellationToken) {
-        let clock = self.channels.clock.clone();
+    async fn run_loop(&self, shutdown: &CancellationToken) {
+        let clock = &*self.channels.clock;
         // Suspensions reported before this engine started are no reason to
         // refresh: the first login is about to happen anyway.
         let mut jumps = clock.jumps();
@@ -97,6 +104,9 @@ impl Engine {
         // not a login that asks for a rotation (that would chain forever).
         let mut after_promotion = false;
         loop {
+            // Whether this attempt is the forced login applications wait for
+            // (one asked for before it started).
+            let forced = self.channels.forced.claim();
             // Boxed: a login's state lives only while it runs, instead of
             // taking room in every sleeping engine (thousands of them).
             let wait = match Box::pin(self.attempt()).await {
@@ -114,6 +124,9 @@ impl Engine {
                         "token refreshed"
                     );
                     self.publish(token);
+                    // After the publish: whoever waited for this login
+                    // reads the new token.
+                    self.channels.forced.finish(forced, Ok(()), None);
                     if self.rotate_on_login && !after_promotion {
                         self.channels.rotate_now.notify_one();
                     }
@@ -144,6 +157,16 @@ impl Engine {
                         "token refresh failed"
                     );
                     self.record_failure(&err, failures);
+                    // A quota reply holds forced logins as long as it holds
+                    // the engine's own: the quota is the provider's.
+                    let quiet_until = (err.kind == ErrorKind::Quota).then(|| clock.now() + wait);
+                    let failure = Failure {
+                        reason: err.to_string(),
+                        retry_after: err.retry_after,
+                    };
+                    self.channels
+                        .forced
+                        .finish(forced, Err(failure), quiet_until);
                     wait
                 }
             };

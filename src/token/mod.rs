@@ -1,8 +1,9 @@
 //! Bearer tokens: the value type, the pure rules for a reply's lifetime and
-//! for when to refresh, and the engine task that keeps one credential's
-//! token current.
+//! for when to refresh, the engine task that keeps one credential's token
+//! current, and the rules for refreshes an application asks for.
 
 pub mod engine;
+pub mod forced;
 pub mod lifetime;
 pub mod policy;
 
