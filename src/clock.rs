@@ -14,10 +14,15 @@
 //!   (the local API, `/readyz`, metrics, the engine's retry planning) reads
 //!   it from a [`Clock`], so the answer is right the moment the machine
 //!   resumes;
-//! - [`watchdog`] compares the two clocks every [`WATCHDOG_TICK`] and, when
-//!   their gap grew by [`JUMP`] or more, reports it on [`Clock::jumps`]: the
-//!   token engines, asleep on tokio timers that know nothing of it, refresh
-//!   at once.
+//! - [`watchdog`] compares the two clocks whenever the kernel says the
+//!   machine resumed (and every [`WATCHDOG_TICK`] besides) and, when their
+//!   gap grew by [`JUMP`] or more, reports it on [`Clock::jumps`]: the token
+//!   engines, asleep on tokio timers that know nothing of it, refresh at
+//!   once. The kernel's word is a `CLOCK_REALTIME` timerfd armed with
+//!   `TFD_TIMER_CANCEL_ON_SET` (`timerfd_create(2)`): its read fails with
+//!   `ECANCELED` when the wall clock is set, and resuming from suspend
+//!   counts as such (`timekeeping_resume()` calls `timerfd_resume()`), so
+//!   an idle daemon is not woken to look.
 //!
 //! Being tokio's instant underneath, a [`BootInstant`] also follows a paused
 //! test runtime's clock; [`ManualClock`] adds suspensions a test makes.
@@ -31,9 +36,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How often [`watchdog`] compares the two clocks: the longest a resumed
-/// daemon's engines go on sleeping before they refresh.
-pub const WATCHDOG_TICK: Duration = Duration::from_secs(5);
+/// How often [`watchdog`] compares the two clocks without being told the
+/// machine resumed: the longest a resumed daemon's engines go on sleeping
+/// where the resume notice is missing (no timerfd, a kernel that does not
+/// send it). Rare, so an idle daemon is hardly ever woken.
+pub const WATCHDOG_TICK: Duration = Duration::from_secs(300);
 /// Growth of the gap between the clocks that counts as a suspension. The
 /// gap moves only while the machine is suspended, so this is a small
 /// margin; a shorter suspension delays the next timer by less than it.
@@ -141,19 +148,149 @@ pub async fn watchdog(stop: CancellationToken) {
     let mut tick = tokio::time::interval(WATCHDOG_TICK);
     // After a suspension one check is enough, not a burst of missed ticks.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resumes = match ResumeNotices::new() {
+        Ok(notices) => Some(notices),
+        Err(e) => {
+            tracing::warn!(
+                step = "clock",
+                error = %e,
+                every = %humantime::format_duration(WATCHDOG_TICK),
+                "cannot ask the kernel for resume notices; checking for suspensions by the clock alone"
+            );
+            None
+        }
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {
-                if clock.check() {
-                    tracing::info!(
-                        step = "clock",
-                        suspended_total = %humantime::format_duration(Duration::from_secs(clock.suspended().as_secs())),
-                        "the machine was suspended; refreshing every token"
-                    );
+            _ = tick.tick() => {}
+            notice = next_notice(&mut resumes) => {
+                if let Err(e) = notice {
+                    tracing::warn!(step = "clock", error = %e, "resume notices failed; checking by the clock alone");
+                    resumes = None;
                 }
             }
         }
+        if clock.check() {
+            tracing::info!(
+                step = "clock",
+                suspended_total = %humantime::format_duration(Duration::from_secs(clock.suspended().as_secs())),
+                "the machine was suspended; refreshing every token"
+            );
+        }
+    }
+}
+
+async fn next_notice(notices: &mut Option<ResumeNotices>) -> std::io::Result<()> {
+    match notices {
+        Some(notices) => notices.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The kernel's notices that the wall clock was set, which include every
+/// resume from suspend: a `CLOCK_REALTIME` timerfd armed far in the future
+/// with `TFD_TIMER_CANCEL_ON_SET` (`timerfd_create(2)`).
+#[cfg(target_os = "linux")]
+struct ResumeNotices {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+#[cfg(target_os = "linux")]
+impl ResumeNotices {
+    fn new() -> std::io::Result<ResumeNotices> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: no pointers; the result is checked before use.
+        let raw = unsafe {
+            libc::timerfd_create(libc::CLOCK_REALTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        arm(&fd)?;
+        // SAFETY: the descriptor is owned by the AsyncFd from here on and
+        // is neither closed nor replaced while registered.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)?
+        };
+        Ok(ResumeNotices { fd })
+    }
+
+    /// Returns at the next notice (wall clock set, or a resume).
+    async fn next(&mut self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let mut expirations = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into an 8-byte buffer.
+            let n = unsafe {
+                libc::read(
+                    self.fd.get_ref().as_raw_fd(),
+                    expirations.as_mut_ptr().cast(),
+                    expirations.len(),
+                )
+            };
+            if n >= 0 {
+                // The far-future expiry itself: arm again and go on.
+                arm(self.fd.get_ref())?;
+                continue;
+            }
+            let error = std::io::Error::last_os_error();
+            match error.raw_os_error() {
+                // Cancelled by a clock change: the notice. The timer stays
+                // armed and cancellable for the next one.
+                Some(libc::ECANCELED) => return Ok(()),
+                Some(libc::EAGAIN) => ready.clear_ready(),
+                _ => return Err(error),
+            }
+        }
+    }
+}
+
+/// Arms `fd` at 9999-12-31 (wall clock; the kernel clamps it to its
+/// largest time, in 2262), cancelled on every clock change.
+#[cfg(target_os = "linux")]
+fn arm(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const FAR: libc::time_t = 253_402_300_799;
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: FAR,
+            tv_nsec: 0,
+        },
+    };
+    // SAFETY: `spec` is a valid itimerspec; the old value is not asked for.
+    let r = unsafe {
+        libc::timerfd_settime(
+            fd.as_raw_fd(),
+            libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET,
+            &spec,
+            std::ptr::null_mut(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+struct ResumeNotices;
+
+#[cfg(not(target_os = "linux"))]
+impl ResumeNotices {
+    fn new() -> std::io::Result<ResumeNotices> {
+        Err(std::io::Error::other("no timerfd on this system"))
+    }
+
+    async fn next(&mut self) -> std::io::Result<()> {
+        std::future::pending().await
     }
 }
 
@@ -250,6 +387,34 @@ impl Clock for ManualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The resume notices come from a timerfd armed far ahead and
+    /// cancellable: nothing arrives while the clock is left alone (a
+    /// notice here would wake every engine for nothing).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn resume_notices_are_armed_far_ahead_and_quiet_meanwhile() {
+        use std::os::fd::AsRawFd;
+        let mut notices = ResumeNotices::new().expect("timerfd");
+        let mut now = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        // SAFETY: `now` is a valid itimerspec to fill.
+        let r = unsafe { libc::timerfd_gettime(notices.fd.get_ref().as_raw_fd(), &mut now) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        let years = now.it_value.tv_sec / (365 * 24 * 3600);
+        // 9999-12-31 as asked, or the kernel's clamp to 2262.
+        assert!(years > 200, "armed only {years} years ahead");
+        let quiet = tokio::time::timeout(Duration::from_millis(50), notices.next()).await;
+        assert!(quiet.is_err(), "a notice without a clock change: {quiet:?}");
+    }
 
     #[test]
     fn system_clock_counts_no_suspension_without_one() {

@@ -142,7 +142,10 @@ pub struct Running {
     /// and ten thousand credentials are not worth a second copy.
     config: Config,
     shared: Shared,
-    credentials: BTreeMap<String, CredentialRuntime>,
+    /// Boxed: a map node holds eleven values inline, about two thirds of
+    /// them in use, and a runtime is a kilobyte; boxed, the unused slots
+    /// cost a pointer each (10,000 credentials: about 4 MiB less).
+    credentials: BTreeMap<String, Box<CredentialRuntime>>,
     /// The API and the supervisor.
     tasks: JoinSet<()>,
 }
@@ -228,7 +231,7 @@ impl Running {
                 }
             };
             let runtime = launch(p, channels, &self.shared).await?;
-            self.credentials.insert(name, runtime);
+            self.credentials.insert(name, Box::new(runtime));
         }
         self.publish();
         // After publish: the API no longer lists them, so no scrape
@@ -598,7 +601,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let mut credentials = BTreeMap::new();
     for p in prepared {
         let name = p.config.name.clone();
-        credentials.insert(name, launch(p, None, &shared).await?);
+        credentials.insert(name, Box::new(launch(p, None, &shared).await?));
     }
 
     let mut tasks = JoinSet::new();
