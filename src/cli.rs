@@ -61,6 +61,13 @@ Exit status: 0 every credential has a valid token written, 69 one has not, 78 co
     Token {
         /// Credential name, as in `[[credentials]] name`.
         name: String,
+        /// Print it as a sink of this format writes it (default: the bare token
+        /// and a newline); `exec-credential` makes this a kubectl exec plugin.
+        #[arg(long, value_enum)]
+        format: Option<TokenFormat>,
+        /// The template file of `--format template` (MiniJinja syntax).
+        #[arg(long, value_name = "FILE")]
+        template: Option<PathBuf>,
         /// Log in again now and print the new token (POST
         /// /v1/token/NAME/refresh), e.g. after the token was refused.
         /// Limited to one login per `refresh.min_forced_interval`.
@@ -114,4 +121,18 @@ Exit status: 0 every credential has a valid token written, 69 one has not, 78 co
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+}
+
+/// `rekeyd token --format`: the sink formats ([`crate::format`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenFormat {
+    Raw,
+    Json,
+    Header,
+    /// `REKEYD_<NAME>_TOKEN=<token>`.
+    Env,
+    /// A client-go ExecCredential (client.authentication.k8s.io/v1).
+    ExecCredential,
+    /// `--template FILE` rendered.
+    Template,
 }

@@ -69,6 +69,8 @@ pub async fn execute(cli: Cli) -> u8 {
         },
         Command::Token {
             name,
+            format,
+            template,
             fresh,
             rejected_sha256,
             config,
@@ -80,6 +82,13 @@ pub async fn execute(cli: Cli) -> u8 {
                 eprintln!("rekeyd: no credential named {name:?} in the configuration");
                 return EXIT_CONFIG;
             }
+            let format = match token_format(&name, format, template) {
+                Ok(format) => format,
+                Err(e) => {
+                    eprintln!("rekeyd: {e}");
+                    return EXIT_USAGE;
+                }
+            };
             // Checked here rather than by clap, whose message would quote
             // the value: a token pasted where its digest belongs (I7).
             if rejected_sha256
@@ -103,16 +112,7 @@ pub async fn execute(cli: Cli) -> u8 {
                 client::get_json(api, &format!("/v1/token/{name}")).await
             };
             match reply {
-                Ok(body) => match body["access_token"].as_str() {
-                    Some(token) => {
-                        println!("{token}");
-                        EXIT_OK
-                    }
-                    None => {
-                        eprintln!("rekeyd: the daemon's reply has no access_token");
-                        EXIT_FAILURE
-                    }
-                },
+                Ok(body) => print_token(&body, format.as_ref()),
                 Err(e) => {
                     eprintln!("rekeyd: {e}");
                     match e {
@@ -188,6 +188,84 @@ async fn run_once(config: &Config) -> u8 {
                 EXIT_CONFIG => EXIT_CONFIG,
                 _ => EXIT_UNAVAILABLE,
             }
+        }
+    }
+}
+
+/// The format `rekeyd token` prints in; `None`: the bare token and a
+/// newline, as always.
+fn token_format(
+    name: &str,
+    format: Option<crate::cli::TokenFormat>,
+    template: Option<std::path::PathBuf>,
+) -> Result<Option<crate::config::SinkFormat>, String> {
+    use crate::cli::TokenFormat;
+    use crate::config::SinkFormat;
+    let format = match (format, template) {
+        (None | Some(TokenFormat::Template), Some(path)) => {
+            let template = crate::format::TokenTemplate::load(&path)
+                .map_err(|e| format!("--template {}: {e}", path.display()))?;
+            return Ok(Some(SinkFormat::Template(template)));
+        }
+        (Some(TokenFormat::Template), None) => {
+            return Err("--format template needs --template FILE".into());
+        }
+        (Some(_), Some(_)) => return Err("--template goes with --format template only".into()),
+        (None, None) => return Ok(None),
+        (Some(format), None) => format,
+    };
+    Ok(Some(match format {
+        TokenFormat::Raw => SinkFormat::Raw,
+        TokenFormat::Json => SinkFormat::Json,
+        TokenFormat::Header => SinkFormat::Header,
+        TokenFormat::Env => SinkFormat::Env {
+            variable: crate::format::default_env_variable(name),
+        },
+        TokenFormat::ExecCredential => SinkFormat::ExecCredential,
+        TokenFormat::Template => unreachable!("handled above"),
+    }))
+}
+
+/// Prints the token of a `GET /v1/token/{name}` reply in `format`.
+fn print_token(body: &Value, format: Option<&crate::config::SinkFormat>) -> u8 {
+    use std::io::Write;
+    let Some(token) = body["access_token"].as_str() else {
+        eprintln!("rekeyd: the daemon's reply has no access_token");
+        return EXIT_FAILURE;
+    };
+    let Some(format) = format else {
+        println!("{token}");
+        return EXIT_OK;
+    };
+    let expires_at = body["expires_at"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339(t).ok());
+    let Some(expires_at) = expires_at else {
+        eprintln!("rekeyd: the daemon's reply has no valid expires_at");
+        return EXIT_FAILURE;
+    };
+    let view = crate::format::TokenView {
+        access_token: token,
+        token_type: body["token_type"].as_str().unwrap_or("Bearer"),
+        expires_at,
+    };
+    let mut bytes = match crate::format::render(view, format) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            eprintln!("rekeyd: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    // The raw file has no newline; a terminal and `$(...)` want one.
+    if matches!(format, crate::config::SinkFormat::Raw) {
+        bytes.push(b'\n');
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&bytes).and_then(|()| out.flush()) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("rekeyd: cannot write the token: {e}");
+            EXIT_FAILURE
         }
     }
 }
@@ -635,14 +713,35 @@ fn credential_json(
                 HookAction::Signal { name, pid_file, .. } => json!({"on": on, "signal": name, "pid_file": pid_file.display().to_string()}),
             }
         }).collect::<Vec<_>>(),
-        "sinks": c.sinks.iter().map(|s| json!({
-            "path": s.path.display().to_string(),
-            "format": format!("{:?}", s.format).to_lowercase(),
-            "mode": format!("{:04o}", s.mode),
-            "owner": s.owner.as_ref().map(|o| &o.shown),
-            "group": s.group.as_ref().map(|g| &g.shown),
-        })).collect::<Vec<_>>(),
+        "sinks": c.sinks.iter().map(sink_json).collect::<Vec<_>>(),
     })
+}
+
+fn sink_json(s: &crate::config::SinkConfig) -> Value {
+    use crate::config::{SinkFormat, SinkTarget};
+    let mut out = match &s.target {
+        SinkTarget::File(f) => json!({
+            "kind": "file",
+            "path": f.path.display().to_string(),
+            "mode": format!("{:04o}", f.mode),
+            "owner": f.owner.as_ref().map(|o| &o.shown),
+            "group": f.group.as_ref().map(|g| &g.shown),
+        }),
+        SinkTarget::KubernetesSecret(k) => json!({
+            "kind": "kubernetes-secret",
+            "namespace": k.namespace,
+            "secret": k.secret,
+            "key": k.key,
+            "kubeconfig": k.kubeconfig.as_ref().map(|p| p.display().to_string()),
+        }),
+    };
+    out["format"] = json!(s.format.as_str());
+    match &s.format {
+        SinkFormat::Env { variable } => out["variable"] = json!(variable),
+        SinkFormat::Template(t) => out["template"] = json!(t.path().display().to_string()),
+        _ => {}
+    }
+    out
 }
 
 fn strip_nulls(v: Value) -> Value {

@@ -282,11 +282,22 @@ struct RawRotation {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSink {
-    path: Option<PathBuf>,
+    kind: Option<String>,
     format: Option<String>,
+    /// `format = "env"`.
+    variable: Option<String>,
+    /// `format = "template"`.
+    template: Option<PathBuf>,
+    // kind = "file"
+    path: Option<PathBuf>,
     mode: Option<RawScalar>,
     owner: Option<RawScalar>,
     group: Option<RawScalar>,
+    // kind = "kubernetes-secret"
+    secret: Option<String>,
+    key: Option<String>,
+    namespace: Option<String>,
+    kubeconfig: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------------------
@@ -509,20 +520,49 @@ pub struct RotationConfig {
     pub on_login: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SinkFormat {
-    /// The bare token, no trailing newline.
-    Raw,
-    /// `{"access_token","token_type","expires_at"}`.
-    Json,
-    /// `Authorization: Bearer <token>` and a newline.
-    Header,
+pub use crate::format::SinkFormat;
+
+/// One `[[credentials.sinks]]` entry: where each new token goes, and in
+/// which format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkConfig {
+    pub format: SinkFormat,
+    pub target: SinkTarget,
+}
+
+/// Where a sink writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkTarget {
+    /// `kind = "file"` (the default): a token file on this host.
+    File(FileSink),
+    /// `kind = "kubernetes-secret"`: one data key of a Kubernetes Secret,
+    /// for applications in other pods.
+    KubernetesSecret(SecretSink),
+}
+
+impl SinkConfig {
+    /// The token file, for a file sink.
+    pub fn file(&self) -> Option<&FileSink> {
+        match &self.target {
+            SinkTarget::File(file) => Some(file),
+            SinkTarget::KubernetesSecret(_) => None,
+        }
+    }
+
+    /// How status, `/readyz/{name}` and the metrics name this sink: a
+    /// file's path, or `kubernetes-secret:<namespace>/<secret>[<key>]`
+    /// (without `<namespace>/` when it is the pod's own).
+    pub fn label(&self) -> String {
+        match &self.target {
+            SinkTarget::File(file) => file.path.display().to_string(),
+            SinkTarget::KubernetesSecret(s) => s.label(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct SinkConfig {
+pub struct FileSink {
     pub path: PathBuf,
-    pub format: SinkFormat,
     /// Permission bits, within [`SINK_MODE_ALLOWED`].
     pub mode: u32,
     /// The user the file is given to on every write; `None`: rekeyd's own.
@@ -530,6 +570,34 @@ pub struct SinkConfig {
     /// The group the file is given to on every write; `None`: rekeyd's
     /// (or the directory's, when it is setgid).
     pub group: Option<FileOwner>,
+}
+
+/// Default data key of a Kubernetes Secret sink.
+pub const DEFAULT_SECRET_SINK_KEY: &str = "token";
+
+/// A Kubernetes Secret that rekeyd keeps one data key of up to date
+/// ([`crate::serve::secret_sink`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretSink {
+    /// `None`: the pod's own namespace (in cluster), else the kubeconfig
+    /// context's.
+    pub namespace: Option<String>,
+    /// The Secret's name.
+    pub secret: String,
+    /// The data key holding the token; other keys are never touched.
+    pub key: String,
+    /// `None`: the `[store]` kubeconfig when the store is Kubernetes, else
+    /// in-cluster configuration, else `KUBECONFIG` / `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl SecretSink {
+    fn label(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("kubernetes-secret:{ns}/{}[{}]", self.secret, self.key),
+            None => format!("kubernetes-secret:{}[{}]", self.secret, self.key),
+        }
+    }
 }
 
 /// A user or group a token file is given to.
@@ -899,13 +967,41 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         credentials.push(cred);
     }
     let mut sink_paths = HashSet::new();
-    for (i, cred) in credentials.iter().enumerate() {
-        for (j, sink) in cred.sinks.iter().enumerate() {
-            if !sink_paths.insert(sink.path.clone()) {
-                return Err(ConfigError::invalid(
-                    format!("credentials[{i}].sinks[{j}].path"),
-                    format!("{} is used by another sink", sink.path.display()),
-                ));
+    let mut sink_keys = HashSet::new();
+    for (i, cred) in credentials.iter_mut().enumerate() {
+        for (j, sink) in cred.sinks.iter_mut().enumerate() {
+            match &mut sink.target {
+                SinkTarget::File(file) => {
+                    if !sink_paths.insert(file.path.clone()) {
+                        return Err(ConfigError::invalid(
+                            format!("credentials[{i}].sinks[{j}].path"),
+                            format!("{} is used by another sink", file.path.display()),
+                        ));
+                    }
+                }
+                SinkTarget::KubernetesSecret(secret) => {
+                    // Two writers of one key would overwrite each other
+                    // with every token.
+                    let target = (
+                        secret.namespace.clone(),
+                        secret.secret.clone(),
+                        secret.key.clone(),
+                    );
+                    if !sink_keys.insert(target) {
+                        return Err(ConfigError::invalid(
+                            format!("credentials[{i}].sinks[{j}].key"),
+                            format!(
+                                "key {:?} of Secret {:?} is written by another sink",
+                                secret.key, secret.secret
+                            ),
+                        ));
+                    }
+                    if secret.kubeconfig.is_none()
+                        && let StoreConfig::Kubernetes(store) = &store
+                    {
+                        secret.kubeconfig = store.kubeconfig.clone();
+                    }
+                }
             }
         }
     }
@@ -1537,7 +1633,7 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         .sinks
         .into_iter()
         .enumerate()
-        .map(|(j, s)| validate_sink(&key(&format!("sinks[{j}]")), s))
+        .map(|(j, s)| validate_sink(&key(&format!("sinks[{j}]")), s, &name))
         .collect::<Result<Vec<_>, _>>()?;
 
     let hooks = rc
@@ -1858,36 +1954,214 @@ fn validate_cron(key: &str, expr: &str) -> Result<(), ConfigError> {
         .map_err(|reason| ConfigError::invalid(key, reason))
 }
 
-fn validate_sink(key: &str, raw: RawSink) -> Result<SinkConfig, ConfigError> {
-    let path = raw
-        .path
-        .ok_or_else(|| ConfigError::invalid(format!("{key}.path"), "is required"))?;
+fn validate_sink(key: &str, raw: RawSink, credential: &str) -> Result<SinkConfig, ConfigError> {
+    let field = |f: &str| format!("{key}.{f}");
+    let kind = raw.kind.as_deref().unwrap_or("file");
+    // Settings of the other kind, or of another format, are refused: the
+    // operator expects them to do something.
+    let given = [
+        ("path", raw.path.is_some(), "file"),
+        ("mode", raw.mode.is_some(), "file"),
+        ("owner", raw.owner.is_some(), "file"),
+        ("group", raw.group.is_some(), "file"),
+        ("secret", raw.secret.is_some(), "kubernetes-secret"),
+        ("key", raw.key.is_some(), "kubernetes-secret"),
+        ("namespace", raw.namespace.is_some(), "kubernetes-secret"),
+        ("kubeconfig", raw.kubeconfig.is_some(), "kubernetes-secret"),
+    ];
+    if kind == "file" || kind == "kubernetes-secret" {
+        for (name, present, applies_to) in given {
+            if present && kind != applies_to {
+                return Err(ConfigError::invalid(
+                    field(name),
+                    format!("applies to kind = {applies_to:?}, not {kind:?}"),
+                ));
+            }
+        }
+    }
+    let format = sink_format(
+        key,
+        raw.format.as_deref(),
+        raw.variable,
+        raw.template,
+        credential,
+    )?;
+    let target = match kind {
+        "file" => SinkTarget::File(file_sink(key, raw.path, raw.mode, raw.owner, raw.group)?),
+        "kubernetes-secret" => SinkTarget::KubernetesSecret(secret_sink(
+            key,
+            raw.secret,
+            raw.key,
+            raw.namespace,
+            raw.kubeconfig,
+        )?),
+        other => {
+            return Err(ConfigError::invalid(
+                field("kind"),
+                format!("expected \"file\" or \"kubernetes-secret\", got {other:?}"),
+            ));
+        }
+    };
+    Ok(SinkConfig { format, target })
+}
+
+/// `format`, with `variable` (env) and `template` (template), which belong
+/// to those formats only.
+fn sink_format(
+    key: &str,
+    format: Option<&str>,
+    variable: Option<String>,
+    template: Option<PathBuf>,
+    credential: &str,
+) -> Result<SinkFormat, ConfigError> {
+    let field = |f: &str| format!("{key}.{f}");
+    let format = format.unwrap_or("raw");
+    if variable.is_some() && format != "env" {
+        return Err(ConfigError::invalid(
+            field("variable"),
+            format!("applies to format = \"env\", not {format:?}"),
+        ));
+    }
+    if template.is_some() && format != "template" {
+        return Err(ConfigError::invalid(
+            field("template"),
+            format!("applies to format = \"template\", not {format:?}"),
+        ));
+    }
+    Ok(match format {
+        "raw" => SinkFormat::Raw,
+        "json" => SinkFormat::Json,
+        "header" => SinkFormat::Header,
+        "exec-credential" => SinkFormat::ExecCredential,
+        "env" => {
+            let variable =
+                variable.unwrap_or_else(|| crate::format::default_env_variable(credential));
+            if !crate::format::is_env_variable(&variable) {
+                return Err(ConfigError::invalid(
+                    field("variable"),
+                    format!(
+                        "{variable:?} is not an environment variable name (letters, digits and '_', not starting with a digit)"
+                    ),
+                ));
+            }
+            SinkFormat::Env { variable }
+        }
+        "template" => {
+            let Some(path) = template else {
+                return Err(ConfigError::invalid(
+                    field("template"),
+                    "is required for format = \"template\" (the template file)",
+                ));
+            };
+            if !path.is_absolute() {
+                return Err(ConfigError::invalid(
+                    field("template"),
+                    format!("must be an absolute path, got {path:?}"),
+                ));
+            }
+            let template = crate::format::TokenTemplate::load(&path).map_err(|reason| {
+                ConfigError::invalid(field("template"), format!("{}: {reason}", path.display()))
+            })?;
+            SinkFormat::Template(template)
+        }
+        other => {
+            return Err(ConfigError::invalid(
+                field("format"),
+                format!("expected {}, got {other:?}", crate::format::FORMAT_NAMES),
+            ));
+        }
+    })
+}
+
+fn file_sink(
+    key: &str,
+    path: Option<PathBuf>,
+    mode: Option<RawScalar>,
+    owner: Option<RawScalar>,
+    group: Option<RawScalar>,
+) -> Result<FileSink, ConfigError> {
+    let path = path.ok_or_else(|| ConfigError::invalid(format!("{key}.path"), "is required"))?;
     if !path.is_absolute() || path.file_name().is_none() {
         return Err(ConfigError::invalid(
             format!("{key}.path"),
             format!("must be an absolute file path, got {:?}", path),
         ));
     }
-    let format = match raw.format.as_deref() {
-        None | Some("raw") => SinkFormat::Raw,
-        Some("json") => SinkFormat::Json,
-        Some("header") => SinkFormat::Header,
-        Some(other) => {
-            return Err(ConfigError::invalid(
-                format!("{key}.format"),
-                format!("expected raw, json or header, got {other:?}"),
-            ));
-        }
-    };
-    let mode = sink_mode(&format!("{key}.mode"), raw.mode)?;
-    let owner = sink_owner(&format!("{key}.owner"), raw.owner, Principal::User)?;
-    let group = sink_owner(&format!("{key}.group"), raw.group, Principal::Group)?;
-    Ok(SinkConfig {
+    let mode = sink_mode(&format!("{key}.mode"), mode)?;
+    let owner = sink_owner(&format!("{key}.owner"), owner, Principal::User)?;
+    let group = sink_owner(&format!("{key}.group"), group, Principal::Group)?;
+    Ok(FileSink {
         path,
-        format,
         mode,
         owner,
         group,
+    })
+}
+
+/// Longest data key of a Secret sink: its expiry annotation
+/// `rekeyd/<key>.expires-at` must keep its name part within the 63
+/// characters Kubernetes allows.
+pub const MAX_SECRET_SINK_KEY: usize = 63 - ".expires-at".len();
+
+fn secret_sink(
+    key: &str,
+    secret: Option<String>,
+    data_key: Option<String>,
+    namespace: Option<String>,
+    kubeconfig: Option<PathBuf>,
+) -> Result<SecretSink, ConfigError> {
+    let field = |f: &str| format!("{key}.{f}");
+    let secret = secret.ok_or_else(|| {
+        ConfigError::invalid(
+            field("secret"),
+            "is required for kind = \"kubernetes-secret\" (the Secret's name)",
+        )
+    })?;
+    if !is_dns_subdomain(&secret) {
+        return Err(ConfigError::invalid(
+            field("secret"),
+            format!(
+                "{secret:?} is not a Kubernetes object name (lowercase a-z, 0-9, '-' and '.', at most 253)"
+            ),
+        ));
+    }
+    let data_key = data_key.unwrap_or_else(|| DEFAULT_SECRET_SINK_KEY.to_string());
+    // A Secret data key is `[-._a-zA-Z0-9]+`; the annotation recording the
+    // expiry also needs it to start with a letter or digit and stay short.
+    let valid_key = data_key.len() <= MAX_SECRET_SINK_KEY
+        && data_key.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && data_key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if !valid_key {
+        return Err(ConfigError::invalid(
+            field("key"),
+            format!(
+                "{data_key:?} is not a usable Secret data key (letters, digits, '-', '.' and '_', starting with a letter or digit, at most {MAX_SECRET_SINK_KEY})"
+            ),
+        ));
+    }
+    if let Some(ns) = &namespace
+        && !is_dns_label(ns)
+    {
+        return Err(ConfigError::invalid(
+            field("namespace"),
+            format!("{ns:?} is not a Kubernetes namespace name"),
+        ));
+    }
+    if let Some(path) = &kubeconfig
+        && !path.is_absolute()
+    {
+        return Err(ConfigError::invalid(
+            field("kubeconfig"),
+            format!("must be an absolute path, got {path:?}"),
+        ));
+    }
+    Ok(SecretSink {
+        namespace,
+        secret,
+        key: data_key,
+        kubeconfig,
     })
 }
 

@@ -2,7 +2,6 @@
 //! token and its status, both as watch channels so readers never block the
 //! engine and always see the latest value.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -48,11 +47,13 @@ fn serialize_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<
     }
 }
 
-/// What one token file holds, as its writer last left it
-/// ([`crate::serve::sink`]).
+/// What one sink (a token file, a Kubernetes Secret key) holds, as its
+/// writer last left it ([`crate::serve::sink`]).
 #[derive(Debug, Clone)]
 pub struct SinkState {
-    pub path: PathBuf,
+    /// The sink's [`crate::config::SinkConfig::label`]: a file's path, or
+    /// `kubernetes-secret:<namespace>/<secret>[<key>]`.
+    pub target: String,
     /// The token the file holds: the last one written to it.
     pub token: Option<Arc<Token>>,
     pub last_written_at: Option<SystemTime>,
@@ -63,9 +64,9 @@ pub struct SinkState {
 }
 
 impl SinkState {
-    pub fn new(path: PathBuf) -> SinkState {
+    pub fn new(target: String) -> SinkState {
         SinkState {
-            path,
+            target,
             token: None,
             last_written_at: None,
             consecutive_failures: 0,
@@ -155,10 +156,12 @@ impl SinkFreshness {
     }
 }
 
-/// One token file as `rekeyd status` and `/v1/status` show it. Holds no
-/// token, only its expiry.
+/// One sink as `rekeyd status` and `/v1/status` show it. Holds no token,
+/// only its expiry.
 #[derive(Debug, Clone, Serialize)]
 pub struct SinkReport {
+    /// A file's path, or `kubernetes-secret:<namespace>/<secret>[<key>]`
+    /// (the metrics' `path` label too).
     pub path: String,
     pub freshness: SinkFreshness,
     /// Wall-clock expiry of the token the file holds.
@@ -222,7 +225,7 @@ impl CredentialHandle {
                     Some(_) => SinkFreshness::Old,
                 };
                 SinkReport {
-                    path: sink.path.display().to_string(),
+                    path: sink.target.clone(),
                     freshness,
                     token_expires_at: sink.token.as_ref().map(|t| t.expires_at_wall()),
                     last_written_at: sink.last_written_at,

@@ -10,7 +10,8 @@
 //! - [`store`]: durable per-credential record (secret + rotation journal).
 //! - [`credential`]: watch channels through which tokens and status flow.
 //! - [`clock`]: the boot-time clock token lifetimes are measured on.
-//! - [`serve`]: token files and the local HTTP API.
+//! - [`format`]: the bytes of a token in each sink format (pure).
+//! - [`serve`]: token files, Kubernetes Secret sinks and the local HTTP API.
 //! - [`daemon`]: wires credentials, serving, signals and shutdown together.
 //! - [`once`]: `rekeyd run --once`, every credential once with the
 //!   daemon's pieces, then exit.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod credential;
 pub mod daemon;
 pub mod demo;
+pub mod format;
 pub mod fsutil;
 pub mod logging;
 pub mod metrics;

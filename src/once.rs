@@ -167,7 +167,7 @@ async fn credential(p: Prepared, shared: &Shared) -> CredentialReport {
         .map(|s| {
             format!(
                 "token file {} not written: {}",
-                s.path.display(),
+                s.target,
                 s.last_error.as_deref().unwrap_or("stopped")
             )
         })

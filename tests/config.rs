@@ -56,8 +56,14 @@ fn annotated_example_means_what_it_says() {
         RotationTrigger::Every(std::time::Duration::from_secs(86400))
     );
     assert_eq!(maps.sinks[0].format, SinkFormat::Raw);
-    assert_eq!(maps.sinks[0].mode, 0o640);
-    assert_eq!(config.credential("places").unwrap().sinks[0].mode, 0o600);
+    assert_eq!(maps.sinks[0].file().unwrap().mode, 0o640);
+    assert_eq!(
+        config.credential("places").unwrap().sinks[0]
+            .file()
+            .unwrap()
+            .mode,
+        0o600
+    );
 }
 
 #[test]
@@ -247,6 +253,111 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "relative sink path",
             with("[[credentials.sinks]]\npath = \"t\"\n"),
             vec!["`credentials[0].sinks[0].path`", "absolute"],
+        ),
+        (
+            "unknown sink kind",
+            with("[[credentials.sinks]]\nkind = \"vault\"\n"),
+            vec![
+                "`credentials[0].sinks[0].kind`",
+                "kubernetes-secret",
+                "vault",
+            ],
+        ),
+        (
+            "variable without format env",
+            with("[[credentials.sinks]]\npath = \"/run/rekeyd/t\"\nvariable = \"TOKEN\"\n"),
+            vec!["`credentials[0].sinks[0].variable`", "format = \"env\""],
+        ),
+        (
+            "bad env variable",
+            with(
+                "[[credentials.sinks]]\npath = \"/run/rekeyd/t\"\nformat = \"env\"\nvariable = \"MY-TOKEN\"\n",
+            ),
+            vec!["`credentials[0].sinks[0].variable`", "MY-TOKEN"],
+        ),
+        (
+            "template format without a template",
+            with("[[credentials.sinks]]\npath = \"/run/rekeyd/t\"\nformat = \"template\"\n"),
+            vec!["`credentials[0].sinks[0].template`", "required"],
+        ),
+        (
+            "missing template file",
+            with(
+                "[[credentials.sinks]]\npath = \"/run/rekeyd/t\"\nformat = \"template\"\ntemplate = \"/nonexistent/app.tmpl\"\n",
+            ),
+            vec![
+                "`credentials[0].sinks[0].template`",
+                "/nonexistent/app.tmpl",
+                "cannot read",
+            ],
+        ),
+        (
+            "template without format template",
+            with("[[credentials.sinks]]\npath = \"/run/rekeyd/t\"\ntemplate = \"/etc/app.tmpl\"\n"),
+            vec![
+                "`credentials[0].sinks[0].template`",
+                "format = \"template\"",
+            ],
+        ),
+        (
+            "secret sink without a secret",
+            with("[[credentials.sinks]]\nkind = \"kubernetes-secret\"\n"),
+            vec!["`credentials[0].sinks[0].secret`", "required"],
+        ),
+        (
+            "secret sink with a path",
+            with(
+                "[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app\"\npath = \"/run/t\"\n",
+            ),
+            vec!["`credentials[0].sinks[0].path`", "kind = \"file\""],
+        ),
+        (
+            "secret sink with a mode",
+            with(
+                "[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app\"\nmode = \"0600\"\n",
+            ),
+            vec!["`credentials[0].sinks[0].mode`", "kind = \"file\""],
+        ),
+        (
+            "file sink with a secret",
+            with("[[credentials.sinks]]\npath = \"/run/t\"\nsecret = \"app\"\n"),
+            vec![
+                "`credentials[0].sinks[0].secret`",
+                "kind = \"kubernetes-secret\"",
+            ],
+        ),
+        (
+            "bad secret sink name",
+            with("[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"App_Token\"\n"),
+            vec!["`credentials[0].sinks[0].secret`", "App_Token"],
+        ),
+        (
+            "bad secret sink key",
+            with(
+                "[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app\"\nkey = \"a/b\"\n",
+            ),
+            vec!["`credentials[0].sinks[0].key`", "a/b"],
+        ),
+        (
+            "bad secret sink namespace",
+            with(
+                "[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app\"\nnamespace = \"Prod\"\n",
+            ),
+            vec!["`credentials[0].sinks[0].namespace`", "Prod"],
+        ),
+        (
+            "relative secret sink kubeconfig",
+            with(
+                "[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app\"\nkubeconfig = \"kube.yaml\"\n",
+            ),
+            vec!["`credentials[0].sinks[0].kubeconfig`", "absolute"],
+        ),
+        (
+            "two sinks on one secret key",
+            with(
+                "[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app\"\n[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app\"\nformat = \"env\"\n",
+            ),
+            vec!["`credentials[0].sinks[1].key`", "another sink"],
         ),
         (
             "non-loopback API",
@@ -742,7 +853,11 @@ fn a_mode_is_the_integer_it_is_or_octal_text() {
         ("", 0o600),
     ] {
         let config = sink_with(written).unwrap_or_else(|e| panic!("{written}: {e}"));
-        assert_eq!(config.credentials[0].sinks[0].mode, mode, "{written}");
+        assert_eq!(
+            config.credentials[0].sinks[0].file().unwrap().mode,
+            mode,
+            "{written}"
+        );
     }
 }
 
@@ -795,16 +910,16 @@ fn a_refused_mode_is_explained_without_numbers_the_operator_did_not_write() {
 #[test]
 fn owner_and_group_take_names_or_numeric_ids() {
     let config = sink_with("owner = \"root\"\ngroup = \"root\"").unwrap();
-    let sink = &config.credentials[0].sinks[0];
+    let sink = config.credentials[0].sinks[0].file().unwrap();
     assert_eq!(sink.owner.as_ref().map(|o| o.id), Some(0));
     assert_eq!(sink.group.as_ref().map(|g| g.id), Some(0));
     let config = sink_with("owner = 65532\ngroup = \"65533\"").unwrap();
-    let sink = &config.credentials[0].sinks[0];
+    let sink = config.credentials[0].sinks[0].file().unwrap();
     assert_eq!(sink.owner.as_ref().map(|o| o.id), Some(65532));
     assert_eq!(sink.group.as_ref().map(|g| g.id), Some(65533));
     let config = sink_with("").unwrap();
-    assert_eq!(config.credentials[0].sinks[0].owner, None);
-    assert_eq!(config.credentials[0].sinks[0].group, None);
+    assert_eq!(config.credentials[0].sinks[0].file().unwrap().owner, None);
+    assert_eq!(config.credentials[0].sinks[0].file().unwrap().group, None);
 
     for (written, key, reason) in [
         (
@@ -1028,4 +1143,80 @@ fn a_parse_error_next_to_an_assertion_does_not_print_it() {
             );
         }
     }
+}
+
+#[test]
+fn sink_kinds_and_formats_parse_with_defaults() {
+    use rekeyd::config::{SecretSink, SinkTarget};
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("app.conf.tmpl");
+    std::fs::write(&template, "token = {{ token }}\n").unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let sinks = format!(
+        "[[credentials.sinks]]\npath = \"/run/rekeyd/a.env\"\nformat = \"env\"\n\
+         [[credentials.sinks]]\npath = \"/run/rekeyd/b.env\"\nformat = \"env\"\nvariable = \"APP_TOKEN\"\n\
+         [[credentials.sinks]]\npath = \"/run/rekeyd/kube.json\"\nformat = \"exec-credential\"\n\
+         [[credentials.sinks]]\npath = \"/run/rekeyd/app.conf\"\nformat = \"template\"\ntemplate = \"{}\"\n\
+         [[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app-token\"\n\
+         [[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app-token\"\nkey = \"token.env\"\nformat = \"env\"\nnamespace = \"payments\"\nkubeconfig = \"/etc/kube.yaml\"\n",
+        template.display()
+    );
+    let text = format!("{BASE}{sinks}");
+    let config = Config::from_toml(&text).unwrap();
+    let sinks = &config.credentials[0].sinks;
+    assert_eq!(
+        sinks[0].format,
+        SinkFormat::Env {
+            variable: "REKEYD_MAPS_TOKEN".into()
+        }
+    );
+    assert_eq!(
+        sinks[1].format,
+        SinkFormat::Env {
+            variable: "APP_TOKEN".into()
+        }
+    );
+    assert_eq!(sinks[2].format, SinkFormat::ExecCredential);
+    let SinkFormat::Template(t) = &sinks[3].format else {
+        panic!("template: {:?}", sinks[3].format)
+    };
+    assert_eq!(t.path(), template);
+    assert_eq!(sinks[3].file().unwrap().mode, 0o600);
+    assert_eq!(
+        sinks[4].target,
+        SinkTarget::KubernetesSecret(SecretSink {
+            namespace: None,
+            secret: "app-token".into(),
+            key: "token".into(),
+            kubeconfig: None,
+        })
+    );
+    assert_eq!(sinks[4].format, SinkFormat::Raw);
+    assert_eq!(sinks[4].label(), "kubernetes-secret:app-token[token]");
+    assert_eq!(
+        sinks[5].label(),
+        "kubernetes-secret:payments/app-token[token.env]"
+    );
+    // Without a kubeconfig of its own, a Secret sink uses the store's.
+    let with_store = text.replacen(
+        "\n[[credentials]]",
+        &format!(
+            "\n[store]\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\n[[credentials]]",
+            kubeconfig.display()
+        ),
+        1,
+    );
+    let config = Config::from_toml(&with_store).unwrap();
+    let kubeconfigs: Vec<_> = config.credentials[0]
+        .sinks
+        .iter()
+        .filter_map(|s| match &s.target {
+            SinkTarget::KubernetesSecret(k) => Some(k.kubeconfig.clone().unwrap()),
+            SinkTarget::File(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        kubeconfigs,
+        [kubeconfig, std::path::PathBuf::from("/etc/kube.yaml")]
+    );
 }

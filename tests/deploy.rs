@@ -820,9 +820,9 @@ fn systemd_example_config_fits_the_unit() {
         );
         for sink in &cred.sinks {
             assert!(
-                sink.path.starts_with(&runtime_dir),
+                sink.file().unwrap().path.starts_with(&runtime_dir),
                 "{}: the sandbox writes only {} and the state directory",
-                sink.path.display(),
+                sink.file().unwrap().path.display(),
                 runtime_dir.display()
             );
         }
@@ -990,9 +990,9 @@ fn container_image_runs_rekeyd_unprivileged_from_scratch() {
         );
         for sink in &cred.sinks {
             assert!(
-                sink.path.starts_with(&volumes[1]),
+                sink.file().unwrap().path.starts_with(&volumes[1]),
                 "{}",
-                sink.path.display()
+                sink.file().unwrap().path.display()
             );
         }
     }
@@ -1326,11 +1326,16 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
             "{secret_key} not in the Secret"
         );
         for sink in &cred.sinks {
-            let (mount, volume, read_only) = mount_of(&sink.path);
+            let (mount, volume, read_only) = mount_of(&sink.file().unwrap().path);
             assert!(!read_only);
             assert_eq!(mount, "/run/tokens");
             assert_eq!(volume["emptyDir"]["medium"].as_str(), Some("Memory"));
         }
+    }
+    // The base shows the product's point: its secret rotates, kept in the
+    // shared store (checked below) so the rotated secret outlives the pod.
+    for cred in &config.credentials {
+        assert!(cred.rotation.is_some(), "{} rotates", cred.name);
     }
     let (_, state_volume, read_only) = mount_of(&config.state_dir);
     assert!(!read_only && state_volume["emptyDir"].is_mapping());
@@ -1569,6 +1574,122 @@ fn kustomize_overlay_sets_namespace_and_replaces_the_bootstrap_secret() {
     );
 }
 
+#[test]
+fn secret_sink_component_adds_the_sink_its_secret_exact_rbac_and_a_consumer() {
+    let Some(kubectl) = tool("kubectl", "kubernetes-client") else {
+        return;
+    };
+    if !tools::kubectl_at_least(&kubectl, 21, "kustomize components") {
+        return;
+    }
+    // Its configuration is the base's with the Secret sink appended.
+    let base_toml = read("deploy/kubernetes/rekeyd.toml");
+    let toml = read("deploy/kubernetes/secret-sink/rekeyd.toml");
+    assert!(
+        toml.starts_with(&base_toml),
+        "deploy/kubernetes/secret-sink/rekeyd.toml must begin with the base's rekeyd.toml"
+    );
+    let config = load_config(&toml);
+    let base = load_config(&base_toml);
+    assert_eq!(config.store, base.store);
+    let cred = &config.credentials[0];
+    assert_eq!(
+        cred.sinks[..cred.sinks.len() - 1],
+        base.credentials[0].sinks[..]
+    );
+    let rekeyd::config::SinkTarget::KubernetesSecret(sink) = &cred.sinks.last().unwrap().target
+    else {
+        panic!("the last sink is a Kubernetes Secret")
+    };
+    assert_eq!(sink.namespace, None, "the pod's own namespace");
+    assert_eq!(sink.kubeconfig, None, "in-cluster configuration");
+
+    // An overlay with the base and the component, in a namespace.
+    let tmp = tempfile::Builder::new()
+        .prefix("overlay")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let overlay = tmp.path().canonicalize().unwrap();
+    let dir = |rel: &str| relative(&overlay, &root().join(rel).canonicalize().unwrap());
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "resources:\n  - {}\ncomponents:\n  - {}\nnamespace: payments\n",
+            dir("deploy/kubernetes").display(),
+            dir("deploy/kubernetes/secret-sink").display()
+        ),
+    )
+    .unwrap();
+    let out = run_ok(Command::new(kubectl).arg("kustomize").arg(&overlay));
+    let docs: Vec<Yaml> = serde_yaml_ng::Deserializer::from_str(&out)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &Yaml| !d.is_null())
+        .collect();
+
+    // The sidecar reads the component's configuration.
+    let config_map = one(&docs, "ConfigMap");
+    assert_eq!(
+        config_map["data"]["rekeyd.toml"].as_str(),
+        Some(toml.as_str())
+    );
+
+    // The Secret exists beforehand, empty: rekeyd may not create it.
+    let secret = find(&docs, "Secret")
+        .into_iter()
+        .find(|s| name(s) == sink.secret)
+        .expect("the token Secret");
+    assert_eq!(secret["type"].as_str(), Some("Opaque"));
+    assert!(secret["data"].is_null() && secret["stringData"].is_null());
+    assert_eq!(secret["metadata"]["namespace"].as_str(), Some("payments"));
+
+    // RBAC: get, update and patch on that Secret alone, for rekeyd's
+    // service account; the base's Role unchanged.
+    let roles = find(&docs, "Role");
+    assert_eq!(roles.len(), 2);
+    let role = roles
+        .iter()
+        .find(|r| name(r) == "rekeyd-token-sink")
+        .expect("the sink's Role");
+    let rules = role["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(strs(&rules[0]["apiGroups"]), [""]);
+    assert_eq!(strs(&rules[0]["resources"]), ["secrets"]);
+    assert_eq!(strs(&rules[0]["resourceNames"]), [sink.secret.as_str()]);
+    assert_eq!(strs(&rules[0]["verbs"]), ["get", "update", "patch"]);
+    let binding = find(&docs, "RoleBinding")
+        .into_iter()
+        .find(|b| b["roleRef"]["name"].as_str() == Some(name(role)))
+        .expect("the sink's RoleBinding");
+    let sa = one(&docs, "ServiceAccount");
+    assert_eq!(binding["subjects"][0]["name"].as_str(), Some(name(sa)));
+    assert_eq!(
+        binding["subjects"][0]["namespace"].as_str(),
+        Some("payments")
+    );
+
+    // The example consumer: another pod, the Secret's key mounted
+    // read-only, no API credentials, hardened.
+    let consumer = find(&docs, "Deployment")
+        .into_iter()
+        .find(|d| name(d) == "token-consumer")
+        .expect("the consumer");
+    let pod = &consumer["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    let container = &pod["containers"][0];
+    hardened(container, pod);
+    let mounted = mounts(container, pod);
+    let (_, volume, read_only) = mounted
+        .iter()
+        .find(|(_, v, _)| v["secret"]["secretName"].as_str() == Some(sink.secret.as_str()))
+        .expect("the token Secret is mounted");
+    assert!(*read_only);
+    assert_eq!(
+        volume["secret"]["items"][0]["key"].as_str(),
+        Some(sink.key.as_str())
+    );
+    assert_eq!(volume["secret"]["defaultMode"].as_u64(), Some(0o440));
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::new();
@@ -1621,7 +1742,7 @@ fn nspawn_boots_the_unit_and_rekeyd_serves_tokens() {
     let cred = &example.credentials[0];
     let secret_file = cred.initial_secret_file.as_ref().unwrap();
     let secret_name = secret_file.file_name().unwrap().to_str().unwrap();
-    let sink = &cred.sinks[0].path;
+    let sink = &cred.sinks[0].file().unwrap().path;
     let listen = api.listen.to_string();
     let curl = match listen.strip_prefix("unix:") {
         Some(sock) => format!("curl -s --unix-socket {sock} http://rekeyd"),

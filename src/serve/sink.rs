@@ -1,9 +1,11 @@
-//! Token files: rewritten atomically, with the configured mode, owner and
-//! group, every time the credential gets a new token. A write that fails
-//! (a full or read-only disk, a missing directory, no right to give the
-//! file away) is retried with backoff until it lands, without waiting for
-//! the next token; meanwhile the file's state (old or expired token, the
-//! error) shows in status, `/readyz/{name}` and the metrics.
+//! Sinks: token files, rewritten atomically with the configured mode,
+//! owner and group, and Kubernetes Secret keys ([`super::secret_sink`]),
+//! written every time the credential gets a new token, in the sink's
+//! format ([`crate::format`]). A write that fails (a full or read-only
+//! disk, a missing directory, no right to give the file away, an API
+//! server that refuses) is retried with backoff until it lands, without
+//! waiting for the next token; meanwhile the sink's state (old or expired
+//! token, the error) shows in status, `/readyz/{name}` and the metrics.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,9 +16,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::secret_sink::SecretWriter;
 use crate::clock::Clock;
-use crate::config::{Config, ConfigWarning, FileOwner, SinkConfig, SinkFormat};
+use crate::config::{Config, ConfigWarning, FileOwner, SinkConfig, SinkFormat, SinkTarget};
 use crate::credential::{SinkState, SinkStates};
+use crate::format::{RenderError, TokenView};
 use crate::fsutil::{self, Ownership};
 use crate::token::Token;
 
@@ -26,22 +30,16 @@ const RETRY_BASE: Duration = Duration::from_millis(500);
 /// by a person, and each retry costs only a failed open or write.
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
-/// The file content for `token` in `format`.
-pub fn render(token: &Token, format: SinkFormat) -> Vec<u8> {
-    let value = token.access_token.expose_secret();
-    match format {
-        SinkFormat::Raw => value.as_bytes().to_vec(),
-        SinkFormat::Header => format!("Authorization: Bearer {value}\n").into_bytes(),
-        SinkFormat::Json => {
-            let doc = serde_json::json!({
-                "access_token": value,
-                "token_type": token.token_type,
-                "expires_at": humantime::format_rfc3339_seconds(token.expires_at_wall()).to_string(),
-            });
-            let mut bytes = serde_json::to_vec(&doc).expect("json serializes");
-            bytes.push(b'\n');
-            bytes
-        }
+/// The content for `token` in `format` ([`crate::format::render`]).
+pub fn render(token: &Token, format: &SinkFormat) -> Result<Vec<u8>, RenderError> {
+    crate::format::render(view(token), format)
+}
+
+fn view(token: &Token) -> TokenView<'_> {
+    TokenView {
+        access_token: token.access_token.expose_secret(),
+        token_type: &token.token_type,
+        expires_at: token.expires_at_wall(),
     }
 }
 
@@ -55,10 +53,10 @@ pub fn retry_delay(failures: u32, unit: f64) -> Duration {
     cap / 2 + (cap / 2).mul_f64(unit)
 }
 
-/// Writes every new token of one credential to its files until shutdown,
-/// retrying failed writes, and publishes each file's state on `states`.
-/// Runs apart from the token engine so a slow or broken disk never delays
-/// a refresh.
+/// Writes every new token of one credential to its sinks until shutdown,
+/// retrying failed writes, and publishes each sink's state on `states`.
+/// Runs apart from the token engine so a slow or broken disk (or API
+/// server) never delays a refresh.
 pub async fn run(
     name: String,
     sinks: Vec<SinkConfig>,
@@ -74,11 +72,12 @@ pub async fn run(
         sinks
             .iter()
             .map(|sink| {
+                let target = sink.label();
                 previous
                     .iter()
-                    .find(|s| s.path == sink.path)
+                    .find(|s| s.target == target)
                     .cloned()
-                    .unwrap_or_else(|| SinkState::new(sink.path.clone()))
+                    .unwrap_or_else(|| SinkState::new(target))
             })
             .collect(),
     );
@@ -91,6 +90,7 @@ pub async fn run(
         // token to write, or there is none. Every file is written once at
         // start, so a changed mode or owner applies at once.
         let mut due: Vec<Option<Instant>> = vec![Some(Instant::now()); sinks.len()];
+        let mut writers: Vec<Writer> = sinks.into_iter().map(Writer::new).collect();
         let mut target: Option<Arc<Token>> = None;
         loop {
             let latest = tokens.borrow_and_update().clone();
@@ -104,7 +104,14 @@ pub async fn run(
                 }
             }
             match target.as_ref().filter(|t| t.is_valid(clock.now())) {
-                Some(token) => write_due(&sinks, token, &mut due, &states).await,
+                Some(token) => {
+                    // A Secret write waits on the network: shutdown does
+                    // not wait for it (a replace lands whole or not at all).
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = write_due(&mut writers, token, &mut due, &states) => {}
+                    }
+                }
                 // A token that is already invalid is never published: the
                 // files keep what they hold until a new one arrives.
                 None => due.fill(None),
@@ -137,28 +144,90 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Writes `token` to every file whose time has come; schedules a retry
+/// One sink and what writing it needs.
+struct Writer {
+    sink: SinkConfig,
+    /// A Secret sink's API client, built at its first write (so that a
+    /// broken kubeconfig is a failed write in status, retried, like a
+    /// missing directory).
+    client: Option<SecretWriter>,
+}
+
+impl Writer {
+    fn new(sink: SinkConfig) -> Writer {
+        Writer { sink, client: None }
+    }
+
+    /// One write of `token`; the error as status shows it.
+    async fn write(&mut self, token: &Token) -> Result<(), String> {
+        let content = render(token, &self.sink.format).map_err(|e| e.to_string())?;
+        match &self.sink.target {
+            SinkTarget::File(file) => {
+                let path = file.path.clone();
+                let mode = file.mode;
+                let owner = Ownership {
+                    uid: file.owner.as_ref().map(|o| o.id),
+                    gid: file.group.as_ref().map(|g| g.id),
+                };
+                // The write finishes even if shutdown arrives meanwhile: a
+                // file is never left half-written (it is atomic anyway, but
+                // the fsync counts).
+                match tokio::task::spawn_blocking(move || {
+                    fsutil::write_atomic_owned(&path, &content, mode, owner)
+                })
+                .await
+                {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(format!("the writer task failed: {e}")),
+                }
+            }
+            SinkTarget::KubernetesSecret(secret) => {
+                if self.client.is_none() {
+                    self.client = Some(
+                        SecretWriter::connect(secret)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                let client = self.client.as_ref().expect("built above");
+                let written = client
+                    .write(&content, token.expires_at_wall())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                debug!(step = "sink", target = %client.target(), ?written, "kubernetes Secret key written");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Writes `token` to every sink whose time has come; schedules a retry
 /// for each that fails.
 async fn write_due(
-    sinks: &[SinkConfig],
+    writers: &mut [Writer],
     token: &Arc<Token>,
     due: &mut [Option<Instant>],
     states: &SinkStates,
 ) {
-    for (i, sink) in sinks.iter().enumerate() {
+    for (i, writer) in writers.iter_mut().enumerate() {
         if due[i].is_none_or(|at| at > Instant::now()) {
             continue;
         }
-        let result = write(sink, token).await;
+        let result = writer.write(token).await;
         let before = states.borrow()[i].clone();
-        let path = sink.path.display();
+        let target = &before.target;
+        let what = match writer.sink.target {
+            SinkTarget::File(_) => "token file",
+            SinkTarget::KubernetesSecret(_) => "kubernetes Secret key",
+        };
         match result {
             Ok(()) => {
                 due[i] = None;
                 if before.consecutive_failures > 0 {
-                    info!(step = "sink", path = %path, failed_attempts = before.consecutive_failures, "token file written after failed attempts");
+                    info!(step = "sink", path = %target, failed_attempts = before.consecutive_failures, "{what} written after failed attempts");
                 } else {
-                    debug!(step = "sink", path = %path, "token file written");
+                    debug!(step = "sink", path = %target, "{what} written");
                 }
                 states.send_modify(|s| {
                     s[i].token = Some(token.clone());
@@ -173,9 +242,9 @@ async fn write_due(
                 due[i] = Some(Instant::now() + wait);
                 // Once per kind of trouble at WARN, not at every retry.
                 if before.last_error.as_deref() != Some(error.as_str()) {
-                    warn!(step = "sink", path = %path, error = %error, retry_in = ?wait, "cannot write token file; retrying until it lands");
+                    warn!(step = "sink", path = %target, error = %error, retry_in = ?wait, "cannot write {what}; retrying until it lands");
                 } else {
-                    debug!(step = "sink", path = %path, error = %error, failures, retry_in = ?wait, "token file still not written");
+                    debug!(step = "sink", path = %target, error = %error, failures, retry_in = ?wait, "{what} still not written");
                 }
                 states.send_modify(|s| {
                     s[i].consecutive_failures = failures;
@@ -183,28 +252,6 @@ async fn write_due(
                 });
             }
         }
-    }
-}
-
-/// One atomic write of `token` to `sink`; the error as status shows it.
-async fn write(sink: &SinkConfig, token: &Token) -> Result<(), String> {
-    let content = render(token, sink.format);
-    let path = sink.path.clone();
-    let mode = sink.mode;
-    let owner = Ownership {
-        uid: sink.owner.as_ref().map(|o| o.id),
-        gid: sink.group.as_ref().map(|g| g.id),
-    };
-    // The write finishes even if shutdown arrives meanwhile: a file is
-    // never left half-written (it is atomic anyway, but the fsync counts).
-    match tokio::task::spawn_blocking(move || {
-        fsutil::write_atomic_owned(&path, &content, mode, owner)
-    })
-    .await
-    {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("the writer task failed: {e}")),
     }
 }
 
@@ -284,6 +331,7 @@ pub fn ownership_warnings(config: &Config, me: &Privileges) -> Vec<ConfigWarning
     let mut warnings = Vec::new();
     for (i, cred) in config.credentials.iter().enumerate() {
         for (j, sink) in cred.sinks.iter().enumerate() {
+            let Some(sink) = sink.file() else { continue };
             if let Some(reason) = me.cannot_give(sink.owner.as_ref(), sink.group.as_ref()) {
                 let field = if sink.owner.as_ref().is_some_and(|o| o.id != me.uid) {
                     "owner"

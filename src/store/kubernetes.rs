@@ -202,7 +202,17 @@ async fn from_kubeconfig(
 pub async fn client_config(
     config: &KubernetesStoreConfig,
 ) -> Result<(kube::Config, Route), StoreError> {
-    let (mut client_config, configured_proxy) = match &config.kubeconfig {
+    cluster_config(config.kubeconfig.as_deref()).await
+}
+
+/// [`client_config`] for any client of the API server (the store, a
+/// Kubernetes Secret sink): `kubeconfig`, else in-cluster, else
+/// `KUBECONFIG` / `~/.kube/config`, with the same proxy rule. Contacts
+/// nothing.
+pub async fn cluster_config(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<(kube::Config, Route), StoreError> {
+    let (mut client_config, configured_proxy) = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path).map_err(|e| StoreError::Unavailable {
                 target: format!("kubeconfig {}", path.display()),
@@ -260,7 +270,7 @@ fn data_key(name: &str) -> String {
 /// Runs one API request, giving up after `limit` (S3): the answer of a
 /// request that took longer could no longer be trusted to have landed
 /// while the claim was held.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     limit: Duration,
     request: impl Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, kube::Error> {
@@ -274,7 +284,7 @@ async fn bounded<T>(
 }
 
 /// The HTTP status of an API error, if the server answered.
-fn api_code(e: &kube::Error) -> Option<u16> {
+pub(crate) fn api_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(status) => Some(status.code),
         _ => None,
@@ -284,7 +294,7 @@ fn api_code(e: &kube::Error) -> Option<u16> {
 /// `403 Forbidden: secrets "x" is forbidden: ...`: the status and the
 /// server's own explanation. Not kube's `Display`, which would quote
 /// undecodable response bodies; API messages do not carry Secret data.
-fn describe_api_error(e: &kube::Error) -> String {
+pub(crate) fn describe_api_error(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(status) => {
             let reason = if status.reason.is_empty() {

@@ -9,7 +9,7 @@
 //! behind the client's back), failures by method and kind, requests stalled
 //! by method and kind (a hung server), bearer tokens cut off (a partitioned
 //! replica), a client's clock skewed in the Lease times it writes, request
-//! counts.
+//! counts, the bearer tokens seen.
 //! Include with `#[path = "support/kube_fake.rs"] mod kube_fake;`.
 #![allow(dead_code)]
 
@@ -105,6 +105,8 @@ struct State {
     /// Seconds added to the times in Lease specs written with a token: that
     /// client's wall clock is off by as much.
     skews: HashMap<String, i64>,
+    /// Every bearer token a request carried, in order.
+    bearers: Vec<String>,
 }
 
 impl State {
@@ -223,6 +225,12 @@ impl KubeFake {
             .unwrap()
             .blocked_tokens
             .insert(token.to_string());
+    }
+
+    /// The bearer tokens requests carried, in order (a client's
+    /// credentials as the server saw them).
+    pub fn bearers(&self) -> Vec<String> {
+        self.state.lock().unwrap().bearers.clone()
     }
 
     pub fn count(&self, method: Method, kind: Kind) -> u64 {
@@ -414,6 +422,7 @@ fn handle(
     else {
         return status(401, "Unauthorized", "Unauthorized".into(), None, "");
     };
+    state.bearers.push(token.clone());
     if state.blocked_tokens.contains(&token) {
         return status(
             503,

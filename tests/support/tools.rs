@@ -95,3 +95,32 @@ fn announce(line: &str) {
     let mut err = std::io::stderr().lock();
     let _ = write!(err, "\n{line}\n");
 }
+
+/// Whether `kubectl` is version 1.`minor` or later; when it is older the
+/// calling test is skipped (see [`skip`]) because it lacks `feature`.
+/// Debian's kubernetes-client is 1.20, before exec plugins'
+/// `client.authentication.k8s.io/v1` (1.22) and kustomize components
+/// (1.21).
+pub fn kubectl_at_least(kubectl: &std::path::Path, minor: u32, feature: &str) -> bool {
+    let out = std::process::Command::new(kubectl)
+        .args(["version", "--client", "-o", "json"])
+        .output()
+        .expect("kubectl runs");
+    let found = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| {
+            let m = v["clientVersion"]["minor"].as_str()?;
+            // "32", or "20+" on some builds.
+            m.trim_end_matches('+').parse::<u32>().ok()
+        });
+    match found {
+        Some(m) if m >= minor => true,
+        found => {
+            skip(&format!(
+                "kubectl 1.{} predates {feature} (1.{minor}); install a newer kubectl",
+                found.map_or("?".to_string(), |m| m.to_string())
+            ));
+            false
+        }
+    }
+}
