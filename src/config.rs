@@ -237,6 +237,22 @@ struct RawCredential {
     sinks: Vec<RawSink>,
     #[serde(default)]
     hooks: Vec<RawHook>,
+    #[serde(default)]
+    tokens: Vec<RawTokenProfile>,
+}
+
+/// One `[[credentials.tokens]]` table: another token of the credential's
+/// client, with its own request parameters and sinks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenProfile {
+    name: Option<String>,
+    scope: Option<String>,
+    audience: Option<String>,
+    #[serde(default)]
+    extra_params: BTreeMap<String, String>,
+    #[serde(default)]
+    sinks: Vec<RawSink>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -685,6 +701,60 @@ pub struct CredentialConfig {
     pub rotation: Option<RotationConfig>,
     pub sinks: Vec<SinkConfig>,
     pub hooks: Vec<HookConfig>,
+    /// `[[credentials.tokens]]`: further tokens minted from this
+    /// credential's one secret, each served under its own name. Empty for
+    /// most credentials (an empty `Vec` allocates nothing).
+    pub tokens: Vec<TokenProfile>,
+}
+
+/// A token profile (`[[credentials.tokens]]`): the credential's client
+/// asking for a token with other request parameters (RFC 6749 §3.3
+/// `scope`, an `audience`, RFC 8707 `resource` through `extra_params`),
+/// from the credential's secret and under its rotation (S8). Served at
+/// `/v1/token/{name}` and refreshed on its own token's lifetime.
+///
+/// Nothing is inherited from the credential's own `scope`, `audience` or
+/// `extra_params`: a profile's token request carries exactly what the
+/// profile says, so a token never gets an audience nobody wrote next to
+/// it. The credential's `[credentials.refresh]` settings apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenProfile {
+    /// Unique among credential names and profile names.
+    pub name: String,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    /// Redacted in `Debug`, as the credential's.
+    pub extra_params: BTreeMap<String, ParamValue>,
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl CredentialConfig {
+    /// The credential as profile `profile` asks for tokens: its name,
+    /// request parameters and sinks in place of the credential's, no hooks,
+    /// and no rotation (the credential rotates the one secret; a profile's
+    /// login must never ask for a rotation, `on_login` included). The
+    /// token engine and provider of a profile are built from this view;
+    /// the secret is still read under the credential's name.
+    pub fn profile_view(&self, profile: &TokenProfile) -> CredentialConfig {
+        CredentialConfig {
+            name: profile.name.clone(),
+            provider: self.provider,
+            client_id: self.client_id.clone(),
+            customer_id: self.customer_id.clone(),
+            initial_secret_file: self.initial_secret_file.clone(),
+            initial_secret_id: self.initial_secret_id.clone(),
+            scope: profile.scope.clone(),
+            audience: profile.audience.clone(),
+            auth_method: self.auth_method,
+            extra_params: profile.extra_params.clone(),
+            endpoints: self.endpoints.clone(),
+            refresh: self.refresh.clone(),
+            rotation: None,
+            sinks: profile.sinks.clone(),
+            hooks: Vec::new(),
+            tokens: Vec::new(),
+        }
+    }
 }
 
 impl Config {
@@ -742,6 +812,19 @@ impl Config {
 
     pub fn credential(&self, name: &str) -> Option<&CredentialConfig> {
         self.credentials.iter().find(|c| c.name == name)
+    }
+
+    /// The token profile named `name` and the credential it belongs to.
+    pub fn token_profile(&self, name: &str) -> Option<(&CredentialConfig, &TokenProfile)> {
+        self.credentials
+            .iter()
+            .find_map(|c| c.tokens.iter().find(|p| p.name == name).map(|p| (c, p)))
+    }
+
+    /// Whether `name` is served at `/v1/token/{name}`: a credential or a
+    /// token profile.
+    pub fn serves_token(&self, name: &str) -> bool {
+        self.credential(name).is_some() || self.token_profile(name).is_some()
     }
 
     /// Settings that are valid but probably a mistake, in the order of the
@@ -954,27 +1037,50 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "at least one [[credentials]] entry is required",
         ));
     }
-    let mut names = HashSet::new();
+    // Credential and profile names share one namespace: each is served
+    // at `/v1/token/{name}` and labels its own metrics.
+    let mut names = HashMap::new();
     let mut credentials = Vec::with_capacity(raw.credentials.len());
     for (i, rc) in raw.credentials.into_iter().enumerate() {
         let cred = validate_credential(i, rc)?;
-        if !names.insert(cred.name.clone()) {
-            return Err(ConfigError::invalid(
-                format!("credentials[{i}].name"),
-                format!("duplicate credential name {:?}", cred.name),
-            ));
+        let own = std::iter::once((format!("credentials[{i}].name"), &cred.name));
+        let profiles = (cred.tokens.iter().enumerate())
+            .map(|(j, p)| (format!("credentials[{i}].tokens[{j}].name"), &p.name));
+        for (key, name) in own.chain(profiles) {
+            if let Some(first) = names.get(name) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "duplicate token name {name:?}: `{first}` has it already (credential \
+                         and token profile names are unique together, each is served at \
+                         /v1/token/{{name}})"
+                    ),
+                ));
+            }
+            names.insert(name.clone(), key);
         }
         credentials.push(cred);
     }
     let mut sink_paths = HashSet::new();
     let mut sink_keys = HashSet::new();
     for (i, cred) in credentials.iter_mut().enumerate() {
-        for (j, sink) in cred.sinks.iter_mut().enumerate() {
+        let own = cred
+            .sinks
+            .iter_mut()
+            .enumerate()
+            .map(|(j, sink)| (format!("credentials[{i}].sinks[{j}]"), sink));
+        let profiles = cred.tokens.iter_mut().enumerate().flat_map(|(t, p)| {
+            p.sinks
+                .iter_mut()
+                .enumerate()
+                .map(move |(j, sink)| (format!("credentials[{i}].tokens[{t}].sinks[{j}]"), sink))
+        });
+        for (key, sink) in own.chain(profiles) {
             match &mut sink.target {
                 SinkTarget::File(file) => {
                     if !sink_paths.insert(file.path.clone()) {
                         return Err(ConfigError::invalid(
-                            format!("credentials[{i}].sinks[{j}].path"),
+                            format!("{key}.path"),
                             format!("{} is used by another sink", file.path.display()),
                         ));
                     }
@@ -989,7 +1095,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                     );
                     if !sink_keys.insert(target) {
                         return Err(ConfigError::invalid(
-                            format!("credentials[{i}].sinks[{j}].key"),
+                            format!("{key}.key"),
                             format!(
                                 "key {:?} of Secret {:?} is written by another sink",
                                 secret.key, secret.secret
@@ -1091,7 +1197,8 @@ fn refuse_if_either_rotates(
         format!("credentials[{j}].{field}"),
         format!(
             "{same}: {why}. Give each credential a secret of its own (S8: one secret, one \
-             owner); several scopes or audiences on one secret belong in one credential"
+             owner); several scopes or audiences on one secret belong in one credential, as \
+             token profiles ([[credentials.tokens]])"
         ),
     ))
 }
@@ -1486,15 +1593,7 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
     };
 
     let name = required(rc.name, "name")?;
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
-        return Err(ConfigError::invalid(
-            key("name"),
-            format!("{name:?} may contain only a-z, 0-9 and '-'"),
-        ));
-    }
+    check_token_name(&key("name"), &name)?;
     let provider_text = required(rc.provider, "provider")?;
     let provider = match provider_text.as_str() {
         "mapsindoors" => ProviderKind::MapsIndoors,
@@ -1546,26 +1645,7 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         ));
     }
 
-    for param in rc.extra_params.keys() {
-        if matches!(
-            param.as_str(),
-            "grant_type" | "client_id" | "client_secret" | "scope" | "audience"
-        ) {
-            return Err(ConfigError::invalid(
-                key(&format!("extra_params.{param}")),
-                "is set by rekeyd itself and cannot be overridden",
-            ));
-        }
-    }
-    if rc.audience.is_some() && provider != ProviderKind::OAuth2 {
-        return Err(ConfigError::invalid(
-            key("audience"),
-            format!(
-                "is only supported by provider oauth2, not {}",
-                provider.as_str()
-            ),
-        ));
-    }
+    check_request_params(&key(""), provider, &rc.extra_params, rc.audience.is_some())?;
 
     let endpoints = validate_endpoints(i, provider, rc.endpoints)?;
 
@@ -1643,6 +1723,13 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         .map(|(j, h)| validate_hook(&key(&format!("hooks[{j}]")), h, rotation.is_some()))
         .collect::<Result<Vec<_>, _>>()?;
 
+    let tokens = rc
+        .tokens
+        .into_iter()
+        .enumerate()
+        .map(|(j, t)| validate_profile(&key(&format!("tokens[{j}]")), provider, t))
+        .collect::<Result<Vec<_>, _>>()?;
+
     Ok(CredentialConfig {
         name,
         provider,
@@ -1663,6 +1750,92 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         rotation,
         sinks,
         hooks,
+        tokens,
+    })
+}
+
+/// A credential's or token profile's name: it is a URL path segment
+/// (`/v1/token/{name}`), a metrics label and part of secret tags, so it
+/// keeps to a-z, 0-9 and '-'.
+fn check_token_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{name:?} may contain only a-z, 0-9 and '-'"),
+        ));
+    }
+    Ok(())
+}
+
+/// The token request parameters of a credential or profile whose keys
+/// start with `prefix` (`credentials[0].` or `credentials[0].tokens[1].`).
+fn check_request_params(
+    prefix: &str,
+    provider: ProviderKind,
+    extra_params: &BTreeMap<String, String>,
+    has_audience: bool,
+) -> Result<(), ConfigError> {
+    for param in extra_params.keys() {
+        if matches!(
+            param.as_str(),
+            "grant_type" | "client_id" | "client_secret" | "scope" | "audience"
+        ) {
+            return Err(ConfigError::invalid(
+                format!("{prefix}extra_params.{param}"),
+                "is set by rekeyd itself and cannot be overridden",
+            ));
+        }
+    }
+    if has_audience && provider != ProviderKind::OAuth2 {
+        return Err(ConfigError::invalid(
+            format!("{prefix}audience"),
+            format!(
+                "is only supported by provider oauth2, not {}",
+                provider.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One `[[credentials.tokens]]` table; `key` is `credentials[i].tokens[j]`.
+/// Uniqueness of its name among all token names is checked by the caller.
+fn validate_profile(
+    key: &str,
+    provider: ProviderKind,
+    raw: RawTokenProfile,
+) -> Result<TokenProfile, ConfigError> {
+    let field = |f: &str| format!("{key}.{f}");
+    let name = raw
+        .name
+        .filter(|v| !v.trim().is_empty())
+        .ok_or_else(|| ConfigError::invalid(field("name"), "is required"))?;
+    check_token_name(&field("name"), &name)?;
+    check_request_params(
+        &format!("{key}."),
+        provider,
+        &raw.extra_params,
+        raw.audience.is_some(),
+    )?;
+    let sinks = raw
+        .sinks
+        .into_iter()
+        .enumerate()
+        .map(|(k, s)| validate_sink(&field(&format!("sinks[{k}]")), s, &name))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TokenProfile {
+        name,
+        scope: raw.scope,
+        audience: raw.audience,
+        extra_params: raw
+            .extra_params
+            .into_iter()
+            .map(|(k, v)| (k, ParamValue(v)))
+            .collect(),
+        sinks,
     })
 }
 

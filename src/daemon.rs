@@ -60,6 +60,9 @@ impl DaemonError {
 /// (the API, the supervisor) take a cheap snapshot and never block writers.
 pub struct Registry {
     map: RwLock<Arc<BTreeMap<String, CredentialHandle>>>,
+    /// Token profile name -> the credential it belongs to. Apart from the
+    /// handles so that a credential without profiles costs nothing more.
+    profile_of: RwLock<Arc<BTreeMap<String, String>>>,
     /// Pinged on every token or status change of any credential.
     pub changed: Notify,
     /// Set when a credential's token engine ended without being asked to:
@@ -78,6 +81,7 @@ impl Registry {
     pub fn new() -> Registry {
         Registry {
             map: RwLock::new(Arc::new(BTreeMap::new())),
+            profile_of: RwLock::new(Arc::new(BTreeMap::new())),
             changed: Notify::new(),
             engine_died: AtomicBool::new(false),
         }
@@ -90,8 +94,29 @@ impl Registry {
     /// Swaps in the running credentials (after a start or a reload) and
     /// wakes whoever watches for changes.
     pub fn replace(&self, map: BTreeMap<String, CredentialHandle>) {
+        self.replace_with_profiles(map, BTreeMap::new());
+    }
+
+    /// [`Registry::replace`], with the token profiles among `map`'s names
+    /// (profile name -> credential name).
+    pub fn replace_with_profiles(
+        &self,
+        map: BTreeMap<String, CredentialHandle>,
+        profile_of: BTreeMap<String, String>,
+    ) {
+        *self.profile_of.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(profile_of);
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
         self.changed.notify_one();
+    }
+
+    /// Which credential the token profile `name` belongs to; `None` for a
+    /// credential's own token (or an unknown name).
+    pub fn profile_of(&self, name: &str) -> Option<String> {
+        self.profile_of
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 }
 
@@ -112,6 +137,15 @@ impl CredentialRuntime {
     }
 }
 
+/// A token profile's running channels (its tasks run in its credential's
+/// runtime, and stop with it). Like a credential's, they outlive a reload.
+struct ProfileRuntime {
+    /// The credential whose secret it is minted from.
+    credential: String,
+    channels: CredentialChannels,
+    handle: CredentialHandle,
+}
+
 /// What a credential needs before its tasks start; everything that can fail
 /// because of the configuration is done while building it.
 pub(crate) struct Prepared {
@@ -119,6 +153,16 @@ pub(crate) struct Prepared {
     pub(crate) provider: Arc<dyn TokenProvider>,
     pub(crate) secret_api: Option<Arc<dyn SecretApi>>,
     pub(crate) bootstrap: Option<SecretString>,
+    /// The credential's token profiles, in configuration order.
+    pub(crate) profiles: Vec<PreparedProfile>,
+}
+
+/// A token profile ready to start: the credential as the profile asks for
+/// tokens ([`CredentialConfig::profile_view`]) and its own provider, which
+/// carries the profile's `scope`, `audience` and `extra_params`.
+pub(crate) struct PreparedProfile {
+    pub(crate) config: CredentialConfig,
+    pub(crate) provider: Arc<dyn TokenProvider>,
 }
 
 /// systemd hears a new STATUS line at most this often.
@@ -146,6 +190,8 @@ pub struct Running {
     /// them in use, and a runtime is a kilobyte; boxed, the unused slots
     /// cost a pointer each (10,000 credentials: about 4 MiB less).
     credentials: BTreeMap<String, Box<CredentialRuntime>>,
+    /// Token profiles by name (empty when no credential has any).
+    profiles: BTreeMap<String, ProfileRuntime>,
     /// The API and the supervisor.
     tasks: JoinSet<()>,
 }
@@ -191,6 +237,7 @@ impl Running {
         for (_, runtime) in std::mem::take(&mut self.credentials) {
             runtime.stop().await;
         }
+        self.profiles.clear();
         join_bounded(&mut self.tasks).await;
         info!(step = "shutdown", "stopped");
     }
@@ -227,12 +274,30 @@ impl Running {
             .filter(|name| !keep.contains(&name.as_str()))
             .cloned()
             .collect();
+        // Token names served before, to forget the metrics of those gone.
+        let mut gone: Vec<String> = removed.clone();
         for name in &removed {
             if let Some(runtime) = self.credentials.remove(name) {
                 runtime.stop().await;
                 info!(credential = %name, step = "reload", "credential removed; its journal is kept");
             }
         }
+        // Profiles of removed or restarting credentials: taken out here,
+        // their channels handed back to the profiles that keep their name.
+        let restarting: Vec<&str> = removed
+            .iter()
+            .map(String::as_str)
+            .chain(prepared.iter().map(|p| p.config.name.as_str()))
+            .collect();
+        let mut old_profiles = BTreeMap::new();
+        self.profiles.retain(|name, runtime| {
+            if restarting.contains(&runtime.credential.as_str()) {
+                old_profiles.insert(name.clone(), runtime.channels.clone());
+                false
+            } else {
+                true
+            }
+        });
         for p in prepared {
             let name = p.config.name.clone();
             let channels = match self.credentials.remove(&name) {
@@ -247,13 +312,16 @@ impl Running {
                     None
                 }
             };
-            let runtime = launch(p, channels, &self.shared).await?;
+            let (runtime, profiles) =
+                launch(p, channels, &mut old_profiles, &self.shared).await?;
             self.credentials.insert(name, Box::new(runtime));
+            self.profiles.extend(profiles);
         }
+        gone.extend(old_profiles.into_keys());
         self.publish();
         // After publish: the API no longer lists them, so no scrape
         // re-creates their series.
-        for name in &removed {
+        for name in &gone {
             crate::metrics::global().forget_credential(name);
         }
         Ok(())
@@ -269,10 +337,12 @@ impl Running {
     }
 
     fn publish(&self) {
-        self.shared.registry.replace(
-            self.credentials
-                .iter()
-                .map(|(name, r)| (name.clone(), r.handle.clone()))
+        let credentials = (self.credentials.iter()).map(|(name, r)| (name.clone(), r.handle.clone()));
+        let profiles = (self.profiles.iter()).map(|(name, p)| (name.clone(), p.handle.clone()));
+        self.shared.registry.replace_with_profiles(
+            credentials.chain(profiles).collect(),
+            (self.profiles.iter())
+                .map(|(name, p)| (name.clone(), p.credential.clone()))
                 .collect(),
         );
     }
@@ -304,6 +374,13 @@ pub(crate) async fn prepare(
         token: provider,
         secrets: secret_api,
     } = provider::build_all(cred, &shared.clients).map_err(setup)?;
+    let profiles = (cred.tokens.iter())
+        .map(|profile| {
+            let config = cred.profile_view(profile);
+            let provider = provider::build_with(&config, &shared.clients).map_err(setup)?;
+            Ok(PreparedProfile { config, provider })
+        })
+        .collect::<Result<Vec<_>, DaemonError>>()?;
     let bootstrap = match shared.store.load(&cred.name).await? {
         Some(_) => None,
         None => Some(read_initial_secret(i, cred)?),
@@ -313,15 +390,19 @@ pub(crate) async fn prepare(
         provider,
         secret_api,
         bootstrap,
+        profiles,
     })
 }
 
-/// Stores the bootstrap secret and starts the credential's tasks.
+/// Stores the bootstrap secret and starts the credential's tasks, and its
+/// token profiles' (each reusing its channels from `old_profiles`, by
+/// name, when it ran before a reload).
 async fn launch(
     p: Prepared,
     channels: Option<CredentialChannels>,
+    old_profiles: &mut BTreeMap<String, CredentialChannels>,
     shared: &Shared,
-) -> Result<CredentialRuntime, DaemonError> {
+) -> Result<(CredentialRuntime, Vec<(String, ProfileRuntime)>), DaemonError> {
     let Shared {
         store,
         registry,
@@ -364,14 +445,39 @@ async fn launch(
     let secret_api = p
         .secret_api
         .filter(|_| cred.rotation.is_some() || unfinished);
+    // The profiles' channels, before the rotation task that must reach
+    // their engines after a promotion.
+    let profile_channels: Vec<(PreparedProfile, CredentialChannels, CredentialHandle)> = (p
+        .profiles
+        .into_iter())
+    .map(|profile| {
+        let name = &profile.config.name;
+        let (channels, handle) = match old_profiles.remove(name) {
+            Some(channels) => {
+                let handle = channels.handle(name);
+                (channels, handle)
+            }
+            None => credential::channels(name, cred.provider.as_str()),
+        };
+        channels
+            .forced
+            .set_min_interval(cred.refresh.min_forced_interval);
+        (profile, channels, handle)
+    })
+    .collect();
     if let Some(secret_api) = secret_api {
-        let rotator = Arc::new(rotator(
-            &cred,
-            &p.provider,
-            secret_api,
-            store,
-            Some(&channels),
-        ));
+        let mut rotator = rotator(&cred, &p.provider, secret_api, store, Some(&channels));
+        if !profile_channels.is_empty() {
+            // S5 for every token of the secret: a promotion wakes the
+            // credential's engine and each profile's.
+            let promoted = Arc::new(Notify::new());
+            rotator.refresh_now = Some(promoted.clone());
+            let engines: Vec<Arc<Notify>> = std::iter::once(channels.promoted.clone())
+                .chain(profile_channels.iter().map(|(_, c, _)| c.promoted.clone()))
+                .collect();
+            tasks.spawn(fan_out(promoted, engines, cancel.clone()));
+        }
+        let rotator = Arc::new(rotator);
         tasks.spawn(run_schedule(
             rotator,
             cred.rotation.clone(),
@@ -379,7 +485,58 @@ async fn launch(
             cancel.clone(),
         ));
     }
-    let engine = engine(&cred, p.provider, store, login_slots, channels.clone());
+    let mut profiles = Vec::with_capacity(profile_channels.len());
+    for (profile, channels, handle) in profile_channels {
+        let config = profile.config;
+        let engine = engine(
+            &config,
+            &cred.name,
+            profile.provider,
+            store,
+            login_slots,
+            channels.clone(),
+        );
+        let watch = EngineWatch {
+            registry: registry.clone(),
+            cancel: cancel.clone(),
+        };
+        let engine = engine.run(watch.cancel.clone());
+        tasks.spawn(engine.map(move |()| drop(watch)));
+        if config.sinks.is_empty() {
+            channels.sinks.send_replace(Vec::new());
+        } else {
+            tasks.spawn(sink::run(
+                config.name.clone(),
+                config.sinks.clone(),
+                handle.token.clone(),
+                channels.sinks.clone(),
+                handle.clock.clone(),
+                cancel.clone(),
+            ));
+        }
+        tasks.spawn(forward_changes(
+            handle.token.clone(),
+            handle.status.clone(),
+            registry.clone(),
+            cancel.clone(),
+        ));
+        profiles.push((
+            config.name,
+            ProfileRuntime {
+                credential: cred.name.clone(),
+                channels,
+                handle,
+            },
+        ));
+    }
+    let engine = engine(
+        &cred,
+        &cred.name,
+        p.provider,
+        store,
+        login_slots,
+        channels.clone(),
+    );
     let watch = EngineWatch {
         registry: registry.clone(),
         cancel: cancel.clone(),
@@ -419,13 +576,31 @@ async fn launch(
         registry.clone(),
         cancel.clone(),
     ));
-    Ok(CredentialRuntime {
-        config: cred,
-        channels,
-        handle,
-        cancel,
-        tasks,
-    })
+    Ok((
+        CredentialRuntime {
+            config: cred,
+            channels,
+            handle,
+            cancel,
+            tasks,
+        },
+        profiles,
+    ))
+}
+
+/// Passes each wake-up of `from` on to every one of `to`: a rotation's
+/// promotion, to every token engine of its secret (S5). `notify_one`
+/// keeps a wake-up for an engine that is busy logging in, so none is lost.
+async fn fan_out(from: Arc<Notify>, to: Vec<Arc<Notify>>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = from.notified() => {}
+        }
+        for notify in &to {
+            notify.notify_one();
+        }
+    }
 }
 
 /// The rotation driver of `cred`, as the daemon and a one-shot run use
@@ -455,9 +630,13 @@ pub(crate) fn rotator(
     }
 }
 
-/// The token engine of `cred`, as the daemon and a one-shot run use it.
+/// The token engine of `cred` (a credential, or a token profile's view of
+/// its credential), as the daemon and a one-shot run use it. Secrets are
+/// read from the store under `secret_of`, the credential's name: a
+/// profile has no secret of its own.
 pub(crate) fn engine(
     cred: &CredentialConfig,
+    secret_of: &str,
     provider: Arc<dyn TokenProvider>,
     store: &Arc<dyn Store>,
     login_slots: &Arc<Semaphore>,
@@ -468,7 +647,7 @@ pub(crate) fn engine(
         provider,
         secrets: Arc::new(StoreSecrets {
             store: store.clone(),
-            name: cred.name.clone(),
+            name: secret_of.to_string(),
         }),
         policy: RefreshPolicy {
             before_expiry: cred.refresh.before_expiry,
@@ -640,9 +819,12 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     }
 
     let mut credentials = BTreeMap::new();
+    let mut profiles = BTreeMap::new();
     for p in prepared {
         let name = p.config.name.clone();
-        credentials.insert(name, Box::new(launch(p, None, &shared).await?));
+        let (runtime, started) = launch(p, None, &mut BTreeMap::new(), &shared).await?;
+        credentials.insert(name, Box::new(runtime));
+        profiles.extend(started);
     }
 
     let mut tasks = JoinSet::new();
@@ -663,6 +845,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         },
         shared,
         credentials,
+        profiles,
         tasks,
     };
     running.publish();

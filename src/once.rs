@@ -24,7 +24,7 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::config::{Config, HookAction, HookEvent};
 use crate::credential::{self, CredentialChannels, SinkState};
-use crate::daemon::{self, DaemonError, Prepared, Shared};
+use crate::daemon::{self, DaemonError, Prepared, PreparedProfile, Shared};
 use crate::provider::{ErrorKind, ProviderError};
 use crate::rotation::driver::{OnceOutcome, Outcome, RotationError};
 use crate::serve::{hooks, sink};
@@ -82,9 +82,102 @@ pub async fn run(
     let shared = &shared;
     Ok(join_all(prepared.into_iter().map(|p| {
         let span = info_span!("credential", name = %p.config.name);
-        credential(p, shared).instrument(span)
+        credential_and_profiles(p, shared).instrument(span)
     }))
-    .await)
+    .await
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// The credential's report, then one per token profile (in configuration
+/// order). The profiles log in after the credential's journal work, so
+/// their tokens too come from the secret the journal holds at exit.
+async fn credential_and_profiles(mut p: Prepared, shared: &Shared) -> Vec<CredentialReport> {
+    let profiles = std::mem::take(&mut p.profiles);
+    let secret_of = p.config.name.clone();
+    let mut reports = vec![credential(p, shared).await];
+    for profile in profiles {
+        let span = info_span!("credential", name = %profile.config.name);
+        reports.push(
+            token_profile(profile, &secret_of, shared)
+                .instrument(span)
+                .await,
+        );
+    }
+    reports
+}
+
+/// A token profile: a login with the credential's secret and the
+/// profile's request, and its token files. No journal work (the
+/// credential did it) and no hooks (profiles have none).
+async fn token_profile(
+    profile: PreparedProfile,
+    secret_of: &str,
+    shared: &Shared,
+) -> CredentialReport {
+    let cred = &profile.config;
+    let (channels, _handle) = credential::channels(&cred.name, cred.provider.as_str());
+    let engine = daemon::engine(
+        cred,
+        secret_of,
+        profile.provider.clone(),
+        &shared.store,
+        &shared.login_slots,
+        channels.clone(),
+    );
+    let (ok, detail) = match deliver(cred, &engine, &channels, &shared.shutdown).await {
+        Ok(written) => (true, written),
+        Err(failure) => (false, failure),
+    };
+    CredentialReport {
+        name: cred.name.clone(),
+        ok,
+        detail: format!("token profile of {secret_of}: {detail}"),
+    }
+}
+
+/// Logs in with `engine` and writes the token to `cred`'s token files.
+/// Says what happened: `Ok` when a valid token is in every file.
+async fn deliver(
+    cred: &crate::config::CredentialConfig,
+    engine: &crate::token::engine::Engine,
+    channels: &CredentialChannels,
+    stop: &CancellationToken,
+) -> Result<String, String> {
+    let login = tokio::select! {
+        result = login(engine) => result,
+        _ = stop.cancelled() => return Err("stopped before a token was obtained".into()),
+    };
+    let mut token = login.map_err(|e| format!("no token: {e}"))?;
+    // The lifetime counts from the reply's arrival, on the clock the sink
+    // writer judges validity on.
+    token.received_at = channels.clock.now();
+    let expires_at = token.expires_at_wall();
+    let token = Arc::new(token);
+    channels.token.send_replace(Some(token.clone()));
+
+    let files = write_sinks(cred, channels, &token, stop).await;
+    let not_written: Vec<String> = files
+        .iter()
+        .filter(|s| !s.token.as_ref().is_some_and(|t| Arc::ptr_eq(t, &token)))
+        .map(|s| {
+            format!(
+                "token file {} not written: {}",
+                s.target,
+                s.last_error.as_deref().unwrap_or("stopped")
+            )
+        })
+        .collect();
+    if !not_written.is_empty() {
+        return Err(not_written.join("; "));
+    }
+    let expiry = humantime::format_rfc3339_seconds(expires_at);
+    Ok(match cred.sinks.len() {
+        0 => format!("token obtained (no token files), expires {expiry}"),
+        1 => format!("token written to 1 file, expires {expiry}"),
+        n => format!("token written to {n} files, expires {expiry}"),
+    })
 }
 
 async fn credential(p: Prepared, shared: &Shared) -> CredentialReport {
@@ -134,52 +227,15 @@ async fn credential(p: Prepared, shared: &Shared) -> CredentialReport {
     let (channels, _handle) = credential::channels(&cred.name, cred.provider.as_str());
     let engine = daemon::engine(
         cred,
+        &cred.name,
         p.provider.clone(),
         &shared.store,
         &shared.login_slots,
         channels.clone(),
     );
-    let login = tokio::select! {
-        result = login(&engine) => result,
-        _ = stop.cancelled() => {
-            parts.insert(0, "stopped before a token was obtained".into());
-            return failed(parts.join("; "));
-        }
-    };
-    let mut token = match login {
-        Ok(token) => token,
-        Err(e) => {
-            parts.insert(0, format!("no token: {e}"));
-            return failed(parts.join("; "));
-        }
-    };
-    // The lifetime counts from the reply's arrival, on the clock the sink
-    // writer judges validity on.
-    token.received_at = channels.clock.now();
-    let expires_at = token.expires_at_wall();
-    let token = Arc::new(token);
-    channels.token.send_replace(Some(token.clone()));
-
-    let files = write_sinks(cred, &channels, &token, stop).await;
-    let not_written: Vec<String> = files
-        .iter()
-        .filter(|s| !s.token.as_ref().is_some_and(|t| Arc::ptr_eq(t, &token)))
-        .map(|s| {
-            format!(
-                "token file {} not written: {}",
-                s.target,
-                s.last_error.as_deref().unwrap_or("stopped")
-            )
-        })
-        .collect();
-    let ok = not_written.is_empty();
-    let expiry = humantime::format_rfc3339_seconds(expires_at);
-    let written = match cred.sinks.len() {
-        0 => format!("token obtained (no token files), expires {expiry}"),
-        1 => format!("token written to 1 file, expires {expiry}"),
-        n => format!("token written to {n} files, expires {expiry}"),
-    };
-    parts.insert(0, if ok { written } else { not_written.join("; ") });
+    let delivered = deliver(cred, &engine, &channels, stop).await;
+    let ok = delivered.is_ok();
+    parts.insert(0, delivered.unwrap_or_else(|failure| failure));
 
     // Hooks last: the programs they run read the token files.
     if ok {
