@@ -78,8 +78,10 @@ pub async fn execute(cli: Cli) -> u8 {
             let Some(config) = load(&config.config) else {
                 return EXIT_CONFIG;
             };
-            if config.credential(&name).is_none() {
-                eprintln!("rekeyd: no credential named {name:?} in the configuration");
+            if !config.serves_token(&name) {
+                eprintln!(
+                    "rekeyd: no credential or token profile named {name:?} in the configuration"
+                );
                 return EXIT_CONFIG;
             }
             let format = match token_format(&name, format, template) {
@@ -531,6 +533,15 @@ async fn status(config: &Config, as_json: bool) -> u8 {
                 println!("{line}");
             }
         }
+        // Which tokens are profiles of which credential.
+        for row in &rows {
+            if let Some(credential) = row["profile_of"].as_str() {
+                println!(
+                    "{}: token profile of credential {credential} (its secret and rotation)",
+                    s_of(row, "name")
+                );
+            }
+        }
         // An unfinished journal: what it waits for and the way out.
         for row in &rows {
             if let Some(reason) = row["rotation_needs_operator"].as_str() {
@@ -588,6 +599,15 @@ async fn stored_status(config: &Config) -> Vec<Value> {
             Err(e) => row["last_error"] = json!(e.to_string()),
         }
         rows.push(row);
+        // A profile's token lives only in the daemon; what the store tells
+        // is its credential's.
+        for profile in &cred.tokens {
+            rows.push(json!({
+                "name": profile.name,
+                "provider": cred.provider.as_str(),
+                "profile_of": cred.name,
+            }));
+        }
     }
     rows
 }
@@ -714,6 +734,13 @@ fn credential_json(
             }
         }).collect::<Vec<_>>(),
         "sinks": c.sinks.iter().map(sink_json).collect::<Vec<_>>(),
+        "tokens": (!c.tokens.is_empty()).then(|| c.tokens.iter().map(|t| json!({
+            "name": t.name,
+            "scope": t.scope,
+            "audience": t.audience,
+            "extra_params": t.extra_params.keys().map(|k| (k.clone(), json!("[redacted]"))).collect::<serde_json::Map<_, _>>(),
+            "sinks": t.sinks.iter().map(sink_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()),
     })
 }
 

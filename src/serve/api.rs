@@ -2,9 +2,13 @@
 //!
 //! The token API ([`router`]):
 //! - `GET /v1/token/{name}`: the current token (needs `X-Rekeyd-Key`).
+//!   `name` is a credential or one of its token profiles
+//!   (`[[credentials.tokens]]`); every route below takes either.
 //! - `POST /v1/token/{name}/refresh`: log in again now and answer like
 //!   `GET /v1/token/{name}` (needs the key); see [`post_refresh`].
-//! - `GET /v1/status`: per-credential status (needs `X-Rekeyd-Key`).
+//! - `GET /v1/status`: per-credential status (needs `X-Rekeyd-Key`), one
+//!   entry per token: a token profile's carries `profile_of`, the name of
+//!   its credential (whose entry shows the rotation).
 //! - `POST /v1/rotate/{name}`: request a secret rotation now (needs the key).
 //!
 //! The diagnostics ([`diag_router`]): `GET /livez`, `GET /readyz`,
@@ -375,6 +379,9 @@ async fn get_status(State(state): State<ApiState>, headers: HeaderMap) -> Respon
         .values()
         .map(|h| {
             let mut value = serde_json::to_value(&*h.status.borrow()).expect("status serializes");
+            if let Some(credential) = state.registry.profile_of(&h.name) {
+                value["profile_of"] = json!(credential);
+            }
             value["ready"] = json!(h.ready());
             value["sinks"] = json!(h.sink_reports());
             value
@@ -394,6 +401,16 @@ async fn post_rotate(
     let Some(handle) = lookup(&state.registry, &name) else {
         return unknown_credential();
     };
+    if let Some(credential) = state.registry.profile_of(&name) {
+        return error(
+            StatusCode::CONFLICT,
+            "token_profile",
+            &format!(
+                "{name:?} is a token profile of credential {credential:?}, whose rotation \
+                 replaces the secret of all its tokens: rotate {credential:?}"
+            ),
+        );
+    }
     if !handle.rotates {
         return error(
             StatusCode::CONFLICT,
