@@ -416,6 +416,69 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "state_dir = \n".to_string(),
             vec!["cannot load config"],
         ),
+        (
+            "token profile without a name",
+            with("[[credentials.tokens]]\nscope = \"read\"\n"),
+            vec!["`credentials[0].tokens[0].name`", "required"],
+        ),
+        (
+            "bad token profile name",
+            with("[[credentials.tokens]]\nname = \"Maps_Read\"\n"),
+            vec!["`credentials[0].tokens[0].name`", "a-z"],
+        ),
+        (
+            "token profile named like its credential",
+            with("[[credentials.tokens]]\nname = \"maps\"\n"),
+            vec![
+                "`credentials[0].tokens[0].name`",
+                "duplicate",
+                "`credentials[0].name`",
+            ],
+        ),
+        (
+            "token profile named like another credential",
+            format!(
+                "{BASE}[[credentials.tokens]]\nname = \"other\"\n{}",
+                BASE.replace("state_dir = \"/var/lib/rekeyd\"", "")
+                    .replace("\"maps\"", "\"other\"")
+                    .replace("maps.secret", "other.secret")
+            ),
+            vec!["`credentials[1].name`", "duplicate", "tokens[0].name"],
+        ),
+        (
+            "two token profiles with one name",
+            with("[[credentials.tokens]]\nname = \"read\"\n[[credentials.tokens]]\nname = \"read\"\n"),
+            vec!["`credentials[0].tokens[1].name`", "duplicate"],
+        ),
+        (
+            "token profile overriding a parameter rekeyd sets",
+            with("[[credentials.tokens]]\nname = \"read\"\nextra_params = { client_id = \"x\" }\n"),
+            vec!["`credentials[0].tokens[0].extra_params.client_id`", "cannot be overridden"],
+        ),
+        (
+            "token profile audience for a provider without one",
+            with("[[credentials.tokens]]\nname = \"read\"\naudience = \"api\"\n"),
+            vec!["`credentials[0].tokens[0].audience`", "only supported by provider oauth2"],
+        ),
+        (
+            "token profile sink on the credential's file",
+            with(
+                "[[credentials.sinks]]\npath = \"/run/maps.token\"\n\
+                 [[credentials.tokens]]\nname = \"read\"\n\
+                 [[credentials.tokens.sinks]]\npath = \"/run/maps.token\"\n",
+            ),
+            vec!["`credentials[0].tokens[0].sinks[0].path`", "another sink"],
+        ),
+        (
+            "token profile with a bad sink",
+            with("[[credentials.tokens]]\nname = \"read\"\n[[credentials.tokens.sinks]]\npath = \"rel.token\"\n"),
+            vec!["`credentials[0].tokens[0].sinks[0].path`"],
+        ),
+        (
+            "unknown token profile key",
+            with("[[credentials.tokens]]\nname = \"read\"\nrotation = {}\n"),
+            vec!["unknown field `rotation`"],
+        ),
     ]
 }
 
