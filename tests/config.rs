@@ -64,6 +64,14 @@ fn annotated_example_means_what_it_says() {
             .mode,
         0o600
     );
+    let (internal, write) = config.token_profile("internal-api-write").unwrap();
+    assert_eq!(internal.name, "internal-api");
+    assert_eq!(write.scope.as_deref(), Some("api:write"));
+    assert_eq!(
+        write.sinks[0].file().unwrap().path,
+        Path::new("/run/rekeyd/internal-api-write.token")
+    );
+    assert!(config.serves_token("internal-api") && config.serves_token("internal-api-write"));
 }
 
 #[test]
