@@ -312,8 +312,7 @@ impl Running {
                     None
                 }
             };
-            let (runtime, profiles) =
-                launch(p, channels, &mut old_profiles, &self.shared).await?;
+            let (runtime, profiles) = launch(p, channels, &mut old_profiles, &self.shared).await?;
             self.credentials.insert(name, Box::new(runtime));
             self.profiles.extend(profiles);
         }
@@ -337,7 +336,8 @@ impl Running {
     }
 
     fn publish(&self) {
-        let credentials = (self.credentials.iter()).map(|(name, r)| (name.clone(), r.handle.clone()));
+        let credentials =
+            (self.credentials.iter()).map(|(name, r)| (name.clone(), r.handle.clone()));
         let profiles = (self.profiles.iter()).map(|(name, p)| (name.clone(), p.handle.clone()));
         self.shared.registry.replace_with_profiles(
             credentials.chain(profiles).collect(),
@@ -447,24 +447,23 @@ async fn launch(
         .filter(|_| cred.rotation.is_some() || unfinished);
     // The profiles' channels, before the rotation task that must reach
     // their engines after a promotion.
-    let profile_channels: Vec<(PreparedProfile, CredentialChannels, CredentialHandle)> = (p
-        .profiles
-        .into_iter())
-    .map(|profile| {
-        let name = &profile.config.name;
-        let (channels, handle) = match old_profiles.remove(name) {
-            Some(channels) => {
-                let handle = channels.handle(name);
-                (channels, handle)
-            }
-            None => credential::channels(name, cred.provider.as_str()),
-        };
-        channels
-            .forced
-            .set_min_interval(cred.refresh.min_forced_interval);
-        (profile, channels, handle)
-    })
-    .collect();
+    let profile_channels: Vec<(PreparedProfile, CredentialChannels, CredentialHandle)> =
+        (p.profiles.into_iter())
+            .map(|profile| {
+                let name = &profile.config.name;
+                let (channels, handle) = match old_profiles.remove(name) {
+                    Some(channels) => {
+                        let handle = channels.handle(name);
+                        (channels, handle)
+                    }
+                    None => credential::channels(name, cred.provider.as_str()),
+                };
+                channels
+                    .forced
+                    .set_min_interval(cred.refresh.min_forced_interval);
+                (profile, channels, handle)
+            })
+            .collect();
     if let Some(secret_api) = secret_api {
         let mut rotator = rotator(&cred, &p.provider, secret_api, store, Some(&channels));
         if !profile_channels.is_empty() {

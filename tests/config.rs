@@ -455,18 +455,26 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ),
         (
             "two token profiles with one name",
-            with("[[credentials.tokens]]\nname = \"read\"\n[[credentials.tokens]]\nname = \"read\"\n"),
+            with(
+                "[[credentials.tokens]]\nname = \"read\"\n[[credentials.tokens]]\nname = \"read\"\n",
+            ),
             vec!["`credentials[0].tokens[1].name`", "duplicate"],
         ),
         (
             "token profile overriding a parameter rekeyd sets",
             with("[[credentials.tokens]]\nname = \"read\"\nextra_params = { client_id = \"x\" }\n"),
-            vec!["`credentials[0].tokens[0].extra_params.client_id`", "cannot be overridden"],
+            vec![
+                "`credentials[0].tokens[0].extra_params.client_id`",
+                "cannot be overridden",
+            ],
         ),
         (
             "token profile audience for a provider without one",
             with("[[credentials.tokens]]\nname = \"read\"\naudience = \"api\"\n"),
-            vec!["`credentials[0].tokens[0].audience`", "only supported by provider oauth2"],
+            vec![
+                "`credentials[0].tokens[0].audience`",
+                "only supported by provider oauth2",
+            ],
         ),
         (
             "token profile sink on the credential's file",
@@ -479,7 +487,9 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ),
         (
             "token profile with a bad sink",
-            with("[[credentials.tokens]]\nname = \"read\"\n[[credentials.tokens.sinks]]\npath = \"rel.token\"\n"),
+            with(
+                "[[credentials.tokens]]\nname = \"read\"\n[[credentials.tokens.sinks]]\npath = \"rel.token\"\n",
+            ),
             vec!["`credentials[0].tokens[0].sinks[0].path`"],
         ),
         (

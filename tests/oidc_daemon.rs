@@ -180,7 +180,9 @@ path = "{{dir}}/write.token"
             let deadline = tokio::time::Instant::now() + daemon::EVENT_TIMEOUT;
             loop {
                 let held = std::fs::read_to_string(&path).unwrap_or_default();
-                let served = handle.valid_token().map(|t| t.access_token.expose_secret().to_string());
+                let served = handle
+                    .valid_token()
+                    .map(|t| t.access_token.expose_secret().to_string());
                 if served.is_some_and(|s| s == held.trim()) {
                     break;
                 }

@@ -187,7 +187,8 @@ async fn each_profile_is_served_refreshed_and_written_on_its_own() {
         let token = wait_token(&d.handle(name), |_| true).await;
         assert_eq!(token.scope.as_deref(), Some(scope), "{name}");
         assert_eq!(
-            sim.token_client(token.access_token.expose_secret()).as_deref(),
+            sim.token_client(token.access_token.expose_secret())
+                .as_deref(),
             Some(CLIENT),
             "{name}'s token is the client's"
         );
@@ -220,10 +221,15 @@ async fn each_profile_is_served_refreshed_and_written_on_its_own() {
     wait_file(&path("write.json"), |t| t.contains(&fresh)).await;
 
     // A profile is not rotated by itself: its credential is.
-    let (status, body) = api.send(reqwest::Method::POST, "/v1/rotate/maps-read").await;
+    let (status, body) = api
+        .send(reqwest::Method::POST, "/v1/rotate/maps-read")
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "token_profile");
-    assert!(body["detail"].as_str().unwrap().contains("\"maps\""), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("\"maps\""),
+        "{body}"
+    );
 
     // Status lists every token, a profile with its credential.
     let (status, body) = api.send(reqwest::Method::GET, "/v1/status").await;
