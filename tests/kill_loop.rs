@@ -222,7 +222,17 @@ async fn run_until(
         if let Ok(Some(status)) = child.try_wait() {
             panic!("rekeyd exited early ({status}) while waiting for {what}");
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            let log = std::fs::read_to_string(setup.logs.last().unwrap()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "timed out waiting for {what}; journal phase: {}\nlast log lines (newest first):\n{}",
+                setup
+                    .stored()
+                    .map_or("none".to_string(), |d| d["rotation"]["phase"].to_string()),
+                tail.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     signal(&child, libc::SIGTERM);
