@@ -80,7 +80,8 @@ pub async fn execute(cli: Cli) -> u8 {
             };
             if !config.serves_token(&name) {
                 eprintln!(
-                    "rekeyd: no credential or token profile named {name:?} in the configuration"
+                    "rekeyd: no credential named {name:?} in the configuration, nor a token \
+                     profile ([[credentials.tokens]])"
                 );
                 return EXIT_CONFIG;
             }
