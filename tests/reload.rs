@@ -343,3 +343,72 @@ async fn sighup_adds_removes_and_changes_credentials() {
     daemon.stop().await;
     setup.sim.shutdown().await;
 }
+
+/// Token profiles follow a reload like credentials: one added is served,
+/// one kept keeps serving the token it had through its credential's
+/// restart, and one removed is no longer served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_keeps_and_removes_token_profiles() {
+    let setup = Setup::new().await;
+    let profile = |name: &str, scope: &str| {
+        format!("[[credentials.tokens]]\nname = \"{name}\"\nscope = \"{scope}\"\n")
+    };
+    let read = profile("a-read", "read");
+    let write = profile("a-write", "write");
+    setup.write_config(&[setup.credential("a", "a", &read)]);
+    let mut daemon = Daemon::spawn(setup.dir.path(), &setup.config);
+    daemon
+        .wait_until("ready", async |d| {
+            d.client
+                .get("http://localhost/readyz")
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    let key = std::fs::read_to_string(setup.path("api.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let token_read = daemon.token("a-read", &key).await;
+    assert_eq!(daemon.get("/v1/token/a-write", &key).await.0, 404);
+
+    // Added, and kept: the credential restarts (its configuration
+    // changed) and its engines log in at once. With the provider failing
+    // those logins, the kept profile still serves the token it had (its
+    // channels outlive the restart), and the added one has none yet.
+    let requests = setup.sim.stats().requests_to(Endpoint::MapsIndoorsToken);
+    setup.sim.set_faults(Faults {
+        scope: FaultScope::Only(Endpoint::MapsIndoorsToken),
+        fail_next: u32::MAX,
+        ..Faults::default()
+    });
+    setup.write_config(&[setup.credential("a", "a", &format!("{read}{write}"))]);
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("configuration reloaded", 1).await;
+    daemon
+        .wait_until("the restarted engines' login attempts", async |_| {
+            setup.sim.stats().requests_to(Endpoint::MapsIndoorsToken) >= requests + 3
+        })
+        .await;
+    assert_eq!(daemon.token("a-read", &key).await, token_read);
+    assert_eq!(daemon.get("/v1/token/a-write", &key).await.0, 503);
+    setup.sim.set_faults(Faults::default());
+    daemon
+        .wait_until("the added profile's token", async |d| {
+            d.get("/v1/token/a-write", &key).await.0 == 200
+        })
+        .await;
+
+    // Removed: neither profile is served any more; the credential is.
+    setup.write_config(&[setup.credential("a", "a", "")]);
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("configuration reloaded", 2).await;
+    for name in ["a-read", "a-write"] {
+        let (status, body) = daemon.get(&format!("/v1/token/{name}"), &key).await;
+        assert_eq!(status, 404, "{name}: {body}");
+    }
+    daemon.token("a", &key).await;
+    daemon.assert_running();
+    daemon.stop().await;
+}
