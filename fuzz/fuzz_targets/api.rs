@@ -31,6 +31,7 @@ struct Input<'a> {
 
 const ROUTES: &[&str] = &[
     "/v1/token/demo",
+    "/v1/token/demo/refresh",
     "/v1/status",
     "/v1/rotate/demo",
     "/livez",
@@ -67,6 +68,9 @@ fn fixture() -> &'static Fixture {
         let state = ApiState {
             registry: Arc::new(registry),
             key: Arc::new(SecretString::from(API_KEY)),
+            // No engine runs here: a forced refresh waits this long for a
+            // login that never comes, then answers `refresh_pending`.
+            forced_wait: Duration::from_millis(1),
         };
         Fixture {
             runtime,
