@@ -65,7 +65,7 @@ Exit status: 0 every credential has a valid token written, 69 one has not, 78 co
         /// and a newline); `exec-credential` makes this a kubectl exec plugin.
         #[arg(long, value_enum)]
         format: Option<TokenFormat>,
-        /// The template file of `--format template` (MiniJinja syntax).
+        /// The template file of `--format template` (placeholders as in README "Getting tokens").
         #[arg(long, value_name = "FILE")]
         template: Option<PathBuf>,
         /// Log in again now and print the new token (POST
