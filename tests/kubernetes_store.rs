@@ -304,6 +304,23 @@ async fn api_failures_are_unavailable_with_status_and_reason() {
     );
     assert!(!text.contains("s3cr3t") && !format!("{err:?}").contains("s3cr3t"));
     assert_eq!(s.load("a").await.unwrap().unwrap().version, 1);
+
+    // A refusal that quotes the Secret it was sent (its data: the journal,
+    // base64) names the refusal and shows none of the journal.
+    fake.fail(FailRule {
+        method: Some(Method::PUT),
+        kind: Some(Kind::Secret),
+        code: 422,
+        remaining: Some(1),
+    });
+    let err = s
+        .compare_and_swap("a", Some(1), &record("s3cr3t-value-that-is-long"))
+        .await
+        .unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("422 Invalid: secrets"), "{text}");
+    assert!(text.contains(r#""data":{"a.json":"[withheld]"}"#), "{text}");
+    assert!(!text.contains("s3cr3t"), "{text}");
 }
 
 #[tokio::test]

@@ -502,7 +502,36 @@ async fn a_forbidden_secret_shows_status_and_reason_and_is_retried() {
     .await;
     assert!(report.last_error.unwrap().contains("403 Forbidden"));
 
+    // A refusal that quotes the Secret it was sent (its data base64, as
+    // the API server's JSON has it) does not bring the token into status.
+    fake.clear_failures();
+    fake.fail(FailRule {
+        method: Some(Method::POST),
+        kind: Some(Kind::Secret),
+        code: 422,
+        remaining: None,
+    });
+    let report = wait_report(&handle, 0, "a refusal quoting the Secret", |r| {
+        r.last_error.as_deref().is_some_and(|e| e.contains("422"))
+    })
+    .await;
+    let error = report.last_error.unwrap();
+    assert!(error.contains("is invalid"), "{error}");
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&token);
+    assert!(
+        !error.contains(&token) && !error.contains(&encoded),
+        "{error}"
+    );
+
     // Once the Secret exists, the next retry lands without a new token.
+    fake.clear_failures();
+    fake.fail(FailRule {
+        method: Some(Method::POST),
+        kind: Some(Kind::Secret),
+        code: 403,
+        remaining: None,
+    });
     fake.set_secret_entry(NS, "app-token", "other", b"x");
     let report = wait_report(&handle, 0, "the token written", |r| {
         r.freshness == SinkFreshness::Current

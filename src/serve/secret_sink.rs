@@ -167,8 +167,36 @@ impl SecretWriter {
     }
 
     /// Sets the key to `content` and its annotation to `expires_at`,
-    /// creating the Secret if it does not exist.
+    /// creating the Secret if it does not exist. An error's text never
+    /// holds `content`, as is or base64-encoded (as the API server would
+    /// quote a Secret's `data`), whatever the server's message says (I7).
     pub async fn write(
+        &self,
+        content: &[u8],
+        expires_at: SystemTime,
+    ) -> Result<Written, SecretSinkError> {
+        self.write_unscrubbed(content, expires_at)
+            .await
+            .map_err(|e| match e {
+                SecretSinkError::Api { target, reason } => {
+                    use base64::Engine as _;
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(content);
+                    let raw = String::from_utf8_lossy(content);
+                    let mut reason = reason;
+                    // Whole values only: the message is the server's, kept
+                    // whole (not cut like provider text) for its hints.
+                    for value in [raw.trim_end(), encoded.as_str()] {
+                        if !value.is_empty() {
+                            reason = reason.replace(value, crate::provider::redact::REDACTED);
+                        }
+                    }
+                    SecretSinkError::Api { target, reason }
+                }
+                other => other,
+            })
+    }
+
+    async fn write_unscrubbed(
         &self,
         content: &[u8],
         expires_at: SystemTime,

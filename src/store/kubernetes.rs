@@ -294,6 +294,37 @@ pub(crate) fn api_code(e: &kube::Error) -> Option<u16> {
 /// `403 Forbidden: secrets "x" is forbidden: ...`: the status and the
 /// server's own explanation. Not kube's `Display`, which would quote
 /// undecodable response bodies; API messages do not carry Secret data.
+/// `message` with every long run of token-like characters (base64,
+/// base64url, JWT dots: 24 or more, letters and digits both) replaced by
+/// `[withheld]`. An API server's refusal may quote the object it was sent
+/// (a 422 `Invalid`, an admission webhook's denial), and what rekeyd sends
+/// are Secrets whose `data` is the journal (client secrets) or a token,
+/// base64-encoded (I7). Names, reasons and RBAC verbs are short runs
+/// between `:`, `"` and spaces, and stay.
+pub(crate) fn withhold_opaque_runs(message: &str) -> String {
+    let is_run_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '-' | '_' | '.');
+    let mut out = String::with_capacity(message.len());
+    let mut run = String::new();
+    let mut flush = |run: &mut String, out: &mut String| {
+        let opaque = run.len() >= 24
+            && run.chars().any(|c| c.is_ascii_alphabetic())
+            && run.chars().any(|c| c.is_ascii_digit());
+        out.push_str(if opaque { "[withheld]" } else { run });
+        run.clear();
+    };
+    for c in message.chars() {
+        if is_run_char(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 pub(crate) fn describe_api_error(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(status) => {
@@ -305,7 +336,8 @@ pub(crate) fn describe_api_error(e: &kube::Error) -> String {
             if status.message.is_empty() {
                 format!("{} {reason}", status.code)
             } else {
-                format!("{} {reason}: {}", status.code, status.message)
+                let message = withhold_opaque_runs(&status.message);
+                format!("{} {reason}: {message}", status.code)
             }
         }
         kube::Error::SerdeError(_) => "the API server's answer could not be decoded".into(),
@@ -432,5 +464,19 @@ impl Store for KubernetesStore {
                 ),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_objects_are_withheld_from_api_messages_names_are_not() {
+        let message = r#"secrets "rekeyd-state" is invalid: {"data":{"maps.json":"eyJjdXJyZW50Ijp7InZhbHVlIjoiczNjcjN0In19"}} and eyJhbGciOi.eyJzdWIiOiJ4In0.c2lnbmF0dXJlMTIz; User "system:serviceaccount:apps:rekeyd" cannot update"#;
+        assert_eq!(
+            withhold_opaque_runs(message),
+            r#"secrets "rekeyd-state" is invalid: {"data":{"maps.json":"[withheld]"}} and [withheld]; User "system:serviceaccount:apps:rekeyd" cannot update"#
+        );
     }
 }

@@ -453,6 +453,13 @@ fn handle(
                 kind.group()
             ),
             500 => "Internal error occurred: etcdserver: request timed out".into(),
+            // A validation failure that quotes the object it was sent, as
+            // some admission webhooks do.
+            422 => format!(
+                "{} \"{target_name}\" is invalid: {}",
+                kind.plural(),
+                String::from_utf8_lossy(&body)
+            ),
             _ => format!("injected failure {code}"),
         };
         return status(code, reason_of(code), message, Some(kind), &target_name);
