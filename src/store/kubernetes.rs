@@ -306,7 +306,7 @@ pub(crate) fn withhold_opaque_runs(message: &str) -> String {
         |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '-' | '_' | '.');
     let mut out = String::with_capacity(message.len());
     let mut run = String::new();
-    let mut flush = |run: &mut String, out: &mut String| {
+    let flush = |run: &mut String, out: &mut String| {
         let opaque = run.len() >= 24
             && run.chars().any(|c| c.is_ascii_alphabetic())
             && run.chars().any(|c| c.is_ascii_digit());
