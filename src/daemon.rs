@@ -495,30 +495,9 @@ async fn launch(
             login_slots,
             channels.clone(),
         );
-        let watch = EngineWatch {
-            registry: registry.clone(),
-            cancel: cancel.clone(),
-        };
-        let engine = engine.run(watch.cancel.clone());
-        tasks.spawn(engine.map(move |()| drop(watch)));
-        if config.sinks.is_empty() {
-            channels.sinks.send_replace(Vec::new());
-        } else {
-            tasks.spawn(sink::run(
-                config.name.clone(),
-                config.sinks.clone(),
-                handle.token.clone(),
-                channels.sinks.clone(),
-                handle.clock.clone(),
-                cancel.clone(),
-            ));
-        }
-        tasks.spawn(forward_changes(
-            handle.token.clone(),
-            handle.status.clone(),
-            registry.clone(),
-            cancel.clone(),
-        ));
+        spawn_token_tasks(
+            &config, engine, &channels, &handle, registry, &cancel, &mut tasks,
+        );
         profiles.push((
             config.name,
             ProfileRuntime {
@@ -536,30 +515,9 @@ async fn launch(
         login_slots,
         channels.clone(),
     );
-    let watch = EngineWatch {
-        registry: registry.clone(),
-        cancel: cancel.clone(),
-    };
-    // The guard goes with the future (dropped when the engine ends, also
-    // by a panic), not in an async block around it: a block that awaits
-    // what it captured keeps room for it twice, per credential.
-    let engine = engine.run(watch.cancel.clone());
-    tasks.spawn(engine.map(move |()| drop(watch)));
-    if cred.sinks.is_empty() {
-        // No task for nothing to write: a finished task stays in the
-        // JoinSet until the credential stops, and 10,000 of them add up.
-        // A reload that removed every sink clears them from status here.
-        channels.sinks.send_replace(Vec::new());
-    } else {
-        tasks.spawn(sink::run(
-            cred.name.clone(),
-            cred.sinks.clone(),
-            handle.token.clone(),
-            channels.sinks.clone(),
-            handle.clock.clone(),
-            cancel.clone(),
-        ));
-    }
+    spawn_token_tasks(
+        &cred, engine, &channels, &handle, registry, &cancel, &mut tasks,
+    );
     for hook in &cred.hooks {
         tasks.spawn(hooks::run(
             cred.name.clone(),
@@ -569,12 +527,6 @@ async fn launch(
             cancel.clone(),
         ));
     }
-    tasks.spawn(forward_changes(
-        handle.token.clone(),
-        handle.status.clone(),
-        registry.clone(),
-        cancel.clone(),
-    ));
     Ok((
         CredentialRuntime {
             config: cred,
@@ -585,6 +537,50 @@ async fn launch(
         },
         profiles,
     ))
+}
+
+/// Starts what every served token has, a credential's or a token
+/// profile's: its engine, its token-file writer and the forwarder of its
+/// changes to the supervisor.
+fn spawn_token_tasks(
+    config: &CredentialConfig,
+    engine: Engine,
+    channels: &CredentialChannels,
+    handle: &CredentialHandle,
+    registry: &Arc<Registry>,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
+    let watch = EngineWatch {
+        registry: registry.clone(),
+        cancel: cancel.clone(),
+    };
+    // The guard goes with the future (dropped when the engine ends, also
+    // by a panic), not in an async block around it: a block that awaits
+    // what it captured keeps room for it twice, per credential.
+    let engine = engine.run(watch.cancel.clone());
+    tasks.spawn(engine.map(move |()| drop(watch)));
+    if config.sinks.is_empty() {
+        // No task for nothing to write: a finished task stays in the
+        // JoinSet until the credential stops, and 10,000 of them add up.
+        // A reload that removed every sink clears them from status here.
+        channels.sinks.send_replace(Vec::new());
+    } else {
+        tasks.spawn(sink::run(
+            config.name.clone(),
+            config.sinks.clone(),
+            handle.token.clone(),
+            channels.sinks.clone(),
+            handle.clock.clone(),
+            cancel.clone(),
+        ));
+    }
+    tasks.spawn(forward_changes(
+        handle.token.clone(),
+        handle.status.clone(),
+        registry.clone(),
+        cancel.clone(),
+    ));
 }
 
 /// Passes each wake-up of `from` on to every one of `to`: a rotation's
