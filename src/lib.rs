@@ -18,6 +18,7 @@
 //! - [`sim`]: simulated providers for `rekeyd demo` and the tests.
 //! - [`fsutil`]: atomic, durable file writes.
 
+pub mod build;
 pub mod cli;
 pub mod client;
 pub mod clock;
