@@ -10,7 +10,7 @@ use crate::config::DEFAULT_CONFIG_PATH;
 #[derive(Debug, Parser)]
 #[command(
     name = "rekeyd",
-    version,
+    version = version_text(),
     about = "Keeps OAuth2 machine credentials alive: refreshes tokens, rotates client secrets, serves tokens locally.",
     after_help = "Exit status: 0 success, 1 runtime failure, 69 daemon or token unavailable, 78 configuration error.\n\
                   Logging: RUST_LOG (default \"info\"), e.g. RUST_LOG=rekeyd=debug."
@@ -18,6 +18,20 @@ use crate::config::DEFAULT_CONFIG_PATH;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `rekeyd --version`'s text after the name: the version and the compiled
+/// cargo features, e.g. `0.1.0 (features: none)` or `0.1.0 (features:
+/// etcd,failpoints)`, so that a test build is recognizable.
+pub fn version_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{} (features: {})",
+            crate::build::VERSION,
+            crate::build::features_text()
+        )
+    })
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +57,21 @@ pub struct RunArgs {
     pub config: ConfigArg,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Print one JSON object (the verdict, the warnings and the effective
+    /// configuration, or the error) on stdout and nothing on stderr: for CI
+    /// gates.
+    #[arg(long, conflicts_with = "quiet")]
+    pub json: bool,
+    /// Print only warnings and errors (on stderr), not the effective
+    /// configuration: the unit's ExecStartPre=.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground until SIGTERM or SIGINT (or, with
@@ -56,7 +85,11 @@ Exit status: 0 every credential has a valid token written, 69 one has not, 78 co
     )]
     Run(RunArgs),
     /// Validate the configuration and print the effective settings.
-    Check(ConfigArg),
+    #[command(after_help = "Exit status: 0 valid, 78 configuration error.\n\
+--json prints one JSON object on stdout, also for an error: {\"valid\": true, \"file\": ..., \
+\"warnings\": [...], \"config\": {...}} or {\"valid\": false, \"file\": ..., \"error\": \"...\"}. \
+Secret values (extra_params) are shown as \"[redacted]\"; secret files by their path.")]
+    Check(CheckArgs),
     /// Print a currently valid token of credential NAME (asks the running daemon).
     Token {
         /// Credential name, as in `[[credentials]] name`.
@@ -114,6 +147,21 @@ Exit status: 0 every credential has a valid token written, 69 one has not, 78 co
         force: bool,
         #[command(flatten)]
         config: ConfigArg,
+    },
+    /// Print a shell completion script for SHELL on stdout, e.g.
+    /// `rekeyd completions bash > /etc/bash_completion.d/rekeyd`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout: `rekeyd man | man -l -`;
+    /// `rekeyd man run` prints rekeyd-run(1).
+    Man {
+        /// A subcommand whose page to print (rekeyd-SUBCOMMAND(1)).
+        subcommand: Option<String>,
+        /// Write every page (rekeyd.1, rekeyd-run.1, ...) into DIR instead.
+        #[arg(long, value_name = "DIR", conflicts_with = "subcommand")]
+        dir: Option<PathBuf>,
     },
     /// Run rekeyd against a built-in simulated provider, with short token lifetimes.
     Demo {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use clap::CommandFactory;
+
 use crate::cli::{Cli, Command};
 use crate::config::{
     Config, CredentialConfig, HookAction, ListenerLimits, RotationTrigger, StoreConfig,
@@ -40,6 +42,7 @@ pub async fn execute(cli: Cli) -> u8 {
                 return EXIT_CONFIG;
             };
             logging::init(config.log.format);
+            warn_if_test_build();
             for warning in all_warnings(&config) {
                 tracing::warn!(step = "config", "{warning}");
             }
@@ -56,17 +59,28 @@ pub async fn execute(cli: Cli) -> u8 {
                 }
             }
         }
-        Command::Check(args) => match load(&args.config) {
+        Command::Check(args) if args.json => check_json(&args.config.config).await,
+        Command::Check(args) => match load(&args.config.config) {
             Some(config) => {
-                println!("{}", effective_config(&config).await);
+                if !args.quiet {
+                    println!("{}", effective_config(&config).await);
+                }
                 for warning in all_warnings(&config) {
                     eprintln!("rekeyd: warning: {warning}");
                 }
-                eprintln!("rekeyd: {} is valid", args.config.display());
+                if !args.quiet {
+                    eprintln!("rekeyd: {} is valid", args.config.config.display());
+                }
                 EXIT_OK
             }
             None => EXIT_CONFIG,
         },
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "rekeyd", &mut out);
+            print_bytes(&out)
+        }
+        Command::Man { subcommand, dir } => man(subcommand.as_deref(), dir.as_deref()),
         Command::Token {
             name,
             format,
@@ -153,6 +167,7 @@ pub async fn execute(cli: Cli) -> u8 {
         }
         Command::Demo { duration } => {
             logging::init(Default::default());
+            warn_if_test_build();
             let duration = (!duration.is_zero()).then_some(duration);
             match demo::run(duration).await {
                 Ok(()) => EXIT_OK,
@@ -162,6 +177,102 @@ pub async fn execute(cli: Cli) -> u8 {
                 }
             }
         }
+    }
+}
+
+/// A `failpoints` build aborts wherever FAILPOINTS says (the crash tests):
+/// said loudly at every start of the daemon, so that such a binary is never
+/// mistaken for a release in a log.
+fn warn_if_test_build() {
+    if crate::build::FEATURES.contains(&"failpoints") {
+        tracing::warn!(
+            step = "start",
+            version = crate::build::VERSION,
+            features = %crate::build::features_text(),
+            "TEST BUILD: compiled with the `failpoints` feature, this rekeyd aborts on purpose \
+             at the crash points named in FAILPOINTS; never run it in production"
+        );
+    }
+}
+
+/// `rekeyd man`: the pages clap_mangen renders from the clap definition
+/// (one per subcommand, named rekeyd-SUBCOMMAND(1) as the main page's
+/// SUBCOMMANDS section refers to them).
+fn man(subcommand: Option<&str>, dir: Option<&std::path::Path>) -> u8 {
+    // Built as clap_mangen::generate_to builds it: the subcommands then
+    // carry their full names (rekeyd-run) and the propagated --help.
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    if let Some(dir) = dir {
+        return match clap_mangen::generate_to(Cli::command(), dir) {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                eprintln!(
+                    "rekeyd: cannot write the manual pages to {}: {e}",
+                    dir.display()
+                );
+                EXIT_FAILURE
+            }
+        };
+    }
+    let page = match subcommand {
+        None => cmd,
+        Some(name) => match cmd.find_subcommand(name) {
+            Some(sub) => sub.clone(),
+            None => {
+                eprintln!("rekeyd: no subcommand {name:?} (see rekeyd --help)");
+                return EXIT_USAGE;
+            }
+        },
+    };
+    let mut out = Vec::new();
+    match clap_mangen::Man::new(page).render(&mut out) {
+        Ok(()) => print_bytes(&out),
+        Err(e) => {
+            eprintln!("rekeyd: cannot render the manual page: {e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// Writes generated text (completions, the man page) to stdout; a closed
+/// pipe (`rekeyd man | head`) is a failure, not a panic.
+fn print_bytes(bytes: &[u8]) -> u8 {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => EXIT_OK,
+        Err(_) => EXIT_FAILURE,
+    }
+}
+
+/// `rekeyd check --json`: one JSON object on stdout whatever the outcome,
+/// for CI gates; exit 0 valid, 78 not. The error text is the one `rekeyd
+/// check` prints (it names the key, never a secret value).
+async fn check_json(path: &std::path::Path) -> u8 {
+    let file = path.display().to_string();
+    let (doc, code) = match Config::load(path) {
+        Ok(config) => {
+            let effective: Value =
+                serde_json::from_str(&effective_config(&config).await).expect("our own JSON");
+            let warnings: Vec<String> = all_warnings(&config)
+                .iter()
+                .map(|w| w.to_string())
+                .collect();
+            (
+                json!({"valid": true, "file": file, "warnings": warnings, "config": effective}),
+                EXIT_OK,
+            )
+        }
+        Err(e) => (
+            json!({"valid": false, "file": file, "error": format!("configuration error: {e}")}),
+            EXIT_CONFIG,
+        ),
+    };
+    match print_bytes(format!("{}\n", serde_json::to_string_pretty(&doc).expect("json")).as_bytes())
+    {
+        EXIT_OK => code,
+        failed => failed,
     }
 }
 

@@ -31,11 +31,14 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let result = match format {
-        // Colours only on a terminal: journald and `kubectl logs` would
-        // store the escape codes.
+        // Colours only on a terminal (journald and `kubectl logs` would
+        // store the escape codes) and not when NO_COLOR asks for none.
         LogFormat::Text => builder
             .with_target(false)
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
             .try_init(),
         LogFormat::Json => builder
             .fmt_fields(JsonFields::new())
@@ -44,6 +47,14 @@ pub fn init(format: LogFormat) {
     };
     // Already installed (tests, or the demo re-entering): keep the first.
     let _ = result;
+}
+
+/// Whether text output may be coloured: on a terminal, unless `NO_COLOR`
+/// is set to a non-empty value (<https://no-color.org>: "when present and
+/// not an empty string ... prevents the addition of ANSI color"). clap's
+/// help output follows the same rule through anstream.
+pub fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The JSON line format described in the module documentation.
@@ -152,6 +163,15 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn no_color_set_and_non_empty_turns_colour_off() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())), "empty NO_COLOR is unset");
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(true, Some("false".into())), "any non-empty value");
+        assert!(!colour(false, None), "never colour a pipe or the journal");
     }
 
     #[test]
