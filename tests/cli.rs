@@ -13,6 +13,9 @@ use serde_json::Value;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+#[path = "support/tools.rs"]
+mod tools;
+
 const BIN: &str = env!("CARGO_BIN_EXE_rekeyd");
 
 /// Upper bound for anything that should take seconds; a clear failure
@@ -322,6 +325,89 @@ async fn check_rejects_an_invalid_config_with_exit_78_naming_the_key() {
     assert!(out.stderr.contains("missing.toml"), "{out}");
 }
 
+#[tokio::test]
+async fn check_json_prints_one_object_with_secret_values_redacted() {
+    let setup = Setup::new().await;
+    let valid = std::fs::read_to_string(&setup.config).unwrap();
+    // extra_params values may be secrets (an API key a provider wants in
+    // the form): shown by key only.
+    let planted = "xp-planted-4f1c9e";
+    let text = valid.replace(
+        "[credentials.endpoints]\n",
+        &format!("extra_params = {{ vendor_key = \"{planted}\" }}\n[credentials.endpoints]\n"),
+    );
+    assert_ne!(text, valid);
+    std::fs::write(&setup.config, &text).unwrap();
+
+    let out = run_cli(["check", "--json", "--config", &setup.config_arg()]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.is_empty(), "--json keeps stderr empty: {out}");
+    let doc: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document: {e}\n{out}"));
+    assert_eq!(doc["valid"], true, "{out}");
+    assert_eq!(doc["file"], setup.config_arg(), "{out}");
+    assert!(doc["warnings"].is_array(), "{out}");
+    let cred = &doc["config"]["credentials"][0];
+    assert_eq!(cred["name"], "maps", "{out}");
+    assert_eq!(cred["client_id"], "cli-maps", "{out}");
+    assert_eq!(cred["extra_params"]["vendor_key"], "[redacted]", "{out}");
+    // Secret files by their path, never their content.
+    assert_eq!(
+        cred["initial_secret_file"],
+        setup.dir.path().join("maps.secret").display().to_string(),
+        "{out}"
+    );
+    assert_eq!(
+        doc["config"]["api"]["key_file"],
+        setup.dir.path().join("api.key").display().to_string(),
+        "{out}"
+    );
+    for secret in [planted, setup.secret.as_str()] {
+        assert!(
+            !out.stdout.contains(secret),
+            "check --json printed a secret\n{out}"
+        );
+    }
+    assert!(!setup.state_dir().exists(), "check created the state dir");
+
+    // The same effective configuration as `rekeyd check` prints.
+    let plain = run_cli(["check", "--config", &setup.config_arg()]).await;
+    let plain: Value = serde_json::from_str(&plain.stdout).unwrap();
+    assert_eq!(doc["config"], plain, "{out}");
+
+    // An error is a JSON object too, still exit 78, naming the key.
+    let bad = text.replace(
+        &format!("listen = \"unix:{}\"", setup.socket.display()),
+        "listen = \"0.0.0.0:9860\"",
+    );
+    assert_ne!(bad, text);
+    std::fs::write(&setup.config, &bad).unwrap();
+    let out = run_cli(["check", "--json", "--config", &setup.config_arg()]).await;
+    assert_eq!(out.code(), Some(EXIT_CONFIG), "{out}");
+    assert!(out.stderr.is_empty(), "{out}");
+    let doc: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("the error is not JSON: {e}\n{out}"));
+    assert_eq!(doc["valid"], false, "{out}");
+    assert!(
+        doc["error"].as_str().unwrap().contains("api.listen"),
+        "{out}"
+    );
+    assert!(doc.get("config").is_none(), "{out}");
+    assert!(!out.stdout.contains(planted), "{out}");
+}
+
+#[tokio::test]
+async fn check_quiet_is_silent_for_a_valid_config_and_not_for_an_error() {
+    let setup = Setup::new().await;
+    let out = run_cli(["check", "--quiet", "--config", &setup.config_arg()]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out}");
+    let missing = setup.dir.path().join("missing.toml");
+    let out = run_cli(["check", "-q", "--config", &missing.display().to_string()]).await;
+    assert_eq!(out.code(), Some(EXIT_CONFIG), "{out}");
+    assert!(out.stderr.contains("missing.toml"), "{out}");
+}
+
 // ---------------------------------------------------------------------------
 // rekeyd run / token / status, and signals
 // ---------------------------------------------------------------------------
@@ -551,6 +637,260 @@ async fn help_lists_every_subcommand() {
             "--help does not list `{command}`\n{out}"
         );
     }
+}
+
+/// The features this test binary, and so the rekeyd binary of the same
+/// build, was compiled with: asked of cfg! here, not of rekeyd::build.
+fn compiled_features() -> Vec<&'static str> {
+    let mut features = Vec::new();
+    if cfg!(feature = "etcd") {
+        features.push("etcd");
+    }
+    if cfg!(feature = "failpoints") {
+        features.push("failpoints");
+    }
+    features
+}
+
+#[tokio::test]
+async fn version_names_the_compiled_features() {
+    let out = run_cli(["--version"]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let features = compiled_features();
+    let features = if features.is_empty() {
+        "none".to_string()
+    } else {
+        features.join(",")
+    };
+    assert_eq!(
+        out.stdout.trim_end(),
+        format!(
+            "rekeyd {} (features: {features})",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_failpoints_build_warns_at_every_daemon_start_and_only_then() {
+    let setup = Setup::new().await;
+    let test_build = compiled_features().contains(&"failpoints");
+    let out = run_cli(["run", "--once", "--config", &setup.config_arg()]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("TEST BUILD"))
+        .collect();
+    if test_build {
+        assert_eq!(warnings.len(), 1, "{out}");
+        assert!(warnings[0].contains("WARN"), "{out}");
+        assert!(warnings[0].contains("failpoints"), "{out}");
+    } else {
+        assert!(warnings.is_empty(), "{out}");
+    }
+    // Not a daemon start: no warning.
+    let out = run_cli(["check", "--config", &setup.config_arg()]).await;
+    assert!(!out.stderr.contains("TEST BUILD"), "{out}");
+}
+
+#[tokio::test]
+async fn man_prints_the_pages_of_the_command_and_its_subcommands() {
+    let subcommands: Vec<String> = rekeyd::cli::Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .filter(|name| name != "help")
+        .collect();
+    let out = run_cli(["man"]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains(".TH rekeyd 1"), "{out}");
+    assert!(out.stdout.contains(".SH SUBCOMMANDS"), "{out}");
+    for name in &subcommands {
+        // Roff escapes the hyphen: rekeyd\-run(1).
+        let reference = format!("rekeyd\\-{}(1)", name.replace('-', "\\-"));
+        assert!(out.stdout.contains(&reference), "no {reference}\n{out}");
+    }
+    let out = run_cli(["man", "run"]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains(".TH rekeyd-run 1"), "{out}");
+    assert!(out.stdout.contains("\\-\\-once"), "{out}");
+    let out = run_cli(["man", "no-such-command"]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_cli(["man", "--dir", &dir.path().display().to_string()]).await;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    let mut want: Vec<String> = subcommands
+        .iter()
+        .map(|n| format!("rekeyd-{n}.1"))
+        .collect();
+    want.push("rekeyd.1".into());
+    want.sort();
+    assert_eq!(pages, want);
+    // man(1) renders it (when installed): the page is valid roff.
+    if let Some(man) = tools::find("man", "apt-get install man-db") {
+        let out = std::process::Command::new(man)
+            .args(["-l", "-P", "cat"])
+            .arg(dir.path().join("rekeyd.1"))
+            .env("MANWIDTH", "100")
+            // cargo's (the build's libraries) confuses groff's.
+            .env_remove("LD_LIBRARY_PATH")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Words as justified text spaces them.
+        let text = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(text.contains("rekeyd-run(1)"), "{text}");
+        assert!(text.contains("Exit status: 0 success"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn completions_complete_the_subcommands_in_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F _rekeyd"),
+        ("zsh", "#compdef rekeyd"),
+        ("fish", "complete -c rekeyd"),
+        ("elvish", "edit:completion:arg-completer[rekeyd]"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let out = run_cli(["completions", shell]).await;
+        assert_eq!(out.code(), Some(0), "{shell}: {out}");
+        assert!(out.stdout.contains(marker), "{shell}: no {marker:?}\n{out}");
+        assert!(out.stdout.contains("set-secret"), "{shell}: {out}");
+    }
+    let out = run_cli(["completions", "tcsh"]).await;
+    assert_eq!(out.code(), Some(2), "{out}");
+
+    // bash runs it: "rekeyd ch<TAB>" offers check, "rekeyd token --format <TAB>"
+    // the formats.
+    let Some(bash) = tools::find("bash", "apt-get install bash") else {
+        return;
+    };
+    let script = run_cli(["completions", "bash"]).await.stdout;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rekeyd.bash");
+    std::fs::write(&file, script).unwrap();
+    let complete = |words: &str| {
+        let out = std::process::Command::new(&bash)
+            .arg("-c")
+            .arg(format!(
+                "source {file}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+                 [ \"${{COMP_WORDS[-1]}}\" = EMPTY ] && COMP_WORDS[-1]=''; \
+                 _rekeyd rekeyd \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                file = file.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let offered = complete("rekeyd ch");
+    assert!(offered.contains(&"check".to_string()), "{offered:?}");
+    assert!(!offered.contains(&"run".to_string()), "{offered:?}");
+    let offered = complete("rekeyd token --format EMPTY");
+    assert!(
+        offered.contains(&"exec-credential".to_string()),
+        "{offered:?}"
+    );
+}
+
+/// Runs `rekeyd ARGS` with stderr on a pseudo-terminal (where the text log
+/// is coloured) and returns what it wrote there.
+async fn stderr_on_a_terminal(args: &[&str], no_color: Option<&str>) -> String {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given ints; no name,
+    // termios or window size is passed.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned here only.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut command = rekeyd(args);
+    command.stdout(Stdio::null()).stderr(Stdio::from(slave));
+    match no_color {
+        Some(value) => command.env("NO_COLOR", value),
+        None => command.env_remove("NO_COLOR"),
+    };
+    let mut child = command.spawn().unwrap();
+    // The child has the terminal; the copy in `command` closes with it, so
+    // the master reads EOF (EIO) once the child exits.
+    drop(command);
+    let reader = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::from(master);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let status = tokio::time::timeout(TIMEOUT, child.wait())
+        .await
+        .expect("rekeyd did not exit")
+        .unwrap();
+    let text = tokio::time::timeout(TIMEOUT, reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}\n{text}");
+    text
+}
+
+#[tokio::test]
+async fn no_color_turns_off_the_coloured_log_on_a_terminal() {
+    // The demo logs INFO lines (tokens refreshed) in any build.
+    let args = ["demo", "--duration", "2s"];
+    let coloured = stderr_on_a_terminal(&args, None).await;
+    assert!(coloured.contains("INFO"), "{coloured}");
+    assert!(
+        coloured.contains("\x1b["),
+        "no colour on a terminal:\n{coloured}"
+    );
+    // https://no-color.org: present and non-empty.
+    let plain = stderr_on_a_terminal(&args, Some("1")).await;
+    assert!(plain.contains("INFO"), "{plain}");
+    assert!(
+        !plain.contains('\x1b'),
+        "NO_COLOR=1 still coloured:\n{plain}"
+    );
+    let empty = stderr_on_a_terminal(&args, Some("")).await;
+    assert!(
+        empty.contains("\x1b["),
+        "an empty NO_COLOR is unset:\n{empty}"
+    );
 }
 
 #[tokio::test]

@@ -737,11 +737,11 @@ fn systemd_unit_says_what_the_daemon_needs() {
         values[0].clone()
     };
     for (key, value) in [
-        ("Type", "notify"),
+        // systemd sends SIGHUP itself and waits for RELOADING=1/READY=1.
+        ("Type", "notify-reload"),
         ("NotifyAccess", "main"),
         ("WatchdogSec", "30s"),
         ("Restart", "on-failure"),
-        ("ExecReload", "/bin/kill -HUP $MAINPID"),
         ("StateDirectory", "rekeyd"),
         ("StateDirectoryMode", "0700"),
         ("RuntimeDirectory", "rekeyd"),
@@ -749,11 +749,25 @@ fn systemd_unit_says_what_the_daemon_needs() {
         ("DynamicUser", "yes"),
         (
             "ExecStart",
-            "/usr/local/bin/rekeyd run --config /etc/rekeyd/rekeyd.toml",
+            "/usr/bin/rekeyd run --config /etc/rekeyd/rekeyd.toml",
+        ),
+        // The same file, checked before the daemon starts.
+        (
+            "ExecStartPre",
+            "/usr/bin/rekeyd check --quiet --config /etc/rekeyd/rekeyd.toml",
         ),
     ] {
         assert_eq!(one(key), value, "{key}");
     }
+    // notify-reload signals the daemon itself; an ExecReload= would be run
+    // instead of the signal.
+    assert!(service_values(&entries, "ExecReload").is_empty());
+    // The package installs the binary here (Cargo.toml assets).
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest.contains(r#"["target/release/rekeyd", "usr/bin/", "755"]"#),
+        "the package's binary is not /usr/bin/rekeyd"
+    );
     assert!(
         one("RestartPreventExitStatus")
             .split_whitespace()
@@ -858,35 +872,110 @@ fn systemd_analyze_security_rates_the_unit_2_or_better() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// The major version of the systemd whose `systemd-analyze` this is.
+fn systemd_version(analyze: &Path) -> u32 {
+    let out = run_ok(Command::new(analyze).arg("--version"));
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the version in {out:?}"))
+}
+
+/// The drop-in the Debian package's postinst writes where systemd is older
+/// than 253 (between `<<'UNIT'` and `UNIT` in deploy/debian/postinst).
+fn pre_253_dropin() -> String {
+    let postinst = read("deploy/debian/postinst");
+    let start = postinst
+        .find("<<'UNIT'\n")
+        .expect("postinst writes the drop-in")
+        + 9;
+    let len = postinst[start..]
+        .find("\nUNIT\n")
+        .expect("end of the drop-in");
+    postinst[start..start + len].to_string()
+}
+
+#[test]
+fn pre_253_fallback_is_the_one_the_unit_documents() {
+    let dropin = unit_entries(&pre_253_dropin());
+    let unit = read("systemd/rekeyd.service");
+    assert_eq!(
+        service_values(&dropin, "Type"),
+        ["notify"],
+        "the fallback keeps the notify protocol"
+    );
+    let reload = service_values(&dropin, "ExecReload");
+    assert_eq!(reload, ["/bin/kill -HUP $MAINPID"]);
+    for line in ["Type=notify", &format!("ExecReload={}", reload[0])] {
+        assert!(
+            unit.lines()
+                .any(|l| l.trim_start_matches(['#', ' ']) == line),
+            "the unit's comment does not name {line}"
+        );
+    }
+}
+
+/// `systemd-analyze verify` on a copy of the unit whose rekeyd paths point
+/// at the binary built for the tests (verify checks that they exist);
+/// returns the complaints about the unit.
+fn verify_unit(analyze: &Path, unit_text: &str, dropin: Option<&str>) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("rekeyd.service");
+    assert!(unit_text.contains("ExecStart=/usr/bin/rekeyd "));
+    assert!(unit_text.contains("ExecStartPre=/usr/bin/rekeyd "));
+    std::fs::write(
+        &unit,
+        unit_text.replace(
+            "=/usr/bin/rekeyd ",
+            &format!("={} ", env!("CARGO_BIN_EXE_rekeyd")),
+        ),
+    )
+    .unwrap();
+    if let Some(dropin) = dropin {
+        let d = dir.path().join("rekeyd.service.d");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("10-systemd-before-253.conf"), dropin).unwrap();
+    }
+    let out = run(Command::new(analyze)
+        .args(["verify", "--man=no", "--no-pager"])
+        .arg(&unit));
+    let stderr = text(&out.stderr);
+    let complaints: Vec<String> = stderr
+        .lines()
+        .filter(|l| l.contains("rekeyd") || l.contains(&*dir.path().to_string_lossy()))
+        .map(String::from)
+        .collect();
+    assert!(out.status.success(), "verify failed:\n{stderr}");
+    complaints
+}
+
 #[test]
 fn systemd_analyze_verify_is_clean() {
     let Some(analyze) = tool("systemd-analyze", "systemd") else {
         return;
     };
-    // verify checks that ExecStart= exists: point a copy at the binary built
-    // for the tests.
-    let dir = tempfile::tempdir().unwrap();
-    let unit = dir.path().join("rekeyd.service");
-    let text_in = read("systemd/rekeyd.service");
-    assert!(text_in.contains("ExecStart=/usr/local/bin/rekeyd "));
-    std::fs::write(
-        &unit,
-        text_in.replace(
-            "ExecStart=/usr/local/bin/rekeyd ",
-            &format!("ExecStart={} ", env!("CARGO_BIN_EXE_rekeyd")),
-        ),
-    )
-    .unwrap();
-    let out = run(Command::new(&analyze)
-        .args(["verify", "--man=no", "--no-pager"])
-        .arg(&unit));
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "verify failed:\n{stderr}");
-    let complaints: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("rekeyd") || l.contains(&*dir.path().to_string_lossy()))
-        .collect();
-    assert!(complaints.is_empty(), "verify complains:\n{stderr}");
+    let unit = read("systemd/rekeyd.service");
+    let complaints = verify_unit(&analyze, &unit, None);
+    if systemd_version(&analyze) >= 253 {
+        assert!(complaints.is_empty(), "verify complains:\n{complaints:#?}");
+    } else {
+        // What an old systemd says about the unit as shipped, and nothing
+        // else: the reason for the package's fallback drop-in.
+        assert_eq!(complaints.len(), 1, "{complaints:#?}");
+        assert!(complaints[0].contains("notify-reload"), "{complaints:#?}");
+    }
+    // The fallback is valid on any systemd. On an old one the main file's
+    // Type= is still reported (and ignored) when the drop-in is read, as
+    // on a machine with the package installed: verify the replacement.
+    let replaced = unit.replace(
+        "Type=notify-reload\n",
+        &pre_253_dropin().replace("[Service]\n", ""),
+    );
+    let complaints = verify_unit(&analyze, &replaced, None);
+    assert!(
+        complaints.is_empty(),
+        "verify complains about the fallback:\n{complaints:#?}"
+    );
 }
 
 #[test]
