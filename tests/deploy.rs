@@ -9,14 +9,18 @@
 //! kustomize` (kubectl, or Debian's kubernetes-client) and `promtool`
 //! (prometheus). A test whose tool is missing says it was skipped and
 //! passes, unless `REKEYD_REQUIRE_TOOLS=1` (which `.ci/run` sets after
-//! installing them all) makes that a failure (tests/support/tools.rs). With
-//! `REKEYD_TEST_NSPAWN=1` (as root; a manual run), systemd-nspawn boots the
-//! unit with the daemon.
+//! installing them all) makes that a failure (tests/support/tools.rs).
+//!
+//! The Debian package (`.ci/package`) is checked when `REKEYD_TEST_DEB`
+//! names the .deb: its files, and with `REKEYD_TEST_NSPAWN=1` (as root) it
+//! is installed in a container booted by systemd-nspawn, where the unit is
+//! started, reloaded and stopped. `.ci/run` sets both.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Output};
 
+use clap::CommandFactory;
 use rekeyd::config::{Config, StoreConfig};
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
@@ -1798,34 +1802,262 @@ fn base64_decode(s: &str) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------
-// The unit for real: systemd boots in a container and starts rekeyd.
+// The Debian package (.ci/package)
 
-/// Opt-in (root, systemd-nspawn from systemd-container, a merged-/usr
-/// host; not run by CI): `REKEYD_TEST_NSPAWN=1 cargo test --test deploy
-/// nspawn`.
+/// The package to check: `REKEYD_TEST_DEB=$(.ci/package)`. Not set: the
+/// calling test was not asked to run (building the package takes a release
+/// build).
+fn built_deb() -> Option<PathBuf> {
+    match std::env::var_os("REKEYD_TEST_DEB") {
+        Some(path) if !path.is_empty() => {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "REKEYD_TEST_DEB={}: no such file",
+                path.display()
+            );
+            Some(path)
+        }
+        _ => {
+            tools::not_requested("set REKEYD_TEST_DEB=$(.ci/package) to check the Debian package");
+            None
+        }
+    }
+}
+
+/// What the package must install (`dpkg-deb --contents`, without "./").
+const PACKAGE_FILES: &[&str] = &[
+    "usr/bin/rekeyd",
+    "usr/lib/systemd/system/rekeyd.service",
+    "usr/lib/sysusers.d/rekeyd.conf",
+    "etc/rekeyd/rekeyd.toml",
+    "usr/share/man/man1/rekeyd.1.gz",
+    "usr/share/bash-completion/completions/rekeyd",
+    "usr/share/zsh/vendor-completions/_rekeyd",
+    "usr/share/fish/vendor_completions.d/rekeyd.fish",
+    "usr/share/doc/rekeyd/README.md",
+    "usr/share/doc/rekeyd/CHANGELOG.md",
+    "usr/share/doc/rekeyd/SECURITY.md",
+    "usr/share/doc/rekeyd/copyright",
+];
+
+#[test]
+fn debian_package_holds_the_daemon_and_its_files_and_not_the_benchmark() {
+    let Some(deb) = built_deb() else {
+        return;
+    };
+    let Some(dpkg_deb) = tool("dpkg-deb", "dpkg") else {
+        return;
+    };
+    let listing = run_ok(Command::new(&dpkg_deb).arg("--contents").arg(&deb));
+    // "-rwxr-xr-x root/root 123 2026-01-01 00:00 ./usr/bin/rekeyd"
+    let entries: BTreeMap<String, String> = listing
+        .lines()
+        .map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let path = fields[5].trim_start_matches("./").trim_end_matches('/');
+            (path.to_string(), fields[0].to_string())
+        })
+        .collect();
+    for want in PACKAGE_FILES {
+        assert!(
+            entries.contains_key(*want),
+            "the package lacks {want}:\n{listing}"
+        );
+    }
+    assert_eq!(entries["usr/bin/rekeyd"], "-rwxr-xr-x", "{listing}");
+    for (path, mode) in &entries {
+        assert!(
+            !path.contains("rekeyd-bench"),
+            "the benchmark is packaged: {path}"
+        );
+        // Nothing writable but by root, nothing setuid.
+        if !mode.starts_with('d') {
+            assert!(
+                mode == "-rw-r--r--" || mode == "-rwxr-xr-x",
+                "{path}: mode {mode}"
+            );
+        }
+    }
+    // A page per subcommand, as rekeyd(1) refers to them.
+    for sub in rekeyd::cli::Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+    {
+        let page = format!("usr/share/man/man1/rekeyd-{sub}.1.gz");
+        assert!(entries.contains_key(&page), "the package lacks {page}");
+    }
+
+    let field = |name: &str| run_ok(Command::new(&dpkg_deb).arg("--field").arg(&deb).arg(name));
+    assert_eq!(field("Package").trim(), "rekeyd");
+    assert!(
+        field("Version").starts_with(env!("CARGO_PKG_VERSION")),
+        "{}",
+        field("Version")
+    );
+
+    // The control files: the example configuration is the one conffile;
+    // no maintainer script starts or enables the service.
+    let control = tempfile::tempdir().unwrap();
+    run_ok(
+        Command::new(&dpkg_deb)
+            .arg("-e")
+            .arg(&deb)
+            .arg(control.path()),
+    );
+    let conffiles = std::fs::read_to_string(control.path().join("conffiles")).unwrap();
+    assert_eq!(
+        conffiles.lines().collect::<Vec<_>>(),
+        ["/etc/rekeyd/rekeyd.toml"]
+    );
+    for script in ["postinst", "prerm", "postrm"] {
+        let packaged = std::fs::read_to_string(control.path().join(script))
+            .unwrap_or_else(|e| panic!("no {script}: {e}"));
+        assert_eq!(
+            packaged,
+            read(&format!("deploy/debian/{script}")),
+            "{script}"
+        );
+        for line in packaged
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+        {
+            for verb in [
+                "systemctl start",
+                "systemctl enable",
+                "systemctl restart",
+                "deb-systemd-invoke",
+                "deb-systemd-helper",
+            ] {
+                assert!(!line.contains(verb), "{script}: {line}");
+            }
+        }
+    }
+
+    // The files are the repository's, and the packaged binary's own
+    // completions and version.
+    let root_dir = tempfile::tempdir().unwrap();
+    let r = root_dir.path();
+    run_ok(Command::new(&dpkg_deb).arg("-x").arg(&deb).arg(r));
+    for (packaged, source) in [
+        (
+            "usr/lib/systemd/system/rekeyd.service",
+            "systemd/rekeyd.service",
+        ),
+        ("usr/lib/sysusers.d/rekeyd.conf", "systemd/rekeyd.sysusers"),
+        ("etc/rekeyd/rekeyd.toml", "systemd/rekeyd.toml.example"),
+        ("usr/share/doc/rekeyd/README.md", "README.md"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(r.join(packaged)).unwrap(),
+            read(source),
+            "{packaged} is not {source}"
+        );
+    }
+    let copyright = std::fs::read_to_string(r.join("usr/share/doc/rekeyd/copyright")).unwrap();
+    assert!(copyright.contains("Apache"), "{copyright}");
+    let bin = r.join("usr/bin/rekeyd");
+    let version = run_ok(Command::new(&bin).arg("--version"));
+    // A release build: no test features.
+    assert_eq!(
+        version.trim(),
+        format!("rekeyd {} (features: none)", env!("CARGO_PKG_VERSION"))
+    );
+    for (shell, path) in [
+        ("bash", "usr/share/bash-completion/completions/rekeyd"),
+        ("zsh", "usr/share/zsh/vendor-completions/_rekeyd"),
+        ("fish", "usr/share/fish/vendor_completions.d/rekeyd.fish"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(r.join(path)).unwrap(),
+            run_ok(Command::new(&bin).args(["completions", shell])),
+            "{path}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The package for real: systemd boots in a container, the package is
+// installed there, and the unit is started, reloaded and stopped.
+
+/// A writable view of the host's root filesystem for a container: an
+/// overlay whose upper layer is a tmpfs, so the container may install
+/// packages and the host sees none of it. (systemd-nspawn refuses
+/// `--volatile=overlay` on the host's own root; `--volatile=yes` keeps
+/// /usr read-only, where the package installs.) Unmounted on drop.
+struct RootOverlay {
+    base: tempfile::TempDir,
+}
+
+impl RootOverlay {
+    fn new() -> RootOverlay {
+        let base = tempfile::tempdir().unwrap();
+        let b = base.path();
+        run_ok(Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(b));
+        for d in ["upper", "work", "merged"] {
+            std::fs::create_dir(b.join(d)).unwrap();
+        }
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o"])
+                .arg(format!(
+                    "lowerdir=/,upperdir={},workdir={}",
+                    b.join("upper").display(),
+                    b.join("work").display()
+                ))
+                .arg(b.join("merged")),
+        );
+        RootOverlay { base }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.base.path().join("merged")
+    }
+}
+
+impl Drop for RootOverlay {
+    fn drop(&mut self) {
+        let b = self.base.path();
+        let _ = Command::new("umount").arg(b.join("merged")).status();
+        let _ = Command::new("umount").arg(b).status();
+    }
+}
+
+/// Opt-in (root, systemd-nspawn from systemd-container):
+/// `REKEYD_TEST_NSPAWN=1 REKEYD_TEST_DEB=$(.ci/package) cargo test --test
+/// deploy nspawn`; `.ci/run` runs it.
 ///
-/// systemd-nspawn boots the host's /usr with an empty /etc and a private
-/// network; the container gets the unit as shipped (only ExecStart= points at
-/// the binary under test), a configuration with the example's paths, the
-/// bootstrap secret in /etc/rekeyd, and a loopback token endpoint. It checks
-/// that the sandbox lets rekeyd read its credential, write its state and
-/// token file, listen, and reach the provider; with "1" also that it reports
-/// READY=1 (Type=notify), keeps the watchdog fed past WatchdogSec, and
-/// survives `systemctl reload`. `REKEYD_TEST_NSPAWN=no-notify` runs it as
-/// Type=exec without the watchdog, for a daemon without sd_notify.
+/// systemd-nspawn boots a writable overlay of the host's root with a
+/// private network and a loopback token endpoint. Inside, the test installs
+/// the package with `dpkg -i` (its postinst runs against the booted
+/// systemd) and checks that the installation neither started nor enabled
+/// rekeyd, writes a configuration with the example's paths and the
+/// bootstrap secret, then: `systemctl start` returns once rekeyd reported
+/// READY=1 (the service is active and serves a token, wrote its token file
+/// and its state), the watchdog keeps being fed (no restart across several
+/// WatchdogSec periods, the ping timestamp advancing), `systemctl reload`
+/// keeps the same process and is answered by the daemon, a broken
+/// configuration is refused by reload (the daemon stays) and by
+/// ExecStartPre= on a start, and `systemctl stop` ends it cleanly.
 #[test]
 fn nspawn_boots_the_unit_and_rekeyd_serves_tokens() {
-    let mode = std::env::var("REKEYD_TEST_NSPAWN").unwrap_or_default();
-    if mode != "1" && mode != "no-notify" {
+    if std::env::var("REKEYD_TEST_NSPAWN").as_deref() != Ok("1") {
         tools::not_requested(
-            "set REKEYD_TEST_NSPAWN=1 (or no-notify) to boot the unit in systemd-nspawn",
+            "set REKEYD_TEST_NSPAWN=1 and REKEYD_TEST_DEB=$(.ci/package) to boot the package in systemd-nspawn",
         );
         return;
     }
+    let Some(deb) = built_deb() else {
+        return;
+    };
     let Some(nspawn) = tool("systemd-nspawn", "systemd-container") else {
         return;
     };
-    let full = mode == "1";
+    let Some(analyze) = tool("systemd-analyze", "systemd") else {
+        return;
+    };
+    // The container runs the host's systemd.
+    let notify_reload = systemd_version(&analyze) >= 253;
     let example = load_config(&read("systemd/rekeyd.toml.example"));
     let api = example.api.as_ref().unwrap();
     let cred = &example.credentials[0];
@@ -1838,17 +2070,15 @@ fn nspawn_boots_the_unit_and_rekeyd_serves_tokens() {
         None => format!("curl -s http://{listen}"),
     };
 
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+    let overlay = RootOverlay::new();
+    let root = overlay.root();
     let write = |rel: &str, text: &str| {
-        let path = d.join(rel);
+        let path = root.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, text).unwrap();
     };
-    write(
-        "etc-rekeyd/rekeyd.toml",
-        &format!(
-            r#"state_dir = "{state}"
+    let config = format!(
+        r#"state_dir = "{state}"
 [api]
 listen = "{listen}"
 key_file = "{key}"
@@ -1863,16 +2093,21 @@ token_url = "http://127.0.0.1:18080/token"
 path = "{sink}"
 mode = "0640"
 "#,
-            state = example.state_dir.display(),
-            key = api.key_file.display(),
-            name = cred.name,
-            secret = secret_file.display(),
-            sink = sink.display(),
-        ),
+        state = example.state_dir.display(),
+        key = api.key_file.display(),
+        name = cred.name,
+        secret = secret_file.display(),
+        sink = sink.display(),
     );
-    write(&format!("etc-rekeyd/{secret_name}"), "test-secret\n");
+    write("opt/ns/rekeyd.toml", &config);
+    // Valid TOML, invalid configuration: an unknown key.
     write(
-        "opt/tokensrv.py",
+        "opt/ns/broken.toml",
+        &config.replace("[api]\n", "[api]\nlisten_address = \"x\"\n"),
+    );
+    std::fs::copy(&deb, root.join("opt/ns/rekeyd.deb")).unwrap();
+    write(
+        "opt/ns/tokensrv.py",
         r#"import http.server, json
 class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
@@ -1886,25 +2121,62 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(("127.0.0.1", 18080), H).serve_forever()
 "#,
     );
-    let wait = if full { 45 } else { 12 };
+    // Each step prints key=value lines; `wait_for` polls a state with a
+    // deadline instead of sleeping for a guessed time.
     write(
-        "opt/check.sh",
+        "opt/ns/check.sh",
         &format!(
             r#"#!/bin/bash
 exec > /opt/out/result.txt 2>&1
-sleep {wait}
 show() {{ echo "$1=$(systemctl show -p "$1" --value rekeyd.service)"; }}
-show ActiveState; show NRestarts; show StatusText; show MainPID
+prop() {{ systemctl show -p "$1" --value rekeyd.service; }}
+wait_for() {{ # PROPERTY VALUE SECONDS
+    for _ in $(seq $((10 * $3))); do [ "$(prop "$1")" = "$2" ] && return 0; sleep 0.1; done; return 1
+}}
+echo "preinstalled=$(dpkg-query -W -f='${{Status}}' rekeyd 2>/dev/null)"
+dpkg -i /opt/ns/rekeyd.deb > /opt/out/dpkg.txt 2>&1; echo "dpkg=$?"
+echo "installed=$(dpkg-query -W -f='${{Status}}' rekeyd)"
+echo "user=$(getent passwd rekeyd | cut -d: -f1)"
+echo "after_install=$(prop ActiveState)"
+echo "enabled=$(systemctl is-enabled rekeyd.service)"
+show Type
+echo "dropin=$(ls /etc/systemd/system/rekeyd.service.d/ 2>/dev/null | tr '\n' ' ')"
+# Configured as README "Install" says.
+install -m 0644 /opt/ns/rekeyd.toml /etc/rekeyd/rekeyd.toml
+(umask 077; echo test-secret > /etc/rekeyd/{secret_name})
+# The watchdog for real, at a period the test can wait through several times.
+mkdir -p /etc/systemd/system/rekeyd.service.d
+printf '[Service]\nWatchdogSec=3s\n' > /etc/systemd/system/rekeyd.service.d/50-test.conf
+systemctl daemon-reload
+systemctl start rekeyd.service; echo "start=$?"
+echo "started=$(prop ActiveState)"; show StatusText; show MainPID
 echo "readyz=$({curl}/readyz -o /dev/null -w '%{{http_code}}')"
-echo "livez=$({curl}/livez -o /dev/null -w '%{{http_code}}')"
 echo "sink=$(stat -c %a {sink})"
-echo "state=$(ls /var/lib/private/rekeyd/*/credentials/{name}.json /var/lib/private/rekeyd/credentials/{name}.json 2>/dev/null | wc -l)"
-if [ "{full}" = true ]; then
-    systemctl reload rekeyd.service; echo "reload=$?"; sleep 2
-    echo "after_reload=$(systemctl show -p ActiveState --value rekeyd.service)"
-    echo "MainPID_after_reload=$(systemctl show -p MainPID --value rekeyd.service)"
-fi
-echo "== journal"; journalctl -u rekeyd.service --no-pager | tail -40
+echo "state=$(ls /var/lib/private/rekeyd/*/credentials/{name}.json 2>/dev/null | wc -l)"
+pid=$(prop MainPID); ping1=$(prop WatchdogTimestampMonotonic)
+# Three watchdog periods: a daemon that stopped pinging would be killed.
+sleep 10
+echo "watchdog_usec=$(prop WatchdogUSec)"
+echo "watchdog_advanced=$([ "$(prop WatchdogTimestampMonotonic)" != "$ping1" ] && echo yes)"
+echo "restarts=$(prop NRestarts)"
+echo "pid_after_watchdog=$(prop MainPID)"
+systemctl reload rekeyd.service; echo "reload=$?"
+echo "after_reload=$(prop ActiveState)"
+echo "pid_after_reload=$(prop MainPID)"
+echo "reloaded=$(journalctl -u rekeyd.service --no-pager -o cat | grep -c 'configuration reloaded')"
+install -m 0644 /opt/ns/broken.toml /etc/rekeyd/rekeyd.toml
+systemctl reload rekeyd.service; echo "reload_broken=$?"
+echo "after_reload_broken=$(prop ActiveState)"
+echo "pid_after_reload_broken=$(prop MainPID)"
+echo "rejected=$(journalctl -u rekeyd.service --no-pager -o cat | grep -c 'new configuration rejected')"
+systemctl stop rekeyd.service; echo "stop=$?"
+echo "stopped=$(prop ActiveState)"; show Result; show ExecMainStatus
+systemctl start rekeyd.service; echo "start_broken=$?"
+wait_for ActiveState failed 10; echo "broken_state=$(prop ActiveState)"; show NRestarts
+echo "start_broken_main_pid=$(prop ExecMainPID)"
+echo "check_refused=$(journalctl -u rekeyd.service --no-pager -o cat | grep -c 'configuration error: .*listen_address')"
+echo "== dpkg"; cat /opt/out/dpkg.txt
+echo "== journal"; journalctl -u rekeyd.service --no-pager | tail -60
 echo "== end"
 systemctl poweroff
 "#,
@@ -1916,83 +2188,50 @@ systemctl poweroff
     run_ok(
         Command::new("chmod")
             .arg("0755")
-            .arg(d.join("opt/check.sh")),
+            .arg(root.join("opt/ns/check.sh")),
     );
-    run_ok(
-        Command::new("chmod")
-            .arg("0600")
-            .arg(d.join(format!("etc-rekeyd/{secret_name}"))),
-    );
-    let mut dropin =
-        "[Service]\nExecStart=\nExecStart=/opt/ns/rekeyd run --config /etc/rekeyd/rekeyd.toml\n"
-            .to_string();
-    if !full {
-        dropin.push_str("Type=exec\nWatchdogSec=0\n");
-    }
-    write("units/rekeyd.service.d/test.conf", &dropin);
+    let unit_dir = "etc/systemd/system";
     write(
-        "units/tokensrv.service",
+        &format!("{unit_dir}/tokensrv.service"),
         "[Service]\nExecStart=/usr/bin/python3 /opt/ns/tokensrv.py\n",
     );
     write(
-        "units/check.service",
-        "[Unit]\nAfter=rekeyd.service tokensrv.service\n[Service]\nType=oneshot\nExecStart=/opt/ns/check.sh\n",
+        &format!("{unit_dir}/check.service"),
+        "[Unit]\nAfter=tokensrv.service\n[Service]\nType=oneshot\nExecStart=/opt/ns/check.sh\n",
     );
     write(
-        "units/ns-test.target",
-        "[Unit]\nRequires=tokensrv.service rekeyd.service check.service\nAfter=tokensrv.service rekeyd.service check.service\n",
+        &format!("{unit_dir}/ns-test.target"),
+        "[Unit]\nRequires=tokensrv.service check.service\nAfter=tokensrv.service check.service\n",
     );
-    std::fs::create_dir(d.join("out")).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_rekeyd"), d.join("opt/rekeyd")).unwrap();
-
-    let unit_dir = "/etc/systemd/system";
-    let bind = |from: PathBuf, to: &str| format!("--bind-ro={}:{to}", from.display());
+    // network-online.target would wait two minutes for a link that the
+    // private network never configures: masked.
+    std::os::unix::fs::symlink(
+        "/dev/null",
+        root.join(format!("{unit_dir}/systemd-networkd-wait-online.service")),
+    )
+    .ok();
+    let out_dir = tempfile::tempdir().unwrap();
     let out = run(Command::new("timeout")
-        .arg("240")
+        .arg("300")
         .arg(nspawn)
-        .args(["-q", "-D", "/", "--volatile=yes", "--private-network"])
-        .args(["--register=no", "--keep-unit"])
+        .arg("-q")
+        .arg("-D")
+        .arg(&root)
+        .args(["--private-network", "--register=no", "--keep-unit"])
         .arg(format!("--machine=rekeyd-test-{}", std::process::id()))
-        .arg(bind(d.join("opt"), "/opt/ns"))
-        .arg(format!("--bind={}:/opt/out", d.join("out").display()))
-        .arg(bind(
-            root().join("systemd/rekeyd.service"),
-            &format!("{unit_dir}/rekeyd.service"),
-        ))
-        .arg(bind(
-            d.join("units/rekeyd.service.d"),
-            &format!("{unit_dir}/rekeyd.service.d"),
-        ))
-        .arg(bind(
-            d.join("units/tokensrv.service"),
-            &format!("{unit_dir}/tokensrv.service"),
-        ))
-        .arg(bind(
-            d.join("units/check.service"),
-            &format!("{unit_dir}/check.service"),
-        ))
-        .arg(bind(
-            d.join("units/ns-test.target"),
-            &format!("{unit_dir}/ns-test.target"),
-        ))
-        .arg(bind(d.join("etc-rekeyd"), "/etc/rekeyd"))
-        .arg("--bind-ro=/etc/ssl:/etc/ssl")
-        // network-online.target would wait two minutes for a link that the
-        // private network never configures: masked.
-        .arg(format!(
-            "--bind-ro=/dev/null:{unit_dir}/systemd-networkd-wait-online.service"
-        ))
+        .arg(format!("--bind={}:/opt/out", out_dir.path().display()))
         .args([
             "-b",
             "--",
             "systemd.unit=ns-test.target",
             "systemd.firstboot=off",
         ]));
-    let result = std::fs::read_to_string(d.join("out/result.txt")).unwrap_or_else(|_| {
+    let result = std::fs::read_to_string(out_dir.path().join("result.txt")).unwrap_or_else(|_| {
         panic!(
-            "the container wrote no result ({}):\n{}",
+            "the container wrote no result ({}):\n{}\n{}",
             out.status,
-            text(&out.stdout)
+            text(&out.stdout),
+            text(&out.stderr)
         )
     });
     eprintln!("{result}");
@@ -2001,19 +2240,62 @@ systemctl poweroff
         .take_while(|l| !l.starts_with("== "))
         .filter_map(|l| l.split_once('='))
         .collect();
-    assert_eq!(values["ActiveState"], "active", "{result}");
-    assert_eq!(values["NRestarts"], "0", "{result}");
-    assert_eq!(values["readyz"], "200", "{result}");
-    assert_eq!(values["livez"], "200", "{result}");
-    assert_eq!(values["sink"], "640", "{result}");
-    assert_eq!(values["state"], "1", "{result}");
-    if full {
-        assert!(!values["StatusText"].is_empty(), "no STATUS=: {result}");
-        assert_eq!(values["reload"], "0", "{result}");
-        assert_eq!(values["after_reload"], "active", "{result}");
-        assert_eq!(
-            values["MainPID"], values["MainPID_after_reload"],
-            "reload restarted the daemon: {result}"
+    let v = |key: &str| {
+        *values
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key}: {result}"))
+    };
+    assert_eq!(
+        v("preinstalled"),
+        "",
+        "the host has rekeyd installed; the test installs it in the container: {result}"
+    );
+    // The installation: the user exists, nothing runs yet.
+    assert_eq!(v("dpkg"), "0", "{result}");
+    assert_eq!(v("installed"), "install ok installed", "{result}");
+    assert_eq!(v("user"), "rekeyd", "{result}");
+    assert_eq!(v("after_install"), "inactive", "{result}");
+    assert_eq!(v("enabled"), "disabled", "{result}");
+    if notify_reload {
+        assert_eq!(v("Type"), "notify-reload", "{result}");
+        assert!(!v("dropin").contains("before-253"), "{result}");
+    } else {
+        assert_eq!(v("Type"), "notify", "{result}");
+        assert!(
+            v("dropin").contains("10-systemd-before-253.conf"),
+            "{result}"
         );
     }
+    // systemctl start returned after READY=1.
+    assert_eq!(v("start"), "0", "{result}");
+    assert_eq!(v("started"), "active", "{result}");
+    assert!(!v("StatusText").is_empty(), "no STATUS=: {result}");
+    assert_eq!(v("readyz"), "200", "{result}");
+    assert_eq!(v("sink"), "640", "{result}");
+    assert_eq!(v("state"), "1", "{result}");
+    // The watchdog.
+    assert_eq!(v("watchdog_usec"), "3s", "{result}");
+    assert_eq!(v("watchdog_advanced"), "yes", "{result}");
+    assert_eq!(v("restarts"), "0", "{result}");
+    assert_eq!(v("pid_after_watchdog"), v("MainPID"), "{result}");
+    // Reload: the same process, answered by the daemon.
+    assert_eq!(v("reload"), "0", "{result}");
+    assert_eq!(v("after_reload"), "active", "{result}");
+    assert_eq!(v("pid_after_reload"), v("MainPID"), "{result}");
+    assert_eq!(v("reloaded"), "1", "{result}");
+    // A broken configuration: reload keeps the daemon and its configuration.
+    assert_eq!(v("reload_broken"), "0", "{result}");
+    assert_eq!(v("after_reload_broken"), "active", "{result}");
+    assert_eq!(v("pid_after_reload_broken"), v("MainPID"), "{result}");
+    assert_eq!(v("rejected"), "1", "{result}");
+    // Stop.
+    assert_eq!(v("stop"), "0", "{result}");
+    assert_eq!(v("stopped"), "inactive", "{result}");
+    assert_eq!(v("Result"), "success", "{result}");
+    assert_eq!(v("ExecMainStatus"), "0", "{result}");
+    // ... and a start with the broken configuration fails in ExecStartPre=,
+    // before the daemon ran.
+    assert_ne!(v("start_broken"), "0", "{result}");
+    assert_eq!(v("start_broken_main_pid"), "0", "{result}");
+    assert!(v("check_refused") != "0", "{result}");
 }

@@ -1,4 +1,4 @@
-//! `cargo run --release --bin rekeyd-bench`: measures rekeyd against its
+//! `cargo run --release --features bench --bin rekeyd-bench`: measures rekeyd against its
 //! performance targets on this machine, on loopback only, against the
 //! simulated provider (which runs inside this process), and writes the
 //! results to BENCHMARKS.md.
@@ -2192,7 +2192,7 @@ fn render(m: &Machine, report: &Report, started: SystemTime, took: Duration, loa
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Run on {date} with `cargo run --release --bin rekeyd-bench` ({:.1} min), \
+        "Run on {date} with `cargo run --release --features bench --bin rekeyd-bench` ({:.1} min), \
          commit {}.\n\n\
          | machine | |\n|---|---|\n\
          | CPU | {} ({} cores) |\n| RAM | {} |\n| kernel | {} |\n| OS | {} |\n| compiler | {} |\n\
@@ -2238,7 +2238,7 @@ fn write_report(path: &Path, generated: &str) -> Result<()> {
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => format!(
             "# Benchmarks\n\n\
-             How to run: `cargo run --release --bin rekeyd-bench` (about 7 minutes; installs the\n\
+             How to run: `cargo run --release --features bench --bin rekeyd-bench` (about 7 minutes; installs the\n\
              Debian packages `wrk` and `nginx` when missing and run as root). Everything runs on\n\
              loopback against the built-in simulated provider; the table below is rewritten.\n\n\
              {block}"
