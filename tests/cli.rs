@@ -1,5 +1,6 @@
-//! The `rekeyd` binary as operators use it: `check`, `run` (with signals),
-//! `token`, `status`, `demo` and `--help`. The simulated provider runs in
+//! The `rekeyd` binary as operators use it: `check` (also `--json`), `run`
+//! (with signals), `token`, `status`, `demo`, `man`, `completions`,
+//! `--help` and `--version`, and `NO_COLOR`. The simulated provider runs in
 //! the test process; the daemon is a real child process whose API listens
 //! on a unix socket in the test's temporary directory (no fixed ports).
 
