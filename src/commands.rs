@@ -195,25 +195,32 @@ fn warn_if_test_build() {
     }
 }
 
-/// `rekeyd man`: the pages clap_mangen renders from the clap definition
-/// (one per subcommand, named rekeyd-SUBCOMMAND(1) as the main page's
-/// SUBCOMMANDS section refers to them).
+/// `rekeyd man`: the pages clap_mangen renders from the clap definition,
+/// rekeyd(1) and one per subcommand, named rekeyd-SUBCOMMAND(1) as the
+/// main page's SUBCOMMANDS section refers to them. `subcommand` picks the
+/// page printed; `dir` writes them all there as `<name>.1`.
 fn man(subcommand: Option<&str>, dir: Option<&std::path::Path>) -> u8 {
     // Built as clap_mangen::generate_to builds it: the subcommands then
     // carry their full names (rekeyd-run) and the propagated --help.
     let mut cmd = Cli::command().disable_help_subcommand(true);
     cmd.build();
+    // The footer names the program and version on every page (a
+    // subcommand has no version of its own).
+    let source = format!("rekeyd {}", crate::build::VERSION);
+    let mut pages = vec![cmd.clone()];
+    pages.extend(cmd.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
     if let Some(dir) = dir {
-        return match clap_mangen::generate_to(Cli::command(), dir) {
-            Ok(()) => EXIT_OK,
-            Err(e) => {
+        for page in pages {
+            let man = clap_mangen::Man::new(page).source(source.clone());
+            if let Err(e) = man.generate_to(dir) {
                 eprintln!(
                     "rekeyd: cannot write the manual pages to {}: {e}",
                     dir.display()
                 );
-                EXIT_FAILURE
+                return EXIT_FAILURE;
             }
-        };
+        }
+        return EXIT_OK;
     }
     let page = match subcommand {
         None => cmd,
@@ -226,7 +233,7 @@ fn man(subcommand: Option<&str>, dir: Option<&std::path::Path>) -> u8 {
         },
     };
     let mut out = Vec::new();
-    match clap_mangen::Man::new(page).render(&mut out) {
+    match clap_mangen::Man::new(page).source(source).render(&mut out) {
         Ok(()) => print_bytes(&out),
         Err(e) => {
             eprintln!("rekeyd: cannot render the manual page: {e}");
