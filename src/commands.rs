@@ -700,6 +700,7 @@ fn credential_json(
         "client_id": c.client_id,
         "customer_id": c.customer_id,
         "initial_secret_file": c.initial_secret_file.as_ref().map(|p| p.display().to_string()),
+        "initial_secret_credential": c.initial_secret_credential,
         "initial_secret_id": c.initial_secret_id,
         "scope": c.scope,
         "audience": c.audience,

@@ -224,6 +224,7 @@ struct RawCredential {
     client_id: Option<String>,
     customer_id: Option<String>,
     initial_secret_file: Option<PathBuf>,
+    initial_secret_credential: Option<String>,
     initial_secret_id: Option<String>,
     scope: Option<String>,
     audience: Option<String>,
@@ -688,7 +689,14 @@ pub struct CredentialConfig {
     pub provider: ProviderKind,
     pub client_id: String,
     pub customer_id: Option<String>,
+    /// The bootstrap secret's file: `initial_secret_file` as written, or
+    /// `$CREDENTIALS_DIRECTORY/<initial_secret_credential>` resolved when
+    /// the configuration was loaded. Read only while the store holds no
+    /// secret for the credential.
     pub initial_secret_file: Option<PathBuf>,
+    /// `initial_secret_credential`: the systemd credential name the file
+    /// above was resolved from, `None` when the file was named directly.
+    pub initial_secret_credential: Option<String>,
     pub initial_secret_id: Option<String>,
     pub scope: Option<String>,
     pub audience: Option<String>,
@@ -729,6 +737,16 @@ pub struct TokenProfile {
 }
 
 impl CredentialConfig {
+    /// The key that named the bootstrap secret, for errors about it:
+    /// `initial_secret_credential` or `initial_secret_file`.
+    pub fn initial_secret_key(&self) -> &'static str {
+        if self.initial_secret_credential.is_some() {
+            "initial_secret_credential"
+        } else {
+            "initial_secret_file"
+        }
+    }
+
     /// The credential as profile `profile` asks for tokens: its name,
     /// request parameters and sinks in place of the credential's, no hooks,
     /// and no rotation (the credential rotates the one secret; a profile's
@@ -742,6 +760,7 @@ impl CredentialConfig {
             client_id: self.client_id.clone(),
             customer_id: self.customer_id.clone(),
             initial_secret_file: self.initial_secret_file.clone(),
+            initial_secret_credential: self.initial_secret_credential.clone(),
             initial_secret_id: self.initial_secret_id.clone(),
             scope: profile.scope.clone(),
             audience: profile.audience.clone(),
@@ -776,9 +795,15 @@ impl Config {
         // Read the file ourselves so that a missing file is reported as such,
         // not as an empty configuration.
         let text = std::fs::read_to_string(path).map_err(|e| load_err(e.to_string()))?;
+        let mut credentials_directory = None;
         let env: config::Map<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("REKEYD__"))
+            .filter(|(k, v)| {
+                if k == CREDENTIALS_DIRECTORY {
+                    credentials_directory = Some(PathBuf::from(v));
+                }
+                k.starts_with("REKEYD__")
+            })
             .collect();
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml))
@@ -794,10 +819,11 @@ impl Config {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| load_err(describe_load_error(&e, &text)))?;
-        validate(raw)
+        validate(raw, credentials_directory.as_deref())
     }
 
-    /// Parses a TOML document without environment overrides.
+    /// Parses a TOML document without environment overrides (and without
+    /// `$CREDENTIALS_DIRECTORY`, so `initial_secret_credential` is refused).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
@@ -807,7 +833,7 @@ impl Config {
                 path: PathBuf::from("<inline>"),
                 message: describe_load_error(&e, text),
             })?;
-        validate(raw)
+        validate(raw, None)
     }
 
     pub fn credential(&self, name: &str) -> Option<&CredentialConfig> {
@@ -988,7 +1014,14 @@ fn without_quoted_values(message: &str) -> String {
     out
 }
 
-fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+/// The environment variable through which systemd names the directory of
+/// the service's credentials (`LoadCredential=`, `LoadCredentialEncrypted=`,
+/// `SetCredential=`); see <https://systemd.io/CREDENTIALS/>.
+pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
+/// `credentials_directory`: `$CREDENTIALS_DIRECTORY` of the process that
+/// loads the configuration, which `initial_secret_credential` names resolve in.
+fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Config, ConfigError> {
     let state_dir = raw
         .state_dir
         .unwrap_or_else(|| PathBuf::from("/var/lib/rekeyd"));
@@ -1042,7 +1075,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut names = HashMap::new();
     let mut credentials = Vec::with_capacity(raw.credentials.len());
     for (i, rc) in raw.credentials.into_iter().enumerate() {
-        let cred = validate_credential(i, rc)?;
+        let cred = validate_credential(i, rc, credentials_directory)?;
         let own = std::iter::once((format!("credentials[{i}].name"), &cred.name));
         let profiles = (cred.tokens.iter().enumerate())
             .map(|(j, p)| (format!("credentials[{i}].tokens[{j}].name"), &p.name));
@@ -1153,10 +1186,11 @@ fn check_one_owner_per_secret(credentials: &[CredentialConfig]) -> Result<(), Co
                 refuse_if_either_rotates(
                     credentials,
                     (i, j),
-                    "initial_secret_file",
+                    cred.initial_secret_key(),
                     format!(
-                        "{} is the same file as `credentials[{i}].initial_secret_file` ({})",
+                        "{} is the same file as `credentials[{i}].{}` ({})",
                         path.display(),
+                        credentials[i].initial_secret_key(),
                         other.display()
                     ),
                 )?;
@@ -1584,7 +1618,11 @@ fn validate_diag(diag: RawDiag) -> Result<DiagConfig, ConfigError> {
     Ok(DiagConfig { listen, limits })
 }
 
-fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, ConfigError> {
+fn validate_credential(
+    i: usize,
+    rc: RawCredential,
+    credentials_directory: Option<&Path>,
+) -> Result<CredentialConfig, ConfigError> {
     let key = |field: &str| format!("credentials[{i}].{field}");
     let required = |value: Option<String>, field: &str| {
         value
@@ -1630,20 +1668,36 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         }
     };
 
-    if rc.initial_secret_file.is_none() {
-        return Err(ConfigError::invalid(
-            key("initial_secret_file"),
-            "is required (it is read only while the store holds no secret for this credential)",
-        ));
-    }
-    if let Some(path) = &rc.initial_secret_file
-        && !path.is_absolute()
-    {
-        return Err(ConfigError::invalid(
-            key("initial_secret_file"),
-            format!("must be an absolute path, got {:?}", path),
-        ));
-    }
+    let initial_secret_file = match (rc.initial_secret_file, &rc.initial_secret_credential) {
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                key("initial_secret_file"),
+                "is required, or initial_secret_credential (it is read only while the store \
+                 holds no secret for this credential)",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                key("initial_secret_credential"),
+                "names the bootstrap secret a second time: give initial_secret_file or \
+                 initial_secret_credential, not both",
+            ));
+        }
+        (Some(path), None) => {
+            if !path.is_absolute() {
+                return Err(ConfigError::invalid(
+                    key("initial_secret_file"),
+                    format!("must be an absolute path, got {:?}", path),
+                ));
+            }
+            path
+        }
+        (None, Some(name)) => credential_file(
+            &key("initial_secret_credential"),
+            name,
+            credentials_directory,
+        )?,
+    };
 
     check_request_params(&key(""), provider, &rc.extra_params, rc.audience.is_some())?;
 
@@ -1735,7 +1789,8 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         provider,
         client_id,
         customer_id: rc.customer_id,
-        initial_secret_file: rc.initial_secret_file,
+        initial_secret_file: Some(initial_secret_file),
+        initial_secret_credential: rc.initial_secret_credential,
         initial_secret_id: rc.initial_secret_id,
         scope: rc.scope,
         audience: rc.audience,
@@ -2244,6 +2299,52 @@ fn sink_format(
             ));
         }
     })
+}
+
+/// The file of systemd credential `name` (`initial_secret_credential`):
+/// `$CREDENTIALS_DIRECTORY/name`. systemd sets that variable only for a
+/// service with credentials (LoadCredential=, LoadCredentialEncrypted=,
+/// SetCredential=; <https://systemd.io/CREDENTIALS/>), so its absence means
+/// the unit lacks the line, which no restart fixes: a configuration error.
+/// A credential name is a plain file name in that directory.
+fn credential_file(
+    key: &str,
+    name: &str,
+    credentials_directory: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.chars().any(char::is_control)
+        // NAME_MAX: systemd refuses longer credential names as well.
+        && name.len() <= 255;
+    if !plain {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{name:?} is not a credential name (a plain file name: no '/', not \".\" or \"..\", at most 255 bytes)"
+            ),
+        ));
+    }
+    let Some(dir) = credentials_directory else {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "${CREDENTIALS_DIRECTORY} is not set: the service needs \
+                 LoadCredential={name}:/path/to/secret (or LoadCredentialEncrypted=) in its \
+                 systemd unit, which sets it; outside systemd, set {CREDENTIALS_DIRECTORY} to \
+                 the directory holding {name:?}"
+            ),
+        ));
+    };
+    if !dir.is_absolute() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("${CREDENTIALS_DIRECTORY} must be an absolute path, got {dir:?}"),
+        ));
+    }
+    Ok(dir.join(name))
 }
 
 fn file_sink(

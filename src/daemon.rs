@@ -1043,7 +1043,7 @@ pub fn spawn_signal_listener(shutdown: CancellationToken) {
 /// Reads the bootstrap secret. Its absence is a configuration problem: the
 /// operator named a file that is not there.
 fn read_initial_secret(i: usize, cred: &CredentialConfig) -> Result<SecretString, DaemonError> {
-    let key = format!("credentials[{i}].initial_secret_file");
+    let key = format!("credentials[{i}].{}", cred.initial_secret_key());
     let path = cred
         .initial_secret_file
         .as_ref()

@@ -167,6 +167,60 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].initial_secret_file`", "required"],
         ),
         (
+            "initial_secret_credential without $CREDENTIALS_DIRECTORY",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_credential = \"maps.secret\"",
+            ),
+            vec![
+                "`credentials[0].initial_secret_credential`",
+                "$CREDENTIALS_DIRECTORY is not set",
+                "LoadCredential=maps.secret:",
+            ],
+        ),
+        (
+            "initial_secret_credential and initial_secret_file",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"\n\
+                 initial_secret_credential = \"maps.secret\"",
+            ),
+            vec!["`credentials[0].initial_secret_credential`", "not both"],
+        ),
+        (
+            "initial_secret_credential with a directory",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_credential = \"../maps.secret\"",
+            ),
+            vec![
+                "`credentials[0].initial_secret_credential`",
+                "not a credential name",
+            ],
+        ),
+        (
+            "initial_secret_credential \"..\"",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_credential = \"..\"",
+            ),
+            vec![
+                "`credentials[0].initial_secret_credential`",
+                "not a credential name",
+            ],
+        ),
+        (
+            "empty initial_secret_credential",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_credential = \"\"",
+            ),
+            vec![
+                "`credentials[0].initial_secret_credential`",
+                "not a credential name",
+            ],
+        ),
+        (
             "auth_method on mapsindoors",
             with("auth_method = \"client_secret_basic\"\n"),
             vec![
@@ -510,6 +564,7 @@ fn invalid_configs_name_the_key_and_exit_78() {
             .args(["check", "--config"])
             .arg(&path)
             .env_remove("REKEYD_CONFIG")
+            .env_remove("CREDENTIALS_DIRECTORY")
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -576,6 +631,67 @@ fn store_section_parses_with_defaults() {
             "{err}"
         );
     }
+}
+
+/// `initial_secret_credential` resolves in `$CREDENTIALS_DIRECTORY` (where
+/// systemd's LoadCredential= puts the file), and `rekeyd check` shows the
+/// resolved path; a relative directory is refused.
+#[test]
+fn initial_secret_credential_resolves_in_the_credentials_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = BASE.replace(
+        "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+        "initial_secret_credential = \"maps.secret\"",
+    );
+    let path = dir.path().join("rekeyd.toml");
+    std::fs::write(&path, &text).unwrap();
+    let creds = dir.path().join("credentials");
+    let check_with = |directory: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env_remove("REKEYD_CONFIG")
+            .env("CREDENTIALS_DIRECTORY", directory)
+            .output()
+            .unwrap()
+    };
+    let out = check_with(&creds);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let maps = &shown["credentials"][0];
+    assert_eq!(
+        maps["initial_secret_file"],
+        creds.join("maps.secret").display().to_string(),
+        "{shown}"
+    );
+    assert_eq!(maps["initial_secret_credential"], "maps.secret");
+
+    let out = check_with(Path::new("relative/dir"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("`credentials[0].initial_secret_credential`")
+            && stderr.contains("absolute"),
+        "{stderr}"
+    );
+
+    let loaded = Config::load_with_env(
+        &path,
+        [(
+            "CREDENTIALS_DIRECTORY".to_string(),
+            "/run/credentials/x".to_string(),
+        )],
+    )
+    .unwrap();
+    let maps = loaded.credential("maps").unwrap();
+    assert_eq!(
+        maps.initial_secret_file.as_deref(),
+        Some(Path::new("/run/credentials/x/maps.secret"))
+    );
+    assert_eq!(maps.initial_secret_key(), "initial_secret_credential");
+    let err = Config::from_toml(&text).unwrap_err().to_string();
+    assert!(err.contains("$CREDENTIALS_DIRECTORY is not set"), "{err}");
 }
 
 #[test]

@@ -460,13 +460,20 @@ fn run_ok(cmd: &mut Command) -> String {
     text(&out.stdout)
 }
 
+/// The `$CREDENTIALS_DIRECTORY` systemd gives rekeyd.service.
+const UNIT_CREDENTIALS_DIRECTORY: &str = "/run/credentials/rekeyd.service";
+
 /// Loads a rekeyd configuration given as text (the `config` crate wants a
-/// .toml file name).
+/// .toml file name), in the environment systemd gives rekeyd.service.
 fn load_config(toml: &str) -> Config {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rekeyd.toml");
     std::fs::write(&path, toml).unwrap();
-    Config::load_with_env(&path, std::iter::empty())
+    let env = [(
+        "CREDENTIALS_DIRECTORY".to_string(),
+        UNIT_CREDENTIALS_DIRECTORY.to_string(),
+    )];
+    Config::load_with_env(&path, env)
         .unwrap_or_else(|e| panic!("not a valid rekeyd configuration: {e}\n{toml}"))
 }
 
@@ -808,11 +815,15 @@ fn systemd_example_config_fits_the_unit() {
     );
     assert!(api.key_file.starts_with(&config.state_dir));
     for cred in &config.credentials {
-        let file = cred.initial_secret_file.as_ref().unwrap();
-        let id = file
-            .strip_prefix("/run/credentials/rekeyd.service")
-            .unwrap_or_else(|_| panic!("{}: not in $CREDENTIALS_DIRECTORY", file.display()));
-        let id = id.to_str().unwrap();
+        // By credential name: no path of systemd's spelled out.
+        let id = cred
+            .initial_secret_credential
+            .as_deref()
+            .unwrap_or_else(|| panic!("{}: no initial_secret_credential", cred.name));
+        assert_eq!(
+            cred.initial_secret_file.as_deref(),
+            Some(Path::new(UNIT_CREDENTIALS_DIRECTORY).join(id).as_path())
+        );
         assert!(
             credentials.contains_key(id),
             "{} has no LoadCredential={id}:... (have {credentials:?})",
