@@ -117,7 +117,7 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             1,
         )
     };
-    vec![
+    let mut cases = vec![
         (
             "unknown top-level key",
             format!("colour = 1\n{BASE}"),
@@ -454,6 +454,16 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`store.endpoints`", "\"etcd\"", "not \"kubernetes\""],
         ),
         (
+            "etcd TLS setting on a kubernetes store",
+            with_table("[store]\nkind = \"kubernetes\"\nca_file = \"/etc/rekeyd/etcd-ca.pem\""),
+            vec!["`store.ca_file`", "\"etcd\"", "not \"kubernetes\""],
+        ),
+        (
+            "etcd user on the file store",
+            with_table("[store]\nusername = \"rekeyd\""),
+            vec!["`store.username`", "\"etcd\"", "not \"file\""],
+        ),
+        (
             "shared-store setting on the file store",
             with_table("[store]\nsecret = \"rekeyd-state\""),
             vec!["`store.secret`", "not \"file\""],
@@ -551,7 +561,73 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             with("[[credentials.tokens]]\nname = \"read\"\nrotation = {}\n"),
             vec!["unknown field `rotation`"],
         ),
-    ]
+    ];
+    if cfg!(feature = "etcd") {
+        let etcd = |keys: &str| with_table(&format!("[store]\nkind = \"etcd\"\n{keys}"));
+        cases.extend([
+            (
+                "https etcd without a CA",
+                etcd("endpoints = [\"https://10.0.0.1:2379\"]"),
+                vec!["`store.ca_file`", "required with https endpoints"],
+            ),
+            (
+                "a CA for http etcd endpoints",
+                etcd("endpoints = [\"http://10.0.0.1:2379\"]\nca_file = \"/etc/rekeyd/ca.pem\""),
+                vec!["`store.ca_file`", "https endpoints only"],
+            ),
+            (
+                "http and https etcd endpoints mixed",
+                etcd(
+                    "endpoints = [\"https://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\n\
+                     ca_file = \"/etc/rekeyd/ca.pem\"",
+                ),
+                vec!["`store.endpoints[1]`", "like store.endpoints[0]"],
+            ),
+            (
+                "an etcd client certificate without its key",
+                etcd(
+                    "endpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/etc/rekeyd/ca.pem\"\n\
+                     cert_file = \"/etc/rekeyd/client.pem\"",
+                ),
+                vec!["`store.key_file`", "required with store.cert_file"],
+            ),
+            (
+                "an etcd client key without its certificate",
+                etcd(
+                    "endpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/etc/rekeyd/ca.pem\"\n\
+                     key_file = \"/etc/rekeyd/client.key\"",
+                ),
+                vec!["`store.cert_file`", "required with store.key_file"],
+            ),
+            (
+                "an etcd CA file that is not there",
+                etcd("endpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/nonexistent/ca.pem\""),
+                vec!["`store.ca_file`", "cannot read /nonexistent/ca.pem"],
+            ),
+            (
+                "an etcd user without a password",
+                etcd("endpoints = [\"http://127.0.0.1:2379\"]\nusername = \"rekeyd\""),
+                vec!["`store.password_file`", "required with store.username"],
+            ),
+            (
+                "an etcd password without a user",
+                etcd(
+                    "endpoints = [\"http://127.0.0.1:2379\"]\n\
+                     password_file = \"/etc/rekeyd/etcd.password\"",
+                ),
+                vec!["`store.username`", "required with store.password_file"],
+            ),
+            (
+                "an etcd password file that is not there",
+                etcd(
+                    "endpoints = [\"http://127.0.0.1:2379\"]\nusername = \"rekeyd\"\n\
+                     password_file = \"/nonexistent/etcd.password\"",
+                ),
+                vec!["`store.password_file`", "cannot read"],
+            ),
+        ]);
+    }
+    cases
 }
 
 #[test]
