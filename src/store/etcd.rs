@@ -528,6 +528,23 @@ fn with_hint(e: StoreError, config: &EtcdStoreConfig) -> StoreError {
                         signed by a CA its --trusted-ca-file names?)"
                 .to_string(),
         })
+    } else if config.tls.is_some()
+        && ["connection closed", "connection reset", "broken pipe"]
+            .iter()
+            .any(|m| lower.contains(m))
+    {
+        // TLS 1.3: a server refuses a client certificate (or its absence)
+        // after the client finished its handshake, and the client may see
+        // only the connection closing, not the alert.
+        Some(match config.tls.as_ref().and_then(|t| t.client.as_ref()) {
+            None => "the server closed the TLS connection: if it asks for a client certificate \
+                     (etcd --client-cert-auth), set store.cert_file and store.key_file"
+                .to_string(),
+            Some(_) => "the server closed the TLS connection: it may have refused the client \
+                        certificate in store.cert_file (not signed by a CA its \
+                        --trusted-ca-file names?)"
+                .to_string(),
+        })
     } else if lower.contains("authentication failed") {
         Some(match &config.auth {
             Some(auth) => format!(
