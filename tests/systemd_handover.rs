@@ -177,9 +177,9 @@ async fn the_bootstrap_secret_comes_from_the_credentials_directory() {
 /// `rekeyd run` with `listener` as descriptor 3 and `LISTEN_FDS=1`,
 /// `LISTEN_FDNAMES=api`, `LISTEN_PID` its own pid: what systemd does for a
 /// service with a socket unit. A shell sets `LISTEN_PID=$$` and execs
-/// rekeyd, which keeps the pid (the variable must be in the environment
-/// exec passes, which a `pre_exec` setenv would not reach once the command
-/// has environment changes of its own).
+/// rekeyd, which keeps the pid: setenv(3) in a `pre_exec` closure would
+/// allocate between fork and exec, which is not async-signal-safe in a
+/// multi-threaded test process; dup2 and fcntl there are.
 fn spawn_activated(fd: &impl AsRawFd, config: &Path, log: &Path) -> Child {
     let fd = fd.as_raw_fd();
     let mut command = command(
