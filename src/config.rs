@@ -1351,7 +1351,7 @@ fn store_warnings(store: &StoreConfig) -> Vec<ConfigWarning> {
     let StoreConfig::Etcd(etcd) = store else {
         return Vec::new();
     };
-    let remote = etcd.endpoints.iter().find(|e| {
+    let remote = etcd.endpoints.iter().position(|e| {
         Url::parse(e).is_ok_and(|u| {
             u.scheme() == "http"
                 && !match u.host() {
@@ -1363,11 +1363,11 @@ fn store_warnings(store: &StoreConfig) -> Vec<ConfigWarning> {
         })
     });
     match (&etcd.auth, remote) {
-        (Some(_), Some(endpoint)) => vec![ConfigWarning {
+        (Some(_), Some(i)) => vec![ConfigWarning {
             key: "store.password_file".to_string(),
             reason: format!(
-                "the etcd password travels unencrypted to {endpoint}; use https endpoints \
-                 (store.ca_file)"
+                "the etcd password travels unencrypted to store.endpoints[{i}], beyond this \
+                 host; use https endpoints (store.ca_file)"
             ),
         }],
         _ => Vec::new(),
