@@ -74,6 +74,13 @@ const METRICS: &[Metric] = &[
     },
     metric("rekeyd_sink_token_valid", &["credential", "path"]),
     metric("rekeyd_sink_current", &["credential", "path"]),
+    metric("rekeyd_secret_created_timestamp_seconds", &["credential"]),
+    metric("rekeyd_secret_max_age_seconds", &["credential"]),
+    metric(
+        "rekeyd_token_next_refresh_timestamp_seconds",
+        &["credential"],
+    ),
+    metric("rekeyd_build_info", &["version", "features"]),
 ];
 
 /// Labels Prometheus adds to every scraped series.
@@ -313,6 +320,7 @@ secrets_url = "{secrets_url}"
 [credentials.rotation]
 every = "2s"
 grace = "1s"
+max_secret_age = "1h"
 [[credentials.sinks]]
 path = "{sink}"
 "#,
@@ -576,6 +584,14 @@ fn alerts_use_only_exported_metrics_and_cover_the_failures() {
         (
             "RekeydRotationNeedsOperator",
             &["rekeyd_rotation_needs_operator"],
+        ),
+        (
+            "RekeydSecretTooOld",
+            &[
+                "time()",
+                "rekeyd_secret_created_timestamp_seconds",
+                "rekeyd_secret_max_age_seconds",
+            ],
         ),
         ("RekeydDown", &["up{"]),
         ("RekeydAbsent", &["absent("]),
@@ -1464,8 +1480,9 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
         );
     }
 
-    // RBAC: get, update and patch on that one Secret and that one Lease;
-    // nothing else, no create (which Kubernetes cannot limit by name).
+    // RBAC: get, update and patch on that one Secret, its history Secret
+    // and that one Lease; nothing else, no create (which Kubernetes cannot
+    // limit by name).
     let role = one(&docs, "Role");
     let mut named: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for rule in role["rules"].as_sequence().unwrap() {
@@ -1487,9 +1504,10 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
         }
     }
     let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
-    assert_eq!(named.len(), 2, "{named:?}");
+    assert_eq!(named.len(), 3, "{named:?}");
     let verbs = set(&["get", "update", "patch"]);
     assert_eq!(named[&format!("secrets/{}", store.secret)], verbs);
+    assert_eq!(named[&format!("secrets/{}-history", store.secret)], verbs);
     assert_eq!(named[&format!("leases/{}", store.lease)], verbs);
     let binding = one(&docs, "RoleBinding");
     assert_eq!(binding["roleRef"]["name"].as_str(), Some(name(role)));
