@@ -2123,11 +2123,12 @@ fn validate_rotation(
             validate_cron(&key("schedule"), &schedule)?;
             RotationTrigger::Schedule(schedule)
         }
-        (None, None) if raw.on_login => RotationTrigger::Manual,
+        // `max_secret_age` alone: rotate only when the secret gets that old.
+        (None, None) if raw.on_login || raw.max_secret_age.is_some() => RotationTrigger::Manual,
         (None, None) => {
             return Err(ConfigError::invalid(
                 key("every"),
-                "one of `every`, `schedule` or `on_login = true` is required",
+                "one of `every`, `schedule`, `max_secret_age` or `on_login = true` is required",
             ));
         }
     };
@@ -2149,11 +2150,11 @@ fn validate_rotation(
     if let Some(age) = max_secret_age {
         // Shorter than the grace period, every rotation would be followed
         // by another before the old secret is even deleted.
-        if age <= grace || age < Duration::from_secs(60) {
+        if age <= grace || age < Duration::from_secs(1) {
             return Err(ConfigError::invalid(
                 key("max_secret_age"),
                 format!(
-                    "must be at least 1m and longer than `grace` ({})",
+                    "must be at least 1s and longer than `grace` ({})",
                     humantime::format_duration(grace)
                 ),
             ));

@@ -377,6 +377,22 @@ path = "{sink}"
     let output = child.wait_with_output().unwrap();
     let stderr = text(&output.stderr);
     let exported = families(&last);
+    // The build and the age policy, with their values.
+    let build = last
+        .lines()
+        .find(|l| l.starts_with("rekeyd_build_info{"))
+        .unwrap_or_else(|| panic!("no rekeyd_build_info in\n{last}"));
+    assert!(
+        build.contains(&format!("version=\"{}\"", rekeyd::build::VERSION))
+            && build.contains(&format!("features=\"{}\"", rekeyd::build::features_text()))
+            && build.ends_with(" 1"),
+        "{build}"
+    );
+    assert!(
+        last.lines()
+            .any(|l| l.starts_with("rekeyd_secret_max_age_seconds{credential=\"maps\"} 3600")),
+        "{last}"
+    );
     let missing: Vec<_> = wanted.difference(&exported).collect();
     assert!(
         missing.is_empty(),

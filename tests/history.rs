@@ -59,6 +59,12 @@ impl World {
     /// The configuration, with `store` the body of `[store]` and `api`
     /// adding a TCP token API.
     fn config_text(&self, store: &str, api: bool) -> String {
+        self.config_with(store, api, "every = \"1h\"\ngrace = \"0s\"")
+    }
+
+    /// [`World::config_text`] with `rotation` the body of
+    /// `[credentials.rotation]`.
+    fn config_with(&self, store: &str, api: bool, rotation: &str) -> String {
         let dir = self.dir.path().display();
         let mut text = format!("state_dir = \"{dir}/state\"\n");
         if api {
@@ -79,8 +85,7 @@ initial_secret_id = "{}"
 token_url = "{}"
 secrets_url = "{}"
 [credentials.rotation]
-every = "1h"
-grace = "0s"
+{rotation}
 "#,
             self.bootstrap.0,
             self.sim.mapsindoors_token_url(),
@@ -484,4 +489,37 @@ async fn under_systemd_the_steps_reach_the_journal_with_their_message_ids() {
         assert!(text.contains("REKEYD_HISTORY_DIGEST="), "{text}");
         assert_no_secret(datagram, &w.secret_values(), "a journal entry");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_older_than_max_secret_age_is_rotated_and_says_why() {
+    let w = world(Duration::ZERO).await;
+    // No schedule: only the age bound rotates.
+    let text = w.config_with("", false, "max_secret_age = \"2s\"\ngrace = \"0s\"");
+    let dir = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_in(dir, &text).await;
+    let store = FileStore::new(&d.config.state_dir);
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    let started = loop {
+        let doc = history::load(&store, "maps").await.unwrap();
+        let started = doc.and_then(|doc| {
+            doc.entries
+                .iter()
+                .find(|e| e.step == Step::Started)
+                .cloned()
+        });
+        if let Some(started) = started {
+            break started;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no rotation within {EVENT_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(started.detail.as_deref(), Some("max_secret_age"));
+    assert_eq!(started.seq, 0, "not forced: no `forced` entry before it");
+    // The metrics are one registry per process, shared by this file's
+    // tests: tests/deploy.rs checks them on a daemon of its own.
+    d.stop().await;
 }
