@@ -712,6 +712,8 @@ pub async fn effective_config(config: &Config) -> String {
         .iter()
         .map(|c| credential_json(c, &dur, &proxies))
         .collect();
+    let mut store = store_json(&config.store, &dur).await;
+    store["history_limit"] = json!(config.history_limit);
     let doc = json!({
         "state_dir": config.state_dir.display().to_string(),
         "api": config.api.as_ref().map(|a| {
@@ -726,7 +728,7 @@ pub async fn effective_config(config: &Config) -> String {
             diag
         }),
         "log": {"format": format!("{:?}", config.log.format).to_lowercase()},
-        "store": store_json(&config.store, &dur).await,
+        "store": store,
         "credentials": credentials,
         // Set but unused (HTTP_PROXY, a SOCKS proxy): said, not silently
         // dropped.
@@ -812,6 +814,7 @@ fn credential_json(
             "schedule": match &r.trigger { RotationTrigger::Schedule(s) => Some(s.clone()), _ => None },
             "grace": dur(r.grace),
             "on_login": r.on_login,
+            "max_secret_age": r.max_secret_age.map(dur),
         })),
         "hooks": c.hooks.iter().map(|h| {
             let on: Vec<&str> = h.on.iter().map(|e| e.as_str()).collect();

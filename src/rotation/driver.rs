@@ -940,8 +940,16 @@ fn plan(
     } else if rotation.is_none() {
         Plan::Wait(Duration::from_secs(86400))
     } else if requested {
+        // With `on_login`, the token engine asks after every login through
+        // the same request as an operator does; such a request is taken
+        // as the login's.
+        let on_login = rotation.is_some_and(|r| r.on_login);
         Plan::Rotate {
-            begin: Some(StartReason::Forced),
+            begin: Some(if on_login {
+                StartReason::OnLogin
+            } else {
+                StartReason::Forced
+            }),
         }
     } else {
         match due_at {
