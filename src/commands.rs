@@ -773,6 +773,11 @@ async fn store_json(store: &StoreConfig, dur: &dyn Fn(Duration) -> String) -> Va
             "endpoints_proxy": "direct (the etcd client never uses a proxy)",
             "prefix": e.prefix,
             "claim_ttl": dur(e.claim_ttl),
+            "ca_file": e.tls.as_ref().map(|t| t.ca_file.display().to_string()),
+            "cert_file": e.tls.as_ref().and_then(|t| t.client.as_ref()).map(|c| c.cert_file.display().to_string()),
+            "key_file": e.tls.as_ref().and_then(|t| t.client.as_ref()).map(|c| c.key_file.display().to_string()),
+            "username": e.auth.as_ref().map(|a| a.username.clone()),
+            "password_file": e.auth.as_ref().map(|a| a.password_file.display().to_string()),
         }),
     }
 }
@@ -788,6 +793,7 @@ fn credential_json(
         "client_id": c.client_id,
         "customer_id": c.customer_id,
         "initial_secret_file": c.initial_secret_file.as_ref().map(|p| p.display().to_string()),
+        "initial_secret_credential": c.initial_secret_credential,
         "initial_secret_id": c.initial_secret_id,
         "scope": c.scope,
         "audience": c.audience,

@@ -185,6 +185,11 @@ struct RawStore {
     // etcd
     endpoints: Option<Vec<String>>,
     prefix: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,6 +231,7 @@ struct RawCredential {
     client_id: Option<String>,
     customer_id: Option<String>,
     initial_secret_file: Option<PathBuf>,
+    initial_secret_credential: Option<String>,
     initial_secret_id: Option<String>,
     scope: Option<String>,
     audience: Option<String>,
@@ -376,12 +382,66 @@ pub struct KubernetesStoreConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdStoreConfig {
-    /// Client URLs, `http://host:port`.
+    /// Client URLs, all `http://host:port` or all `https://host:port`.
     pub endpoints: Vec<String>,
     /// Key prefix: records under `<prefix>/credentials/`, claims under
     /// `<prefix>/claims/`.
     pub prefix: String,
     pub claim_ttl: Duration,
+    /// TLS to the members: `Some` exactly when the endpoints are `https`.
+    pub tls: Option<EtcdTls>,
+    /// etcd authentication (a user and its password): `None` for a
+    /// cluster without `auth enable`.
+    pub auth: Option<EtcdAuth>,
+}
+
+/// TLS to etcd (`store.ca_file`, `store.cert_file`, `store.key_file`),
+/// the files read when the configuration is loaded, so that `rekeyd
+/// check` finds an unreadable one and a reload sees a replaced one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA certificate(s), PEM, the members' certificates must chain to
+    /// (etcd's `--trusted-ca-file` side: the cluster's own CA, not the
+    /// system's roots).
+    pub ca_file: PathBuf,
+    pub ca_pem: Vec<u8>,
+    /// A client certificate, for members started with
+    /// `--client-cert-auth`.
+    pub client: Option<EtcdClientCert>,
+}
+
+/// `store.cert_file` and `store.key_file`: PEM, the key redacted in `Debug`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdClientCert {
+    pub cert_file: PathBuf,
+    pub cert_pem: Vec<u8>,
+    pub key_file: PathBuf,
+    pub key_pem: SecretBytes,
+}
+
+/// `store.username` and the password read from `store.password_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    pub username: String,
+    pub password_file: PathBuf,
+    pub password: SecretBytes,
+}
+
+/// The content of a secret file the configuration names (a private key, a
+/// password): compared (a reload notices a changed file) but never shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(Vec<u8>);
+
+impl SecretBytes {
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -697,7 +757,14 @@ pub struct CredentialConfig {
     pub provider: ProviderKind,
     pub client_id: String,
     pub customer_id: Option<String>,
+    /// The bootstrap secret's file: `initial_secret_file` as written, or
+    /// `$CREDENTIALS_DIRECTORY/<initial_secret_credential>` resolved when
+    /// the configuration was loaded. Read only while the store holds no
+    /// secret for the credential.
     pub initial_secret_file: Option<PathBuf>,
+    /// `initial_secret_credential`: the systemd credential name the file
+    /// above was resolved from, `None` when the file was named directly.
+    pub initial_secret_credential: Option<String>,
     pub initial_secret_id: Option<String>,
     pub scope: Option<String>,
     pub audience: Option<String>,
@@ -738,6 +805,16 @@ pub struct TokenProfile {
 }
 
 impl CredentialConfig {
+    /// The key that named the bootstrap secret, for errors about it:
+    /// `initial_secret_credential` or `initial_secret_file`.
+    pub fn initial_secret_key(&self) -> &'static str {
+        if self.initial_secret_credential.is_some() {
+            "initial_secret_credential"
+        } else {
+            "initial_secret_file"
+        }
+    }
+
     /// The credential as profile `profile` asks for tokens: its name,
     /// request parameters and sinks in place of the credential's, no hooks,
     /// and no rotation (the credential rotates the one secret; a profile's
@@ -751,6 +828,7 @@ impl CredentialConfig {
             client_id: self.client_id.clone(),
             customer_id: self.customer_id.clone(),
             initial_secret_file: self.initial_secret_file.clone(),
+            initial_secret_credential: self.initial_secret_credential.clone(),
             initial_secret_id: self.initial_secret_id.clone(),
             scope: profile.scope.clone(),
             audience: profile.audience.clone(),
@@ -785,9 +863,15 @@ impl Config {
         // Read the file ourselves so that a missing file is reported as such,
         // not as an empty configuration.
         let text = std::fs::read_to_string(path).map_err(|e| load_err(e.to_string()))?;
+        let mut credentials_directory = None;
         let env: config::Map<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("REKEYD__"))
+            .filter(|(k, v)| {
+                if k == CREDENTIALS_DIRECTORY {
+                    credentials_directory = Some(PathBuf::from(v));
+                }
+                k.starts_with("REKEYD__")
+            })
             .collect();
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml))
@@ -803,10 +887,11 @@ impl Config {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| load_err(describe_load_error(&e, &text)))?;
-        validate(raw)
+        validate(raw, credentials_directory.as_deref())
     }
 
-    /// Parses a TOML document without environment overrides.
+    /// Parses a TOML document without environment overrides (and without
+    /// `$CREDENTIALS_DIRECTORY`, so `initial_secret_credential` is refused).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
@@ -816,7 +901,7 @@ impl Config {
                 path: PathBuf::from("<inline>"),
                 message: describe_load_error(&e, text),
             })?;
-        validate(raw)
+        validate(raw, None)
     }
 
     pub fn credential(&self, name: &str) -> Option<&CredentialConfig> {
@@ -840,7 +925,9 @@ impl Config {
     /// credentials. Derived from the validated configuration, so every
     /// `Config` answers the same however it was built.
     pub fn warnings(&self) -> Vec<ConfigWarning> {
-        shared_client_warnings(&self.credentials)
+        let mut warnings = store_warnings(&self.store);
+        warnings.extend(shared_client_warnings(&self.credentials));
+        warnings
     }
 }
 
@@ -997,7 +1084,14 @@ fn without_quoted_values(message: &str) -> String {
     out
 }
 
-fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+/// The environment variable through which systemd names the directory of
+/// the service's credentials (`LoadCredential=`, `LoadCredentialEncrypted=`,
+/// `SetCredential=`); see <https://systemd.io/CREDENTIALS/>.
+pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
+/// `credentials_directory`: `$CREDENTIALS_DIRECTORY` of the process that
+/// loads the configuration, which `initial_secret_credential` names resolve in.
+fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Config, ConfigError> {
     let state_dir = raw
         .state_dir
         .unwrap_or_else(|| PathBuf::from("/var/lib/rekeyd"));
@@ -1052,7 +1146,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut names = HashMap::new();
     let mut credentials = Vec::with_capacity(raw.credentials.len());
     for (i, rc) in raw.credentials.into_iter().enumerate() {
-        let cred = validate_credential(i, rc)?;
+        let cred = validate_credential(i, rc, credentials_directory)?;
         let own = std::iter::once((format!("credentials[{i}].name"), &cred.name));
         let profiles = (cred.tokens.iter().enumerate())
             .map(|(j, p)| (format!("credentials[{i}].tokens[{j}].name"), &p.name));
@@ -1182,10 +1276,11 @@ fn check_one_owner_per_secret(credentials: &[CredentialConfig]) -> Result<(), Co
                 refuse_if_either_rotates(
                     credentials,
                     (i, j),
-                    "initial_secret_file",
+                    cred.initial_secret_key(),
                     format!(
-                        "{} is the same file as `credentials[{i}].initial_secret_file` ({})",
+                        "{} is the same file as `credentials[{i}].{}` ({})",
                         path.display(),
+                        credentials[i].initial_secret_key(),
                         other.display()
                     ),
                 )?;
@@ -1279,6 +1374,35 @@ fn file_identity(path: &Path) -> Option<(u64, u64)> {
 /// client may hold several secrets), but they are also what sharing a secret
 /// looks like when S8 cannot see it: a copy of the bootstrap file, or files
 /// already removed after bootstrap. Warn, so the operator checks.
+/// An etcd password sent over plain http to a member beyond this host can
+/// be read on the network (etcd's Authenticate call carries it as is).
+fn store_warnings(store: &StoreConfig) -> Vec<ConfigWarning> {
+    let StoreConfig::Etcd(etcd) = store else {
+        return Vec::new();
+    };
+    let remote = etcd.endpoints.iter().position(|e| {
+        Url::parse(e).is_ok_and(|u| {
+            u.scheme() == "http"
+                && !match u.host() {
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    Some(url::Host::Domain(name)) => name == "localhost",
+                    None => false,
+                }
+        })
+    });
+    match (&etcd.auth, remote) {
+        (Some(_), Some(i)) => vec![ConfigWarning {
+            key: "store.password_file".to_string(),
+            reason: format!(
+                "the etcd password travels unencrypted to store.endpoints[{i}], beyond this \
+                 host; use https endpoints (store.ca_file)"
+            ),
+        }],
+        _ => Vec::new(),
+    }
+}
+
 fn shared_client_warnings(credentials: &[CredentialConfig]) -> Vec<ConfigWarning> {
     let mut first = HashMap::new();
     let mut warnings = Vec::new();
@@ -1323,6 +1447,11 @@ fn validate_store(raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
         ("kubeconfig", raw.kubeconfig.is_some(), &["kubernetes"][..]),
         ("endpoints", raw.endpoints.is_some(), &["etcd"][..]),
         ("prefix", raw.prefix.is_some(), &["etcd"][..]),
+        ("ca_file", raw.ca_file.is_some(), &["etcd"][..]),
+        ("cert_file", raw.cert_file.is_some(), &["etcd"][..]),
+        ("key_file", raw.key_file.is_some(), &["etcd"][..]),
+        ("username", raw.username.is_some(), &["etcd"][..]),
+        ("password_file", raw.password_file.is_some(), &["etcd"][..]),
     ];
     for (field, present, kinds) in given {
         if present && !kinds.contains(&kind) {
@@ -1411,17 +1540,35 @@ fn validate_store(raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
                     "is required for store.kind = \"etcd\" (e.g. [\"http://10.0.0.1:2379\"])",
                 ));
             }
+            // One scheme for all: the client applies one TLS setting to
+            // every member.
+            let https = endpoints[0].starts_with("https://");
+            let scheme = if https { "https" } else { "http" };
             for (i, endpoint) in endpoints.iter().enumerate() {
                 let ok = Url::parse(endpoint).is_ok_and(|u| {
-                    u.scheme() == "http" && u.host().is_some() && u.port().is_some()
+                    u.scheme() == scheme
+                        && u.host().is_some()
+                        && u.port().is_some()
+                        && u.path() == "/"
+                        && u.query().is_none()
+                        && u.username().is_empty()
                 });
                 if !ok {
+                    let also = if i > 0 {
+                        " (like store.endpoints[0])".to_string()
+                    } else {
+                        String::new()
+                    };
                     return Err(ConfigError::invalid(
                         format!("store.endpoints[{i}]"),
-                        format!("expected \"http://host:port\", got {endpoint:?}"),
+                        format!(
+                            "expected \"http://host:port\" or \"https://host:port\"{also}, got {endpoint:?}"
+                        ),
                     ));
                 }
             }
+            let tls = etcd_tls(https, raw.ca_file, raw.cert_file, raw.key_file)?;
+            let auth = etcd_auth(raw.username, raw.password_file)?;
             let prefix = raw.prefix.unwrap_or_else(|| "/rekeyd".to_string());
             if !prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains("//") {
                 return Err(ConfigError::invalid(
@@ -1433,6 +1580,8 @@ fn validate_store(raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
                 endpoints,
                 prefix,
                 claim_ttl,
+                tls,
+                auth,
             }))
         }
         other => Err(ConfigError::invalid(
@@ -1440,6 +1589,171 @@ fn validate_store(raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
             format!("expected \"file\", \"kubernetes\" or \"etcd\", got {other:?}"),
         )),
     }
+}
+
+/// `store.ca_file`, `store.cert_file`, `store.key_file`: required (the CA)
+/// and allowed only with `https` endpoints, the certificate and its key
+/// together.
+fn etcd_tls(
+    https: bool,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+) -> Result<Option<EtcdTls>, ConfigError> {
+    if !https {
+        for (field, given) in [
+            ("ca_file", ca_file.is_some()),
+            ("cert_file", cert_file.is_some()),
+            ("key_file", key_file.is_some()),
+        ] {
+            if given {
+                return Err(ConfigError::invalid(
+                    format!("store.{field}"),
+                    "applies to https endpoints only (store.endpoints are http://)",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let Some(ca_file) = ca_file else {
+        return Err(ConfigError::invalid(
+            "store.ca_file",
+            "is required with https endpoints: the CA certificate (PEM) that signed the etcd \
+             members' certificates (etcd's --trusted-ca-file)",
+        ));
+    };
+    let client = match (cert_file, key_file) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "store.key_file",
+                "is required with store.cert_file (the client certificate's private key)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "store.cert_file",
+                "is required with store.key_file (the client certificate of that key)",
+            ));
+        }
+        (Some(cert_file), Some(key_file)) => Some((cert_file, key_file)),
+    };
+    let ca_pem = pem_file("store.ca_file", &ca_file, "CERTIFICATE", false)?;
+    let client = match client {
+        None => None,
+        Some((cert_file, key_file)) => Some(EtcdClientCert {
+            cert_pem: pem_file("store.cert_file", &cert_file, "CERTIFICATE", false)?,
+            key_pem: SecretBytes(pem_file("store.key_file", &key_file, "PRIVATE KEY", true)?),
+            cert_file,
+            key_file,
+        }),
+    };
+    Ok(Some(EtcdTls {
+        ca_file,
+        ca_pem,
+        client,
+    }))
+}
+
+/// `store.username` and `store.password_file`, both or neither.
+fn etcd_auth(
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+) -> Result<Option<EtcdAuth>, ConfigError> {
+    match (username, password_file) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::invalid(
+            "store.password_file",
+            "is required with store.username (the file holding that user's etcd password)",
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            "store.username",
+            "is required with store.password_file (the etcd user the password is for)",
+        )),
+        (Some(username), Some(password_file)) => {
+            if username.is_empty() || username.chars().any(char::is_control) {
+                return Err(ConfigError::invalid(
+                    "store.username",
+                    "must be an etcd user name (not empty, no control characters)",
+                ));
+            }
+            let bytes = secret_file("store.password_file", &password_file, true)?;
+            // One line: the newline an editor or `echo` adds is not part
+            // of the password.
+            let password = bytes
+                .strip_suffix(b"\n")
+                .map(|b| b.strip_suffix(b"\r").unwrap_or(b))
+                .unwrap_or(&bytes)
+                .to_vec();
+            if password.is_empty() || std::str::from_utf8(&password).is_err() {
+                return Err(ConfigError::invalid(
+                    "store.password_file",
+                    format!(
+                        "{} holds no password (empty, or not UTF-8 text)",
+                        password_file.display()
+                    ),
+                ));
+            }
+            Ok(Some(EtcdAuth {
+                username,
+                password_file,
+                password: SecretBytes(password),
+            }))
+        }
+    }
+}
+
+/// A PEM file's bytes, with at least one `-----BEGIN ...{label}-----`
+/// block (`PRIVATE KEY` also matches `EC PRIVATE KEY`, `RSA PRIVATE KEY`).
+/// The file itself is parsed when the store connects.
+fn pem_file(key: &str, path: &Path, label: &str, private: bool) -> Result<Vec<u8>, ConfigError> {
+    let bytes = secret_file(key, path, private)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let has_block = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{label}-----")));
+    if !has_block {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{} holds no PEM {label}", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Reads a file the configuration names. A `private` one (a key, a
+/// password) must not be accessible to all users (I7): rekeyd refuses
+/// rather than use a secret others may have read.
+fn secret_file(key: &str, path: &Path, private: bool) -> Result<Vec<u8>, ConfigError> {
+    if !path.is_absolute() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be an absolute path, got {path:?}"),
+        ));
+    }
+    let file = std::fs::File::open(path)
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {} ({e})", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {} ({e})", path.display())))?;
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{} is accessible to all users (mode {mode:04o}); make it readable by \
+                     rekeyd only (chmod o-rwx)",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut bytes)
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {} ({e})", path.display())))?;
+    Ok(bytes)
 }
 
 /// RFC 1123 label: a namespace name.
@@ -1613,7 +1927,11 @@ fn validate_diag(diag: RawDiag) -> Result<DiagConfig, ConfigError> {
     Ok(DiagConfig { listen, limits })
 }
 
-fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, ConfigError> {
+fn validate_credential(
+    i: usize,
+    rc: RawCredential,
+    credentials_directory: Option<&Path>,
+) -> Result<CredentialConfig, ConfigError> {
     let key = |field: &str| format!("credentials[{i}].{field}");
     let required = |value: Option<String>, field: &str| {
         value
@@ -1659,20 +1977,36 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         }
     };
 
-    if rc.initial_secret_file.is_none() {
-        return Err(ConfigError::invalid(
-            key("initial_secret_file"),
-            "is required (it is read only while the store holds no secret for this credential)",
-        ));
-    }
-    if let Some(path) = &rc.initial_secret_file
-        && !path.is_absolute()
-    {
-        return Err(ConfigError::invalid(
-            key("initial_secret_file"),
-            format!("must be an absolute path, got {:?}", path),
-        ));
-    }
+    let initial_secret_file = match (rc.initial_secret_file, &rc.initial_secret_credential) {
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                key("initial_secret_file"),
+                "is required, or initial_secret_credential (it is read only while the store \
+                 holds no secret for this credential)",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                key("initial_secret_credential"),
+                "names the bootstrap secret a second time: give initial_secret_file or \
+                 initial_secret_credential, not both",
+            ));
+        }
+        (Some(path), None) => {
+            if !path.is_absolute() {
+                return Err(ConfigError::invalid(
+                    key("initial_secret_file"),
+                    format!("must be an absolute path, got {:?}", path),
+                ));
+            }
+            path
+        }
+        (None, Some(name)) => credential_file(
+            &key("initial_secret_credential"),
+            name,
+            credentials_directory,
+        )?,
+    };
 
     check_request_params(&key(""), provider, &rc.extra_params, rc.audience.is_some())?;
 
@@ -1764,7 +2098,8 @@ fn validate_credential(i: usize, rc: RawCredential) -> Result<CredentialConfig, 
         provider,
         client_id,
         customer_id: rc.customer_id,
-        initial_secret_file: rc.initial_secret_file,
+        initial_secret_file: Some(initial_secret_file),
+        initial_secret_credential: rc.initial_secret_credential,
         initial_secret_id: rc.initial_secret_id,
         scope: rc.scope,
         audience: rc.audience,
@@ -2292,6 +2627,52 @@ fn sink_format(
             ));
         }
     })
+}
+
+/// The file of systemd credential `name` (`initial_secret_credential`):
+/// `$CREDENTIALS_DIRECTORY/name`. systemd sets that variable only for a
+/// service with credentials (LoadCredential=, LoadCredentialEncrypted=,
+/// SetCredential=; <https://systemd.io/CREDENTIALS/>), so its absence means
+/// the unit lacks the line, which no restart fixes: a configuration error.
+/// A credential name is a plain file name in that directory.
+fn credential_file(
+    key: &str,
+    name: &str,
+    credentials_directory: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.chars().any(char::is_control)
+        // NAME_MAX: systemd refuses longer credential names as well.
+        && name.len() <= 255;
+    if !plain {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{name:?} is not a credential name (a plain file name: no '/', not \".\" or \"..\", at most 255 bytes)"
+            ),
+        ));
+    }
+    let Some(dir) = credentials_directory else {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "${CREDENTIALS_DIRECTORY} is not set: the service needs \
+                 LoadCredential={name}:/path/to/secret (or LoadCredentialEncrypted=) in its \
+                 systemd unit, which sets it; outside systemd, set {CREDENTIALS_DIRECTORY} to \
+                 the directory holding {name:?}"
+            ),
+        ));
+    };
+    if !dir.is_absolute() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("${CREDENTIALS_DIRECTORY} must be an absolute path, got {dir:?}"),
+        ));
+    }
+    Ok(dir.join(name))
 }
 
 fn file_sink(

@@ -18,13 +18,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError, CredentialConfig};
+use crate::config::{Config, ConfigError, CredentialConfig, ListenAddr};
 use crate::credential::{self, CredentialChannels, CredentialHandle, CredentialStatus};
 use crate::metrics;
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
-use crate::serve::{api, hooks, http, sink};
+use crate::serve::{activation, api, hooks, http, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
 use crate::token::Token;
 use crate::token::engine::{Engine, StoreSecrets};
@@ -791,7 +791,20 @@ async fn start_listeners(
         api: None,
         diag: None,
     };
-    for ((name, listen, mut limits, router), cap) in planned.into_iter().zip(caps) {
+    // Sockets systemd passed (rekeyd.socket) serve the listener of their
+    // address; one that matches none is refused before anything listens.
+    let mut passed = Vec::with_capacity(planned.len());
+    for (name, listen, _, _) in &planned {
+        let claimed = activation::with_inherited(|i| i.claim(listen)).map_err(|e| {
+            DaemonError::Api(format!(
+                "{name}: cannot use the socket systemd passed for {listen}: {e}"
+            ))
+        })?;
+        passed.push(claimed);
+    }
+    for (((name, listen, mut limits, router), cap), passed) in
+        planned.into_iter().zip(caps).zip(passed)
+    {
         if cap < limits.max_connections {
             warn!(
                 step = "listen",
@@ -803,9 +816,12 @@ async fn start_listeners(
             );
             limits.max_connections = cap;
         }
-        let listener = http::Listener::bind(listen)
-            .await
-            .map_err(|e| DaemonError::Api(format!("{name}: cannot listen on {listen}: {e}")))?;
+        let activated = passed.is_some();
+        let listener = match passed {
+            Some(socket) => http::Listener::from_passed(socket),
+            None => http::Listener::bind(listen).await,
+        }
+        .map_err(|e| DaemonError::Api(format!("{name}: cannot listen on {listen}: {e}")))?;
         let addr = listener.local_addr();
         match name {
             "api" => bound.api = addr,
@@ -817,14 +833,59 @@ async fn start_listeners(
             listener = name,
             listen = %addr.map_or(listen.to_string(), |a| a.to_string()),
             max_connections = limits.max_connections,
+            socket_activated = activated,
             "listening"
         );
     }
     Ok(bound)
 }
 
+/// Refuses sockets systemd passed that no configured listener uses, and
+/// `LISTEN_*` variables that could not be read: the socket unit and the
+/// configuration disagree, and its clients would wait on a socket nobody
+/// serves. A configuration error, found before anything starts.
+fn check_passed_sockets(config: &Config) -> Result<(), DaemonError> {
+    let listens: Vec<&ListenAddr> = (config.api.iter().map(|a| &a.listen))
+        .chain(config.diag.iter().map(|d| &d.listen))
+        .collect();
+    let (error, unmatched) =
+        activation::with_inherited(|i| (i.take_error(), i.unmatched(&listens)));
+    if let Some(e) = error {
+        return Err(DaemonError::Api(format!("set-up: {e}")));
+    }
+    if unmatched.is_empty() {
+        return Ok(());
+    }
+    let key = if config.api.is_none() && config.diag.is_some() {
+        "diag.listen"
+    } else {
+        "api.listen"
+    };
+    let listening = match listens.as_slice() {
+        [] => "no listener is configured".to_string(),
+        _ => format!(
+            "the listeners are {}",
+            listens
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ),
+    };
+    Err(ConfigError::Invalid {
+        key: key.to_string(),
+        reason: format!(
+            "systemd passed {} (socket activation), which no listener uses ({listening}); \
+             make the socket unit's ListenStream= and the listen address the same",
+            unmatched.join(", "),
+        ),
+    }
+    .into())
+}
+
 /// Starts everything; returns once the API listens and the engines run.
 pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Running, DaemonError> {
+    check_passed_sockets(config)?;
     let shared = Shared::open(config, shutdown).await?;
 
     // Everything that can fail because of the configuration happens before
@@ -1065,7 +1126,7 @@ pub fn spawn_signal_listener(shutdown: CancellationToken) {
 /// Reads the bootstrap secret. Its absence is a configuration problem: the
 /// operator named a file that is not there.
 fn read_initial_secret(i: usize, cred: &CredentialConfig) -> Result<SecretString, DaemonError> {
-    let key = format!("credentials[{i}].initial_secret_file");
+    let key = format!("credentials[{i}].{}", cred.initial_secret_key());
     let path = cred
         .initial_secret_file
         .as_ref()

@@ -6,6 +6,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = rekeyd::cli::Cli::parse();
+    // SAFETY: no other thread runs yet (the runtime starts below); taking
+    // the sockets systemd passed unsets LISTEN_* for every child.
+    unsafe { rekeyd::serve::activation::take_from_env() };
     // Test builds only: crash points named in FAILPOINTS.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

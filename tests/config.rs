@@ -117,7 +117,7 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             1,
         )
     };
-    vec![
+    let mut cases = vec![
         (
             "unknown top-level key",
             format!("colour = 1\n{BASE}"),
@@ -165,6 +165,60 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "missing initial_secret_file",
             BASE.replace("initial_secret_file = \"/etc/rekeyd/maps.secret\"\n", ""),
             vec!["`credentials[0].initial_secret_file`", "required"],
+        ),
+        (
+            "initial_secret_credential without $CREDENTIALS_DIRECTORY",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_credential = \"maps.secret\"",
+            ),
+            vec![
+                "`credentials[0].initial_secret_credential`",
+                "$CREDENTIALS_DIRECTORY is not set",
+                "LoadCredential=maps.secret:",
+            ],
+        ),
+        (
+            "initial_secret_credential and initial_secret_file",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"\n\
+                 initial_secret_credential = \"maps.secret\"",
+            ),
+            vec!["`credentials[0].initial_secret_credential`", "not both"],
+        ),
+        (
+            "initial_secret_credential with a directory",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_credential = \"../maps.secret\"",
+            ),
+            vec![
+                "`credentials[0].initial_secret_credential`",
+                "not a credential name",
+            ],
+        ),
+        (
+            "initial_secret_credential \"..\"",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_credential = \"..\"",
+            ),
+            vec![
+                "`credentials[0].initial_secret_credential`",
+                "not a credential name",
+            ],
+        ),
+        (
+            "empty initial_secret_credential",
+            BASE.replace(
+                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+                "initial_secret_credential = \"\"",
+            ),
+            vec![
+                "`credentials[0].initial_secret_credential`",
+                "not a credential name",
+            ],
         ),
         (
             "auth_method on mapsindoors",
@@ -425,6 +479,16 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`store.endpoints`", "\"etcd\"", "not \"kubernetes\""],
         ),
         (
+            "etcd TLS setting on a kubernetes store",
+            with_table("[store]\nkind = \"kubernetes\"\nca_file = \"/etc/rekeyd/etcd-ca.pem\""),
+            vec!["`store.ca_file`", "\"etcd\"", "not \"kubernetes\""],
+        ),
+        (
+            "etcd user on the file store",
+            with_table("[store]\nusername = \"rekeyd\""),
+            vec!["`store.username`", "\"etcd\"", "not \"file\""],
+        ),
+        (
             "shared-store setting on the file store",
             with_table("[store]\nsecret = \"rekeyd-state\""),
             vec!["`store.secret`", "not \"file\""],
@@ -522,7 +586,73 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             with("[[credentials.tokens]]\nname = \"read\"\nrotation = {}\n"),
             vec!["unknown field `rotation`"],
         ),
-    ]
+    ];
+    if cfg!(feature = "etcd") {
+        let etcd = |keys: &str| with_table(&format!("[store]\nkind = \"etcd\"\n{keys}"));
+        cases.extend([
+            (
+                "https etcd without a CA",
+                etcd("endpoints = [\"https://10.0.0.1:2379\"]"),
+                vec!["`store.ca_file`", "required with https endpoints"],
+            ),
+            (
+                "a CA for http etcd endpoints",
+                etcd("endpoints = [\"http://10.0.0.1:2379\"]\nca_file = \"/etc/rekeyd/ca.pem\""),
+                vec!["`store.ca_file`", "https endpoints only"],
+            ),
+            (
+                "http and https etcd endpoints mixed",
+                etcd(
+                    "endpoints = [\"https://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\n\
+                     ca_file = \"/etc/rekeyd/ca.pem\"",
+                ),
+                vec!["`store.endpoints[1]`", "like store.endpoints[0]"],
+            ),
+            (
+                "an etcd client certificate without its key",
+                etcd(
+                    "endpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/etc/rekeyd/ca.pem\"\n\
+                     cert_file = \"/etc/rekeyd/client.pem\"",
+                ),
+                vec!["`store.key_file`", "required with store.cert_file"],
+            ),
+            (
+                "an etcd client key without its certificate",
+                etcd(
+                    "endpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/etc/rekeyd/ca.pem\"\n\
+                     key_file = \"/etc/rekeyd/client.key\"",
+                ),
+                vec!["`store.cert_file`", "required with store.key_file"],
+            ),
+            (
+                "an etcd CA file that is not there",
+                etcd("endpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/nonexistent/ca.pem\""),
+                vec!["`store.ca_file`", "cannot read /nonexistent/ca.pem"],
+            ),
+            (
+                "an etcd user without a password",
+                etcd("endpoints = [\"http://127.0.0.1:2379\"]\nusername = \"rekeyd\""),
+                vec!["`store.password_file`", "required with store.username"],
+            ),
+            (
+                "an etcd password without a user",
+                etcd(
+                    "endpoints = [\"http://127.0.0.1:2379\"]\n\
+                     password_file = \"/etc/rekeyd/etcd.password\"",
+                ),
+                vec!["`store.username`", "required with store.password_file"],
+            ),
+            (
+                "an etcd password file that is not there",
+                etcd(
+                    "endpoints = [\"http://127.0.0.1:2379\"]\nusername = \"rekeyd\"\n\
+                     password_file = \"/nonexistent/etcd.password\"",
+                ),
+                vec!["`store.password_file`", "cannot read"],
+            ),
+        ]);
+    }
+    cases
 }
 
 #[test]
@@ -535,6 +665,7 @@ fn invalid_configs_name_the_key_and_exit_78() {
             .args(["check", "--config"])
             .arg(&path)
             .env_remove("REKEYD_CONFIG")
+            .env_remove("CREDENTIALS_DIRECTORY")
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -601,6 +732,67 @@ fn store_section_parses_with_defaults() {
             "{err}"
         );
     }
+}
+
+/// `initial_secret_credential` resolves in `$CREDENTIALS_DIRECTORY` (where
+/// systemd's LoadCredential= puts the file), and `rekeyd check` shows the
+/// resolved path; a relative directory is refused.
+#[test]
+fn initial_secret_credential_resolves_in_the_credentials_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = BASE.replace(
+        "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+        "initial_secret_credential = \"maps.secret\"",
+    );
+    let path = dir.path().join("rekeyd.toml");
+    std::fs::write(&path, &text).unwrap();
+    let creds = dir.path().join("credentials");
+    let check_with = |directory: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env_remove("REKEYD_CONFIG")
+            .env("CREDENTIALS_DIRECTORY", directory)
+            .output()
+            .unwrap()
+    };
+    let out = check_with(&creds);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let maps = &shown["credentials"][0];
+    assert_eq!(
+        maps["initial_secret_file"],
+        creds.join("maps.secret").display().to_string(),
+        "{shown}"
+    );
+    assert_eq!(maps["initial_secret_credential"], "maps.secret");
+
+    let out = check_with(Path::new("relative/dir"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("`credentials[0].initial_secret_credential`")
+            && stderr.contains("absolute"),
+        "{stderr}"
+    );
+
+    let loaded = Config::load_with_env(
+        &path,
+        [(
+            "CREDENTIALS_DIRECTORY".to_string(),
+            "/run/credentials/x".to_string(),
+        )],
+    )
+    .unwrap();
+    let maps = loaded.credential("maps").unwrap();
+    assert_eq!(
+        maps.initial_secret_file.as_deref(),
+        Some(Path::new("/run/credentials/x/maps.secret"))
+    );
+    assert_eq!(maps.initial_secret_key(), "initial_secret_credential");
+    let err = Config::from_toml(&text).unwrap_err().to_string();
+    assert!(err.contains("$CREDENTIALS_DIRECTORY is not set"), "{err}");
 }
 
 #[test]

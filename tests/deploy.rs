@@ -484,13 +484,20 @@ fn run_ok(cmd: &mut Command) -> String {
     text(&out.stdout)
 }
 
+/// The `$CREDENTIALS_DIRECTORY` systemd gives rekeyd.service.
+const UNIT_CREDENTIALS_DIRECTORY: &str = "/run/credentials/rekeyd.service";
+
 /// Loads a rekeyd configuration given as text (the `config` crate wants a
-/// .toml file name).
+/// .toml file name), in the environment systemd gives rekeyd.service.
 fn load_config(toml: &str) -> Config {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rekeyd.toml");
     std::fs::write(&path, toml).unwrap();
-    Config::load_with_env(&path, std::iter::empty())
+    let env = [(
+        "CREDENTIALS_DIRECTORY".to_string(),
+        UNIT_CREDENTIALS_DIRECTORY.to_string(),
+    )];
+    Config::load_with_env(&path, env)
         .unwrap_or_else(|e| panic!("not a valid rekeyd configuration: {e}\n{toml}"))
 }
 
@@ -840,11 +847,15 @@ fn systemd_example_config_fits_the_unit() {
     );
     assert!(api.key_file.starts_with(&config.state_dir));
     for cred in &config.credentials {
-        let file = cred.initial_secret_file.as_ref().unwrap();
-        let id = file
-            .strip_prefix("/run/credentials/rekeyd.service")
-            .unwrap_or_else(|_| panic!("{}: not in $CREDENTIALS_DIRECTORY", file.display()));
-        let id = id.to_str().unwrap();
+        // By credential name: no path of systemd's spelled out.
+        let id = cred
+            .initial_secret_credential
+            .as_deref()
+            .unwrap_or_else(|| panic!("{}: no initial_secret_credential", cred.name));
+        assert_eq!(
+            cred.initial_secret_file.as_deref(),
+            Some(Path::new(UNIT_CREDENTIALS_DIRECTORY).join(id).as_path())
+        );
         assert!(
             credentials.contains_key(id),
             "{} has no LoadCredential={id}:... (have {credentials:?})",
@@ -909,6 +920,79 @@ fn systemd_analyze_verify_is_clean() {
         ),
     )
     .unwrap();
+    let out = run(Command::new(&analyze)
+        .args(["verify", "--man=no", "--no-pager"])
+        .arg(&unit));
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "verify failed:\n{stderr}");
+    let complaints: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("rekeyd") || l.contains(&*dir.path().to_string_lossy()))
+        .collect();
+    assert!(complaints.is_empty(), "verify complains:\n{stderr}");
+}
+
+/// rekeyd.socket verifies cleanly next to the service, activates it, and
+/// listens where the annotated configuration's socket-activation comment
+/// says the API listens.
+#[test]
+fn systemd_socket_unit_verifies_and_matches_the_service() {
+    let entries = unit_entries(&read("systemd/rekeyd.socket"));
+    let socket = |key: &str| -> Vec<String> {
+        entries
+            .iter()
+            .filter(|(s, k, _)| s == "Socket" && k == key)
+            .map(|(_, _, v)| v.clone())
+            .collect()
+    };
+    let listen = socket("ListenStream");
+    assert_eq!(listen.len(), 1, "{listen:?}");
+    let path = Path::new(&listen[0]);
+    assert!(path.is_absolute(), "{path:?}");
+    // Not in the service's RuntimeDirectory, which is removed on stop.
+    let service = unit_entries(&read("systemd/rekeyd.service"));
+    for runtime in service_values(&service, "RuntimeDirectory") {
+        assert!(
+            !path.starts_with(Path::new("/run").join(runtime)),
+            "{path:?}"
+        );
+    }
+    for (key, value) in [
+        ("Accept", "no"),
+        ("SocketMode", "0660"),
+        ("SocketGroup", "rekeyd"),
+        ("FileDescriptorName", "api"),
+    ] {
+        assert_eq!(socket(key), [value], "{key}");
+    }
+    let listen_line = format!("listen = \"unix:{}\"", path.display());
+    assert!(
+        read("systemd/rekeyd.socket").contains(&listen_line),
+        "the unit's comment shows the matching {listen_line}"
+    );
+    // The example configuration, listening there, is valid.
+    let example = read("systemd/rekeyd.toml.example");
+    let api_listen = example
+        .lines()
+        .find(|l| l.starts_with("listen = "))
+        .expect("the example's [api] listen line");
+    let config = load_config(&example.replacen(api_listen, &listen_line, 1));
+    assert_eq!(
+        config.api.unwrap().listen.to_string(),
+        format!("unix:{}", path.display())
+    );
+
+    let Some(analyze) = tool("systemd-analyze", "systemd") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let service_text = read("systemd/rekeyd.service").replace(
+        "ExecStart=/usr/local/bin/rekeyd ",
+        &format!("ExecStart={} ", env!("CARGO_BIN_EXE_rekeyd")),
+    );
+    std::fs::write(dir.path().join("rekeyd.service"), service_text).unwrap();
+    let unit = dir.path().join("rekeyd.socket");
+    std::fs::write(&unit, read("systemd/rekeyd.socket")).unwrap();
     let out = run(Command::new(&analyze)
         .args(["verify", "--man=no", "--no-pager"])
         .arg(&unit));

@@ -139,6 +139,8 @@ async fn a_holder_paused_past_its_ttl_mid_create_is_taken_over_and_starts_nothin
         endpoints: vec![server.endpoint.clone()],
         prefix: PREFIX.into(),
         claim_ttl: CLAIM_TTL,
+        tls: None,
+        auth: None,
     })
     .await
     .unwrap();

@@ -29,6 +29,8 @@ fn config(server: &EtcdServer, claim_ttl: Duration) -> EtcdStoreConfig {
         endpoints: vec![server.endpoint.clone()],
         prefix: PREFIX.to_string(),
         claim_ttl,
+        tls: None,
+        auth: None,
     }
 }
 
@@ -421,6 +423,8 @@ async fn unreachable_cluster_is_reported_quickly_and_named() {
         endpoints: vec![endpoint.clone()],
         prefix: PREFIX.into(),
         claim_ttl: Duration::from_secs(15),
+        tls: None,
+        auth: None,
     })
     .await;
     let Err(err) = result else {

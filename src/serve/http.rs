@@ -143,6 +143,17 @@ impl Listener {
         }
     }
 
+    /// A socket systemd passed (socket activation), as it is: its owner,
+    /// group and mode are the socket unit's, and its path is not removed
+    /// or replaced. Needs the async runtime.
+    pub fn from_passed(passed: super::activation::Claimed) -> io::Result<Listener> {
+        use super::activation::Claimed;
+        Ok(match passed {
+            Claimed::Unix(l) => Listener::Unix(tokio::net::UnixListener::from_std(l)?),
+            Claimed::Tcp(l) => Listener::Tcp(tokio::net::TcpListener::from_std(l)?),
+        })
+    }
+
     /// The address actually bound (resolves port 0).
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         match self {

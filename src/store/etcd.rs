@@ -41,8 +41,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +50,7 @@ use tracing::debug;
 
 use super::kubernetes::{Renewal, Tenure, keep_renewed, request_timeout};
 use super::{Claim, CredentialRecord, Store, StoreError, Versioned, record};
-use crate::config::EtcdStoreConfig;
+use crate::config::{EtcdStoreConfig, EtcdTls};
 
 /// Upper bound on one unary request (get, put, txn, lease calls), whatever
 /// the claim TTL: generous next to a healthy cluster's milliseconds, short
@@ -84,17 +84,31 @@ impl EtcdStore {
         let endpoints = config.endpoints.join(",");
         let target = format!("etcd {}", config.prefix);
         let timeout = request_timeout(config.claim_ttl, MAX_REQUEST_TIMEOUT);
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             // HTTP/2 pings notice a dead connection while a watch waits.
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        if let Some(tls) = &config.tls {
+            options = options.with_tls(tls_options(tls));
+        }
+        if let Some(auth) = &config.auth {
+            // Validated as UTF-8 text when the configuration was loaded.
+            let password = String::from_utf8_lossy(auth.password.expose()).into_owned();
+            options = options
+                .with_user(auth.username.as_str(), password)
+                // etcd's auth tokens expire (`--auth-token-ttl`, 5 min of
+                // disuse for simple tokens); the client signs in again
+                // rather than fail the next request.
+                .with_auto_token_refresh(true);
+        }
         let client = bounded(
             &target,
             &endpoints,
             timeout,
             Client::connect(&config.endpoints, Some(options)),
         )
-        .await?;
+        .await
+        .map_err(|e| with_hint(e, config))?;
         let store = EtcdStore {
             client,
             prefix: config.prefix.clone(),
@@ -112,7 +126,8 @@ impl EtcdStore {
                 &config.prefix,
                 client.get(config.prefix.as_str(), Some(probe)),
             )
-            .await?;
+            .await
+            .map_err(|e| with_hint(e, config))?;
         Ok(store)
     }
 
@@ -531,6 +546,101 @@ fn describe(e: &etcd_client::Error) -> String {
         text.push_str(&root);
     }
     text
+}
+
+/// The client's TLS settings: the cluster's CA alone as the roots (the
+/// system's are not consulted: an etcd cluster has its own CA), and the
+/// client certificate when configured. Each member's name is checked
+/// against its endpoint's host (RFC 6125), as etcd's own clients do.
+fn tls_options(tls: &EtcdTls) -> TlsOptions {
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+    if let Some(client) = &tls.client {
+        options = options.identity(Identity::from_pem(
+            &client.cert_pem,
+            client.key_pem.expose(),
+        ));
+    }
+    options
+}
+
+/// Adds what the operator should look at to a failed connection, when the
+/// failure says it: the TLS and authentication settings are the usual
+/// suspects of a cluster that is up but refuses us. The client's own
+/// words stay in front.
+fn with_hint(e: StoreError, config: &EtcdStoreConfig) -> StoreError {
+    let StoreError::Unavailable { target, reason } = e else {
+        return e;
+    };
+    let lower = reason.to_ascii_lowercase();
+    let hint = if lower.contains("unknownissuer")
+        || lower.contains("unknown issuer")
+        || lower.contains("badsignature")
+    {
+        Some("the server's certificate is not signed by the CA in store.ca_file".to_string())
+    } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+        Some(
+            "the server's certificate does not name the host of store.endpoints (its \
+             subjectAltName must)"
+                .to_string(),
+        )
+    } else if lower.contains("certificaterequired")
+        || lower.contains("certificate required")
+        || lower.contains("bad certificate")
+        || lower.contains("badcertificate")
+        || lower.contains("unknown ca")
+        || lower.contains("unknownca")
+    {
+        Some(match config.tls.as_ref().and_then(|t| t.client.as_ref()) {
+            None => "the server asks for a client certificate (etcd --client-cert-auth): set \
+                     store.cert_file and store.key_file"
+                .to_string(),
+            Some(_) => "the server refused the client certificate in store.cert_file (not \
+                        signed by a CA its --trusted-ca-file names?)"
+                .to_string(),
+        })
+    } else if config.tls.is_some()
+        && ["connection closed", "connection reset", "broken pipe"]
+            .iter()
+            .any(|m| lower.contains(m))
+    {
+        // TLS 1.3: a server refuses a client certificate (or its absence)
+        // after the client finished its handshake, and the client may see
+        // only the connection closing, not the alert.
+        Some(match config.tls.as_ref().and_then(|t| t.client.as_ref()) {
+            None => "the server closed the TLS connection: if it asks for a client certificate \
+                     (etcd --client-cert-auth), set store.cert_file and store.key_file"
+                .to_string(),
+            Some(_) => "the server closed the TLS connection: it may have refused the client \
+                        certificate in store.cert_file (not signed by a CA its \
+                        --trusted-ca-file names?)"
+                .to_string(),
+        })
+    } else if lower.contains("authentication failed") {
+        Some(match &config.auth {
+            Some(auth) => format!(
+                "etcd refused user {:?} with the password in store.password_file",
+                auth.username
+            ),
+            None => "etcd wants a user: set store.username and store.password_file".to_string(),
+        })
+    } else if lower.contains("user name is empty") || lower.contains("invalid auth token") {
+        Some(
+            "etcd has authentication enabled: set store.username and store.password_file"
+                .to_string(),
+        )
+    } else if lower.contains("permission denied") {
+        Some(format!(
+            "the etcd user lacks read-write access to the keys under {}",
+            config.prefix
+        ))
+    } else {
+        None
+    };
+    let reason = match hint {
+        Some(hint) => format!("{reason}; {hint}"),
+        None => reason,
+    };
+    StoreError::Unavailable { target, reason }
 }
 
 /// The record stored at `key`, or `Corrupt` naming the key (not the value).

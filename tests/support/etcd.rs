@@ -19,7 +19,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct EtcdServer {
     child: Child,
-    /// `http://127.0.0.1:PORT`, for `[store] endpoints`.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), for `[store] endpoints`.
     pub endpoint: String,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -33,17 +33,35 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// TLS on the client port: the server's certificate and key (PEM files),
+/// and with `client_ca` the CA whose client certificates it requires
+/// (`--client-cert-auth --trusted-ca-file`).
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
 impl EtcdServer {
     /// A running server, or `None` (the caller returns: skipped) when etcd
     /// is not installed.
     pub fn start() -> Option<EtcdServer> {
+        Self::start_with(None)
+    }
+
+    /// Like [`EtcdServer::start`], serving clients over TLS (`https://`).
+    pub fn start_tls(tls: &ServerTls) -> Option<EtcdServer> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&ServerTls>) -> Option<EtcdServer> {
         let binary = match std::env::var_os("REKEYD_TEST_ETCD") {
             Some(path) => PathBuf::from(path),
             None => tools::find("etcd", "Debian package etcd-server")?,
         };
         let mut last_log = String::new();
         for _ in 0..3 {
-            match Self::try_start(&binary) {
+            match Self::try_start(&binary, tls) {
                 Ok(server) => return Some(server),
                 Err(log) => last_log = log,
             }
@@ -53,17 +71,41 @@ impl EtcdServer {
 
     /// Starts etcd and waits until its client port accepts connections and
     /// answers; on failure returns its log.
-    fn try_start(binary: &Path) -> Result<EtcdServer, String> {
+    fn try_start(binary: &Path, tls: Option<&ServerTls>) -> Result<EtcdServer, String> {
         let dir = tempfile::tempdir().unwrap();
         let (client_port, peer_port) = (free_port(), free_port());
-        let client = format!("http://127.0.0.1:{client_port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
+        // With TLS on the client port, /health is asked on a plain
+        // metrics port.
+        let health_port = if tls.is_some() {
+            free_port()
+        } else {
+            client_port
+        };
         let peer = format!("http://127.0.0.1:{peer_port}");
         // Unique per server: two tests' clusters never take each other for
         // a member.
         let name = format!("rekeyd-test-{}-{client_port}", std::process::id());
         let log = dir.path().join("etcd.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(tls) = tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--listen-metrics-urls")
+                .arg(format!("http://127.0.0.1:{health_port}"));
+            if let Some(ca) = &tls.client_ca {
+                command
+                    .arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(ca);
+            }
+        }
+        let child = command
             .arg("--name")
             .arg(&name)
             .arg("--data-dir")
@@ -87,7 +129,7 @@ impl EtcdServer {
             log,
             _dir: dir,
         };
-        let addr: SocketAddr = ([127, 0, 0, 1], client_port).into();
+        let addr: SocketAddr = ([127, 0, 0, 1], health_port).into();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             // The health endpoint answers on the client port once the
