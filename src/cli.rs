@@ -148,6 +148,27 @@ Secret values (extra_params) are shown as \"[redacted]\"; secret files by their 
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Show the rotation history of credential NAME (read from the store),
+    /// or check that the histories are intact (--verify).
+    #[command(
+        after_help = "The history is hash-chained: each entry carries the SHA-256 of the one before, so an edited, inserted or removed entry is found by --verify, which names the first bad entry.
+Exit status: 0 shown or intact, 1 a history does not verify or cannot be read, 78 configuration error."
+    )]
+    History {
+        /// Credential name, as in `[[credentials]] name` (with --verify:
+        /// every configured credential when omitted).
+        #[arg(required_unless_present = "verify")]
+        name: Option<String>,
+        /// Print JSON (the entries with their digests, and whether the
+        /// chain verifies).
+        #[arg(long, conflicts_with = "verify")]
+        json: bool,
+        /// Check the hash chain instead of printing the entries.
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print a shell completion script for SHELL on stdout, e.g.
     /// `rekeyd completions bash > /etc/bash_completion.d/rekeyd`.
     Completions {

@@ -165,6 +165,17 @@ pub async fn execute(cli: Cli) -> u8 {
             logging::init(config.log.format);
             set_secret(&config, &name, id, !no_verify, force).await
         }
+        Command::History {
+            name,
+            json,
+            verify,
+            config,
+        } => {
+            let Some(config) = load(&config.config) else {
+                return EXIT_CONFIG;
+            };
+            history(&config, name.as_deref(), json, verify).await
+        }
         Command::Demo { duration } => {
             logging::init(Default::default());
             warn_if_test_build();
@@ -563,6 +574,81 @@ async fn set_secret(
     }
 }
 
+/// `rekeyd history`: prints a credential's rotation history, or with
+/// `verify` checks the chain of one or every configured credential.
+async fn history(config: &Config, name: Option<&str>, as_json: bool, verify: bool) -> u8 {
+    use crate::history::{self, chain};
+    let names: Vec<&str> = match name {
+        Some(name) if config.credential(name).is_none() => {
+            eprintln!("rekeyd: no credential named {name:?} in the configuration");
+            return EXIT_CONFIG;
+        }
+        Some(name) => vec![name],
+        None => config.credentials.iter().map(|c| c.name.as_str()).collect(),
+    };
+    let store = match store::open(config).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("rekeyd: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    let mut status = EXIT_OK;
+    for name in names {
+        let doc = match history::load(store.as_ref(), name).await {
+            Ok(doc) => doc,
+            Err(e) => {
+                eprintln!("rekeyd: {e}");
+                status = EXIT_FAILURE;
+                continue;
+            }
+        };
+        if verify {
+            match &doc {
+                None => println!("{name}: no history yet"),
+                Some(doc) => match chain::verify(doc, name) {
+                    Ok(()) => println!("{name}: {} entries, chain intact", doc.entries.len()),
+                    Err(e) => {
+                        eprintln!("rekeyd: {name}: history does not verify: {e}");
+                        status = EXIT_FAILURE;
+                    }
+                },
+            }
+            continue;
+        }
+        let doc = doc.unwrap_or_else(|| chain::Document::new(name));
+        if as_json {
+            let value = history::to_json(&doc, name);
+            println!("{}", serde_json::to_string_pretty(&value).expect("json"));
+            continue;
+        }
+        println!(
+            "{:<6} {:<24} {:<15} {:<22} {:<24} DETAIL",
+            "SEQ", "AT", "STEP", "ROTATION", "SECRET ID"
+        );
+        for e in &doc.entries {
+            let detail = match (e.step, e.dropped) {
+                (chain::Step::Truncated, Some(n)) => format!("{n} older entries dropped"),
+                _ => e.detail.clone().unwrap_or_default(),
+            };
+            println!(
+                "{:<6} {:<24} {:<15} {:<22} {:<24} {}",
+                e.seq,
+                e.at,
+                e.step.as_str(),
+                e.rid.as_deref().unwrap_or("-"),
+                e.secret_id.as_deref().unwrap_or("-"),
+                detail
+            );
+        }
+        if let Err(e) = chain::verify(&doc, name) {
+            eprintln!("rekeyd: {name}: history does not verify: {e}");
+            status = EXIT_FAILURE;
+        }
+    }
+    status
+}
+
 fn load(path: &std::path::Path) -> Option<Config> {
     match Config::load(path) {
         Ok(config) => Some(config),
@@ -744,6 +830,8 @@ pub async fn effective_config(config: &Config) -> String {
         .iter()
         .map(|c| credential_json(c, &dur, &proxies))
         .collect();
+    let mut store = store_json(&config.store, &dur).await;
+    store["history_limit"] = json!(config.history_limit);
     let doc = json!({
         "state_dir": config.state_dir.display().to_string(),
         "api": config.api.as_ref().map(|a| {
@@ -758,7 +846,7 @@ pub async fn effective_config(config: &Config) -> String {
             diag
         }),
         "log": {"format": format!("{:?}", config.log.format).to_lowercase()},
-        "store": store_json(&config.store, &dur).await,
+        "store": store,
         "credentials": credentials,
         // Set but unused (HTTP_PROXY, a SOCKS proxy): said, not silently
         // dropped.
@@ -850,6 +938,7 @@ fn credential_json(
             "schedule": match &r.trigger { RotationTrigger::Schedule(s) => Some(s.clone()), _ => None },
             "grace": dur(r.grace),
             "on_login": r.on_login,
+            "max_secret_age": r.max_secret_age.map(dur),
         })),
         "hooks": c.hooks.iter().map(|h| {
             let on: Vec<&str> = h.on.iter().map(|e| e.as_str()).collect();

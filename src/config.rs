@@ -175,6 +175,8 @@ struct RawConfig {
 struct RawStore {
     kind: Option<String>,
     claim_ttl: Option<RawScalar>,
+    /// Every kind: entries kept in each credential's rotation history.
+    history_limit: Option<i64>,
     // kubernetes
     namespace: Option<String>,
     secret: Option<String>,
@@ -299,6 +301,7 @@ struct RawRotation {
     grace: Option<RawScalar>,
     #[serde(default)]
     on_login: bool,
+    max_secret_age: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,6 +336,9 @@ pub struct Config {
     pub diag: Option<DiagConfig>,
     pub log: LogConfig,
     pub store: StoreConfig,
+    /// `[store] history_limit`: entries kept in each credential's rotation
+    /// history ([`crate::history`]), a truncation marker included.
+    pub history_limit: usize,
     pub credentials: Vec<CredentialConfig>,
 }
 
@@ -594,6 +600,9 @@ pub struct RotationConfig {
     pub trigger: RotationTrigger,
     pub grace: Duration,
     pub on_login: bool,
+    /// Rotate once the current secret is older than this, whatever the
+    /// trigger says (`None`: no bound).
+    pub max_secret_age: Option<Duration>,
 }
 
 pub use crate::format::SinkFormat;
@@ -1123,6 +1132,7 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         },
     };
 
+    let history_limit = validate_history_limit(raw.store.as_ref().and_then(|s| s.history_limit))?;
     let store = validate_store(raw.store)?;
 
     if raw.credentials.is_empty() {
@@ -1214,8 +1224,27 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         diag,
         log,
         store,
+        history_limit,
         credentials,
     })
+}
+
+/// `[store] history_limit`: a count within
+/// [`crate::history::MIN_LIMIT`]..=[`crate::history::MAX_LIMIT`].
+fn validate_history_limit(raw: Option<i64>) -> Result<usize, ConfigError> {
+    use crate::history::{DEFAULT_LIMIT, MAX_LIMIT, MIN_LIMIT};
+    let Some(n) = raw else {
+        return Ok(DEFAULT_LIMIT);
+    };
+    usize::try_from(n)
+        .ok()
+        .filter(|n| (MIN_LIMIT..=MAX_LIMIT).contains(n))
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "store.history_limit",
+                format!("must be between {MIN_LIMIT} and {MAX_LIMIT} entries"),
+            )
+        })
 }
 
 /// S8, one secret, one owner. A rotation deletes the secret it replaces, so
@@ -2429,11 +2458,12 @@ fn validate_rotation(
             validate_cron(&key("schedule"), &schedule)?;
             RotationTrigger::Schedule(schedule)
         }
-        (None, None) if raw.on_login => RotationTrigger::Manual,
+        // `max_secret_age` alone: rotate only when the secret gets that old.
+        (None, None) if raw.on_login || raw.max_secret_age.is_some() => RotationTrigger::Manual,
         (None, None) => {
             return Err(ConfigError::invalid(
                 key("every"),
-                "one of `every`, `schedule` or `on_login = true` is required",
+                "one of `every`, `schedule`, `max_secret_age` or `on_login = true` is required",
             ));
         }
     };
@@ -2448,10 +2478,28 @@ fn validate_rotation(
             "must be at most 30 days: the old secret stays valid that long",
         ));
     }
+    let max_secret_age = raw
+        .max_secret_age
+        .map(|a| duration(&key("max_secret_age"), a))
+        .transpose()?;
+    if let Some(age) = max_secret_age {
+        // Shorter than the grace period, every rotation would be followed
+        // by another before the old secret is even deleted.
+        if age <= grace || age < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                key("max_secret_age"),
+                format!(
+                    "must be at least 1s and longer than `grace` ({})",
+                    humantime::format_duration(grace)
+                ),
+            ));
+        }
+    }
     Ok(RotationConfig {
         trigger,
         grace,
         on_login: raw.on_login,
+        max_secret_age,
     })
 }
 

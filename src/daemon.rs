@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, CredentialConfig, ListenAddr};
 use crate::credential::{self, CredentialChannels, CredentialHandle, CredentialStatus};
+use crate::metrics;
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
@@ -427,8 +428,27 @@ async fn launch(
         .forced
         .set_min_interval(cred.refresh.min_forced_interval);
     let mut unfinished = false;
+    let label = metrics::credential(&cred.name);
+    // The policy the secret age alert compares against; none, no series.
+    match cred.rotation.as_ref().and_then(|r| r.max_secret_age) {
+        Some(age) => {
+            metrics::global()
+                .secret_max_age
+                .get_or_create(&label)
+                .set(age.as_secs_f64());
+        }
+        None => {
+            metrics::global().secret_max_age.remove(&label);
+        }
+    }
     if let Some(record) = store.load_settled(&cred.name).await? {
         unfinished = record.value.is_unfinished();
+        // For every credential, rotating or not: the rotation task keeps
+        // it current after each step.
+        metrics::global()
+            .secret_created
+            .get_or_create(&label)
+            .set(metrics::unix_seconds(record.value.current.created_at));
         channels.status.send_modify(|s| {
             s.rotation_phase = record.value.phase().to_string();
             s.rotation_waiting_for = crate::rotation::waiting_for(&record.value, &cred.name);
@@ -751,6 +771,7 @@ async fn start_listeners(
             registry: shared.registry.clone(),
             key: Arc::new(key),
             forced_wait: api::forced_wait(api.limits.request_timeout),
+            store: shared.store.clone(),
         };
         let router = api::router(state, config.diag.is_some());
         planned.push(("api", &api.listen, api.limits, router));
@@ -897,6 +918,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
             diag: config.diag.clone(),
             log: config.log.clone(),
             store: config.store.clone(),
+            history_limit: config.history_limit,
             credentials: Vec::new(),
         },
         shared,

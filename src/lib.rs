@@ -17,6 +17,8 @@
 //!   daemon's pieces, then exit.
 //! - [`sim`]: simulated providers for `rekeyd demo` and the tests.
 //! - [`fsutil`]: atomic, durable file writes.
+//! - [`history`]: the hash-chained rotation history in the store.
+//! - [`journal`]: rotation events to the systemd journal.
 
 pub mod build;
 pub mod cli;
@@ -29,6 +31,8 @@ pub mod daemon;
 pub mod demo;
 pub mod format;
 pub mod fsutil;
+pub mod history;
+pub mod journal;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

@@ -21,6 +21,15 @@ pub struct CredentialLabel {
     pub credential: String,
 }
 
+/// `rekeyd_build_info`: the version and compiled cargo features
+/// ([`crate::build`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    /// Comma-separated, alphabetical; `none` for a default build.
+    pub features: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
     pub credential: String,
@@ -81,6 +90,13 @@ pub struct Metrics {
     pub rotation_attempts: Family<RotationLabels, Counter>,
     pub last_rotation: Family<CredentialLabel, FloatGauge>,
     pub rotation_next_due: Family<CredentialLabel, FloatGauge>,
+    /// When the credential's current secret was created (or installed).
+    pub secret_created: Family<CredentialLabel, FloatGauge>,
+    /// When the token engine logs in next (success or retry).
+    pub token_next_refresh: Family<CredentialLabel, FloatGauge>,
+    /// `max_secret_age` in seconds, for credentials that set it.
+    pub secret_max_age: Family<CredentialLabel, FloatGauge>,
+    pub build_info: Family<BuildLabels, Gauge>,
     pub locked_out: Family<CredentialLabel, Gauge>,
     pub rotation_needs_operator: Family<CredentialLabel, Gauge>,
     pub request_duration: Family<RequestLabels, Histogram>,
@@ -106,6 +122,10 @@ impl Metrics {
             rotation_attempts: Family::default(),
             last_rotation: Family::default(),
             rotation_next_due: Family::default(),
+            secret_created: Family::default(),
+            token_next_refresh: Family::default(),
+            secret_max_age: Family::default(),
+            build_info: Family::default(),
             locked_out: Family::default(),
             rotation_needs_operator: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
@@ -148,6 +168,32 @@ impl Metrics {
             "rotation_next_due_timestamp_seconds",
             "Unix time at which the next scheduled rotation is due",
             m.rotation_next_due.clone(),
+        );
+        r.register(
+            "secret_created_timestamp_seconds",
+            "Unix time at which the credential's current secret was created (or installed by rekeyd or an operator)",
+            m.secret_created.clone(),
+        );
+        r.register(
+            "token_next_refresh_timestamp_seconds",
+            "Unix time of the token engine's next scheduled login (a refresh, or a retry after a failure)",
+            m.token_next_refresh.clone(),
+        );
+        r.register(
+            "secret_max_age_seconds",
+            "The credential's max_secret_age: a rotation is forced once the current secret is older",
+            m.secret_max_age.clone(),
+        );
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: crate::build::VERSION,
+                features: crate::build::features_text(),
+            })
+            .set(1);
+        r.register(
+            "build_info",
+            "Always 1; the labels name this binary's version and compiled cargo features",
+            m.build_info.clone(),
         );
         r.register(
             "locked_out",
@@ -218,6 +264,9 @@ impl Metrics {
             &self.token_expiry,
             &self.last_rotation,
             &self.rotation_next_due,
+            &self.secret_created,
+            &self.token_next_refresh,
+            &self.secret_max_age,
         ] {
             family.remove(&label);
         }

@@ -291,6 +291,31 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].rotation.every`", "required"],
         ),
         (
+            "max_secret_age not longer than grace",
+            with(
+                "[credentials.rotation]\nevery = \"1h\"\ngrace = \"10m\"\nmax_secret_age = \"5m\"\n",
+            ),
+            vec![
+                "`credentials[0].rotation.max_secret_age`",
+                "longer than `grace`",
+            ],
+        ),
+        (
+            "max_secret_age without a unit",
+            with("[credentials.rotation]\nevery = \"1h\"\nmax_secret_age = 3600\n"),
+            vec!["`credentials[0].rotation.max_secret_age`"],
+        ),
+        (
+            "history_limit too small",
+            with_table("[store]\nhistory_limit = 3"),
+            vec!["`store.history_limit`", "between 10 and 100000"],
+        ),
+        (
+            "history_limit not a number",
+            with_table("[store]\nhistory_limit = \"many\""),
+            vec!["history_limit"],
+        ),
+        (
             "rotation on mappls",
             BASE.replace("mapsindoors", "mappls") + "[credentials.rotation]\nevery = \"1h\"\n",
             vec!["`credentials[0].rotation`", "no secret API"],

@@ -78,6 +78,13 @@ const METRICS: &[Metric] = &[
     },
     metric("rekeyd_sink_token_valid", &["credential", "path"]),
     metric("rekeyd_sink_current", &["credential", "path"]),
+    metric("rekeyd_secret_created_timestamp_seconds", &["credential"]),
+    metric("rekeyd_secret_max_age_seconds", &["credential"]),
+    metric(
+        "rekeyd_token_next_refresh_timestamp_seconds",
+        &["credential"],
+    ),
+    metric("rekeyd_build_info", &["version", "features"]),
 ];
 
 /// Labels Prometheus adds to every scraped series.
@@ -317,6 +324,7 @@ secrets_url = "{secrets_url}"
 [credentials.rotation]
 every = "2s"
 grace = "1s"
+max_secret_age = "1h"
 [[credentials.sinks]]
 path = "{sink}"
 "#,
@@ -373,6 +381,22 @@ path = "{sink}"
     let output = child.wait_with_output().unwrap();
     let stderr = text(&output.stderr);
     let exported = families(&last);
+    // The build and the age policy, with their values.
+    let build = last
+        .lines()
+        .find(|l| l.starts_with("rekeyd_build_info{"))
+        .unwrap_or_else(|| panic!("no rekeyd_build_info in\n{last}"));
+    assert!(
+        build.contains(&format!("version=\"{}\"", rekeyd::build::VERSION))
+            && build.contains(&format!("features=\"{}\"", rekeyd::build::features_text()))
+            && build.ends_with(" 1"),
+        "{build}"
+    );
+    assert!(
+        last.lines()
+            .any(|l| l.starts_with("rekeyd_secret_max_age_seconds{credential=\"maps\"} 3600")),
+        "{last}"
+    );
     let missing: Vec<_> = wanted.difference(&exported).collect();
     assert!(
         missing.is_empty(),
@@ -587,6 +611,14 @@ fn alerts_use_only_exported_metrics_and_cover_the_failures() {
         (
             "RekeydRotationNeedsOperator",
             &["rekeyd_rotation_needs_operator"],
+        ),
+        (
+            "RekeydSecretTooOld",
+            &[
+                "time()",
+                "rekeyd_secret_created_timestamp_seconds",
+                "rekeyd_secret_max_age_seconds",
+            ],
         ),
         ("RekeydDown", &["up{"]),
         ("RekeydAbsent", &["absent("]),
@@ -1653,8 +1685,9 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
         );
     }
 
-    // RBAC: get, update and patch on that one Secret and that one Lease;
-    // nothing else, no create (which Kubernetes cannot limit by name).
+    // RBAC: get, update and patch on that one Secret, its history Secret
+    // and that one Lease; nothing else, no create (which Kubernetes cannot
+    // limit by name).
     let role = one(&docs, "Role");
     let mut named: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for rule in role["rules"].as_sequence().unwrap() {
@@ -1676,9 +1709,10 @@ fn kustomize_renders_rekeyd_as_a_hardened_native_sidecar() {
         }
     }
     let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
-    assert_eq!(named.len(), 2, "{named:?}");
+    assert_eq!(named.len(), 3, "{named:?}");
     let verbs = set(&["get", "update", "patch"]);
     assert_eq!(named[&format!("secrets/{}", store.secret)], verbs);
+    assert_eq!(named[&format!("secrets/{}-history", store.secret)], verbs);
     assert_eq!(named[&format!("leases/{}", store.lease)], verbs);
     let binding = one(&docs, "RoleBinding");
     assert_eq!(binding["roleRef"]["name"].as_str(), Some(name(role)));

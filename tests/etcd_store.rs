@@ -71,6 +71,46 @@ where
 }
 
 #[tokio::test]
+async fn the_history_is_its_own_key_with_compare_and_swap() {
+    use rekeyd::history::{self, Event, Step, chain};
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let store = store(&server, Duration::from_secs(15))
+        .await
+        .with_history_limit(10);
+    let v1 = store
+        .compare_and_swap("a", None, &record("one"))
+        .await
+        .unwrap();
+    let now = SystemTime::now();
+    for i in 0..12 {
+        let event = Event::new(Step::Deleted).secret(Some(&format!("s{i}")));
+        history::append(&store, "a", &[event], now).await.unwrap();
+    }
+    // The record is untouched; the history is bounded and verifies.
+    assert_eq!(store.load("a").await.unwrap().unwrap().version, v1);
+    let doc = history::load(&store, "a").await.unwrap().unwrap();
+    assert_eq!(doc.entries.len(), 10);
+    assert_eq!(doc.entries[0].step, Step::Truncated);
+    chain::verify(&doc, "a").unwrap();
+    let stale = store.load_history("a").await.unwrap().unwrap();
+    history::append(&store, "a", &[Event::new(Step::Set)], now)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .swap_history("a", Some(stale.version), &stale.value)
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(matches!(
+        store.swap_history("b", Some(1), b"{}").await,
+        Err(StoreError::Conflict { .. })
+    ));
+}
+
+#[tokio::test]
 async fn compare_and_swap_creates_updates_and_refuses_stale_writes() {
     let Some(server) = EtcdServer::start() else {
         return;

@@ -74,6 +74,47 @@ fn lease_holder(fake: &KubeFake) -> Option<String> {
 }
 
 #[tokio::test]
+async fn the_history_is_its_own_secret_and_never_touches_the_state_secret() {
+    use rekeyd::history::{self, Event, Step, chain};
+    let fake = KubeFake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&fake, dir.path(), "t1", Duration::from_secs(15))
+        .await
+        .with_history_limit(10);
+    let v1 = s.compare_and_swap("a", None, &record("one")).await.unwrap();
+    let history_secret = format!("{SECRET}-history");
+    assert_eq!(s.history_secret(), history_secret);
+    let now = SystemTime::now();
+    for i in 0..12 {
+        let event = Event::new(Step::Deleted).secret(Some(&format!("s{i}")));
+        history::append(&s, "a", &[event], now).await.unwrap();
+    }
+    history::append(&s, "b", &[Event::new(Step::Set)], now)
+        .await
+        .unwrap();
+    // One data key per credential in the history Secret; the state Secret
+    // holds the records only, at the versions they had.
+    let data = fake.secret_data(NS, &history_secret).unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["a.json", "b.json"]);
+    let state = fake.secret_data(NS, SECRET).unwrap();
+    assert_eq!(state.keys().collect::<Vec<_>>(), ["a.json"]);
+    assert_eq!(s.load("a").await.unwrap().unwrap().version, v1);
+    let doc = history::load(&s, "a").await.unwrap().unwrap();
+    assert_eq!(doc.entries.len(), 10);
+    assert_eq!(doc.entries[0].step, Step::Truncated);
+    chain::verify(&doc, "a").unwrap();
+    // A write based on a stale read is a conflict, as for records.
+    let stale = s.load_history("a").await.unwrap().unwrap();
+    history::append(&s, "a", &[Event::new(Step::Set)], now)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.swap_history("a", Some(stale.version), &stale.value).await,
+        Err(StoreError::Conflict { .. })
+    ));
+}
+
+#[tokio::test]
 async fn compare_and_swap_is_per_credential() {
     let fake = KubeFake::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -1720,6 +1720,32 @@ impl Store for TimedStore {
             r
         })
     }
+
+    // The history is part of a rotation's cost: passed through, counted
+    // in the run's wall time.
+    fn keeps_history(&self) -> bool {
+        self.inner.keeps_history()
+    }
+
+    fn history_limit(&self) -> usize {
+        self.inner.history_limit()
+    }
+
+    fn load_history<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<Vec<u8>>>, StoreError>> {
+        self.inner.load_history(name)
+    }
+
+    fn swap_history<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Option<u64>,
+        bytes: &'a [u8],
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.inner.swap_history(name, expected, bytes)
+    }
 }
 
 struct RotationRun {

@@ -19,8 +19,9 @@ use tracing::{Instrument, info, info_span, warn};
 use super::machine::{self, Event, Next};
 use super::{schedule, verify};
 use crate::clock::{self, Clock};
-use crate::config::{RotationConfig, RotationTrigger};
+use crate::config::RotationConfig;
 use crate::credential::CredentialStatus;
+use crate::history::{self, Step};
 use crate::metrics::{self, RotationLabels};
 use crate::provider::{Deleted, ErrorKind, ProviderError, SecretApi, TokenProvider};
 use crate::store::{Claim, CredentialRecord, Store, StoreError, Versioned};
@@ -96,6 +97,32 @@ pub enum RotationError {
     ClaimLost,
 }
 
+/// Why a new rotation begins: the `detail` of its `started` entry in the
+/// rotation history, and for [`StartReason::Forced`] a `forced` entry
+/// before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartReason {
+    /// The schedule (`every`, `schedule`) says it is due.
+    Schedule,
+    /// An operator asked: SIGUSR1, `rekeyd rotate`, `POST /v1/rotate/{name}`.
+    Forced,
+    /// `on_login = true` (`rekeyd run --once`).
+    OnLogin,
+    /// The current secret is older than `max_secret_age`.
+    MaxSecretAge,
+}
+
+impl StartReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartReason::Schedule => "schedule",
+            StartReason::Forced => "forced",
+            StartReason::OnLogin => "on_login",
+            StartReason::MaxSecretAge => "max_secret_age",
+        }
+    }
+}
+
 /// How a rotation run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -166,6 +193,9 @@ struct Run<'a> {
     max_wait: Option<Duration>,
     /// Set when the run ended at such a wait: when the step may go on.
     waiting_until: Option<SystemTime>,
+    /// Why this run begins a rotation, until its `started` step is
+    /// recorded in the history.
+    reason: Option<StartReason>,
 }
 
 impl Rotator {
@@ -177,9 +207,24 @@ impl Rotator {
     /// `stop` ends the run between steps and interrupts provider calls and
     /// waits, never a journal write (S4): a write that has started lands or
     /// fails before this returns, so the claim is never released under it.
+    ///
+    /// A rotation begun here is recorded as forced (an operator's
+    /// request); [`Rotator::rotate_for`] names another reason.
     pub async fn rotate(
         &self,
         begin: bool,
+        wait_claim: bool,
+        stop: &CancellationToken,
+    ) -> Result<Outcome, RotationError> {
+        self.rotate_for(begin.then_some(StartReason::Forced), wait_claim, stop)
+            .await
+    }
+
+    /// [`Rotator::rotate`], beginning a new rotation (when idle) for
+    /// `begin`'s reason, or only finishing unfinished work when `None`.
+    pub async fn rotate_for(
+        &self,
+        begin: Option<StartReason>,
         wait_claim: bool,
         stop: &CancellationToken,
     ) -> Result<Outcome, RotationError> {
@@ -189,7 +234,8 @@ impl Rotator {
         };
         let mut run = self.start_run(claim, stop, None).await?;
         let idle = !run.record.value.is_unfinished();
-        let event = if begin && idle {
+        let event = if let Some(reason) = begin.filter(|_| idle) {
+            run.reason = Some(reason);
             self.begin_event().await?
         } else {
             if !idle {
@@ -247,20 +293,27 @@ impl Rotator {
             .resumed
             .as_ref()
             .is_none_or(|(_, outcome)| *outcome != Outcome::Aborted);
-        let begin = run.waiting_until.is_none()
-            && resumed_ok
-            && rotation.is_some_and(|r| {
-                r.on_login
-                    || plan(
-                        &run.record.value,
-                        Some(&r.trigger),
-                        (self.clock)(),
-                        false,
-                        Duration::ZERO,
-                    )
-                    .0 == (Plan::Rotate { begin: true })
+        let begin = rotation
+            .filter(|_| run.waiting_until.is_none() && resumed_ok)
+            .and_then(|r| {
+                if r.on_login {
+                    return Some(StartReason::OnLogin);
+                }
+                match plan(
+                    &run.record.value,
+                    Some(r),
+                    (self.clock)(),
+                    false,
+                    Duration::ZERO,
+                )
+                .0
+                {
+                    Plan::Rotate { begin } => begin,
+                    Plan::Wait(_) => None,
+                }
             });
-        if begin {
+        if let Some(reason) = begin {
+            run.reason = Some(reason);
             let event = self.begin_event().await?;
             once.began = Some(run.drive(event).await?);
         }
@@ -293,6 +346,7 @@ impl Rotator {
             stop,
             max_wait,
             waiting_until: None,
+            reason: None,
         })
     }
 
@@ -329,12 +383,17 @@ impl Rotator {
     }
 
     fn publish(&self, record: &CredentialRecord) {
+        let label = metrics::credential(&self.name);
         if let Some(at) = record.last_rotated_at {
             metrics::global()
                 .last_rotation
-                .get_or_create(&metrics::credential(&self.name))
+                .get_or_create(&label)
                 .set(metrics::unix_seconds(at));
         }
+        metrics::global()
+            .secret_created
+            .get_or_create(&label)
+            .set(metrics::unix_seconds(record.current.created_at));
         if let Some(status) = &self.status {
             status.send_modify(|s| {
                 s.rotation_phase = record.phase().to_string();
@@ -401,6 +460,9 @@ impl Run<'_> {
                     value: t.record.clone(),
                 };
                 r.publish(&self.record.value);
+                // After the write that commits them (see crate::history).
+                let events = self.audit_events(&t.audit);
+                history::record(r.store.as_ref(), &r.name, &events, (r.clock)()).await;
                 match (was, self.record.value.rotation.phase()) {
                     (_, "creating") => crash_point!("rotation-after-persist-creating"),
                     (_, "created") => crash_point!("rotation-after-persist-created"),
@@ -518,6 +580,27 @@ impl Run<'_> {
             };
             t = machine::step(&self.record.value, event, &r.context())?;
         }
+    }
+
+    /// The history entries of a transition: its steps, the `started` one
+    /// with why this run began it (and a `forced` entry first when an
+    /// operator asked).
+    fn audit_events(&mut self, audit: &[history::Event]) -> Vec<history::Event> {
+        let mut events = Vec::with_capacity(audit.len() + 1);
+        for event in audit {
+            if event.step == Step::Started {
+                let reason = self.reason.take().unwrap_or(StartReason::Schedule);
+                if reason == StartReason::Forced {
+                    let mut forced = history::Event::new(Step::Forced);
+                    forced.rid = event.rid.clone();
+                    events.push(forced);
+                }
+                events.push(event.clone().detail(reason.as_str()));
+            } else {
+                events.push(event.clone());
+            }
+        }
+        events
     }
 
     /// Stops the run before a side effect when shut down (S4) or when the
@@ -684,9 +767,13 @@ pub async fn run_schedule(
                 Ok(Some(record)) => {
                     rotator.publish(&record.value);
                     finished = config.is_none() && !record.value.is_unfinished();
-                    let trigger = config.as_ref().map(|c| &c.trigger);
-                    let (plan, due_at) =
-                        plan(&record.value, trigger, (rotator.clock)(), requested, retry_wait);
+                    let (plan, due_at) = plan(
+                        &record.value,
+                        config.as_ref(),
+                        (rotator.clock)(),
+                        requested,
+                        retry_wait,
+                    );
                     let gauge = metrics::global()
                         .rotation_next_due
                         .get_or_create(&metrics::credential(&rotator.name));
@@ -724,7 +811,7 @@ pub async fn run_schedule(
             // Boxed: the rotation's state lives on the heap only while it
             // runs, so each credential's idle schedule task stays small
             // (10,000 credentials hold 10,000 of them).
-            let result = Box::pin(rotator.rotate(begin, false, &shutdown)).await;
+            let result = Box::pin(rotator.rotate_for(begin, false, &shutdown)).await;
             let refusal = match &result {
                 Err(RotationError::Provider(e)) if e.kind == ErrorKind::Refused => Some(e.reason()),
                 _ => None,
@@ -815,38 +902,60 @@ pub async fn run_schedule(
 /// What the schedule says to do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Plan {
-    /// Run the rotator; `begin`: start a new rotation if none is unfinished.
+    /// Run the rotator; `begin`: start a new rotation, for this reason, if
+    /// none is unfinished.
     Rotate {
-        begin: bool,
+        begin: Option<StartReason>,
     },
     Wait(Duration),
 }
 
 /// Pure scheduling decision: backoff after failures first, then unfinished
 /// journal work is resumed, a requested rotation started, or the next
-/// scheduled one waited for. Also returns when the next rotation is due.
-/// Without a trigger (rotation no longer configured) only unfinished work
-/// is done.
+/// scheduled one waited for: by the trigger, or when the current secret
+/// reaches `max_secret_age`, whichever comes first. Also returns when the
+/// next rotation is due. Without a rotation config (no longer configured)
+/// only unfinished work is done.
 fn plan(
     record: &CredentialRecord,
-    trigger: Option<&RotationTrigger>,
+    rotation: Option<&RotationConfig>,
     now: SystemTime,
     requested: bool,
     retry_wait: Duration,
 ) -> (Plan, Option<SystemTime>) {
     let since = record.last_rotated_at.unwrap_or(record.current.created_at);
-    let due_at = trigger.and_then(|t| schedule::next_due(t, since));
+    let scheduled = rotation.and_then(|r| schedule::next_due(&r.trigger, since));
+    let aged = rotation
+        .and_then(|r| r.max_secret_age)
+        .and_then(|max| schedule::aged_out(record.current.created_at, max));
+    let (due_at, reason) = match (scheduled, aged) {
+        (Some(s), Some(a)) if a < s => (Some(a), StartReason::MaxSecretAge),
+        (None, Some(a)) => (Some(a), StartReason::MaxSecretAge),
+        (s, _) => (s, StartReason::Schedule),
+    };
     let plan = if !retry_wait.is_zero() {
         Plan::Wait(retry_wait)
     } else if record.is_unfinished() {
-        Plan::Rotate { begin: false }
-    } else if trigger.is_none() {
+        Plan::Rotate { begin: None }
+    } else if rotation.is_none() {
         Plan::Wait(Duration::from_secs(86400))
     } else if requested {
-        Plan::Rotate { begin: true }
+        // With `on_login`, the token engine asks after every login through
+        // the same request as an operator does; such a request is taken
+        // as the login's.
+        let on_login = rotation.is_some_and(|r| r.on_login);
+        Plan::Rotate {
+            begin: Some(if on_login {
+                StartReason::OnLogin
+            } else {
+                StartReason::Forced
+            }),
+        }
     } else {
         match due_at {
-            Some(at) if at <= now => Plan::Rotate { begin: true },
+            Some(at) if at <= now => Plan::Rotate {
+                begin: Some(reason),
+            },
             Some(at) => Plan::Wait(schedule::wait_for(at, now)),
             None => Plan::Wait(Duration::from_secs(86400)),
         }
@@ -883,6 +992,7 @@ fn set_needs_operator(rotator: &Rotator, reason: Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RotationTrigger;
     use crate::store::{Rotation, SecretEntry};
 
     fn record(created: SystemTime, rotation: Rotation) -> CredentialRecord {
@@ -896,33 +1006,47 @@ mod tests {
         }
     }
 
+    fn rotation(trigger: RotationTrigger, max_secret_age: Option<Duration>) -> RotationConfig {
+        RotationConfig {
+            trigger,
+            grace: Duration::from_secs(60),
+            on_login: false,
+            max_secret_age,
+        }
+    }
+
     #[test]
     fn plan_follows_schedule_requests_and_backoff() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let hour = RotationTrigger::Every(Duration::from_secs(3600));
+        let hour = rotation(RotationTrigger::Every(Duration::from_secs(3600)), None);
+        let hour = Some(&hour);
         let idle = record(t0, Rotation::Idle);
-        let (p, due) = plan(&idle, Some(&hour), t0, false, Duration::ZERO);
+        let (p, due) = plan(&idle, hour, t0, false, Duration::ZERO);
         assert_eq!(p, Plan::Wait(Duration::from_secs(3600)));
         assert_eq!(due, Some(t0 + Duration::from_secs(3600)));
         // Overdue (e.g. while rekeyd was down): now.
         let (p, _) = plan(
             &idle,
-            Some(&hour),
+            hour,
             t0 + Duration::from_secs(7200),
             false,
             Duration::ZERO,
         );
-        assert_eq!(p, Plan::Rotate { begin: true });
+        assert_eq!(
+            p,
+            Plan::Rotate {
+                begin: Some(StartReason::Schedule)
+            }
+        );
         // Requested: now, unless backing off.
         assert_eq!(
-            plan(&idle, Some(&hour), t0, true, Duration::ZERO).0,
-            Plan::Rotate { begin: true }
+            plan(&idle, hour, t0, true, Duration::ZERO).0,
+            Plan::Rotate {
+                begin: Some(StartReason::Forced)
+            }
         );
         let backoff = Duration::from_secs(5);
-        assert_eq!(
-            plan(&idle, Some(&hour), t0, true, backoff).0,
-            Plan::Wait(backoff)
-        );
+        assert_eq!(plan(&idle, hour, t0, true, backoff).0, Plan::Wait(backoff));
         // Unfinished: resume without starting another.
         let creating = record(
             t0,
@@ -932,19 +1056,51 @@ mod tests {
             },
         );
         assert_eq!(
-            plan(&creating, Some(&hour), t0, false, Duration::ZERO).0,
-            Plan::Rotate { begin: false }
+            plan(&creating, hour, t0, false, Duration::ZERO).0,
+            Plan::Rotate { begin: None }
         );
         // Manual trigger: never by schedule.
+        let manual = rotation(RotationTrigger::Manual, None);
         assert_eq!(
-            plan(
-                &idle,
-                Some(&RotationTrigger::Manual),
-                t0,
-                false,
-                Duration::ZERO
-            ),
+            plan(&idle, Some(&manual), t0, false, Duration::ZERO),
             (Plan::Wait(Duration::from_secs(86400)), None)
+        );
+    }
+
+    #[test]
+    fn max_secret_age_forces_a_rotation_when_it_comes_first() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(86400);
+        // Rotated by schedule recently, but the secret itself is old (an
+        // operator installed it long ago and the rotations since aborted).
+        let mut old = record(t0, Rotation::Idle);
+        old.last_rotated_at = Some(t0 + 9 * day);
+        let weekly = rotation(RotationTrigger::Every(7 * day), Some(10 * day));
+        let (p, due) = plan(&old, Some(&weekly), t0 + 10 * day, false, Duration::ZERO);
+        assert_eq!(
+            p,
+            Plan::Rotate {
+                begin: Some(StartReason::MaxSecretAge)
+            }
+        );
+        assert_eq!(due, Some(t0 + 10 * day));
+        // Younger than the bound: the schedule decides, and the gauge shows
+        // the earlier of the two.
+        let (p, due) = plan(&old, Some(&weekly), t0 + 9 * day, false, Duration::ZERO);
+        assert_eq!(p, Plan::Wait(day));
+        assert_eq!(due, Some(t0 + 10 * day));
+        // A manual trigger rotates only when the secret gets too old.
+        let manual = rotation(RotationTrigger::Manual, Some(30 * day));
+        let fresh = record(t0, Rotation::Idle);
+        assert_eq!(
+            plan(&fresh, Some(&manual), t0 + day, false, Duration::ZERO).1,
+            Some(t0 + 30 * day)
+        );
+        assert_eq!(
+            plan(&fresh, Some(&manual), t0 + 31 * day, false, Duration::ZERO).0,
+            Plan::Rotate {
+                begin: Some(StartReason::MaxSecretAge)
+            }
         );
     }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use secrecy::SecretString;
 
 use super::{Tag, parse_tag};
+use crate::history::{Event as Audit, Step};
 use crate::provider::RemoteSecret;
 use crate::store::{CredentialRecord, RetiredSecret, Rotation, SecretEntry};
 
@@ -84,6 +85,10 @@ pub struct Transition {
     pub next: Next,
     /// Something the operator should hear about (logged as a warning).
     pub warnings: Vec<String>,
+    /// The steps this transition commits, for the rotation history: the
+    /// driver records them once `record` is persisted (never before, so
+    /// the history never shows a step the journal does not hold).
+    pub audit: Vec<Audit>,
 }
 
 /// What the machine needs besides the record and the event.
@@ -129,6 +134,7 @@ fn stay(record: &CredentialRecord, next: Next) -> Transition {
         persist: false,
         next,
         warnings: Vec::new(),
+        audit: Vec::new(),
     }
 }
 
@@ -138,7 +144,14 @@ fn persist(record: CredentialRecord, next: Next) -> Transition {
         persist: true,
         next,
         warnings: Vec::new(),
+        audit: Vec::new(),
     }
+}
+
+fn audited(t: Transition, events: impl IntoIterator<Item = Audit>) -> Transition {
+    let mut t = t;
+    t.audit.extend(events);
+    t
 }
 
 fn warned(t: Transition, warning: impl Into<String>) -> Transition {
@@ -166,7 +179,8 @@ pub fn step(
                 attempt: attempt.clone(),
             };
             // A fresh id cannot have tagged secrets yet: create directly.
-            persist(next, Next::Create { rid, attempt })
+            let started = Audit::new(Step::Started).rid(&rid);
+            audited(persist(next, Next::Create { rid, attempt }), [started])
         }
         (_, Event::Begin { .. }) | (_, Event::Resume) => resume(record, ctx),
 
@@ -179,6 +193,7 @@ pub fn step(
         ),
         (Rotation::Creating { rid, .. }, Event::Created { id, value }) => {
             let mut next = record.clone();
+            let created = Audit::new(Step::Created).rid(rid).secret(Some(&id));
             next.rotation = Rotation::Created {
                 rid: rid.clone(),
                 pending: SecretEntry {
@@ -187,7 +202,7 @@ pub fn step(
                     created_at: ctx.now,
                 },
             };
-            persist(next, Next::Verify)
+            audited(persist(next, Next::Verify), [created])
         }
 
         (Rotation::Created { rid, pending }, Event::Verified) => {
@@ -206,18 +221,37 @@ pub fn step(
                 },
                 ..record.clone()
             };
-            persist(next, Next::WaitUntil(delete_after))
+            let id = pending.id.as_deref();
+            let audit = [
+                Audit::new(Step::Verified).rid(rid).secret(id),
+                Audit::new(Step::Promoted)
+                    .rid(rid)
+                    .secret(id)
+                    .detail(format!(
+                        "previous secret {} kept until {}",
+                        record.current.id.as_deref().unwrap_or("(id unknown)"),
+                        humantime::format_rfc3339_seconds(delete_after)
+                    )),
+            ];
+            audited(persist(next, Next::WaitUntil(delete_after)), audit)
         }
-        (Rotation::Created { pending, .. }, Event::VerifyRejected) => {
+        (Rotation::Created { rid, pending }, Event::VerifyRejected) => {
             // Forget the refused secret and commit to deleting it in one
             // write: the write licenses the delete (S1).
             let mut next = record.clone();
             next.rotation = Rotation::Idle;
             next.listing_owed = true;
             retire_created(&mut next, pending);
-            warned(
-                persist(next, Next::List),
-                "the provider refused the new secret; rotation aborted, the current secret is kept",
+            let aborted = Audit::new(Step::Aborted)
+                .rid(rid)
+                .secret(pending.id.as_deref())
+                .detail("the provider refused the new secret; the current secret is kept");
+            audited(
+                warned(
+                    persist(next, Next::List),
+                    "the provider refused the new secret; rotation aborted, the current secret is kept",
+                ),
+                [aborted],
             )
         }
 
@@ -228,16 +262,25 @@ pub fn step(
         // sweep?), then end the rotation in one write that also licenses
         // the deletes (S1).
         (Rotation::Promoted { .. }, Event::CurrentVerified) => stay(record, Next::List),
-        (Rotation::Promoted { old, .. }, Event::Listed { secrets }) => {
+        (Rotation::Promoted { rid, old, .. }, Event::Listed { secrets }) => {
             let mut next = record.clone();
             next.rotation = Rotation::Idle;
             next.last_rotated_at = Some(ctx.now);
             let mut warnings = retire_entry(&mut next, old);
             let t = plan_retire(record, next, &secrets, ctx, true);
             warnings.extend(t.warnings);
-            Transition { warnings, ..t }
+            let completed = Audit::new(Step::Completed)
+                .rid(rid)
+                .secret(record.current.id.as_deref());
+            let mut audit = vec![completed];
+            audit.extend(t.audit);
+            Transition {
+                warnings,
+                audit,
+                ..t
+            }
         }
-        (Rotation::Promoted { old, .. }, Event::CurrentRejected) => {
+        (Rotation::Promoted { rid, old, .. }, Event::CurrentRejected) => {
             // S5: the old secret is still valid at the provider; it becomes
             // current again and the refused one is retired.
             let mut next = record.clone();
@@ -245,9 +288,19 @@ pub fn step(
             next.rotation = Rotation::Idle;
             next.listing_owed = true;
             retire_created(&mut next, &record.current);
-            warned(
-                persist(next, Next::List),
-                "the provider refuses the new secret after its promotion; the previous secret is current again and the rotation is aborted",
+            let aborted = Audit::new(Step::Aborted)
+                .rid(rid)
+                .secret(record.current.id.as_deref())
+                .detail(format!(
+                    "the provider refuses the new secret after its promotion; the previous secret {} is current again",
+                    old.id.as_deref().unwrap_or("(id unknown)")
+                ));
+            audited(
+                warned(
+                    persist(next, Next::List),
+                    "the provider refuses the new secret after its promotion; the previous secret is current again and the rotation is aborted",
+                ),
+                [aborted],
             )
         }
 
@@ -260,6 +313,20 @@ pub fn step(
                 .into_iter()
                 .partition(|r| r.id.as_ref().is_some_and(|id| ids.contains(id)));
             next.retire = left;
+            // What each delete was: a swept orphan (S7; the sweep retires
+            // it by id alone, its value never known) or a secret the
+            // journal retired.
+            let audit: Vec<Audit> = done
+                .iter()
+                .map(|r| {
+                    let step = if r.sha256.is_none() {
+                        Step::OrphanRemoved
+                    } else {
+                        Step::Deleted
+                    };
+                    Audit::new(step).secret(r.id.as_deref())
+                })
+                .collect();
             next.remember_retired(done);
             // Entries left that were not waiting for a listing (not among
             // the deletes reported), or a listing still owed: list again.
@@ -269,7 +336,7 @@ pub fn step(
             } else {
                 wait_for_missing(&next).unwrap_or(Next::Stable)
             };
-            persist(next, then)
+            audited(persist(next, then), audit)
         }
 
         (_, event) => return Err(invalid(&event)),

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
+use crate::history::{self, Event, Step};
 use crate::provider::{ProviderError, TokenProvider};
 use crate::store::{CredentialRecord, RetiredSecret, Rotation, SecretEntry, Store, StoreError};
 
@@ -148,8 +149,25 @@ pub async fn set_secret(
     };
     installed.retiring = record.retire.iter().filter_map(|r| r.id.clone()).collect();
     let expected = existing.as_ref().map(|r| r.version);
+    let mut detail = if req.verify {
+        "verified by a login".to_string()
+    } else {
+        "installed without verification (--no-verify)".to_string()
+    };
+    if let Some(phase) = installed.replaced_phase {
+        detail.push_str(&format!(
+            "; replaced an unfinished rotation journal (phase {phase})"
+        ));
+    }
+    let set = Event::new(Step::Set)
+        .secret(record.current.id.as_deref())
+        .detail(detail);
     match store.compare_and_swap(req.name, expected, &record).await {
-        Ok(_) => Ok(installed),
+        Ok(_) => {
+            // After the write that commits it (see crate::history).
+            history::record(store, req.name, &[set], SystemTime::now()).await;
+            Ok(installed)
+        }
         Err(StoreError::Conflict { .. }) => Err(SetSecretError::Changed(req.name.to_string())),
         Err(e) => Err(SetSecretError::Store(e)),
     }

@@ -45,6 +45,13 @@ pub fn next_due(trigger: &RotationTrigger, since: SystemTime) -> Option<SystemTi
     }
 }
 
+/// When a secret created at `created_at` reaches `max_age`
+/// (`max_secret_age`): a rotation is due then, whatever the schedule.
+/// `None` only when that lies beyond what the clock can represent.
+pub fn aged_out(created_at: SystemTime, max_age: Duration) -> Option<SystemTime> {
+    created_at.checked_add(max_age)
+}
+
 /// How long to wait from `now` until `due` (zero if already due).
 pub fn wait_for(due: SystemTime, now: SystemTime) -> Duration {
     due.duration_since(now).unwrap_or(Duration::ZERO)

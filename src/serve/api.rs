@@ -10,6 +10,8 @@
 //!   entry per token: a token profile's carries `profile_of`, the name of
 //!   its credential (whose entry shows the rotation).
 //! - `POST /v1/rotate/{name}`: request a secret rotation now (needs the key).
+//! - `GET /v1/history/{name}`: the credential's rotation history from the
+//!   store, as `rekeyd history NAME --json` prints it (needs the key).
 //!
 //! The diagnostics ([`diag_router`]): `GET /livez`, `GET /readyz`,
 //! `GET /readyz/{name}`, `GET /metrics`; no key, they hold no secrets. With
@@ -57,6 +59,8 @@ pub struct ApiState {
     /// How long `POST /v1/token/{name}/refresh` waits for its login before
     /// answering `504 refresh_pending` ([`forced_wait`]).
     pub forced_wait: Duration,
+    /// Where `GET /v1/history/{name}` reads the rotation history.
+    pub store: Arc<dyn crate::store::Store>,
 }
 
 /// How long a forced refresh waits for its login: nine tenths of the
@@ -78,6 +82,7 @@ pub fn router(state: ApiState, diag_elsewhere: bool) -> Router {
         .route("/v1/token/{name}/refresh", post(post_refresh))
         .route("/v1/status", get(get_status))
         .route("/v1/rotate/{name}", post(post_rotate))
+        .route("/v1/history/{name}", get(get_history))
         .with_state(state);
     let diag = if diag_elsewhere {
         DIAG_PATHS
@@ -388,6 +393,45 @@ async fn get_status(State(state): State<ApiState>, headers: HeaderMap) -> Respon
         })
         .collect();
     Json(json!({ "credentials": credentials })).into_response()
+}
+
+/// `GET /v1/history/{name}`: `200` with `{credential, verified,
+/// verify_error, entries: [{seq, at, step, rid?, secret_id?, detail?,
+/// dropped?, prev, digest}]}` (oldest first; no entries before the first
+/// step); `409 token_profile` for a token profile (its credential's name
+/// is in `detail`); `503 store_unavailable` when the store cannot be read;
+/// `401`, `404` as elsewhere.
+async fn get_history(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = check_key(&state, &headers) {
+        return denied;
+    }
+    if lookup(&state.registry, &name).is_none() {
+        return unknown_credential();
+    }
+    if let Some(credential) = state.registry.profile_of(&name) {
+        return error(
+            StatusCode::CONFLICT,
+            "token_profile",
+            &format!(
+                "{name:?} is a token profile of credential {credential:?}, whose history holds its rotations"
+            ),
+        );
+    }
+    match crate::history::load(state.store.as_ref(), &name).await {
+        Ok(doc) => {
+            let doc = doc.unwrap_or_else(|| crate::history::Document::new(&name));
+            Json(crate::history::to_json(&doc, &name)).into_response()
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            &e.to_string(),
+        ),
+    }
 }
 
 async fn post_rotate(

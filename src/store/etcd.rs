@@ -10,6 +10,10 @@
 //!   holder keeps alive, so a holder killed with `kill -9` loses the claim
 //!   once the lease runs out and another replica resumes the journal.
 //! - `<prefix>/probes/<name>`: written and deleted by `check_writable`.
+//! - `<prefix>/history/<name>`: the credential's rotation history
+//!   ([`crate::history`]), versioned by its `mod_revision` like the record,
+//!   written without the claim's fence (any process that committed a step
+//!   appends it).
 //!
 //! Timing (S3). The lease expires on the etcd server, timed by the server
 //! alone, so no replica needs to time another. The holder keeps it alive
@@ -69,6 +73,7 @@ pub struct EtcdStore {
     /// Claims this process holds: credential name → lease id. Writes to a
     /// claimed credential are fenced on that lease (see `compare_and_swap`).
     held: Arc<Mutex<HashMap<String, i64>>>,
+    history_limit: usize,
 }
 
 impl EtcdStore {
@@ -112,6 +117,7 @@ impl EtcdStore {
             timeout,
             holder: holder_identity(),
             held: Arc::default(),
+            history_limit: crate::history::DEFAULT_LIMIT,
         };
         let mut client = store.client.clone();
         let probe = GetOptions::new().with_count_only();
@@ -123,6 +129,12 @@ impl EtcdStore {
             .await
             .map_err(|e| with_hint(e, config))?;
         Ok(store)
+    }
+
+    /// Keeps at most `limit` history entries per credential.
+    pub fn with_history_limit(mut self, limit: usize) -> Self {
+        self.history_limit = limit;
+        self
     }
 
     fn key(&self, kind: &str, name: &str) -> String {
@@ -237,6 +249,64 @@ impl EtcdStore {
 }
 
 impl Store for EtcdStore {
+    fn keeps_history(&self) -> bool {
+        true
+    }
+
+    fn history_limit(&self) -> usize {
+        self.history_limit
+    }
+
+    fn load_history<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<Vec<u8>>>, StoreError>> {
+        Box::pin(async move {
+            let key = self.key("history", name);
+            let mut client = self.client.clone();
+            let response = self.call(&key, client.get(key.as_str(), None)).await?;
+            Ok(response.kvs().first().map(|kv| Versioned {
+                version: u64::try_from(kv.mod_revision()).unwrap_or_default(),
+                value: kv.value().to_vec(),
+            }))
+        })
+    }
+
+    fn swap_history<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Option<u64>,
+        bytes: &'a [u8],
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let key = self.key("history", name);
+            let conflict = || StoreError::Conflict {
+                name: format!("{name} (history)"),
+                expected,
+            };
+            let compare = match expected {
+                Some(v) => Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    i64::try_from(v).map_err(|_| conflict())?,
+                ),
+                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            };
+            let txn = Txn::new().when([compare]).and_then([TxnOp::put(
+                key.as_str(),
+                bytes.to_vec(),
+                None,
+            )]);
+            let mut client = self.client.clone();
+            let response = self.call(&key, client.txn(txn)).await?;
+            if !response.succeeded() {
+                return Err(conflict());
+            }
+            let revision = response.header().map_or(0, |h| h.revision());
+            Ok(u64::try_from(revision).unwrap_or_default())
+        })
+    }
+
     fn claim<'a>(
         &'a self,
         name: &'a str,

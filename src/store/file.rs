@@ -2,6 +2,11 @@
 //! `<state_dir>/credentials/`, mode 0600 in a 0700 directory, replaced
 //! atomically and durably (see [`crate::fsutil::write_atomic`]).
 //!
+//! Each credential's rotation history ([`crate::history`]) is a file next
+//! to its record, `<name>.history.json`, written the same way under its own
+//! lock file `<name>.history.lock` (so the temp-file sweep treats it like a
+//! record). Its version is a digest of its bytes.
+//!
 //! Compare-and-swap holds an exclusive lock on a per-credential lock file
 //! while it reads, compares and writes, so two processes sharing the state
 //! directory (the daemon and `rekeyd rotate`) never overwrite each other.
@@ -19,6 +24,7 @@ use crate::fsutil;
 
 pub struct FileStore {
     dir: PathBuf,
+    history_limit: usize,
 }
 
 impl FileStore {
@@ -27,7 +33,19 @@ impl FileStore {
     pub fn new(state_dir: &Path) -> FileStore {
         FileStore {
             dir: state_dir.join("credentials"),
+            history_limit: crate::history::DEFAULT_LIMIT,
         }
+    }
+
+    /// Keeps at most `limit` history entries per credential.
+    pub fn with_history_limit(mut self, limit: usize) -> Self {
+        self.history_limit = limit;
+        self
+    }
+
+    /// The rotation history of credential `name`.
+    pub fn history_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.history.json"))
     }
 
     /// Creates the state directories (0700) if missing.
@@ -123,9 +141,7 @@ impl FileStore {
 /// Reads, compares and writes under the credential's lock. A free function
 /// over owned data so it can run on the blocking pool.
 fn swap(dir: &Path, name: &str, expected: Option<u64>, bytes: &[u8]) -> Result<u64, StoreError> {
-    let store = FileStore {
-        dir: dir.to_path_buf(),
-    };
+    let store = FileStore::at(dir);
     store.ensure_dirs()?;
     let lock_path = store.lock_path(name);
     let lock = open_lock_file(&lock_path).map_err(|e| io_err(&lock_path, e))?;
@@ -147,6 +163,57 @@ fn swap(dir: &Path, name: &str, expected: Option<u64>, bytes: &[u8]) -> Result<u
     fail::fail_point!("store-before-write");
     fsutil::write_atomic(&path, bytes, 0o600).map_err(|e| io_err(&path, e))?;
     Ok(next_version(expected))
+}
+
+impl FileStore {
+    /// The store over the credentials directory `dir` itself, for the
+    /// blocking helpers.
+    fn at(dir: &Path) -> FileStore {
+        FileStore {
+            dir: dir.to_path_buf(),
+            history_limit: crate::history::DEFAULT_LIMIT,
+        }
+    }
+}
+
+/// The history of `name` with its version, if there is one.
+fn read_history(dir: &Path, name: &str) -> Result<Option<Versioned<Vec<u8>>>, StoreError> {
+    let path = FileStore::at(dir).history_path(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(Versioned {
+            version: crate::history::content_version(&bytes),
+            value: bytes,
+        })),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(&path, e)),
+    }
+}
+
+/// Compares and writes the history of `name` under `<name>.history.lock`.
+fn swap_history(
+    dir: &Path,
+    name: &str,
+    expected: Option<u64>,
+    bytes: &[u8],
+) -> Result<u64, StoreError> {
+    let store = FileStore::at(dir);
+    store.ensure_dirs()?;
+    // `<name>.history` as a record name: its lock, temp files and sweep
+    // follow the record's rules (credential names hold no dots).
+    let history = format!("{name}.history");
+    let lock_path = store.lock_path(&history);
+    let lock = open_lock_file(&lock_path).map_err(|e| io_err(&lock_path, e))?;
+    lock.lock().map_err(|e| io_err(&lock_path, e))?;
+    let found = read_history(dir, name)?.map(|v| v.version);
+    if found != expected {
+        return Err(StoreError::Conflict {
+            name: history,
+            expected,
+        });
+    }
+    let path = store.history_path(name);
+    fsutil::write_atomic(&path, bytes, 0o600).map_err(|e| io_err(&path, e))?;
+    Ok(crate::history::content_version(bytes))
 }
 
 fn next_version(expected: Option<u64>) -> u64 {
@@ -188,9 +255,7 @@ const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One attempt at the claim: `Ok(None)` while someone else holds it.
 fn try_claim(dir: &Path, name: &str) -> Result<Option<FileClaim>, StoreError> {
-    let store = FileStore {
-        dir: dir.to_path_buf(),
-    };
+    let store = FileStore::at(dir);
     store.ensure_dirs()?;
     let path = dir.join(format!("{name}.rotate.lock"));
     let file = open_lock_file(&path).map_err(|e| io_err(&path, e))?;
@@ -202,9 +267,7 @@ fn try_claim(dir: &Path, name: &str) -> Result<Option<FileClaim>, StoreError> {
 }
 
 fn check_writable(dir: &Path, name: &str) -> Result<(), StoreError> {
-    let store = FileStore {
-        dir: dir.to_path_buf(),
-    };
+    let store = FileStore::at(dir);
     store.ensure_dirs()?;
     let path = dir.join(format!(".{name}.probe"));
     let result = fsutil::write_atomic(&path, &[0u8; PROBE_BYTES], 0o600);
@@ -213,6 +276,38 @@ fn check_writable(dir: &Path, name: &str) -> Result<(), StoreError> {
 }
 
 impl Store for FileStore {
+    fn keeps_history(&self) -> bool {
+        true
+    }
+
+    fn history_limit(&self) -> usize {
+        self.history_limit
+    }
+
+    fn load_history<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<Vec<u8>>>, StoreError>> {
+        Box::pin(async move { read_history(&self.dir, name) })
+    }
+
+    fn swap_history<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Option<u64>,
+        bytes: &'a [u8],
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let dir = self.dir.clone();
+        let name = name.to_string();
+        let bytes = bytes.to_vec();
+        Box::pin(async move {
+            let path = dir.clone();
+            tokio::task::spawn_blocking(move || swap_history(&dir, &name, expected, &bytes))
+                .await
+                .map_err(|e| io_err(&path, io::Error::other(e)))?
+        })
+    }
+
     fn claim<'a>(
         &'a self,
         name: &'a str,
@@ -281,9 +376,7 @@ impl Store for FileStore {
             match lock.try_lock_shared() {
                 Ok(()) => self.read(name),
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    let store = FileStore {
-                        dir: self.dir.clone(),
-                    };
+                    let store = FileStore::at(&self.dir);
                     let (name, path) = (name.to_string(), self.lock_path(name));
                     tokio::task::spawn_blocking(move || {
                         lock.lock_shared().map_err(|e| io_err(&path, e))?;

@@ -12,6 +12,13 @@
 //! and decide again, and only a change of *this* credential's document is a
 //! [`StoreError::Conflict`] for the caller.
 //!
+//! Each credential's rotation history ([`crate::history`]) is a data key
+//! `<name>.json` of a second Secret, `<secret>-history`: a separate object,
+//! so the history's size and writes never touch the state Secret (its
+//! 1 MiB holds the journals, which must always be writable). Its version
+//! is a digest of the key's bytes; the Secret's `resourceVersion` guards
+//! each write as for records.
+//!
 //! Every request gives up after a quarter of the claim TTL (S3, see
 //! `claim::request_timeout`): a stalled API server fails a step well
 //! before the rotation claim could lapse under it.
@@ -58,6 +65,7 @@ pub struct KubernetesStore {
     /// Bound on each request, below the claim TTL (S3).
     timeout: Duration,
     claims: claim::Claims,
+    history_limit: usize,
 }
 
 impl KubernetesStore {
@@ -91,7 +99,27 @@ impl KubernetesStore {
             secret: config.secret.clone(),
             timeout,
             namespace,
+            history_limit: crate::history::DEFAULT_LIMIT,
         })
+    }
+
+    /// Keeps at most `limit` history entries per credential.
+    pub fn with_history_limit(mut self, limit: usize) -> Self {
+        self.history_limit = limit;
+        self
+    }
+
+    /// The Secret holding every credential's rotation history.
+    pub fn history_secret(&self) -> String {
+        format!("{}-history", self.secret)
+    }
+
+    fn history_target(&self) -> String {
+        format!(
+            "kubernetes Secret {}/{}",
+            self.namespace,
+            self.history_secret()
+        )
     }
 
     /// `kubernetes Secret <ns>/<name>`: what errors about the Secret name.
@@ -133,14 +161,27 @@ impl KubernetesStore {
     /// Creates the Secret holding just `name`'s document. A 403 here usually
     /// means RBAC grants no `create` (the shipped Role does not): say so.
     async fn create(&self, name: &str, bytes: Vec<u8>) -> Result<Created, StoreError> {
+        self.create_object(&self.secret, &self.target(), data_key(name), bytes)
+            .await
+    }
+
+    /// Creates Secret `object` holding one data `key` (`target` names it
+    /// in errors).
+    async fn create_object(
+        &self,
+        object: &str,
+        target: &str,
+        key: String,
+        bytes: Vec<u8>,
+    ) -> Result<Created, StoreError> {
         let secret = Secret {
             metadata: ObjectMeta {
-                name: Some(self.secret.clone()),
+                name: Some(object.to_string()),
                 namespace: Some(self.namespace.clone()),
                 ..ObjectMeta::default()
             },
             type_: Some("Opaque".into()),
-            data: Some(BTreeMap::from([(data_key(name), ByteString(bytes))])),
+            data: Some(BTreeMap::from([(key, ByteString(bytes))])),
             ..Secret::default()
         };
         match bounded(
@@ -152,15 +193,36 @@ impl KubernetesStore {
             Ok(_) => Ok(Created::Yes),
             Err(e) if api_code(&e) == Some(409) => Ok(Created::Raced),
             Err(e) if api_code(&e) == Some(403) => Err(StoreError::Unavailable {
-                target: self.target(),
+                target: target.to_string(),
                 reason: format!(
                     "{}; the Secret does not exist and may not be created by this account: create it beforehand (deploy/kubernetes has it)",
                     describe_api_error(&e)
                 ),
             }),
-            Err(e) => Err(self.unavailable(e)),
+            Err(e) => Err(StoreError::Unavailable {
+                target: target.to_string(),
+                reason: describe_api_error(&e),
+            }),
         }
     }
+
+    async fn get_history(&self) -> Result<Option<Secret>, StoreError> {
+        bounded(self.timeout, self.secrets.get_opt(&self.history_secret()))
+            .await
+            .map_err(|e| StoreError::Unavailable {
+                target: self.history_target(),
+                reason: describe_api_error(&e),
+            })
+    }
+}
+
+/// The bytes of data key `key` of `secret`, if present.
+fn data_of<'s>(secret: &'s Secret, key: &str) -> Option<&'s [u8]> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.as_slice())
 }
 
 enum Created {
@@ -348,6 +410,91 @@ pub(crate) fn describe_api_error(e: &kube::Error) -> String {
 }
 
 impl Store for KubernetesStore {
+    fn keeps_history(&self) -> bool {
+        true
+    }
+
+    fn history_limit(&self) -> usize {
+        self.history_limit
+    }
+
+    fn load_history<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<Vec<u8>>>, StoreError>> {
+        Box::pin(async move {
+            let Some(secret) = self.get_history().await? else {
+                return Ok(None);
+            };
+            Ok(data_of(&secret, &data_key(name)).map(|bytes| Versioned {
+                version: crate::history::content_version(bytes),
+                value: bytes.to_vec(),
+            }))
+        })
+    }
+
+    fn swap_history<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Option<u64>,
+        bytes: &'a [u8],
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let key = data_key(name);
+            let version = crate::history::content_version(bytes);
+            let conflict = || StoreError::Conflict {
+                name: format!("{name} (history)"),
+                expected,
+            };
+            for _ in 0..MAX_WRITE_ATTEMPTS {
+                let Some(mut secret) = self.get_history().await? else {
+                    if expected.is_some() {
+                        return Err(conflict());
+                    }
+                    let object = self.history_secret();
+                    let target = self.history_target();
+                    match self
+                        .create_object(&object, &target, key.clone(), bytes.to_vec())
+                        .await?
+                    {
+                        Created::Yes => return Ok(version),
+                        Created::Raced => continue,
+                    }
+                };
+                let found = data_of(&secret, &key).map(crate::history::content_version);
+                if found != expected {
+                    return Err(conflict());
+                }
+                secret
+                    .data
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key.clone(), ByteString(bytes.to_vec()));
+                match bounded(
+                    self.timeout,
+                    self.secrets
+                        .replace(&self.history_secret(), &PostParams::default(), &secret),
+                )
+                .await
+                {
+                    Ok(_) => return Ok(version),
+                    Err(e) if matches!(api_code(&e), Some(404 | 409)) => continue,
+                    Err(e) => {
+                        return Err(StoreError::Unavailable {
+                            target: self.history_target(),
+                            reason: describe_api_error(&e),
+                        });
+                    }
+                }
+            }
+            Err(StoreError::Unavailable {
+                target: self.history_target(),
+                reason: format!(
+                    "still changing under concurrent writers after {MAX_WRITE_ATTEMPTS} attempts"
+                ),
+            })
+        })
+    }
+
     fn claim<'a>(
         &'a self,
         name: &'a str,

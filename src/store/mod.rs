@@ -112,6 +112,47 @@ pub trait Store: Send + Sync {
         expected: Option<u64>,
         record: &'a CredentialRecord,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Whether this store keeps a rotation history ([`crate::history`]).
+    /// Every configurable store does; test models need not.
+    fn keeps_history(&self) -> bool {
+        false
+    }
+
+    /// How many entries the history of a credential keeps
+    /// (`[store] history_limit`).
+    fn history_limit(&self) -> usize {
+        crate::history::DEFAULT_LIMIT
+    }
+
+    /// The stored rotation history of `name` (bytes as
+    /// [`crate::history::chain::encode`] writes them) with a version for
+    /// [`Store::swap_history`]. A separate object from the record, so that
+    /// appending to it never makes a journal compare-and-swap fail, and a
+    /// history that cannot be written never stops a rotation.
+    fn load_history<'a>(
+        &'a self,
+        _name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Versioned<Vec<u8>>>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Writes the history of `name` if its stored version is still
+    /// `expected` (`None`: only if there is none), like
+    /// [`Store::compare_and_swap`]; [`StoreError::Conflict`] otherwise.
+    fn swap_history<'a>(
+        &'a self,
+        name: &'a str,
+        _expected: Option<u64>,
+        _bytes: &'a [u8],
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            Err(StoreError::Unavailable {
+                target: format!("history of {name}"),
+                reason: "this store keeps no rotation history".into(),
+            })
+        })
+    }
 }
 
 /// Opens the store that `[store]` configures. Shared stores connect here, so
@@ -119,7 +160,8 @@ pub trait Store: Send + Sync {
 pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
         StoreConfig::File => {
-            let store = file::FileStore::new(&config.state_dir);
+            let store =
+                file::FileStore::new(&config.state_dir).with_history_limit(config.history_limit);
             // Like a stale socket: what a killed process left is cleared at
             // the next start (I7: those temp files hold secrets).
             let swept = store.sweep_temp_files()?;
@@ -132,11 +174,17 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
             }
             Ok(Arc::new(store))
         }
-        StoreConfig::Kubernetes(k8s) => {
-            Ok(Arc::new(kubernetes::KubernetesStore::connect(k8s).await?))
-        }
+        StoreConfig::Kubernetes(k8s) => Ok(Arc::new(
+            kubernetes::KubernetesStore::connect(k8s)
+                .await?
+                .with_history_limit(config.history_limit),
+        )),
         #[cfg(feature = "etcd")]
-        StoreConfig::Etcd(etcd) => Ok(Arc::new(etcd::EtcdStore::connect(etcd).await?)),
+        StoreConfig::Etcd(etcd) => Ok(Arc::new(
+            etcd::EtcdStore::connect(etcd)
+                .await?
+                .with_history_limit(config.history_limit),
+        )),
         // Config validation rejects `kind = "etcd"` in builds without it.
         #[cfg(not(feature = "etcd"))]
         StoreConfig::Etcd(_) => Err(StoreError::Unavailable {

@@ -171,6 +171,10 @@ impl Engine {
                 }
             };
             after_promotion = false;
+            metrics::global()
+                .token_next_refresh
+                .get_or_create(&metrics::credential(&self.name))
+                .set(metrics::unix_seconds(SystemTime::now() + wait));
             // tokio's timer runs on the monotonic clock, which stops while
             // the machine is suspended: a suspension report ends the wait,
             // since the token may have expired meanwhile.
