@@ -196,6 +196,8 @@ struct Run<'a> {
     /// Why this run begins a rotation, until its `started` step is
     /// recorded in the history.
     reason: Option<StartReason>,
+    /// The history append in flight, if any ([`Run::record_history`]).
+    history_tail: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Rotator {
@@ -347,6 +349,7 @@ impl Rotator {
             max_wait,
             waiting_until: None,
             reason: None,
+            history_tail: None,
         })
     }
 
@@ -414,7 +417,39 @@ impl Run<'_> {
         );
     }
 
+    /// Runs the journal from `first` until it rests or must wait; returns
+    /// once the history has every step this run committed (still under
+    /// the claim, so another process appends after them, never between).
     async fn drive(&mut self, first: Event) -> Result<Outcome, RotationError> {
+        let outcome = self.drive_steps(first).await;
+        if let Some(tail) = self.history_tail.take() {
+            // An append that panicked lost its entries only; it was warned.
+            let _ = tail.await;
+        }
+        outcome
+    }
+
+    /// Appends `events` to the history in a task of its own, after the
+    /// appends before it (one at a time, in order), so that the next step
+    /// does not wait for the audit write: in the file store that write
+    /// costs an fsync as the journal's does, and rotations at once are
+    /// bound by the disk (BENCHMARKS.md, "Rotation").
+    fn record_history(&mut self, events: Vec<history::Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let r = self.rotator;
+        let (store, name, now) = (r.store.clone(), r.name.clone(), (r.clock)());
+        let before = self.history_tail.take();
+        self.history_tail = Some(tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            history::record(store.as_ref(), &name, &events, now).await;
+        }));
+    }
+
+    async fn drive_steps(&mut self, first: Event) -> Result<Outcome, RotationError> {
         let r = self.rotator;
         let mut outcome = Outcome::Idle;
         let mut conflicts = 0;
@@ -462,7 +497,7 @@ impl Run<'_> {
                 r.publish(&self.record.value);
                 // After the write that commits them (see crate::history).
                 let events = self.audit_events(&t.audit);
-                history::record(r.store.as_ref(), &r.name, &events, (r.clock)()).await;
+                self.record_history(events);
                 match (was, self.record.value.rotation.phase()) {
                     (_, "creating") => crash_point!("rotation-after-persist-creating"),
                     (_, "created") => crash_point!("rotation-after-persist-created"),
