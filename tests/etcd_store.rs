@@ -71,6 +71,43 @@ where
 }
 
 #[tokio::test]
+async fn a_history_larger_than_an_etcd_request_keeps_fewer_entries() {
+    use rekeyd::history::{self, Event, Step, chain};
+    use rekeyd::store::etcd::HISTORY_KEY_BYTES;
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    // A count bound etcd cannot take in one request: the bytes bound acts.
+    let store = store(&server, Duration::from_secs(15))
+        .await
+        .with_history_limit(100_000);
+    let now = SystemTime::now();
+    let detail = "d".repeat(400);
+    // 30 batches x 100 entries of ~600 bytes: about 1.8 MB unbounded.
+    for i in 0..30 {
+        let batch: Vec<Event> = (0..100)
+            .map(|j| {
+                Event::new(Step::Deleted)
+                    .secret(Some(&format!("s-{i}-{j}")))
+                    .detail(&detail)
+            })
+            .collect();
+        let added = history::append(&store, "a", &batch, now).await.unwrap();
+        assert_eq!(added.len(), 100, "batch {i} was recorded");
+    }
+    let stored = store.load_history("a").await.unwrap().unwrap();
+    assert!(
+        stored.value.len() <= HISTORY_KEY_BYTES,
+        "{} bytes",
+        stored.value.len()
+    );
+    let doc = history::load(&store, "a").await.unwrap().unwrap();
+    assert_eq!(doc.entries[0].step, Step::Truncated);
+    assert_eq!(doc.entries.last().unwrap().seq, 30 * 100 - 1);
+    chain::verify(&doc, "a").unwrap();
+}
+
+#[tokio::test]
 async fn the_history_is_its_own_key_with_compare_and_swap() {
     use rekeyd::history::{self, Event, Step, chain};
     let Some(server) = EtcdServer::start() else {

@@ -115,6 +115,58 @@ async fn the_history_is_its_own_secret_and_never_touches_the_state_secret() {
 }
 
 #[tokio::test]
+async fn histories_that_outgrow_their_share_of_the_secret_keep_fewer_entries() {
+    use rekeyd::history::{self, Event, Step, chain};
+    use rekeyd::store::kubernetes::HISTORY_SECRET_BYTES;
+    let fake = KubeFake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A count bound the Secret cannot hold: the bytes bound must act.
+    let s = store(&fake, dir.path(), "t1", Duration::from_secs(15))
+        .await
+        .with_history_limit(100_000);
+    let now = SystemTime::now();
+    let detail = "d".repeat(400);
+    let batch = |name: &str, i: usize| -> Vec<Event> {
+        (0..100)
+            .map(|j| {
+                Event::new(Step::Deleted)
+                    .secret(Some(&format!("{name}-{i}-{j}")))
+                    .detail(&detail)
+            })
+            .collect()
+    };
+    // 2 credentials x 30 batches x 100 entries of ~600 bytes: about 36 MB
+    // unbounded, against 768 KiB for the whole Secret.
+    for i in 0..30 {
+        for name in ["a", "b"] {
+            let added = history::append(&s, name, &batch(name, i), now)
+                .await
+                .unwrap();
+            assert_eq!(added.len(), 100, "batch {i} of {name} was recorded");
+        }
+    }
+    let data = fake.secret_data(NS, &format!("{SECRET}-history")).unwrap();
+    for name in ["a", "b"] {
+        let stored = &data[&format!("{name}.json")];
+        assert!(
+            stored.len() <= HISTORY_SECRET_BYTES / 2,
+            "{name}'s history is {} bytes, over its share",
+            stored.len()
+        );
+        let doc = history::load(&s, name).await.unwrap().unwrap();
+        // The oldest went behind a marker; the newest batch is all there.
+        assert_eq!(doc.entries[0].step, Step::Truncated);
+        let last = doc.entries.last().unwrap();
+        assert_eq!(last.seq, 30 * 100 - 1);
+        assert_eq!(
+            last.secret_id.as_deref(),
+            Some(format!("{name}-29-99").as_str())
+        );
+        chain::verify(&doc, name).unwrap();
+    }
+}
+
+#[tokio::test]
 async fn compare_and_swap_is_per_credential() {
     let fake = KubeFake::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -77,6 +77,10 @@ pub async fn append(
     if events.is_empty() || !store.keeps_history() {
         return Ok(Vec::new());
     }
+    // Lowered when the store refuses the history as too large for one of
+    // its objects: the oldest entries go behind the marker, as for
+    // `history_limit`.
+    let mut limit = store.history_limit();
     for _ in 0..MAX_ATTEMPTS {
         let stored = store.load_history(name).await?;
         let (expected, mut doc) = match stored {
@@ -89,13 +93,19 @@ pub async fn append(
                 })?,
             ),
         };
-        let added = chain::append(&mut doc, events, now, store.history_limit());
+        let added = chain::append(&mut doc, events, now, limit);
         match store
             .swap_history(name, expected, &chain::encode(&doc))
             .await
         {
             Ok(_) => return Ok(added),
             Err(StoreError::Conflict { .. }) => continue,
+            Err(StoreError::TooLarge {
+                size, limit: max, ..
+            }) if doc.entries.len() > events.len() + 1 => {
+                limit = (doc.entries.len() / 2).max(events.len() + 1);
+                tracing::warn!(step = "history", credential = %name, bytes = size, max_bytes = max, kept = limit, "the rotation history is too large for the store; keeping fewer of its oldest entries");
+            }
             Err(e) => return Err(e.into()),
         }
     }

@@ -56,6 +56,10 @@ use crate::config::{EtcdStoreConfig, EtcdTls};
 /// the claim TTL: generous next to a healthy cluster's milliseconds, short
 /// enough that an unreachable one is reported while the operator is still
 /// looking. Shorter TTLs bound requests at a quarter of the TTL (S3).
+/// The largest history value written to one key, in bytes: below etcd's
+/// default request limit (`--max-request-bytes`, 1.5 MiB).
+pub const HISTORY_KEY_BYTES: usize = 1024 * 1024;
+
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on establishing a TCP connection to one endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -280,6 +284,16 @@ impl Store for EtcdStore {
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
             let key = self.key("history", name);
+            // Refused here, the history module keeps fewer entries: etcd
+            // refuses requests over its --max-request-bytes (1.5 MiB by
+            // default) for good.
+            if bytes.len() > HISTORY_KEY_BYTES {
+                return Err(StoreError::TooLarge {
+                    target: key,
+                    size: bytes.len(),
+                    limit: HISTORY_KEY_BYTES,
+                });
+            }
             let conflict = || StoreError::Conflict {
                 name: format!("{name} (history)"),
                 expected,

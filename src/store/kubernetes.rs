@@ -52,6 +52,11 @@ use crate::proxy::{ProxyEnv, Route};
 /// Bound on read-decide-write rounds lost to other writers of the Secret.
 /// Each lost round means another replica wrote successfully, so running out
 /// takes a storm of writes; the caller retries later.
+/// The most data the history Secret holds, in bytes, shared equally by the
+/// credentials' histories: below the API server's 1 MiB limit for a Secret,
+/// with room for its metadata and a credential that joins.
+pub const HISTORY_SECRET_BYTES: usize = 768 * 1024;
+
 const MAX_WRITE_ATTEMPTS: u32 = 10;
 
 /// No request to the API server waits longer than this, whatever the claim
@@ -465,10 +470,21 @@ impl Store for KubernetesStore {
                 if found != expected {
                     return Err(conflict());
                 }
-                secret
-                    .data
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(key.clone(), ByteString(bytes.to_vec()));
+                let data = secret.data.get_or_insert_with(BTreeMap::new);
+                data.insert(key.clone(), ByteString(bytes.to_vec()));
+                // Every credential's history shares this Secret, each
+                // within an equal share of it: refused here, the history
+                // module keeps fewer of this credential's entries (a bound
+                // in bytes besides `history_limit`) instead of the API
+                // server refusing the Secret for every credential.
+                let share = HISTORY_SECRET_BYTES / data.len();
+                if bytes.len() > share {
+                    return Err(StoreError::TooLarge {
+                        target: format!("{} key {key}", self.history_target()),
+                        size: bytes.len(),
+                        limit: share,
+                    });
+                }
                 match bounded(
                     self.timeout,
                     self.secrets

@@ -44,6 +44,15 @@ pub enum StoreError {
     /// names the object or key, `reason` the status and the server's code.
     #[error("store {target}: {reason}")]
     Unavailable { target: String, reason: String },
+    /// The write would make the object larger than the store takes (a
+    /// Kubernetes Secret holds at most 1 MiB, an etcd request 1.5 MiB by
+    /// default): nothing was written. `size` and `limit` in bytes.
+    #[error("store {target}: {size} bytes would exceed the {limit}-byte limit of the object")]
+    TooLarge {
+        target: String,
+        size: usize,
+        limit: usize,
+    },
 }
 
 /// Held while one actor drives a rotation of a credential (I6); dropping it
