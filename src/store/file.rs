@@ -10,6 +10,14 @@
 //! Compare-and-swap holds an exclusive lock on a per-credential lock file
 //! while it reads, compares and writes, so two processes sharing the state
 //! directory (the daemon and `rekeyd rotate`) never overwrite each other.
+//!
+//! Ownership: run as root (`sudo rekeyd set-secret`, `sudo rekeyd rotate`)
+//! against the state directory of a daemon that runs as its own user (the
+//! packaged unit: `User=rekeyd`, `DynamicUser=yes`), every file and
+//! directory the store creates takes the owner and group of the directory
+//! it is created in. A root-owned 0600 record would otherwise lock the
+//! daemon out of its own journal (it stops with "Permission denied", and
+//! the secret in use is in that file).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -20,7 +28,7 @@ use futures_util::future::BoxFuture;
 
 use super::record;
 use super::{CredentialRecord, Store, StoreError, Versioned};
-use crate::fsutil;
+use crate::fsutil::{self, Ownership};
 
 pub struct FileStore {
     dir: PathBuf,
@@ -48,13 +56,25 @@ impl FileStore {
         self.dir.join(format!("{name}.history.json"))
     }
 
-    /// Creates the state directories (0700) if missing.
-    fn ensure_dirs(&self) -> Result<(), StoreError> {
+    /// Creates the state directories (0700) if missing (as root, each new
+    /// one given to the owner of the directory it is created in, see the
+    /// module doc). Returns the ownership for the files created in the
+    /// credentials directory.
+    fn ensure_dirs(&self) -> Result<Ownership, StoreError> {
         let state_dir = self.dir.parent().unwrap_or(&self.dir);
+        let root = running_as_root();
         for d in [state_dir, self.dir.as_path()] {
+            let existed = std::fs::symlink_metadata(d).is_ok();
             fsutil::ensure_private_dir(d, 0o700).map_err(|e| io_err(d, e))?;
+            if root && !existed {
+                let parent = d.parent().unwrap_or(d);
+                let owner = inherited_owner(true, parent).map_err(|e| io_err(parent, e))?;
+                if owner != Ownership::default() {
+                    std::os::unix::fs::chown(d, owner.uid, owner.gid).map_err(|e| io_err(d, e))?;
+                }
+            }
         }
-        Ok(())
+        inherited_owner(root, &self.dir).map_err(|e| io_err(&self.dir, e))
     }
 
     /// Removes the temp files that a crash (`kill -9`, power loss) left
@@ -85,7 +105,9 @@ impl FileStore {
                 continue;
             }
             let lock_path = self.lock_path(&name);
-            let lock = open_lock_file(&lock_path).map_err(|e| io_err(&lock_path, e))?;
+            let owner =
+                inherited_owner(running_as_root(), &self.dir).map_err(|e| io_err(&self.dir, e))?;
+            let lock = open_lock_file(&lock_path, owner).map_err(|e| io_err(&lock_path, e))?;
             match lock.try_lock() {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => continue,
@@ -142,9 +164,9 @@ impl FileStore {
 /// over owned data so it can run on the blocking pool.
 fn swap(dir: &Path, name: &str, expected: Option<u64>, bytes: &[u8]) -> Result<u64, StoreError> {
     let store = FileStore::at(dir);
-    store.ensure_dirs()?;
+    let owner = store.ensure_dirs()?;
     let lock_path = store.lock_path(name);
-    let lock = open_lock_file(&lock_path).map_err(|e| io_err(&lock_path, e))?;
+    let lock = open_lock_file(&lock_path, owner).map_err(|e| io_err(&lock_path, e))?;
     // Released when `lock` is dropped at the end of this function.
     lock.lock().map_err(|e| io_err(&lock_path, e))?;
     let found = store.read(name)?.map(|v| v.version);
@@ -161,7 +183,7 @@ fn swap(dir: &Path, name: &str, expected: Option<u64>, bytes: &[u8]) -> Result<u
     // flight (`2*off->1*sleep(3000)`: only the third write).
     #[cfg(feature = "failpoints")]
     fail::fail_point!("store-before-write");
-    fsutil::write_atomic(&path, bytes, 0o600).map_err(|e| io_err(&path, e))?;
+    fsutil::write_atomic_owned(&path, bytes, 0o600, owner).map_err(|e| io_err(&path, e))?;
     Ok(next_version(expected))
 }
 
@@ -197,12 +219,12 @@ fn swap_history(
     bytes: &[u8],
 ) -> Result<u64, StoreError> {
     let store = FileStore::at(dir);
-    store.ensure_dirs()?;
+    let owner = store.ensure_dirs()?;
     // `<name>.history` as a record name: its lock, temp files and sweep
     // follow the record's rules (credential names hold no dots).
     let history = format!("{name}.history");
     let lock_path = store.lock_path(&history);
-    let lock = open_lock_file(&lock_path).map_err(|e| io_err(&lock_path, e))?;
+    let lock = open_lock_file(&lock_path, owner).map_err(|e| io_err(&lock_path, e))?;
     lock.lock().map_err(|e| io_err(&lock_path, e))?;
     let found = read_history(dir, name)?.map(|v| v.version);
     if found != expected {
@@ -212,7 +234,7 @@ fn swap_history(
         });
     }
     let path = store.history_path(name);
-    fsutil::write_atomic(&path, bytes, 0o600).map_err(|e| io_err(&path, e))?;
+    fsutil::write_atomic_owned(&path, bytes, 0o600, owner).map_err(|e| io_err(&path, e))?;
     Ok(crate::history::content_version(bytes))
 }
 
@@ -220,14 +242,54 @@ fn next_version(expected: Option<u64>) -> u64 {
     expected.map_or(1, |v| v + 1)
 }
 
-fn open_lock_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+/// Opens (creating if missing) a lock file, given to `owner` (see the
+/// module doc; one that a root-run command created before is given back).
+fn open_lock_file(path: &Path, owner: Ownership) -> io::Result<File> {
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(path)
+        .open(path)?;
+    if let Some(uid) = owner.uid {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
+        if meta.uid() != uid || Some(meta.gid()) != owner.gid {
+            std::os::unix::fs::fchown(&file, owner.uid, owner.gid)?;
+        }
+    }
+    Ok(file)
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid only reads the process's credentials.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The ownership for what a process (`root`: running as root) creates in
+/// `dir`: `dir`'s owner and group when root writes into a directory that
+/// belongs to another user, the process's own (default) otherwise.
+fn inherited_owner(root: bool, dir: &Path) -> io::Result<Ownership> {
+    use std::os::unix::fs::MetadataExt;
+    if !root {
+        return Ok(Ownership::default());
+    }
+    let meta = std::fs::metadata(dir)?;
+    Ok(owner_for(meta.uid(), meta.gid()))
+}
+
+/// Pure part of [`inherited_owner`] for root: a root-owned directory keeps
+/// root's defaults.
+fn owner_for(dir_uid: u32, dir_gid: u32) -> Ownership {
+    if dir_uid == 0 {
+        Ownership::default()
+    } else {
+        Ownership {
+            uid: Some(dir_uid),
+            gid: Some(dir_gid),
+        }
+    }
 }
 
 fn io_err(path: &Path, source: io::Error) -> StoreError {
@@ -256,9 +318,9 @@ const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// One attempt at the claim: `Ok(None)` while someone else holds it.
 fn try_claim(dir: &Path, name: &str) -> Result<Option<FileClaim>, StoreError> {
     let store = FileStore::at(dir);
-    store.ensure_dirs()?;
+    let owner = store.ensure_dirs()?;
     let path = dir.join(format!("{name}.rotate.lock"));
-    let file = open_lock_file(&path).map_err(|e| io_err(&path, e))?;
+    let file = open_lock_file(&path, owner).map_err(|e| io_err(&path, e))?;
     match file.try_lock() {
         Ok(()) => Ok(Some(FileClaim { _file: file })),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -425,6 +487,88 @@ mod tests {
         })
     }
 
+    #[test]
+    fn root_gives_new_files_to_the_owner_of_their_directory() {
+        assert_eq!(owner_for(0, 0), Ownership::default());
+        assert_eq!(owner_for(0, 5), Ownership::default());
+        assert_eq!(
+            owner_for(61234, 61235),
+            Ownership {
+                uid: Some(61234),
+                gid: Some(61235)
+            }
+        );
+    }
+
+    /// `sudo rekeyd set-secret` against the state of a daemon that runs as
+    /// its own user: every file the store writes stays the daemon's, or the
+    /// daemon could no longer read its journal.
+    #[tokio::test]
+    async fn as_root_the_files_written_belong_to_the_state_directorys_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !running_as_root() {
+            eprintln!("skipped: needs root (giving files away is root's privilege)");
+            return;
+        }
+        let (uid, gid) = (65534, 65533);
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap();
+        let store = FileStore::new(&state);
+        // A lock file an earlier root-run command left root's.
+        std::fs::create_dir(&store.dir).unwrap();
+        std::os::unix::fs::chown(&store.dir, Some(uid), Some(gid)).unwrap();
+        std::fs::write(store.lock_path("a"), b"").unwrap();
+        let v1 = store
+            .compare_and_swap("a", None, &record("one"))
+            .await
+            .unwrap();
+        store
+            .compare_and_swap("a", Some(v1), &record("two"))
+            .await
+            .unwrap();
+        store.swap_history("a", None, b"{}").await.unwrap();
+        drop(store.claim("a", false).await.unwrap());
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&store.dir).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            seen.push(entry.file_name().to_string_lossy().into_owned());
+            assert_eq!(
+                (meta.uid(), meta.gid()),
+                (uid, gid),
+                "{:?} is not the daemon's",
+                entry.path()
+            );
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "a.history.json",
+                "a.history.lock",
+                "a.json",
+                "a.lock",
+                "a.rotate.lock"
+            ]
+        );
+
+        // A credentials directory root creates is the daemon's as well.
+        let fresh = dir.path().join("fresh");
+        std::fs::create_dir(&fresh).unwrap();
+        std::os::unix::fs::chown(&fresh, Some(uid), Some(gid)).unwrap();
+        let store = FileStore::new(&fresh.join("state"));
+        store
+            .compare_and_swap("b", None, &record("one"))
+            .await
+            .unwrap();
+        for d in [fresh.join("state"), store.dir.clone()] {
+            let meta = std::fs::metadata(&d).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (uid, gid), "{d:?}");
+        }
+    }
+
     #[tokio::test]
     async fn cas_round_trip_and_conflict() {
         let dir = tempfile::tempdir().unwrap();
@@ -473,7 +617,7 @@ mod tests {
         std::fs::write(&leftover, b"secret-bearing").unwrap();
         let busy = store.dir.join(".b.json.tmp.4243.00000000000000bb");
         std::fs::write(&busy, b"being written").unwrap();
-        let writer = open_lock_file(&store.lock_path("b")).unwrap();
+        let writer = open_lock_file(&store.lock_path("b"), Ownership::default()).unwrap();
         writer.lock().unwrap();
         let unrelated = store.dir.join(".a.jsonx");
         std::fs::write(&unrelated, b"x").unwrap();
