@@ -634,11 +634,11 @@ async fn history(config: &Config, name: Option<&str>, as_json: bool, verify: boo
             println!(
                 "{:<6} {:<24} {:<15} {:<22} {:<24} {}",
                 e.seq,
-                e.at,
+                printable(&e.at),
                 e.step.as_str(),
-                e.rid.as_deref().unwrap_or("-"),
-                e.secret_id.as_deref().unwrap_or("-"),
-                detail
+                printable(e.rid.as_deref().unwrap_or("-")),
+                printable(e.secret_id.as_deref().unwrap_or("-")),
+                printable(&detail)
             );
         }
         if let Err(e) = chain::verify(&doc, name) {
@@ -647,6 +647,28 @@ async fn history(config: &Config, name: Option<&str>, as_json: bool, verify: boo
         }
     }
     status
+}
+
+/// `text` for a terminal: control characters escaped (`\u{1b}`, `\r`).
+/// A history's fields come from the store and, for secret ids, from the
+/// provider's replies; neither may move the cursor, rewrite earlier rows or
+/// retitle the operator's terminal (escape sequences), nor forge a row with
+/// a line break.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
 }
 
 fn load(path: &std::path::Path) -> Option<Config> {

@@ -523,3 +523,46 @@ async fn a_secret_older_than_max_secret_age_is_rotated_and_says_why() {
     // tests: tests/deploy.rs checks them on a daemon of its own.
     d.stop().await;
 }
+
+/// A history's fields reach the operator's terminal: a secret id the
+/// provider chose, or an entry someone with write access to the store
+/// wrote, must not carry escape sequences (cursor moves, a retitled
+/// terminal) or a line break that forges a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_table_escapes_control_characters() {
+    let w = world(Duration::ZERO).await;
+    let (path, config) = w.config("");
+    let mut doc = chain::Document::new("maps");
+    chain::append(
+        &mut doc,
+        &[history::Event::new(Step::Created)
+            .rid("r\u{1b}[2J")
+            .secret(Some("s-1\u{1b}]0;owned\u{7}"))
+            .detail("fine\r\n9      2026-01-01T00:00:00.000Z deleted")],
+        std::time::SystemTime::now(),
+        200,
+    );
+    let file = history_path(&config);
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, chain::encode(&doc)).unwrap();
+
+    let out = history_cli(&path, &["maps"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !stdout.contains(['\u{1b}', '\u{7}', '\r']),
+        "raw control characters in {stdout:?}"
+    );
+    // The header and one row: the line break in `detail` forged none.
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains(r"s-1\u{1b}]0;owned\u{7}"), "{stdout}");
+    assert!(stdout.contains(r"fine\r\n9"), "{stdout}");
+
+    // JSON escapes them by itself, and keeps the values exact.
+    let out = history_cli(&path, &["maps", "--json"]);
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        value["entries"][0]["secret_id"], "s-1\u{1b}]0;owned\u{7}",
+        "{value}"
+    );
+}
