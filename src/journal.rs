@@ -1,7 +1,8 @@
 //! Rotation events to the systemd journal, each with a stable `MESSAGE_ID`
 //! (so that `journalctl MESSAGE_ID=<id>` is the audit query) and fields
 //! `REKEYD_CREDENTIAL`, `REKEYD_STEP`, `REKEYD_ROTATION_ID`,
-//! `REKEYD_SECRET_ID`, `REKEYD_HISTORY_SEQ`, `REKEYD_HISTORY_DIGEST`. Never
+//! `REKEYD_SECRET_ID`, `REKEYD_HISTORY_SEQ`, `REKEYD_HISTORY_DIGEST` (and
+//! `REKEYD_HISTORY_DROPPED` for a truncation marker). Never
 //! a secret value (I7): ids, step names and digests of history entries.
 //!
 //! When: only when rekeyd runs as a systemd service whose output goes to

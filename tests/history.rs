@@ -566,3 +566,77 @@ async fn the_history_table_escapes_control_characters() {
         "{value}"
     );
 }
+
+/// The journal is the independent copy a history is compared with: when
+/// the bound drops entries, the marker that says so reaches the journal
+/// as well (MESSAGE_ID of `truncated`, its seq, count and digest), or a
+/// genuine marker could not be told from a forged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_truncation_marker_reaches_the_journal() {
+    let w = world(Duration::ZERO).await;
+    let (path, config) = w.config("history_limit = 10");
+    let socket = w.dir.path().join("journal.socket");
+    let journal = UnixDatagram::bind(&socket).unwrap();
+    journal.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
+    let rotate_cli = |path: std::path::PathBuf, socket: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["rotate", "maps", "--config"])
+                .arg(&path)
+                .env_remove("REKEYD_CONFIG")
+                .env("JOURNAL_STREAM", "8:12345")
+                .env("REKEYD_JOURNAL_SOCKET", &socket)
+                .output()
+                .unwrap()
+        })
+    };
+    // 7 entries per forced rotation: the second one passes the bound and
+    // ends with seq 13. Read while the commands run: a unix datagram
+    // socket queues only a few datagrams (net.unix.max_dgram_qlen).
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let mut texts: Vec<String> = Vec::new();
+        let done = |texts: &[String]| {
+            let last_entry = texts
+                .iter()
+                .position(|t| t.contains("REKEYD_HISTORY_SEQ=13\n"));
+            last_entry.is_some_and(|i| {
+                texts[i + 1..]
+                    .iter()
+                    .any(|t| t.contains("REKEYD_STEP=truncated\n"))
+            })
+        };
+        while !done(&texts) {
+            let n = journal.recv(&mut buf).unwrap_or_else(|e| {
+                panic!("no journal entry for the marker ({e}); got {texts:#?}")
+            });
+            texts.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        texts
+    });
+    for _ in 0..2 {
+        let out = rotate_cli(path.clone(), socket.clone()).await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let texts = reader.join().unwrap();
+    let doc = chain::decode(&std::fs::read(history_path(&config)).unwrap()).unwrap();
+    let marker = &doc.entries[0];
+    assert_eq!(marker.step, Step::Truncated);
+    // The marker in the store is the last one the journal got.
+    let text = texts.last().unwrap();
+    assert!(
+        text.contains(&format!(
+            "MESSAGE_ID={}\n",
+            rekeyd::journal::message_id(Step::Truncated)
+        )),
+        "{text}"
+    );
+    for field in [
+        format!("REKEYD_HISTORY_SEQ={}\n", marker.seq),
+        format!("REKEYD_HISTORY_DROPPED={}\n", marker.dropped.unwrap()),
+        format!("REKEYD_HISTORY_DIGEST={}\n", marker.digest()),
+    ] {
+        assert!(text.contains(&field), "{field:?} not in {text}");
+    }
+    assert_no_secret(text.as_bytes(), &w.secret_values(), "a journal entry");
+}

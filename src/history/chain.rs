@@ -197,6 +197,17 @@ impl Document {
 /// `limit` is at least 2 (a marker and one entry); config keeps it far
 /// above. The new entries are never dropped.
 pub fn append(doc: &mut Document, events: &[Event], now: SystemTime, limit: usize) -> Vec<Entry> {
+    append_marked(doc, events, now, limit).0
+}
+
+/// [`append`], also returning the marker it wrote when it dropped entries
+/// (which then stands first in `doc`).
+pub fn append_marked(
+    doc: &mut Document,
+    events: &[Event],
+    now: SystemTime,
+    limit: usize,
+) -> (Vec<Entry>, Option<Entry>) {
     let at = humantime::format_rfc3339_millis(now).to_string();
     let mut added = Vec::with_capacity(events.len());
     for event in events {
@@ -217,15 +228,16 @@ pub fn append(doc: &mut Document, events: &[Event], now: SystemTime, limit: usiz
         doc.entries.push(entry.clone());
         added.push(entry);
     }
-    truncate(doc, &at, limit.max(2).max(events.len() + 1));
-    added
+    let marker = truncate(doc, &at, limit.max(2).max(events.len() + 1));
+    (added, marker)
 }
 
 /// Drops the oldest entries so that at most `limit` remain, a marker
-/// counted, as the module doc describes.
-fn truncate(doc: &mut Document, at: &str, limit: usize) {
+/// counted, as the module doc describes. Returns the new marker, if it
+/// dropped any.
+fn truncate(doc: &mut Document, at: &str, limit: usize) -> Option<Entry> {
     if doc.entries.len() <= limit {
-        return;
+        return None;
     }
     let marked = doc
         .entries
@@ -248,7 +260,8 @@ fn truncate(doc: &mut Document, at: &str, limit: usize) {
         prev: last_dropped.link(),
     };
     doc.entries.drain(..real_start + drop);
-    doc.entries.insert(0, marker);
+    doc.entries.insert(0, marker.clone());
+    Some(marker)
 }
 
 /// Why a history does not verify: the first bad entry and what is wrong.
@@ -459,6 +472,17 @@ mod tests {
         let mut gap = doc.clone();
         gap.entries.remove(1);
         assert_eq!(verify(&gap, "maps").unwrap_err().index, 1);
+    }
+
+    #[test]
+    fn append_returns_the_marker_it_wrote() {
+        let mut doc = filled(9, 10);
+        let (added, marker) = append_marked(&mut doc, &[Event::new(Step::Set)], t(100), 10);
+        assert_eq!((added.len(), marker), (1, None));
+        let (added, marker) = append_marked(&mut doc, &[Event::new(Step::Set)], t(101), 10);
+        assert_eq!(added.len(), 1);
+        assert_eq!(marker.as_ref(), Some(&doc.entries[0]));
+        assert_eq!(marker.unwrap().dropped, Some(1));
     }
 
     #[test]

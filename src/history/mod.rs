@@ -74,8 +74,21 @@ pub async fn append(
     events: &[Event],
     now: SystemTime,
 ) -> Result<Vec<Entry>, HistoryError> {
+    append_marked(store, name, events, now)
+        .await
+        .map(|(added, _)| added)
+}
+
+/// [`append`], also returning the [`Step::Truncated`] marker written when
+/// older entries were dropped to keep the history bounded.
+pub async fn append_marked(
+    store: &dyn Store,
+    name: &str,
+    events: &[Event],
+    now: SystemTime,
+) -> Result<(Vec<Entry>, Option<Entry>), HistoryError> {
     if events.is_empty() || !store.keeps_history() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     // Lowered when the store refuses the history as too large for one of
     // its objects: the oldest entries go behind the marker, as for
@@ -93,12 +106,12 @@ pub async fn append(
                 })?,
             ),
         };
-        let added = chain::append(&mut doc, events, now, limit);
+        let appended = chain::append_marked(&mut doc, events, now, limit);
         match store
             .swap_history(name, expected, &chain::encode(&doc))
             .await
         {
-            Ok(_) => return Ok(added),
+            Ok(_) => return Ok(appended),
             Err(StoreError::Conflict { .. }) => continue,
             Err(StoreError::TooLarge {
                 size, limit: max, ..
@@ -120,9 +133,11 @@ pub async fn record(store: &dyn Store, name: &str, events: &[Event], now: System
     if events.is_empty() {
         return;
     }
-    match append(store, name, events, now).await {
-        Ok(entries) if !entries.is_empty() => {
-            for entry in &entries {
+    match append_marked(store, name, events, now).await {
+        Ok((entries, marker)) if !entries.is_empty() => {
+            // The marker too: the journal is the copy a truncated history
+            // is compared with (a marker the journal never saw was forged).
+            for entry in entries.iter().chain(&marker) {
                 crate::journal::audit(name, entry.step, &entry_fields(entry));
             }
         }
@@ -159,6 +174,9 @@ fn entry_fields(entry: &Entry) -> Vec<(&'static str, String)> {
         detail: entry.detail.clone(),
     });
     fields.push(("REKEYD_HISTORY_SEQ", entry.seq.to_string()));
+    if let Some(dropped) = entry.dropped {
+        fields.push(("REKEYD_HISTORY_DROPPED", dropped.to_string()));
+    }
     fields.push(("REKEYD_HISTORY_DIGEST", entry.digest()));
     fields
 }
