@@ -482,7 +482,11 @@ mod tests {
         let (added, marker) = append_marked(&mut doc, &[Event::new(Step::Set)], t(101), 10);
         assert_eq!(added.len(), 1);
         assert_eq!(marker.as_ref(), Some(&doc.entries[0]));
-        assert_eq!(marker.unwrap().dropped, Some(1));
+        // 11 entries, limit 10: the marker and the newest 9.
+        assert_eq!(marker.unwrap().dropped, Some(2));
+        // Beyond the bound, every append writes a new marker.
+        let (_, marker) = append_marked(&mut doc, &[Event::new(Step::Set)], t(102), 10);
+        assert_eq!(marker.unwrap().dropped, Some(3));
     }
 
     #[test]
