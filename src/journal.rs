@@ -69,10 +69,13 @@ fn message(credential: &str, step: Step) -> String {
     format!("{credential}: {what}")
 }
 
-/// syslog priority: warning for an abort, notice otherwise.
+/// syslog priority: warning for an abort, info for a truncation marker
+/// (once a history is at its bound, every append writes one: kept out of
+/// `journalctl -p notice`), notice otherwise.
 fn priority(step: Step) -> &'static str {
     match step {
         Step::Aborted => "4",
+        Step::Truncated => "6",
         _ => "5",
     }
 }

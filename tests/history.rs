@@ -635,6 +635,7 @@ async fn the_truncation_marker_reaches_the_journal() {
         format!("REKEYD_HISTORY_SEQ={}\n", marker.seq),
         format!("REKEYD_HISTORY_DROPPED={}\n", marker.dropped.unwrap()),
         format!("REKEYD_HISTORY_DIGEST={}\n", marker.digest()),
+        "PRIORITY=6\n".to_string(),
     ] {
         assert!(text.contains(&field), "{field:?} not in {text}");
     }
