@@ -759,8 +759,10 @@ pub struct CredentialConfig {
     pub customer_id: Option<String>,
     /// The bootstrap secret's file: `initial_secret_file` as written, or
     /// `$CREDENTIALS_DIRECTORY/<initial_secret_credential>` resolved when
-    /// the configuration was loaded. Read only while the store holds no
-    /// secret for the credential.
+    /// the configuration was loaded; `None` for a credential name loaded
+    /// without `$CREDENTIALS_DIRECTORY` (an operator's command in a shell;
+    /// see [`CredentialConfig::initial_secret_path`]). Read only while the
+    /// store holds no secret for the credential.
     pub initial_secret_file: Option<PathBuf>,
     /// `initial_secret_credential`: the systemd credential name the file
     /// above was resolved from, `None` when the file was named directly.
@@ -812,6 +814,19 @@ impl CredentialConfig {
             "initial_secret_credential"
         } else {
             "initial_secret_file"
+        }
+    }
+
+    /// The bootstrap secret's file; for credential `index` (error keys),
+    /// the configuration error naming `initial_secret_credential` when
+    /// `$CREDENTIALS_DIRECTORY` was not set.
+    pub fn initial_secret_path(&self, index: usize) -> Result<&Path, ConfigError> {
+        match (&self.initial_secret_file, &self.initial_secret_credential) {
+            (Some(path), _) => Ok(path),
+            (None, name) => Err(no_credentials_directory(
+                &format!("credentials[{index}].{}", self.initial_secret_key()),
+                name.as_deref().unwrap_or_default(),
+            )),
         }
     }
 
@@ -927,7 +942,30 @@ impl Config {
     pub fn warnings(&self) -> Vec<ConfigWarning> {
         let mut warnings = store_warnings(&self.store);
         warnings.extend(shared_client_warnings(&self.credentials));
+        for (i, cred) in self.credentials.iter().enumerate() {
+            if let Err(ConfigError::Invalid { key, reason }) = cred.initial_secret_path(i) {
+                warnings.push(ConfigWarning {
+                    key,
+                    reason: format!(
+                        "{reason}. `rekeyd run` refuses to start without it; the other \
+                         commands do not need it"
+                    ),
+                });
+            }
+        }
         warnings
+    }
+
+    /// For the daemon (`rekeyd run`): every `initial_secret_credential`
+    /// resolved, i.e. `$CREDENTIALS_DIRECTORY` was set. A service whose
+    /// unit lacks the `LoadCredential=` line is refused at start, naming
+    /// the key, as a configuration error (no restart fixes it), even when
+    /// the store already holds a secret.
+    pub fn require_credentials(&self) -> Result<(), ConfigError> {
+        for (i, cred) in self.credentials.iter().enumerate() {
+            cred.initial_secret_path(i)?;
+        }
+        Ok(())
     }
 }
 
@@ -1263,7 +1301,23 @@ fn check_one_owner_per_secret(credentials: &[CredentialConfig]) -> Result<(), Co
     let mut by_path = HashMap::new();
     let mut by_file = HashMap::new();
     let mut by_id = HashMap::new();
+    let mut by_credential = HashMap::new();
     for (j, cred) in credentials.iter().enumerate() {
+        // Not resolved (no $CREDENTIALS_DIRECTORY): the same credential
+        // name is the same file.
+        if cred.initial_secret_file.is_none()
+            && let Some(name) = &cred.initial_secret_credential
+            && let Some(i) = first_holder(&mut by_credential, name.as_str(), j)
+        {
+            refuse_if_either_rotates(
+                credentials,
+                (i, j),
+                cred.initial_secret_key(),
+                format!(
+                    "{name:?} is the credential `credentials[{i}].initial_secret_credential` names"
+                ),
+            )?;
+        }
         if let Some(path) = &cred.initial_secret_file {
             let same_path = first_holder(&mut by_path, normalize_lexically(path), j);
             let same_file =
@@ -1999,7 +2053,7 @@ fn validate_credential(
                     format!("must be an absolute path, got {:?}", path),
                 ));
             }
-            path
+            Some(path)
         }
         (None, Some(name)) => credential_file(
             &key("initial_secret_credential"),
@@ -2098,7 +2152,7 @@ fn validate_credential(
         provider,
         client_id,
         customer_id: rc.customer_id,
-        initial_secret_file: Some(initial_secret_file),
+        initial_secret_file,
         initial_secret_credential: rc.initial_secret_credential,
         initial_secret_id: rc.initial_secret_id,
         scope: rc.scope,
@@ -2633,13 +2687,18 @@ fn sink_format(
 /// `$CREDENTIALS_DIRECTORY/name`. systemd sets that variable only for a
 /// service with credentials (LoadCredential=, LoadCredentialEncrypted=,
 /// SetCredential=; <https://systemd.io/CREDENTIALS/>), so its absence means
-/// the unit lacks the line, which no restart fixes: a configuration error.
+/// the unit lacks the line, which no restart fixes: a configuration error
+/// for the daemon ([`Config::require_credentials`]). The operator's
+/// commands (`rekeyd check`, `status`, `history`, ...), run from a shell
+/// without it, load the configuration all the same: `None` then, and the
+/// bootstrap secret is unreadable until the variable is set
+/// ([`CredentialConfig::initial_secret_path`]).
 /// A credential name is a plain file name in that directory.
 fn credential_file(
     key: &str,
     name: &str,
     credentials_directory: Option<&Path>,
-) -> Result<PathBuf, ConfigError> {
+) -> Result<Option<PathBuf>, ConfigError> {
     let plain = !name.is_empty()
         && name != "."
         && name != ".."
@@ -2656,15 +2715,7 @@ fn credential_file(
         ));
     }
     let Some(dir) = credentials_directory else {
-        return Err(ConfigError::invalid(
-            key,
-            format!(
-                "${CREDENTIALS_DIRECTORY} is not set: the service needs \
-                 LoadCredential={name}:/path/to/secret (or LoadCredentialEncrypted=) in its \
-                 systemd unit, which sets it; outside systemd, set {CREDENTIALS_DIRECTORY} to \
-                 the directory holding {name:?}"
-            ),
-        ));
+        return Ok(None);
     };
     if !dir.is_absolute() {
         return Err(ConfigError::invalid(
@@ -2672,7 +2723,21 @@ fn credential_file(
             format!("${CREDENTIALS_DIRECTORY} must be an absolute path, got {dir:?}"),
         ));
     }
-    Ok(dir.join(name))
+    Ok(Some(dir.join(name)))
+}
+
+/// Why the file of systemd credential `name` cannot be found: no
+/// `$CREDENTIALS_DIRECTORY` in this process's environment.
+fn no_credentials_directory(key: &str, name: &str) -> ConfigError {
+    ConfigError::invalid(
+        key,
+        format!(
+            "${CREDENTIALS_DIRECTORY} is not set: the service needs \
+             LoadCredential={name}:/path/to/secret (or LoadCredentialEncrypted=) in its \
+             systemd unit, which sets it; outside systemd, set {CREDENTIALS_DIRECTORY} to \
+             the directory holding {name:?}"
+        ),
+    )
 }
 
 fn file_sink(

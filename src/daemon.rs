@@ -885,6 +885,7 @@ fn check_passed_sockets(config: &Config) -> Result<(), DaemonError> {
 
 /// Starts everything; returns once the API listens and the engines run.
 pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Running, DaemonError> {
+    config.require_credentials()?;
     check_passed_sockets(config)?;
     let shared = Shared::open(config, shutdown).await?;
 
@@ -1127,10 +1128,7 @@ pub fn spawn_signal_listener(shutdown: CancellationToken) {
 /// operator named a file that is not there.
 fn read_initial_secret(i: usize, cred: &CredentialConfig) -> Result<SecretString, DaemonError> {
     let key = format!("credentials[{i}].{}", cred.initial_secret_key());
-    let path = cred
-        .initial_secret_file
-        .as_ref()
-        .expect("validated: initial_secret_file is required");
+    let path = cred.initial_secret_path(i)?;
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
         key: key.clone(),
         reason: format!(

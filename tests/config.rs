@@ -167,18 +167,6 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].initial_secret_file`", "required"],
         ),
         (
-            "initial_secret_credential without $CREDENTIALS_DIRECTORY",
-            BASE.replace(
-                "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
-                "initial_secret_credential = \"maps.secret\"",
-            ),
-            vec![
-                "`credentials[0].initial_secret_credential`",
-                "$CREDENTIALS_DIRECTORY is not set",
-                "LoadCredential=maps.secret:",
-            ],
-        ),
-        (
             "initial_secret_credential and initial_secret_file",
             BASE.replace(
                 "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
@@ -791,8 +779,79 @@ fn initial_secret_credential_resolves_in_the_credentials_directory() {
         Some(Path::new("/run/credentials/x/maps.secret"))
     );
     assert_eq!(maps.initial_secret_key(), "initial_secret_credential");
-    let err = Config::from_toml(&text).unwrap_err().to_string();
-    assert!(err.contains("$CREDENTIALS_DIRECTORY is not set"), "{err}");
+    // Without the variable the file is unknown, and the daemon refuses it.
+    let loaded = Config::from_toml(&text).unwrap();
+    assert_eq!(loaded.credentials[0].initial_secret_file, None);
+    let err = loaded.require_credentials().unwrap_err().to_string();
+    assert!(
+        err.contains("`credentials[0].initial_secret_credential`")
+            && err.contains("$CREDENTIALS_DIRECTORY is not set"),
+        "{err}"
+    );
+}
+
+/// The packaged configuration names its bootstrap secret by credential
+/// (`initial_secret_credential`), which only the service's environment
+/// resolves. The operator's commands run from a shell, without
+/// `$CREDENTIALS_DIRECTORY`: `rekeyd check` (README "Install") warns and
+/// passes, `history` and `status` work, and only `rekeyd run` refuses to
+/// start (exit 78, naming the key) before it touches anything.
+#[test]
+fn without_the_credentials_directory_only_the_daemon_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = BASE
+        .replace(
+            "initial_secret_file = \"/etc/rekeyd/maps.secret\"",
+            "initial_secret_credential = \"maps.secret\"",
+        )
+        .replace(
+            "state_dir = \"/var/lib/rekeyd\"",
+            &format!("state_dir = \"{}/state\"", dir.path().display()),
+        );
+    assert!(text.contains(&dir.path().display().to_string()), "{text}");
+    let path = dir.path().join("rekeyd.toml");
+    std::fs::write(&path, &text).unwrap();
+    let rekeyd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env_remove("REKEYD_CONFIG")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .output()
+            .unwrap()
+    };
+    let key = "`credentials[0].initial_secret_credential`";
+
+    let out = rekeyd(&["check", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains(key) && stderr.contains("rekeyd run"),
+        "{stderr}"
+    );
+    let out = rekeyd(&["check", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["valid"], true, "{shown}");
+    assert!(
+        shown["warnings"][0].as_str().unwrap().contains(key),
+        "{shown}"
+    );
+
+    let out = rekeyd(&["history", "maps"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    let out = rekeyd(&["run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains(key) && stderr.contains("LoadCredential=maps.secret:"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("state").exists(),
+        "the daemon touched the state before refusing"
+    );
 }
 
 #[test]
