@@ -41,7 +41,40 @@ struct World {
     other: (String, String),
 }
 
+/// A global subscriber that records nothing but keeps every callsite
+/// asking the current subscriber (`Interest::sometimes`). Without it, a
+/// callsite another test thread registers while no subscriber exists may be
+/// cached as never enabled, racing the thread-local subscriber of
+/// `bootstrap_without_id_is_left_in_place_with_a_warning` (its warning was
+/// lost once on a loaded machine).
+struct AskEachTime;
+
+impl tracing::Subscriber for AskEachTime {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 async fn world(lifetime: Duration, propagation: Duration) -> World {
+    // Before any test of this file reaches a callsite (each starts here).
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(AskEachTime);
+    });
     let sim = SimProvider::start(SimOptions {
         token_lifetime: lifetime,
         propagation_delay: propagation,
