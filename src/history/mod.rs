@@ -74,7 +74,18 @@ pub async fn append(
     events: &[Event],
     now: SystemTime,
 ) -> Result<Vec<Entry>, HistoryError> {
-    if events.is_empty() || !store.keeps_history() {
+    append_batches(store, name, &[(now, events.to_vec())]).await
+}
+
+/// [`append`] for several batches of events, each recorded at its own
+/// time, in one write of the history.
+pub async fn append_batches(
+    store: &dyn Store,
+    name: &str,
+    batches: &[(SystemTime, Vec<Event>)],
+) -> Result<Vec<Entry>, HistoryError> {
+    let count: usize = batches.iter().map(|(_, events)| events.len()).sum();
+    if count == 0 || !store.keeps_history() {
         return Ok(Vec::new());
     }
     // Lowered when the store refuses the history as too large for one of
@@ -93,7 +104,10 @@ pub async fn append(
                 })?,
             ),
         };
-        let added = chain::append(&mut doc, events, now, limit);
+        let mut added = Vec::with_capacity(count);
+        for (at, events) in batches {
+            added.extend(chain::append(&mut doc, events, *at, limit));
+        }
         match store
             .swap_history(name, expected, &chain::encode(&doc))
             .await
@@ -102,8 +116,8 @@ pub async fn append(
             Err(StoreError::Conflict { .. }) => continue,
             Err(StoreError::TooLarge {
                 size, limit: max, ..
-            }) if doc.entries.len() > events.len() + 1 => {
-                limit = (doc.entries.len() / 2).max(events.len() + 1);
+            }) if doc.entries.len() > count + 1 => {
+                limit = (doc.entries.len() / 2).max(count + 1);
                 tracing::warn!(step = "history", credential = %name, bytes = size, max_bytes = max, kept = limit, "the rotation history is too large for the store; keeping fewer of its oldest entries");
             }
             Err(e) => return Err(e.into()),
@@ -117,10 +131,17 @@ pub async fn append(
 /// systemd journal ([`crate::journal`]). Never fails: a history that cannot
 /// be written is warned about, and the journal still gets the events.
 pub async fn record(store: &dyn Store, name: &str, events: &[Event], now: SystemTime) {
+    record_batches(store, name, &[(now, events.to_vec())]).await;
+}
+
+/// [`record`] for several batches of events, each with its own time, in one
+/// write of the history.
+pub async fn record_batches(store: &dyn Store, name: &str, batches: &[(SystemTime, Vec<Event>)]) {
+    let events: Vec<&Event> = batches.iter().flat_map(|(_, e)| e).collect();
     if events.is_empty() {
         return;
     }
-    match append(store, name, events, now).await {
+    match append_batches(store, name, batches).await {
         Ok(entries) if !entries.is_empty() => {
             for entry in &entries {
                 crate::journal::audit(name, entry.step, &entry_fields(entry));
