@@ -22,6 +22,17 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     write_atomic_owned(path, contents, mode, Ownership::default())
 }
 
+/// [`write_atomic`] without the directory's fsync: the new content is on
+/// disk before it takes the name, but after a power failure the name may
+/// still lead to the old content. Never a torn file; at worst the last
+/// write lost. For records where that is acceptable and an fsync on every
+/// write is not (the rotation history: an audit trail beside the journal,
+/// which keeps its full durability). Given to `owner` as
+/// [`write_atomic_owned`] does.
+pub fn replace_atomic(path: &Path, contents: &[u8], mode: u32, owner: Ownership) -> io::Result<()> {
+    write_temp_and_rename(path, contents, mode, owner, false)
+}
+
 /// The user and group a file written by [`write_atomic_owned`] is given;
 /// `None` keeps what the writing process gets by default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -44,6 +55,18 @@ pub fn write_atomic_owned(
     contents: &[u8],
     mode: u32,
     owner: Ownership,
+) -> io::Result<()> {
+    write_temp_and_rename(path, contents, mode, owner, true)
+}
+
+/// The temp file, fsync, rename of [`write_atomic_owned`]; the directory's
+/// fsync (which makes the rename itself durable) when `sync_name`.
+fn write_temp_and_rename(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Ownership,
+    sync_name: bool,
 ) -> io::Result<()> {
     let dir = parent_dir(path);
     let file_name = path
@@ -80,7 +103,7 @@ pub fn write_atomic_owned(
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
-        sync_dir(&dir)
+        if sync_name { sync_dir(&dir) } else { Ok(()) }
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

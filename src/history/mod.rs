@@ -74,20 +74,31 @@ pub async fn append(
     events: &[Event],
     now: SystemTime,
 ) -> Result<Vec<Entry>, HistoryError> {
-    append_marked(store, name, events, now)
+    append_batches(store, name, &[(now, events.to_vec())]).await
+}
+
+/// [`append`] for several batches of events, each recorded at its own
+/// time, in one write of the history.
+pub async fn append_batches(
+    store: &dyn Store,
+    name: &str,
+    batches: &[(SystemTime, Vec<Event>)],
+) -> Result<Vec<Entry>, HistoryError> {
+    append_batches_marked(store, name, batches)
         .await
         .map(|(added, _)| added)
 }
 
-/// [`append`], also returning the [`Step::Truncated`] marker written when
-/// older entries were dropped to keep the history bounded.
-pub async fn append_marked(
+/// [`append_batches`], also returning the [`Step::Truncated`] marker the
+/// write left at the head of the history when it dropped older entries
+/// to keep the history bounded.
+pub async fn append_batches_marked(
     store: &dyn Store,
     name: &str,
-    events: &[Event],
-    now: SystemTime,
+    batches: &[(SystemTime, Vec<Event>)],
 ) -> Result<(Vec<Entry>, Option<Entry>), HistoryError> {
-    if events.is_empty() || !store.keeps_history() {
+    let count: usize = batches.iter().map(|(_, events)| events.len()).sum();
+    if count == 0 || !store.keeps_history() {
         return Ok((Vec::new(), None));
     }
     // Lowered when the store refuses the history as too large for one of
@@ -106,17 +117,24 @@ pub async fn append_marked(
                 })?,
             ),
         };
-        let appended = chain::append_marked(&mut doc, events, now, limit);
+        let mut added = Vec::with_capacity(count);
+        // A later batch's marker replaces an earlier one's.
+        let mut marker = None;
+        for (at, events) in batches {
+            let (entries, new_marker) = chain::append_marked(&mut doc, events, *at, limit);
+            added.extend(entries);
+            marker = new_marker.or(marker);
+        }
         match store
             .swap_history(name, expected, &chain::encode(&doc))
             .await
         {
-            Ok(_) => return Ok(appended),
+            Ok(_) => return Ok((added, marker)),
             Err(StoreError::Conflict { .. }) => continue,
             Err(StoreError::TooLarge {
                 size, limit: max, ..
-            }) if doc.entries.len() > events.len() + 1 => {
-                limit = (doc.entries.len() / 2).max(events.len() + 1);
+            }) if doc.entries.len() > count + 1 => {
+                limit = (doc.entries.len() / 2).max(count + 1);
                 tracing::warn!(step = "history", credential = %name, bytes = size, max_bytes = max, kept = limit, "the rotation history is too large for the store; keeping fewer of its oldest entries");
             }
             Err(e) => return Err(e.into()),
@@ -130,10 +148,17 @@ pub async fn append_marked(
 /// systemd journal ([`crate::journal`]). Never fails: a history that cannot
 /// be written is warned about, and the journal still gets the events.
 pub async fn record(store: &dyn Store, name: &str, events: &[Event], now: SystemTime) {
+    record_batches(store, name, &[(now, events.to_vec())]).await;
+}
+
+/// [`record`] for several batches of events, each with its own time, in one
+/// write of the history.
+pub async fn record_batches(store: &dyn Store, name: &str, batches: &[(SystemTime, Vec<Event>)]) {
+    let events: Vec<&Event> = batches.iter().flat_map(|(_, e)| e).collect();
     if events.is_empty() {
         return;
     }
-    match append_marked(store, name, events, now).await {
+    match append_batches_marked(store, name, batches).await {
         Ok((entries, marker)) if !entries.is_empty() => {
             // The marker too: the journal is the copy a truncated history
             // is compared with (a marker the journal never saw was forged).

@@ -196,8 +196,18 @@ struct Run<'a> {
     /// Why this run begins a rotation, until its `started` step is
     /// recorded in the history.
     reason: Option<StartReason>,
-    /// The history append in flight, if any ([`Run::record_history`]).
-    history_tail: Option<tokio::task::JoinHandle<()>>,
+    /// Committed steps not yet in the history ([`Run::record_history`]).
+    history: Arc<std::sync::Mutex<HistoryQueue>>,
+    /// The task appending them, if one was started.
+    history_writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Entries waiting for the history, in commit order, each batch with the
+/// time of its step; `writing` while a task drains them.
+#[derive(Default)]
+struct HistoryQueue {
+    batches: Vec<(SystemTime, Vec<history::Event>)>,
+    writing: bool,
 }
 
 impl Rotator {
@@ -349,7 +359,8 @@ impl Rotator {
             max_wait,
             waiting_until: None,
             reason: None,
-            history_tail: None,
+            history: Arc::default(),
+            history_writer: None,
         })
     }
 
@@ -422,30 +433,46 @@ impl Run<'_> {
     /// the claim, so another process appends after them, never between).
     async fn drive(&mut self, first: Event) -> Result<Outcome, RotationError> {
         let outcome = self.drive_steps(first).await;
-        if let Some(tail) = self.history_tail.take() {
+        if let Some(writer) = self.history_writer.take() {
             // An append that panicked lost its entries only; it was warned.
-            let _ = tail.await;
+            let _ = writer.await;
         }
         outcome
     }
 
-    /// Appends `events` to the history in a task of its own, after the
-    /// appends before it (one at a time, in order), so that the next step
-    /// does not wait for the audit write: in the file store that write
-    /// costs an fsync as the journal's does, and rotations at once are
-    /// bound by the disk (BENCHMARKS.md, "Rotation").
+    /// Queues `events` for the history and makes sure a task appends them,
+    /// so that the next step does not wait for the audit write: in the file
+    /// store that write costs fsyncs as the journal's does. The task
+    /// writes whatever has queued up since its last write in one go, in
+    /// commit order: when the disk is the bottleneck (many rotations at
+    /// once, BENCHMARKS.md "Rotation") a run's steps share a write.
     fn record_history(&mut self, events: Vec<history::Event>) {
         if events.is_empty() {
             return;
         }
         let r = self.rotator;
-        let (store, name, now) = (r.store.clone(), r.name.clone(), (r.clock)());
-        let before = self.history_tail.take();
-        self.history_tail = Some(tokio::spawn(async move {
-            if let Some(before) = before {
-                let _ = before.await;
+        let mut queue = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        queue.batches.push(((r.clock)(), events));
+        if queue.writing {
+            return;
+        }
+        queue.writing = true;
+        drop(queue);
+        // The previous task has written everything and ended (it clears
+        // `writing` only when it found nothing left), so order holds.
+        let (store, name, shared) = (r.store.clone(), r.name.clone(), self.history.clone());
+        self.history_writer = Some(tokio::spawn(async move {
+            loop {
+                let batches = {
+                    let mut queue = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    if queue.batches.is_empty() {
+                        queue.writing = false;
+                        return;
+                    }
+                    std::mem::take(&mut queue.batches)
+                };
+                history::record_batches(store.as_ref(), &name, &batches).await;
             }
-            history::record(store.as_ref(), &name, &events, now).await;
         }));
     }
 
