@@ -430,6 +430,24 @@ async fn the_history_route_needs_the_api_key() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+
+    // A history that no longer parses is not an outage to retry: the
+    // store answered, and an operator has to look at it.
+    let file = FileStore::new(&d.config.state_dir).history_path("maps");
+    std::fs::write(&file, b"{\"format\": 1, \"credential\": \"maps\", \"entr").unwrap();
+    let reply = client
+        .get(&url)
+        .header("X-Rekeyd-Key", d.api_key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 500);
+    let json: serde_json::Value = serde_json::from_slice(&reply.bytes().await.unwrap()).unwrap();
+    assert_eq!(json["error"], "history_unreadable", "{json}");
+    assert!(
+        json["detail"].as_str().unwrap().contains("unreadable"),
+        "{json}"
+    );
     d.stop().await;
 }
 

@@ -400,6 +400,8 @@ async fn get_status(State(state): State<ApiState>, headers: HeaderMap) -> Respon
 /// dropped?, prev, digest}]}` (oldest first; no entries before the first
 /// step); `409 token_profile` for a token profile (its credential's name
 /// is in `detail`); `503 store_unavailable` when the store cannot be read;
+/// `500 history_unreadable` when it holds a history that does not parse
+/// (no retry helps: an operator inspects it, `rekeyd history --verify`);
 /// `401`, `404` as elsewhere.
 async fn get_history(
     State(state): State<ApiState>,
@@ -426,6 +428,11 @@ async fn get_history(
             let doc = doc.unwrap_or_else(|| crate::history::Document::new(&name));
             Json(crate::history::to_json(&doc, &name)).into_response()
         }
+        Err(e @ crate::history::HistoryError::Corrupt { .. }) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "history_unreadable",
+            &e.to_string(),
+        ),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
