@@ -196,18 +196,9 @@ struct Run<'a> {
     /// Why this run begins a rotation, until its `started` step is
     /// recorded in the history.
     reason: Option<StartReason>,
-    /// Committed steps not yet in the history ([`Run::record_history`]).
-    history: Arc<std::sync::Mutex<HistoryQueue>>,
-    /// The task appending them, if one was started.
-    history_writer: Option<tokio::task::JoinHandle<()>>,
-}
-
-/// Entries waiting for the history, in commit order, each batch with the
-/// time of its step; `writing` while a task drains them.
-#[derive(Default)]
-struct HistoryQueue {
-    batches: Vec<(SystemTime, Vec<history::Event>)>,
-    writing: bool,
+    /// Committed steps not yet in the history, in commit order, each batch
+    /// with the time of its step ([`Run::record_history`]).
+    history: Vec<(SystemTime, Vec<history::Event>)>,
 }
 
 impl Rotator {
@@ -359,8 +350,7 @@ impl Rotator {
             max_wait,
             waiting_until: None,
             reason: None,
-            history: Arc::default(),
-            history_writer: None,
+            history: Vec::new(),
         })
     }
 
@@ -433,47 +423,32 @@ impl Run<'_> {
     /// the claim, so another process appends after them, never between).
     async fn drive(&mut self, first: Event) -> Result<Outcome, RotationError> {
         let outcome = self.drive_steps(first).await;
-        if let Some(writer) = self.history_writer.take() {
-            // An append that panicked lost its entries only; it was warned.
-            let _ = writer.await;
-        }
+        self.flush_history().await;
         outcome
     }
 
-    /// Queues `events` for the history and makes sure a task appends them,
-    /// so that the next step does not wait for the audit write: in the file
-    /// store that write costs fsyncs as the journal's does. The task
-    /// writes whatever has queued up since its last write in one go, in
-    /// commit order: when the disk is the bottleneck (many rotations at
-    /// once, BENCHMARKS.md "Rotation") a run's steps share a write.
+    /// Queues the history entries of a step whose journal write has landed
+    /// (never before: the history shows no step the journal does not
+    /// hold). They are written when the run pauses or ends
+    /// ([`Run::flush_history`]): one history write for the steps in
+    /// between instead of one per step, which doubled the cost of a
+    /// rotation on a busy disk (BENCHMARKS.md "Rotation"). A crash loses
+    /// the queued entries only; the journal has the steps.
     fn record_history(&mut self, events: Vec<history::Event>) {
-        if events.is_empty() {
+        if !events.is_empty() {
+            self.history.push(((self.rotator.clock)(), events));
+        }
+    }
+
+    /// Appends the queued entries to the history; called before the run
+    /// sleeps and when it ends.
+    async fn flush_history(&mut self) {
+        if self.history.is_empty() {
             return;
         }
+        let batches = std::mem::take(&mut self.history);
         let r = self.rotator;
-        let mut queue = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        queue.batches.push(((r.clock)(), events));
-        if queue.writing {
-            return;
-        }
-        queue.writing = true;
-        drop(queue);
-        // The previous task has written everything and ended (it clears
-        // `writing` only when it found nothing left), so order holds.
-        let (store, name, shared) = (r.store.clone(), r.name.clone(), self.history.clone());
-        self.history_writer = Some(tokio::spawn(async move {
-            loop {
-                let batches = {
-                    let mut queue = shared.lock().unwrap_or_else(|e| e.into_inner());
-                    if queue.batches.is_empty() {
-                        queue.writing = false;
-                        return;
-                    }
-                    std::mem::take(&mut queue.batches)
-                };
-                history::record_batches(store.as_ref(), &name, &batches).await;
-            }
-        }));
+        history::record_batches(r.store.as_ref(), &r.name, &batches).await;
     }
 
     async fn drive_steps(&mut self, first: Event) -> Result<Outcome, RotationError> {
@@ -604,6 +579,7 @@ impl Run<'_> {
                     }
                     if !wait.is_zero() {
                         info!(step = "grace", wait = %humantime::format_duration(whole_seconds(wait)), "waiting before deleting (grace period, or a listing that may lag)");
+                        self.flush_history().await;
                         self.guard(tokio::time::sleep(wait)).await?;
                     }
                     Event::GraceOver
@@ -782,6 +758,7 @@ impl Run<'_> {
                 };
             }
             info!(step = "verify", error = %error, "{what} not accepted yet; retrying");
+            self.flush_history().await;
             self.guard(tokio::time::sleep(delay)).await?;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
