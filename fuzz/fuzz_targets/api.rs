@@ -13,6 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use rekeyd::credential::channels;
 use rekeyd::daemon::Registry;
 use rekeyd::serve::api::{ApiState, KEY_HEADER, router};
+use rekeyd::store::file::FileStore;
 use rekeyd::token::Token;
 use rekeyd_fuzz::{API_KEY, TOKEN, assert_hidden};
 use secrecy::SecretString;
@@ -34,6 +35,7 @@ const ROUTES: &[&str] = &[
     "/v1/token/demo/refresh",
     "/v1/status",
     "/v1/rotate/demo",
+    "/v1/history/demo",
     "/livez",
     "/readyz",
     "/readyz/demo",
@@ -71,6 +73,10 @@ fn fixture() -> &'static Fixture {
             // No engine runs here: a forced refresh waits this long for a
             // login that never comes, then answers `refresh_pending`.
             forced_wait: Duration::from_millis(1),
+            // An empty state directory: the history route reads "no history".
+            store: Arc::new(FileStore::new(
+                &std::env::temp_dir().join(format!("rekeyd-fuzz-api-{}", std::process::id())),
+            )),
         };
         Fixture {
             runtime,
