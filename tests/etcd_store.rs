@@ -169,6 +169,7 @@ async fn compare_and_swap_creates_updates_and_refuses_stale_writes() {
     r.rotation = Rotation::Creating {
         rid: "r1".into(),
         attempt: "a1".into(),
+        chosen: None,
     };
     let v2 = store.compare_and_swap("a", Some(v1), &r).await.unwrap();
     assert!(v2 > v1);

@@ -185,6 +185,7 @@ async fn compare_and_swap_is_per_credential() {
     r.rotation = Rotation::Creating {
         rid: "r1".into(),
         attempt: "a1".into(),
+        chosen: None,
     };
     let v2 = s.compare_and_swap("a", Some(v1), &r).await.unwrap();
     assert_eq!(v2, 2);

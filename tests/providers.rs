@@ -1077,7 +1077,11 @@ async fn secret_api_refusals_report_code_message_and_status() {
         too_many_secrets: true,
         ..Faults::default()
     });
-    let e = api.create(&bearer, "rekeyd:cred:r.a").await.unwrap_err();
+    let request = rekeyd::provider::CreateRequest {
+        description: "rekeyd:cred:r.a",
+        value: None,
+    };
+    let e = api.create(&bearer, request).await.unwrap_err();
     assert_eq!(
         (e.kind, e.status, e.code.as_deref()),
         (ErrorKind::Refused, Some(400), Some("too_many_secrets")),

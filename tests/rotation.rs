@@ -720,6 +720,7 @@ async fn recovery_deletes_only_our_orphan_whatever_the_list_returns() {
     record.rotation = Rotation::Creating {
         rid: rid.into(),
         attempt: String::new(),
+        chosen: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let (rotator, config) = rotator(&w, dir.path(), &record, Duration::from_secs(10)).await;
@@ -839,6 +840,7 @@ async fn set_secret_installs_only_working_secrets_and_status_shows_the_phase() {
     creating.rotation = Rotation::Creating {
         rid: "r1".into(),
         attempt: "a1".into(),
+        chosen: None,
     };
     let v = store
         .compare_and_swap("maps", Some(v), &creating)

@@ -109,7 +109,7 @@ use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use rekeyd::provider::RemoteSecret;
+use rekeyd::provider::{Capabilities, RemoteSecret};
 use rekeyd::rotation::machine::{self, Context, Event, Next, SWEEP_MIN_AGE, Transition};
 use rekeyd::rotation::{Tag, parse_tag, secret_description};
 use rekeyd::store::{CredentialRecord, RetiredSecret, Rotation, SecretEntry};
@@ -668,6 +668,7 @@ impl Sim {
             grace: self.grace,
             credential: CRED,
             client_id: CLIENT,
+            caps: Capabilities::SERVER_TAGGED,
         }
     }
 
@@ -697,6 +698,7 @@ impl Sim {
                 } else {
                     Event::Begin {
                         rid: self.fresh_rid(),
+                        chosen: None,
                     }
                 };
                 self.run(mem, None, event);
@@ -898,12 +900,13 @@ impl Sim {
         let durable = self.durable.clone();
         match next {
             Next::Stable => unreachable!("stable processes end"),
+            Next::Probe { .. } => unreachable!("server-generated values are never probed"),
             Next::DeleteTagged { rid, keep } => {
                 self.expect(licensed, || {
                     format!("S1: DeleteTagged({rid}, keep {keep}) without a write of this run")
                 });
                 self.expect(
-                    matches!(&durable.rotation, Rotation::Creating { rid: r, attempt } if r == rid && attempt == keep),
+                    matches!(&durable.rotation, Rotation::Creating { rid: r, attempt, .. } if r == rid && attempt == keep),
                     || {
                         format!(
                             "S2: DeleteTagged({rid}, keep {keep}) while the store says {}",
@@ -939,7 +942,7 @@ impl Sim {
             }
             Next::Create { rid, attempt } => {
                 self.expect(
-                    matches!(&durable.rotation, Rotation::Creating { rid: r, attempt: a } if r == rid && a == attempt),
+                    matches!(&durable.rotation, Rotation::Creating { rid: r, attempt: a, .. } if r == rid && a == attempt),
                     || {
                         format!(
                             "Create({rid}.{attempt}) while the store says {}",
@@ -964,7 +967,7 @@ impl Sim {
                 let (id, value) = self.provider.create(description, propagation, self.now);
                 self.log(|| format!("        created {id}"));
                 replied.then(|| Event::Created {
-                    id,
+                    id: Some(id),
                     value: SecretString::from(value),
                 })
             }
@@ -1228,7 +1231,7 @@ impl Sim {
         }
         // S2: never the secret of the attempt the journal keeps, nor of a
         // later one (another actor's, made after ours).
-        if let (Rotation::Creating { rid, attempt }, Some(description)) =
+        if let (Rotation::Creating { rid, attempt, .. }, Some(description)) =
             (&d.rotation, self.provider.created.get(id))
         {
             let kept = Tag {
@@ -1329,10 +1332,11 @@ impl Sim {
                 });
             }
             (
-                Rotation::Creating { rid, attempt },
+                Rotation::Creating { rid, attempt, .. },
                 Rotation::Creating {
                     rid: r2,
                     attempt: a2,
+                    ..
                 },
             ) => {
                 // S2: the resumed intent is recorded again, with the next
@@ -1351,7 +1355,7 @@ impl Sim {
                 });
                 self.stats.fresh_attempts += 1;
             }
-            (Rotation::Creating { rid, attempt }, Rotation::Created { rid: r2, pending }) => {
+            (Rotation::Creating { rid, attempt, .. }, Rotation::Created { rid: r2, pending }) => {
                 self.expect(same_current && same_last && same_lists && rid == r2, || {
                     format!("bad created: {edge}")
                 });
@@ -1828,9 +1832,14 @@ fn same_entry(a: &SecretEntry, b: &SecretEntry) -> bool {
 fn same(a: &CredentialRecord, b: &CredentialRecord) -> bool {
     let rotation = match (&a.rotation, &b.rotation) {
         (Rotation::Idle, Rotation::Idle) => true,
-        (Rotation::Creating { rid: x, attempt: i }, Rotation::Creating { rid: y, attempt: j }) => {
-            x == y && i == j
-        }
+        (
+            Rotation::Creating {
+                rid: x, attempt: i, ..
+            },
+            Rotation::Creating {
+                rid: y, attempt: j, ..
+            },
+        ) => x == y && i == j,
         (Rotation::Created { rid: x, pending: p }, Rotation::Created { rid: y, pending: q }) => {
             x == y && same_entry(p, q)
         }
@@ -1895,7 +1904,7 @@ fn show(r: &CredentialRecord) -> String {
     let id = |e: &SecretEntry| e.id.clone().unwrap_or_else(|| "?".into());
     let rotation = match &r.rotation {
         Rotation::Idle => "idle".to_string(),
-        Rotation::Creating { rid, attempt } => format!("creating({rid}.{attempt})"),
+        Rotation::Creating { rid, attempt, .. } => format!("creating({rid}.{attempt})"),
         Rotation::Created { rid, pending } => format!("created({rid},{})", id(pending)),
         Rotation::Promoted { rid, old, .. } => format!("promoted({rid},old={})", id(old)),
     };
@@ -1923,7 +1932,7 @@ fn show(r: &CredentialRecord) -> String {
 
 fn show_event(e: &Event) -> String {
     match e {
-        Event::Created { id, .. } => format!("Created({id})"),
+        Event::Created { id, .. } => format!("Created({})", id.as_deref().unwrap_or("-")),
         Event::Listed { secrets } => {
             let ids: Vec<&str> = secrets.iter().map(|s| s.id.as_str()).collect();
             format!("Listed({})", ids.join(","))
@@ -2941,8 +2950,12 @@ fn begin_on_a_journal_owing_its_listing_lists_first() {
         grace: Duration::ZERO,
         credential: CRED,
         client_id: CLIENT,
+        caps: Capabilities::SERVER_TAGGED,
     };
-    let begin = Event::Begin { rid: "r9".into() };
+    let begin = Event::Begin {
+        rid: "r9".into(),
+        chosen: None,
+    };
     let t = machine::step(&record, begin.clone(), &ctx).unwrap();
     assert_eq!(t.next, Next::List);
     assert!(!t.persist);
@@ -2999,6 +3012,7 @@ fn deletes_reported_for_fewer_ids_than_licensed_list_again() {
         grace: Duration::ZERO,
         credential: CRED,
         client_id: CLIENT,
+        caps: Capabilities::SERVER_TAGGED,
     };
     let deleted = Event::RetireDeleted {
         ids: vec!["old".into()],
@@ -3099,7 +3113,14 @@ fn any_record() -> impl Strategy<Value = CredentialRecord> {
                 let attempt = attempt.to_string();
                 let (current, rotation) = match phase {
                     0 => (old, Rotation::Idle),
-                    1 => (old, Rotation::Creating { rid, attempt }),
+                    1 => (
+                        old,
+                        Rotation::Creating {
+                            rid,
+                            attempt,
+                            chosen: None,
+                        },
+                    ),
                     2 => (old, Rotation::Created { rid, pending: new }),
                     _ => (
                         new,
@@ -3194,11 +3215,14 @@ fn deleted_ids(mask: u16) -> Vec<String> {
 fn any_event() -> impl Strategy<Value = (Event, u16)> {
     (0u8..11, any::<u16>()).prop_map(|(n, mask)| {
         let event = match n {
-            0 => Event::Begin { rid: "r9".into() },
+            0 => Event::Begin {
+                rid: "r9".into(),
+                chosen: None,
+            },
             1 => Event::Resume,
             2 => Event::TaggedDeleted,
             3 => Event::Created {
-                id: "s9".into(),
+                id: Some("s9".into()),
                 value: SecretString::from("value-9"),
             },
             4 => Event::Verified,
@@ -3267,6 +3291,8 @@ proptest! {
             // Promoted: the listing after the promoted secret's second login.
             Event::Listed { .. } => phase == "idle" || phase == "promoted",
             Event::RetireDeleted { .. } => phase == "idle",
+            // Only a caller-chosen create is probed; these records hold none.
+            Event::Probed { .. } => false,
         };
         let replaces = match &event {
             Event::Verified => Some(("new", "new-value")),
@@ -3298,6 +3324,7 @@ proptest! {
             grace: Duration::from_secs(grace),
             credential: CRED,
             client_id: CLIENT,
+            caps: Capabilities::SERVER_TAGGED,
         };
         // Begin on unfinished work finishes that, like Resume.
         let as_resume = match &event {
@@ -3363,7 +3390,7 @@ proptest! {
             (Next::Stable, Rotation::Idle) => {
                 prop_assert!(!new.is_unfinished(), "stable with work left");
             }
-            (Next::DeleteTagged { rid, keep }, Rotation::Creating { rid: r, attempt }) => {
+            (Next::DeleteTagged { rid, keep }, Rotation::Creating { rid: r, attempt, .. }) => {
                 prop_assert!(t.persist, "S2: deletes before writing a fresh attempt");
                 prop_assert_eq!(rid, r);
                 prop_assert_eq!(keep, attempt);
@@ -3375,7 +3402,7 @@ proptest! {
                 let after = (machine::attempt_number(was) + 1).to_string();
                 prop_assert_eq!(keep, &after);
             }
-            (Next::Create { rid, attempt }, Rotation::Creating { rid: r, attempt: a }) => {
+            (Next::Create { rid, attempt }, Rotation::Creating { rid: r, attempt: a, .. }) => {
                 prop_assert_eq!(rid, r);
                 prop_assert_eq!(attempt, a);
                 // A rotation begins at attempt 1; after the earlier attempts'
@@ -3543,6 +3570,7 @@ fn huge_grace_does_not_panic_the_machine() {
         grace: Duration::from_secs(15_778_800_000_000_000_000),
         credential: CRED,
         client_id: CLIENT,
+        caps: Capabilities::SERVER_TAGGED,
     };
     let _ = machine::step(&record, Event::Verified, &ctx);
 }

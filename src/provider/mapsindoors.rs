@@ -15,7 +15,10 @@ use serde::Deserialize;
 use url::Url;
 
 use super::http::{self, Reply, Transport};
-use super::{Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret, SecretApi, TokenProvider};
+use super::{
+    Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret,
+    SecretApi, TokenProvider,
+};
 use crate::config::CredentialConfig;
 use crate::token::Token;
 
@@ -199,12 +202,18 @@ pub fn parse_create_reply(
         return Err(reply.unexpected(operation, "empty id or secret"));
     }
     Ok(NewSecret {
-        id: created.id,
+        id: Some(created.id),
         value: SecretString::from(created.secret),
     })
 }
 
 impl SecretApi for MapsIndoorsSecrets {
+    /// Server-generated values, tagged by `description`, any number of
+    /// secrets per client, deleted in one call.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::SERVER_TAGGED
+    }
+
     fn list<'a>(
         &'a self,
         bearer: &'a Token,
@@ -220,13 +229,13 @@ impl SecretApi for MapsIndoorsSecrets {
     fn create<'a>(
         &'a self,
         bearer: &'a Token,
-        description: &'a str,
+        request: CreateRequest<'a>,
     ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "mapsindoors create secret";
             let request = self
                 .http()
-                .post(self.url_with(&[("description", description)]));
+                .post(self.url_with(&[("description", request.description)]));
             let reply = self.call(OP, request, bearer).await?;
             let created = parse_create_reply(OP, &reply)?;
             self.transport.redactor.remember(&created.value);

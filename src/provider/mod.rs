@@ -55,8 +55,142 @@ pub struct RemoteSecret {
 /// A secret just created; the provider shows its value only this once.
 #[derive(Debug, Clone)]
 pub struct NewSecret {
-    pub id: String,
+    /// The provider's id for it; `None` where the API replaces the client's
+    /// one secret and has no ids ([`Overlap::Replace`]).
+    pub id: Option<String>,
     pub value: SecretString,
+}
+
+/// What rekeyd asks a secret API to create.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateRequest<'a> {
+    /// rekeyd's tag ([`crate::rotation::secret_description`]); an API that
+    /// cannot carry one ignores it ([`Capabilities::tags`]).
+    pub description: &'a str,
+    /// The value rekeyd generated and persisted before this call
+    /// ([`ValueOrigin::Caller`]); `None`: the provider generates it.
+    pub value: Option<&'a SecretString>,
+}
+
+/// Who makes a new secret's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueOrigin {
+    /// The provider generates it and shows it once, in the create reply: a
+    /// reply lost after the provider created the secret loses the value,
+    /// so created secrets must carry a tag to be found and deleted (I3).
+    Server,
+    /// The API accepts a value rekeyd generates: characters drawn
+    /// uniformly by a CSPRNG from `alphabet` (ASCII, at least 2
+    /// characters), as many as 256 bits need. The journal holds the value
+    /// before the call, so a lost reply loses nothing: a retry sends the
+    /// same value.
+    Caller { alphabet: &'static str },
+}
+
+/// How a new secret lives next to the old one at the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlap {
+    /// Several secrets may be valid at once (at most `max`, when the
+    /// provider documents a limit): the old one stays valid until rekeyd
+    /// retires it after the grace period.
+    Many { max: Option<u32> },
+    /// Creating replaces the client's secret atomically: the old one stops
+    /// working at once. Only safe with [`ValueOrigin::Caller`] (the new
+    /// value is in the journal before the call), and logins try both values
+    /// until the new one is proven.
+    Replace,
+}
+
+/// How a secret leaves the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retire {
+    /// One delete call.
+    Delete,
+    /// Deactivate, then delete (Okta deletes only inactive secrets). Both
+    /// calls are licensed by the same journal write (S1) and both are
+    /// idempotent, so no journal phase sits between them.
+    DeactivateThenDelete,
+    /// Nothing to do: the replacement already removed the old secret
+    /// ([`Overlap::Replace`]).
+    Replaced,
+}
+
+/// What a provider's secret API can do; the rotation machine chooses its
+/// steps from this (see `rotation::machine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub value: ValueOrigin,
+    pub overlap: Overlap,
+    pub retire: Retire,
+    /// Created secrets carry rekeyd's tag, and listings show it: a secret
+    /// whose create reply was lost is found by its tag (I3).
+    pub tags: bool,
+    /// The API lists the client's secrets (ids, no values): S7 checks
+    /// what is ours before deleting, and sweeps orphans.
+    pub lists: bool,
+}
+
+/// Letters and digits: accepted by every API that takes a caller-chosen
+/// secret (43 characters carry 256 bits).
+pub const ALPHANUMERIC: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// A fresh secret value for [`ValueOrigin::Caller`]: at least 256 bits,
+/// each character drawn uniformly from `alphabet` by the thread's CSPRNG
+/// (`rand::rng()`, ChaCha seeded from the operating system).
+pub fn generate_value(alphabet: &str) -> SecretString {
+    use rand::Rng;
+    let symbols = alphabet.as_bytes();
+    assert!(symbols.len() >= 2, "an alphabet needs two symbols");
+    let bits = (symbols.len() as f64).log2();
+    let length = (256.0 / bits).ceil() as usize;
+    let mut rng = rand::rng();
+    let value: String = (0..length)
+        .map(|_| symbols[rng.random_range(0..symbols.len())] as char)
+        .collect();
+    SecretString::from(value)
+}
+
+impl Capabilities {
+    /// MapsIndoors' client-credentials API, the shape rekeyd started with.
+    pub const SERVER_TAGGED: Capabilities = Capabilities {
+        value: ValueOrigin::Server,
+        overlap: Overlap::Many { max: None },
+        retire: Retire::Delete,
+        tags: true,
+        lists: true,
+    };
+
+    /// Whether creating replaces the old secret at once.
+    pub fn replaces(&self) -> bool {
+        self.overlap == Overlap::Replace
+    }
+
+    /// The path a rotation takes with this API, in one sentence for
+    /// `rekeyd check` and the README.
+    pub fn path(&self) -> String {
+        let value = match self.value {
+            ValueOrigin::Server if self.tags => {
+                "the provider generates the new secret; rekeyd tags it, so a secret whose reply was lost is found by its tag and deleted"
+            }
+            ValueOrigin::Server => "the provider generates the new secret and shows it once",
+            ValueOrigin::Caller { .. } => {
+                "rekeyd generates the new secret (256 bits from a CSPRNG) and stores it before the call, so a lost reply loses nothing"
+            }
+        };
+        let overlap = match self.overlap {
+            Overlap::Many { max: Some(max) } => format!(
+                "old and new are both valid (at most {max} at once) until the grace period ends and the new one is proven again"
+            ),
+            Overlap::Many { max: None } => "old and new are both valid until the grace period ends and the new one is proven again".to_string(),
+            Overlap::Replace => "the provider replaces the old secret at once, so logins try both values until the new one is proven".to_string(),
+        };
+        let retire = match self.retire {
+            Retire::Delete => "then the old secret is deleted",
+            Retire::DeactivateThenDelete => "then the old secret is deactivated and deleted",
+            Retire::Replaced => "nothing is left to delete",
+        };
+        format!("{value}; {overlap}; {retire}")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,17 +201,33 @@ pub enum Deleted {
 }
 
 /// A provider's API for managing a client's secrets, authenticated with a
-/// bearer token of that client.
+/// bearer token: the client's own, or another credential's
+/// (`secret_api_credential`, an administrative client).
 pub trait SecretApi: Send + Sync {
+    /// What this API can do; constant for its lifetime.
+    fn capabilities(&self) -> Capabilities;
+    /// The client's secrets (never their values). An API without a listing
+    /// ([`Capabilities::lists`] false) answers with an empty list.
     fn list<'a>(
         &'a self,
         bearer: &'a Token,
     ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>>;
+    /// Creates (or, with [`Overlap::Replace`], sets) a secret. With a
+    /// caller-chosen value the reply's value is that value.
     fn create<'a>(
         &'a self,
         bearer: &'a Token,
-        description: &'a str,
+        request: CreateRequest<'a>,
     ) -> BoxFuture<'a, Result<NewSecret, ProviderError>>;
+    /// Makes a secret unusable before its delete ([`Retire::DeactivateThenDelete`]);
+    /// an already inactive or missing secret is not an error.
+    fn deactivate<'a>(
+        &'a self,
+        _bearer: &'a Token,
+        _id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
+        Box::pin(async { Ok(Deleted::Deleted) })
+    }
     fn delete<'a>(
         &'a self,
         bearer: &'a Token,
@@ -220,4 +370,37 @@ pub fn build_with(
     clients: &HttpClients,
 ) -> Result<Arc<dyn TokenProvider>, ProviderError> {
     Ok(build_all(cred, clients)?.token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn generated_values_carry_256_bits_from_their_alphabet() {
+        let a = generate_value(ALPHANUMERIC);
+        let b = generate_value(ALPHANUMERIC);
+        assert_eq!(a.expose_secret().len(), 43, "43 x log2(62) >= 256");
+        assert!(a.expose_secret().chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        let hex = generate_value("0123456789abcdef");
+        assert_eq!(hex.expose_secret().len(), 64);
+    }
+
+    #[test]
+    fn every_path_is_explained() {
+        let path = Capabilities::SERVER_TAGGED.path();
+        assert!(path.contains("tag"), "{path}");
+        let replace = Capabilities {
+            value: ValueOrigin::Caller {
+                alphabet: ALPHANUMERIC,
+            },
+            overlap: Overlap::Replace,
+            retire: Retire::Replaced,
+            tags: false,
+            lists: false,
+        };
+        assert!(replace.path().contains("try both"), "{}", replace.path());
+    }
 }

@@ -23,7 +23,9 @@ use crate::config::RotationConfig;
 use crate::credential::CredentialStatus;
 use crate::history::{self, Step};
 use crate::metrics::{self, RotationLabels};
-use crate::provider::{Deleted, ErrorKind, ProviderError, SecretApi, TokenProvider};
+use crate::provider::{
+    CreateRequest, Deleted, ErrorKind, ProviderError, Retire, SecretApi, TokenProvider, ValueOrigin,
+};
 use crate::store::{Claim, CredentialRecord, Store, StoreError, Versioned};
 use crate::token::Token;
 
@@ -362,7 +364,11 @@ impl Rotator {
         self.store.check_writable(&self.name).await?;
         let rid = new_rotation_id();
         info!(step = "rotate", rid = %rid, "rotation started");
-        Ok(Event::Begin { rid })
+        let chosen = match self.secret_api.capabilities().value {
+            ValueOrigin::Caller { alphabet } => Some(crate::provider::generate_value(alphabet)),
+            ValueOrigin::Server => None,
+        };
+        Ok(Event::Begin { rid, chosen })
     }
 
     /// I7: a refusal of the secret API may echo any secret of the journal,
@@ -375,6 +381,9 @@ impl Rotator {
         {
             self.provider.remember(&entry.value);
         }
+        if let Some(chosen) = record.chosen() {
+            self.provider.remember(chosen);
+        }
     }
 
     fn context(&self) -> machine::Context<'_> {
@@ -383,6 +392,7 @@ impl Rotator {
             grace: self.grace,
             credential: &self.name,
             client_id: &self.client_id,
+            caps: self.secret_api.capabilities(),
         }
     }
 
@@ -518,6 +528,17 @@ impl Run<'_> {
                         }
                     }
                     ("promoted", "idle") => crash_point!("rotation-after-persist-retire"),
+                    ("created", "idle") if r.secret_api.capabilities().replaces() => {
+                        crash_point!("rotation-after-persist-replaced");
+                        info!(
+                            step = "promote",
+                            "new secret verified and in use; the provider replaced the old one"
+                        );
+                        self.bearer = None;
+                        if let Some(refresh) = &r.refresh_now {
+                            refresh.notify_one();
+                        }
+                    }
                     ("idle", "idle") if t.next == Next::Stable => {
                         crash_point!("rotation-after-persist-idle");
                     }
@@ -542,15 +563,34 @@ impl Run<'_> {
                 Next::Create { rid, attempt } => {
                     let description = super::secret_description(&r.name, &rid, &attempt);
                     let bearer = self.bearer().await?;
-                    let new = self
-                        .guard(r.secret_api.create(&bearer, &description))
-                        .await??;
+                    let chosen = self.record.value.chosen().cloned();
+                    let request = CreateRequest {
+                        description: &description,
+                        value: chosen.as_ref(),
+                    };
+                    let new = self.guard(r.secret_api.create(&bearer, request)).await??;
                     crash_point!("rotation-after-create");
-                    info!(step = "create", secret_id = %new.id, "replacement secret created");
+                    info!(
+                        step = "create",
+                        secret_id = new.id.as_deref().unwrap_or("(none)"),
+                        "replacement secret created"
+                    );
                     Event::Created {
                         id: new.id,
-                        value: new.value,
+                        // The value the journal holds is the one sent.
+                        value: chosen.unwrap_or(new.value),
                     }
+                }
+                Next::Probe { id } => {
+                    let chosen = self
+                        .record
+                        .value
+                        .chosen()
+                        .expect("machine probes only a caller-chosen create")
+                        .clone();
+                    let what = "the value of an interrupted create";
+                    let accepted = self.verify(&chosen, what).await?.is_some();
+                    Event::Probed { id, accepted }
                 }
                 Next::Verify => {
                     let pending = self
@@ -562,6 +602,10 @@ impl Run<'_> {
                         .clone();
                     if self.verify(&pending, "new secret").await?.is_some() {
                         crash_point!("rotation-after-verify");
+                        if r.secret_api.capabilities().replaces() {
+                            // Nothing is left to retire: this completes it.
+                            outcome = Outcome::Rotated;
+                        }
                         Event::Verified
                     } else {
                         outcome = Outcome::Aborted;
@@ -597,6 +641,13 @@ impl Run<'_> {
                         // The old secret becomes current again.
                         self.bearer = None;
                         Event::CurrentRejected
+                    }
+                }
+                Next::List if !r.secret_api.capabilities().lists => {
+                    // Nothing to check or sweep with: an empty listing
+                    // keeps only what the journal itself proved ours.
+                    Event::Listed {
+                        secrets: Vec::new(),
                     }
                 }
                 Next::List => {
@@ -719,11 +770,16 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Retires secret `id` at the provider as its API requires: deleted,
+    /// or deactivated first (both licensed by the write before, S1).
     async fn delete(&mut self, id: &str) -> Result<Deleted, RotationError> {
         let bearer = self.bearer().await?;
-        Ok(self
-            .guard(self.rotator.secret_api.delete(&bearer, id))
-            .await??)
+        let api = &self.rotator.secret_api;
+        if api.capabilities().retire == Retire::DeactivateThenDelete {
+            self.guard(api.deactivate(&bearer, id)).await??;
+            crash_point!("rotation-after-deactivate");
+        }
+        Ok(self.guard(api.delete(&bearer, id)).await??)
     }
 
     /// Logs in with `secret`, retrying while it propagates: `Ok(Some(token))`
@@ -1092,6 +1148,7 @@ mod tests {
             Rotation::Creating {
                 rid: "r".into(),
                 attempt: "a".into(),
+                chosen: None,
             },
         );
         assert_eq!(
@@ -1163,7 +1220,7 @@ mod tests {
     #[test]
     fn secret_values_never_in_debug() {
         let e = Event::Created {
-            id: "x".into(),
+            id: Some("x".into()),
             value: SecretString::from("topsecret"),
         };
         assert!(!format!("{e:?}").contains("topsecret"));

@@ -18,7 +18,7 @@ use secrecy::SecretString;
 
 use super::{Tag, parse_tag};
 use crate::history::{Event as Audit, Step};
-use crate::provider::RemoteSecret;
+use crate::provider::{Capabilities, Overlap, RemoteSecret};
 use crate::store::{CredentialRecord, RetiredSecret, Rotation, SecretEntry};
 
 /// A tagged secret that the journal does not name is swept (S7) only once
@@ -28,16 +28,28 @@ pub const SWEEP_MIN_AGE: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Start a rotation with a fresh id. With unfinished work in the journal
-    /// this finishes that instead (rotating "now" is idempotent).
-    Begin { rid: String },
+    /// Start a rotation with a fresh id and, for an API that takes
+    /// caller-chosen values, a fresh value (the driver draws it from a
+    /// CSPRNG). With unfinished work in the journal this finishes that
+    /// instead (rotating "now" is idempotent).
+    Begin {
+        rid: String,
+        chosen: Option<SecretString>,
+    },
     /// Re-enter after a restart, an error or a lost compare-and-swap: what
     /// is left to do?
     Resume,
     /// Secrets of earlier attempts of the rotation (values lost) are gone.
     TaggedDeleted,
-    /// The provider created the replacement and returned its value.
-    Created { id: String, value: SecretString },
+    /// The provider created the replacement and returned its value (its id
+    /// is `None` where the API replaces the one secret and has no ids).
+    Created {
+        id: Option<String>,
+        value: SecretString,
+    },
+    /// The login with the value of an interrupted caller-chosen create
+    /// ([`Next::Probe`]): accepted or consistently refused.
+    Probed { id: String, accepted: bool },
     /// A login with the pending secret succeeded.
     Verified,
     /// The provider consistently refuses the pending secret.
@@ -63,8 +75,13 @@ pub enum Next {
     /// List the provider's secrets and delete ours tagged with `rid` and an
     /// attempt earlier than `keep` (S2; see [`attempt_number`]).
     DeleteTagged { rid: String, keep: String },
-    /// Create a secret tagged with `rid` and `attempt`.
+    /// Create a secret tagged with `rid` and `attempt`; with the record's
+    /// caller-chosen value when it has one ([`CredentialRecord::chosen`]).
     Create { rid: String, attempt: String },
+    /// Log in with the record's caller-chosen value to learn whether the
+    /// listed secret `id`, the only one the journal does not know, is the
+    /// one an interrupted create made.
+    Probe { id: String },
     /// Log in with the pending secret (bounded retries for propagation).
     Verify,
     /// Wait until the grace period is over.
@@ -101,6 +118,8 @@ pub struct Context<'a> {
     pub credential: &'a str,
     /// The OAuth2 client whose secrets these are (S7).
     pub client_id: &'a str,
+    /// What the secret API can do: the steps depend on it.
+    pub caps: Capabilities,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -117,6 +136,7 @@ impl Event {
             Event::Resume => "resume",
             Event::TaggedDeleted => "tagged-deleted",
             Event::Created { .. } => "created",
+            Event::Probed { .. } => "probed",
             Event::Verified => "verified",
             Event::VerifyRejected => "verify-rejected",
             Event::CurrentVerified => "current-verified",
@@ -171,12 +191,14 @@ pub fn step(
         event: event.name(),
     };
     let t = match (&record.rotation, event) {
-        (Rotation::Idle, Event::Begin { rid }) if !record.is_unfinished() => {
+        (Rotation::Idle, Event::Begin { rid, chosen }) if !record.is_unfinished() => {
             let mut next = record.clone();
             let attempt = next_attempt("");
+            // A caller-chosen value is in this write, before the call (I2).
             next.rotation = Rotation::Creating {
                 rid: rid.clone(),
                 attempt: attempt.clone(),
+                chosen,
             };
             // A fresh id cannot have tagged secrets yet: create directly.
             let started = Audit::new(Step::Started).rid(&rid);
@@ -184,7 +206,7 @@ pub fn step(
         }
         (_, Event::Begin { .. }) | (_, Event::Resume) => resume(record, ctx),
 
-        (Rotation::Creating { rid, attempt }, Event::TaggedDeleted) => stay(
+        (Rotation::Creating { rid, attempt, .. }, Event::TaggedDeleted) => stay(
             record,
             Next::Create {
                 rid: rid.clone(),
@@ -193,18 +215,97 @@ pub fn step(
         ),
         (Rotation::Creating { rid, .. }, Event::Created { id, value }) => {
             let mut next = record.clone();
-            let created = Audit::new(Step::Created).rid(rid).secret(Some(&id));
+            let created = Audit::new(Step::Created).rid(rid).secret(id.as_deref());
             next.rotation = Rotation::Created {
                 rid: rid.clone(),
                 pending: SecretEntry {
-                    id: Some(id),
+                    id,
                     value,
                     created_at: ctx.now,
                 },
             };
             audited(persist(next, Next::Verify), [created])
         }
+        // A caller-chosen create that may have landed before its reply was
+        // lost: which listed secret is it?
+        (
+            Rotation::Creating {
+                chosen: Some(_), ..
+            },
+            Event::Listed { secrets },
+        ) => find_chosen(record, &secrets, ctx),
+        (
+            Rotation::Creating {
+                rid,
+                chosen: Some(value),
+                ..
+            },
+            Event::Probed { id, accepted },
+        ) => match accepted {
+            true => {
+                // The value logs in and the journal knows every other
+                // secret of the client: this one is ours (I4), made by the
+                // interrupted create. It is verified as any new secret.
+                let mut next = record.clone();
+                let adopted = Audit::new(Step::Created)
+                    .rid(rid)
+                    .secret(Some(&id))
+                    .detail("found after a lost create reply");
+                next.rotation = Rotation::Created {
+                    rid: rid.clone(),
+                    pending: SecretEntry {
+                        id: Some(id),
+                        value: value.clone(),
+                        created_at: ctx.now,
+                    },
+                };
+                audited(persist(next, Next::Verify), [adopted])
+            }
+            // Not ours (or not the value we sent): create as planned.
+            false => stay(
+                record,
+                Next::Create {
+                    rid: rid.clone(),
+                    attempt: attempt_of(record),
+                },
+            ),
+        },
 
+        (Rotation::Created { rid, pending }, Event::Verified) if ctx.caps.replaces() => {
+            // The provider replaced the old secret when it took the new
+            // one: there is no grace period to wait out and nothing to
+            // delete. The old value is remembered (by digest) so that
+            // set-secret refuses it (S6).
+            let mut next = record.clone();
+            next.current = pending.clone();
+            next.rotation = Rotation::Idle;
+            next.last_rotated_at = Some(ctx.now);
+            next.remember_retired([RetiredSecret::of(&record.current)]);
+            let id = pending.id.as_deref();
+            let audit = [
+                Audit::new(Step::Verified).rid(rid).secret(id),
+                Audit::new(Step::Completed)
+                    .rid(rid)
+                    .secret(id)
+                    .detail("the provider replaced the previous secret"),
+            ];
+            audited(persist(next, Next::Stable), audit)
+        }
+        (Rotation::Created { rid, pending }, Event::VerifyRejected) if ctx.caps.replaces() => {
+            // The old secret may be gone already: never drop the new value.
+            // Back to creating with the same value, which the next run
+            // sends again (idempotent), while logins keep trying both.
+            let mut next = record.clone();
+            next.rotation = Rotation::Creating {
+                rid: rid.clone(),
+                attempt: next_attempt(&attempt_of(record)),
+                chosen: Some(pending.value.clone()),
+            };
+            warned(
+                persist(next, Next::Stable),
+                "the provider does not accept the new secret yet; it is kept and set again on the next run, and logins try both the old and the new one",
+            )
+        }
         (Rotation::Created { rid, pending }, Event::Verified) => {
             // Config bounds grace; saturate anyway so a bad record cannot
             // make every resume panic.
@@ -358,20 +459,43 @@ fn resume(record: &CredentialRecord, ctx: &Context<'_>) -> Transition {
         // Attempts are numbered along the journal's versions, so a resumer
         // whose claim has lapsed deletes only attempts older than its own,
         // never those of an actor that moved the journal on after it.
-        Rotation::Creating { rid, attempt } => {
+        Rotation::Creating {
+            rid,
+            attempt,
+            chosen,
+        } => {
             let mut next = record.clone();
             let attempt = next_attempt(attempt);
             next.rotation = Rotation::Creating {
                 rid: rid.clone(),
                 attempt: attempt.clone(),
+                chosen: chosen.clone(),
             };
-            persist(
-                next,
-                Next::DeleteTagged {
+            let then = match (chosen, ctx.caps.overlap) {
+                // The same value again: setting it twice is setting it once.
+                (Some(_), Overlap::Replace) => Next::Create {
+                    rid: rid.clone(),
+                    attempt,
+                },
+                // The value may be at the provider already, under an id
+                // the lost reply carried: look before creating a second.
+                (Some(_), Overlap::Many { .. }) if ctx.caps.lists => Next::List,
+                (Some(_), Overlap::Many { .. }) => Next::Create {
+                    rid: rid.clone(),
+                    attempt,
+                },
+                // A server-generated value was lost with its reply: the
+                // secret is found by its tag and deleted (I3).
+                (None, _) if ctx.caps.tags && ctx.caps.lists => Next::DeleteTagged {
                     rid: rid.clone(),
                     keep: attempt,
                 },
-            )
+                (None, _) => Next::Create {
+                    rid: rid.clone(),
+                    attempt,
+                },
+            };
+            persist(next, then)
         }
         Rotation::Created { .. } => stay(record, Next::Verify),
         Rotation::Promoted { delete_after, .. } if ctx.now < *delete_after => {
@@ -392,6 +516,65 @@ fn retire_entry(record: &mut CredentialRecord, entry: &SecretEntry) -> Vec<Strin
     } else {
         record.remember_retired([retired]);
         vec!["the previous secret's provider id is unknown (set initial_secret_id); it was left in place at the provider".to_string()]
+    }
+}
+
+/// The attempt of a record in phase creating ("" otherwise).
+fn attempt_of(record: &CredentialRecord) -> String {
+    match &record.rotation {
+        Rotation::Creating { attempt, .. } => attempt.clone(),
+        _ => String::new(),
+    }
+}
+
+/// Resuming a caller-chosen create under an API that keeps several
+/// secrets: the listing shows whether the interrupted call made one. The
+/// journal knows the client's current secret and every secret it retires
+/// or retired; exactly one secret besides those may be ours, and a login
+/// with the value decides ([`Next::Probe`]). None: create. More than one:
+/// no login can tell which is ours, so none is adopted (I4) and the create
+/// goes ahead; the sweep cannot find an untagged duplicate, so the
+/// operator is told.
+fn find_chosen(
+    record: &CredentialRecord,
+    listed: &[RemoteSecret],
+    ctx: &Context<'_>,
+) -> Transition {
+    let known: Vec<&str> = [Some(&record.current)]
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.id.as_deref())
+        .chain(
+            record
+                .retire
+                .iter()
+                .chain(&record.retired)
+                .filter_map(|r| r.id.as_deref()),
+        )
+        .collect();
+    let unknown: Vec<&RemoteSecret> = listed
+        .iter()
+        .filter(|s| s.client_id.as_deref().is_none_or(|c| c == ctx.client_id))
+        .filter(|s| !known.contains(&s.id.as_str()))
+        .collect();
+    let create = Next::Create {
+        rid: match &record.rotation {
+            Rotation::Creating { rid, .. } => rid.clone(),
+            _ => String::new(),
+        },
+        attempt: attempt_of(record),
+    };
+    match unknown.as_slice() {
+        [] => stay(record, create),
+        [one] => stay(record, Next::Probe { id: one.id.clone() }),
+        many => warned(
+            stay(record, create),
+            format!(
+                "{} secrets of client {} are unknown to the journal; if an interrupted create made one of them, it cannot be told apart and is left in place",
+                many.len(),
+                ctx.client_id
+            ),
+        ),
     }
 }
 
@@ -576,6 +759,7 @@ mod tests {
             grace: GRACE,
             credential: "maps",
             client_id: "client",
+            caps: Capabilities::SERVER_TAGGED,
         }
     }
 
@@ -597,7 +781,10 @@ mod tests {
     }
 
     fn begin() -> Event {
-        Event::Begin { rid: "r1".into() }
+        Event::Begin {
+            rid: "r1".into(),
+            chosen: None,
+        }
     }
 
     #[test]
@@ -615,7 +802,7 @@ mod tests {
         );
 
         let created = Event::Created {
-            id: "new".into(),
+            id: Some("new".into()),
             value: SecretString::from("new-value"),
         };
         let t = step(&t.record, created, &ctx(t0())).unwrap();
@@ -688,6 +875,7 @@ mod tests {
         r.rotation = Rotation::Creating {
             rid: "r1".into(),
             attempt: "1".into(),
+            chosen: None,
         };
         let t = step(&r, Event::Resume, &ctx(t0())).unwrap();
         assert!(
@@ -785,7 +973,7 @@ mod tests {
         let c = ctx(t0());
         let t = step(&r, begin(), &c).unwrap();
         let created = Event::Created {
-            id: "new".into(),
+            id: Some("new".into()),
             value: SecretString::from("v"),
         };
         let t = step(&t.record, created, &c).unwrap();
@@ -916,6 +1104,159 @@ mod tests {
         );
     }
 
+    const REPLACE: Capabilities = Capabilities {
+        value: crate::provider::ValueOrigin::Caller {
+            alphabet: crate::provider::ALPHANUMERIC,
+        },
+        overlap: Overlap::Replace,
+        retire: crate::provider::Retire::Replaced,
+        tags: false,
+        lists: false,
+    };
+
+    const CHOSEN_TWO: Capabilities = Capabilities {
+        value: crate::provider::ValueOrigin::Caller {
+            alphabet: crate::provider::ALPHANUMERIC,
+        },
+        overlap: Overlap::Many { max: Some(2) },
+        retire: crate::provider::Retire::DeactivateThenDelete,
+        tags: false,
+        lists: true,
+    };
+
+    fn with_caps(now: SystemTime, caps: Capabilities) -> Context<'static> {
+        Context { caps, ..ctx(now) }
+    }
+
+    fn begin_chosen(value: &str) -> Event {
+        Event::Begin {
+            rid: "r1".into(),
+            chosen: Some(SecretString::from(value)),
+        }
+    }
+
+    fn chosen_of(record: &CredentialRecord) -> String {
+        record.chosen().unwrap().expose_secret().to_string()
+    }
+
+    #[test]
+    fn a_chosen_value_is_written_before_the_call_and_sent_again_after_a_loss() {
+        let c = with_caps(t0(), REPLACE);
+        let t = step(&idle(), begin_chosen("chosen-value"), &c).unwrap();
+        assert!(t.persist, "I2: the value is stored before the call");
+        assert_eq!(chosen_of(&t.record), "chosen-value");
+        assert!(matches!(t.next, Next::Create { .. }));
+        // Reply lost (or a crash): the same value goes out again, with no
+        // search for tagged secrets (there are none to find).
+        let t = step(&t.record, Event::Resume, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(chosen_of(&t.record), "chosen-value");
+        assert_eq!(
+            t.next,
+            Next::Create {
+                rid: "r1".into(),
+                attempt: "2".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_replacing_api_completes_at_verification_and_never_drops_the_new_value() {
+        let c = with_caps(t0(), REPLACE);
+        let t = step(&idle(), begin_chosen("chosen-value"), &c).unwrap();
+        let created = Event::Created {
+            id: None,
+            value: SecretString::from("chosen-value"),
+        };
+        let created = step(&t.record, created, &c).unwrap();
+        assert_eq!(created.next, Next::Verify);
+
+        // Refused for the whole window: the old secret may be gone, so the
+        // new value stays in the journal, to be set again.
+        let t = step(&created.record, Event::VerifyRejected, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.next, Next::Stable);
+        assert_eq!(chosen_of(&t.record), "chosen-value");
+        assert_eq!(t.record.current.value.expose_secret(), "old-value");
+        assert!(t.record.retire.is_empty(), "nothing of ours is deleted");
+
+        // Accepted: current at once, nothing to wait for or delete.
+        let t = step(&created.record, Event::Verified, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.next, Next::Stable);
+        assert_eq!(t.record.current.value.expose_secret(), "chosen-value");
+        assert!(!t.record.is_unfinished());
+        assert_eq!(t.record.last_rotated_at, Some(t0()));
+        assert!(
+            t.record
+                .knows_retired(&SecretString::from("old-value"), None),
+            "S6: set-secret refuses the replaced value"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_chosen_create_is_found_by_a_login_not_created_twice() {
+        let c = with_caps(t0(), CHOSEN_TWO);
+        let t = step(&idle(), begin_chosen("chosen-value"), &c).unwrap();
+        let t = step(&t.record, Event::Resume, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.next, Next::List, "look before creating a second one");
+        let interrupted = t.record;
+
+        // Nothing unknown: the call never landed.
+        let only_old = vec![listed("old", "", Some("client"))];
+        let t = step(
+            &interrupted,
+            Event::Listed {
+                secrets: only_old.clone(),
+            },
+            &c,
+        )
+        .unwrap();
+        assert!(matches!(t.next, Next::Create { .. }));
+
+        // One unknown secret: a login with the value decides.
+        let mut with_new = only_old;
+        with_new.push(listed("s2", "", Some("client")));
+        with_new.push(listed("foreign", "", Some("other-client")));
+        let t = step(&interrupted, Event::Listed { secrets: with_new }, &c).unwrap();
+        assert_eq!(t.next, Next::Probe { id: "s2".into() });
+        let accepted = Event::Probed {
+            id: "s2".into(),
+            accepted: true,
+        };
+        let t = step(&interrupted, accepted, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.next, Next::Verify);
+        let pending = t.record.pending().unwrap();
+        assert_eq!(pending.id.as_deref(), Some("s2"));
+        assert_eq!(pending.value.expose_secret(), "chosen-value");
+
+        // Refused: someone else's secret, left alone; create as planned.
+        let refused = Event::Probed {
+            id: "s2".into(),
+            accepted: false,
+        };
+        let t = step(&interrupted, refused, &c).unwrap();
+        assert!(!t.persist);
+        assert!(matches!(t.next, Next::Create { .. }));
+    }
+
+    #[test]
+    fn a_chosen_value_is_never_probed_against_secrets_the_journal_knows() {
+        let c = with_caps(t0(), CHOSEN_TWO);
+        let mut r = idle();
+        r.retired.push(RetiredSecret::id_only("gone-before"));
+        let t = step(&r, begin_chosen("v"), &c).unwrap();
+        let t = step(&t.record, Event::Resume, &c).unwrap();
+        let secrets = vec![
+            listed("old", "", Some("client")),
+            listed("gone-before", "", Some("client")),
+        ];
+        let t = step(&t.record, Event::Listed { secrets }, &c).unwrap();
+        assert!(matches!(t.next, Next::Create { .. }));
+    }
+
     #[test]
     fn events_out_of_phase_are_refused() {
         let r = idle();
@@ -923,7 +1264,7 @@ mod tests {
         assert!(step(&r, Event::Verified, &c).is_err());
         assert!(step(&r, Event::CurrentVerified, &c).is_err());
         let created = Event::Created {
-            id: "x".into(),
+            id: Some("x".into()),
             value: SecretString::from("x"),
         };
         assert!(step(&r, created, &c).is_err());

@@ -589,6 +589,7 @@ mod tests {
         r.rotation = Rotation::Creating {
             rid: "r1".into(),
             attempt: "a1".into(),
+            chosen: None,
         };
         let v2 = store.compare_and_swap("a", Some(v1), &r).await.unwrap();
         assert_eq!(v2, v1 + 1);

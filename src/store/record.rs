@@ -22,8 +22,14 @@ pub enum Rotation {
     /// Intent recorded; the create call may or may not have reached the
     /// provider. `attempt` is written afresh by every actor that resumes this
     /// phase (S2) and is part of the created secret's tag, so the secrets of
-    /// earlier attempts can be told apart and deleted.
-    Creating { rid: String, attempt: String },
+    /// earlier attempts can be told apart and deleted. `chosen`: the value
+    /// rekeyd generated for an API that takes caller-chosen values, stored
+    /// before the call (I2) so that every retry sends the same one.
+    Creating {
+        rid: String,
+        attempt: String,
+        chosen: Option<SecretString>,
+    },
     /// The provider answered; the new secret is persisted but not yet proven.
     Created { rid: String, pending: SecretEntry },
     /// `current` is the new secret; `old` is deleted after `delete_after`.
@@ -186,6 +192,17 @@ impl CredentialRecord {
             _ => None,
         }
     }
+
+    /// The value an unfinished create may have sent (caller-chosen, phase
+    /// creating): the provider may already hold it, and where the API
+    /// replaces the secret atomically it may be the only one that works,
+    /// so logins try it after the current one (I1).
+    pub fn chosen(&self) -> Option<&SecretString> {
+        match &self.rotation {
+            Rotation::Creating { chosen, .. } => chosen.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 // --- serialized form ------------------------------------------------------
@@ -240,6 +257,9 @@ pub(crate) enum DocRotation {
         /// writes one (S2).
         #[serde(default)]
         attempt: String,
+        /// A caller-chosen value (absent for server-generated ones).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chosen: Option<String>,
     },
     Created {
         rid: String,
@@ -290,9 +310,14 @@ impl Document {
             current: DocSecret::from_entry(&record.current),
             rotation: match &record.rotation {
                 Rotation::Idle => DocRotation::Idle,
-                Rotation::Creating { rid, attempt } => DocRotation::Creating {
+                Rotation::Creating {
+                    rid,
+                    attempt,
+                    chosen,
+                } => DocRotation::Creating {
                     rid: rid.clone(),
                     attempt: attempt.clone(),
+                    chosen: chosen.as_ref().map(|v| v.expose_secret().to_string()),
                 },
                 Rotation::Created { rid, pending } => DocRotation::Created {
                     rid: rid.clone(),
@@ -324,7 +349,20 @@ impl Document {
         }
         let rotation = match self.rotation {
             DocRotation::Idle => Rotation::Idle,
-            DocRotation::Creating { rid, attempt } => Rotation::Creating { rid, attempt },
+            DocRotation::Creating {
+                rid,
+                attempt,
+                chosen,
+            } => {
+                if chosen.as_deref() == Some("") {
+                    return Err("rotation.chosen is empty".into());
+                }
+                Rotation::Creating {
+                    rid,
+                    attempt,
+                    chosen: chosen.map(SecretString::from),
+                }
+            }
             DocRotation::Created { rid, pending } => Rotation::Created {
                 rid,
                 pending: pending.into_entry("rotation.pending")?,
@@ -414,4 +452,55 @@ fn describe_json_error(e: &serde_json::Error) -> String {
         Category::Data => "not a record of the expected shape",
     };
     format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> CredentialRecord {
+        CredentialRecord::new(SecretEntry {
+            id: Some("s1".into()),
+            value: SecretString::from("current-value"),
+            created_at: SystemTime::UNIX_EPOCH,
+        })
+    }
+
+    #[test]
+    fn a_caller_chosen_value_round_trips_and_is_never_in_debug() {
+        let mut r = record();
+        r.rotation = Rotation::Creating {
+            rid: "r1".into(),
+            attempt: "1".into(),
+            chosen: Some(SecretString::from("chosen-value")),
+        };
+        let (version, back) = decode(&encode(&r, 3)).unwrap();
+        assert_eq!(version, 3);
+        assert_eq!(back.chosen().unwrap().expose_secret(), "chosen-value");
+        assert!(!format!("{back:?}").contains("chosen-value"));
+        // Server-generated creates write no `chosen` at all: records stay
+        // readable by a rekeyd that predates it.
+        r.rotation = Rotation::Creating {
+            rid: "r1".into(),
+            attempt: "1".into(),
+            chosen: None,
+        };
+        let text = String::from_utf8(encode(&r, 1)).unwrap();
+        assert!(!text.contains("chosen"), "{text}");
+    }
+
+    #[test]
+    fn an_empty_chosen_value_is_refused() {
+        let mut r = record();
+        r.rotation = Rotation::Creating {
+            rid: "r1".into(),
+            attempt: "1".into(),
+            chosen: Some(SecretString::from("x")),
+        };
+        let text = String::from_utf8(encode(&r, 1))
+            .unwrap()
+            .replace("\"chosen\": \"x\"", "\"chosen\": \"\"");
+        let err = decode(text.as_bytes()).unwrap_err();
+        assert!(err.contains("rotation.chosen"), "{err}");
+    }
 }

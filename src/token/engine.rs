@@ -57,7 +57,13 @@ impl SecretSource for StoreSecrets {
                 .ok_or_else(|| "the store holds no secret for this credential".to_string())?
                 .value;
             Ok(Secrets {
-                pending: record.pending().map(|p| p.value.clone()),
+                // A caller-chosen value of an unfinished create counts as
+                // pending: where the API replaces the secret atomically it
+                // may be the only one that works (I1).
+                pending: record
+                    .pending()
+                    .map(|p| p.value.clone())
+                    .or_else(|| record.chosen().cloned()),
                 old: record.rotation.old().map(|o| o.value.clone()),
                 current: record.current.value,
             })

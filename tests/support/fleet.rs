@@ -93,7 +93,7 @@ impl Snapshot {
     pub fn from_record(version: u64, record: &CredentialRecord) -> Snapshot {
         let (rid, attempt) = match &record.rotation {
             Rotation::Idle => (None, None),
-            Rotation::Creating { rid, attempt } => (Some(rid.clone()), Some(attempt.clone())),
+            Rotation::Creating { rid, attempt, .. } => (Some(rid.clone()), Some(attempt.clone())),
             Rotation::Created { rid, .. } | Rotation::Promoted { rid, .. } => {
                 (Some(rid.clone()), None)
             }

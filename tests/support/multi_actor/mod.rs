@@ -781,7 +781,7 @@ pub fn show_record(record: &CredentialRecord, provider: &ProviderState) -> Strin
     let id = |v: &secrecy::SecretString| provider.describe_value(v.expose_secret());
     let rotation = match &record.rotation {
         Rotation::Idle => "idle".to_string(),
-        Rotation::Creating { rid, attempt } => format!("creating({rid}.{attempt})"),
+        Rotation::Creating { rid, attempt, .. } => format!("creating({rid}.{attempt})"),
         Rotation::Created { rid, pending } => {
             format!("created({rid}, pending {})", id(&pending.value))
         }

@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 use rekeyd::provider::{
-    Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret, SecretApi, TokenProvider,
+    Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret,
+    SecretApi, TokenProvider,
 };
 use rekeyd::rotation::parse_tag;
 use rekeyd::token::Token;
@@ -311,7 +312,7 @@ impl World {
             return Err(lost_reply("create secret"));
         }
         Ok(NewSecret {
-            id,
+            id: Some(id),
             value: SecretString::from(value),
         })
     }
@@ -459,6 +460,10 @@ impl TokenProvider for ProviderModel {
 }
 
 impl SecretApi for ProviderModel {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::SERVER_TAGGED
+    }
+
     fn list<'a>(
         &'a self,
         _bearer: &'a Token,
@@ -469,9 +474,9 @@ impl SecretApi for ProviderModel {
     fn create<'a>(
         &'a self,
         _bearer: &'a Token,
-        description: &'a str,
+        request: CreateRequest<'a>,
     ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
-        Box::pin(self.call(Call::Create, move |w| w.create(description)))
+        Box::pin(self.call(Call::Create, move |w| w.create(request.description)))
     }
 
     fn delete<'a>(

@@ -311,8 +311,12 @@ impl World {
             // (1): an actor resumes `creating` with a fresh attempt while
             // another actor's create is still in flight.
             (
-                Rotation::Creating { rid: a, attempt: x },
-                Rotation::Creating { rid: b, attempt: y },
+                Rotation::Creating {
+                    rid: a, attempt: x, ..
+                },
+                Rotation::Creating {
+                    rid: b, attempt: y, ..
+                },
             ) if a == b
                 && x != y
                 && self
