@@ -454,11 +454,19 @@ async fn rotate(config: &Config, name: &str) -> u8 {
         eprintln!("rekeyd: {e}");
         return e.exit_code();
     }
+    let secret_api_bearer = match daemon::secret_api_bearer(cred, &Default::default(), &store) {
+        Ok(bearer) => bearer,
+        Err(e) => {
+            eprintln!("rekeyd: {e}");
+            return EXIT_FAILURE;
+        }
+    };
     let rotator = Rotator {
         name: cred.name.clone(),
         client_id: cred.client_id.clone(),
         provider,
         secret_api,
+        secret_api_bearer,
         store,
         grace: cred
             .rotation

@@ -230,6 +230,10 @@ struct RawCredential {
     provider: Option<String>,
     client_id: Option<String>,
     customer_id: Option<String>,
+    org_url: Option<String>,
+    app_id: Option<String>,
+    domain: Option<String>,
+    secret_api_credential: Option<String>,
     initial_secret_file: Option<PathBuf>,
     initial_secret_credential: Option<String>,
     initial_secret_id: Option<String>,
@@ -520,6 +524,12 @@ pub enum ProviderKind {
     MapsIndoors,
     Mappls,
     OAuth2,
+    /// Okta: a token from the org's authorization server, secrets through
+    /// the apps API (`/api/v1/apps/{appId}/credentials/secrets`).
+    Okta,
+    /// Auth0: a token from `https://{domain}/oauth/token`, the secret set
+    /// through the Management API (`PATCH /api/v2/clients/{client_id}`).
+    Auth0,
 }
 
 impl ProviderKind {
@@ -528,14 +538,25 @@ impl ProviderKind {
             ProviderKind::MapsIndoors => "mapsindoors",
             ProviderKind::Mappls => "mappls",
             ProviderKind::OAuth2 => "oauth2",
+            ProviderKind::Okta => "okta",
+            ProviderKind::Auth0 => "auth0",
         }
+    }
+
+    /// Whether rekeyd can rotate this provider's secrets (it has a secret
+    /// API rekeyd speaks).
+    pub fn has_secret_api(self) -> bool {
+        matches!(
+            self,
+            ProviderKind::MapsIndoors | ProviderKind::Okta | ProviderKind::Auth0
+        )
     }
 
     fn default_token_url(self) -> Option<&'static str> {
         match self {
             ProviderKind::MapsIndoors => Some("https://auth.mapsindoors.com/connect/token"),
             ProviderKind::Mappls => Some("https://outpost.mapmyindia.com/api/security/oauth/token"),
-            ProviderKind::OAuth2 => None,
+            ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0 => None,
         }
     }
 
@@ -543,6 +564,45 @@ impl ProviderKind {
         match self {
             ProviderKind::MapsIndoors => Some("https://auth.mapsindoors.com/api/clientcredentials"),
             _ => None,
+        }
+    }
+}
+
+/// The provider-specific ids a credential's default URLs are derived from
+/// (each overridable in `[credentials.endpoints]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderIds {
+    /// MapsIndoors (`customer_id` is its own key), Mappls, oauth2.
+    None,
+    /// Okta: `org_url` (`https://example.okta.com`) and the OAuth app's
+    /// `app_id` (the application id, not the client id). Token URL
+    /// `{org_url}/oauth2/v1/token`; secrets
+    /// `{org_url}/api/v1/apps/{app_id}/credentials/secrets` (Okta Management
+    /// API, "Application Client Auth Credentials").
+    Okta { org_url: Url, app_id: String },
+    /// Auth0: the tenant's `domain` (`example.eu.auth0.com`). Token URL
+    /// `https://{domain}/oauth/token`; secret
+    /// `https://{domain}/api/v2/clients/{client_id}` (Management API v2).
+    Auth0 { domain: String },
+}
+
+impl ProviderIds {
+    /// Default token and secret-API URLs, as text; `None` where the
+    /// provider has no default.
+    fn default_urls(&self, client_id: &str) -> (Option<String>, Option<String>) {
+        match self {
+            ProviderIds::None => (None, None),
+            ProviderIds::Okta { org_url, app_id } => {
+                let base = org_url.as_str().trim_end_matches('/');
+                (
+                    Some(format!("{base}/oauth2/v1/token")),
+                    Some(format!("{base}/api/v1/apps/{app_id}/credentials/secrets")),
+                )
+            }
+            ProviderIds::Auth0 { domain } => (
+                Some(format!("https://{domain}/oauth/token")),
+                Some(format!("https://{domain}/api/v2/clients/{client_id}")),
+            ),
         }
     }
 }
@@ -751,12 +811,33 @@ impl std::fmt::Debug for ParamValue {
     }
 }
 
+/// A resolved `secret_api_credential`: whose token calls a credential's
+/// secret API, and how that token is obtained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretApiCredential {
+    /// The credential or token profile name, as configured.
+    pub name: String,
+    /// The credential whose secret the store holds (a profile's own
+    /// credential).
+    pub secret_of: String,
+    /// Its token request: the credential, or the profile's view of it
+    /// ([`CredentialConfig::profile_view`]). Filled in once every
+    /// credential is read; always set in a loaded [`Config`].
+    pub login: Option<Box<CredentialConfig>>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CredentialConfig {
     pub name: String,
     pub provider: ProviderKind,
     pub client_id: String,
     pub customer_id: Option<String>,
+    /// Okta's and Auth0's ids (`org_url`, `app_id`, `domain`).
+    pub ids: ProviderIds,
+    /// `secret_api_credential`: the credential or token profile whose token
+    /// calls the secret API (an administrative client: Okta's and Auth0's
+    /// management APIs); `None`: the credential's own token.
+    pub secret_api_credential: Option<SecretApiCredential>,
     /// The bootstrap secret's file: `initial_secret_file` as written, or
     /// `$CREDENTIALS_DIRECTORY/<initial_secret_credential>` resolved when
     /// the configuration was loaded; `None` for a credential name loaded
@@ -842,6 +923,8 @@ impl CredentialConfig {
             provider: self.provider,
             client_id: self.client_id.clone(),
             customer_id: self.customer_id.clone(),
+            ids: self.ids.clone(),
+            secret_api_credential: None,
             initial_secret_file: self.initial_secret_file.clone(),
             initial_secret_credential: self.initial_secret_credential.clone(),
             initial_secret_id: self.initial_secret_id.clone(),
@@ -1255,6 +1338,7 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
     }
 
     check_one_owner_per_secret(&credentials)?;
+    resolve_secret_api_credentials(&mut credentials)?;
 
     Ok(Config {
         state_dir,
@@ -1265,6 +1349,41 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         history_limit,
         credentials,
     })
+}
+
+/// Points each `secret_api_credential` at the credential or token profile
+/// it names: its token request, and the credential whose secret it uses.
+fn resolve_secret_api_credentials(credentials: &mut [CredentialConfig]) -> Result<(), ConfigError> {
+    let views: Vec<(String, String, CredentialConfig)> = credentials
+        .iter()
+        .flat_map(|c| {
+            let own = std::iter::once((c.name.clone(), c.name.clone(), c.clone()));
+            let profiles =
+                (c.tokens.iter()).map(|p| (p.name.clone(), c.name.clone(), c.profile_view(p)));
+            own.chain(profiles).collect::<Vec<_>>()
+        })
+        .collect();
+    for (i, cred) in credentials.iter_mut().enumerate() {
+        let Some(admin) = &mut cred.secret_api_credential else {
+            continue;
+        };
+        let Some((_, secret_of, view)) = views.iter().find(|(name, ..)| *name == admin.name) else {
+            return Err(ConfigError::invalid(
+                format!("credentials[{i}].secret_api_credential"),
+                format!(
+                    "names {:?}, which is neither a credential nor a token profile",
+                    admin.name
+                ),
+            ));
+        };
+        admin.secret_of = secret_of.clone();
+        // Its token only; its own rotation and sinks are its credential's.
+        let mut login = view.clone();
+        login.rotation = None;
+        login.secret_api_credential = None;
+        admin.login = Some(Box::new(login));
+    }
+    Ok(())
 }
 
 /// `[store] history_limit`: a count within
@@ -2000,19 +2119,29 @@ fn validate_credential(
         "mapsindoors" => ProviderKind::MapsIndoors,
         "mappls" => ProviderKind::Mappls,
         "oauth2" => ProviderKind::OAuth2,
+        "okta" => ProviderKind::Okta,
+        "auth0" => ProviderKind::Auth0,
         other => {
             return Err(ConfigError::invalid(
                 key("provider"),
-                format!("unknown provider {other:?}; expected mapsindoors, mappls or oauth2"),
+                format!(
+                    "unknown provider {other:?}; expected mapsindoors, mappls, oauth2, okta or auth0"
+                ),
             ));
         }
     };
     let client_id = required(rc.client_id, "client_id")?;
+    let ids = validate_provider_ids(i, provider, rc.org_url, rc.app_id, rc.domain)?;
 
-    let auth_method = match (provider, rc.auth_method.as_deref()) {
-        (ProviderKind::OAuth2, None | Some("client_secret_basic")) => AuthMethod::ClientSecretBasic,
+    // Okta and Auth0 are RFC 6749 token endpoints: both methods work.
+    let standard = matches!(
+        provider,
+        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0
+    );
+    let auth_method = match (standard, rc.auth_method.as_deref()) {
+        (true, None | Some("client_secret_basic")) => AuthMethod::ClientSecretBasic,
         (_, Some("client_secret_post")) => AuthMethod::ClientSecretPost,
-        (ProviderKind::OAuth2, Some(other)) => {
+        (true, Some(other)) => {
             return Err(ConfigError::invalid(
                 key("auth_method"),
                 format!("expected client_secret_basic or client_secret_post, got {other:?}"),
@@ -2064,7 +2193,7 @@ fn validate_credential(
 
     check_request_params(&key(""), provider, &rc.extra_params, rc.audience.is_some())?;
 
-    let endpoints = validate_endpoints(i, provider, rc.endpoints)?;
+    let endpoints = validate_endpoints(i, provider, &ids.default_urls(&client_id), rc.endpoints)?;
 
     let (before_expiry, default_lifetime, min_forced_interval) =
         rc.refresh.map_or((None, None, None), |r| {
@@ -2119,10 +2248,28 @@ fn validate_credential(
         .rotation
         .map(|r| validate_rotation(i, provider, r))
         .transpose()?;
-    if rotation.is_some() && rc.customer_id.is_none() {
+    if rotation.is_some() && provider == ProviderKind::MapsIndoors && rc.customer_id.is_none() {
         return Err(ConfigError::invalid(
             key("customer_id"),
             "is required when [credentials.rotation] is set (the MapsIndoors secret API is per customer)",
+        ));
+    }
+    if let Some(admin) = &rc.secret_api_credential {
+        if rotation.is_none() {
+            return Err(ConfigError::invalid(
+                key("secret_api_credential"),
+                "is used only to rotate: set [credentials.rotation] or remove it",
+            ));
+        }
+        check_token_name(&key("secret_api_credential"), admin)?;
+    } else if rotation.is_some() && matches!(provider, ProviderKind::Okta | ProviderKind::Auth0) {
+        return Err(ConfigError::invalid(
+            key("secret_api_credential"),
+            format!(
+                "is required to rotate with provider {}: name the credential (or token profile) \
+                 whose token may call its management API",
+                provider.as_str()
+            ),
         ));
     }
 
@@ -2152,6 +2299,12 @@ fn validate_credential(
         provider,
         client_id,
         customer_id: rc.customer_id,
+        ids,
+        secret_api_credential: rc.secret_api_credential.map(|name| SecretApiCredential {
+            name,
+            secret_of: String::new(),
+            login: None,
+        }),
         initial_secret_file,
         initial_secret_credential: rc.initial_secret_credential,
         initial_secret_id: rc.initial_secret_id,
@@ -2382,9 +2535,88 @@ fn validate_hook(key: &str, raw: RawHook, rotates: bool) -> Result<HookConfig, C
     Ok(HookConfig { on, action })
 }
 
+/// Okta's `org_url` and `app_id`, Auth0's `domain`: required by their
+/// provider, refused elsewhere (a key that does nothing is a mistake).
+fn validate_provider_ids(
+    i: usize,
+    provider: ProviderKind,
+    org_url: Option<String>,
+    app_id: Option<String>,
+    domain: Option<String>,
+) -> Result<ProviderIds, ConfigError> {
+    let key = |field: &str| format!("credentials[{i}].{field}");
+    let given = [
+        ("org_url", &org_url),
+        ("app_id", &app_id),
+        ("domain", &domain),
+    ];
+    let wanted: &[&str] = match provider {
+        ProviderKind::Okta => &["org_url", "app_id"],
+        ProviderKind::Auth0 => &["domain"],
+        _ => &[],
+    };
+    for (field, value) in given {
+        match (wanted.contains(&field), value) {
+            (true, None) => {
+                return Err(ConfigError::invalid(
+                    key(field),
+                    format!("is required for provider {}", provider.as_str()),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    key(field),
+                    format!("is not used by provider {}", provider.as_str()),
+                ));
+            }
+            _ => {}
+        }
+    }
+    // An id ends up in a URL path or host: no characters that would move it.
+    let plain = |field: &str, value: &str| {
+        let ok = !value.is_empty()
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(())
+        } else {
+            Err(ConfigError::invalid(
+                key(field),
+                "must be letters, digits, '-', '_' or '.'",
+            ))
+        }
+    };
+    Ok(match provider {
+        ProviderKind::Okta => {
+            let text = org_url.unwrap_or_default();
+            let url = parse_url(&key("org_url"), &text, false)?;
+            if url.path() != "/" || url.query().is_some() {
+                return Err(ConfigError::invalid(
+                    key("org_url"),
+                    "must be the org's base URL, like https://example.okta.com (no path)",
+                ));
+            }
+            let app_id = app_id.unwrap_or_default();
+            plain("app_id", &app_id)?;
+            ProviderIds::Okta {
+                org_url: url,
+                app_id,
+            }
+        }
+        ProviderKind::Auth0 => {
+            let domain = domain.unwrap_or_default();
+            plain("domain", &domain)?;
+            ProviderIds::Auth0 { domain }
+        }
+        _ => ProviderIds::None,
+    })
+}
+
 fn validate_endpoints(
     i: usize,
     provider: ProviderKind,
+    defaults: &(Option<String>, Option<String>),
     raw: Option<RawEndpoints>,
 ) -> Result<EndpointsConfig, ConfigError> {
     let key = |field: &str| format!("credentials[{i}].endpoints.{field}");
@@ -2397,14 +2629,16 @@ fn validate_endpoints(
     });
     let token_text = raw
         .token_url
+        .or_else(|| defaults.0.clone())
         .or_else(|| provider.default_token_url().map(str::to_owned))
         .ok_or_else(|| ConfigError::invalid(key("token_url"), "is required for provider oauth2"))?;
     let token_url = parse_url(&key("token_url"), &token_text, raw.allow_insecure_http)?;
     let secrets_url = match raw
         .secrets_url
+        .or_else(|| defaults.1.clone())
         .or_else(|| provider.default_secrets_url().map(str::to_owned))
     {
-        Some(_) if provider != ProviderKind::MapsIndoors => {
+        Some(_) if !provider.has_secret_api() => {
             return Err(ConfigError::invalid(
                 key("secrets_url"),
                 format!("provider {} has no secret API", provider.as_str()),
@@ -2482,7 +2716,7 @@ fn validate_rotation(
     raw: RawRotation,
 ) -> Result<RotationConfig, ConfigError> {
     let key = |field: &str| format!("credentials[{i}].rotation.{field}");
-    if provider != ProviderKind::MapsIndoors {
+    if !provider.has_secret_api() {
         return Err(ConfigError::invalid(
             format!("credentials[{i}].rotation"),
             format!(

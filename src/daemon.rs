@@ -23,6 +23,7 @@ use crate::credential::{self, CredentialChannels, CredentialHandle, CredentialSt
 use crate::metrics;
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
+use crate::rotation::driver::{BearerSource, LoginBearer};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
 use crate::serve::{activation, api, hooks, http, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
@@ -153,6 +154,8 @@ pub(crate) struct Prepared {
     pub(crate) config: CredentialConfig,
     pub(crate) provider: Arc<dyn TokenProvider>,
     pub(crate) secret_api: Option<Arc<dyn SecretApi>>,
+    /// `secret_api_credential`'s token source; `None`: the credential's own.
+    pub(crate) secret_api_bearer: Option<Arc<dyn BearerSource>>,
     pub(crate) bootstrap: Option<SecretString>,
     /// The credential's token profiles, in configuration order.
     pub(crate) profiles: Vec<PreparedProfile>,
@@ -382,6 +385,8 @@ pub(crate) async fn prepare(
             Ok(PreparedProfile { config, provider })
         })
         .collect::<Result<Vec<_>, DaemonError>>()?;
+    let secret_api_bearer =
+        secret_api_bearer(cred, &shared.clients, &shared.store).map_err(setup)?;
     let bootstrap = match shared.store.load(&cred.name).await? {
         Some(_) => None,
         None => Some(read_initial_secret(i, cred)?),
@@ -390,6 +395,7 @@ pub(crate) async fn prepare(
         config: cred.clone(),
         provider,
         secret_api,
+        secret_api_bearer,
         bootstrap,
         profiles,
     })
@@ -485,7 +491,14 @@ async fn launch(
             })
             .collect();
     if let Some(secret_api) = secret_api {
-        let mut rotator = rotator(&cred, &p.provider, secret_api, store, Some(&channels));
+        let mut rotator = rotator(
+            &cred,
+            &p.provider,
+            secret_api,
+            p.secret_api_bearer.clone(),
+            store,
+            Some(&channels),
+        );
         if !profile_channels.is_empty() {
             // S5 for every token of the secret: a promotion wakes the
             // credential's engine and each profile's.
@@ -618,6 +631,30 @@ async fn fan_out(from: Arc<Notify>, to: Vec<Arc<Notify>>, cancel: CancellationTo
     }
 }
 
+/// Where `cred`'s secret API gets its bearer token: `None` for its own
+/// login, else `secret_api_credential`'s token, logged in with the secret
+/// the store holds for that credential.
+pub(crate) fn secret_api_bearer(
+    cred: &CredentialConfig,
+    clients: &provider::HttpClients,
+    store: &Arc<dyn Store>,
+) -> Result<Option<Arc<dyn BearerSource>>, provider::ProviderError> {
+    let Some(admin) = &cred.secret_api_credential else {
+        return Ok(None);
+    };
+    let login = admin
+        .login
+        .as_ref()
+        .expect("a loaded configuration resolves secret_api_credential");
+    Ok(Some(Arc::new(LoginBearer {
+        provider: provider::build_with(login, clients)?,
+        secrets: Arc::new(StoreSecrets {
+            store: store.clone(),
+            name: admin.secret_of.clone(),
+        }),
+    })))
+}
+
 /// The rotation driver of `cred`, as the daemon and a one-shot run use
 /// it; `channels` (the daemon's) show its progress and hear about
 /// promotions (S5).
@@ -625,6 +662,7 @@ pub(crate) fn rotator(
     cred: &CredentialConfig,
     provider: &Arc<dyn TokenProvider>,
     secret_api: Arc<dyn SecretApi>,
+    secret_api_bearer: Option<Arc<dyn BearerSource>>,
     store: &Arc<dyn Store>,
     channels: Option<&CredentialChannels>,
 ) -> Rotator {
@@ -633,6 +671,7 @@ pub(crate) fn rotator(
         client_id: cred.client_id.clone(),
         provider: provider.clone(),
         secret_api,
+        secret_api_bearer,
         store: store.clone(),
         grace: cred
             .rotation

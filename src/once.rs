@@ -207,7 +207,14 @@ async fn credential(p: Prepared, shared: &Shared) -> CredentialReport {
         .secret_api
         .filter(|_| cred.rotation.is_some() || unfinished)
     {
-        let rotator = daemon::rotator(cred, &p.provider, secret_api, &shared.store, None);
+        let rotator = daemon::rotator(
+            cred,
+            &p.provider,
+            secret_api,
+            p.secret_api_bearer.clone(),
+            &shared.store,
+            None,
+        );
         let result = rotator
             .settle_once(cred.rotation.as_ref(), MAX_JOURNAL_WAIT, stop)
             .await;

@@ -113,6 +113,7 @@ secrets_url = "{}"
             secret_api: rekeyd::provider::build_secret_api(cred)
                 .unwrap()
                 .expect("secret API configured"),
+            secret_api_bearer: None,
             store,
             grace: Duration::ZERO,
             verify_window,

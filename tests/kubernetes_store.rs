@@ -875,6 +875,7 @@ impl Replicas {
             client_id: CLIENT.into(),
             provider: rekeyd::provider::build(cred).unwrap(),
             secret_api: rekeyd::provider::build_secret_api(cred).unwrap().unwrap(),
+            secret_api_bearer: None,
             store,
             grace: Duration::from_secs(1),
             verify_window: DEFAULT_VERIFY_WINDOW,

@@ -1822,6 +1822,7 @@ async fn rotation_run(
             provider: rekeyd::provider::build_with(cred, &clients)?,
             secret_api: rekeyd::provider::build_secret_api_with(cred, &clients)?
                 .ok_or("no secret API")?,
+            secret_api_bearer: None,
             store: store.clone(),
             grace: Duration::ZERO,
             verify_window: secs(60),

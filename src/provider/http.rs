@@ -361,8 +361,10 @@ impl Reply {
     /// The raw code and message of a refusal body, from whichever fields
     /// the provider uses: RFC 6749 §5.2 (`error`, `error_description`),
     /// RFC 9457 problem details (`title`, `detail`), the common `code` and
-    /// `message` (also nested as `{"error": {"code", "message"}}`); a
-    /// plain-text body is the message. HTML and other bodies give neither.
+    /// `message` (also nested as `{"error": {"code", "message"}}`), Okta's
+    /// `errorCode`/`errorSummary` and Auth0's `errorCode` next to a
+    /// sentence in `error`; a plain-text body is the message. HTML and
+    /// other bodies give neither.
     /// Private: the only way out is [`Reply::refusal`], which scrubs them.
     fn refusal_text(&self) -> (Option<String>, Option<String>) {
         if self.is_plain_text() {
@@ -384,16 +386,24 @@ impl Reply {
                 }
             })
         };
-        let mut code = field(&["error", "code", "error_code", "errorCode"]);
+        let code_fields = ["error", "code", "error_code", "errorCode"];
         let mut message = field(&[
             "error_description",
             "message",
             "detail",
             "error_message",
+            "errorSummary",
             "title",
         ]);
-        // `{"error": "customerId is required"}`: a sentence, not a code.
-        if let Some(sentence) = code.take_if(|c| c.contains(char::is_whitespace)) {
+        // `{"error": "customerId is required"}`, Auth0's `"error": "Bad
+        // Request"`: a sentence, not a code. It leads the message, and a
+        // code may still come from another field (`errorCode`).
+        let is_code = |c: &String| !c.contains(char::is_whitespace);
+        let code = code_fields
+            .iter()
+            .filter_map(|name| field(&[name]))
+            .find(is_code);
+        if let Some(sentence) = field(&["error"]).filter(|c| !is_code(c)) {
             message = Some(match message {
                 Some(m) => format!("{sentence}: {m}"),
                 None => sentence,
@@ -517,6 +527,17 @@ pub async fn token_request(
 
 /// Application/x-www-form-urlencoding of one value, as RFC 6749 §2.3.1
 /// requires for the Basic credentials.
+/// `request` with `body` as its JSON body (`Content-Type:
+/// application/json`).
+pub fn with_json(
+    request: reqwest::RequestBuilder,
+    body: &serde_json::Value,
+) -> reqwest::RequestBuilder {
+    request
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string())
+}
+
 pub fn form_encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }

@@ -14,6 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
+pub use super::classify_secret_api;
 use super::http::{self, Reply, Transport};
 use super::{
     Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret,
@@ -119,25 +120,6 @@ impl MapsIndoorsSecrets {
         self.transport
             .send(operation, request, &[&bearer.access_token])
             .await
-    }
-}
-
-/// Secret API failures. 401: our bearer token is not accepted (the next run
-/// logs in again). 408, 425 and 5xx are passing trouble, 429 or any 4xx with
-/// a `Retry-After` a limit that lifts by itself. Every other 4xx (400, 403,
-/// 404, 409, 422, ...) is a refusal that will be the same on every retry,
-/// whatever its error code says: the client already has its maximum number
-/// of secrets, the customer id is wrong, the client may not manage secrets.
-/// Those are [`ErrorKind::Refused`], which the rotation reports as needing
-/// an operator and retries only slowly.
-pub fn classify_secret_api(status: u16, _code: Option<&str>, retry_after: bool) -> ErrorKind {
-    match status {
-        401 => ErrorKind::Rejected,
-        429 => ErrorKind::Quota,
-        408 | 425 => ErrorKind::Transient,
-        400..=499 if retry_after => ErrorKind::Quota,
-        400..=499 => ErrorKind::Refused,
-        _ => ErrorKind::Transient,
     }
 }
 

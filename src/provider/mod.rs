@@ -7,10 +7,12 @@
 //! Whatever text a provider sends reaches an error only scrubbed of the
 //! credential's secrets ([`redact`]).
 
+pub mod auth0;
 pub mod http;
 pub mod mappls;
 pub mod mapsindoors;
 pub mod oauth2;
+pub mod okta;
 pub mod redact;
 
 use std::fmt;
@@ -308,6 +310,25 @@ impl ProviderError {
     }
 }
 
+/// Secret API failures. 401: our bearer token is not accepted (the next run
+/// logs in again). 408, 425 and 5xx are passing trouble, 429 or any 4xx with
+/// a `Retry-After` a limit that lifts by itself. Every other 4xx (400, 403,
+/// 404, 409, 422, ...) is a refusal that will be the same on every retry,
+/// whatever its error code says: the client already has its maximum number
+/// of secrets, the customer id is wrong, the client may not manage secrets.
+/// Those are [`ErrorKind::Refused`], which the rotation reports as needing
+/// an operator and retries only slowly.
+pub fn classify_secret_api(status: u16, _code: Option<&str>, retry_after: bool) -> ErrorKind {
+    match status {
+        401 => ErrorKind::Rejected,
+        429 => ErrorKind::Quota,
+        408 | 425 => ErrorKind::Transient,
+        400..=499 if retry_after => ErrorKind::Quota,
+        400..=499 => ErrorKind::Refused,
+        _ => ErrorKind::Transient,
+    }
+}
+
 /// A credential's token provider and, if it has one, its secret API,
 /// sharing one [`Redactor`]: a refusal of either is scrubbed of what the
 /// other was sent or given.
@@ -333,12 +354,25 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
         (ProviderKind::MapsIndoors, Some(url), Some(customer)) => Some(Arc::new(
             mapsindoors::MapsIndoorsSecrets::new(transport.clone(), url.clone(), customer.clone()),
         )),
+        (ProviderKind::Okta, Some(url), _) => Some(Arc::new(okta::OktaSecrets::new(
+            transport.clone(),
+            url.clone(),
+            cred.client_id.clone(),
+        ))),
+        (ProviderKind::Auth0, Some(url), _) => Some(Arc::new(auth0::Auth0Secret::new(
+            transport.clone(),
+            url.clone(),
+        ))),
         _ => None,
     };
     let token: Arc<dyn TokenProvider> = match cred.provider {
         ProviderKind::MapsIndoors => Arc::new(mapsindoors::MapsIndoors::new(transport, cred)),
         ProviderKind::Mappls => Arc::new(mappls::Mappls::new(transport, cred)),
-        ProviderKind::OAuth2 => Arc::new(oauth2::OAuth2::new(transport, cred)),
+        // Both are RFC 6749 token endpoints; a wrong secret is 401
+        // (Okta `invalid_client`, Auth0 `access_denied`).
+        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0 => {
+            Arc::new(oauth2::OAuth2::new(transport, cred))
+        }
     };
     Ok(Built { token, secrets })
 }

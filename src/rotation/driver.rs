@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::BoxFuture;
 use secrecy::SecretString;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -28,6 +29,7 @@ use crate::provider::{
 };
 use crate::store::{Claim, CredentialRecord, Store, StoreError, Versioned};
 use crate::token::Token;
+use crate::token::engine::SecretSource;
 
 /// Aborts the process at a named point when the `failpoints` feature is on
 /// and `FAILPOINTS` names it (`FAILPOINTS=rotation-after-create=return`).
@@ -160,11 +162,52 @@ pub struct OnceOutcome {
     pub rotation_completed: bool,
 }
 
+/// Where the secret API's bearer token comes from when it is not the
+/// credential's own: `secret_api_credential`, an administrative client.
+pub trait BearerSource: Send + Sync {
+    fn token(&self) -> BoxFuture<'_, Result<Token, ProviderError>>;
+}
+
+/// A token of another credential (or token profile), logged in with the
+/// secret the store holds for it: its current one, else (refused) the
+/// pending or old one of its own rotation, as its token engine would.
+pub struct LoginBearer {
+    pub provider: Arc<dyn TokenProvider>,
+    pub secrets: Arc<dyn SecretSource>,
+}
+
+impl BearerSource for LoginBearer {
+    fn token(&self) -> BoxFuture<'_, Result<Token, ProviderError>> {
+        Box::pin(async move {
+            let secrets = self
+                .secrets
+                .secrets()
+                .await
+                .map_err(|e| ProviderError::transient("secret_api_credential login", e))?;
+            for secret in [&secrets.pending, &secrets.old].into_iter().flatten() {
+                self.provider.remember(secret);
+            }
+            let mut result = self.provider.login(&secrets.current).await;
+            for fallback in [&secrets.pending, &secrets.old].into_iter().flatten() {
+                match &result {
+                    Err(e) if e.kind == ErrorKind::Rejected => {
+                        result = self.provider.login(fallback).await;
+                    }
+                    _ => break,
+                }
+            }
+            result
+        })
+    }
+}
+
 pub struct Rotator {
     pub name: String,
     pub client_id: String,
     pub provider: Arc<dyn TokenProvider>,
     pub secret_api: Arc<dyn SecretApi>,
+    /// `None`: the secret API takes the credential's own token.
+    pub secret_api_bearer: Option<Arc<dyn BearerSource>>,
     pub store: Arc<dyn Store>,
     pub grace: Duration,
     pub verify_window: Duration,
@@ -564,6 +607,10 @@ impl Run<'_> {
                     let description = super::secret_description(&r.name, &rid, &attempt);
                     let bearer = self.bearer().await?;
                     let chosen = self.record.value.chosen().cloned();
+                    if let Some(value) = &chosen {
+                        // I7: a reply may echo it (Okta and Auth0 do).
+                        r.provider.remember(value);
+                    }
                     let request = CreateRequest {
                         description: &description,
                         value: chosen.as_ref(),
@@ -727,6 +774,11 @@ impl Run<'_> {
             .filter(|t| t.remaining(now) > Duration::from_secs(10))
         {
             return Ok(token.clone());
+        }
+        if let Some(source) = &self.rotator.secret_api_bearer {
+            let token = self.guard(source.token()).await??;
+            self.bearer = Some(token.clone());
+            return Ok(token);
         }
         let provider = &self.rotator.provider;
         let record = &self.record.value;

@@ -250,6 +250,7 @@ impl Fixture {
             client_id: CLIENT.into(),
             provider: Arc::new(self.provider.clone()),
             secret_api: Arc::new(self.provider.clone()),
+            secret_api_bearer: None,
             store: Arc::new(self.store.clone()),
             grace: self.params.grace,
             verify_window: self.params.verify_window,

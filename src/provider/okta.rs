@@ -1,0 +1,253 @@
+//! Okta: an OAuth app's client secrets through the Management API
+//! ("Application Client Auth Credentials", developer.okta.com):
+//!
+//! - `GET    {org}/api/v1/apps/{appId}/credentials/secrets` lists them:
+//!   `[{id, status, created, lastUpdated, secret_hash, ...}]` (values
+//!   only as undisclosed hashes);
+//! - `POST   …/secrets` creates one, `{"client_secret": "…"}` for a value
+//!   of the caller's choice, answering `{id, status, client_secret, …}`;
+//! - `POST   …/secrets/{secretId}/lifecycle/deactivate` deactivates;
+//! - `DELETE …/secrets/{secretId}` deletes an inactive secret (204).
+//!
+//! An app holds at most two secrets. Errors are
+//! `{"errorCode": "E0000…", "errorSummary": "…", "errorCauses": […]}`.
+//! The API is called with the token of an administrative client
+//! (`secret_api_credential`, scope `okta.apps.manage`).
+
+use futures_util::future::BoxFuture;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+
+use super::http::{Reply, Transport, with_json};
+use super::{
+    ALPHANUMERIC, Capabilities, CreateRequest, Deleted, NewSecret, Overlap, ProviderError,
+    RemoteSecret, Retire, SecretApi, ValueOrigin, classify_secret_api,
+};
+use crate::token::Token;
+
+/// Okta documents at most two client secrets per app.
+pub const MAX_SECRETS: u32 = 2;
+
+pub struct OktaSecrets {
+    transport: Transport,
+    /// `…/api/v1/apps/{appId}/credentials/secrets`.
+    url: Url,
+    /// The app's OAuth client id: every listed secret is this client's.
+    client_id: String,
+}
+
+impl OktaSecrets {
+    pub fn new(transport: Transport, url: Url, client_id: String) -> Self {
+        OktaSecrets {
+            transport,
+            url,
+            client_id,
+        }
+    }
+
+    fn secret_url(&self, id: &str, suffix: &[&str]) -> Url {
+        let mut url = self.url.clone();
+        url.path_segments_mut()
+            .expect("an https URL has path segments")
+            .pop_if_empty()
+            .push(id)
+            .extend(suffix);
+        url
+    }
+
+    async fn call(
+        &self,
+        operation: &'static str,
+        request: reqwest::RequestBuilder,
+        bearer: &Token,
+        carried: Option<&SecretString>,
+    ) -> Result<Reply, ProviderError> {
+        let request = request
+            .bearer_auth(bearer.access_token.expose_secret())
+            .header(reqwest::header::ACCEPT, "application/json");
+        let mut secrets = vec![&bearer.access_token];
+        secrets.extend(carried);
+        self.transport.send(operation, request, &secrets).await
+    }
+}
+
+/// Reads a list reply: a JSON array of secrets with `id` and `created`.
+pub fn parse_list_reply(
+    operation: &'static str,
+    reply: &Reply,
+    client_id: &str,
+) -> Result<Vec<RemoteSecret>, ProviderError> {
+    #[derive(Deserialize)]
+    struct Item {
+        id: String,
+        #[serde(default)]
+        created: Option<String>,
+    }
+    if !(200..300).contains(&reply.status) {
+        return Err(reply.refusal(operation, classify_secret_api));
+    }
+    let items: Vec<Item> = serde_json::from_slice(&reply.body)
+        .map_err(|_| reply.unexpected(operation, "expected a JSON list of secrets"))?;
+    Ok(items
+        .into_iter()
+        .filter(|i| !i.id.is_empty())
+        .map(|i| RemoteSecret {
+            id: i.id,
+            // Okta secrets carry no description: nothing is ever found
+            // by a tag, so nothing is swept by one either (I4).
+            description: String::new(),
+            client_id: Some(client_id.to_string()),
+            created_at: i
+                .created
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                .map(std::time::SystemTime::from),
+        })
+        .collect())
+}
+
+/// Reads a create reply: `{id, …}` on 2xx.
+pub fn parse_create_reply(operation: &'static str, reply: &Reply) -> Result<String, ProviderError> {
+    #[derive(Deserialize)]
+    struct Created {
+        id: String,
+    }
+    if !(200..300).contains(&reply.status) {
+        return Err(reply.refusal(operation, classify_secret_api));
+    }
+    let created: Created = serde_json::from_slice(&reply.body)
+        .map_err(|_| reply.unexpected(operation, "expected a JSON secret with an id"))?;
+    if created.id.is_empty() {
+        return Err(reply.unexpected(operation, "empty secret id"));
+    }
+    Ok(created.id)
+}
+
+fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, ProviderError> {
+    match reply.status {
+        200..=299 => Ok(Deleted::Deleted),
+        404 => Ok(Deleted::NotFound),
+        _ => Err(reply.refusal(operation, classify_secret_api)),
+    }
+}
+
+impl SecretApi for OktaSecrets {
+    /// Caller-chosen values (the create body's `client_secret`), two
+    /// secrets at most, deactivated before they can be deleted, listed
+    /// without tags.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            value: ValueOrigin::Caller {
+                alphabet: ALPHANUMERIC,
+            },
+            overlap: Overlap::Many {
+                max: Some(MAX_SECRETS),
+            },
+            retire: Retire::DeactivateThenDelete,
+            tags: false,
+            lists: true,
+        }
+    }
+
+    fn list<'a>(
+        &'a self,
+        bearer: &'a Token,
+    ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "okta list secrets";
+            let request = self.transport.http.inner().get(self.url.clone());
+            let reply = self.call(OP, request, bearer, None).await?;
+            parse_list_reply(OP, &reply, &self.client_id)
+        })
+    }
+
+    fn create<'a>(
+        &'a self,
+        bearer: &'a Token,
+        request: CreateRequest<'a>,
+    ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "okta create secret";
+            let Some(value) = request.value else {
+                return Err(ProviderError::transient(
+                    OP,
+                    "no value to send (a rotation journal from another provider?)",
+                ));
+            };
+            let body = serde_json::json!({ "client_secret": value.expose_secret() });
+            let http = with_json(self.transport.http.inner().post(self.url.clone()), &body);
+            let reply = self.call(OP, http, bearer, Some(value)).await?;
+            let id = parse_create_reply(OP, &reply)?;
+            Ok(NewSecret {
+                id: Some(id),
+                value: value.clone(),
+            })
+        })
+    }
+
+    fn deactivate<'a>(
+        &'a self,
+        bearer: &'a Token,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "okta deactivate secret";
+            let url = self.secret_url(id, &["lifecycle", "deactivate"]);
+            let request = self.transport.http.inner().post(url);
+            let reply = self.call(OP, request, bearer, None).await?;
+            done_or_gone(OP, &reply)
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        bearer: &'a Token,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "okta delete secret";
+            let request = self.transport.http.inner().delete(self.secret_url(id, &[]));
+            let reply = self.call(OP, request, bearer, None).await?;
+            done_or_gone(OP, &reply)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::Redactor;
+    use bytes::Bytes;
+
+    fn reply(status: u16, body: &str) -> Reply {
+        Reply::received(
+            status,
+            Some("application/json".into()),
+            Bytes::from(body.to_string()),
+            &Redactor::default(),
+            &[],
+        )
+    }
+
+    #[test]
+    fn a_listing_is_the_apps_secrets_with_their_creation_time() {
+        let body = r#"[{"id":"ocs1","status":"ACTIVE","client_secret":"****","secret_hash":"h","created":"2026-01-02T03:04:05.000Z"},
+                      {"id":"ocs2","status":"INACTIVE","created":"garbage"}]"#;
+        let secrets = parse_list_reply("list", &reply(200, body), "app-client").unwrap();
+        assert_eq!(secrets.len(), 2);
+        assert_eq!(secrets[0].id, "ocs1");
+        assert_eq!(secrets[0].client_id.as_deref(), Some("app-client"));
+        assert!(secrets[0].created_at.is_some());
+        assert!(secrets[1].created_at.is_none());
+    }
+
+    #[test]
+    fn a_refusal_keeps_oktas_error_code_and_summary() {
+        let body = r#"{"errorCode":"E0000001","errorSummary":"Api validation failed: client_secret","errorCauses":[{"errorSummary":"You can create at most two secrets"}]}"#;
+        let e = parse_create_reply("create", &reply(400, body)).unwrap_err();
+        assert_eq!(e.status, Some(400));
+        assert_eq!(e.code.as_deref(), Some("E0000001"));
+        assert!(e.detail.contains("Api validation failed"), "{e}");
+        assert_eq!(e.kind, crate::provider::ErrorKind::Refused);
+    }
+}
