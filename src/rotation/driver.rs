@@ -679,8 +679,11 @@ impl Run<'_> {
                     let current = self.record.value.current.value.clone();
                     if let Some(token) = self.verify(&current, "promoted secret").await? {
                         // A token of the current secret: the bearer for
-                        // the listing and deletes that follow.
-                        self.bearer = Some(token);
+                        // the listing and deletes that follow, unless
+                        // another credential's token calls the secret API.
+                        if r.secret_api_bearer.is_none() {
+                            self.bearer = Some(token);
+                        }
                         outcome = Outcome::Rotated;
                         Event::CurrentVerified
                     } else {

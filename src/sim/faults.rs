@@ -29,6 +29,20 @@ pub enum Endpoint {
     OAuth2Token,
     /// `POST /oauth2/introspect`
     OAuth2Introspect,
+    /// Okta: `POST /oauth2/v1/token`
+    OktaToken,
+    /// Okta: `GET /api/v1/apps/{app}/credentials/secrets`
+    OktaSecretsList,
+    /// Okta: `POST /api/v1/apps/{app}/credentials/secrets`
+    OktaSecretsCreate,
+    /// Okta: `POST …/secrets/{id}/lifecycle/deactivate`
+    OktaSecretsDeactivate,
+    /// Okta: `DELETE …/secrets/{id}`
+    OktaSecretsDelete,
+    /// Auth0: `POST /oauth/token`
+    Auth0Token,
+    /// Auth0: `PATCH /api/v2/clients/{client_id}`
+    Auth0ClientUpdate,
     /// `GET /healthz` (counted, never faulted)
     Health,
 }
@@ -50,6 +64,41 @@ impl Endpoint {
                 Method::DELETE => Endpoint::SecretsDelete,
                 _ => return None,
             },
+            "/oauth2/v1/token" => Endpoint::OktaToken,
+            "/oauth/token" => Endpoint::Auth0Token,
+            _ => return Self::classify_management(method, path),
+        })
+    }
+
+    /// Okta's and Auth0's management paths, which carry ids.
+    fn classify_management(method: &axum::http::Method, path: &str) -> Option<Endpoint> {
+        use axum::http::Method;
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        Some(match (method, segments.as_slice()) {
+            (&Method::GET, ["api", "v1", "apps", _, "credentials", "secrets"]) => {
+                Endpoint::OktaSecretsList
+            }
+            (&Method::POST, ["api", "v1", "apps", _, "credentials", "secrets"]) => {
+                Endpoint::OktaSecretsCreate
+            }
+            (
+                &Method::POST,
+                [
+                    "api",
+                    "v1",
+                    "apps",
+                    _,
+                    "credentials",
+                    "secrets",
+                    _,
+                    "lifecycle",
+                    "deactivate",
+                ],
+            ) => Endpoint::OktaSecretsDeactivate,
+            (&Method::DELETE, ["api", "v1", "apps", _, "credentials", "secrets", _]) => {
+                Endpoint::OktaSecretsDelete
+            }
+            (&Method::PATCH, ["api", "v2", "clients", _]) => Endpoint::Auth0ClientUpdate,
             _ => return None,
         })
     }
@@ -57,14 +106,26 @@ impl Endpoint {
     pub fn is_token(self) -> bool {
         matches!(
             self,
-            Endpoint::MapsIndoorsToken | Endpoint::MapplsToken | Endpoint::OAuth2Token
+            Endpoint::MapsIndoorsToken
+                | Endpoint::MapplsToken
+                | Endpoint::OAuth2Token
+                | Endpoint::OktaToken
+                | Endpoint::Auth0Token
         )
     }
 
+    /// Every secret API: MapsIndoors', Okta's and Auth0's.
     pub fn is_secrets(self) -> bool {
         matches!(
             self,
-            Endpoint::SecretsList | Endpoint::SecretsCreate | Endpoint::SecretsDelete
+            Endpoint::SecretsList
+                | Endpoint::SecretsCreate
+                | Endpoint::SecretsDelete
+                | Endpoint::OktaSecretsList
+                | Endpoint::OktaSecretsCreate
+                | Endpoint::OktaSecretsDeactivate
+                | Endpoint::OktaSecretsDelete
+                | Endpoint::Auth0ClientUpdate
         )
     }
 }
@@ -75,9 +136,9 @@ pub enum FaultScope {
     /// Every provider endpoint (all but `/healthz`).
     #[default]
     All,
-    /// The three token endpoints.
+    /// Every token endpoint.
     Token,
-    /// The MapsIndoors secret API (`/api/clientcredentials`, all methods).
+    /// Every secret API ([`Endpoint::is_secrets`]).
     Secrets,
     /// Exactly one endpoint, e.g. only the `DELETE` of the secret API.
     Only(Endpoint),

@@ -24,6 +24,7 @@
 //! axum handlers.
 
 mod faults;
+mod management;
 mod routes;
 mod state;
 
@@ -83,6 +84,8 @@ pub struct SimSecret {
     /// RFC 3339, UTC.
     pub created_at: String,
     pub value: String,
+    /// Okta: `false` once deactivated (it no longer logs in).
+    pub active: bool,
 }
 
 impl fmt::Debug for SimSecret {
@@ -93,6 +96,7 @@ impl fmt::Debug for SimSecret {
             .field("description", &self.description)
             .field("created_at", &self.created_at)
             .field("value", &"<redacted>")
+            .field("active", &self.active)
             .finish()
     }
 }
@@ -117,6 +121,9 @@ pub struct SimStats {
     pub faults_injected: u64,
     /// Of those, requests performed whose response was then lost.
     pub responses_dropped: u64,
+    /// Calls of the Okta and Auth0 management APIs, by the client whose
+    /// bearer token made them.
+    pub management_callers: BTreeMap<String, u64>,
 }
 
 impl SimStats {
@@ -220,6 +227,22 @@ impl SimProvider {
         format!("{}/oauth2/token", self.base_url())
     }
 
+    /// Okta's org URL as `org_url` takes it: token and secrets URLs are
+    /// derived from it (the app id is the client id in the sim).
+    pub fn okta_org_url(&self) -> String {
+        self.base_url()
+    }
+
+    /// Auth0's token endpoint.
+    pub fn auth0_token_url(&self) -> String {
+        format!("{}/oauth/token", self.base_url())
+    }
+
+    /// Auth0's client URL (`PATCH` sets its secret).
+    pub fn auth0_client_url(&self, client_id: &str) -> String {
+        format!("{}/api/v2/clients/{client_id}", self.base_url())
+    }
+
     pub fn oauth2_introspect_url(&self) -> String {
         format!("{}/oauth2/introspect", self.base_url())
     }
@@ -275,6 +298,7 @@ impl SimProvider {
                 description: s.description.clone(),
                 created_at: routes::rfc3339(s.created_at),
                 value: s.value.clone(),
+                active: s.active,
             })
             .collect()
     }

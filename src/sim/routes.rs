@@ -24,7 +24,7 @@ use axum::http::header::{
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, patch, post};
 use base64::Engine as _;
 use futures_util::StreamExt;
 use futures_util::stream;
@@ -32,9 +32,9 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::Shared;
 use super::faults::{Endpoint, Fault};
 use super::state::{AuthError, Issued, Issuer};
+use super::{Shared, management};
 
 /// Size of the body sent by the `huge` fault, and the chunk it is cut into.
 const HUGE_BODY_BYTES: usize = 50 * 1024 * 1024;
@@ -53,6 +53,24 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/security/oauth/token", post(mappls_token))
         .route("/oauth2/token", post(oauth2_token))
         .route("/oauth2/introspect", post(oauth2_introspect))
+        .route("/oauth2/v1/token", post(oauth2_token))
+        .route(
+            "/api/v1/apps/{app}/credentials/secrets",
+            get(management::okta_list).post(management::okta_create),
+        )
+        .route(
+            "/api/v1/apps/{app}/credentials/secrets/{id}",
+            delete(management::okta_delete),
+        )
+        .route(
+            "/api/v1/apps/{app}/credentials/secrets/{id}/lifecycle/deactivate",
+            post(management::okta_deactivate),
+        )
+        .route("/oauth/token", post(management::auth0_token))
+        .route(
+            "/api/v2/clients/{client_id}",
+            patch(management::auth0_update_client),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
@@ -292,7 +310,7 @@ async fn lose_response(response: Response) -> Response {
 // Token endpoints
 // ---------------------------------------------------------------------------
 
-enum LoginError {
+pub(super) enum LoginError {
     InvalidClient,
     UnsupportedGrantType,
 }
@@ -328,7 +346,7 @@ pub enum ExpiresIn {
 impl Shared {
     /// A successful token reply: `fields` plus `access_token` and
     /// `expires_in` as the current [`TokenReply`] says.
-    fn token_body(&self, issued: Issued, mut fields: Value) -> Value {
+    pub(super) fn token_body(&self, issued: Issued, mut fields: Value) -> Value {
         let reply = self.lock().token_reply.clone();
         let access_token = match reply.jwt_exp_in {
             None => issued.access_token,
@@ -364,7 +382,7 @@ impl Shared {
 impl Shared {
     /// Authenticates the client and issues a token; shared by all three token
     /// endpoints because a client is a client whichever door it uses.
-    fn login(
+    pub(super) fn login(
         &self,
         endpoint: Endpoint,
         client_id: Option<&str>,
@@ -758,7 +776,7 @@ async fn delete_secret(
 // Wire helpers
 // ---------------------------------------------------------------------------
 
-fn json_response(status: StatusCode, body: Value) -> Response {
+pub(super) fn json_response(status: StatusCode, body: Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
@@ -770,7 +788,7 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn is_form(headers: &HeaderMap) -> bool {
+pub(super) fn is_form(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -781,12 +799,12 @@ fn is_form(headers: &HeaderMap) -> bool {
         })
 }
 
-fn parse_form(body: &[u8]) -> HashMap<String, String> {
+pub(super) fn parse_form(body: &[u8]) -> HashMap<String, String> {
     url::form_urlencoded::parse(body).into_owned().collect()
 }
 
 /// A form field; empty counts as absent, as it does for the real servers.
-fn field<'a>(form: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+pub(super) fn field<'a>(form: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
     form.get(name).map(String::as_str).filter(|v| !v.is_empty())
 }
 
@@ -799,7 +817,7 @@ fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
 }
 
 /// Parses `Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 §2.3.1).
-fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
+pub(super) fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
     let encoded = strip_scheme(value.to_str().ok()?, "Basic")?;
     let decoded = String::from_utf8(decode_base64(encoded)?).ok()?;
     let (id, secret) = decoded.split_once(':')?;

@@ -24,7 +24,10 @@ const VALUE_LEN: usize = 43;
 pub(crate) enum Issuer {
     MapsIndoors,
     Mappls,
+    /// `/oauth2/token` and Okta's `/oauth2/v1/token`.
     OAuth2,
+    /// Auth0's `/oauth/token`.
+    Auth0,
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +48,8 @@ pub(crate) struct Secret {
     /// consistency between the secret API and the token endpoint).
     pub usable_from: Instant,
     pub value: String,
+    /// Okta: a deactivated secret no longer logs in and may be deleted.
+    pub active: bool,
 }
 
 /// An issued access token. No `Debug` for the same reason as [`Secret`].
@@ -145,9 +150,57 @@ impl Registry {
             created_at: SystemTime::now(),
             usable_from,
             value: random_value(rng),
+            active: true,
         };
         self.secrets.push(secret.clone());
         Some(secret)
+    }
+
+    /// Creates a secret with a value of the caller's choice (Okta's create
+    /// with `client_secret`), propagating like any API-made secret.
+    pub fn create_secret_with_value(
+        &mut self,
+        client_id: &str,
+        value: &str,
+        now: Instant,
+        rng: &mut impl Rng,
+    ) -> Option<Secret> {
+        let mut secret = self.create_secret(client_id, "", now, true, rng)?;
+        secret.value = value.to_owned();
+        self.secrets.last_mut().expect("just pushed").value = value.to_owned();
+        Some(secret)
+    }
+
+    /// Replaces every secret of the client with one of the given value
+    /// (Auth0's client update): the old ones stop working at once, the new
+    /// one after the propagation delay.
+    pub fn replace_secrets(
+        &mut self,
+        client_id: &str,
+        value: &str,
+        now: Instant,
+        rng: &mut impl Rng,
+    ) -> Option<Secret> {
+        self.customer_of(client_id)?;
+        self.secrets.retain(|s| s.client_id != client_id);
+        self.create_secret_with_value(client_id, value, now, rng)
+    }
+
+    /// Deactivates secret `id` of the client; `None` if there is none.
+    pub fn deactivate_secret(&mut self, client_id: &str, id: &str) -> Option<Secret> {
+        let secret = self
+            .secrets
+            .iter_mut()
+            .find(|s| s.client_id == client_id && s.id == id)?;
+        secret.active = false;
+        Some(secret.clone())
+    }
+
+    /// The client's secret `id`, if it has one.
+    pub fn secret_of_client(&self, client_id: &str, id: &str) -> Option<&Secret> {
+        self.secrets
+            .iter()
+            .find(|s| s.client_id == client_id && s.id == id)
     }
 
     /// Checks a client id and secret value as a token endpoint would.
@@ -163,7 +216,7 @@ impl Registry {
         let matching = self
             .secrets
             .iter()
-            .find(|s| s.client_id == client_id && s.value == secret)
+            .find(|s| s.client_id == client_id && s.value == secret && s.active)
             .ok_or(AuthError::WrongSecret)?;
         if now < matching.usable_from {
             return Err(AuthError::NotYetPropagated);

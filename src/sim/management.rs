@@ -1,0 +1,347 @@
+//! The Okta and Auth0 profiles: their token endpoints and the management
+//! APIs that change a client's secrets, written from their public
+//! documentation (Okta Management API "Application Client Auth
+//! Credentials"; Auth0 Management API v2 "Update a client").
+//!
+//! - **Okta**: `POST /oauth2/v1/token` (RFC 6749); secrets under
+//!   `/api/v1/apps/{app}/credentials/secrets`, at most two per app, with a
+//!   caller-chosen value when the create body carries `client_secret`;
+//!   deactivate with `POST …/{id}/lifecycle/deactivate`; only an inactive
+//!   secret may be deleted. The sim takes the app id to be the client id.
+//! - **Auth0**: `POST /oauth/token` answers a wrong secret with
+//!   `401 {"error":"access_denied"}`; `PATCH /api/v2/clients/{client_id}`
+//!   with `client_secret` replaces the client's secret atomically (the old
+//!   one stops at once, the new one works after the propagation delay).
+//!
+//! Both management APIs take a bearer token of any client of their issuer
+//! (an administrative client in real deployments).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::Shared;
+use super::faults::Endpoint;
+use super::routes::{LoginError, field, is_form, json_response, parse_basic, parse_form, rfc3339};
+use super::state::{Issuer, Secret};
+
+/// Okta's documented limit of client secrets per app.
+pub const OKTA_MAX_SECRETS: usize = 2;
+
+/// The client of a valid bearer token from `issuer`, or the 401 to send.
+fn bearer_client(sh: &Shared, headers: &HeaderMap, issuer: Issuer) -> Result<String, Response> {
+    let unauthorized =
+        || (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")]).into_response();
+    let token = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(unauthorized)?;
+    let mut st = sh.lock();
+    let client = st
+        .registry
+        .token(token.trim(), Instant::now())
+        .filter(|t| t.issuer == issuer)
+        .map(|t| t.client_id.clone())
+        .ok_or_else(unauthorized)?;
+    *st.stats
+        .management_callers
+        .entry(client.clone())
+        .or_default() += 1;
+    Ok(client)
+}
+
+fn okta_error(status: StatusCode, code: &str, summary: &str, cause: Option<&str>) -> Response {
+    let causes: Vec<Value> = cause
+        .map(|c| json!({"errorSummary": c}))
+        .into_iter()
+        .collect();
+    json_response(
+        status,
+        json!({
+            "errorCode": code,
+            "errorSummary": summary,
+            "errorLink": code,
+            "errorId": "sim",
+            "errorCauses": causes,
+        }),
+    )
+}
+
+fn okta_not_found(id: &str) -> Response {
+    okta_error(
+        StatusCode::NOT_FOUND,
+        "E0000007",
+        &format!("Not found: Resource not found: {id} (OAuth2ClientSecret)"),
+        None,
+    )
+}
+
+/// A secret as Okta shows it: the value only as a hash, except in the
+/// create reply.
+fn okta_secret(s: &Secret, with_value: bool) -> Value {
+    use sha2::Digest;
+    let hash = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        sha2::Sha256::digest(s.value.as_bytes()),
+    );
+    json!({
+        "id": s.id,
+        "status": if s.active { "ACTIVE" } else { "INACTIVE" },
+        "client_secret": if with_value { s.value.clone() } else { format!("{}****", &hash[..4]) },
+        "secret_hash": hash,
+        "created": rfc3339(s.created_at),
+        "lastUpdated": rfc3339(s.created_at),
+    })
+}
+
+pub(super) async fn okta_list(
+    State(sh): State<Arc<Shared>>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = bearer_client(&sh, &headers, Issuer::OAuth2) {
+        return denied;
+    }
+    let st = sh.lock();
+    let list: Vec<Value> = st
+        .registry
+        .secrets_of_client(&app)
+        .map(|s| okta_secret(s, false))
+        .collect();
+    json_response(StatusCode::OK, Value::Array(list))
+}
+
+pub(super) async fn okta_create(
+    State(sh): State<Arc<Shared>>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(denied) = bearer_client(&sh, &headers, Issuer::OAuth2) {
+        return denied;
+    }
+    let chosen = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v) => v
+                .get("client_secret")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            Err(_) => {
+                return okta_error(
+                    StatusCode::BAD_REQUEST,
+                    "E0000003",
+                    "The request body was not well-formed.",
+                    None,
+                );
+            }
+        }
+    };
+    let mut st = sh.lock();
+    if st.registry.customer_of(&app).is_none() {
+        return okta_error(
+            StatusCode::NOT_FOUND,
+            "E0000007",
+            &format!("Not found: Resource not found: {app} (App)"),
+            None,
+        );
+    }
+    let count = st.registry.secrets_of_client(&app).count();
+    if count >= OKTA_MAX_SECRETS || st.faults.refuses_create() {
+        st.stats.faults_injected += u64::from(count < OKTA_MAX_SECRETS);
+        return okta_error(
+            StatusCode::BAD_REQUEST,
+            "E0000001",
+            "Api validation failed: client_secret",
+            Some("You can't create more than two client secrets for an app."),
+        );
+    }
+    let now = Instant::now();
+    let created = match chosen {
+        Some(value) if value.len() < 14 => {
+            return okta_error(
+                StatusCode::BAD_REQUEST,
+                "E0000001",
+                "Api validation failed: client_secret",
+                Some("client_secret: must be at least 14 characters"),
+            );
+        }
+        Some(value) => st
+            .registry
+            .create_secret_with_value(&app, &value, now, &mut rand::rng()),
+        None => st
+            .registry
+            .create_secret(&app, "", now, true, &mut rand::rng()),
+    };
+    let Some(secret) = created else {
+        return okta_not_found(&app);
+    };
+    st.stats.secrets_created += 1;
+    debug!(client_id = %app, id = %secret.id, "sim: okta secret created");
+    json_response(StatusCode::OK, okta_secret(&secret, true))
+}
+
+pub(super) async fn okta_deactivate(
+    State(sh): State<Arc<Shared>>,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = bearer_client(&sh, &headers, Issuer::OAuth2) {
+        return denied;
+    }
+    let mut st = sh.lock();
+    match st.registry.deactivate_secret(&app, &id) {
+        Some(secret) => json_response(StatusCode::OK, okta_secret(&secret, false)),
+        None => okta_not_found(&id),
+    }
+}
+
+pub(super) async fn okta_delete(
+    State(sh): State<Arc<Shared>>,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = bearer_client(&sh, &headers, Issuer::OAuth2) {
+        return denied;
+    }
+    let mut st = sh.lock();
+    let Some(secret) = st.registry.secret_of_client(&app, &id) else {
+        return okta_not_found(&id);
+    };
+    if secret.active {
+        return okta_error(
+            StatusCode::BAD_REQUEST,
+            "E0000001",
+            "Api validation failed: Cannot delete an active client secret",
+            Some("Deactivate the client secret before deleting it."),
+        );
+    }
+    st.registry.remove_secret(&id);
+    st.stats.secrets_deleted += 1;
+    debug!(client_id = %app, %id, "sim: okta secret deleted");
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Auth0's token endpoint: the client authenticates in the body or with
+/// Basic; a wrong secret is `401 access_denied`.
+pub(super) async fn auth0_token(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !is_form(&headers) {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_request", "error_description": "unsupported content type"}),
+        );
+    }
+    let form = parse_form(&body);
+    let (client_id, secret) = match headers.get(AUTHORIZATION).and_then(parse_basic) {
+        Some((id, secret)) => (Some(id), Some(secret)),
+        None => (
+            field(&form, "client_id").map(str::to_owned),
+            field(&form, "client_secret").map(str::to_owned),
+        ),
+    };
+    let audience = field(&form, "audience").map(str::to_owned);
+    match sh.login(
+        Endpoint::Auth0Token,
+        client_id.as_deref(),
+        secret.as_deref(),
+        field(&form, "grant_type"),
+        Issuer::Auth0,
+        audience,
+    ) {
+        Ok(t) => json_response(
+            StatusCode::OK,
+            sh.token_body(t, json!({"token_type": "Bearer"})),
+        ),
+        Err(LoginError::InvalidClient) => json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "access_denied", "error_description": "Unauthorized"}),
+        ),
+        Err(LoginError::UnsupportedGrantType) => json_response(
+            StatusCode::FORBIDDEN,
+            json!({"error": "unauthorized_client", "error_description": "Grant type not allowed"}),
+        ),
+    }
+}
+
+fn auth0_error(status: StatusCode, error: &str, message: &str, code: &str) -> Response {
+    json_response(
+        status,
+        json!({
+            "statusCode": status.as_u16(),
+            "error": error,
+            "message": message,
+            "errorCode": code,
+        }),
+    )
+}
+
+/// `PATCH /api/v2/clients/{client_id}`: only `client_secret` is honoured;
+/// setting it replaces the client's secret atomically.
+pub(super) async fn auth0_update_client(
+    State(sh): State<Arc<Shared>>,
+    Path(client_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(denied) = bearer_client(&sh, &headers, Issuer::Auth0) {
+        return denied;
+    }
+    let value = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
+        v.get("client_secret")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        return auth0_error(
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "Payload validation error: 'Expected type string' on property client_secret",
+            "invalid_body",
+        );
+    };
+    let mut st = sh.lock();
+    if st.faults.refuses_create() {
+        st.stats.faults_injected += 1;
+        return auth0_error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "Insufficient scope, expected any of: update:client_keys",
+            "insufficient_scope",
+        );
+    }
+    let Some(_) = st
+        .registry
+        .replace_secrets(&client_id, &value, Instant::now(), &mut rand::rng())
+    else {
+        return auth0_error(
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            "The client does not exist",
+            "inexistent_client",
+        );
+    };
+    st.stats.secrets_created += 1;
+    debug!(%client_id, "sim: auth0 client secret replaced");
+    json_response(
+        StatusCode::OK,
+        json!({
+            "client_id": client_id,
+            "client_secret": value,
+            "name": "sim client",
+            "app_type": "non_interactive",
+        }),
+    )
+}
