@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rekeyd::config::Config;
-use rekeyd::provider::{ErrorKind, TokenProvider};
+use rekeyd::provider::ErrorKind;
 use rekeyd::rotation::driver::{LoginBearer, Outcome, RotationError, Rotator};
 use rekeyd::sim::{Endpoint, FaultScope, Faults, SimOptions, SimProvider};
 use rekeyd::store::file::FileStore;

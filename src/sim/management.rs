@@ -35,27 +35,28 @@ use super::state::{Issuer, Secret};
 /// Okta's documented limit of client secrets per app.
 pub const OKTA_MAX_SECRETS: usize = 2;
 
-/// The client of a valid bearer token from `issuer`, or the 401 to send.
-fn bearer_client(sh: &Shared, headers: &HeaderMap, issuer: Issuer) -> Result<String, Response> {
-    let unauthorized =
-        || (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")]).into_response();
+/// The client of a valid bearer token from `issuer`, recorded as a
+/// caller; `None`: answer [`unauthorized`].
+fn bearer_client(sh: &Shared, headers: &HeaderMap, issuer: Issuer) -> Option<String> {
     let token = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(unauthorized)?;
+        .and_then(|v| v.strip_prefix("Bearer "))?;
     let mut st = sh.lock();
     let client = st
         .registry
         .token(token.trim(), Instant::now())
         .filter(|t| t.issuer == issuer)
-        .map(|t| t.client_id.clone())
-        .ok_or_else(unauthorized)?;
+        .map(|t| t.client_id.clone())?;
     *st.stats
         .management_callers
         .entry(client.clone())
         .or_default() += 1;
-    Ok(client)
+    Some(client)
+}
+
+fn unauthorized() -> Response {
+    (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")]).into_response()
 }
 
 fn okta_error(status: StatusCode, code: &str, summary: &str, cause: Option<&str>) -> Response {
@@ -107,8 +108,8 @@ pub(super) async fn okta_list(
     Path(app): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = bearer_client(&sh, &headers, Issuer::OAuth2) {
-        return denied;
+    if bearer_client(&sh, &headers, Issuer::OAuth2).is_none() {
+        return unauthorized();
     }
     let st = sh.lock();
     let list: Vec<Value> = st
@@ -125,8 +126,8 @@ pub(super) async fn okta_create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(denied) = bearer_client(&sh, &headers, Issuer::OAuth2) {
-        return denied;
+    if bearer_client(&sh, &headers, Issuer::OAuth2).is_none() {
+        return unauthorized();
     }
     let chosen = if body.is_empty() {
         None
@@ -195,8 +196,8 @@ pub(super) async fn okta_deactivate(
     Path((app, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = bearer_client(&sh, &headers, Issuer::OAuth2) {
-        return denied;
+    if bearer_client(&sh, &headers, Issuer::OAuth2).is_none() {
+        return unauthorized();
     }
     let mut st = sh.lock();
     match st.registry.deactivate_secret(&app, &id) {
@@ -210,8 +211,8 @@ pub(super) async fn okta_delete(
     Path((app, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = bearer_client(&sh, &headers, Issuer::OAuth2) {
-        return denied;
+    if bearer_client(&sh, &headers, Issuer::OAuth2).is_none() {
+        return unauthorized();
     }
     let mut st = sh.lock();
     let Some(secret) = st.registry.secret_of_client(&app, &id) else {
@@ -296,8 +297,8 @@ pub(super) async fn auth0_update_client(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(denied) = bearer_client(&sh, &headers, Issuer::Auth0) {
-        return denied;
+    if bearer_client(&sh, &headers, Issuer::Auth0).is_none() {
+        return unauthorized();
     }
     let value = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
         v.get("client_secret")
