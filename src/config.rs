@@ -2360,11 +2360,17 @@ fn check_request_params(
             ));
         }
     }
-    if has_audience && provider != ProviderKind::OAuth2 {
+    // The RFC 6749 token endpoints take it (Auth0 requires it for API
+    // tokens, the Management API's included).
+    let standard = matches!(
+        provider,
+        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0
+    );
+    if has_audience && !standard {
         return Err(ConfigError::invalid(
             format!("{prefix}audience"),
             format!(
-                "is only supported by provider oauth2, not {}",
+                "is only supported by providers oauth2, okta and auth0, not {}",
                 provider.as_str()
             ),
         ));

@@ -106,6 +106,82 @@ customer_id = "cust"
 initial_secret_file = "/etc/rekeyd/maps.secret"
 "#;
 
+/// An Okta credential rotated with an administrative credential's token.
+const OKTA: &str = r#"
+state_dir = "/var/lib/rekeyd"
+[[credentials]]
+name = "app"
+provider = "okta"
+org_url = "https://example.okta.com"
+app_id = "0oa1"
+client_id = "c"
+initial_secret_file = "/etc/rekeyd/app.secret"
+secret_api_credential = "admin"
+[credentials.rotation]
+every = "30d"
+[[credentials]]
+name = "admin"
+provider = "okta"
+org_url = "https://example.okta.com"
+app_id = "0oa2"
+client_id = "admin"
+initial_secret_file = "/etc/rekeyd/admin.secret"
+"#;
+
+#[test]
+fn okta_and_auth0_urls_derive_from_their_ids() {
+    let config = Config::from_toml(OKTA).unwrap();
+    let app = config.credential("app").unwrap();
+    assert_eq!(
+        app.endpoints.token_url.as_str(),
+        "https://example.okta.com/oauth2/v1/token"
+    );
+    assert_eq!(
+        app.endpoints.secrets_url.as_ref().unwrap().as_str(),
+        "https://example.okta.com/api/v1/apps/0oa1/credentials/secrets"
+    );
+    let admin = app.secret_api_credential.as_ref().unwrap();
+    assert_eq!(admin.secret_of, "admin");
+    assert_eq!(admin.login.as_ref().unwrap().client_id, "admin");
+
+    let auth0 = Config::from_toml(
+        r#"
+[[credentials]]
+name = "app"
+provider = "auth0"
+domain = "tenant.eu.auth0.com"
+client_id = "abc"
+initial_secret_file = "/etc/rekeyd/app.secret"
+audience = "https://api.example.com/"
+secret_api_credential = "management"
+[credentials.rotation]
+every = "30d"
+[[credentials.tokens]]
+name = "management"
+audience = "https://tenant.eu.auth0.com/api/v2/"
+"#,
+    )
+    .unwrap();
+    let app = auth0.credential("app").unwrap();
+    assert_eq!(
+        app.endpoints.token_url.as_str(),
+        "https://tenant.eu.auth0.com/oauth/token"
+    );
+    assert_eq!(
+        app.endpoints.secrets_url.as_ref().unwrap().as_str(),
+        "https://tenant.eu.auth0.com/api/v2/clients/abc"
+    );
+    // A token profile of the credential itself calls the Management API.
+    let admin = app.secret_api_credential.as_ref().unwrap();
+    assert_eq!(admin.secret_of, "app");
+    let login = admin.login.as_ref().unwrap();
+    assert_eq!(
+        login.audience.as_deref(),
+        Some("https://tenant.eu.auth0.com/api/v2/")
+    );
+    assert!(login.rotation.is_none());
+}
+
 /// (what is wrong, config text, fragments the error must contain)
 fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
     let with = |extra: &str| format!("{BASE}{extra}");
@@ -153,8 +229,8 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ),
         (
             "unknown provider",
-            BASE.replace("mapsindoors", "okta"),
-            vec!["`credentials[0].provider`", "okta"],
+            BASE.replace("mapsindoors", "okra"),
+            vec!["`credentials[0].provider`", "okra"],
         ),
         (
             "missing client_id",
@@ -550,7 +626,7 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             with("[[credentials.tokens]]\nname = \"read\"\naudience = \"api\"\n"),
             vec![
                 "`credentials[0].tokens[0].audience`",
-                "only supported by provider oauth2",
+                "only supported by providers oauth2, okta and auth0",
             ],
         ),
         (
@@ -573,6 +649,68 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown token profile key",
             with("[[credentials.tokens]]\nname = \"read\"\nrotation = {}\n"),
             vec!["unknown field `rotation`"],
+        ),
+        (
+            "okta without its org",
+            OKTA.replace("org_url = \"https://example.okta.com\"\n", ""),
+            vec!["`credentials[0].org_url`", "required for provider okta"],
+        ),
+        (
+            "okta org_url with a path",
+            OKTA.replace("okta.com\"", "okta.com/oauth2/default\""),
+            vec!["`credentials[0].org_url`", "no path"],
+        ),
+        (
+            "okta app_id that would change the URL",
+            OKTA.replace("app_id = \"0oa1\"", "app_id = \"0oa1/../x\""),
+            vec!["`credentials[0].app_id`", "letters, digits"],
+        ),
+        (
+            "okta rotation without an administrative credential",
+            OKTA.replace("secret_api_credential = \"admin\"\n", ""),
+            vec![
+                "`credentials[0].secret_api_credential`",
+                "required to rotate with provider okta",
+            ],
+        ),
+        (
+            "secret_api_credential naming nothing",
+            OKTA.replace(
+                "secret_api_credential = \"admin\"",
+                "secret_api_credential = \"nobody\"",
+            ),
+            vec![
+                "`credentials[0].secret_api_credential`",
+                "neither a credential nor a token profile",
+            ],
+        ),
+        (
+            "secret_api_credential without a rotation",
+            with("secret_api_credential = \"maps\"\n"),
+            vec!["`credentials[0].secret_api_credential`", "only to rotate"],
+        ),
+        (
+            "auth0 without its domain",
+            BASE.replace("provider = \"mapsindoors\"", "provider = \"auth0\"")
+                .replace("customer_id = \"cust\"\n", ""),
+            vec!["`credentials[0].domain`", "required for provider auth0"],
+        ),
+        (
+            "an Okta id on another provider",
+            with("app_id = \"0oa1\"\n"),
+            vec![
+                "`credentials[0].app_id`",
+                "not used by provider mapsindoors",
+            ],
+        ),
+        (
+            "a domain that is not a host name",
+            BASE.replace(
+                "provider = \"mapsindoors\"",
+                "provider = \"auth0\"\ndomain = \"x.auth0.com/evil\"",
+            )
+            .replace("customer_id = \"cust\"\n", ""),
+            vec!["`credentials[0].domain`", "letters, digits"],
         ),
     ];
     if cfg!(feature = "etcd") {
