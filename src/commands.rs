@@ -940,6 +940,9 @@ fn credential_json(
         "provider": c.provider.as_str(),
         "client_id": c.client_id,
         "customer_id": c.customer_id,
+        "org_url": match &c.ids { crate::config::ProviderIds::Okta { org_url, .. } => Some(org_url.as_str()), _ => None },
+        "app_id": match &c.ids { crate::config::ProviderIds::Okta { app_id, .. } => Some(app_id.as_str()), _ => None },
+        "domain": match &c.ids { crate::config::ProviderIds::Auth0 { domain } => Some(domain.as_str()), _ => None },
         "initial_secret_file": c.initial_secret_file.as_ref().map(|p| p.display().to_string()),
         "initial_secret_credential": c.initial_secret_credential,
         "initial_secret_id": c.initial_secret_id,
@@ -969,6 +972,9 @@ fn credential_json(
             "grace": dur(r.grace),
             "on_login": r.on_login,
             "max_secret_age": r.max_secret_age.map(dur),
+            "secret_api_credential": c.secret_api_credential.as_ref().map(|a| a.name.clone()),
+            // The path the rotation takes with this provider's secret API.
+            "path": crate::provider::capabilities_of(c.provider).map(|caps| caps.path()),
         })),
         "hooks": c.hooks.iter().map(|h| {
             let on: Vec<&str> = h.on.iter().map(|e| e.as_str()).collect();

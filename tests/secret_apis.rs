@@ -377,3 +377,35 @@ async fn the_secret_api_is_called_with_the_administrative_token() {
         assert_eq!(w.sim.secrets(ADMIN)[0].value, w.admin.1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekeyd_check_explains_the_path_each_rotation_takes() {
+    for (profile, says) in [
+        (
+            Profile::Okta,
+            [
+                "rekeyd generates the new secret",
+                "at most 2 at once",
+                "deactivated and deleted",
+            ],
+        ),
+        (
+            Profile::Auth0,
+            [
+                "rekeyd generates the new secret",
+                "replaces the old secret at once",
+                "nothing is left to delete",
+            ],
+        ),
+    ] {
+        let w = world(profile, Duration::ZERO).await;
+        let text = rekeyd::commands::effective_config(&w.config).await;
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let rotation = &doc["credentials"][0]["rotation"];
+        assert_eq!(rotation["secret_api_credential"], "admin");
+        let path = rotation["path"].as_str().unwrap();
+        for fragment in says {
+            assert!(path.contains(fragment), "{profile:?}: {path}");
+        }
+    }
+}

@@ -25,6 +25,18 @@ use super::{
 };
 use crate::token::Token;
 
+/// Caller-chosen values; the one secret is replaced atomically, so
+/// nothing is listed or deleted.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    value: ValueOrigin::Caller {
+        alphabet: ALPHANUMERIC,
+    },
+    overlap: Overlap::Replace,
+    retire: Retire::Replaced,
+    tags: false,
+    lists: false,
+};
+
 pub struct Auth0Secret {
     transport: Transport,
     /// `https://{domain}/api/v2/clients/{client_id}`.
@@ -38,18 +50,8 @@ impl Auth0Secret {
 }
 
 impl SecretApi for Auth0Secret {
-    /// Caller-chosen values; the one secret is replaced atomically, so
-    /// nothing is listed or deleted.
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            value: ValueOrigin::Caller {
-                alphabet: ALPHANUMERIC,
-            },
-            overlap: Overlap::Replace,
-            retire: Retire::Replaced,
-            tags: false,
-            lists: false,
-        }
+        CAPABILITIES
     }
 
     fn list<'a>(

@@ -377,6 +377,17 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
     Ok(Built { token, secrets })
 }
 
+/// What the secret API of `provider` can do, without building it; `None`
+/// for a provider rekeyd cannot rotate.
+pub fn capabilities_of(provider: ProviderKind) -> Option<Capabilities> {
+    match provider {
+        ProviderKind::MapsIndoors => Some(Capabilities::SERVER_TAGGED),
+        ProviderKind::Okta => Some(okta::CAPABILITIES),
+        ProviderKind::Auth0 => Some(auth0::CAPABILITIES),
+        ProviderKind::Mappls | ProviderKind::OAuth2 => None,
+    }
+}
+
 /// The secret API of a credential, if its provider has one and the
 /// configuration enables rotation.
 pub fn build_secret_api(

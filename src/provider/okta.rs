@@ -29,6 +29,20 @@ use crate::token::Token;
 /// Okta documents at most two client secrets per app.
 pub const MAX_SECRETS: u32 = 2;
 
+/// Caller-chosen values (the create body's `client_secret`), two secrets
+/// at most, deactivated before they can be deleted, listed without tags.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    value: ValueOrigin::Caller {
+        alphabet: ALPHANUMERIC,
+    },
+    overlap: Overlap::Many {
+        max: Some(MAX_SECRETS),
+    },
+    retire: Retire::DeactivateThenDelete,
+    tags: false,
+    lists: true,
+};
+
 pub struct OktaSecrets {
     transport: Transport,
     /// `…/api/v1/apps/{appId}/credentials/secrets`.
@@ -132,21 +146,8 @@ fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, Provi
 }
 
 impl SecretApi for OktaSecrets {
-    /// Caller-chosen values (the create body's `client_secret`), two
-    /// secrets at most, deactivated before they can be deleted, listed
-    /// without tags.
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            value: ValueOrigin::Caller {
-                alphabet: ALPHANUMERIC,
-            },
-            overlap: Overlap::Many {
-                max: Some(MAX_SECRETS),
-            },
-            retire: Retire::DeactivateThenDelete,
-            tags: false,
-            lists: true,
-        }
+        CAPABILITIES
     }
 
     fn list<'a>(

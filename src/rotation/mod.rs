@@ -74,6 +74,11 @@ pub fn waiting_for(record: &CredentialRecord, name: &str) -> Option<String> {
             record.retire.len(),
             humantime::format_duration(machine::SWEEP_MIN_AGE)
         ),
+        Rotation::Creating {
+            chosen: Some(_), ..
+        } => format!(
+            "the provider to take the replacement secret, whose value is stored (a retry sends the same value; logins try it too); {rotate}"
+        ),
         Rotation::Creating { .. } => format!(
             "the provider to create the replacement secret (earlier attempts are cleaned up first); {rotate}"
         ),
