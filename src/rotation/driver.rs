@@ -44,7 +44,15 @@ macro_rules! crash_point {
     }};
 }
 
-/// Every crash point, for the crash tests.
+/// Crash points reached only with other secret APIs than MapsIndoors':
+/// between an Okta secret's deactivation and its delete, and after the
+/// write that completes an atomic replacement (Auth0).
+pub const PROVIDER_CRASH_POINTS: &[&str] = &[
+    "rotation-after-deactivate",
+    "rotation-after-persist-replaced",
+];
+
+/// Every crash point on the MapsIndoors path, for the crash tests.
 pub const CRASH_POINTS: &[&str] = &[
     "rotation-after-persist-creating",
     "rotation-after-list",
