@@ -49,7 +49,7 @@ fn every_example_config_parses() {
 fn annotated_example_means_what_it_says() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rekeyd.toml");
     let config = Config::load_with_env(&path, std::iter::empty()).unwrap();
-    assert_eq!(config.credentials.len(), 3);
+    assert_eq!(config.credentials.len(), 4);
     let maps = config.credential("maps").unwrap();
     assert_eq!(
         maps.rotation.as_ref().unwrap().trigger,
@@ -72,6 +72,13 @@ fn annotated_example_means_what_it_says() {
         Path::new("/run/rekeyd/internal-api-write.token")
     );
     assert!(config.serves_token("internal-api") && config.serves_token("internal-api-write"));
+    let billing = config.credential("billing").unwrap();
+    assert_eq!(billing.provider.as_str(), "auth0");
+    let management = billing.secret_api_credential.as_ref().unwrap();
+    assert_eq!(
+        (management.name.as_str(), management.secret_of.as_str()),
+        ("billing-management", "billing")
+    );
 }
 
 #[test]
