@@ -189,7 +189,24 @@ Exit status: 0 shown or intact, 1 a history does not verify or cannot be read, 7
         /// Stop after this long (e.g. "90s"); "0s" runs until Ctrl-C.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Whose secret API the rotating credential uses (simulated).
+        #[arg(long, value_enum, default_value_t = DemoProvider::Mapsindoors)]
+        provider: DemoProvider,
     },
+}
+
+/// `rekeyd demo --provider`: the simulated profile the rotating credential
+/// talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoProvider {
+    /// Server-generated secrets, tagged, deleted after the grace period.
+    Mapsindoors,
+    /// A second secret with rekeyd's own value; the old one deactivated,
+    /// then deleted.
+    Okta,
+    /// The one secret replaced atomically with rekeyd's own value, through
+    /// an administrative client's token.
+    Auth0,
 }
 
 /// `rekeyd token --format`: the sink formats ([`crate::format`]).

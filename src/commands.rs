@@ -176,11 +176,11 @@ pub async fn execute(cli: Cli) -> u8 {
             };
             history(&config, name.as_deref(), json, verify).await
         }
-        Command::Demo { duration } => {
+        Command::Demo { duration, provider } => {
             logging::init(Default::default());
             warn_if_test_build();
             let duration = (!duration.is_zero()).then_some(duration);
-            match demo::run(duration).await {
+            match demo::run(duration, provider).await {
                 Ok(()) => EXIT_OK,
                 Err(e) => {
                     eprintln!("rekeyd demo: {e}");

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cli::DemoProvider;
 use crate::config::Config;
 use crate::credential::CredentialHandle;
 use crate::daemon;
@@ -36,8 +37,67 @@ fn setup<E: std::fmt::Display>(e: E) -> DemoError {
     DemoError::Setup(e.to_string())
 }
 
-/// Runs the demo for `duration` (or until Ctrl-C when `None`).
-pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
+/// The "maps" credential as `provider` has it rotated, and for Okta and
+/// Auth0 the administrative credential whose token calls the secret API.
+fn rotating_credential(provider: DemoProvider, sim: &SimProvider, bootstrap_id: &str) -> String {
+    match provider {
+        DemoProvider::Mapsindoors => format!(
+            r#"provider = "mapsindoors"
+client_id = "demo-maps"
+customer_id = "demo-customer"
+initial_secret_id = "{bootstrap_id}"
+[credentials.endpoints]
+token_url = "{token}"
+secrets_url = "{secrets}"
+"#,
+            token = sim.mapsindoors_token_url(),
+            secrets = sim.mapsindoors_secrets_url(),
+        ),
+        DemoProvider::Okta => format!(
+            r#"provider = "okta"
+org_url = "{org}"
+app_id = "demo-maps"
+client_id = "demo-maps"
+initial_secret_id = "{bootstrap_id}"
+secret_api_credential = "admin"
+"#,
+            org = sim.okta_org_url(),
+        ),
+        DemoProvider::Auth0 => format!(
+            r#"provider = "auth0"
+domain = "demo.auth0.invalid"
+client_id = "demo-maps"
+secret_api_credential = "admin"
+[credentials.endpoints]
+token_url = "{token}"
+secrets_url = "{client}"
+"#,
+            token = sim.auth0_token_url(),
+            client = sim.auth0_client_url("demo-maps"),
+        ),
+    }
+}
+
+fn admin_credential(provider: DemoProvider, sim: &SimProvider, secret_file: &str) -> String {
+    let head = format!(
+        "\n[[credentials]]\nname = \"admin\"\nclient_id = \"demo-admin\"\ninitial_secret_file = \"{secret_file}\"\n"
+    );
+    match provider {
+        DemoProvider::Mapsindoors => String::new(),
+        DemoProvider::Okta => format!(
+            "{head}provider = \"okta\"\norg_url = \"{}\"\napp_id = \"demo-admin\"\n",
+            sim.okta_org_url()
+        ),
+        DemoProvider::Auth0 => format!(
+            "{head}provider = \"auth0\"\ndomain = \"demo.auth0.invalid\"\n[credentials.endpoints]\ntoken_url = \"{}\"\n",
+            sim.auth0_token_url()
+        ),
+    }
+}
+
+/// Runs the demo for `duration` (or until Ctrl-C when `None`), rotating
+/// through `provider`'s simulated secret API.
+pub async fn run(duration: Option<Duration>, provider: DemoProvider) -> Result<(), DemoError> {
     let dir = tempfile::tempdir().map_err(setup)?;
     let sim = SimProvider::start(SimOptions {
         token_lifetime: DEMO_TOKEN_LIFETIME,
@@ -51,10 +111,13 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
     let (maps_id, maps_secret) = sim.add_secret("demo-maps", "bootstrap secret");
     sim.add_client("demo-places", "demo-customer");
     let (_, places_secret) = sim.add_secret("demo-places", "bootstrap secret");
+    sim.add_client("demo-admin", "demo-customer");
+    let (_, admin_secret) = sim.add_secret("demo-admin", "administrative client");
     let path = |name: &str| dir.path().join(name).display().to_string();
     for (file, secret) in [
         ("maps.secret", &maps_secret),
         ("places.secret", &places_secret),
+        ("admin.secret", &admin_secret),
     ] {
         crate::fsutil::write_atomic(&dir.path().join(file), secret.as_bytes(), 0o600)
             .map_err(setup)?;
@@ -68,15 +131,8 @@ key_file = "{key}"
 
 [[credentials]]
 name = "maps"
-provider = "mapsindoors"
-client_id = "demo-maps"
-customer_id = "demo-customer"
 initial_secret_file = "{maps_secret}"
-initial_secret_id = "{maps_id}"
-[credentials.endpoints]
-token_url = "{maps_token}"
-secrets_url = "{maps_secrets}"
-[credentials.rotation]
+{maps}[credentials.rotation]
 every = "{rotate_every}s"
 grace = "{grace}s"
 [[credentials.sinks]]
@@ -95,14 +151,14 @@ before_expiry = "3s"
 [[credentials.sinks]]
 path = "{places_token_file}"
 format = "json"
-"#,
+{admin}"#,
         state = path("state"),
         rotate_every = DEMO_ROTATE_EVERY.as_secs(),
         grace = DEMO_GRACE.as_secs(),
         key = path("api.key"),
         maps_secret = path("maps.secret"),
-        maps_token = sim.mapsindoors_token_url(),
-        maps_secrets = sim.mapsindoors_secrets_url(),
+        maps = rotating_credential(provider, &sim, &maps_id),
+        admin = admin_credential(provider, &sim, &path("admin.secret")),
         maps_token_file = path("maps.token"),
         places_secret = path("places.secret"),
         places_token = sim.mappls_token_url(),
@@ -113,8 +169,13 @@ format = "json"
     let config = Config::load_with_env(&config_path, std::iter::empty()).map_err(setup)?;
 
     println!("rekeyd demo");
+    let rotating = match provider {
+        DemoProvider::Mapsindoors => "MapsIndoors",
+        DemoProvider::Okta => "Okta",
+        DemoProvider::Auth0 => "Auth0",
+    };
     println!(
-        "  simulated MapsIndoors and Mappls auth services on {}",
+        "  simulated {rotating} and Mappls auth services on {}",
         sim.base_url()
     );
     println!(
@@ -191,7 +252,11 @@ format = "json"
     let live: Vec<String> = sim
         .secrets("demo-maps")
         .into_iter()
-        .map(|s| s.description)
+        .map(|s| match s.description.as_str() {
+            // Okta and Auth0 secrets carry no description.
+            "" => format!("id {}", s.id),
+            d => d.to_string(),
+        })
         .collect();
     println!("secrets the \"maps\" client has now: {live:?}");
     sim.shutdown().await;

@@ -918,3 +918,38 @@ async fn demo_shows_both_credentials_and_exits_0() {
     }
     assert!(out.stdout.contains("demo finished"), "{out}");
 }
+
+#[tokio::test]
+async fn demo_rotates_through_okta_and_auth0() {
+    // The demo rotates every 25s: by 28s each provider created a secret
+    // with a value of rekeyd's own, through the administrative client.
+    let run = |provider: &'static str| {
+        run_with_timeout(
+            rekeyd(["demo", "--duration", "28s", "--provider", provider]),
+            TIMEOUT + TIMEOUT,
+        )
+    };
+    let (okta, auth0) = tokio::join!(run("okta"), run("auth0"));
+    for (provider, out) in [("Okta", okta), ("Auth0", auth0)] {
+        assert_eq!(out.code(), Some(0), "{provider}: {out}");
+        assert!(
+            out.stdout.contains(&format!("simulated {provider}")),
+            "{out}"
+        );
+        let finished = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("demo finished"))
+            .unwrap_or_else(|| panic!("{provider}: no summary\n{out}"));
+        // "... N logins, M secrets created and K deleted at the ..."
+        let created: u64 = finished
+            .split(", ")
+            .find_map(|part| part.split_once(" secrets created"))
+            .and_then(|(n, _)| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{provider}: {finished}"));
+        assert!(
+            created >= 1,
+            "{provider}: no rotation in the demo: {finished}"
+        );
+    }
+}
