@@ -555,6 +555,8 @@ async fn set_secret(
         id,
         verify,
         force,
+        // No sweep finds an untagged secret rekeyd replaced (Okta).
+        retire_replaced: provider::capabilities_of(cred.provider).is_some_and(|c| !c.tags),
     };
     match operator::set_secret(store.as_ref(), provider.as_ref(), request, &shutdown).await {
         Ok(installed) => {

@@ -2254,6 +2254,13 @@ fn validate_credential(
             "is required when [credentials.rotation] is set (the MapsIndoors secret API is per customer)",
         ));
     }
+    if rotation.is_some() && provider == ProviderKind::Okta && rc.initial_secret_id.is_none() {
+        return Err(ConfigError::invalid(
+            key("initial_secret_id"),
+            "is required to rotate with provider okta: an app holds at most two secrets, so the \
+             bootstrap secret (its id, ocs...) must be retired by the first rotation",
+        ));
+    }
     if let Some(admin) = &rc.secret_api_credential {
         if rotation.is_none() {
             return Err(ConfigError::invalid(

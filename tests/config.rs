@@ -123,6 +123,7 @@ org_url = "https://example.okta.com"
 app_id = "0oa1"
 client_id = "c"
 initial_secret_file = "/etc/rekeyd/app.secret"
+initial_secret_id = "ocs1"
 secret_api_credential = "admin"
 [credentials.rotation]
 every = "30d"
@@ -695,6 +696,11 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "secret_api_credential without a rotation",
             with("secret_api_credential = \"maps\"\n"),
             vec!["`credentials[0].secret_api_credential`", "only to rotate"],
+        ),
+        (
+            "okta rotation without the bootstrap secret's id",
+            OKTA.replace("initial_secret_id = \"ocs1\"\n", ""),
+            vec!["`credentials[0].initial_secret_id`", "at most two secrets"],
         ),
         (
             "auth0 without its domain",

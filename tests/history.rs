@@ -364,6 +364,7 @@ async fn an_aborted_rotation_and_an_operator_install_are_recorded() {
             id: Some(id.clone()),
             verify: false,
             force: false,
+            retire_replaced: false,
         },
         &CancellationToken::new(),
     )

@@ -67,7 +67,7 @@ use secrecy::ExposeSecret;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use sim::actors::{Fixture, Params, SeedReport, Used, run_seed};
+use sim::actors::{Fixture, Params, SeedReport, Used, run_seed, run_seed_with};
 use sim::{Call, DelayHook, Faults, LoginReply, Sim, Stage, cover, ms, secs};
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -163,6 +163,61 @@ fn random_interleavings_keep_the_invariants() {
     }
     let seeds: Vec<u64> = failed.iter().map(|r| r.seed).collect();
     assert!(seeds.is_empty(), "{} seeds failed: {seeds:?}", seeds.len());
+}
+
+/// The same chaos against the Okta and Auth0 shapes of a secret API
+/// (caller-chosen values; two secrets at most, deactivated before deleted;
+/// one secret replaced atomically): I1 after every call (with an atomic
+/// replacement, the new value the journal holds counts), I4 and S1 at
+/// every deactivation and delete, and in the end a stable journal and no
+/// secret rekeyd created that the journal does not name (I3, without
+/// tags). `MULTI_ACTOR_PROFILE_SEEDS=N` runs N seeds per profile (default
+/// 400); `MULTI_ACTOR_PROFILE=okta|auth0 MULTI_ACTOR_SEED=S` one seed with
+/// its trace.
+#[test]
+fn random_interleavings_keep_the_invariants_with_okta_and_auth0() {
+    let profiles = [
+        ("okta", rekeyd::provider::okta::CAPABILITIES),
+        ("auth0", rekeyd::provider::auth0::CAPABILITIES),
+    ];
+    if let (Some(seed), Ok(name)) = (
+        env_u64("MULTI_ACTOR_SEED"),
+        std::env::var("MULTI_ACTOR_PROFILE"),
+    ) {
+        let (_, caps) = profiles
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("MULTI_ACTOR_PROFILE is okta or auth0");
+        let report = run_seed_with(seed, true, *caps);
+        for line in report.trace.as_deref().unwrap_or_default() {
+            println!("{line}");
+        }
+        assert!(report.violations.is_empty(), "{}", explain(&report));
+        return;
+    }
+    let count = env_u64("MULTI_ACTOR_PROFILE_SEEDS").unwrap_or(400);
+    let mut failed = Vec::new();
+    for (name, caps) in profiles {
+        let mut rotated = 0;
+        for seed in 0..count {
+            let report = run_seed_with(seed, false, caps);
+            if !report.violations.is_empty() {
+                println!("{name} seed {seed} failed: {}", report.violations[0]);
+                failed.push((name, seed));
+            }
+            rotated += u32::from(report.calls > 0);
+        }
+        println!("{name}: {count} seeds, {rotated} ran");
+    }
+    if let Some(&(name, seed)) = failed.first() {
+        let caps = profiles.iter().find(|(n, _)| *n == name).unwrap().1;
+        println!("{}", explain(&run_seed_with(seed, true, caps)));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} seeds failed: {failed:?}",
+        failed.len()
+    );
 }
 
 #[test]

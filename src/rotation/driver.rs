@@ -794,16 +794,31 @@ impl Run<'_> {
         let provider = &self.rotator.provider;
         let record = &self.record.value;
         let token = match self.guard(provider.login(&record.current.value)).await? {
-            Err(e) if e.kind == ErrorKind::Rejected => match record.rotation.old() {
-                Some(old) => {
-                    info!(
-                        step = "rotate",
-                        "current secret refused; using the old secret, which the grace period keeps valid"
-                    );
-                    self.guard(provider.login(&old.value)).await??
+            Err(e) if e.kind == ErrorKind::Rejected => {
+                // S5: the old secret of a promoted rotation, which the
+                // grace period keeps valid; with an API that replaces the
+                // secret atomically, the new value the journal holds.
+                let fallback = record
+                    .rotation
+                    .old()
+                    .map(|o| &o.value)
+                    .or(record.pending().map(|p| &p.value))
+                    .or(record.chosen())
+                    .filter(|_| {
+                        record.rotation.old().is_some()
+                            || self.rotator.secret_api.capabilities().replaces()
+                    });
+                match fallback {
+                    Some(secret) => {
+                        info!(
+                            step = "rotate",
+                            "current secret refused; using the other secret the journal holds"
+                        );
+                        self.guard(provider.login(secret)).await??
+                    }
+                    None => return Err(e.into()),
                 }
-                None => return Err(e.into()),
-            },
+            }
             other => other?,
         };
         self.bearer = Some(token.clone());

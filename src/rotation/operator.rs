@@ -26,6 +26,12 @@ pub struct SetSecret<'a> {
     pub verify: bool,
     /// Replace an unfinished rotation journal (`--force`); needs `verify`.
     pub force: bool,
+    /// Also retire the current secret this install replaces, when the
+    /// journal knows its id: for secret APIs without tags (Okta), where no
+    /// sweep would ever find it, and where it would keep one of the app's
+    /// two places. MapsIndoors leaves it in place (its tag lets the sweep
+    /// find rekeyd's own).
+    pub retire_replaced: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +56,10 @@ pub enum SetSecretError {
         "--force needs verification: a journal is only replaced by a secret proven to log in (drop --no-verify)"
     )]
     ForceWithoutVerify,
+    #[error(
+        "a rotation of {0} is creating a secret with a value only its journal holds; the provider may already have it, under an id no listing can tie to rekeyd (the secret carries no tag). Run `rekeyd rotate {0}` to finish the rotation first; --force cannot replace this journal"
+    )]
+    ChosenValueInFlight(String),
     #[error(
         "the journal of {0} changed while this command ran (a rotation moved on); run it again"
     )]
@@ -92,6 +102,13 @@ pub async fn set_secret(
     if let Some(r) = &existing {
         if r.value.knows_retired(&req.value, req.id.as_deref()) {
             return Err(SetSecretError::Retired);
+        }
+        // A caller-chosen create that may have landed: only its journal's
+        // value can find that secret (a login), so replacing the journal
+        // would leave an untagged orphan, which at Okta also takes one of
+        // the app's two places (I3).
+        if r.value.chosen().is_some() {
+            return Err(SetSecretError::ChosenValueInFlight(req.name.to_string()));
         }
         if r.value.is_unfinished() && !req.force {
             return Err(SetSecretError::Unfinished {
@@ -142,6 +159,14 @@ pub async fn set_secret(
                     }
                 }
                 next.rotation = Rotation::Idle;
+            }
+            let replaced = RetiredSecret::of(&r.value.current);
+            let same = replaced.id == new.id || replaced.sha256 == RetiredSecret::of(&new).sha256;
+            let known = next.retire.iter().any(|x| x.id == replaced.id);
+            if req.retire_replaced && replaced.id.is_some() && !same && !known {
+                // Unconfirmed: a listing shows it is this client's before
+                // it is deleted (S7).
+                next.retire.push(replaced);
             }
             next.current = new;
             next

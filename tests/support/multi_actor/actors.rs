@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rekeyd::credential;
-use rekeyd::provider::ProviderError;
+use rekeyd::provider::{Capabilities, Overlap, ProviderError};
 use rekeyd::rotation::driver::{Outcome, RotationError, Rotator, WallClock};
 use rekeyd::rotation::machine::SWEEP_MIN_AGE;
 use rekeyd::rotation::operator::{self, Installed, SetSecret, SetSecretError};
@@ -151,15 +151,20 @@ impl Fixture {
         let (seeded, drivers, engines, operator, rotate_cmd, start) = {
             let mut w = sim.lock();
             let long_ago = t0() - secs(86_400);
+            let mapsindoors = w.caps == Capabilities::SERVER_TAGGED;
             let p = &mut w.provider;
             let boot = p.add(Some("boot"), "portal: initial secret", CLIENT, long_ago);
-            p.add(
-                Some("manual"),
-                "made by hand for a script",
-                CLIENT,
-                long_ago,
-            );
-            p.add(Some("sibling"), "rekeyd:maps-2:r1.a1", CLIENT, long_ago);
+            // Other secrets of our client: MapsIndoors keeps any number;
+            // Okta two (both are rekeyd's to use), Auth0 one.
+            if mapsindoors {
+                p.add(
+                    Some("manual"),
+                    "made by hand for a script",
+                    CLIENT,
+                    long_ago,
+                );
+                p.add(Some("sibling"), "rekeyd:maps-2:r1.a1", CLIENT, long_ago);
+            }
             let other = p
                 .add(Some("other"), "someone else's", OTHER_CLIENT, long_ago)
                 .0;
@@ -354,6 +359,7 @@ impl Fixture {
             id: id.map(str::to_string),
             verify: true,
             force,
+            retire_replaced: !self.sim.lock().caps.tags,
         };
         let result = ACTOR
             .scope(
@@ -523,8 +529,20 @@ impl Fixture {
                     rng.chance(0.7),
                     "the pending secret",
                 ),
+                // A fresh secret made in the provider's portal: not where
+                // it would take the client's last free place (Okta) or
+                // replace the secret under rekeyd (Auth0).
+                _ if match w.caps.overlap {
+                    Overlap::Replace => true,
+                    Overlap::Many { max: Some(max) } => {
+                        w.provider.live_of_client() + 1 >= max as usize
+                    }
+                    Overlap::Many { max: None } => false,
+                } =>
+                {
+                    Some(Command::Rotate)
+                }
                 _ => {
-                    // A fresh secret made in the provider's portal.
                     let wall = w.wall();
                     let (id, value) = w.provider.add(None, "made in the portal", CLIENT, wall);
                     let (accepted, listed) = w.new_secret_lags();
@@ -732,7 +750,12 @@ fn classify(minted: &str, reads: &[CredentialRecord]) -> Option<Used> {
         return Some(Used::Current);
     }
     let fresh = reads.get(1)?;
-    if is(&fresh.current.value) || fresh.pending().is_some_and(|p| is(&p.value)) {
+    // The engine counts a caller-chosen value of an unfinished create as
+    // pending too.
+    if is(&fresh.current.value)
+        || fresh.pending().is_some_and(|p| is(&p.value))
+        || fresh.chosen().is_some_and(is)
+    {
         Some(Used::Newer)
     } else if fresh.rotation.old().is_some_and(|o| is(&o.value)) {
         Some(Used::Old)
@@ -754,6 +777,11 @@ pub struct SeedReport {
 /// Runs seed `seed` on its own current-thread runtime with the paused
 /// clock: the chaos, then the settle and the final checks.
 pub fn run_seed(seed: u64, trace: bool) -> SeedReport {
+    run_seed_with(seed, trace, Capabilities::SERVER_TAGGED)
+}
+
+/// [`run_seed`] against a provider model whose secret API can do `caps`.
+pub fn run_seed_with(seed: u64, trace: bool, caps: Capabilities) -> SeedReport {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -761,9 +789,16 @@ pub fn run_seed(seed: u64, trace: bool) -> SeedReport {
         .expect("a runtime");
     runtime.block_on(async move {
         let mut rng = Rng::new(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0xa5a5);
-        let params = Params::random(&mut rng);
+        let mut params = Params::random(&mut rng);
+        // With a limit on secrets (Okta) the configuration requires the
+        // bootstrap secret's id: without it the secret could never be
+        // retired and the limit would stop every later rotation.
+        if let Overlap::Many { max: Some(_) } = caps.overlap {
+            params.bootstrap_known = true;
+        }
         let faults = Faults::random(&mut rng, params.chaos);
         let sim = Sim::new(seed, faults, trace);
+        sim.lock().caps = caps;
         let fixture = Arc::new(Fixture::new(sim.clone(), params.clone()));
         sim.lock().note(Call::Harness, |w| {
             format!("seed {seed}: {params:?} faults {:?}", w.faults)

@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
+use rekeyd::provider::Capabilities;
 use rekeyd::store::{CredentialRecord, Rotation};
 use secrecy::ExposeSecret;
 use tokio::task::AbortHandle;
@@ -369,6 +370,9 @@ pub struct ActorInfo {
 
 pub struct World {
     me: Weak<Sim>,
+    /// What the provider model's secret API can do (MapsIndoors' shape
+    /// unless a test runs another provider's profile).
+    pub caps: Capabilities,
     pub rng: Rng,
     pub faults: Faults,
     pub hooks: Hooks,
@@ -406,6 +410,7 @@ impl Sim {
         Arc::new_cyclic(|me| Sim {
             world: Mutex::new(World {
                 me: me.clone(),
+                caps: Capabilities::SERVER_TAGGED,
                 rng: Rng::new(seed),
                 faults,
                 hooks: Hooks::default(),
@@ -702,7 +707,18 @@ impl World {
             .rotation
             .old()
             .is_some_and(|o| self.provider.accepts(o.value.expose_secret()));
-        let locked_out = !current_ok && !old_ok;
+        // An atomic replacement kills the current secret the moment it
+        // takes the new value, which the journal holds (pending, or the
+        // chosen value of a create whose reply has not come back). That
+        // value may still be propagating: the provider's own window (Auth0:
+        // up to about 30 s), in which the running token stays served (I8).
+        let new_ok = self.caps.replaces()
+            && record
+                .pending()
+                .map(|p| &p.value)
+                .or(record.chosen())
+                .is_some_and(|v| self.provider.holds(v.expose_secret()));
+        let locked_out = !current_ok && !old_ok && !new_ok;
         if locked_out && !self.locked_out {
             let what = format!(
                 "I1 lockout: journal v{version} {} names no secret the provider accepts (current {})",
@@ -736,6 +752,17 @@ impl World {
             ));
         }
         let named: BTreeSet<&str> = named_ids(&record).into_iter().collect();
+        // Where the API has no ids (an atomic replacement), the journal
+        // names its secret by value.
+        let values: Vec<&str> = [
+            Some(&record.current.value),
+            record.pending().map(|p| &p.value),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(record.chosen())
+        .map(|v| v.expose_secret())
+        .collect();
         let mut problems = Vec::new();
         for s in self
             .provider
@@ -744,9 +771,15 @@ impl World {
             .filter(|s| s.deleted_at.is_none())
         {
             let tagged = rekeyd::rotation::parse_tag(CRED, &s.description).is_some();
-            if s.client == CLIENT && tagged && !named.contains(s.id.as_str()) {
+            // Without tags, what rekeyd created is known by the model.
+            let ours = tagged || self.provider.created_by_rekeyd.contains(&s.id);
+            if s.client == CLIENT
+                && ours
+                && !named.contains(s.id.as_str())
+                && !values.contains(&s.value.as_str())
+            {
                 problems.push(format!(
-                    "I3: tagged secret {} ({}) exists but the journal does not name it",
+                    "I3: secret {} ({}) of ours exists but the journal does not name it",
                     s.id, s.description
                 ));
             }

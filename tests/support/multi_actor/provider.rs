@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 use rekeyd::provider::{
-    Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret,
-    SecretApi, TokenProvider,
+    Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, Overlap, ProviderError,
+    RemoteSecret, Retire, SecretApi, TokenProvider, ValueOrigin,
 };
 use rekeyd::rotation::parse_tag;
 use rekeyd::token::Token;
@@ -46,6 +46,8 @@ pub struct ProviderSecret {
     pub revoked: bool,
     /// Consecutive 5xx answered to logins with this secret.
     pub server_errors: u32,
+    /// Okta-like: a deactivated secret no longer logs in.
+    pub active: bool,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +58,8 @@ pub struct ProviderState {
     /// Ids the operator gave rekeyd (bootstrap id, `set-secret --id`): the
     /// only untagged ones it may delete (I4).
     pub operator_ids: BTreeSet<String>,
+    /// Ids created through the secret API (by rekeyd): ours even untagged.
+    pub created_by_rekeyd: BTreeSet<String>,
     /// The secret value each token was minted with, until the engine that
     /// received the token classifies its login (see `actors::Used`); the
     /// tokens of verification logins stay (a run mints a few hundred).
@@ -73,9 +77,21 @@ impl ProviderState {
         client: &str,
         created_at: SystemTime,
     ) -> (String, String) {
+        self.add_valued(id, description, client, created_at, None)
+    }
+
+    /// [`ProviderState::add`] with a value of the caller's choice.
+    pub fn add_valued(
+        &mut self,
+        id: Option<&str>,
+        description: &str,
+        client: &str,
+        created_at: SystemTime,
+        value: Option<&str>,
+    ) -> (String, String) {
         self.next_id += 1;
         let id = id.map_or_else(|| format!("s{}", self.next_id), str::to_string);
-        let value = format!("value-of-{id}");
+        let value = value.map_or_else(|| format!("value-of-{id}"), str::to_string);
         let now = Instant::now();
         self.secrets.push(ProviderSecret {
             id: id.clone(),
@@ -89,6 +105,7 @@ impl ProviderState {
             ghost_until: None,
             revoked: false,
             server_errors: 0,
+            active: true,
         });
         (id, value)
     }
@@ -97,8 +114,20 @@ impl ProviderState {
         self.secrets.iter().find(|s| s.id == id)
     }
 
+    /// The live secret with this value, else any (duplicates of a
+    /// caller-chosen value are possible).
     fn by_value(&self, value: &str) -> Option<&ProviderSecret> {
-        self.secrets.iter().find(|s| s.value == value)
+        let mut all = self.secrets.iter().filter(|s| s.value == value);
+        let first = all.clone().next();
+        all.find(|s| s.deleted_at.is_none() && s.active).or(first)
+    }
+
+    /// Live secrets of our client.
+    pub fn live_of_client(&self) -> usize {
+        self.secrets
+            .iter()
+            .filter(|s| s.client == CLIENT && s.deleted_at.is_none())
+            .count()
     }
 
     /// Whether the provider accepts `value` now, on its up-to-date nodes:
@@ -108,8 +137,16 @@ impl ProviderState {
             s.client == CLIENT
                 && s.deleted_at.is_none()
                 && !s.revoked
+                && s.active
                 && Instant::now() >= s.accepted_from
         })
+    }
+
+    /// Whether the provider holds `value` for our client and will accept
+    /// it once it has propagated.
+    pub fn holds(&self, value: &str) -> bool {
+        self.by_value(value)
+            .is_some_and(|s| s.client == CLIENT && s.deleted_at.is_none() && !s.revoked && s.active)
     }
 
     /// A secret value as traces show it: its id and state, never the value.
@@ -159,6 +196,17 @@ fn server_error(operation: &'static str) -> ProviderError {
     }
 }
 
+fn refused(operation: &'static str, detail: &str) -> ProviderError {
+    ProviderError {
+        kind: ErrorKind::Refused,
+        operation,
+        status: Some(400),
+        code: Some("E0000001".into()),
+        detail: detail.into(),
+        retry_after: None,
+    }
+}
+
 fn lost_reply(operation: &'static str) -> ProviderError {
     ProviderError::transient(operation, "connection reset after the request was sent")
 }
@@ -192,7 +240,10 @@ impl World {
     fn login(&mut self, value: &str) -> Result<Token, ProviderError> {
         let now = Instant::now();
         let actor = super::current_actor();
-        let index = self.provider.secrets.iter().position(|s| s.value == value);
+        let index = self
+            .provider
+            .by_value(value)
+            .and_then(|found| self.provider.secrets.iter().position(|s| s.id == found.id));
         let id = index.map(|i| self.provider.secrets[i].id.clone());
         let hooked = match (&id, self.hooks.login.as_mut()) {
             (Some(id), Some(hook)) => hook(id, actor),
@@ -217,7 +268,9 @@ impl World {
                             LoginReply::Rejected
                         }
                     }
-                    Some(s) if s.revoked || now < s.accepted_from => LoginReply::Rejected,
+                    Some(s) if s.revoked || !s.active || now < s.accepted_from => {
+                        LoginReply::Rejected
+                    }
                     Some(_) => LoginReply::Ok,
                     None => LoginReply::Rejected,
                 }
@@ -283,13 +336,62 @@ impl World {
         Ok(listed)
     }
 
-    fn create(&mut self, description: &str) -> Result<NewSecret, ProviderError> {
+    fn create(&mut self, request: CreateRequest<'_>) -> Result<NewSecret, ProviderError> {
+        let description = if self.caps.tags {
+            request.description
+        } else {
+            ""
+        };
         if self.provider_fails() {
             self.note(Call::Create, |_| format!("{description} -> 503"));
             return Err(server_error("create secret"));
         }
+        let chosen = request.value.map(|v| v.expose_secret().to_string());
+        if matches!(self.caps.value, ValueOrigin::Caller { .. }) && chosen.is_none() {
+            self.note(Call::Create, |_| "without a value -> 400".into());
+            return Err(refused("create secret", "a value is required"));
+        }
+        if let Overlap::Many { max: Some(max) } = self.caps.overlap
+            && self.provider.live_of_client() >= max as usize
+        {
+            self.note(Call::Create, |_| format!("-> 400 (already {max} secrets)"));
+            return Err(refused("create secret", "too many secrets"));
+        }
         let wall = self.wall();
-        let (id, value) = self.provider.add(None, description, CLIENT, wall);
+        let unchanged = chosen.as_deref().and_then(|v| {
+            self.provider
+                .secrets
+                .iter()
+                .find(|s| s.client == CLIENT && s.deleted_at.is_none() && s.value == v)
+                .map(|s| (s.id.clone(), s.value.clone()))
+        });
+        if self.caps.replaces()
+            && let Some((id, value)) = unchanged
+        {
+            // Setting the value the client already has changes nothing.
+            self.note(Call::Create, |_| format!("-> {id} (same value, unchanged)"));
+            return Ok(NewSecret {
+                id: None,
+                value: SecretString::from(value),
+            });
+        }
+        if self.caps.replaces() {
+            // The provider replaces the client's secret: the old ones stop
+            // working now.
+            let now = Instant::now();
+            for s in self
+                .provider
+                .secrets
+                .iter_mut()
+                .filter(|s| s.client == CLIENT && s.deleted_at.is_none())
+            {
+                s.deleted_at = Some(now);
+            }
+        }
+        let (id, value) =
+            self.provider
+                .add_valued(None, description, CLIENT, wall, chosen.as_deref());
+        self.provider.created_by_rekeyd.insert(id.clone());
         let (accepted_in, listed_in) = self.new_secret_lags();
         let now = Instant::now();
         let s = self.provider.secrets.last_mut().expect("just added");
@@ -312,9 +414,31 @@ impl World {
             return Err(lost_reply("create secret"));
         }
         Ok(NewSecret {
-            id: Some(id),
+            id: (!self.caps.replaces()).then_some(id),
             value: SecretString::from(value),
         })
+    }
+
+    /// Okta-like deactivation: the secret stops logging in; I4 and S1 hold
+    /// as for a delete.
+    fn deactivate(&mut self, id: &str) -> Result<Deleted, ProviderError> {
+        if self.provider_fails() {
+            self.note(Call::Delete, |_| format!("deactivate {id} -> 503"));
+            return Err(server_error("deactivate secret"));
+        }
+        let Some(i) = self
+            .provider
+            .secrets
+            .iter()
+            .position(|s| s.id == id && s.deleted_at.is_none())
+        else {
+            self.note(Call::Delete, |_| format!("deactivate {id} -> 404"));
+            return Ok(Deleted::NotFound);
+        };
+        self.check_delete(i);
+        self.provider.secrets[i].active = false;
+        self.note(Call::Delete, |_| format!("deactivate {id} -> inactive"));
+        Ok(Deleted::Deleted)
     }
 
     /// Propagation and list lag of a secret created now.
@@ -353,6 +477,10 @@ impl World {
             self.note(Call::Delete, |_| format!("{id} -> 404"));
             return Ok(Deleted::NotFound);
         };
+        if self.caps.retire == Retire::DeactivateThenDelete && self.provider.secrets[i].active {
+            self.note(Call::Delete, |_| format!("{id} -> 400 (still active)"));
+            return Err(refused("delete secret", "cannot delete an active secret"));
+        }
         self.check_delete(i);
         let ghost = if self.faults.enabled && {
             let p = self.faults.p_ghost;
@@ -390,8 +518,9 @@ impl World {
         let s = &self.provider.secrets[index];
         let tagged = parse_tag(CRED, &s.description).is_some();
         let given = self.provider.operator_ids.contains(&s.id);
+        let created = self.provider.created_by_rekeyd.contains(&s.id);
         let mut problems = Vec::new();
-        if s.client != CLIENT || !(tagged || given) {
+        if s.client != CLIENT || !(tagged || given || created) {
             problems.push(format!(
                 "I4: deleting {} ({:?}, client {}), neither tagged by us nor given by the operator",
                 s.id, s.description, s.client
@@ -461,7 +590,7 @@ impl TokenProvider for ProviderModel {
 
 impl SecretApi for ProviderModel {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::SERVER_TAGGED
+        self.sim.lock().caps
     }
 
     fn list<'a>(
@@ -476,7 +605,15 @@ impl SecretApi for ProviderModel {
         _bearer: &'a Token,
         request: CreateRequest<'a>,
     ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
-        Box::pin(self.call(Call::Create, move |w| w.create(request.description)))
+        Box::pin(self.call(Call::Create, move |w| w.create(request)))
+    }
+
+    fn deactivate<'a>(
+        &'a self,
+        _bearer: &'a Token,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
+        Box::pin(self.call(Call::Delete, move |w| w.deactivate(id)))
     }
 
     fn delete<'a>(

@@ -365,6 +365,14 @@ fn edge(before: &CredentialRecord, after: &CredentialRecord) -> bool {
         (_, Rotation::Idle) | (Rotation::Idle, Rotation::Creating { .. }) => true,
         (Rotation::Creating { rid: a, .. }, Rotation::Creating { rid: b, .. })
         | (Rotation::Creating { rid: a, .. }, Rotation::Created { rid: b, .. }) => a == b,
+        // An atomic replacement not accepted in time: back to creating
+        // with the same value, to be sent again.
+        (Rotation::Created { rid: a, pending }, Rotation::Creating { rid: b, chosen, .. }) => {
+            a == b
+                && chosen
+                    .as_ref()
+                    .is_some_and(|c| c.expose() == pending.value.expose())
+        }
         (Rotation::Created { rid: a, pending }, Rotation::Promoted { rid: b, old, .. }) => {
             a == b
                 && after.current.value.expose() == pending.value.expose()
