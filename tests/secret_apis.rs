@@ -409,3 +409,68 @@ async fn rekeyd_check_explains_the_path_each_rotation_takes() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_secret_cannot_drop_a_chosen_value_in_flight() {
+    use rekeyd::rotation::operator::{self, SetSecret, SetSecretError};
+    let w = world(Profile::Okta, Duration::ZERO).await;
+    w.drop_next(Endpoint::OktaSecretsCreate);
+    assert!(w.rotate(true).await.is_err());
+    assert!(w.record().await.chosen().is_some());
+    let cred = w.config.credential("app").unwrap();
+    let provider = rekeyd::provider::build(cred).unwrap();
+    let request = SetSecret {
+        name: "app",
+        value: SecretString::from(w.bootstrap.1.clone()),
+        id: Some(w.bootstrap.0.clone()),
+        verify: true,
+        force: true,
+        retire_replaced: true,
+    };
+    let e = operator::set_secret(
+        w.store.as_ref(),
+        provider.as_ref(),
+        request,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, SetSecretError::ChosenValueInFlight(_)), "{e}");
+    assert!(e.to_string().contains("rekeyd rotate app"), "{e}");
+    // Finishing it adopts the secret the lost reply made: no orphan.
+    assert_eq!(w.rotate(false).await.unwrap(), Outcome::Rotated);
+    w.assert_rotated_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_secret_at_okta_retires_the_secret_it_replaces() {
+    use rekeyd::rotation::operator::{self, SetSecret};
+    let w = world(Profile::Okta, Duration::ZERO).await;
+    let (id, value) = w.sim.add_secret(APP, "");
+    let cred = w.config.credential("app").unwrap();
+    let provider = rekeyd::provider::build(cred).unwrap();
+    let request = SetSecret {
+        name: "app",
+        value: SecretString::from(value.clone()),
+        id: Some(id.clone()),
+        verify: true,
+        force: false,
+        retire_replaced: true,
+    };
+    let installed = operator::set_secret(
+        w.store.as_ref(),
+        provider.as_ref(),
+        request,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(installed.retiring, vec![w.bootstrap.0.clone()]);
+    // The next run deletes it (after a listing shows it is this app's):
+    // the app has room for the next rotation again.
+    w.rotate(false).await.unwrap();
+    let left: Vec<String> = w.sim.secrets(APP).into_iter().map(|s| s.id).collect();
+    assert_eq!(left, vec![id]);
+    assert_eq!(w.rotate(true).await.unwrap(), Outcome::Rotated);
+    assert_eq!(w.sim.secrets(APP).len(), 1);
+}
