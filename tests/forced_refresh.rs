@@ -276,7 +276,11 @@ async fn a_refused_older_token_gets_the_current_one_without_a_login() {
     for body in [
         json!({ "rejected_sha256": "not-hex" }),
         json!({ "rejected_sha256": newer }),
+        // Hex, but not a SHA-256's length.
+        json!({ "rejected_sha256": &sha256_hex(&newer)[..62] }),
+        json!({ "rejected_sha256": format!("{}00", sha256_hex(&newer)) }),
         json!({ "token": newer }),
+        json!("not an object"),
         json!([1, 2]),
     ] {
         let reply = api.refresh(Some(body)).await;
@@ -547,6 +551,61 @@ async fn rekeyd_token_fresh_asks_the_daemon_for_a_new_token() {
     assert_eq!(code, 0);
     assert_eq!(stdout.trim(), fresh);
     assert_eq!(logins(&sim), before + 1);
+
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_longer_than_a_digest_needs_is_refused_unread() {
+    let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+    let (d, _) = start(&sim, "0s").await;
+    let api = Api::new(&d);
+    let old = served(&d);
+    let before = logins(&sim);
+
+    // The largest body read: the digest object padded to the limit.
+    let digest = json!({ "rejected_sha256": sha256_hex(&old) }).to_string();
+    let limit = rekeyd::serve::api::MAX_REFRESH_BODY;
+    let padded = format!("{digest:<limit$}");
+    let reply = api
+        .send(
+            api.client
+                .post("http://localhost/v1/token/maps/refresh")
+                .header(KEY_HEADER, &api.key)
+                .body(padded),
+        )
+        .await;
+    assert_ne!(reply.token(), old, "a body at the limit is read");
+    assert_eq!(logins(&sim), before + 1);
+
+    // One byte more, even of whitespace (which alone means "no digest"):
+    // 413 in the API's shape, and no login.
+    let over = " ".repeat(limit + 1);
+    let reply = api
+        .send(
+            api.client
+                .post("http://localhost/v1/token/maps/refresh")
+                .header(KEY_HEADER, &api.key)
+                .body(over.clone()),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text
+    );
+    assert_eq!(reply.body["error"], "body_too_large", "{}", reply.text);
+    // Without the key, the answer is 401 whatever the body.
+    let reply = api
+        .send(
+            api.client
+                .post("http://localhost/v1/token/maps/refresh")
+                .body(" ".repeat(3 << 20)),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text);
+    assert_eq!(logins(&sim), before + 1, "no login for a refused body");
 
     d.stop().await;
 }
