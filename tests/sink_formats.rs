@@ -419,10 +419,11 @@ async fn a_secret_sink_creates_then_updates_its_key_and_keeps_the_others() {
             .all(|r| r.freshness == SinkFreshness::Current)
     );
 
-    // Someone else's key, and writers racing ours: each lost replace is
-    // read again and merged, nothing of theirs is lost.
+    // Someone else's key, and writers racing ours, each adding a key of
+    // its own: each lost replace is read again and merged, nothing of
+    // theirs is lost.
     fake.set_secret_entry(NS, "app-token", "ca.crt", b"not ours");
-    fake.inject_conflicts(3);
+    fake.inject_conflicts_adding_keys(3, "racer-");
     let puts = fake.count(Method::PUT, Kind::Secret);
     handle.refresh_now.notify_one();
     let second = wait_token(&handle, |t| value(t) != value(&first)).await;
@@ -436,6 +437,9 @@ async fn a_secret_sink_creates_then_updates_its_key_and_keeps_the_others() {
     let data = fake.secret_data(NS, "app-token").unwrap();
     assert_eq!(data["token"], value(&second).as_bytes());
     assert_eq!(data["ca.crt"], b"not ours");
+    for racer in ["racer-1", "racer-2", "racer-3"] {
+        assert_eq!(data[racer], b"x", "{racer}, written during a conflict");
+    }
     assert_eq!(
         data["token.env"],
         format!("REKEYD_MAPS_TOKEN={}\n", value(&second)).as_bytes()
