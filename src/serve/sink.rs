@@ -204,6 +204,14 @@ impl Writer {
     }
 }
 
+/// Sinks written one after the other: one file, or the keys of one Secret.
+struct Lane<'a> {
+    /// The Secret's namespace as configured (`None`: the default) and its
+    /// name; `None` for a file, which has a lane of its own.
+    secret: Option<(Option<String>, String)>,
+    writers: Vec<(usize, &'a mut Writer)>,
+}
+
 /// Writes `token` to every sink whose time has come; schedules a retry
 /// for each that fails. Sinks are written concurrently, each outcome
 /// recorded as it lands, so that a Secret write waiting on a slow or hung
@@ -218,27 +226,31 @@ async fn write_due(
     states: &SinkStates,
 ) {
     let now = Instant::now();
-    // Lanes written one after the other: one per file (`None`), one per
-    // Secret (its namespace as configured, and name).
-    let mut lanes: Vec<(Option<(Option<String>, String)>, Vec<(usize, &mut Writer)>)> = Vec::new();
+    let mut lanes: Vec<Lane> = Vec::new();
     for (i, writer) in writers.iter_mut().enumerate() {
         if due[i].is_none_or(|at| at > now) {
             continue;
         }
-        let lane = match &writer.sink.target {
+        let secret = match &writer.sink.target {
             SinkTarget::File(_) => None,
             SinkTarget::KubernetesSecret(s) => Some((s.namespace.clone(), s.secret.clone())),
         };
-        match lanes.iter_mut().find(|(l, _)| lane.is_some() && *l == lane) {
-            Some((_, members)) => members.push((i, writer)),
-            None => lanes.push((lane, vec![(i, writer)])),
+        match lanes
+            .iter_mut()
+            .find(|lane| secret.is_some() && lane.secret == secret)
+        {
+            Some(lane) => lane.writers.push((i, writer)),
+            None => lanes.push(Lane {
+                secret,
+                writers: vec![(i, writer)],
+            }),
         }
     }
     let mut writes: FuturesUnordered<_> = lanes
         .into_iter()
-        .map(|(_, members)| async move {
-            let mut results = Vec::with_capacity(members.len());
-            for (i, writer) in members {
+        .map(|lane| async move {
+            let mut results = Vec::with_capacity(lane.writers.len());
+            for (i, writer) in lane.writers {
                 let what = match writer.sink.target {
                     SinkTarget::File(_) => "token file",
                     SinkTarget::KubernetesSecret(_) => "kubernetes Secret key",
