@@ -1577,3 +1577,29 @@ fn sink_kinds_and_formats_parse_with_defaults() {
         [kubeconfig, std::path::PathBuf::from("/etc/kube.yaml")]
     );
 }
+
+/// `env` sinks of a token profile default to the profile's own variable:
+/// the profile is a token of its own, which its readers tell apart from the
+/// credential's (and `rekeyd token PROFILE --format env` prints the same).
+#[test]
+fn a_profiles_env_sink_is_named_after_the_profile() {
+    let text = format!(
+        "{BASE}[[credentials.sinks]]\npath = \"/run/rekeyd/maps.env\"\nformat = \"env\"\n\
+         [[credentials.tokens]]\nname = \"maps-read-2\"\nscope = \"read\"\n\
+         [[credentials.tokens.sinks]]\npath = \"/run/rekeyd/read.env\"\nformat = \"env\"\n"
+    );
+    let config = Config::from_toml(&text).unwrap();
+    assert_eq!(
+        config.credentials[0].sinks[0].format,
+        SinkFormat::Env {
+            variable: "REKEYD_MAPS_TOKEN".into()
+        }
+    );
+    let (_, profile) = config.token_profile("maps-read-2").unwrap();
+    assert_eq!(
+        profile.sinks[0].format,
+        SinkFormat::Env {
+            variable: "REKEYD_MAPS_READ_2_TOKEN".into()
+        }
+    );
+}
