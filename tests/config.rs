@@ -1050,7 +1050,7 @@ fn two_spellings_of_one_secret_file_are_refused() {
 }
 
 #[test]
-fn a_shared_secret_without_rotation_is_accepted() {
+fn a_shared_secret_without_rotation_is_accepted_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let secret = format!("{}/maps.secret", dir.path().display());
     let text = config_of(
@@ -1067,6 +1067,18 @@ fn a_shared_secret_without_rotation_is_accepted() {
         "{}",
         checked.stdout
     );
+    // Accepted with a warning that names the key and the supported way.
+    for fragment in [
+        "credentials[1].initial_secret_file",
+        "[[credentials.tokens]]",
+        "S8",
+    ] {
+        assert!(
+            checked.stderr.contains(fragment),
+            "{fragment}: {}",
+            checked.stderr
+        );
+    }
 }
 
 #[test]
