@@ -233,6 +233,9 @@ struct RawCredential {
     org_url: Option<String>,
     app_id: Option<String>,
     domain: Option<String>,
+    base_url: Option<String>,
+    realm: Option<String>,
+    client_uuid: Option<String>,
     secret_api_credential: Option<String>,
     initial_secret_file: Option<PathBuf>,
     initial_secret_credential: Option<String>,
@@ -530,6 +533,10 @@ pub enum ProviderKind {
     /// Auth0: a token from `https://{domain}/oauth/token`, the secret set
     /// through the Management API (`PATCH /api/v2/clients/{client_id}`).
     Auth0,
+    /// Keycloak: a token from the realm's OpenID Connect endpoint, the
+    /// secret set through the admin REST API
+    /// (`PUT /admin/realms/{realm}/clients/{id}`).
+    Keycloak,
 }
 
 impl ProviderKind {
@@ -540,6 +547,7 @@ impl ProviderKind {
             ProviderKind::OAuth2 => "oauth2",
             ProviderKind::Okta => "okta",
             ProviderKind::Auth0 => "auth0",
+            ProviderKind::Keycloak => "keycloak",
         }
     }
 
@@ -548,7 +556,10 @@ impl ProviderKind {
     pub fn has_secret_api(self) -> bool {
         matches!(
             self,
-            ProviderKind::MapsIndoors | ProviderKind::Okta | ProviderKind::Auth0
+            ProviderKind::MapsIndoors
+                | ProviderKind::Okta
+                | ProviderKind::Auth0
+                | ProviderKind::Keycloak
         )
     }
 
@@ -556,7 +567,10 @@ impl ProviderKind {
         match self {
             ProviderKind::MapsIndoors => Some("https://auth.mapsindoors.com/connect/token"),
             ProviderKind::Mappls => Some("https://outpost.mapmyindia.com/api/security/oauth/token"),
-            ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0 => None,
+            ProviderKind::OAuth2
+            | ProviderKind::Okta
+            | ProviderKind::Auth0
+            | ProviderKind::Keycloak => None,
         }
     }
 
@@ -584,6 +598,17 @@ pub enum ProviderIds {
     /// `https://{domain}/oauth/token`; secret
     /// `https://{domain}/api/v2/clients/{client_id}` (Management API v2).
     Auth0 { domain: String },
+    /// Keycloak: the server's `base_url` (`https://sso.example.com`, with
+    /// any path prefix such as `/auth`), the `realm`, and the client's
+    /// internal id `client_uuid` (not its client id). Token URL
+    /// `{base_url}/realms/{realm}/protocol/openid-connect/token`; client
+    /// `{base_url}/admin/realms/{realm}/clients/{client_uuid}` (Keycloak
+    /// admin REST API).
+    Keycloak {
+        base_url: Url,
+        realm: String,
+        client_uuid: String,
+    },
 }
 
 impl ProviderIds {
@@ -603,6 +628,19 @@ impl ProviderIds {
                 Some(format!("https://{domain}/oauth/token")),
                 Some(format!("https://{domain}/api/v2/clients/{client_id}")),
             ),
+            ProviderIds::Keycloak {
+                base_url,
+                realm,
+                client_uuid,
+            } => {
+                let base = base_url.as_str().trim_end_matches('/');
+                (
+                    Some(format!(
+                        "{base}/realms/{realm}/protocol/openid-connect/token"
+                    )),
+                    Some(format!("{base}/admin/realms/{realm}/clients/{client_uuid}")),
+                )
+            }
         }
     }
 }
@@ -2171,22 +2209,34 @@ fn validate_credential(
         "oauth2" => ProviderKind::OAuth2,
         "okta" => ProviderKind::Okta,
         "auth0" => ProviderKind::Auth0,
+        "keycloak" => ProviderKind::Keycloak,
         other => {
             return Err(ConfigError::invalid(
                 key("provider"),
                 format!(
-                    "unknown provider {other:?}; expected mapsindoors, mappls, oauth2, okta or auth0"
+                    "unknown provider {other:?}; expected mapsindoors, mappls, oauth2, okta, auth0 or keycloak"
                 ),
             ));
         }
     };
     let client_id = required(rc.client_id, "client_id")?;
-    let ids = validate_provider_ids(i, provider, rc.org_url, rc.app_id, rc.domain)?;
+    let ids = validate_provider_ids(
+        i,
+        provider,
+        RawIds {
+            org_url: rc.org_url,
+            app_id: rc.app_id,
+            domain: rc.domain,
+            base_url: rc.base_url,
+            realm: rc.realm,
+            client_uuid: rc.client_uuid,
+        },
+    )?;
 
-    // Okta and Auth0 are RFC 6749 token endpoints: both methods work.
+    // Okta, Auth0 and Keycloak are RFC 6749 token endpoints: both work.
     let standard = matches!(
         provider,
-        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0
+        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0 | ProviderKind::Keycloak
     );
     let auth_method = match (standard, rc.auth_method.as_deref()) {
         (true, None | Some("client_secret_basic")) => AuthMethod::ClientSecretBasic,
@@ -2421,13 +2471,13 @@ fn check_request_params(
     // tokens, the Management API's included).
     let standard = matches!(
         provider,
-        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0
+        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0 | ProviderKind::Keycloak
     );
     if has_audience && !standard {
         return Err(ConfigError::invalid(
             format!("{prefix}audience"),
             format!(
-                "is only supported by providers oauth2, okta and auth0, not {}",
+                "is only supported by providers oauth2, okta, auth0 and keycloak, not {}",
                 provider.as_str()
             ),
         ));
@@ -2598,24 +2648,45 @@ fn validate_hook(key: &str, raw: RawHook, rotates: bool) -> Result<HookConfig, C
     Ok(HookConfig { on, action })
 }
 
-/// Okta's `org_url` and `app_id`, Auth0's `domain`: required by their
-/// provider, refused elsewhere (a key that does nothing is a mistake).
-fn validate_provider_ids(
-    i: usize,
-    provider: ProviderKind,
+/// The provider ids as written.
+struct RawIds {
     org_url: Option<String>,
     app_id: Option<String>,
     domain: Option<String>,
+    base_url: Option<String>,
+    realm: Option<String>,
+    client_uuid: Option<String>,
+}
+
+/// Okta's `org_url` and `app_id`, Auth0's `domain`, Keycloak's `base_url`,
+/// `realm` and `client_uuid`: required by their provider, refused
+/// elsewhere (a key that does nothing is a mistake).
+fn validate_provider_ids(
+    i: usize,
+    provider: ProviderKind,
+    raw: RawIds,
 ) -> Result<ProviderIds, ConfigError> {
     let key = |field: &str| format!("credentials[{i}].{field}");
+    let RawIds {
+        org_url,
+        app_id,
+        domain,
+        base_url,
+        realm,
+        client_uuid,
+    } = raw;
     let given = [
         ("org_url", &org_url),
         ("app_id", &app_id),
         ("domain", &domain),
+        ("base_url", &base_url),
+        ("realm", &realm),
+        ("client_uuid", &client_uuid),
     ];
     let wanted: &[&str] = match provider {
         ProviderKind::Okta => &["org_url", "app_id"],
         ProviderKind::Auth0 => &["domain"],
+        ProviderKind::Keycloak => &["base_url", "realm", "client_uuid"],
         _ => &[],
     };
     for (field, value) in given {
@@ -2671,6 +2742,25 @@ fn validate_provider_ids(
             let domain = domain.unwrap_or_default();
             plain("domain", &domain)?;
             ProviderIds::Auth0 { domain }
+        }
+        ProviderKind::Keycloak => {
+            let text = base_url.unwrap_or_default();
+            let url = parse_url(&key("base_url"), &text, false)?;
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(ConfigError::invalid(
+                    key("base_url"),
+                    "must be the server's base URL, like https://sso.example.com (a path prefix such as /auth is fine, a query is not)",
+                ));
+            }
+            let realm = realm.unwrap_or_default();
+            plain("realm", &realm)?;
+            let client_uuid = client_uuid.unwrap_or_default();
+            plain("client_uuid", &client_uuid)?;
+            ProviderIds::Keycloak {
+                base_url: url,
+                realm,
+                client_uuid,
+            }
         }
         _ => ProviderIds::None,
     })

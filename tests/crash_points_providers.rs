@@ -41,6 +41,7 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 enum Profile {
     Okta,
     Auth0,
+    Keycloak,
 }
 
 /// The crash points a rotation passes with `profile`, each with the
@@ -58,7 +59,7 @@ fn path(profile: Profile) -> Vec<(&'static str, &'static str)> {
             ("rotation-after-delete-old", "idle"),
             ("rotation-after-persist-idle", "idle"),
         ],
-        Profile::Auth0 => vec![
+        Profile::Auth0 | Profile::Keycloak => vec![
             ("rotation-after-persist-creating", "creating"),
             ("rotation-after-create", "creating"),
             ("rotation-after-persist-created", "created"),
@@ -95,9 +96,13 @@ impl World {
                 sim.okta_org_url()
             ),
             Profile::Auth0 => "provider = \"auth0\"\ndomain = \"tenant.example\"\n".to_string(),
+            Profile::Keycloak => format!(
+                "provider = \"keycloak\"\nbase_url = \"{}\"\nrealm = \"demo\"\nclient_uuid = \"{client}\"\n",
+                sim.keycloak_base_url()
+            ),
         };
         let endpoints = |client: &str| match profile {
-            Profile::Okta => String::new(),
+            Profile::Okta | Profile::Keycloak => String::new(),
             Profile::Auth0 => format!(
                 "[credentials.endpoints]\ntoken_url = \"{}\"\nsecrets_url = \"{}\"\n",
                 sim.auth0_token_url(),
@@ -294,7 +299,7 @@ async fn crash_and_recover(profile: Profile, crashes: Vec<(&'static str, &'stati
 
 #[test]
 fn every_crash_point_is_on_some_path() {
-    let on_paths: BTreeSet<&str> = [Profile::Okta, Profile::Auth0]
+    let on_paths: BTreeSet<&str> = [Profile::Okta, Profile::Auth0, Profile::Keycloak]
         .into_iter()
         .flat_map(path)
         .map(|(point, _)| point)
@@ -302,7 +307,10 @@ fn every_crash_point_is_on_some_path() {
     for point in PROVIDER_CRASH_POINTS {
         assert!(on_paths.contains(point), "{point} is never reached here");
     }
-    for (point, _) in path(Profile::Okta).into_iter().chain(path(Profile::Auth0)) {
+    for (point, _) in [Profile::Okta, Profile::Auth0, Profile::Keycloak]
+        .into_iter()
+        .flat_map(path)
+    {
         assert!(
             CRASH_POINTS.contains(&point) || PROVIDER_CRASH_POINTS.contains(&point),
             "{point} is not a crash point"
@@ -313,7 +321,7 @@ fn every_crash_point_is_on_some_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_crash_point_on_each_providers_path_converges() {
     let mut tasks = Vec::new();
-    for profile in [Profile::Okta, Profile::Auth0] {
+    for profile in [Profile::Okta, Profile::Auth0, Profile::Keycloak] {
         for crash in path(profile) {
             tasks.push((
                 profile,
@@ -345,7 +353,7 @@ async fn one_rotation_crashed_at_every_point_in_turn() {
     // Each resumed run gets one step further before the next crash. On
     // Okta the second point also reaches the listing that finds the
     // secret whose create reply was lost.
-    for profile in [Profile::Okta, Profile::Auth0] {
+    for profile in [Profile::Okta, Profile::Auth0, Profile::Keycloak] {
         crash_and_recover(profile, path(profile)).await;
     }
 }

@@ -32,6 +32,7 @@ const LOOP_BUDGET: Duration = Duration::from_secs(45);
 enum Profile {
     Okta,
     Auth0,
+    Keycloak,
 }
 
 struct Setup {
@@ -86,6 +87,10 @@ impl Setup {
                 "provider = \"auth0\"\ndomain = \"tenant.example\"\n[credentials.endpoints]\ntoken_url = \"{}\"\nsecrets_url = \"{}\"\nrequest_timeout = \"5s\"\n",
                 self.sim.auth0_token_url(),
                 self.sim.auth0_client_url(client)
+            ),
+            Profile::Keycloak => format!(
+                "provider = \"keycloak\"\nbase_url = \"{}\"\nrealm = \"demo\"\nclient_uuid = \"{client}\"\n[credentials.endpoints]\nrequest_timeout = \"5s\"\n",
+                self.sim.keycloak_base_url()
             ),
         };
         let text = format!(
@@ -189,6 +194,7 @@ initial_secret_file = "{d}/admin.secret"
         let create = match self.profile {
             Profile::Okta => Endpoint::OktaSecretsCreate,
             Profile::Auth0 => Endpoint::Auth0ClientUpdate,
+            Profile::Keycloak => Endpoint::KeycloakClientUpdate,
         };
         if iteration.is_multiple_of(2) {
             Faults {
@@ -354,12 +360,13 @@ async fn kill_loop(profile: Profile) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_at_random_moments_converges_with_okta_and_auth0() {
-    let (okta, auth0) = tokio::join!(
+async fn kill_9_at_random_moments_converges_with_okta_auth0_and_keycloak() {
+    let (okta, auth0, keycloak) = tokio::join!(
         tokio::spawn(kill_loop(Profile::Okta)),
-        tokio::spawn(kill_loop(Profile::Auth0))
+        tokio::spawn(kill_loop(Profile::Auth0)),
+        tokio::spawn(kill_loop(Profile::Keycloak))
     );
-    let failures: Vec<String> = [("Okta", okta), ("Auth0", auth0)]
+    let failures: Vec<String> = [("Okta", okta), ("Auth0", auth0), ("Keycloak", keycloak)]
         .into_iter()
         .filter_map(|(name, r)| {
             r.err().map(|e| {

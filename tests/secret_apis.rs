@@ -25,6 +25,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 enum Profile {
     Okta,
     Auth0,
+    Keycloak,
 }
 
 struct World {
@@ -57,9 +58,13 @@ async fn world(profile: Profile, propagation: Duration) -> World {
             sim.okta_org_url()
         ),
         Profile::Auth0 => "provider = \"auth0\"\ndomain = \"tenant.example\"\n".to_string(),
+        Profile::Keycloak => format!(
+            "provider = \"keycloak\"\nbase_url = \"{}\"\nrealm = \"demo\"\n",
+            sim.keycloak_base_url()
+        ),
     };
     let endpoints = |client: &str| match profile {
-        Profile::Okta => String::new(),
+        Profile::Okta | Profile::Keycloak => String::new(),
         Profile::Auth0 => format!(
             "[credentials.endpoints]\ntoken_url = \"{}\"\nsecrets_url = \"{}\"\n",
             sim.auth0_token_url(),
@@ -68,6 +73,7 @@ async fn world(profile: Profile, propagation: Duration) -> World {
     };
     let app_id = |client: &str| match profile {
         Profile::Okta => format!("app_id = \"{client}\"\n"),
+        Profile::Keycloak => format!("client_uuid = \"{client}\"\n"),
         Profile::Auth0 => String::new(),
     };
     let d = dir.path().display();
@@ -368,7 +374,7 @@ async fn auth0_a_lost_update_reply_never_locks_out_and_is_sent_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_secret_api_is_called_with_the_administrative_token() {
-    for profile in [Profile::Okta, Profile::Auth0] {
+    for profile in [Profile::Okta, Profile::Auth0, Profile::Keycloak] {
         let w = world(profile, Duration::ZERO).await;
         assert_eq!(w.rotate(true).await.unwrap(), Outcome::Rotated);
         let callers: Vec<String> = w.sim.stats().management_callers.into_keys().collect();
@@ -473,4 +479,21 @@ async fn set_secret_at_okta_retires_the_secret_it_replaces() {
     assert_eq!(left, vec![id]);
     assert_eq!(w.rotate(true).await.unwrap(), Outcome::Rotated);
     assert_eq!(w.sim.secrets(APP).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycloak_sets_a_stored_value_and_a_lost_reply_is_sent_again() {
+    let w = world(Profile::Keycloak, Duration::from_millis(500)).await;
+    w.drop_next(Endpoint::KeycloakClientUpdate);
+    assert!(w.rotate(true).await.is_err());
+    assert_eq!(w.login(&w.bootstrap.1).await, Err(ErrorKind::Rejected));
+    // Once propagated (the provider's own window), the stored value logs
+    // in while the journal is unfinished.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while w.engine_login().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "locked out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(w.rotate(false).await.unwrap(), Outcome::Rotated);
+    w.assert_rotated_cleanly().await;
 }

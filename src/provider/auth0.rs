@@ -4,8 +4,8 @@
 //! `{"client_secret": "…"}` replaces the secret atomically and answers the
 //! client (`200`). `POST …/rotate-secret` would do the same with a
 //! server-generated value, whose lost reply would lock the client out, so
-//! rekeyd sets a value of its own, stored in the journal first: a retry
-//! sends the same value. Auth0 says a new secret may take up to about 30
+//! rekeyd sets a value of its own, stored in the journal first
+//! ([`super::replace`]). Auth0 says a new secret may take up to about 30
 //! seconds to be accepted everywhere; logins try the old and the new value
 //! until the new one is proven.
 //!
@@ -14,87 +14,20 @@
 //! client's (`secret_api_credential`, scope `update:client_keys`, audience
 //! `https://{domain}/api/v2/`).
 
-use futures_util::future::BoxFuture;
-use secrecy::{ExposeSecret, SecretString};
+use reqwest::Method;
 use url::Url;
 
-use super::http::{Transport, with_json};
-use super::{
-    ALPHANUMERIC, Capabilities, CreateRequest, Deleted, NewSecret, Overlap, ProviderError,
-    RemoteSecret, Retire, SecretApi, ValueOrigin, classify_secret_api,
-};
-use crate::token::Token;
+use super::http::Transport;
+pub use super::replace::CAPABILITIES;
+use super::replace::ReplaceSecret;
 
-/// Caller-chosen values; the one secret is replaced atomically, so
-/// nothing is listed or deleted.
-pub const CAPABILITIES: Capabilities = Capabilities {
-    value: ValueOrigin::Caller {
-        alphabet: ALPHANUMERIC,
-    },
-    overlap: Overlap::Replace,
-    retire: Retire::Replaced,
-    tags: false,
-    lists: false,
-};
-
-pub struct Auth0Secret {
-    transport: Transport,
-    /// `https://{domain}/api/v2/clients/{client_id}`.
-    url: Url,
-}
-
-impl Auth0Secret {
-    pub fn new(transport: Transport, url: Url) -> Self {
-        Auth0Secret { transport, url }
-    }
-}
-
-impl SecretApi for Auth0Secret {
-    fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
-    }
-
-    fn list<'a>(
-        &'a self,
-        _bearer: &'a Token,
-    ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-
-    fn create<'a>(
-        &'a self,
-        bearer: &'a Token,
-        request: CreateRequest<'a>,
-    ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
-        Box::pin(async move {
-            const OP: &str = "auth0 set client secret";
-            let Some(value) = request.value else {
-                return Err(ProviderError::transient(
-                    OP,
-                    "no value to send (a rotation journal from another provider?)",
-                ));
-            };
-            let body = serde_json::json!({ "client_secret": value.expose_secret() });
-            let http = with_json(self.transport.http.inner().patch(self.url.clone()), &body)
-                .bearer_auth(bearer.access_token.expose_secret());
-            let carried: [&SecretString; 2] = [&bearer.access_token, value];
-            let reply = self.transport.send(OP, http, &carried).await?;
-            if !(200..300).contains(&reply.status) {
-                return Err(reply.refusal(OP, classify_secret_api));
-            }
-            Ok(NewSecret {
-                id: None,
-                value: value.clone(),
-            })
-        })
-    }
-
-    fn delete<'a>(
-        &'a self,
-        _bearer: &'a Token,
-        _id: &'a str,
-    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
-        // Never asked: a replaced secret leaves nothing to delete.
-        Box::pin(async { Ok(Deleted::NotFound) })
+/// The secret API of the client at `url` (`…/api/v2/clients/{client_id}`).
+pub fn secret_api(transport: Transport, url: Url) -> ReplaceSecret {
+    ReplaceSecret {
+        transport,
+        url,
+        method: Method::PATCH,
+        field: "client_secret",
+        operation: "auth0 set client secret",
     }
 }

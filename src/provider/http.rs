@@ -393,6 +393,7 @@ impl Reply {
             "detail",
             "error_message",
             "errorSummary",
+            "errorMessage",
             "title",
         ]);
         // `{"error": "customerId is required"}`, Auth0's `"error": "Bad

@@ -9,11 +9,13 @@
 
 pub mod auth0;
 pub mod http;
+pub mod keycloak;
 pub mod mappls;
 pub mod mapsindoors;
 pub mod oauth2;
 pub mod okta;
 pub mod redact;
+pub mod replace;
 
 use std::fmt;
 use std::sync::Arc;
@@ -359,7 +361,10 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
             url.clone(),
             cred.client_id.clone(),
         ))),
-        (ProviderKind::Auth0, Some(url), _) => Some(Arc::new(auth0::Auth0Secret::new(
+        (ProviderKind::Auth0, Some(url), _) => {
+            Some(Arc::new(auth0::secret_api(transport.clone(), url.clone())))
+        }
+        (ProviderKind::Keycloak, Some(url), _) => Some(Arc::new(keycloak::secret_api(
             transport.clone(),
             url.clone(),
         ))),
@@ -368,11 +373,12 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
     let token: Arc<dyn TokenProvider> = match cred.provider {
         ProviderKind::MapsIndoors => Arc::new(mapsindoors::MapsIndoors::new(transport, cred)),
         ProviderKind::Mappls => Arc::new(mappls::Mappls::new(transport, cred)),
-        // Both are RFC 6749 token endpoints; a wrong secret is 401
-        // (Okta `invalid_client`, Auth0 `access_denied`).
-        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0 => {
-            Arc::new(oauth2::OAuth2::new(transport, cred))
-        }
+        // RFC 6749 token endpoints; a wrong secret is 401 (Okta and
+        // Keycloak `invalid_client`, Auth0 `access_denied`).
+        ProviderKind::OAuth2
+        | ProviderKind::Okta
+        | ProviderKind::Auth0
+        | ProviderKind::Keycloak => Arc::new(oauth2::OAuth2::new(transport, cred)),
     };
     Ok(Built { token, secrets })
 }
@@ -384,6 +390,7 @@ pub fn capabilities_of(provider: ProviderKind) -> Option<Capabilities> {
         ProviderKind::MapsIndoors => Some(Capabilities::SERVER_TAGGED),
         ProviderKind::Okta => Some(okta::CAPABILITIES),
         ProviderKind::Auth0 => Some(auth0::CAPABILITIES),
+        ProviderKind::Keycloak => Some(keycloak::CAPABILITIES),
         ProviderKind::Mappls | ProviderKind::OAuth2 => None,
     }
 }

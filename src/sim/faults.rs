@@ -43,6 +43,10 @@ pub enum Endpoint {
     Auth0Token,
     /// Auth0: `PATCH /api/v2/clients/{client_id}`
     Auth0ClientUpdate,
+    /// Keycloak: `POST /realms/{realm}/protocol/openid-connect/token`
+    KeycloakToken,
+    /// Keycloak: `PUT /admin/realms/{realm}/clients/{id}`
+    KeycloakClientUpdate,
     /// `GET /healthz` (counted, never faulted)
     Health,
 }
@@ -99,6 +103,10 @@ impl Endpoint {
                 Endpoint::OktaSecretsDelete
             }
             (&Method::PATCH, ["api", "v2", "clients", _]) => Endpoint::Auth0ClientUpdate,
+            (&Method::POST, ["realms", _, "protocol", "openid-connect", "token"]) => {
+                Endpoint::KeycloakToken
+            }
+            (&Method::PUT, ["admin", "realms", _, "clients", _]) => Endpoint::KeycloakClientUpdate,
             _ => return None,
         })
     }
@@ -111,6 +119,7 @@ impl Endpoint {
                 | Endpoint::OAuth2Token
                 | Endpoint::OktaToken
                 | Endpoint::Auth0Token
+                | Endpoint::KeycloakToken
         )
     }
 
@@ -126,6 +135,7 @@ impl Endpoint {
                 | Endpoint::OktaSecretsDeactivate
                 | Endpoint::OktaSecretsDelete
                 | Endpoint::Auth0ClientUpdate
+                | Endpoint::KeycloakClientUpdate
         )
     }
 }

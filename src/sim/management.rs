@@ -13,7 +13,13 @@
 //!   with `client_secret` replaces the client's secret atomically (the old
 //!   one stops at once, the new one works after the propagation delay).
 //!
-//! Both management APIs take a bearer token of any client of their issuer
+//! - **Keycloak**: the realm's token endpoint
+//!   `/realms/{realm}/protocol/openid-connect/token` (RFC 6749, `401
+//!   invalid_client`); `PUT /admin/realms/{realm}/clients/{id}` with
+//!   `secret` replaces the client's secret (`204`). The sim takes the
+//!   client's internal id to be its client id.
+//!
+//! The management APIs take a bearer token of any client of their issuer
 //! (an administrative client in real deployments).
 
 use std::sync::Arc;
@@ -323,18 +329,27 @@ pub(super) async fn auth0_update_client(
             "insufficient_scope",
         );
     }
-    let Some(_) = st
+    // Setting the value the client already has changes nothing.
+    let same = st
         .registry
-        .replace_secrets(&client_id, &value, Instant::now(), &mut rand::rng())
-    else {
+        .secrets_of_client(&client_id)
+        .any(|s| s.value == value);
+    if !same
+        && st
+            .registry
+            .replace_secrets(&client_id, &value, Instant::now(), &mut rand::rng())
+            .is_none()
+    {
         return auth0_error(
             StatusCode::NOT_FOUND,
             "Not Found",
             "The client does not exist",
             "inexistent_client",
         );
-    };
-    st.stats.secrets_created += 1;
+    }
+    if !same {
+        st.stats.secrets_created += 1;
+    }
     debug!(%client_id, "sim: auth0 client secret replaced");
     json_response(
         StatusCode::OK,
@@ -345,4 +360,57 @@ pub(super) async fn auth0_update_client(
             "app_type": "non_interactive",
         }),
     )
+}
+
+/// Keycloak's client update: only `secret` is honoured; it replaces the
+/// client's secret atomically. `204` on success, `404 {"error": "Could
+/// not find client"}` for an unknown client.
+pub(super) async fn keycloak_update_client(
+    State(sh): State<Arc<Shared>>,
+    Path((_realm, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if bearer_client(&sh, &headers, Issuer::OAuth2).is_none() {
+        return unauthorized();
+    }
+    let Ok(Value::Object(rep)) = serde_json::from_slice::<Value>(&body) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unknown_error", "errorMessage": "Cannot parse the JSON"}),
+        );
+    };
+    let mut st = sh.lock();
+    if st.faults.refuses_create() {
+        st.stats.faults_injected += 1;
+        return json_response(
+            StatusCode::FORBIDDEN,
+            json!({"error": "HTTP 403 Forbidden"}),
+        );
+    }
+    let Some(value) = rep
+        .get("secret")
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty())
+    else {
+        // A client update without a secret changes nothing here.
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    let same = st.registry.secrets_of_client(&id).any(|s| s.value == value);
+    if !same
+        && st
+            .registry
+            .replace_secrets(&id, value, Instant::now(), &mut rand::rng())
+            .is_none()
+    {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "Could not find client"}),
+        );
+    }
+    if !same {
+        st.stats.secrets_created += 1;
+    }
+    debug!(client_id = %id, "sim: keycloak client secret set");
+    StatusCode::NO_CONTENT.into_response()
 }

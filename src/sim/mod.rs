@@ -233,6 +233,12 @@ impl SimProvider {
         self.base_url()
     }
 
+    /// Keycloak's base URL as `base_url` takes it (realm token and admin
+    /// URLs are derived from it; the client's id is its client id).
+    pub fn keycloak_base_url(&self) -> String {
+        self.base_url()
+    }
+
     /// Auth0's token endpoint.
     pub fn auth0_token_url(&self) -> String {
         format!("{}/oauth/token", self.base_url())
