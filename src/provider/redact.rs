@@ -123,8 +123,9 @@ impl std::fmt::Debug for Redactor {
 }
 
 /// Makes provider text safe to show: every occurrence of a `known` value
-/// (as is, and form- or percent-encoded, as a provider echoing a request
-/// body would show it) becomes [`REDACTED`]; every character that is not
+/// (as is, form- or percent-encoded, as a provider echoing a request body
+/// would show it, and escaped as inside a JSON string, as a body that is
+/// not read as JSON or a quoted JSON value shows it) becomes [`REDACTED`]; every character that is not
 /// printable ASCII becomes `?`; the result is cut to [`MAX_TEXT_CHARS`]
 /// characters, marked with a trailing `...`.
 ///
@@ -142,6 +143,16 @@ pub fn scrub(text: &str, known: &[&str]) -> String {
         let form: String = url::form_urlencoded::byte_serialize(value.as_bytes()).collect();
         let percent = form.replace('+', "%20");
         forms.extend([form, percent]);
+        // RFC 8259 §7: `"` and `\` are always escaped, control characters
+        // mostly; `/` may be (`\/`, as PHP and others write it).
+        let quoted = serde_json::to_string(value).expect("a string serializes");
+        let json = &quoted[1..quoted.len() - 1];
+        if json != *value {
+            forms.push(json.to_string());
+        }
+        if value.contains('/') {
+            forms.push(json.replace('/', "\\/"));
+        }
     }
     // Longest first, so a value that contains another is removed whole.
     forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
@@ -201,6 +212,19 @@ mod tests {
         );
         let with_space = scrub("a b and a+b and a%20b", &["a b"]);
         assert_eq!(with_space, "[redacted] and [redacted] and [redacted]");
+    }
+
+    #[test]
+    fn json_escaped_values_are_removed() {
+        // A refusal body read as text (text/plain), or a JSON value quoted
+        // in an error, shows a value escaped as inside a JSON string.
+        let secret = r#"s3c/r"e\t"#;
+        let text = r#"{"error":"s3c\/r\"e\\t", "e":"s3c/r\"e\\t"}"#;
+        assert_eq!(
+            scrub(text, &[secret]),
+            r#"{"error":"[redacted]", "e":"[redacted]"}"#
+        );
+        assert_eq!(scrub(r#"a\/b"#, &["a/b"]), "[redacted]");
     }
 
     #[test]
