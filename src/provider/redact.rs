@@ -193,6 +193,36 @@ pub fn scrub(text: &str, known: &[&str]) -> String {
     text
 }
 
+/// Longest message kept from a server rekeyd stores in (a Kubernetes API
+/// server's, an etcd member's), in characters: longer than a provider's
+/// [`MAX_TEXT_CHARS`], since an RBAC denial or an admission webhook's
+/// reason names the account, resource and namespace an operator must fix.
+pub const MAX_SERVER_MESSAGE_CHARS: usize = 1000;
+
+/// `text` as one line of printable ASCII (every other character becomes
+/// `?`) of at most `max_chars` characters, cut with a trailing `...`: a
+/// server's message can then neither forge log lines nor flood them.
+/// Removes no values: for messages of servers that do not receive client
+/// secrets as such (a store's), after their own scrubbing.
+pub fn printable(text: &str, max_chars: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max_chars.saturating_add(1))
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if out.len() > max_chars {
+        out.truncate(max_chars.saturating_sub(3));
+        out.push_str("...");
+    }
+    out
+}
+
 /// Shown instead of a provider text that could not be scrubbed.
 pub const WITHHELD: &str = "[provider text withheld]";
 
@@ -234,6 +264,15 @@ mod tests {
         assert!(out.starts_with("?n?code??tab?x"), "{out}");
         assert!(out.ends_with("..."));
         assert!(out.chars().all(|c| c == ' ' || c.is_ascii_graphic()));
+    }
+
+    #[test]
+    fn server_messages_are_one_bounded_printable_line() {
+        assert_eq!(printable("a\nb\u{1b}[31mc\u{e9}", 100), "a?b?[31mc?");
+        let long = printable(&"x".repeat(5000), 1000);
+        assert_eq!(long.len(), 1000);
+        assert!(long.ends_with("..."));
+        assert_eq!(printable(&"x".repeat(1000), 1000), "x".repeat(1000));
     }
 
     #[test]
