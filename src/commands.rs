@@ -655,20 +655,7 @@ async fn history(config: &Config, name: Option<&str>, as_json: bool, verify: boo
 /// retitle the operator's terminal (escape sequences), nor forge a row with
 /// a line break.
 fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
-        text.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect::<String>()
-            .into()
-    } else {
-        text.into()
-    }
+    crate::provider::redact::escape_controls(text)
 }
 
 fn load(path: &std::path::Path) -> Option<Config> {

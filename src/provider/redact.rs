@@ -223,6 +223,28 @@ pub fn printable(text: &str, max_chars: usize) -> String {
     out
 }
 
+/// `text` with every control character escaped (`\n`, `\u{1b}`), the rest
+/// as is: for provider text that must stay whole to be of use, such as a
+/// secret's id (it names the secret to delete), on its way into a log line
+/// or a terminal, where a line break would forge a line and an escape
+/// sequence would move the cursor.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
 /// Shown instead of a provider text that could not be scrubbed.
 pub const WITHHELD: &str = "[provider text withheld]";
 
