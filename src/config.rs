@@ -2824,9 +2824,11 @@ fn validate_endpoints(
 
 /// Secrets travel in these requests, so plain HTTP is only allowed where no
 /// network sees it (loopback) unless the operator opts in explicitly.
+/// The errors name the host at most, never the URL as written: it may
+/// embed credentials (refused below, but only once it parses).
 fn parse_url(key: &str, text: &str, allow_insecure_http: bool) -> Result<Url, ConfigError> {
-    let url = Url::parse(text)
-        .map_err(|e| ConfigError::invalid(key, format!("invalid URL {text:?}: {e}")))?;
+    let url =
+        Url::parse(text).map_err(|e| ConfigError::invalid(key, format!("invalid URL ({e})")))?;
     match url.scheme() {
         "https" => {}
         "http" if allow_insecure_http || host_is_loopback(&url) => {}
@@ -2834,7 +2836,8 @@ fn parse_url(key: &str, text: &str, allow_insecure_http: bool) -> Result<Url, Co
             return Err(ConfigError::invalid(
                 key,
                 format!(
-                    "plain http to a non-loopback host ({text}) would expose secrets; use https or set endpoints.allow_insecure_http = true"
+                    "plain http to a non-loopback host ({}) would expose secrets; use https or set endpoints.allow_insecure_http = true",
+                    url.host_str().unwrap_or_default()
                 ),
             ));
         }
@@ -3437,6 +3440,31 @@ mod tests {
             let message = load_error(&text);
             assert_eq!(message, expected, "{text}");
             assert!(!message.contains("assertion"), "{message}");
+        }
+        // A URL that embeds a password is named by key and host only.
+        for (url, reason) in [
+            (
+                "http://user:pa55w0rd-value@auth.example.com/t",
+                "plain http to a non-loopback host (auth.example.com)",
+            ),
+            (
+                "https://user:pa55w0rd-value@auth.example.com:99999/t",
+                "invalid URL (invalid port number)",
+            ),
+        ] {
+            let Err(e) = Config::from_toml(&format!(
+                "{credential}client_id = \"c\"\ninitial_secret_file = \"/x\"\n\
+                 [credentials.endpoints]\ntoken_url = \"{url}\"\n"
+            )) else {
+                panic!("{url} accepted");
+            };
+            let message = e.to_string();
+            assert!(
+                message.contains("`credentials[0].endpoints.token_url`")
+                    && message.contains(reason),
+                "{message}"
+            );
+            assert!(!message.contains("pa55w0rd"), "{message}");
         }
         assert_eq!(
             without_file_text(r#"invalid value: string "x", expected `a`"#),

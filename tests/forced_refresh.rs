@@ -483,6 +483,44 @@ async fn a_quota_reply_holds_forced_logins_as_long_as_the_provider_asked() {
     d.stop().await;
 }
 
+/// A `Retry-After` is the provider's text: one of years reaches
+/// applications bounded like the engine's own wait (the quota backoff's
+/// 30 minutes and its spread), and forced logins are held no longer.
+#[tokio::test]
+async fn a_retry_after_of_years_is_passed_on_bounded() {
+    let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+    let (d, _) = start(&sim, "0s").await;
+    let api = Api::new(&d);
+    let old = served(&d);
+    sim.set_faults(Faults {
+        scope: FaultScope::Token,
+        quota_next: 1,
+        quota_retry_after: Some(100_000_000),
+        ..Faults::default()
+    });
+    let reply = api.refresh(None).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text);
+    let bound = 30 * 60 + 30;
+    assert!(
+        (1..=bound).contains(&reply.retry_after()),
+        "Retry-After {}",
+        reply.retry_after()
+    );
+    let reply = api.refresh_rejecting(&old).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        reply.text
+    );
+    assert!(
+        (1..=bound).contains(&reply.retry_after()),
+        "Retry-After {}",
+        reply.retry_after()
+    );
+    d.stop().await;
+}
+
 /// `rekeyd token maps ARGS --config <dir>/rekeyd.toml`: exit code, stdout,
 /// stderr.
 async fn cli(dir: &Path, args: &[&str]) -> (i32, String, String) {

@@ -580,6 +580,7 @@ async fn a_hung_api_server_does_not_hold_up_the_token_files() {
         method: None,
         kind: Some(Kind::Secret),
     });
+    let asked = std::time::SystemTime::now();
     handle.refresh_now.notify_one();
     let second = wait_token(&handle, |t| value(t) != value(&first)).await;
     wait_written(&handle, |s| {
@@ -589,10 +590,19 @@ async fn a_hung_api_server_does_not_hold_up_the_token_files() {
     })
     .await;
     assert_eq!(std::fs::read_to_string(&file).unwrap(), value(&second));
-    // Written while the Secret write was still waiting: it has not failed
-    // yet, and still holds the first token.
-    let secret = handle.sink_reports().remove(0);
-    assert_eq!(secret.consecutive_failures, 0, "{secret:?}");
+    // Written while the Secret write was still waiting: a writer that
+    // waited for it would write the file only once the stalled request
+    // timed out, REQUEST_TIMEOUT after the login at the earliest. (Judged
+    // on the write's own time stamp, not on when this test looks: a
+    // loaded machine may run the test late, never the daemon early.)
+    let written = handle.sink_reports()[1]
+        .last_written_at
+        .expect("the file was written");
+    let took = written.duration_since(asked).unwrap_or_default();
+    assert!(
+        took < rekeyd::serve::secret_sink::REQUEST_TIMEOUT,
+        "the token file waited {took:?} for the stalled Secret write"
+    );
     assert_eq!(
         fake.secret_data(NS, "app-token").unwrap()["token"],
         value(&first).as_bytes()

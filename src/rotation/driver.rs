@@ -24,6 +24,7 @@ use crate::config::RotationConfig;
 use crate::credential::CredentialStatus;
 use crate::history::{self, Step};
 use crate::metrics::{self, RotationLabels};
+use crate::provider::redact::escape_controls;
 use crate::provider::{
     CreateRequest, Deleted, ErrorKind, ProviderError, Retire, SecretApi, TokenProvider, ValueOrigin,
 };
@@ -519,7 +520,8 @@ impl Run<'_> {
         let mut t = machine::step(&self.record.value, first, &r.context())?;
         loop {
             for w in &t.warnings {
-                warn!(step = "rotate", "{w}");
+                // They quote ids and client ids the provider listed.
+                warn!(step = "rotate", "{}", escape_controls(w));
             }
             if t.persist {
                 let was = self.record.value.rotation.phase();
@@ -627,7 +629,7 @@ impl Run<'_> {
                     crash_point!("rotation-after-create");
                     info!(
                         step = "create",
-                        secret_id = new.id.as_deref().unwrap_or("(none)"),
+                        secret_id = %escape_controls(new.id.as_deref().unwrap_or("(none)")),
                         "replacement secret created"
                     );
                     Event::Created {
@@ -720,7 +722,7 @@ impl Run<'_> {
                         self.check_go()?;
                         let deleted = self.delete(id).await?;
                         crash_point!("rotation-after-delete-old");
-                        info!(step = "delete", secret_id = %id, already_gone = deleted == Deleted::NotFound, "retired secret deleted");
+                        info!(step = "delete", secret_id = %escape_controls(id), already_gone = deleted == Deleted::NotFound, "retired secret deleted");
                     }
                     Event::RetireDeleted { ids }
                 }
@@ -841,7 +843,7 @@ impl Run<'_> {
         });
         for secret in earlier {
             self.check_go()?;
-            warn!(step = "recover", secret_id = %secret.id, rid, "deleting a secret from an interrupted attempt (its value was never stored)");
+            warn!(step = "recover", secret_id = %escape_controls(&secret.id), rid, "deleting a secret from an interrupted attempt (its value was never stored)");
             self.delete(&secret.id).await?;
             crash_point!("rotation-after-delete-tagged");
         }
