@@ -236,6 +236,8 @@ struct RawCredential {
     base_url: Option<String>,
     realm: Option<String>,
     client_uuid: Option<String>,
+    tenant: Option<String>,
+    application_object_id: Option<String>,
     secret_api_credential: Option<String>,
     initial_secret_file: Option<PathBuf>,
     initial_secret_credential: Option<String>,
@@ -537,6 +539,9 @@ pub enum ProviderKind {
     /// secret set through the admin REST API
     /// (`PUT /admin/realms/{realm}/clients/{id}`).
     Keycloak,
+    /// Microsoft Entra ID: a token from the tenant's v2.0 endpoint, secrets
+    /// through Microsoft Graph (`addPassword`, `removePassword`).
+    Entra,
 }
 
 impl ProviderKind {
@@ -548,6 +553,7 @@ impl ProviderKind {
             ProviderKind::Okta => "okta",
             ProviderKind::Auth0 => "auth0",
             ProviderKind::Keycloak => "keycloak",
+            ProviderKind::Entra => "entra",
         }
     }
 
@@ -560,6 +566,7 @@ impl ProviderKind {
                 | ProviderKind::Okta
                 | ProviderKind::Auth0
                 | ProviderKind::Keycloak
+                | ProviderKind::Entra
         )
     }
 
@@ -570,7 +577,8 @@ impl ProviderKind {
             ProviderKind::OAuth2
             | ProviderKind::Okta
             | ProviderKind::Auth0
-            | ProviderKind::Keycloak => None,
+            | ProviderKind::Keycloak
+            | ProviderKind::Entra => None,
         }
     }
 
@@ -609,6 +617,16 @@ pub enum ProviderIds {
         realm: String,
         client_uuid: String,
     },
+    /// Microsoft Entra ID: the `tenant` (id or domain) and the
+    /// application's `application_object_id` (its object id, not its
+    /// application/client id). Token URL
+    /// `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`;
+    /// secrets `https://graph.microsoft.com/v1.0/applications/{application_object_id}`
+    /// (Microsoft Graph v1.0, application resource).
+    Entra {
+        tenant: String,
+        application_object_id: String,
+    },
 }
 
 impl ProviderIds {
@@ -641,6 +659,17 @@ impl ProviderIds {
                     Some(format!("{base}/admin/realms/{realm}/clients/{client_uuid}")),
                 )
             }
+            ProviderIds::Entra {
+                tenant,
+                application_object_id,
+            } => (
+                Some(format!(
+                    "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+                )),
+                Some(format!(
+                    "https://graph.microsoft.com/v1.0/applications/{application_object_id}"
+                )),
+            ),
         }
     }
 }
@@ -2210,11 +2239,12 @@ fn validate_credential(
         "okta" => ProviderKind::Okta,
         "auth0" => ProviderKind::Auth0,
         "keycloak" => ProviderKind::Keycloak,
+        "entra" => ProviderKind::Entra,
         other => {
             return Err(ConfigError::invalid(
                 key("provider"),
                 format!(
-                    "unknown provider {other:?}; expected mapsindoors, mappls, oauth2, okta, auth0 or keycloak"
+                    "unknown provider {other:?}; expected mapsindoors, mappls, oauth2, okta, auth0, keycloak or entra"
                 ),
             ));
         }
@@ -2230,13 +2260,19 @@ fn validate_credential(
             base_url: rc.base_url,
             realm: rc.realm,
             client_uuid: rc.client_uuid,
+            tenant: rc.tenant,
+            application_object_id: rc.application_object_id,
         },
     )?;
 
-    // Okta, Auth0 and Keycloak are RFC 6749 token endpoints: both work.
+    // Okta, Auth0, Keycloak and Entra are RFC 6749 token endpoints.
     let standard = matches!(
         provider,
-        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0 | ProviderKind::Keycloak
+        ProviderKind::OAuth2
+            | ProviderKind::Okta
+            | ProviderKind::Auth0
+            | ProviderKind::Keycloak
+            | ProviderKind::Entra
     );
     let auth_method = match (standard, rc.auth_method.as_deref()) {
         (true, None | Some("client_secret_basic")) => AuthMethod::ClientSecretBasic,
@@ -2369,7 +2405,12 @@ fn validate_credential(
             ));
         }
         check_token_name(&key("secret_api_credential"), admin)?;
-    } else if rotation.is_some() && matches!(provider, ProviderKind::Okta | ProviderKind::Auth0) {
+    } else if rotation.is_some()
+        && matches!(
+            provider,
+            ProviderKind::Okta | ProviderKind::Auth0 | ProviderKind::Entra
+        )
+    {
         return Err(ConfigError::invalid(
             key("secret_api_credential"),
             format!(
@@ -2471,13 +2512,17 @@ fn check_request_params(
     // tokens, the Management API's included).
     let standard = matches!(
         provider,
-        ProviderKind::OAuth2 | ProviderKind::Okta | ProviderKind::Auth0 | ProviderKind::Keycloak
+        ProviderKind::OAuth2
+            | ProviderKind::Okta
+            | ProviderKind::Auth0
+            | ProviderKind::Keycloak
+            | ProviderKind::Entra
     );
     if has_audience && !standard {
         return Err(ConfigError::invalid(
             format!("{prefix}audience"),
             format!(
-                "is only supported by providers oauth2, okta, auth0 and keycloak, not {}",
+                "is only supported by providers oauth2, okta, auth0, keycloak and entra, not {}",
                 provider.as_str()
             ),
         ));
@@ -2656,6 +2701,8 @@ struct RawIds {
     base_url: Option<String>,
     realm: Option<String>,
     client_uuid: Option<String>,
+    tenant: Option<String>,
+    application_object_id: Option<String>,
 }
 
 /// Okta's `org_url` and `app_id`, Auth0's `domain`, Keycloak's `base_url`,
@@ -2674,6 +2721,8 @@ fn validate_provider_ids(
         base_url,
         realm,
         client_uuid,
+        tenant,
+        application_object_id,
     } = raw;
     let given = [
         ("org_url", &org_url),
@@ -2682,11 +2731,14 @@ fn validate_provider_ids(
         ("base_url", &base_url),
         ("realm", &realm),
         ("client_uuid", &client_uuid),
+        ("tenant", &tenant),
+        ("application_object_id", &application_object_id),
     ];
     let wanted: &[&str] = match provider {
         ProviderKind::Okta => &["org_url", "app_id"],
         ProviderKind::Auth0 => &["domain"],
         ProviderKind::Keycloak => &["base_url", "realm", "client_uuid"],
+        ProviderKind::Entra => &["tenant", "application_object_id"],
         _ => &[],
     };
     for (field, value) in given {
@@ -2760,6 +2812,16 @@ fn validate_provider_ids(
                 base_url: url,
                 realm,
                 client_uuid,
+            }
+        }
+        ProviderKind::Entra => {
+            let tenant = tenant.unwrap_or_default();
+            plain("tenant", &tenant)?;
+            let application_object_id = application_object_id.unwrap_or_default();
+            plain("application_object_id", &application_object_id)?;
+            ProviderIds::Entra {
+                tenant,
+                application_object_id,
             }
         }
         _ => ProviderIds::None,

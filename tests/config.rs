@@ -190,6 +190,66 @@ audience = "https://tenant.eu.auth0.com/api/v2/"
     assert!(login.rotation.is_none());
 }
 
+#[test]
+fn keycloak_and_entra_urls_derive_from_their_ids() {
+    let config = Config::from_toml(
+        r#"
+[[credentials]]
+name = "kc"
+provider = "keycloak"
+base_url = "https://sso.example.com/auth"
+realm = "apps"
+client_uuid = "0f1e2d3c"
+client_id = "billing"
+initial_secret_file = "/etc/rekeyd/kc.secret"
+[credentials.rotation]
+every = "30d"
+
+[[credentials]]
+name = "graph-app"
+provider = "entra"
+tenant = "contoso.onmicrosoft.com"
+application_object_id = "11111111-2222-3333-4444-555555555555"
+client_id = "66666666-7777-8888-9999-000000000000"
+initial_secret_file = "/etc/rekeyd/graph-app.secret"
+scope = "api://orders/.default"
+secret_api_credential = "graph-app-graph"
+[credentials.rotation]
+every = "30d"
+[[credentials.tokens]]
+name = "graph-app-graph"
+scope = "https://graph.microsoft.com/.default"
+"#,
+    )
+    .unwrap();
+    let kc = config.credential("kc").unwrap();
+    assert_eq!(
+        kc.endpoints.token_url.as_str(),
+        "https://sso.example.com/auth/realms/apps/protocol/openid-connect/token"
+    );
+    assert_eq!(
+        kc.endpoints.secrets_url.as_ref().unwrap().as_str(),
+        "https://sso.example.com/auth/admin/realms/apps/clients/0f1e2d3c"
+    );
+    // Keycloak: the client's own token may set its secret.
+    assert!(kc.secret_api_credential.is_none());
+    let entra = config.credential("graph-app").unwrap();
+    assert_eq!(
+        entra.endpoints.token_url.as_str(),
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert_eq!(
+        entra.endpoints.secrets_url.as_ref().unwrap().as_str(),
+        "https://graph.microsoft.com/v1.0/applications/11111111-2222-3333-4444-555555555555"
+    );
+    let graph = entra.secret_api_credential.as_ref().unwrap();
+    assert_eq!(graph.secret_of, "graph-app");
+    assert_eq!(
+        graph.login.as_ref().unwrap().scope.as_deref(),
+        Some("https://graph.microsoft.com/.default")
+    );
+}
+
 /// (what is wrong, config text, fragments the error must contain)
 fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
     let with = |extra: &str| format!("{BASE}{extra}");
@@ -634,7 +694,7 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             with("[[credentials.tokens]]\nname = \"read\"\naudience = \"api\"\n"),
             vec![
                 "`credentials[0].tokens[0].audience`",
-                "only supported by providers oauth2, okta and auth0",
+                "only supported by providers oauth2, okta, auth0, keycloak and entra",
             ],
         ),
         (
@@ -707,6 +767,30 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             BASE.replace("provider = \"mapsindoors\"", "provider = \"auth0\"")
                 .replace("customer_id = \"cust\"\n", ""),
             vec!["`credentials[0].domain`", "required for provider auth0"],
+        ),
+        (
+            "keycloak without its realm",
+            BASE.replace(
+                "provider = \"mapsindoors\"",
+                "provider = \"keycloak\"\nbase_url = \"https://sso.example.com\"\nclient_uuid = \"0f1e\"",
+            )
+            .replace("customer_id = \"cust\"\n", ""),
+            vec!["`credentials[0].realm`", "required for provider keycloak"],
+        ),
+        (
+            "keycloak base_url with a query",
+            BASE.replace(
+                "provider = \"mapsindoors\"",
+                "provider = \"keycloak\"\nbase_url = \"https://sso.example.com/?x=1\"\nrealm = \"r\"\nclient_uuid = \"0f1e\"",
+            )
+            .replace("customer_id = \"cust\"\n", ""),
+            vec!["`credentials[0].base_url`", "a query is not"],
+        ),
+        (
+            "entra without its application object id",
+            BASE.replace("provider = \"mapsindoors\"", "provider = \"entra\"\ntenant = \"contoso.onmicrosoft.com\"")
+                .replace("customer_id = \"cust\"\n", ""),
+            vec!["`credentials[0].application_object_id`", "required for provider entra"],
         ),
         (
             "an Okta id on another provider",

@@ -42,6 +42,7 @@ enum Profile {
     Okta,
     Auth0,
     Keycloak,
+    Entra,
 }
 
 /// The crash points a rotation passes with `profile`, each with the
@@ -56,6 +57,17 @@ fn path(profile: Profile) -> Vec<(&'static str, &'static str)> {
             ("rotation-after-persist-promoted", "promoted"),
             ("rotation-after-persist-retire", "idle"),
             ("rotation-after-deactivate", "idle"),
+            ("rotation-after-delete-old", "idle"),
+            ("rotation-after-persist-idle", "idle"),
+        ],
+        // Entra's path is MapsIndoors': server-made values found by tag.
+        Profile::Entra => vec![
+            ("rotation-after-persist-creating", "creating"),
+            ("rotation-after-create", "creating"),
+            ("rotation-after-persist-created", "created"),
+            ("rotation-after-verify", "created"),
+            ("rotation-after-persist-promoted", "promoted"),
+            ("rotation-after-persist-retire", "idle"),
             ("rotation-after-delete-old", "idle"),
             ("rotation-after-persist-idle", "idle"),
         ],
@@ -100,9 +112,17 @@ impl World {
                 "provider = \"keycloak\"\nbase_url = \"{}\"\nrealm = \"demo\"\nclient_uuid = \"{client}\"\n",
                 sim.keycloak_base_url()
             ),
+            Profile::Entra => format!(
+                "provider = \"entra\"\ntenant = \"sim-tenant\"\napplication_object_id = \"{client}\"\n"
+            ),
         };
         let endpoints = |client: &str| match profile {
             Profile::Okta | Profile::Keycloak => String::new(),
+            Profile::Entra => format!(
+                "[credentials.endpoints]\ntoken_url = \"{}\"\nsecrets_url = \"{}\"\n",
+                sim.entra_token_url("sim-tenant"),
+                sim.entra_application_url(client)
+            ),
             Profile::Auth0 => format!(
                 "[credentials.endpoints]\ntoken_url = \"{}\"\nsecrets_url = \"{}\"\n",
                 sim.auth0_token_url(),
@@ -299,17 +319,27 @@ async fn crash_and_recover(profile: Profile, crashes: Vec<(&'static str, &'stati
 
 #[test]
 fn every_crash_point_is_on_some_path() {
-    let on_paths: BTreeSet<&str> = [Profile::Okta, Profile::Auth0, Profile::Keycloak]
-        .into_iter()
-        .flat_map(path)
-        .map(|(point, _)| point)
-        .collect();
+    let on_paths: BTreeSet<&str> = [
+        Profile::Okta,
+        Profile::Auth0,
+        Profile::Keycloak,
+        Profile::Entra,
+    ]
+    .into_iter()
+    .flat_map(path)
+    .map(|(point, _)| point)
+    .collect();
     for point in PROVIDER_CRASH_POINTS {
         assert!(on_paths.contains(point), "{point} is never reached here");
     }
-    for (point, _) in [Profile::Okta, Profile::Auth0, Profile::Keycloak]
-        .into_iter()
-        .flat_map(path)
+    for (point, _) in [
+        Profile::Okta,
+        Profile::Auth0,
+        Profile::Keycloak,
+        Profile::Entra,
+    ]
+    .into_iter()
+    .flat_map(path)
     {
         assert!(
             CRASH_POINTS.contains(&point) || PROVIDER_CRASH_POINTS.contains(&point),
@@ -321,7 +351,12 @@ fn every_crash_point_is_on_some_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_crash_point_on_each_providers_path_converges() {
     let mut tasks = Vec::new();
-    for profile in [Profile::Okta, Profile::Auth0, Profile::Keycloak] {
+    for profile in [
+        Profile::Okta,
+        Profile::Auth0,
+        Profile::Keycloak,
+        Profile::Entra,
+    ] {
         for crash in path(profile) {
             tasks.push((
                 profile,
@@ -353,7 +388,12 @@ async fn one_rotation_crashed_at_every_point_in_turn() {
     // Each resumed run gets one step further before the next crash. On
     // Okta the second point also reaches the listing that finds the
     // secret whose create reply was lost.
-    for profile in [Profile::Okta, Profile::Auth0, Profile::Keycloak] {
+    for profile in [
+        Profile::Okta,
+        Profile::Auth0,
+        Profile::Keycloak,
+        Profile::Entra,
+    ] {
         crash_and_recover(profile, path(profile)).await;
     }
 }

@@ -33,6 +33,7 @@ enum Profile {
     Okta,
     Auth0,
     Keycloak,
+    Entra,
 }
 
 struct Setup {
@@ -91,6 +92,11 @@ impl Setup {
             Profile::Keycloak => format!(
                 "provider = \"keycloak\"\nbase_url = \"{}\"\nrealm = \"demo\"\nclient_uuid = \"{client}\"\n[credentials.endpoints]\nrequest_timeout = \"5s\"\n",
                 self.sim.keycloak_base_url()
+            ),
+            Profile::Entra => format!(
+                "provider = \"entra\"\ntenant = \"sim-tenant\"\napplication_object_id = \"{client}\"\n[credentials.endpoints]\ntoken_url = \"{}\"\nsecrets_url = \"{}\"\nrequest_timeout = \"5s\"\n",
+                self.sim.entra_token_url("sim-tenant"),
+                self.sim.entra_application_url(client)
             ),
         };
         let text = format!(
@@ -195,6 +201,7 @@ initial_secret_file = "{d}/admin.secret"
             Profile::Okta => Endpoint::OktaSecretsCreate,
             Profile::Auth0 => Endpoint::Auth0ClientUpdate,
             Profile::Keycloak => Endpoint::KeycloakClientUpdate,
+            Profile::Entra => Endpoint::EntraAddPassword,
         };
         if iteration.is_multiple_of(2) {
             Faults {
@@ -351,7 +358,7 @@ async fn kill_loop(profile: Profile) {
         stats.responses_dropped
     );
     assert!(kills >= 10, "enough kills happened: {kills}");
-    if profile == Profile::Okta {
+    if matches!(profile, Profile::Okta | Profile::Entra) {
         // Every secret the API made is gone but the stored one; the
         // bootstrap one was deleted too.
         assert_eq!(stats.secrets_created, stats.secrets_deleted, "{stats:?}");
@@ -360,28 +367,34 @@ async fn kill_loop(profile: Profile) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_at_random_moments_converges_with_okta_auth0_and_keycloak() {
-    let (okta, auth0, keycloak) = tokio::join!(
+async fn kill_9_at_random_moments_converges_with_every_secret_api() {
+    let (okta, auth0, keycloak, entra) = tokio::join!(
         tokio::spawn(kill_loop(Profile::Okta)),
         tokio::spawn(kill_loop(Profile::Auth0)),
-        tokio::spawn(kill_loop(Profile::Keycloak))
+        tokio::spawn(kill_loop(Profile::Keycloak)),
+        tokio::spawn(kill_loop(Profile::Entra))
     );
-    let failures: Vec<String> = [("Okta", okta), ("Auth0", auth0), ("Keycloak", keycloak)]
-        .into_iter()
-        .filter_map(|(name, r)| {
-            r.err().map(|e| {
-                let message = e
-                    .try_into_panic()
-                    .ok()
-                    .and_then(|p| {
-                        p.downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    })
-                    .unwrap_or_default();
-                format!("{name}: {message}")
-            })
+    let failures: Vec<String> = [
+        ("Okta", okta),
+        ("Auth0", auth0),
+        ("Keycloak", keycloak),
+        ("Entra", entra),
+    ]
+    .into_iter()
+    .filter_map(|(name, r)| {
+        r.err().map(|e| {
+            let message = e
+                .try_into_panic()
+                .ok()
+                .and_then(|p| {
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                })
+                .unwrap_or_default();
+            format!("{name}: {message}")
         })
-        .collect();
+    })
+    .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }

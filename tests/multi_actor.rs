@@ -167,7 +167,8 @@ fn random_interleavings_keep_the_invariants() {
 
 /// The same chaos against the Okta and Auth0 shapes of a secret API
 /// (caller-chosen values; two secrets at most, deactivated before deleted;
-/// one secret replaced atomically): I1 after every call (with an atomic
+/// one secret replaced atomically; Keycloak has Auth0's shape, Entra the
+/// MapsIndoors shape `random_interleavings_keep_the_invariants` runs): I1 after every call (with an atomic
 /// replacement, the new value the journal holds counts), I4 and S1 at
 /// every deactivation and delete, and in the end a stable journal and no
 /// secret rekeyd created that the journal does not name (I3, without

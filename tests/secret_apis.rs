@@ -26,6 +26,7 @@ enum Profile {
     Okta,
     Auth0,
     Keycloak,
+    Entra,
 }
 
 struct World {
@@ -62,6 +63,7 @@ async fn world(profile: Profile, propagation: Duration) -> World {
             "provider = \"keycloak\"\nbase_url = \"{}\"\nrealm = \"demo\"\n",
             sim.keycloak_base_url()
         ),
+        Profile::Entra => "provider = \"entra\"\ntenant = \"sim-tenant\"\n".to_string(),
     };
     let endpoints = |client: &str| match profile {
         Profile::Okta | Profile::Keycloak => String::new(),
@@ -70,10 +72,16 @@ async fn world(profile: Profile, propagation: Duration) -> World {
             sim.auth0_token_url(),
             sim.auth0_client_url(client)
         ),
+        Profile::Entra => format!(
+            "[credentials.endpoints]\ntoken_url = \"{}\"\nsecrets_url = \"{}\"\n",
+            sim.entra_token_url("sim-tenant"),
+            sim.entra_application_url(client)
+        ),
     };
     let app_id = |client: &str| match profile {
         Profile::Okta => format!("app_id = \"{client}\"\n"),
         Profile::Keycloak => format!("client_uuid = \"{client}\"\n"),
+        Profile::Entra => format!("application_object_id = \"{client}\"\n"),
         Profile::Auth0 => String::new(),
     };
     let d = dir.path().display();
@@ -201,7 +209,9 @@ impl World {
         assert_eq!(record.phase(), "idle", "{record:?}");
         let current = record.current.value.expose_secret().to_string();
         assert_ne!(current, self.bootstrap.1);
-        assert_eq!(current.len(), 43, "a 256-bit value of rekeyd's own");
+        if !self.server_made() {
+            assert_eq!(current.len(), 43, "a 256-bit value of rekeyd's own");
+        }
         let secrets = self.sim.secrets(APP);
         assert_eq!(secrets.len(), 1, "no orphan, no duplicate: {secrets:?}");
         assert_eq!(
@@ -226,7 +236,15 @@ impl World {
     }
 
     fn profile_has_ids(&self) -> bool {
-        self.config.credential("app").unwrap().provider.as_str() == "okta"
+        matches!(
+            self.config.credential("app").unwrap().provider.as_str(),
+            "okta" | "entra"
+        )
+    }
+
+    /// The provider makes the values (Entra), not rekeyd.
+    fn server_made(&self) -> bool {
+        self.config.credential("app").unwrap().provider.as_str() == "entra"
     }
 
     fn drop_next(&self, endpoint: Endpoint) {
@@ -374,7 +392,12 @@ async fn auth0_a_lost_update_reply_never_locks_out_and_is_sent_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_secret_api_is_called_with_the_administrative_token() {
-    for profile in [Profile::Okta, Profile::Auth0, Profile::Keycloak] {
+    for profile in [
+        Profile::Okta,
+        Profile::Auth0,
+        Profile::Keycloak,
+        Profile::Entra,
+    ] {
         let w = world(profile, Duration::ZERO).await;
         assert_eq!(w.rotate(true).await.unwrap(), Outcome::Rotated);
         let callers: Vec<String> = w.sim.stats().management_callers.into_keys().collect();
@@ -496,4 +519,41 @@ async fn keycloak_sets_a_stored_value_and_a_lost_reply_is_sent_again() {
     }
     assert_eq!(w.rotate(false).await.unwrap(), Outcome::Rotated);
     w.assert_rotated_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_tags_the_display_name_and_deletes_a_lost_replys_secret_by_it() {
+    let w = world(Profile::Entra, Duration::from_millis(300)).await;
+    w.drop_next(Endpoint::EntraAddPassword);
+    assert!(w.rotate(true).await.is_err());
+    // The provider made a secret whose value only the lost reply held.
+    let made: Vec<String> = w
+        .sim
+        .secrets(APP)
+        .into_iter()
+        .map(|s| s.description)
+        .collect();
+    assert!(
+        made.iter().any(|d| d.starts_with("rekeyd:app:")),
+        "{made:?}"
+    );
+    assert_eq!(w.rotate(false).await.unwrap(), Outcome::Rotated);
+    w.assert_rotated_cleanly().await;
+    let left = w.sim.secrets(APP);
+    assert!(left[0].description.starts_with("rekeyd:app:"), "{left:?}");
+    assert_eq!(w.sim.stats().requests_to(Endpoint::EntraRemovePassword), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_login_refusals_show_their_aadsts_code() {
+    let w = world(Profile::Entra, Duration::ZERO).await;
+    let cred = w.config.credential("app").unwrap();
+    let provider = rekeyd::provider::build(cred).unwrap();
+    let e = provider
+        .login(&SecretString::from("not-the-secret".to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Rejected);
+    assert_eq!(e.code.as_deref(), Some("invalid_client"));
+    assert!(e.to_string().contains("AADSTS7000215"), "{e}");
 }

@@ -8,6 +8,7 @@
 //! credential's secrets ([`redact`]).
 
 pub mod auth0;
+pub mod entra;
 pub mod http;
 pub mod keycloak;
 pub mod mappls;
@@ -368,17 +369,24 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
             transport.clone(),
             url.clone(),
         ))),
+        (ProviderKind::Entra, Some(url), _) => Some(Arc::new(entra::EntraSecrets::new(
+            transport.clone(),
+            url.clone(),
+            cred.client_id.clone(),
+        ))),
         _ => None,
     };
     let token: Arc<dyn TokenProvider> = match cred.provider {
         ProviderKind::MapsIndoors => Arc::new(mapsindoors::MapsIndoors::new(transport, cred)),
         ProviderKind::Mappls => Arc::new(mappls::Mappls::new(transport, cred)),
-        // RFC 6749 token endpoints; a wrong secret is 401 (Okta and
-        // Keycloak `invalid_client`, Auth0 `access_denied`).
+        // RFC 6749 token endpoints; a wrong secret is 401 (Okta, Keycloak
+        // and Entra `invalid_client`, Entra's with an AADSTS code in the
+        // description the refusal keeps; Auth0 `access_denied`).
         ProviderKind::OAuth2
         | ProviderKind::Okta
         | ProviderKind::Auth0
-        | ProviderKind::Keycloak => Arc::new(oauth2::OAuth2::new(transport, cred)),
+        | ProviderKind::Keycloak
+        | ProviderKind::Entra => Arc::new(oauth2::OAuth2::new(transport, cred)),
     };
     Ok(Built { token, secrets })
 }
@@ -391,6 +399,7 @@ pub fn capabilities_of(provider: ProviderKind) -> Option<Capabilities> {
         ProviderKind::Okta => Some(okta::CAPABILITIES),
         ProviderKind::Auth0 => Some(auth0::CAPABILITIES),
         ProviderKind::Keycloak => Some(keycloak::CAPABILITIES),
+        ProviderKind::Entra => Some(entra::CAPABILITIES),
         ProviderKind::Mappls | ProviderKind::OAuth2 => None,
     }
 }

@@ -47,6 +47,14 @@ pub enum Endpoint {
     KeycloakToken,
     /// Keycloak: `PUT /admin/realms/{realm}/clients/{id}`
     KeycloakClientUpdate,
+    /// Entra: `POST /{tenant}/oauth2/v2.0/token`
+    EntraToken,
+    /// Entra (Graph): `GET /v1.0/applications/{id}`
+    EntraList,
+    /// Entra (Graph): `POST /v1.0/applications/{id}/addPassword`
+    EntraAddPassword,
+    /// Entra (Graph): `POST /v1.0/applications/{id}/removePassword`
+    EntraRemovePassword,
     /// `GET /healthz` (counted, never faulted)
     Health,
 }
@@ -107,6 +115,14 @@ impl Endpoint {
                 Endpoint::KeycloakToken
             }
             (&Method::PUT, ["admin", "realms", _, "clients", _]) => Endpoint::KeycloakClientUpdate,
+            (&Method::POST, [_, "oauth2", "v2.0", "token"]) => Endpoint::EntraToken,
+            (&Method::GET, ["v1.0", "applications", _]) => Endpoint::EntraList,
+            (&Method::POST, ["v1.0", "applications", _, "addPassword"]) => {
+                Endpoint::EntraAddPassword
+            }
+            (&Method::POST, ["v1.0", "applications", _, "removePassword"]) => {
+                Endpoint::EntraRemovePassword
+            }
             _ => return None,
         })
     }
@@ -120,6 +136,7 @@ impl Endpoint {
                 | Endpoint::OktaToken
                 | Endpoint::Auth0Token
                 | Endpoint::KeycloakToken
+                | Endpoint::EntraToken
         )
     }
 
@@ -136,6 +153,9 @@ impl Endpoint {
                 | Endpoint::OktaSecretsDelete
                 | Endpoint::Auth0ClientUpdate
                 | Endpoint::KeycloakClientUpdate
+                | Endpoint::EntraList
+                | Endpoint::EntraAddPassword
+                | Endpoint::EntraRemovePassword
         )
     }
 }

@@ -19,6 +19,14 @@
 //!   `secret` replaces the client's secret (`204`). The sim takes the
 //!   client's internal id to be its client id.
 //!
+//! - **Entra**: `POST /{tenant}/oauth2/v2.0/token` answers a wrong secret
+//!   with `401 invalid_client` and `AADSTS7000215` in `error_description`;
+//!   Microsoft Graph lists an application's `passwordCredentials`
+//!   (`GET /v1.0/applications/{id}`), `addPassword` makes a secret whose
+//!   `secretText` only that reply shows, `removePassword` deletes one by
+//!   `keyId` (`204`). The sim takes the application's object id to be its
+//!   client id.
+//!
 //! The management APIs take a bearer token of any client of their issuer
 //! (an administrative client in real deployments).
 
@@ -412,5 +420,171 @@ pub(super) async fn keycloak_update_client(
         st.stats.secrets_created += 1;
     }
     debug!(client_id = %id, "sim: keycloak client secret set");
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Entra's token endpoint: RFC 6749, with Entra's refusal body.
+pub(super) async fn entra_token(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !is_form(&headers) {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_request", "error_description": "AADSTS900144: The request body must contain the following parameter: 'grant_type'.", "error_codes": [900144]}),
+        );
+    }
+    let form = parse_form(&body);
+    let (client_id, secret) = match headers.get(AUTHORIZATION).and_then(parse_basic) {
+        Some((id, secret)) => (Some(id), Some(secret)),
+        None => (
+            field(&form, "client_id").map(str::to_owned),
+            field(&form, "client_secret").map(str::to_owned),
+        ),
+    };
+    let scope = field(&form, "scope").map(str::to_owned);
+    match sh.login(
+        Endpoint::EntraToken,
+        client_id.as_deref(),
+        secret.as_deref(),
+        field(&form, "grant_type"),
+        Issuer::OAuth2,
+        scope,
+    ) {
+        Ok(t) => json_response(
+            StatusCode::OK,
+            sh.token_body(t, json!({"token_type": "Bearer", "ext_expires_in": 3599})),
+        ),
+        Err(LoginError::InvalidClient) => json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({
+                "error": "invalid_client",
+                "error_description": "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
+                "error_codes": [7000215],
+            }),
+        ),
+        Err(LoginError::UnsupportedGrantType) => json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unsupported_grant_type", "error_codes": [70003]}),
+        ),
+    }
+}
+
+fn graph_error(status: StatusCode, code: &str, message: &str) -> Response {
+    json_response(status, json!({"error": {"code": code, "message": message}}))
+}
+
+fn password_credential(s: &Secret) -> Value {
+    json!({
+        "keyId": s.id,
+        "displayName": s.description,
+        "hint": s.value.chars().take(3).collect::<String>(),
+        "startDateTime": rfc3339(s.created_at),
+        "endDateTime": null,
+    })
+}
+
+pub(super) async fn entra_application(
+    State(sh): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if bearer_client(&sh, &headers, Issuer::OAuth2).is_none() {
+        return unauthorized();
+    }
+    let st = sh.lock();
+    if st.registry.customer_of(&id).is_none() {
+        return graph_error(
+            StatusCode::NOT_FOUND,
+            "Request_ResourceNotFound",
+            &format!(
+                "Resource '{id}' does not exist or one of its queried reference-property objects are not present."
+            ),
+        );
+    }
+    let creds: Vec<Value> = st
+        .registry
+        .secrets_of_client(&id)
+        .map(password_credential)
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"id": id, "passwordCredentials": creds}),
+    )
+}
+
+pub(super) async fn entra_add_password(
+    State(sh): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if bearer_client(&sh, &headers, Issuer::OAuth2).is_none() {
+        return unauthorized();
+    }
+    let display_name = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.get("passwordCredential")?
+                .get("displayName")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let mut st = sh.lock();
+    if st.faults.refuses_create() {
+        st.stats.faults_injected += 1;
+        return graph_error(
+            StatusCode::BAD_REQUEST,
+            "TooManyPasswords",
+            "The application has reached its maximum number of password credentials.",
+        );
+    }
+    let Some(secret) =
+        st.registry
+            .create_secret(&id, &display_name, Instant::now(), true, &mut rand::rng())
+    else {
+        return graph_error(
+            StatusCode::NOT_FOUND,
+            "Request_ResourceNotFound",
+            &format!("Resource '{id}' does not exist."),
+        );
+    };
+    st.stats.secrets_created += 1;
+    let mut reply = password_credential(&secret);
+    reply["secretText"] = Value::String(secret.value.clone());
+    json_response(StatusCode::OK, reply)
+}
+
+pub(super) async fn entra_remove_password(
+    State(sh): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if bearer_client(&sh, &headers, Issuer::OAuth2).is_none() {
+        return unauthorized();
+    }
+    let Some(key_id) = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("keyId")?.as_str().map(str::to_owned))
+    else {
+        return graph_error(
+            StatusCode::BAD_REQUEST,
+            "Request_BadRequest",
+            "keyId is required",
+        );
+    };
+    let mut st = sh.lock();
+    if st.registry.secret_of_client(&id, &key_id).is_none() {
+        return graph_error(
+            StatusCode::NOT_FOUND,
+            "Request_ResourceNotFound",
+            &format!("No password credential found with keyId {key_id}."),
+        );
+    }
+    st.registry.remove_secret(&key_id);
+    st.stats.secrets_deleted += 1;
     StatusCode::NO_CONTENT.into_response()
 }

@@ -239,6 +239,16 @@ impl SimProvider {
         self.base_url()
     }
 
+    /// Entra's token endpoint for `tenant`.
+    pub fn entra_token_url(&self, tenant: &str) -> String {
+        format!("{}/{tenant}/oauth2/v2.0/token", self.base_url())
+    }
+
+    /// Microsoft Graph's application resource for `object_id`.
+    pub fn entra_application_url(&self, object_id: &str) -> String {
+        format!("{}/v1.0/applications/{object_id}", self.base_url())
+    }
+
     /// Auth0's token endpoint.
     pub fn auth0_token_url(&self) -> String {
         format!("{}/oauth/token", self.base_url())

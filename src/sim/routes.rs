@@ -75,6 +75,19 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/admin/realms/{realm}/clients/{id}",
             put(management::keycloak_update_client),
         )
+        .route("/{tenant}/oauth2/v2.0/token", post(management::entra_token))
+        .route(
+            "/v1.0/applications/{id}",
+            get(management::entra_application),
+        )
+        .route(
+            "/v1.0/applications/{id}/addPassword",
+            post(management::entra_add_password),
+        )
+        .route(
+            "/v1.0/applications/{id}/removePassword",
+            post(management::entra_remove_password),
+        )
         .route(
             "/api/v2/clients/{client_id}",
             patch(management::auth0_update_client),
