@@ -207,6 +207,11 @@ pub enum DemoProvider {
     /// The one secret replaced atomically with rekeyd's own value, through
     /// an administrative client's token.
     Auth0,
+    /// As Auth0, through Keycloak's admin API and the client's own token.
+    Keycloak,
+    /// Server-generated secrets tagged in their display name (Microsoft
+    /// Graph), through a token profile for Graph.
+    Entra,
 }
 
 /// `rekeyd token --format`: the sink formats ([`crate::format`]).

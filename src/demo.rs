@@ -75,6 +75,32 @@ secrets_url = "{client}"
             token = sim.auth0_token_url(),
             client = sim.auth0_client_url("demo-maps"),
         ),
+        DemoProvider::Keycloak => format!(
+            r#"provider = "keycloak"
+base_url = "{base}"
+realm = "demo"
+client_uuid = "demo-maps"
+client_id = "demo-maps"
+"#,
+            base = sim.keycloak_base_url(),
+        ),
+        DemoProvider::Entra => format!(
+            r#"provider = "entra"
+tenant = "demo-tenant"
+application_object_id = "demo-maps"
+client_id = "demo-maps"
+initial_secret_id = "{bootstrap_id}"
+secret_api_credential = "maps-graph"
+[credentials.endpoints]
+token_url = "{token}"
+secrets_url = "{application}"
+[[credentials.tokens]]
+name = "maps-graph"
+scope = "https://graph.microsoft.com/.default"
+"#,
+            token = sim.entra_token_url("demo-tenant"),
+            application = sim.entra_application_url("demo-maps"),
+        ),
     }
 }
 
@@ -83,7 +109,7 @@ fn admin_credential(provider: DemoProvider, sim: &SimProvider, secret_file: &str
         "\n[[credentials]]\nname = \"admin\"\nclient_id = \"demo-admin\"\ninitial_secret_file = \"{secret_file}\"\n"
     );
     match provider {
-        DemoProvider::Mapsindoors => String::new(),
+        DemoProvider::Mapsindoors | DemoProvider::Keycloak | DemoProvider::Entra => String::new(),
         DemoProvider::Okta => format!(
             "{head}provider = \"okta\"\norg_url = \"{}\"\napp_id = \"demo-admin\"\n",
             sim.okta_org_url()
@@ -173,6 +199,8 @@ format = "json"
         DemoProvider::Mapsindoors => "MapsIndoors",
         DemoProvider::Okta => "Okta",
         DemoProvider::Auth0 => "Auth0",
+        DemoProvider::Keycloak => "Keycloak",
+        DemoProvider::Entra => "Entra",
     };
     println!(
         "  simulated {rotating} and Mappls auth services on {}",

@@ -920,17 +920,23 @@ async fn demo_shows_both_credentials_and_exits_0() {
 }
 
 #[tokio::test]
-async fn demo_rotates_through_okta_and_auth0() {
-    // The demo rotates every 25s: by 28s each provider created a secret
-    // with a value of rekeyd's own, through the administrative client.
+async fn demo_rotates_through_each_provider() {
+    // The demo rotates every 25s: by 28s each provider made a new secret
+    // (rekeyd's own value, or for Entra the provider's, tagged).
     let run = |provider: &'static str| {
         run_with_timeout(
             rekeyd(["demo", "--duration", "28s", "--provider", provider]),
             TIMEOUT + TIMEOUT,
         )
     };
-    let (okta, auth0) = tokio::join!(run("okta"), run("auth0"));
-    for (provider, out) in [("Okta", okta), ("Auth0", auth0)] {
+    let (okta, auth0, keycloak, entra) =
+        tokio::join!(run("okta"), run("auth0"), run("keycloak"), run("entra"));
+    for (provider, out) in [
+        ("Okta", okta),
+        ("Auth0", auth0),
+        ("Keycloak", keycloak),
+        ("Entra", entra),
+    ] {
         assert_eq!(out.code(), Some(0), "{provider}: {out}");
         assert!(
             out.stdout.contains(&format!("simulated {provider}")),
