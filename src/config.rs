@@ -156,6 +156,43 @@ impl<'de> Deserialize<'de> for RawScalar {
     }
 }
 
+/// A boolean key's value: `true` or `false` only. The `config` crate would
+/// otherwise read `1`, `"yes"` or `"on"` as `true`, and these keys are
+/// opt-ins to exposure (`allow_non_loopback`, `allow_insecure_http`) or to
+/// a rotation at every login: each must be written as the boolean it is.
+/// Anything else is the usual type error, by key and kind of value.
+fn strict_bool<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    struct Visitor;
+    impl Visitor {
+        // The kind of value, never the value: it may hold a secret.
+        fn refuse<E: serde::de::Error>(kind: &str) -> Result<bool, E> {
+            Err(E::custom(format!("expected a boolean, found {kind}")))
+        }
+    }
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a boolean")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<bool, E> {
+            Self::refuse("an integer")
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<bool, E> {
+            Self::refuse("an integer")
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<bool, E> {
+            Self::refuse("a floating-point number")
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<bool, E> {
+            Self::refuse("a string")
+        }
+    }
+    deserializer.deserialize_any(Visitor)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -197,7 +234,7 @@ struct RawStore {
 struct RawApi {
     listen: Option<String>,
     key_file: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_bool")]
     allow_non_loopback: bool,
     // The limits of every listener; spelled out in each section because
     // serde's `flatten` cannot be combined with `deny_unknown_fields`.
@@ -279,7 +316,7 @@ struct RawHook {
 struct RawEndpoints {
     token_url: Option<String>,
     secrets_url: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_bool")]
     allow_insecure_http: bool,
     connect_timeout: Option<RawScalar>,
     request_timeout: Option<RawScalar>,
@@ -299,7 +336,7 @@ struct RawRotation {
     every: Option<RawScalar>,
     schedule: Option<String>,
     grace: Option<RawScalar>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_bool")]
     on_login: bool,
     max_secret_age: Option<RawScalar>,
 }

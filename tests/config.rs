@@ -319,6 +319,27 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`diag.max_connections`", "whole number", "boolean"],
         ),
         (
+            "a number for an opt-in boolean",
+            with_table("[api]\nallow_non_loopback = 1"),
+            vec![
+                "`api.allow_non_loopback`",
+                "expected a boolean, found an integer",
+            ],
+        ),
+        (
+            "yes for an opt-in boolean",
+            with("[credentials.endpoints]\nallow_insecure_http = \"yes\"\n"),
+            vec![
+                "`credentials[0].endpoints.allow_insecure_http`",
+                "expected a boolean, found a string",
+            ],
+        ),
+        (
+            "on for a boolean",
+            with("[credentials.rotation]\non_login = \"on\"\n"),
+            vec!["`credentials[0].rotation.on_login`", "expected a boolean"],
+        ),
+        (
             "listener timeout without a unit",
             with_table("[api]\nidle_timeout = 60"),
             vec!["`api.idle_timeout`", "text with a unit"],
