@@ -655,20 +655,7 @@ async fn history(config: &Config, name: Option<&str>, as_json: bool, verify: boo
 /// retitle the operator's terminal (escape sequences), nor forge a row with
 /// a line break.
 fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
-        text.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect::<String>()
-            .into()
-    } else {
-        text.into()
-    }
+    crate::provider::redact::escape_controls(text)
 }
 
 fn load(path: &std::path::Path) -> Option<Config> {
@@ -847,10 +834,27 @@ async fn stored_status(config: &Config) -> Vec<Value> {
 pub async fn effective_config(config: &Config) -> String {
     let dur = |d: Duration| humantime::format_duration(d).to_string();
     let proxies = ProxyEnv::from_env();
+    // The API server (and its route) of every Kubernetes Secret sink, by
+    // the kubeconfig it names: sinks share few of them.
+    let mut api_servers = ApiServers::new();
+    for cred in &config.credentials {
+        let sinks = cred
+            .sinks
+            .iter()
+            .chain(cred.tokens.iter().flat_map(|t| &t.sinks));
+        for sink in sinks {
+            if let crate::config::SinkTarget::KubernetesSecret(k) = &sink.target
+                && !api_servers.contains_key(&k.kubeconfig)
+            {
+                let shown = api_server_json(k.kubeconfig.as_deref()).await;
+                api_servers.insert(k.kubeconfig.clone(), shown);
+            }
+        }
+    }
     let credentials: Vec<Value> = config
         .credentials
         .iter()
-        .map(|c| credential_json(c, &dur, &proxies))
+        .map(|c| credential_json(c, &dur, &proxies, &api_servers))
         .collect();
     let mut store = store_json(&config.store, &dur).await;
     store["history_limit"] = json!(config.history_limit);
@@ -886,16 +890,25 @@ fn limits_json(limits: &ListenerLimits, dur: &dyn Fn(Duration) -> String) -> Val
     })
 }
 
+/// Kubernetes API servers by the kubeconfig that names them (`None`: in
+/// the cluster, else `KUBECONFIG`), as [`api_server_json`] shows them.
+type ApiServers = std::collections::BTreeMap<Option<std::path::PathBuf>, (Option<String>, String)>;
+
+/// The API server a Kubernetes client of rekeyd talks to and how its
+/// requests travel ([`crate::proxy`]). The address comes from the
+/// kubeconfig or the pod's environment: read them (nothing is contacted).
+async fn api_server_json(kubeconfig: Option<&std::path::Path>) -> (Option<String>, String) {
+    match store::kubernetes::cluster_config(kubeconfig).await {
+        Ok((client, route)) => (Some(client.cluster_url.to_string()), route.describe()),
+        Err(e) => (None, format!("unknown ({e})")),
+    }
+}
+
 async fn store_json(store: &StoreConfig, dur: &dyn Fn(Duration) -> String) -> Value {
     match store {
         StoreConfig::File => json!({"kind": "file"}),
         StoreConfig::Kubernetes(k) => {
-            // The API server's address comes from the kubeconfig or the
-            // pod's environment: read them (nothing is contacted).
-            let (api_server, proxy) = match store::kubernetes::client_config(k).await {
-                Ok((client, route)) => (Some(client.cluster_url.to_string()), route.describe()),
-                Err(e) => (None, format!("unknown ({e})")),
-            };
+            let (api_server, proxy) = api_server_json(k.kubeconfig.as_deref()).await;
             json!({
                 "kind": "kubernetes",
                 "namespace": k.namespace,
@@ -926,7 +939,9 @@ fn credential_json(
     c: &CredentialConfig,
     dur: &dyn Fn(Duration) -> String,
     proxies: &ProxyEnv,
+    api_servers: &ApiServers,
 ) -> Value {
+    let sink_json = |s| sink_json(s, api_servers);
     json!({
         "name": c.name,
         "provider": c.provider.as_str(),
@@ -980,7 +995,7 @@ fn credential_json(
     })
 }
 
-fn sink_json(s: &crate::config::SinkConfig) -> Value {
+fn sink_json(s: &crate::config::SinkConfig, api_servers: &ApiServers) -> Value {
     use crate::config::{SinkFormat, SinkTarget};
     let mut out = match &s.target {
         SinkTarget::File(f) => json!({
@@ -996,6 +1011,8 @@ fn sink_json(s: &crate::config::SinkConfig) -> Value {
             "secret": k.secret,
             "key": k.key,
             "kubeconfig": k.kubeconfig.as_ref().map(|p| p.display().to_string()),
+            "api_server": api_servers.get(&k.kubeconfig).and_then(|(server, _)| server.clone()),
+            "api_server_proxy": api_servers.get(&k.kubeconfig).map(|(_, proxy)| proxy),
         }),
     };
     out["format"] = json!(s.format.as_str());

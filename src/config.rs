@@ -979,6 +979,7 @@ impl Config {
     pub fn warnings(&self) -> Vec<ConfigWarning> {
         let mut warnings = store_warnings(&self.store);
         warnings.extend(shared_client_warnings(&self.credentials));
+        warnings.extend(shared_secret_warnings(&self.credentials));
         for (i, cred) in self.credentials.iter().enumerate() {
             if let Err(ConfigError::Invalid { key, reason }) = cred.initial_secret_path(i) {
                 warnings.push(ConfigWarning {
@@ -1364,6 +1365,29 @@ fn count(
 /// credential's unique name). Two credentials hold the same secret when
 /// those files are the same file or those ids are equal.
 fn check_one_owner_per_secret(credentials: &[CredentialConfig]) -> Result<(), ConfigError> {
+    for shared in shared_secrets(credentials) {
+        refuse_if_either_rotates(
+            credentials,
+            (shared.first, shared.second),
+            shared.key,
+            shared.same,
+        )?;
+    }
+    Ok(())
+}
+
+/// Two credentials holding one secret (`first < second`): the key of the
+/// second that names it, and how it is the same.
+struct SharedSecret {
+    first: usize,
+    second: usize,
+    key: &'static str,
+    same: String,
+}
+
+/// Every pair of credentials that hold the same secret, the second against
+/// the first credential that named it (see [`check_one_owner_per_secret`]).
+fn shared_secrets(credentials: &[CredentialConfig]) -> Vec<SharedSecret> {
     // For each way of naming a secret, the first credential that named it.
     // Checking every later one against that first one finds each group of
     // credentials on one secret that has a rotating member: either the first
@@ -1373,6 +1397,7 @@ fn check_one_owner_per_secret(credentials: &[CredentialConfig]) -> Result<(), Co
     let mut by_file = HashMap::new();
     let mut by_id = HashMap::new();
     let mut by_credential = HashMap::new();
+    let mut found = Vec::new();
     for (j, cred) in credentials.iter().enumerate() {
         // Not resolved (no $CREDENTIALS_DIRECTORY): the same credential
         // name is the same file.
@@ -1380,49 +1405,74 @@ fn check_one_owner_per_secret(credentials: &[CredentialConfig]) -> Result<(), Co
             && let Some(name) = &cred.initial_secret_credential
             && let Some(i) = first_holder(&mut by_credential, name.as_str(), j)
         {
-            refuse_if_either_rotates(
-                credentials,
-                (i, j),
-                cred.initial_secret_key(),
-                format!(
+            found.push(SharedSecret {
+                first: i,
+                second: j,
+                key: cred.initial_secret_key(),
+                same: format!(
                     "{name:?} is the credential `credentials[{i}].initial_secret_credential` names"
                 ),
-            )?;
+            });
         }
         if let Some(path) = &cred.initial_secret_file {
             let same_path = first_holder(&mut by_path, normalize_lexically(path), j);
             let same_file =
                 file_identity(path).and_then(|file| first_holder(&mut by_file, file, j));
-            for i in [same_path, same_file].into_iter().flatten() {
+            // The same file by path and by identity is one finding.
+            let mut holders: Vec<usize> = [same_path, same_file].into_iter().flatten().collect();
+            holders.dedup();
+            for i in holders {
                 let other = credentials[i]
                     .initial_secret_file
                     .as_ref()
                     .expect("indexed by its initial_secret_file");
-                refuse_if_either_rotates(
-                    credentials,
-                    (i, j),
-                    cred.initial_secret_key(),
-                    format!(
+                found.push(SharedSecret {
+                    first: i,
+                    second: j,
+                    key: cred.initial_secret_key(),
+                    same: format!(
                         "{} is the same file as `credentials[{i}].{}` ({})",
                         path.display(),
                         credentials[i].initial_secret_key(),
                         other.display()
                     ),
-                )?;
+                });
             }
         }
         if let Some(id) = &cred.initial_secret_id
             && let Some(i) = first_holder(&mut by_id, id.as_str(), j)
         {
-            refuse_if_either_rotates(
-                credentials,
-                (i, j),
-                "initial_secret_id",
-                format!("{id:?} is also `credentials[{i}].initial_secret_id`"),
-            )?;
+            found.push(SharedSecret {
+                first: i,
+                second: j,
+                key: "initial_secret_id",
+                same: format!("{id:?} is also `credentials[{i}].initial_secret_id`"),
+            });
         }
     }
-    Ok(())
+    found
+}
+
+/// Credentials that share a secret without either rotating: allowed (no
+/// rotation deletes it), but the way to share a secret is token profiles,
+/// and the first `[credentials.rotation]` added would be refused.
+fn shared_secret_warnings(credentials: &[CredentialConfig]) -> Vec<ConfigWarning> {
+    shared_secrets(credentials)
+        .into_iter()
+        .filter(|s| {
+            credentials[s.first].rotation.is_none() && credentials[s.second].rotation.is_none()
+        })
+        .map(|s| ConfigWarning {
+            key: format!("credentials[{}].{}", s.second, s.key),
+            reason: format!(
+                "{}: credentials {:?} and {:?} hold one secret. That works only while neither \
+                 rotates (S8: a rotation would delete the secret the other lives on, so adding \
+                 [credentials.rotation] to either is refused); to get several tokens from one \
+                 secret, give one credential [[credentials.tokens]] profiles",
+                s.same, credentials[s.first].name, credentials[s.second].name
+            ),
+        })
+        .collect()
 }
 
 /// Refuses credentials `i` and `j` (`i < j`), which hold the same secret, if
@@ -2502,9 +2552,11 @@ fn validate_endpoints(
 
 /// Secrets travel in these requests, so plain HTTP is only allowed where no
 /// network sees it (loopback) unless the operator opts in explicitly.
+/// The errors name the host at most, never the URL as written: it may
+/// embed credentials (refused below, but only once it parses).
 fn parse_url(key: &str, text: &str, allow_insecure_http: bool) -> Result<Url, ConfigError> {
-    let url = Url::parse(text)
-        .map_err(|e| ConfigError::invalid(key, format!("invalid URL {text:?}: {e}")))?;
+    let url =
+        Url::parse(text).map_err(|e| ConfigError::invalid(key, format!("invalid URL ({e})")))?;
     match url.scheme() {
         "https" => {}
         "http" if allow_insecure_http || host_is_loopback(&url) => {}
@@ -2512,7 +2564,8 @@ fn parse_url(key: &str, text: &str, allow_insecure_http: bool) -> Result<Url, Co
             return Err(ConfigError::invalid(
                 key,
                 format!(
-                    "plain http to a non-loopback host ({text}) would expose secrets; use https or set endpoints.allow_insecure_http = true"
+                    "plain http to a non-loopback host ({}) would expose secrets; use https or set endpoints.allow_insecure_http = true",
+                    url.host_str().unwrap_or_default()
                 ),
             ));
         }
@@ -3115,6 +3168,31 @@ mod tests {
             let message = load_error(&text);
             assert_eq!(message, expected, "{text}");
             assert!(!message.contains("assertion"), "{message}");
+        }
+        // A URL that embeds a password is named by key and host only.
+        for (url, reason) in [
+            (
+                "http://user:pa55w0rd-value@auth.example.com/t",
+                "plain http to a non-loopback host (auth.example.com)",
+            ),
+            (
+                "https://user:pa55w0rd-value@auth.example.com:99999/t",
+                "invalid URL (invalid port number)",
+            ),
+        ] {
+            let Err(e) = Config::from_toml(&format!(
+                "{credential}client_id = \"c\"\ninitial_secret_file = \"/x\"\n\
+                 [credentials.endpoints]\ntoken_url = \"{url}\"\n"
+            )) else {
+                panic!("{url} accepted");
+            };
+            let message = e.to_string();
+            assert!(
+                message.contains("`credentials[0].endpoints.token_url`")
+                    && message.contains(reason),
+                "{message}"
+            );
+            assert!(!message.contains("pa55w0rd"), "{message}");
         }
         assert_eq!(
             without_file_text(r#"invalid value: string "x", expected `a`"#),

@@ -1,7 +1,7 @@
 //! Which proxy, if any, each HTTP request of rekeyd goes through.
 //!
 //! The rule, for every HTTP client rekeyd builds (providers' token and
-//! secret APIs, the Kubernetes store):
+//! secret APIs, the Kubernetes store and Secret sinks):
 //!
 //! - **Plain `http://` never goes through a proxy.** rekeyd accepts plain
 //!   http only to loopback (or with `endpoints.allow_insecure_http`), and

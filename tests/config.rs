@@ -1091,7 +1091,7 @@ fn two_spellings_of_one_secret_file_are_refused() {
 }
 
 #[test]
-fn a_shared_secret_without_rotation_is_accepted() {
+fn a_shared_secret_without_rotation_is_accepted_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let secret = format!("{}/maps.secret", dir.path().display());
     let text = config_of(
@@ -1108,6 +1108,18 @@ fn a_shared_secret_without_rotation_is_accepted() {
         "{}",
         checked.stdout
     );
+    // Accepted with a warning that names the key and the supported way.
+    for fragment in [
+        "credentials[1].initial_secret_file",
+        "[[credentials.tokens]]",
+        "S8",
+    ] {
+        assert!(
+            checked.stderr.contains(fragment),
+            "{fragment}: {}",
+            checked.stderr
+        );
+    }
 }
 
 #[test]
@@ -1722,5 +1734,31 @@ fn sink_kinds_and_formats_parse_with_defaults() {
     assert_eq!(
         kubeconfigs,
         [kubeconfig, std::path::PathBuf::from("/etc/kube.yaml")]
+    );
+}
+
+/// `env` sinks of a token profile default to the profile's own variable:
+/// the profile is a token of its own, which its readers tell apart from the
+/// credential's (and `rekeyd token PROFILE --format env` prints the same).
+#[test]
+fn a_profiles_env_sink_is_named_after_the_profile() {
+    let text = format!(
+        "{BASE}[[credentials.sinks]]\npath = \"/run/rekeyd/maps.env\"\nformat = \"env\"\n\
+         [[credentials.tokens]]\nname = \"maps-read-2\"\nscope = \"read\"\n\
+         [[credentials.tokens.sinks]]\npath = \"/run/rekeyd/read.env\"\nformat = \"env\"\n"
+    );
+    let config = Config::from_toml(&text).unwrap();
+    assert_eq!(
+        config.credentials[0].sinks[0].format,
+        SinkFormat::Env {
+            variable: "REKEYD_MAPS_TOKEN".into()
+        }
+    );
+    let (_, profile) = config.token_profile("maps-read-2").unwrap();
+    assert_eq!(
+        profile.sinks[0].format,
+        SinkFormat::Env {
+            variable: "REKEYD_MAPS_READ_2_TOKEN".into()
+        }
     );
 }

@@ -32,6 +32,11 @@ const KEY_HEADER: &str = "X-Rekeyd-Key";
 /// config is also written to `<dir>/rekeyd.toml` for the CLI. Returns the
 /// daemon and the client secret.
 async fn start(sim: &SimProvider, interval: &str) -> (TestDaemon, String) {
+    start_with(sim, interval, "").await
+}
+
+/// [`start`], with `api` added to the `[api]` table.
+async fn start_with(sim: &SimProvider, interval: &str, api: &str) -> (TestDaemon, String) {
     let dir = tempfile::tempdir().unwrap();
     sim.add_client("client-maps", "cust");
     let (_, secret) = sim.add_secret("client-maps", "bootstrap");
@@ -41,7 +46,7 @@ async fn start(sim: &SimProvider, interval: &str) -> (TestDaemon, String) {
 [api]
 listen = "unix:{{dir}}/api.sock"
 key_file = "{{dir}}/api.key"
-
+{api}
 [[credentials]]
 name = "maps"
 provider = "mapsindoors"
@@ -276,7 +281,11 @@ async fn a_refused_older_token_gets_the_current_one_without_a_login() {
     for body in [
         json!({ "rejected_sha256": "not-hex" }),
         json!({ "rejected_sha256": newer }),
+        // Hex, but not a SHA-256's length.
+        json!({ "rejected_sha256": &sha256_hex(&newer)[..62] }),
+        json!({ "rejected_sha256": format!("{}00", sha256_hex(&newer)) }),
         json!({ "token": newer }),
+        json!("not an object"),
         json!([1, 2]),
     ] {
         let reply = api.refresh(Some(body)).await;
@@ -474,6 +483,44 @@ async fn a_quota_reply_holds_forced_logins_as_long_as_the_provider_asked() {
     d.stop().await;
 }
 
+/// A `Retry-After` is the provider's text: one of years reaches
+/// applications bounded like the engine's own wait (the quota backoff's
+/// 30 minutes and its spread), and forced logins are held no longer.
+#[tokio::test]
+async fn a_retry_after_of_years_is_passed_on_bounded() {
+    let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+    let (d, _) = start(&sim, "0s").await;
+    let api = Api::new(&d);
+    let old = served(&d);
+    sim.set_faults(Faults {
+        scope: FaultScope::Token,
+        quota_next: 1,
+        quota_retry_after: Some(100_000_000),
+        ..Faults::default()
+    });
+    let reply = api.refresh(None).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text);
+    let bound = 30 * 60 + 30;
+    assert!(
+        (1..=bound).contains(&reply.retry_after()),
+        "Retry-After {}",
+        reply.retry_after()
+    );
+    let reply = api.refresh_rejecting(&old).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        reply.text
+    );
+    assert!(
+        (1..=bound).contains(&reply.retry_after()),
+        "Retry-After {}",
+        reply.retry_after()
+    );
+    d.stop().await;
+}
+
 /// `rekeyd token maps ARGS --config <dir>/rekeyd.toml`: exit code, stdout,
 /// stderr.
 async fn cli(dir: &Path, args: &[&str]) -> (i32, String, String) {
@@ -547,6 +594,103 @@ async fn rekeyd_token_fresh_asks_the_daemon_for_a_new_token() {
     assert_eq!(code, 0);
     assert_eq!(stdout.trim(), fresh);
     assert_eq!(logins(&sim), before + 1);
+
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_longer_than_a_digest_needs_is_refused_unread() {
+    let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+    let (d, _) = start(&sim, "0s").await;
+    let api = Api::new(&d);
+    let old = served(&d);
+    let before = logins(&sim);
+
+    // The largest body read: the digest object padded to the limit.
+    let digest = json!({ "rejected_sha256": sha256_hex(&old) }).to_string();
+    let limit = rekeyd::serve::api::MAX_REFRESH_BODY;
+    let padded = format!("{digest:<limit$}");
+    let reply = api
+        .send(
+            api.client
+                .post("http://localhost/v1/token/maps/refresh")
+                .header(KEY_HEADER, &api.key)
+                .body(padded),
+        )
+        .await;
+    assert_ne!(reply.token(), old, "a body at the limit is read");
+    assert_eq!(logins(&sim), before + 1);
+
+    // One byte more, even of whitespace (which alone means "no digest"):
+    // 413 in the API's shape, and no login.
+    let over = " ".repeat(limit + 1);
+    let reply = api
+        .send(
+            api.client
+                .post("http://localhost/v1/token/maps/refresh")
+                .header(KEY_HEADER, &api.key)
+                .body(over.clone()),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text
+    );
+    assert_eq!(reply.body["error"], "body_too_large", "{}", reply.text);
+    // Without the key, the answer is 401 whatever the body.
+    let reply = api
+        .send(
+            api.client
+                .post("http://localhost/v1/token/maps/refresh")
+                .body(" ".repeat(3 << 20)),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text);
+    assert_eq!(logins(&sim), before + 1, "no login for a refused body");
+
+    d.stop().await;
+}
+
+/// A login slower than the listener allows: `504 refresh_pending` before
+/// the listener gives up on the request, and the login goes on: `GET`
+/// serves its token once it lands, a request meanwhile joins it, and no
+/// second login is made.
+#[tokio::test]
+async fn a_login_slower_than_the_request_timeout_answers_504_and_lands_later() {
+    let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+    let (d, _) = start_with(
+        &sim,
+        "0s",
+        "request_timeout = \"2s\"\nheader_timeout = \"2s\"\n",
+    )
+    .await;
+    let api = Api::new(&d);
+    let old = served(&d);
+    let before = logins(&sim);
+    sim.set_faults(Faults {
+        scope: FaultScope::Token,
+        latency: Some((Duration::from_secs(8), Duration::from_secs(8))),
+        ..Faults::default()
+    });
+
+    // Answered (not cut off by the listener, which would be an error
+    // here) before the request_timeout.
+    let reply = api.refresh_rejecting(&old).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.text);
+    assert_eq!(reply.body["error"], "refresh_pending", "{}", reply.text);
+    // Still in flight: another request joins it (and is answered 504 too).
+    let reply = api.refresh_rejecting(&old).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.text);
+    assert_eq!(api.get().await.token(), old, "served until the login lands");
+
+    let fresh = wait_token(&d.handle("maps"), |t| {
+        t.access_token.expose_secret() != old.as_str()
+    })
+    .await;
+    assert_eq!(api.get().await.token(), fresh.access_token.expose_secret());
+    assert_eq!(logins(&sim), before + 1, "one login for both requests");
 
     d.stop().await;
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use process::{BIN, RekeydProcess, TIMEOUT};
 use rekeyd::sim::{SimOptions, SimProvider};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -216,6 +216,29 @@ async fn check_shows_the_route_of_every_endpoint() {
             secret_file.display()
         )
     };
+    // Kubernetes Secret sinks talk to the API server their kubeconfig
+    // names: through the proxy, or not, as any other endpoint.
+    let kubeconfig = |name: &str, server: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+                 users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n\
+                 current-context: c\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let sink = |secret: &str, kubeconfig: &Path| {
+        format!(
+            "[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"{secret}\"\nnamespace = \"n\"\nkubeconfig = \"{}\"\n",
+            kubeconfig.display()
+        )
+    };
+    let public_cluster = kubeconfig("public.kubeconfig", "https://k8s.example.com:6443");
+    let internal_cluster = kubeconfig("internal.kubeconfig", "https://k8s.internal.example.net");
     let config = dir.path().join("rekeyd.toml");
     std::fs::write(
         &config,
@@ -223,7 +246,15 @@ async fn check_shows_the_route_of_every_endpoint() {
             "state_dir = \"{}/state\"\n\n{}{}{}{}",
             dir.path().display(),
             credential("plain", "http://127.0.0.1:8080/token", ""),
-            credential("public", "https://auth.example.com/token", ""),
+            credential(
+                "public",
+                "https://auth.example.com/token",
+                &format!(
+                    "{}{}",
+                    sink("a", &public_cluster),
+                    sink("b", &internal_cluster)
+                ),
+            ),
             credential("internal", "https://login.internal.example.net/token", ""),
             credential("local", "https://127.0.0.1:8443/token", ""),
         ),
@@ -265,6 +296,19 @@ async fn check_shows_the_route_of_every_endpoint() {
         "{stdout}"
     );
     assert_eq!(route(2), "direct (NO_PROXY)", "{stdout}");
+    let sinks = &doc["credentials"][1]["sinks"];
+    assert_eq!(
+        (&sinks[0]["api_server"], &sinks[0]["api_server_proxy"]),
+        (
+            &json!("https://k8s.example.com:6443/"),
+            &json!("via http://[redacted]@proxy.example:3128 (HTTPS_PROXY)")
+        ),
+        "{stdout}"
+    );
+    assert_eq!(
+        sinks[1]["api_server_proxy"], "direct (NO_PROXY)",
+        "{stdout}"
+    );
     assert_eq!(route(3), "direct (loopback)", "{stdout}");
     assert_eq!(
         doc["proxy_variables_ignored"][0], "HTTP_PROXY: plain http never uses a proxy",

@@ -704,6 +704,57 @@ async fn bootstrap_without_id_is_left_in_place_with_a_warning() {
     assert!(!logs.contains("sim_"), "I7");
 }
 
+/// A secret id is the provider's text: one with a line break or an escape
+/// sequence is logged escaped, so it forges no log line (and still names
+/// the secret exactly where it is used: the delete reaches it).
+#[tokio::test]
+async fn a_provider_secret_id_with_control_characters_forges_no_log_line() {
+    let logs = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut w = world(Duration::from_secs(60), Duration::ZERO).await;
+    let odd = "b-1\nforged line\r\u{1b}[2J";
+    assert!(w.sim.rename_secret(&w.bootstrap.0, odd));
+    w.bootstrap.0 = odd.to_string();
+    // TOML spells the control characters as escapes.
+    let config = w
+        .config(Some("every = \"1h\"\ngrace = \"0s\""), true, false)
+        .replace(odd, "b-1\\nforged line\\r\\u001b[2J");
+    let d = TestDaemon::start_in(w.dir(), &config).await;
+    let handle = d.handle("maps");
+    wait_token(&handle, |_| true).await;
+    handle.rotate_now.notify_one();
+    wait_status(&handle, |s| idle_and_rotated_after(s, None)).await;
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while w.has_secret(CLIENT, &w.bootstrap) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old secret is deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.stop().await;
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let deleted = logs
+        .lines()
+        .find(|l| l.contains("retired secret deleted"))
+        .unwrap_or_else(|| panic!("a line for the delete:\n{logs}"));
+    assert!(
+        deleted.contains(r"secret_id=b-1\nforged line\r\u{1b}[2J"),
+        "{deleted}"
+    );
+    assert!(
+        !logs.contains(['\r', '\u{1b}']) && !logs.contains("\nforged"),
+        "raw control characters in the log:\n{logs}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_deletes_only_our_orphan_whatever_the_list_returns() {
     let w = world(Duration::from_secs(60), Duration::ZERO).await;

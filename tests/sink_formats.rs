@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use axum::http::Method;
 use daemon::{EVENT_TIMEOUT, TestDaemon, wait_token, write_secret};
-use kube_fake::{FailRule, Kind, KubeFake};
+use kube_fake::{FailRule, Kind, KubeFake, Stall};
 use rekeyd::credential::{CredentialHandle, SinkFreshness, SinkReport, SinkState};
 use rekeyd::sim::{SimOptions, SimProvider};
 use rekeyd::token::Token;
@@ -419,10 +419,11 @@ async fn a_secret_sink_creates_then_updates_its_key_and_keeps_the_others() {
             .all(|r| r.freshness == SinkFreshness::Current)
     );
 
-    // Someone else's key, and writers racing ours: each lost replace is
-    // read again and merged, nothing of theirs is lost.
+    // Someone else's key, and writers racing ours, each adding a key of
+    // its own: each lost replace is read again and merged, nothing of
+    // theirs is lost.
     fake.set_secret_entry(NS, "app-token", "ca.crt", b"not ours");
-    fake.inject_conflicts(3);
+    fake.inject_conflicts_adding_keys(3, "racer-");
     let puts = fake.count(Method::PUT, Kind::Secret);
     handle.refresh_now.notify_one();
     let second = wait_token(&handle, |t| value(t) != value(&first)).await;
@@ -436,6 +437,9 @@ async fn a_secret_sink_creates_then_updates_its_key_and_keeps_the_others() {
     let data = fake.secret_data(NS, "app-token").unwrap();
     assert_eq!(data["token"], value(&second).as_bytes());
     assert_eq!(data["ca.crt"], b"not ours");
+    for racer in ["racer-1", "racer-2", "racer-3"] {
+        assert_eq!(data[racer], b"x", "{racer}, written during a conflict");
+    }
     assert_eq!(
         data["token.env"],
         format!("REKEYD_MAPS_TOKEN={}\n", value(&second)).as_bytes()
@@ -543,5 +547,76 @@ async fn a_forbidden_secret_shows_status_and_reason_and_is_retried() {
     assert_eq!(data["token"], token.as_bytes());
     assert_eq!(data["other"], b"x");
     assert!(handle.ready());
+    d.stop().await;
+}
+
+/// A hung API server holds up the Secret sink only: the token file of the
+/// same credential gets each new token while the Secret write still waits
+/// for an answer (its request timeout is 10 s), and the Secret follows once
+/// the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_api_server_does_not_hold_up_the_token_files() {
+    let sim = sim().await;
+    let fake = KubeFake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("maps.token");
+    let sinks = format!(
+        "{}[[credentials.sinks]]\npath = \"{}\"\n",
+        secret_sink(&fake, out.path(), ""),
+        file.display()
+    );
+    let text = config(&sim, dir.path(), &sinks);
+    let d = start(dir, &text, &out.path().join("rekeyd.toml")).await;
+    let handle = d.handle("maps");
+    let first = wait_token(&handle, |_| true).await;
+    wait_written(&handle, |s| {
+        s.iter()
+            .all(|s| s.token.as_ref().is_some_and(|t| value(t) == value(&first)))
+    })
+    .await;
+
+    fake.stall(Stall {
+        method: None,
+        kind: Some(Kind::Secret),
+    });
+    let asked = std::time::SystemTime::now();
+    handle.refresh_now.notify_one();
+    let second = wait_token(&handle, |t| value(t) != value(&first)).await;
+    wait_written(&handle, |s| {
+        s[1].token
+            .as_ref()
+            .is_some_and(|t| value(t) == value(&second))
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), value(&second));
+    // Written while the Secret write was still waiting: a writer that
+    // waited for it would write the file only once the stalled request
+    // timed out, REQUEST_TIMEOUT after the login at the earliest. (Judged
+    // on the write's own time stamp, not on when this test looks: a
+    // loaded machine may run the test late, never the daemon early.)
+    let written = handle.sink_reports()[1]
+        .last_written_at
+        .expect("the file was written");
+    let took = written.duration_since(asked).unwrap_or_default();
+    assert!(
+        took < rekeyd::serve::secret_sink::REQUEST_TIMEOUT,
+        "the token file waited {took:?} for the stalled Secret write"
+    );
+    assert_eq!(
+        fake.secret_data(NS, "app-token").unwrap()["token"],
+        value(&first).as_bytes()
+    );
+
+    fake.unstall();
+    wait_written(&handle, |s| {
+        s.iter()
+            .all(|s| s.token.as_ref().is_some_and(|t| value(t) == value(&second)))
+    })
+    .await;
+    assert_eq!(
+        fake.secret_data(NS, "app-token").unwrap()["token"],
+        value(&second).as_bytes()
+    );
     d.stop().await;
 }

@@ -266,8 +266,14 @@ struct Scrub {
 
 impl Scrub {
     fn text(&self, text: &str) -> String {
-        let request: Vec<&str> = self.request.iter().map(|s| s.expose_secret()).collect();
-        self.redactor.scrub_with(text, &request)
+        self.text_with(text, &[])
+    }
+
+    /// [`Scrub::text`], also of `also` (a value of the reply itself).
+    fn text_with(&self, text: &str, also: &[&str]) -> String {
+        let mut known: Vec<&str> = self.request.iter().map(|s| s.expose_secret()).collect();
+        known.extend_from_slice(also);
+        self.redactor.scrub_with(text, &known)
     }
 }
 
@@ -305,12 +311,19 @@ impl Reply {
     /// A reply rekeyd cannot use, retried like any passing failure;
     /// `detail` may quote the reply (it is scrubbed).
     fn failure(&self, operation: &'static str, detail: &str) -> ProviderError {
+        self.failure_with(operation, detail, &[])
+    }
+
+    /// [`Reply::failure`] for a reply that carries a value of its own
+    /// (`also`: the access token of a token reply refused for its
+    /// lifetime), which `detail` must not show either (I7).
+    fn failure_with(&self, operation: &'static str, detail: &str, also: &[&str]) -> ProviderError {
         ProviderError {
             kind: ErrorKind::Transient,
             operation,
             status: Some(self.status),
             code: None,
-            detail: self.scrub(detail),
+            detail: self.scrub.text_with(detail, also),
             retry_after: self.retry_after,
         }
     }
@@ -453,8 +466,9 @@ pub fn parse_token_reply(
         default_lifetime,
     )
     // Retried with backoff like any failed refresh: the next reply may be
-    // better, and the token being served stays (I8).
-    .map_err(|e| reply.failure(operation, &e.to_string()))?;
+    // better, and the token being served stays (I8). The error quotes
+    // `expires_in`, where a server may have put anything, the token too.
+    .map_err(|e| reply.failure_with(operation, &e.to_string(), &[&access_token]))?;
     if lifetime.source != LifetimeSource::ExpiresIn {
         debug!(
             lifetime = %humantime::format_duration(Duration::from_secs(lifetime.duration.as_secs())),
@@ -631,7 +645,7 @@ mod tests {
         let r = reply(
             200,
             "application/json",
-            r#"{"access_token":"t","expires_in":0}"#,
+            r#"{"access_token":"token-value-9f2c","expires_in":0}"#,
             "s3cr3t-value",
         );
         let e = parse_token_reply("test", &r, Duration::from_secs(60)).unwrap_err();
@@ -651,6 +665,22 @@ mod tests {
         );
         let e = parse_token_reply("test", &r, Duration::from_secs(60)).unwrap_err();
         assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
+        // Or the token of the same reply, as is or inside a JSON value.
+        for expires_in in [
+            r#""token-value-9f2c""#,
+            r#"{"a":"token-value-9f2c"}"#,
+            r#"["token-value-9f2c"]"#,
+        ] {
+            let r = reply(
+                200,
+                "application/json",
+                &format!(r#"{{"access_token":"token-value-9f2c","expires_in":{expires_in}}}"#),
+                "s3cr3t-value",
+            );
+            let e = parse_token_reply("test", &r, Duration::from_secs(60)).unwrap_err();
+            assert!(e.detail.contains("expires_in"), "{e}");
+            assert!(!e.to_string().contains("token-value-9f2c"), "{e}");
+        }
         let r = reply(
             200,
             "application/json",

@@ -123,8 +123,9 @@ impl std::fmt::Debug for Redactor {
 }
 
 /// Makes provider text safe to show: every occurrence of a `known` value
-/// (as is, and form- or percent-encoded, as a provider echoing a request
-/// body would show it) becomes [`REDACTED`]; every character that is not
+/// (as is, form- or percent-encoded, as a provider echoing a request body
+/// would show it, and escaped as inside a JSON string, as a body that is
+/// not read as JSON or a quoted JSON value shows it) becomes [`REDACTED`]; every character that is not
 /// printable ASCII becomes `?`; the result is cut to [`MAX_TEXT_CHARS`]
 /// characters, marked with a trailing `...`.
 ///
@@ -142,6 +143,16 @@ pub fn scrub(text: &str, known: &[&str]) -> String {
         let form: String = url::form_urlencoded::byte_serialize(value.as_bytes()).collect();
         let percent = form.replace('+', "%20");
         forms.extend([form, percent]);
+        // RFC 8259 §7: `"` and `\` are always escaped, control characters
+        // mostly; `/` may be (`\/`, as PHP and others write it).
+        let quoted = serde_json::to_string(value).expect("a string serializes");
+        let json = &quoted[1..quoted.len() - 1];
+        if json != *value {
+            forms.push(json.to_string());
+        }
+        if value.contains('/') {
+            forms.push(json.replace('/', "\\/"));
+        }
     }
     // Longest first, so a value that contains another is removed whole.
     forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
@@ -182,6 +193,58 @@ pub fn scrub(text: &str, known: &[&str]) -> String {
     text
 }
 
+/// Longest message kept from a server rekeyd stores in (a Kubernetes API
+/// server's, an etcd member's), in characters: longer than a provider's
+/// [`MAX_TEXT_CHARS`], since an RBAC denial or an admission webhook's
+/// reason names the account, resource and namespace an operator must fix.
+pub const MAX_SERVER_MESSAGE_CHARS: usize = 1000;
+
+/// `text` as one line of printable ASCII (every other character becomes
+/// `?`) of at most `max_chars` characters, cut with a trailing `...`: a
+/// server's message can then neither forge log lines nor flood them.
+/// Removes no values: for messages of servers that do not receive client
+/// secrets as such (a store's), after their own scrubbing.
+pub fn printable(text: &str, max_chars: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max_chars.saturating_add(1))
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if out.len() > max_chars {
+        out.truncate(max_chars.saturating_sub(3));
+        out.push_str("...");
+    }
+    out
+}
+
+/// `text` with every control character escaped (`\n`, `\u{1b}`), the rest
+/// as is: for provider text that must stay whole to be of use, such as a
+/// secret's id (it names the secret to delete), on its way into a log line
+/// or a terminal, where a line break would forge a line and an escape
+/// sequence would move the cursor.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
 /// Shown instead of a provider text that could not be scrubbed.
 pub const WITHHELD: &str = "[provider text withheld]";
 
@@ -204,12 +267,34 @@ mod tests {
     }
 
     #[test]
+    fn json_escaped_values_are_removed() {
+        // A refusal body read as text (text/plain), or a JSON value quoted
+        // in an error, shows a value escaped as inside a JSON string.
+        let secret = r#"s3c/r"e\t"#;
+        let text = r#"{"error":"s3c\/r\"e\\t", "e":"s3c/r\"e\\t"}"#;
+        assert_eq!(
+            scrub(text, &[secret]),
+            r#"{"error":"[redacted]", "e":"[redacted]"}"#
+        );
+        assert_eq!(scrub(r#"a\/b"#, &["a/b"]), "[redacted]");
+    }
+
+    #[test]
     fn output_is_printable_ascii_and_bounded() {
         let out = scrub(&format!("ünïcode\u{7}\ttab\n{}", "x".repeat(1000)), &[]);
         assert!(out.len() <= MAX_TEXT_CHARS, "{}", out.len());
         assert!(out.starts_with("?n?code??tab?x"), "{out}");
         assert!(out.ends_with("..."));
         assert!(out.chars().all(|c| c == ' ' || c.is_ascii_graphic()));
+    }
+
+    #[test]
+    fn server_messages_are_one_bounded_printable_line() {
+        assert_eq!(printable("a\nb\u{1b}[31mc\u{e9}", 100), "a?b?[31mc?");
+        let long = printable(&"x".repeat(5000), 1000);
+        assert_eq!(long.len(), 1000);
+        assert!(long.ends_with("..."));
+        assert_eq!(printable(&"x".repeat(1000), 1000), "x".repeat(1000));
     }
 
     #[test]

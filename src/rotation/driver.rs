@@ -23,6 +23,7 @@ use crate::config::RotationConfig;
 use crate::credential::CredentialStatus;
 use crate::history::{self, Step};
 use crate::metrics::{self, RotationLabels};
+use crate::provider::redact::escape_controls;
 use crate::provider::{Deleted, ErrorKind, ProviderError, SecretApi, TokenProvider};
 use crate::store::{Claim, CredentialRecord, Store, StoreError, Versioned};
 use crate::token::Token;
@@ -458,7 +459,8 @@ impl Run<'_> {
         let mut t = machine::step(&self.record.value, first, &r.context())?;
         loop {
             for w in &t.warnings {
-                warn!(step = "rotate", "{w}");
+                // They quote ids and client ids the provider listed.
+                warn!(step = "rotate", "{}", escape_controls(w));
             }
             if t.persist {
                 let was = self.record.value.rotation.phase();
@@ -546,7 +548,7 @@ impl Run<'_> {
                         .guard(r.secret_api.create(&bearer, &description))
                         .await??;
                     crash_point!("rotation-after-create");
-                    info!(step = "create", secret_id = %new.id, "replacement secret created");
+                    info!(step = "create", secret_id = %escape_controls(&new.id), "replacement secret created");
                     Event::Created {
                         id: new.id,
                         value: new.value,
@@ -611,7 +613,7 @@ impl Run<'_> {
                         self.check_go()?;
                         let deleted = self.delete(id).await?;
                         crash_point!("rotation-after-delete-old");
-                        info!(step = "delete", secret_id = %id, already_gone = deleted == Deleted::NotFound, "retired secret deleted");
+                        info!(step = "delete", secret_id = %escape_controls(id), already_gone = deleted == Deleted::NotFound, "retired secret deleted");
                     }
                     Event::RetireDeleted { ids }
                 }
@@ -712,7 +714,7 @@ impl Run<'_> {
         });
         for secret in earlier {
             self.check_go()?;
-            warn!(step = "recover", secret_id = %secret.id, rid, "deleting a secret from an interrupted attempt (its value was never stored)");
+            warn!(step = "recover", secret_id = %escape_controls(&secret.id), rid, "deleting a secret from an interrupted attempt (its value was never stored)");
             self.delete(&secret.id).await?;
             crash_point!("rotation-after-delete-tagged");
         }

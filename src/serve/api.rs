@@ -32,7 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -63,6 +64,13 @@ pub struct ApiState {
     pub store: Arc<dyn crate::store::Store>,
 }
 
+/// Largest body `POST /v1/token/{name}/refresh` reads, in bytes. The one
+/// it takes, `{"rejected_sha256": "<64 hex digits>"}`, is 87 bytes; this
+/// leaves room for whitespace and no more, because the body is read before
+/// the key is checked (axum's default would buffer 2 MiB per request for
+/// anyone who can connect).
+pub const MAX_REFRESH_BODY: usize = 4096;
+
 /// How long a forced refresh waits for its login: nine tenths of the
 /// listener's `request_timeout`, so that the answer is written before the
 /// listener gives up on the request and closes the connection.
@@ -79,7 +87,10 @@ pub fn router(state: ApiState, diag_elsewhere: bool) -> Router {
     let registry = state.registry.clone();
     let tokens = Router::new()
         .route("/v1/token/{name}", get(get_token))
-        .route("/v1/token/{name}/refresh", post(post_refresh))
+        .route(
+            "/v1/token/{name}/refresh",
+            post(post_refresh).layer(DefaultBodyLimit::max(MAX_REFRESH_BODY)),
+        )
         .route("/v1/status", get(get_status))
         .route("/v1/rotate/{name}", post(post_rotate))
         .route("/v1/history/{name}", get(get_history))
@@ -253,18 +264,38 @@ fn no_valid_token(handle: &CredentialHandle) -> Response {
 /// - `504 refresh_pending`: the login did not finish within
 ///   [`forced_wait`]; it goes on, and `GET /v1/token/{name}` serves its
 ///   token once it lands;
-/// - `400 bad_request` for a body of another shape, `401`, `404` as `GET`.
+/// - `400 bad_request` for a body of another shape, `413 body_too_large`
+///   for one over [`MAX_REFRESH_BODY`], `401`, `404` as `GET`.
 async fn post_refresh(
     State(state): State<ApiState>,
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if let Some(denied) = check_key(&state, &headers) {
         return denied;
     }
     let Some(handle) = lookup(&state.registry, &name) else {
         return unknown_credential();
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!(
+                    "the body must be empty or a JSON object {{\"rejected_sha256\": \"<64 hex digits>\"}}, at most {MAX_REFRESH_BODY} bytes"
+                ),
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the request body could not be read",
+            );
+        }
     };
     let rejected = match rejected_sha256(&body) {
         Ok(rejected) => rejected,

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use secrecy::ExposeSecret;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -202,55 +204,108 @@ impl Writer {
     }
 }
 
+/// Sinks written one after the other: one file, or the keys of one Secret.
+struct Lane<'a> {
+    /// The Secret's namespace as configured (`None`: the default) and its
+    /// name; `None` for a file, which has a lane of its own.
+    secret: Option<(Option<String>, String)>,
+    writers: Vec<(usize, &'a mut Writer)>,
+}
+
 /// Writes `token` to every sink whose time has come; schedules a retry
-/// for each that fails.
+/// for each that fails. Sinks are written concurrently, each outcome
+/// recorded as it lands, so that a Secret write waiting on a slow or hung
+/// API server (up to [`super::secret_sink::REQUEST_TIMEOUT`] per request)
+/// does not hold up the token files of the same credential. Keys of one
+/// Secret are written one after the other: concurrent replaces of one
+/// object would only lose to each other (409) and read it again.
 async fn write_due(
     writers: &mut [Writer],
     token: &Arc<Token>,
     due: &mut [Option<Instant>],
     states: &SinkStates,
 ) {
+    let now = Instant::now();
+    let mut lanes: Vec<Lane> = Vec::new();
     for (i, writer) in writers.iter_mut().enumerate() {
-        if due[i].is_none_or(|at| at > Instant::now()) {
+        if due[i].is_none_or(|at| at > now) {
             continue;
         }
-        let result = writer.write(token).await;
-        let before = states.borrow()[i].clone();
-        let target = &before.target;
-        let what = match writer.sink.target {
-            SinkTarget::File(_) => "token file",
-            SinkTarget::KubernetesSecret(_) => "kubernetes Secret key",
+        let secret = match &writer.sink.target {
+            SinkTarget::File(_) => None,
+            SinkTarget::KubernetesSecret(s) => Some((s.namespace.clone(), s.secret.clone())),
         };
-        match result {
-            Ok(()) => {
-                due[i] = None;
-                if before.consecutive_failures > 0 {
-                    info!(step = "sink", path = %target, failed_attempts = before.consecutive_failures, "{what} written after failed attempts");
-                } else {
-                    debug!(step = "sink", path = %target, "{what} written");
-                }
-                states.send_modify(|s| {
-                    s[i].token = Some(token.clone());
-                    s[i].last_written_at = Some(SystemTime::now());
-                    s[i].consecutive_failures = 0;
-                    s[i].last_error = None;
-                });
+        match lanes
+            .iter_mut()
+            .find(|lane| secret.is_some() && lane.secret == secret)
+        {
+            Some(lane) => lane.writers.push((i, writer)),
+            None => lanes.push(Lane {
+                secret,
+                writers: vec![(i, writer)],
+            }),
+        }
+    }
+    let mut writes: FuturesUnordered<_> = lanes
+        .into_iter()
+        .map(|lane| async move {
+            let mut results = Vec::with_capacity(lane.writers.len());
+            for (i, writer) in lane.writers {
+                let what = match writer.sink.target {
+                    SinkTarget::File(_) => "token file",
+                    SinkTarget::KubernetesSecret(_) => "kubernetes Secret key",
+                };
+                results.push((i, what, writer.write(token).await));
             }
-            Err(error) => {
-                let failures = before.consecutive_failures.saturating_add(1);
-                let wait = retry_delay(failures, rand::random::<f64>());
-                due[i] = Some(Instant::now() + wait);
-                // Once per kind of trouble at WARN, not at every retry.
-                if before.last_error.as_deref() != Some(error.as_str()) {
-                    warn!(step = "sink", path = %target, error = %error, retry_in = ?wait, "cannot write {what}; retrying until it lands");
-                } else {
-                    debug!(step = "sink", path = %target, error = %error, failures, retry_in = ?wait, "{what} still not written");
-                }
-                states.send_modify(|s| {
-                    s[i].consecutive_failures = failures;
-                    s[i].last_error = Some(error);
-                });
+            results
+        })
+        .collect();
+    while let Some(results) = writes.next().await {
+        for outcome in results {
+            record(outcome, token, due, states);
+        }
+    }
+}
+
+/// Records the outcome of one write of sink `i`: its state, and when it is
+/// due again (`None`: written).
+fn record(
+    (i, what, result): (usize, &str, Result<(), String>),
+    token: &Arc<Token>,
+    due: &mut [Option<Instant>],
+    states: &SinkStates,
+) {
+    let before = states.borrow()[i].clone();
+    let target = &before.target;
+    match result {
+        Ok(()) => {
+            due[i] = None;
+            if before.consecutive_failures > 0 {
+                info!(step = "sink", path = %target, failed_attempts = before.consecutive_failures, "{what} written after failed attempts");
+            } else {
+                debug!(step = "sink", path = %target, "{what} written");
             }
+            states.send_modify(|s| {
+                s[i].token = Some(token.clone());
+                s[i].last_written_at = Some(SystemTime::now());
+                s[i].consecutive_failures = 0;
+                s[i].last_error = None;
+            });
+        }
+        Err(error) => {
+            let failures = before.consecutive_failures.saturating_add(1);
+            let wait = retry_delay(failures, rand::random::<f64>());
+            due[i] = Some(Instant::now() + wait);
+            // Once per kind of trouble at WARN, not at every retry.
+            if before.last_error.as_deref() != Some(error.as_str()) {
+                warn!(step = "sink", path = %target, error = %error, retry_in = ?wait, "cannot write {what}; retrying until it lands");
+            } else {
+                debug!(step = "sink", path = %target, error = %error, failures, retry_in = ?wait, "{what} still not written");
+            }
+            states.send_modify(|s| {
+                s[i].consecutive_failures = failures;
+                s[i].last_error = Some(error);
+            });
         }
     }
 }

@@ -257,6 +257,13 @@ impl SimProvider {
         (secret.id, secret.value)
     }
 
+    /// Gives secret `id` another id, as a provider whose ids may hold any
+    /// text (a line break, an escape sequence) would have named it. `false`
+    /// if there was none.
+    pub fn rename_secret(&self, id: &str, new_id: &str) -> bool {
+        self.shared.lock().registry.rename_secret(id, new_id)
+    }
+
     /// Deletes a secret by id whatever its client, as an operator would (to
     /// simulate a revoked credential). `false` if there was none.
     pub fn remove_secret(&self, id: &str) -> bool {

@@ -227,6 +227,17 @@ impl Registry {
         self.secrets.len() != before
     }
 
+    /// Gives secret `id` the id `new_id`. `false` if there was none.
+    pub fn rename_secret(&mut self, id: &str, new_id: &str) -> bool {
+        match self.secrets.iter_mut().find(|s| s.id == id) {
+            Some(secret) => {
+                secret.id = new_id.to_owned();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Deletes secret `id` whatever its customer (operator action).
     pub fn remove_secret(&mut self, id: &str) -> bool {
         let before = self.secrets.len();

@@ -393,17 +393,23 @@ pub(crate) fn withhold_opaque_runs(message: &str) -> String {
 }
 
 pub(crate) fn describe_api_error(e: &kube::Error) -> String {
+    use crate::provider::redact::{MAX_SERVER_MESSAGE_CHARS, printable};
     match e {
         kube::Error::Api(status) => {
+            // The server's words, one bounded printable line (they reach
+            // logs, status and errors like a provider's).
             let reason = if status.reason.is_empty() {
-                "Error"
+                "Error".to_string()
             } else {
-                status.reason.as_str()
+                printable(&status.reason, 64)
             };
             if status.message.is_empty() {
                 format!("{} {reason}", status.code)
             } else {
-                let message = withhold_opaque_runs(&status.message);
+                let message = printable(
+                    &withhold_opaque_runs(&status.message),
+                    MAX_SERVER_MESSAGE_CHARS,
+                );
                 format!("{} {reason}: {message}", status.code)
             }
         }
@@ -641,5 +647,30 @@ mod tests {
             withhold_opaque_runs(message),
             r#"secrets "rekeyd-state" is invalid: {"data":{"maps.json":"[withheld]"}} and [withheld]; User "system:serviceaccount:apps:rekeyd" cannot update"#
         );
+    }
+
+    #[test]
+    fn api_messages_are_one_bounded_printable_line() {
+        let status = |reason: &str, message: String| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code: 422,
+                reason: reason.to_string(),
+                message,
+                ..Default::default()
+            }))
+        };
+        let text = describe_api_error(&status(
+            "Invalid\n",
+            format!(
+                "denied\nlevel=INFO forged line \u{1b}[2J{}",
+                "x ".repeat(3000)
+            ),
+        ));
+        assert!(
+            text.starts_with("422 Invalid?: denied?level=INFO forged line ?[2Jx x"),
+            "{text}"
+        );
+        assert!(text.len() < 1100, "{}", text.len());
+        assert!(text.chars().all(|c| c == ' ' || c.is_ascii_graphic()));
     }
 }

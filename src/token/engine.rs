@@ -162,7 +162,10 @@ impl Engine {
                     let quiet_until = (err.kind == ErrorKind::Quota).then(|| clock.now() + wait);
                     let failure = Failure {
                         reason: err.to_string(),
-                        retry_after: err.retry_after,
+                        // Passed on to applications, bounded as the engine
+                        // bounds its own wait: a `Retry-After` of years is
+                        // the provider's text, not a plan.
+                        retry_after: err.retry_after.map(|asked| asked.min(wait)),
                     };
                     self.channels
                         .forced

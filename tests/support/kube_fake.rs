@@ -97,6 +97,9 @@ struct State {
     objects: BTreeMap<Key, Value>,
     /// Replaces to lose: the stored object's resourceVersion is bumped first.
     inject_conflicts: u32,
+    /// With `inject_conflicts` on a Secret: the other writer also adds the
+    /// data key `<prefix><conflicts left>`, as a writer of another key would.
+    conflict_key_prefix: Option<String>,
     rules: Vec<FailRule>,
     blocked_tokens: HashSet<String>,
     counts: HashMap<(Method, Kind), u64>,
@@ -183,6 +186,16 @@ impl KubeFake {
 
     pub fn inject_conflicts(&self, n: u32) {
         self.state.lock().unwrap().inject_conflicts = n;
+    }
+
+    /// Like [`KubeFake::inject_conflicts`], each lost replace of a Secret
+    /// caused by a writer that added its own data key (`<prefix>1`, ...,
+    /// `<prefix>n`, value `x`): a client that resends its first read with a
+    /// fresh resourceVersion instead of merging into the new one loses them.
+    pub fn inject_conflicts_adding_keys(&self, n: u32, prefix: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.inject_conflicts = n;
+        state.conflict_key_prefix = Some(prefix.to_string());
     }
 
     pub fn conflicts_left(&self) -> u32 {
@@ -556,7 +569,15 @@ fn handle(
                 // Another writer got in first: the object moves on.
                 state.inject_conflicts -= 1;
                 let rv = state.bump();
-                state.objects.get_mut(&key).unwrap()["metadata"]["resourceVersion"] = json!(rv);
+                let added = (kind == Kind::Secret)
+                    .then(|| state.conflict_key_prefix.clone())
+                    .flatten()
+                    .map(|prefix| format!("{prefix}{}", state.inject_conflicts + 1));
+                let stored = state.objects.get_mut(&key).unwrap();
+                stored["metadata"]["resourceVersion"] = json!(rv);
+                if let Some(added) = added {
+                    stored["data"][added] = Value::String(BASE64.encode(b"x"));
+                }
             }
             let old = state.objects.get(&key).unwrap().clone();
             // No resourceVersion: an unconditional update, which the real
