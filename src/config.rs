@@ -156,6 +156,43 @@ impl<'de> Deserialize<'de> for RawScalar {
     }
 }
 
+/// A boolean key's value: `true` or `false` only. The `config` crate would
+/// otherwise read `1`, `"yes"` or `"on"` as `true`, and these keys are
+/// opt-ins to exposure (`allow_non_loopback`, `allow_insecure_http`) or to
+/// a rotation at every login: each must be written as the boolean it is.
+/// Anything else is the usual type error, by key and kind of value.
+fn strict_bool<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    struct Visitor;
+    impl Visitor {
+        // The kind of value, never the value: it may hold a secret.
+        fn refuse<E: serde::de::Error>(kind: &str) -> Result<bool, E> {
+            Err(E::custom(format!("expected a boolean, found {kind}")))
+        }
+    }
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a boolean")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<bool, E> {
+            Self::refuse("an integer")
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<bool, E> {
+            Self::refuse("an integer")
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<bool, E> {
+            Self::refuse("a floating-point number")
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<bool, E> {
+            Self::refuse("a string")
+        }
+    }
+    deserializer.deserialize_any(Visitor)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -176,7 +213,7 @@ struct RawStore {
     kind: Option<String>,
     claim_ttl: Option<RawScalar>,
     /// Every kind: entries kept in each credential's rotation history.
-    history_limit: Option<i64>,
+    history_limit: Option<RawScalar>,
     // kubernetes
     namespace: Option<String>,
     secret: Option<String>,
@@ -197,24 +234,24 @@ struct RawStore {
 struct RawApi {
     listen: Option<String>,
     key_file: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_bool")]
     allow_non_loopback: bool,
     // The limits of every listener; spelled out in each section because
     // serde's `flatten` cannot be combined with `deny_unknown_fields`.
-    max_connections: Option<i64>,
-    header_timeout: Option<String>,
-    request_timeout: Option<String>,
-    idle_timeout: Option<String>,
+    max_connections: Option<RawScalar>,
+    header_timeout: Option<RawScalar>,
+    request_timeout: Option<RawScalar>,
+    idle_timeout: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDiag {
     listen: Option<String>,
-    max_connections: Option<i64>,
-    header_timeout: Option<String>,
-    request_timeout: Option<String>,
-    idle_timeout: Option<String>,
+    max_connections: Option<RawScalar>,
+    header_timeout: Option<RawScalar>,
+    request_timeout: Option<RawScalar>,
+    idle_timeout: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,7 +325,7 @@ struct RawHook {
 struct RawEndpoints {
     token_url: Option<String>,
     secrets_url: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_bool")]
     allow_insecure_http: bool,
     connect_timeout: Option<RawScalar>,
     request_timeout: Option<RawScalar>,
@@ -308,7 +345,7 @@ struct RawRotation {
     every: Option<RawScalar>,
     schedule: Option<String>,
     grace: Option<RawScalar>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_bool")]
     on_login: bool,
     max_secret_age: Option<RawScalar>,
 }
@@ -1321,7 +1358,8 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         },
     };
 
-    let history_limit = validate_history_limit(raw.store.as_ref().and_then(|s| s.history_limit))?;
+    let history_limit =
+        validate_history_limit(raw.store.as_ref().and_then(|s| s.history_limit.clone()))?;
     let store = validate_store(raw.store)?;
 
     if raw.credentials.is_empty() {
@@ -1456,20 +1494,53 @@ fn resolve_secret_api_credentials(credentials: &mut [CredentialConfig]) -> Resul
 
 /// `[store] history_limit`: a count within
 /// [`crate::history::MIN_LIMIT`]..=[`crate::history::MAX_LIMIT`].
-fn validate_history_limit(raw: Option<i64>) -> Result<usize, ConfigError> {
+fn validate_history_limit(raw: Option<RawScalar>) -> Result<usize, ConfigError> {
     use crate::history::{DEFAULT_LIMIT, MAX_LIMIT, MIN_LIMIT};
-    let Some(n) = raw else {
-        return Ok(DEFAULT_LIMIT);
+    match raw {
+        None => Ok(DEFAULT_LIMIT),
+        Some(value) => count(
+            "store.history_limit",
+            value,
+            MIN_LIMIT..=MAX_LIMIT,
+            "entries",
+        ),
+    }
+}
+
+/// A count key's value (`max_connections`, `history_limit`): a TOML
+/// integer, or decimal digits in quotes, within `range`. Anything else is
+/// refused, where the `config` crate would have read `1.5` as 2 and `true`
+/// as 1. Errors never print the number: it may not be in the base the
+/// operator wrote (`0x7FFFFFFF` arrives as 2147483647).
+fn count(
+    key: &str,
+    value: RawScalar,
+    range: std::ops::RangeInclusive<usize>,
+    unit: &str,
+) -> Result<usize, ConfigError> {
+    let bounds = format!("between {} and {} {unit}", range.start(), range.end());
+    let n = match value {
+        RawScalar::Integer(n) => n,
+        RawScalar::Text(text) => match text.parse::<i64>() {
+            Ok(n) if text.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("expected a whole number {bounds}, got {text:?}"),
+                ));
+            }
+        },
+        RawScalar::Other(kind) => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("expected a whole number {bounds}, got {kind}"),
+            ));
+        }
     };
     usize::try_from(n)
         .ok()
-        .filter(|n| (MIN_LIMIT..=MAX_LIMIT).contains(n))
-        .ok_or_else(|| {
-            ConfigError::invalid(
-                "store.history_limit",
-                format!("must be between {MIN_LIMIT} and {MAX_LIMIT} entries"),
-            )
-        })
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| ConfigError::invalid(key, format!("must be {bounds}")))
 }
 
 /// S8, one secret, one owner. A rotation deletes the secret it replaces, so
@@ -2100,29 +2171,23 @@ fn listeners_collide(a: &ListenAddr, b: &ListenAddr) -> bool {
 fn validate_limits(
     section: &str,
     default_max_connections: usize,
-    max_connections: Option<i64>,
-    header_timeout: Option<String>,
-    request_timeout: Option<String>,
-    idle_timeout: Option<String>,
+    max_connections: Option<RawScalar>,
+    header_timeout: Option<RawScalar>,
+    request_timeout: Option<RawScalar>,
+    idle_timeout: Option<RawScalar>,
 ) -> Result<ListenerLimits, ConfigError> {
     let key = |field: &str| format!("{section}.{field}");
     let defaults = ListenerLimits::default();
     let max_connections = match max_connections {
         None => default_max_connections,
-        Some(n) => usize::try_from(n)
-            .ok()
-            .filter(|n| (1..=1_000_000).contains(n))
-            .ok_or_else(|| {
-                ConfigError::invalid(
-                    key("max_connections"),
-                    format!("must be between 1 and 1000000, got {n}"),
-                )
-            })?,
+        Some(n) => count(&key("max_connections"), n, 1..=1_000_000, "connections")?,
     };
-    let timeout = |field: &str, text: Option<String>, default: Duration| {
-        let Some(text) = text else {
+    // Text with a unit, like every duration key: a bare number has none.
+    let timeout = |field: &str, value: Option<RawScalar>, default: Duration| {
+        let Some(value) = value else {
             return Ok(default);
         };
+        let text = duration_text(&key(field), value)?;
         let d = parse_duration(&key(field), &text)?;
         if d.is_zero() || d > MAX_LISTENER_TIMEOUT {
             return Err(ConfigError::invalid(

@@ -448,6 +448,47 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["history_limit"],
         ),
         (
+            "history_limit a fraction",
+            with_table("[store]\nhistory_limit = 50.7"),
+            vec!["`store.history_limit`", "whole number", "floating-point"],
+        ),
+        (
+            "max_connections a fraction",
+            with_table("[api]\nmax_connections = 1.5"),
+            vec!["`api.max_connections`", "whole number", "floating-point"],
+        ),
+        (
+            "max_connections a boolean",
+            with_table("[diag]\nlisten = \"0.0.0.0:9861\"\nmax_connections = true"),
+            vec!["`diag.max_connections`", "whole number", "boolean"],
+        ),
+        (
+            "a number for an opt-in boolean",
+            with_table("[api]\nallow_non_loopback = 1"),
+            vec![
+                "`api.allow_non_loopback`",
+                "expected a boolean, found an integer",
+            ],
+        ),
+        (
+            "yes for an opt-in boolean",
+            with("[credentials.endpoints]\nallow_insecure_http = \"yes\"\n"),
+            vec![
+                "`credentials[0].endpoints.allow_insecure_http`",
+                "expected a boolean, found a string",
+            ],
+        ),
+        (
+            "on for a boolean",
+            with("[credentials.rotation]\non_login = \"on\"\n"),
+            vec!["`credentials[0].rotation.on_login`", "expected a boolean"],
+        ),
+        (
+            "listener timeout without a unit",
+            with_table("[api]\nidle_timeout = 60"),
+            vec!["`api.idle_timeout`", "text with a unit"],
+        ),
+        (
             "rotation on mappls",
             BASE.replace("mapsindoors", "mappls") + "[credentials.rotation]\nevery = \"1h\"\n",
             vec!["`credentials[0].rotation`", "no secret API"],
@@ -1509,6 +1550,112 @@ fn a_refused_mode_is_explained_without_numbers_the_operator_did_not_write() {
     // Text is quoted as written.
     let err = sink_with("mode = \"0644\"").unwrap_err();
     assert!(err.contains("\"0644\""), "{err}");
+}
+
+/// Counts and listener durations are read as the TOML value they are:
+/// integers in any base (or decimal digits in quotes) for counts, text with
+/// a unit for durations. A fraction or a boolean is refused instead of
+/// rounded, and no error prints a number the operator did not write.
+#[test]
+fn counts_and_listener_durations_are_read_as_written() {
+    let parse = |table: &str| {
+        Config::from_toml(&BASE.replacen(
+            "\n[[credentials]]",
+            &format!("\n{table}\n[[credentials]]"),
+            1,
+        ))
+        .map_err(|e| e.to_string())
+    };
+    for (written, connections) in [
+        ("max_connections = 0x40", 64),
+        ("max_connections = 0o100", 64),
+        ("max_connections = \"64\"", 64),
+    ] {
+        let config = parse(&format!("[api]\n{written}")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.api.unwrap().limits.max_connections, connections);
+    }
+    let config = parse("[store]\nhistory_limit = 0x40").unwrap();
+    assert_eq!(config.history_limit, 64);
+    // (table, key, what the error says, numbers it must not print)
+    for (table, key, reason, foreign) in [
+        (
+            "[api]\nmax_connections = 1.5",
+            "api.max_connections",
+            "floating-point",
+            &["2"][..],
+        ),
+        (
+            "[api]\nmax_connections = 0.4",
+            "api.max_connections",
+            "floating-point",
+            &[][..],
+        ),
+        (
+            "[api]\nmax_connections = true",
+            "api.max_connections",
+            "boolean",
+            &[][..],
+        ),
+        (
+            "[api]\nmax_connections = \"0x10\"",
+            "api.max_connections",
+            "\"0x10\"",
+            &["16"][..],
+        ),
+        (
+            "[api]\nmax_connections = 0x7FFFFFFF",
+            "api.max_connections",
+            "between 1",
+            &["2147483647"][..],
+        ),
+        (
+            "[api]\nmax_connections = 0o7777777",
+            "api.max_connections",
+            "between 1",
+            &["2097151"][..],
+        ),
+        (
+            "[store]\nhistory_limit = 50.7",
+            "store.history_limit",
+            "floating-point",
+            &["51"][..],
+        ),
+        (
+            "[store]\nhistory_limit = 0x3",
+            "store.history_limit",
+            "between 10",
+            &[][..],
+        ),
+        (
+            "[api]\nheader_timeout = 0x1E",
+            "api.header_timeout",
+            "without a unit",
+            &["30"][..],
+        ),
+        (
+            "[api]\nrequest_timeout = 2.5",
+            "api.request_timeout",
+            "floating-point",
+            &[][..],
+        ),
+        (
+            "[api]\nidle_timeout = 60",
+            "api.idle_timeout",
+            "without a unit",
+            &[][..],
+        ),
+    ] {
+        let err = parse(table).expect_err(table);
+        assert!(err.contains(&format!("`{key}`")), "{table}: {err}");
+        assert!(err.contains(reason), "{table}: {reason:?} not in {err}");
+        for number in foreign {
+            let digits: Vec<&str> = err
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|w| !w.is_empty())
+                .collect();
+            assert!(!digits.contains(number), "{table}: {err} prints {number}");
+        }
+    }
 }
 
 #[test]

@@ -735,7 +735,11 @@ fn bad_listener_settings_are_refused_naming_the_key() {
             "api.max_connections",
             "between 1",
         ),
-        ("[api]\nmax_connections = -3\n", "api.max_connections", "-3"),
+        (
+            "[api]\nmax_connections = -3\n",
+            "api.max_connections",
+            "between 1",
+        ),
         (
             "[diag]\nlisten = \"0.0.0.0:1\"\nidle_timeout = \"0s\"\n",
             "diag.idle_timeout",

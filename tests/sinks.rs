@@ -379,13 +379,19 @@ fn owner_of(path: &Path) -> (u32, u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_and_group_are_set_on_every_write_before_the_file_appears() {
     // As root any ids; otherwise our own uid and one of our groups, which
-    // chown(2) allows without privileges.
-    // SAFETY: these calls only read the process's credentials.
+    // chown(2) allows without privileges: a supplementary group where we
+    // have one, as the file gets our primary group anyway.
+    // SAFETY: these calls only read the process's credentials; getgroups
+    // writes at most the length given into the buffer we own.
     let (uid, gid) = unsafe {
         if libc::geteuid() == 0 {
             (65_532, 65_533)
         } else {
-            (libc::geteuid(), libc::getegid())
+            let primary = libc::getegid();
+            let mut groups = [0 as libc::gid_t; 64];
+            let n = libc::getgroups(groups.len() as i32, groups.as_mut_ptr());
+            let other = groups[..n.max(0) as usize].iter().find(|g| **g != primary);
+            (libc::geteuid(), other.copied().unwrap_or(primary))
         }
     };
     let (sim, dir) = setup(Duration::from_secs(2)).await;
