@@ -228,6 +228,45 @@ pub fn is_temp_of(file_name: &str, target: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(".tmp."))
 }
 
+/// Removes the temp files [`write_atomic`] left for `path` in a process
+/// that no longer runs (a `kill -9` between create and rename): they hold
+/// what `path` was to hold, and nothing else would ever remove them. A
+/// running process's temp file (its pid is in the name) may be a write in
+/// flight and is left alone. Returns how many were removed.
+pub fn sweep_dead_temps(path: &Path) -> io::Result<usize> {
+    let Some(target) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(0);
+    };
+    let entries = match fs::read_dir(parent_dir(path)) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_temp_of(&name, &target) {
+            continue;
+        }
+        // `.{target}.tmp.{pid}.{random}`
+        let pid = name[target.len() + 1..]
+            .strip_prefix(".tmp.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|pid| pid.parse::<i32>().ok());
+        let alive = pid.is_some_and(|pid| {
+            // SAFETY: kill(2) with signal 0 only checks that `pid` exists.
+            pid > 0
+                && (unsafe { libc::kill(pid, 0) } == 0
+                    || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+        });
+        if !alive && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -324,6 +363,32 @@ mod tests {
         }
         // Idempotent.
         ensure_private_dir(&deep, 0o700).unwrap();
+    }
+
+    #[test]
+    fn temp_files_of_dead_processes_are_swept_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("maps.token");
+        std::fs::write(&target, b"current").unwrap();
+        // A pid no process has (above the kernel's pid_max), ours, and
+        // another target's.
+        let dead = dir
+            .path()
+            .join(".maps.token.tmp.2147483646.00000000000000aa");
+        let live = dir.path().join(format!(
+            ".maps.token.tmp.{}.00000000000000bb",
+            std::process::id()
+        ));
+        let other = dir
+            .path()
+            .join(".other.token.tmp.2147483646.00000000000000cc");
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, b"half a token").unwrap();
+        }
+        assert_eq!(sweep_dead_temps(&target).unwrap(), 1);
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists() && target.exists());
+        assert_eq!(sweep_dead_temps(&dir.path().join("gone/x")).unwrap(), 0);
     }
 
     #[test]

@@ -585,3 +585,27 @@ async fn without_the_right_to_give_the_file_away_the_error_names_the_sink_and_er
     assert!(leftovers(&d.join("tokens")).is_empty());
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temp_file_a_killed_process_left_is_removed_at_start() {
+    let (sim, dir) = setup(Duration::from_secs(86_400)).await;
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("maps.token");
+    // What `kill -9` between a temp file's create and its rename leaves: a
+    // pid no process has (above the kernel's pid_max).
+    let dead = out
+        .path()
+        .join(".maps.token.tmp.2147483646.00000000000000aa");
+    std::fs::write(&dead, b"half of an old token").unwrap();
+    let text = config(&sim, "127.0.0.1:0", &sink(&path, "format = \"raw\""));
+    let d = TestDaemon::start_in(dir, &text).await;
+    let handle = d.handle("maps");
+    wait_sinks(&handle, "the token file", |s| s[0].token.is_some()).await;
+    assert!(path.exists());
+    assert!(
+        leftovers(out.path()).is_empty(),
+        "{:?}",
+        leftovers(out.path())
+    );
+    d.stop().await;
+}

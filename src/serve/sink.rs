@@ -86,6 +86,17 @@ pub async fn run(
     if sinks.is_empty() {
         return;
     }
+    // Token files a killed process left half-written (its temp files),
+    // off the runtime's threads like every other file operation here.
+    for sink in &sinks {
+        if let SinkTarget::File(file) = &sink.target {
+            let path = file.path.clone();
+            let swept = tokio::task::spawn_blocking(move || fsutil::sweep_dead_temps(&path)).await;
+            if let Ok(Ok(n @ 1..)) = swept {
+                info!(credential = %name, sink = %file.path.display(), removed = n, "removed temp files of a write a stopped process left behind");
+            }
+        }
+    }
     let span = info_span!("credential", name = %name);
     async move {
         // When each file is to be written next; `None`: it holds the
