@@ -6,6 +6,9 @@
 //! - at most `max_connections` connections at once; a connection beyond
 //!   that is answered `503 too_many_connections` and closed as soon as it is
 //!   accepted, so an over-limit client never waits;
+//! - a peer that is not on loopback holds at most a quarter of them
+//!   ([`peer_share`]): one pod flooding the diagnostics listener from the
+//!   pod network leaves room for the kubelet's probes and the scrape;
 //! - a request's head must be complete `header_timeout` after its first
 //!   byte, the whole request (head, handler, response written to the
 //!   socket) `request_timeout` after it, and a connection waiting for its
@@ -24,9 +27,11 @@
 //! `accept` that fails for lack of them (EMFILE, ENFILE, ...) is retried
 //! with a backoff instead of in a busy loop.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::pin::{Pin, pin};
@@ -176,6 +181,7 @@ impl Listener {
             router,
             limits,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
+            peers: Arc::new(Mutex::new(HashMap::new())),
             shutdown,
         };
         // Each arm drops its listener when the loop ends, so that new
@@ -183,12 +189,14 @@ impl Listener {
         match self {
             Listener::Tcp(l) => {
                 server
-                    .accept_loop(|| async { l.accept().await.map(|(s, _)| s) })
+                    .accept_loop(|| async {
+                        l.accept().await.map(|(s, peer)| (s, Some(peer.ip())))
+                    })
                     .await
             }
             Listener::Unix(l) => {
                 server
-                    .accept_loop(|| async { l.accept().await.map(|(s, _)| s) })
+                    .accept_loop(|| async { l.accept().await.map(|(s, _)| (s, None)) })
                     .await
             }
         }
@@ -202,14 +210,53 @@ struct Server {
     limits: ListenerLimits,
     /// One permit per open connection.
     slots: Arc<Semaphore>,
+    /// Open connections per non-loopback peer ([`peer_share`]).
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     shutdown: CancellationToken,
+}
+
+/// The most connections one peer that is not on loopback may hold: a
+/// quarter of the listener's cap (at least one). Loopback clients are the
+/// host's or the pod's own; a remote peer, on a listener that admits the
+/// network (`[diag]`, `allow_non_loopback`), must not take every slot.
+pub fn peer_share(max_connections: usize) -> usize {
+    (max_connections / 4).max(1)
+}
+
+/// Counts a new connection of remote peer `ip` unless it already holds
+/// `share` of them.
+fn admit_peer(peers: &mut HashMap<IpAddr, usize>, ip: IpAddr, share: usize) -> bool {
+    let held = peers.entry(ip).or_default();
+    if *held >= share {
+        return false;
+    }
+    *held += 1;
+    true
+}
+
+/// A remote peer's connection, counted in [`Server::peers`] until dropped.
+struct PeerSlot {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = peers.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Server {
     async fn accept_loop<S, F, A>(&self, mut accept: A)
     where
         S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
-        F: Future<Output = io::Result<S>>,
+        F: Future<Output = io::Result<(S, Option<IpAddr>)>>,
         A: FnMut() -> F,
     {
         let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -220,8 +267,8 @@ impl Server {
                 _ = self.shutdown.cancelled() => break,
                 accepted = accept() => accepted,
             };
-            let stream = match accepted {
-                Ok(stream) => stream,
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
                 // The client gave up before we took the connection.
                 Err(e) if is_connection_error(&e) => continue,
                 // Out of descriptors or memory: the connection stays in the
@@ -253,12 +300,42 @@ impl Server {
                 refuse(stream.as_raw_fd());
                 continue;
             };
+            let share = peer_share(self.limits.max_connections);
+            let peer_slot = match peer.filter(|ip| !ip.to_canonical().is_loopback()) {
+                None => None,
+                Some(ip) => {
+                    let admitted = {
+                        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+                        admit_peer(&mut peers, ip, share)
+                    };
+                    if !admitted {
+                        if let Some(times) = refusing.due() {
+                            warn!(
+                                step = "listen",
+                                listener = self.name,
+                                peer = %ip,
+                                per_peer = share,
+                                times,
+                                "a remote peer holds its share of connections; refusing its new ones with 503"
+                            );
+                        }
+                        drop(permit);
+                        refuse(stream.as_raw_fd());
+                        continue;
+                    }
+                    Some(PeerSlot {
+                        peers: self.peers.clone(),
+                        ip,
+                    })
+                }
+            };
             let name = self.name;
             let router = self.router.clone();
             let limits = self.limits;
             let shutdown = self.shutdown.clone();
             tokio::spawn(async move {
                 serve_connection(name, stream, router, limits, shutdown).await;
+                drop(peer_slot);
                 drop(permit);
             });
         }
@@ -576,6 +653,34 @@ async fn serve_connection<S>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remote_peer_holds_at_most_a_quarter_of_the_connections() {
+        assert_eq!(peer_share(64), 16);
+        assert_eq!(peer_share(3), 1);
+        let mut peers = HashMap::new();
+        let flooder: IpAddr = "10.1.2.3".parse().unwrap();
+        let kubelet: IpAddr = "10.1.0.1".parse().unwrap();
+        let admitted = (0..100)
+            .filter(|_| admit_peer(&mut peers, flooder, 16))
+            .count();
+        assert_eq!(admitted, 16);
+        assert!(
+            admit_peer(&mut peers, kubelet, 16),
+            "another peer still gets in"
+        );
+        // Its connections end: room again.
+        let slot = PeerSlot {
+            peers: Arc::new(Mutex::new(peers)),
+            ip: flooder,
+        };
+        let shared = slot.peers.clone();
+        drop(slot);
+        assert_eq!(shared.lock().unwrap()[&flooder], 15);
+        // IPv4 on an IPv6 socket is still loopback.
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(mapped.to_canonical().is_loopback());
+    }
 
     #[test]
     fn caps_keep_half_the_descriptors_for_the_daemon() {
