@@ -193,6 +193,85 @@ fn strict_bool<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool
     deserializer.deserialize_any(Visitor)
 }
 
+/// A text key's value: a TOML string only. The `config` crate would hand
+/// a number to a string field as its decimal text (`client_id = 0x10`
+/// arriving as "16"), a name the operator never wrote. Anything else is
+/// the usual type error, by key and kind of value, never the value (an
+/// `extra_params` value may be an assertion).
+fn strict_string<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    deserializer.deserialize_any(StrictString).map(Some)
+}
+
+/// [`strict_string`] for every value of a table (`extra_params`).
+fn strict_strings<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    struct Values;
+    impl<'de> serde::de::Visitor<'de> for Values {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a table of strings")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let value = map.next_value_seed(StrictString)?;
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_map(Values)
+}
+
+struct StrictString;
+
+impl StrictString {
+    // The kind of value, never the value: it may hold a secret.
+    fn refuse<E: serde::de::Error>(kind: &str) -> Result<String, E> {
+        Err(E::custom(format!(
+            "expected a string, found {kind} (write text in quotes)"
+        )))
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictString {
+    type Value = String;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictString {
+    type Value = String;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_string<E>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<String, E> {
+        Self::refuse("an integer")
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<String, E> {
+        Self::refuse("an integer")
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<String, E> {
+        Self::refuse("a floating-point number")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<String, E> {
+        Self::refuse("a boolean")
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -263,26 +342,44 @@ struct RawLog {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCredential {
+    #[serde(default, deserialize_with = "strict_string")]
     name: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     provider: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     client_id: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     customer_id: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     org_url: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     app_id: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     domain: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     base_url: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     realm: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     client_uuid: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     tenant: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     application_object_id: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     secret_api_credential: Option<String>,
     initial_secret_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "strict_string")]
     initial_secret_credential: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     initial_secret_id: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     scope: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     audience: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     auth_method: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_strings")]
     extra_params: BTreeMap<String, String>,
     endpoints: Option<RawEndpoints>,
     refresh: Option<RawRefresh>,
@@ -300,10 +397,13 @@ struct RawCredential {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTokenProfile {
+    #[serde(default, deserialize_with = "strict_string")]
     name: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     scope: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
     audience: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_strings")]
     extra_params: BTreeMap<String, String>,
     #[serde(default)]
     sinks: Vec<RawSink>,

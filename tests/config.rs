@@ -755,6 +755,16 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].tokens[0].sinks[0].path`"],
         ),
         (
+            "a client id written as a number",
+            BASE.replace("client_id = \"c\"", "client_id = 0x10"),
+            vec!["credentials[0].client_id", "expected a string, found an integer"],
+        ),
+        (
+            "an extra parameter written as a number",
+            with("extra_params = { resource = 42 }\n"),
+            vec!["extra_params", "expected a string, found an integer"],
+        ),
+        (
             "unknown token profile key",
             with("[[credentials.tokens]]\nname = \"read\"\nrotation = {}\n"),
             vec!["unknown field `rotation`"],
