@@ -234,9 +234,7 @@ struct StrictString;
 impl StrictString {
     // The kind of value, never the value: it may hold a secret.
     fn refuse<E: serde::de::Error>(kind: &str) -> Result<String, E> {
-        Err(E::custom(format!(
-            "expected a string, found {kind} (write text in quotes)"
-        )))
+        Err(E::custom(format!("expected a string, found {kind}")))
     }
 }
 
@@ -269,6 +267,12 @@ impl<'de> serde::de::Visitor<'de> for StrictString {
     }
     fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<String, E> {
         Self::refuse("a boolean")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<String, A::Error> {
+        Self::refuse("a sequence")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<String, A::Error> {
+        Self::refuse("a map")
     }
 }
 

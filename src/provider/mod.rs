@@ -453,15 +453,9 @@ mod tests {
     fn every_path_is_explained() {
         let path = Capabilities::SERVER_TAGGED.path();
         assert!(path.contains("tag"), "{path}");
-        let replace = Capabilities {
-            value: ValueOrigin::Caller {
-                alphabet: ALPHANUMERIC,
-            },
-            overlap: Overlap::Replace,
-            retire: Retire::Replaced,
-            tags: false,
-            lists: false,
-        };
-        assert!(replace.path().contains("try both"), "{}", replace.path());
+        let replace = replace::CAPABILITIES.path();
+        assert!(replace.contains("try both"), "{replace}");
+        let okta = okta::CAPABILITIES.path();
+        assert!(okta.contains("deactivated and deleted"), "{okta}");
     }
 }

@@ -1104,25 +1104,8 @@ mod tests {
         );
     }
 
-    const REPLACE: Capabilities = Capabilities {
-        value: crate::provider::ValueOrigin::Caller {
-            alphabet: crate::provider::ALPHANUMERIC,
-        },
-        overlap: Overlap::Replace,
-        retire: crate::provider::Retire::Replaced,
-        tags: false,
-        lists: false,
-    };
-
-    const CHOSEN_TWO: Capabilities = Capabilities {
-        value: crate::provider::ValueOrigin::Caller {
-            alphabet: crate::provider::ALPHANUMERIC,
-        },
-        overlap: Overlap::Many { max: Some(2) },
-        retire: crate::provider::Retire::DeactivateThenDelete,
-        tags: false,
-        lists: true,
-    };
+    const REPLACE: Capabilities = crate::provider::replace::CAPABILITIES;
+    const CHOSEN_TWO: Capabilities = crate::provider::okta::CAPABILITIES;
 
     fn with_caps(now: SystemTime, caps: Capabilities) -> Context<'static> {
         Context { caps, ..ctx(now) }

@@ -246,6 +246,21 @@ pub(super) async fn okta_delete(
     StatusCode::NO_CONTENT.into_response()
 }
 
+/// The client's id and secret from HTTP Basic, else from the form body
+/// (RFC 6749 §2.3.1: either, as Auth0 and Entra take them).
+fn client_credentials(
+    headers: &HeaderMap,
+    form: &std::collections::HashMap<String, String>,
+) -> (Option<String>, Option<String>) {
+    match headers.get(AUTHORIZATION).and_then(parse_basic) {
+        Some((id, secret)) => (Some(id), Some(secret)),
+        None => (
+            field(form, "client_id").map(str::to_owned),
+            field(form, "client_secret").map(str::to_owned),
+        ),
+    }
+}
+
 /// Auth0's token endpoint: the client authenticates in the body or with
 /// Basic; a wrong secret is `401 access_denied`.
 pub(super) async fn auth0_token(
@@ -260,13 +275,7 @@ pub(super) async fn auth0_token(
         );
     }
     let form = parse_form(&body);
-    let (client_id, secret) = match headers.get(AUTHORIZATION).and_then(parse_basic) {
-        Some((id, secret)) => (Some(id), Some(secret)),
-        None => (
-            field(&form, "client_id").map(str::to_owned),
-            field(&form, "client_secret").map(str::to_owned),
-        ),
-    };
+    let (client_id, secret) = client_credentials(&headers, &form);
     let audience = field(&form, "audience").map(str::to_owned);
     match sh.login(
         Endpoint::Auth0Token,
@@ -436,13 +445,7 @@ pub(super) async fn entra_token(
         );
     }
     let form = parse_form(&body);
-    let (client_id, secret) = match headers.get(AUTHORIZATION).and_then(parse_basic) {
-        Some((id, secret)) => (Some(id), Some(secret)),
-        None => (
-            field(&form, "client_id").map(str::to_owned),
-            field(&form, "client_secret").map(str::to_owned),
-        ),
-    };
+    let (client_id, secret) = client_credentials(&headers, &form);
     let scope = field(&form, "scope").map(str::to_owned);
     match sh.login(
         Endpoint::EntraToken,
