@@ -799,17 +799,15 @@ impl Run<'_> {
             Err(e) if e.kind == ErrorKind::Rejected => {
                 // S5: the old secret of a promoted rotation, which the
                 // grace period keeps valid; with an API that replaces the
-                // secret atomically, the new value the journal holds.
-                let fallback = record
-                    .rotation
-                    .old()
-                    .map(|o| &o.value)
-                    .or(record.pending().map(|p| &p.value))
-                    .or(record.chosen())
-                    .filter(|_| {
-                        record.rotation.old().is_some()
-                            || self.rotator.secret_api.capabilities().replaces()
-                    });
+                // secret atomically, the new value the journal holds
+                // (pending, or chosen while its create is unanswered).
+                let fallback = match record.rotation.old() {
+                    Some(old) => Some(&old.value),
+                    None if self.rotator.secret_api.capabilities().replaces() => {
+                        record.pending().map(|p| &p.value).or(record.chosen())
+                    }
+                    None => None,
+                };
                 match fallback {
                     Some(secret) => {
                         info!(

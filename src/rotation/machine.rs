@@ -295,6 +295,8 @@ pub fn step(
             // The old secret may be gone already: never drop the new value.
             // Back to creating with the same value, which the next run
             // sends again (idempotent), while logins keep trying both.
+            // Attempts count afresh: an API that replaces its secret keeps
+            // no tags, so no earlier attempt has anything to delete (S2).
             let mut next = record.clone();
             next.rotation = Rotation::Creating {
                 rid: rid.clone(),
