@@ -735,8 +735,6 @@ impl ProviderKind {
 /// (each overridable in `[credentials.endpoints]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderIds {
-    /// MapsIndoors (`customer_id` is its own key), Mappls, oauth2.
-    None,
     /// Okta: `org_url` (`https://example.okta.com`) and the OAuth app's
     /// `app_id` (the application id, not the client id). Token URL
     /// `{org_url}/oauth2/v1/token`; secrets
@@ -771,11 +769,40 @@ pub enum ProviderIds {
 }
 
 impl ProviderIds {
+    /// Each id under its configuration key, as written (`rekeyd check`).
+    pub fn fields(&self) -> Vec<(String, serde_json::Value)> {
+        let pairs: Vec<(&str, &str)> = match self {
+            ProviderIds::Okta { org_url, app_id } => {
+                vec![("org_url", org_url.as_str()), ("app_id", app_id)]
+            }
+            ProviderIds::Auth0 { domain } => vec![("domain", domain)],
+            ProviderIds::Keycloak {
+                base_url,
+                realm,
+                client_uuid,
+            } => vec![
+                ("base_url", base_url.as_str()),
+                ("realm", realm),
+                ("client_uuid", client_uuid),
+            ],
+            ProviderIds::Entra {
+                tenant,
+                application_object_id,
+            } => vec![
+                ("tenant", tenant),
+                ("application_object_id", application_object_id),
+            ],
+        };
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+            .collect()
+    }
+
     /// Default token and secret-API URLs, as text; `None` where the
     /// provider has no default.
     fn default_urls(&self, client_id: &str) -> (Option<String>, Option<String>) {
         match self {
-            ProviderIds::None => (None, None),
             ProviderIds::Okta { org_url, app_id } => {
                 let base = org_url.as_str().trim_end_matches('/');
                 (
@@ -1040,12 +1067,15 @@ pub struct CredentialConfig {
     pub provider: ProviderKind,
     pub client_id: String,
     pub customer_id: Option<String>,
-    /// Okta's and Auth0's ids (`org_url`, `app_id`, `domain`).
-    pub ids: ProviderIds,
+    /// The provider's ids (Okta, Auth0, Keycloak, Entra); `None` for
+    /// MapsIndoors (`customer_id` is its own key), Mappls and oauth2. Boxed,
+    /// as `secret_api_credential`: a daemon keeps a few copies of every
+    /// credential's configuration, and most have neither.
+    pub ids: Option<Box<ProviderIds>>,
     /// `secret_api_credential`: the credential or token profile whose token
     /// calls the secret API (an administrative client: Okta's and Auth0's
     /// management APIs); `None`: the credential's own token.
-    pub secret_api_credential: Option<SecretApiCredential>,
+    pub secret_api_credential: Option<Box<SecretApiCredential>>,
     /// The bootstrap secret's file: `initial_secret_file` as written, or
     /// `$CREDENTIALS_DIRECTORY/<initial_secret_credential>` resolved when
     /// the configuration was loaded; `None` for a credential name loaded
@@ -2498,7 +2528,10 @@ fn validate_credential(
 
     check_request_params(&key(""), provider, &rc.extra_params, rc.audience.is_some())?;
 
-    let endpoints = validate_endpoints(i, provider, &ids.default_urls(&client_id), rc.endpoints)?;
+    let defaults = ids
+        .as_deref()
+        .map_or((None, None), |ids| ids.default_urls(&client_id));
+    let endpoints = validate_endpoints(i, provider, &defaults, rc.endpoints)?;
 
     let (before_expiry, default_lifetime, min_forced_interval) =
         rc.refresh.map_or((None, None, None), |r| {
@@ -2617,10 +2650,12 @@ fn validate_credential(
         client_id,
         customer_id: rc.customer_id,
         ids,
-        secret_api_credential: rc.secret_api_credential.map(|name| SecretApiCredential {
-            name,
-            secret_of: String::new(),
-            login: None,
+        secret_api_credential: rc.secret_api_credential.map(|name| {
+            Box::new(SecretApiCredential {
+                name,
+                secret_of: String::new(),
+                login: None,
+            })
         }),
         initial_secret_file,
         initial_secret_credential: rc.initial_secret_credential,
@@ -2881,7 +2916,7 @@ fn validate_provider_ids(
     i: usize,
     provider: ProviderKind,
     raw: RawIds,
-) -> Result<ProviderIds, ConfigError> {
+) -> Result<Option<Box<ProviderIds>>, ConfigError> {
     let key = |field: &str| format!("credentials[{i}].{field}");
     let RawIds {
         org_url,
@@ -2942,7 +2977,7 @@ fn validate_provider_ids(
             ))
         }
     };
-    Ok(match provider {
+    Ok(Some(Box::new(match provider {
         ProviderKind::Okta => {
             let text = org_url.unwrap_or_default();
             let url = parse_url(&key("org_url"), &text, false)?;
@@ -2993,8 +3028,8 @@ fn validate_provider_ids(
                 application_object_id,
             }
         }
-        _ => ProviderIds::None,
-    })
+        _ => return Ok(None),
+    })))
 }
 
 fn validate_endpoints(

@@ -432,6 +432,13 @@ async fn rekeyd_check_explains_the_path_each_rotation_takes() {
         let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
         let rotation = &doc["credentials"][0]["rotation"];
         assert_eq!(rotation["secret_api_credential"], "admin");
+        // The ids the URLs come from, under their keys.
+        let ids = &doc["credentials"][0]["ids"];
+        match profile {
+            Profile::Okta => assert_eq!(ids["app_id"], APP, "{ids}"),
+            Profile::Auth0 => assert_eq!(ids["domain"], "tenant.example", "{ids}"),
+            _ => assert!(ids.is_object(), "{ids}"),
+        }
         let path = rotation["path"].as_str().unwrap();
         for fragment in says {
             assert!(path.contains(fragment), "{profile:?}: {path}");
