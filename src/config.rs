@@ -1594,6 +1594,13 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
 /// Points each `secret_api_credential` at the credential or token profile
 /// it names: its token request, and the credential whose secret it uses.
 fn resolve_secret_api_credentials(credentials: &mut [CredentialConfig]) -> Result<(), ConfigError> {
+    // Most configurations name none: no copy of every credential then.
+    if credentials
+        .iter()
+        .all(|c| c.secret_api_credential.is_none())
+    {
+        return Ok(());
+    }
     let views: Vec<(String, String, CredentialConfig)> = credentials
         .iter()
         .flat_map(|c| {
