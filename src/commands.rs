@@ -768,6 +768,9 @@ async fn status(config: &Config, as_json: bool) -> u8 {
         }
         // An unfinished journal: what it waits for and the way out.
         for row in &rows {
+            if let Some(warning) = row["secret_expiry_warning"].as_str() {
+                println!("{}: {warning}", s_of(row, "name"));
+            }
             if let Some(reason) = row["rotation_needs_operator"].as_str() {
                 println!(
                     "{name}: rotation needs operator: {reason} (fix it at the provider, then `rekeyd rotate {name}`)",
@@ -987,6 +990,8 @@ fn credential_json(
             "grace": dur(r.grace),
             "on_login": r.on_login,
             "max_secret_age": r.max_secret_age.map(dur),
+            // Where the provider says when the secret expires (Entra).
+            "before_expiry": r.before_expiry.map(dur).unwrap_or_else(|| crate::rotation::schedule::DEFAULT_EXPIRY_LEAD_TEXT.into()),
             "secret_api_credential": c.secret_api_credential.as_ref().map(|a| a.name.clone()),
             // The path the rotation takes with this provider's secret API.
             "path": crate::provider::capabilities_of(c.provider).map(|caps| caps.path()),

@@ -452,6 +452,7 @@ struct RawRotation {
     #[serde(default, deserialize_with = "strict_bool")]
     on_login: bool,
     max_secret_age: Option<RawScalar>,
+    before_expiry: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -898,6 +899,10 @@ pub struct RotationConfig {
     /// Rotate once the current secret is older than this, whatever the
     /// trigger says (`None`: no bound).
     pub max_secret_age: Option<Duration>,
+    /// How long before the provider-side expiry of the current secret
+    /// (Entra `endDateTime`) a rotation is due, whatever the trigger says;
+    /// `None`: [`crate::rotation::schedule::default_expiry_lead`].
+    pub before_expiry: Option<Duration>,
 }
 
 pub use crate::format::SinkFormat;
@@ -3175,12 +3180,17 @@ fn validate_rotation(
             validate_cron(&key("schedule"), &schedule)?;
             RotationTrigger::Schedule(schedule)
         }
-        // `max_secret_age` alone: rotate only when the secret gets that old.
-        (None, None) if raw.on_login || raw.max_secret_age.is_some() => RotationTrigger::Manual,
+        // `max_secret_age` alone: rotate only when the secret gets that old;
+        // `before_expiry` alone: only before the provider's expiry.
+        (None, None)
+            if raw.on_login || raw.max_secret_age.is_some() || raw.before_expiry.is_some() =>
+        {
+            RotationTrigger::Manual
+        }
         (None, None) => {
             return Err(ConfigError::invalid(
                 key("every"),
-                "one of `every`, `schedule`, `max_secret_age` or `on_login = true` is required",
+                "one of `every`, `schedule`, `max_secret_age`, `before_expiry` or `on_login = true` is required",
             ));
         }
     };
@@ -3212,11 +3222,25 @@ fn validate_rotation(
             ));
         }
     }
+    let before_expiry = raw
+        .before_expiry
+        .map(|b| duration(&key("before_expiry"), b))
+        .transpose()?;
+    if let Some(lead) = before_expiry {
+        // Zero would rotate only once the secret no longer works (I1).
+        if lead < Duration::from_secs(1) || lead > Duration::from_secs(10 * 365 * 86400) {
+            return Err(ConfigError::invalid(
+                key("before_expiry"),
+                "must be between 1s and 10 years: how long before the provider's expiry of the secret a rotation is due",
+            ));
+        }
+    }
     Ok(RotationConfig {
         trigger,
         grace,
         on_login: raw.on_login,
         max_secret_age,
+        before_expiry,
     })
 }
 

@@ -38,6 +38,15 @@ pub struct CredentialStatus {
     pub rotation_needs_operator: Option<String>,
     #[serde(serialize_with = "serialize_time")]
     pub last_rotated_at: Option<SystemTime>,
+    /// When the provider expires the current secret, on its clock (Entra
+    /// `endDateTime`), when rekeyd knows it.
+    #[serde(serialize_with = "serialize_time")]
+    pub secret_expires_at: Option<SystemTime>,
+    /// Set while that expiry is near and no rotation has replaced the
+    /// secret (rotation failing or not configured), or once it has passed
+    /// ([`crate::rotation::schedule::expiry_state`]): what and when, never
+    /// the secret.
+    pub secret_expiry_warning: Option<String>,
 }
 
 fn serialize_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {

@@ -434,6 +434,9 @@ async fn launch(
         .forced
         .set_min_interval(cred.refresh.min_forced_interval);
     let mut unfinished = false;
+    // A secret the provider expires is watched even without rotation: the
+    // rotation task warns as the expiry nears ([`run_schedule`]).
+    let mut expiry_watch = false;
     let label = metrics::credential(&cred.name);
     // The policy the secret age alert compares against; none, no series.
     match cred.rotation.as_ref().and_then(|r| r.max_secret_age) {
@@ -449,6 +452,8 @@ async fn launch(
     }
     if let Some(record) = store.load_settled(&cred.name).await? {
         unfinished = record.value.is_unfinished();
+        expiry_watch = record.value.current.expires_at.is_some()
+            || crate::rotation::expiry::worth_listing(&record.value, true);
         // For every credential, rotating or not: the rotation task keeps
         // it current after each step.
         metrics::global()
@@ -468,9 +473,9 @@ async fn launch(
     // says about future rotations (a reload may have removed
     // `[credentials.rotation]` mid-rotation): the rotation task then runs
     // without a schedule and ends once the journal is finished.
-    let secret_api = p
-        .secret_api
-        .filter(|_| cred.rotation.is_some() || unfinished);
+    let secret_api = p.secret_api.filter(|api| {
+        cred.rotation.is_some() || unfinished || (expiry_watch && api.lists_expiry())
+    });
     // The profiles' channels, before the rotation task that must reach
     // their engines after a promotion.
     let profile_channels: Vec<(PreparedProfile, CredentialChannels, CredentialHandle)> =
@@ -721,6 +726,7 @@ pub(crate) async fn store_bootstrap(
         id: cred.initial_secret_id.clone(),
         value: secret,
         created_at: SystemTime::now(),
+        expires_at: None,
     });
     match store.compare_and_swap(&cred.name, None, &record).await {
         // Another process bootstrapped it meanwhile: theirs stands.

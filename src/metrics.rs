@@ -96,6 +96,9 @@ pub struct Metrics {
     pub token_next_refresh: Family<CredentialLabel, FloatGauge>,
     /// `max_secret_age` in seconds, for credentials that set it.
     pub secret_max_age: Family<CredentialLabel, FloatGauge>,
+    /// When the provider expires the current secret (Entra `endDateTime`),
+    /// for credentials whose secret has a known provider-side expiry.
+    pub secret_expiry: Family<CredentialLabel, FloatGauge>,
     pub build_info: Family<BuildLabels, Gauge>,
     pub locked_out: Family<CredentialLabel, Gauge>,
     pub rotation_needs_operator: Family<CredentialLabel, Gauge>,
@@ -125,6 +128,7 @@ impl Metrics {
             secret_created: Family::default(),
             token_next_refresh: Family::default(),
             secret_max_age: Family::default(),
+            secret_expiry: Family::default(),
             build_info: Family::default(),
             locked_out: Family::default(),
             rotation_needs_operator: Family::default(),
@@ -183,6 +187,11 @@ impl Metrics {
             "secret_max_age_seconds",
             "The credential's max_secret_age: a rotation is forced once the current secret is older",
             m.secret_max_age.clone(),
+        );
+        r.register(
+            "secret_expiry_timestamp_seconds",
+            "Unix time at which the provider expires the credential's current secret (Entra endDateTime); absent when it does not expire or is not known",
+            m.secret_expiry.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {
@@ -267,6 +276,7 @@ impl Metrics {
             &self.secret_created,
             &self.token_next_refresh,
             &self.secret_max_age,
+            &self.secret_expiry,
         ] {
             family.remove(&label);
         }

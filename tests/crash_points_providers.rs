@@ -163,6 +163,7 @@ initial_secret_file = "{d}/admin.secret"
                 id: Some(id.clone()),
                 value: SecretString::from(value.clone()),
                 created_at: SystemTime::now(),
+                expires_at: None,
             });
             store.compare_and_swap(name, None, &record).await.unwrap();
         }

@@ -111,6 +111,7 @@ grace = "0s"
                     id: Some(setup.stored.id.clone()),
                     value: SecretString::from(setup.stored.value.clone()),
                     created_at: SystemTime::now(),
+                    expires_at: None,
                 }),
             )
             .await

@@ -51,6 +51,7 @@ fn record(value: &str) -> CredentialRecord {
         id: Some("id1".into()),
         value: SecretString::from(value),
         created_at: SystemTime::UNIX_EPOCH,
+        expires_at: None,
     })
 }
 

@@ -235,6 +235,7 @@ fn entry(id: Option<String>, value: &str) -> SecretEntry {
         id,
         value: SecretString::from(value.to_string()),
         created_at: SystemTime::now(),
+        expires_at: None,
     }
 }
 

@@ -335,6 +335,7 @@ async fn rotation_that_fell_due_while_down_runs_at_start() {
             id: Some(w.bootstrap.0.clone()),
             value: SecretString::from(w.bootstrap.1.clone()),
             created_at: long_ago,
+            expires_at: None,
         })
     };
     FileStore::new(&dir.path().join("state"))
@@ -571,6 +572,7 @@ fn bootstrap_record(w: &World) -> CredentialRecord {
         id: Some(w.bootstrap.0.clone()),
         value: SecretString::from(w.bootstrap.1.clone()),
         created_at: SystemTime::now(),
+        expires_at: None,
     })
 }
 
@@ -981,6 +983,7 @@ async fn engine_logs_in_with_the_pending_secret_when_current_is_rejected() {
         id: Some("revoked".into()),
         value: SecretString::from("revoked-secret-value"),
         created_at: SystemTime::now(),
+        expires_at: None,
     });
     record.rotation = Rotation::Created {
         rid: "r1".into(),
@@ -988,6 +991,7 @@ async fn engine_logs_in_with_the_pending_secret_when_current_is_rejected() {
             id: Some(pending.0.clone()),
             value: SecretString::from(pending.1.clone()),
             created_at: SystemTime::now(),
+            expires_at: None,
         },
     };
     let dir = w.dir();

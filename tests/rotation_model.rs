@@ -256,6 +256,7 @@ impl Provider {
                 description: s.description.clone(),
                 client_id: Some(s.client_id.clone()),
                 created_at: Some(s.created_at),
+                expires_at: None,
             })
             .collect()
     }
@@ -589,6 +590,7 @@ impl Sim {
             id: boot.id(),
             value: SecretString::from(BOOT_VALUE),
             created_at: t0(),
+            expires_at: None,
         });
         Sim {
             now: t0(),
@@ -969,6 +971,7 @@ impl Sim {
                 replied.then(|| Event::Created {
                     id: Some(id),
                     value: SecretString::from(value),
+                    expires_at: None,
                 })
             }
             Next::Verify => {
@@ -3077,6 +3080,7 @@ fn entry(id: Option<&str>, value: &str) -> SecretEntry {
         id: id.map(str::to_string),
         value: SecretString::from(value),
         created_at: t0(),
+        expires_at: None,
     }
 }
 
@@ -3169,6 +3173,7 @@ fn listing(mask: u16, now: SystemTime) -> Vec<RemoteSecret> {
             description,
             client_id: client.map(Into::into),
             created_at: at,
+            expires_at: None,
         }
     };
     let tag = |rid: &str, attempt: &str| secret_description(CRED, rid, attempt);
@@ -3224,6 +3229,7 @@ fn any_event() -> impl Strategy<Value = (Event, u16)> {
             3 => Event::Created {
                 id: Some("s9".into()),
                 value: SecretString::from("value-9"),
+                expires_at: None,
             },
             4 => Event::Verified,
             5 => Event::VerifyRejected,

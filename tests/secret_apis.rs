@@ -116,6 +116,7 @@ initial_secret_file = "{d}/admin.secret"
             id: Some(id.to_string()),
             value: SecretString::from(value.to_string()),
             created_at: SystemTime::now(),
+            expires_at: None,
         })
     };
     store

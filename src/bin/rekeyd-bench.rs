@@ -1796,6 +1796,7 @@ async fn rotation_run(
             id: Some(id),
             value: SecretString::from(value),
             created_at: SystemTime::now(),
+            expires_at: None,
         });
         store.compare_and_swap(&c.name, None, &record).await?;
         let _ = write!(

@@ -21,6 +21,8 @@
 //! `secret_api_credential`, when the application owns its object and holds
 //! `Application.ReadWrite.OwnedBy`.
 
+use std::time::SystemTime;
+
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -90,6 +92,8 @@ pub fn parse_list_reply(
         display_name: Option<String>,
         #[serde(default)]
         start_date_time: Option<String>,
+        #[serde(default)]
+        end_date_time: Option<String>,
     }
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -114,12 +118,20 @@ pub fn parse_list_reply(
             id: i.key_id,
             description: i.display_name.unwrap_or_default(),
             client_id: Some(client_id.to_string()),
-            created_at: i
-                .start_date_time
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-                .map(std::time::SystemTime::from),
+            created_at: i.start_date_time.as_deref().and_then(graph_time),
+            expires_at: i.end_date_time.as_deref().and_then(graph_time),
         })
         .collect())
+}
+
+/// A Graph `DateTimeOffset` (ISO 8601, always UTC in Graph replies, e.g.
+/// `2026-05-01T00:00:00Z`; fractional seconds appear, up to seven digits).
+/// `None` for anything else: an unreadable `endDateTime` is treated as
+/// unknown (no expiry-driven rotation), never as "expired".
+fn graph_time(text: &str) -> Option<SystemTime> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(SystemTime::from)
 }
 
 /// Reads an `addPassword` reply: `{keyId, secretText, …}`.
@@ -132,6 +144,8 @@ pub fn parse_create_reply(
     struct Created {
         key_id: String,
         secret_text: String,
+        #[serde(default)]
+        end_date_time: Option<String>,
     }
     if !(200..300).contains(&reply.status) {
         return Err(reply.refusal(operation, classify_secret_api));
@@ -144,12 +158,17 @@ pub fn parse_create_reply(
     Ok(NewSecret {
         id: Some(created.key_id),
         value: SecretString::from(created.secret_text),
+        expires_at: created.end_date_time.as_deref().and_then(graph_time),
     })
 }
 
 impl SecretApi for EntraSecrets {
     fn capabilities(&self) -> Capabilities {
         CAPABILITIES
+    }
+
+    fn lists_expiry(&self) -> bool {
+        true
     }
 
     fn list<'a>(

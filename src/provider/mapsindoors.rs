@@ -160,6 +160,7 @@ pub fn parse_list_reply(
                 .created_at
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
                 .map(std::time::SystemTime::from),
+            expires_at: None,
         })
         .collect())
 }
@@ -186,6 +187,7 @@ pub fn parse_create_reply(
     Ok(NewSecret {
         id: Some(created.id),
         value: SecretString::from(created.secret),
+        expires_at: None,
     })
 }
 

@@ -55,6 +55,9 @@ pub struct RemoteSecret {
     /// When the provider created it, when the provider says (MapsIndoors:
     /// `createdAt`, RFC 3339).
     pub created_at: Option<std::time::SystemTime>,
+    /// When the provider says it expires, on the provider's clock (Entra
+    /// `endDateTime`); `None`: never, or the API does not say.
+    pub expires_at: Option<std::time::SystemTime>,
 }
 
 /// A secret just created; the provider shows its value only this once.
@@ -64,6 +67,10 @@ pub struct NewSecret {
     /// one secret and has no ids ([`Overlap::Replace`]).
     pub id: Option<String>,
     pub value: SecretString,
+    /// When the provider says it expires, on the provider's clock (Entra
+    /// `endDateTime`; RFC 7591 `client_secret_expires_at`, where 0 means
+    /// never and is `None` here); `None`: never, or the API does not say.
+    pub expires_at: Option<std::time::SystemTime>,
 }
 
 /// What rekeyd asks a secret API to create.
@@ -211,6 +218,13 @@ pub enum Deleted {
 pub trait SecretApi: Send + Sync {
     /// What this API can do; constant for its lifetime.
     fn capabilities(&self) -> Capabilities;
+    /// Whether its listings say when each secret expires
+    /// ([`RemoteSecret::expires_at`], Entra's `endDateTime`). Only then does
+    /// rekeyd list to learn the expiry of a secret it did not create (the
+    /// bootstrap one): an API that never says is not asked.
+    fn lists_expiry(&self) -> bool {
+        false
+    }
     /// The client's secrets (never their values). An API without a listing
     /// ([`Capabilities::lists`] false) answers with an empty list.
     fn list<'a>(

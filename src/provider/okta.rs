@@ -116,6 +116,7 @@ pub fn parse_list_reply(
                 .created
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
                 .map(std::time::SystemTime::from),
+            expires_at: None,
         })
         .collect())
 }
@@ -182,6 +183,7 @@ impl SecretApi for OktaSecrets {
             Ok(NewSecret {
                 id: Some(id),
                 value: value.clone(),
+                expires_at: None,
             })
         })
     }

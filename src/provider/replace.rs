@@ -82,6 +82,7 @@ impl SecretApi for ReplaceSecret {
             Ok(NewSecret {
                 id: None,
                 value: value.clone(),
+                expires_at: None,
             })
         })
     }

@@ -15,10 +15,11 @@ use secrecy::SecretString;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::machine::{self, Event, Next};
-use super::{schedule, verify};
+use super::schedule::ExpiryState;
+use super::{expiry, schedule, verify};
 use crate::clock::{self, Clock};
 use crate::config::RotationConfig;
 use crate::credential::CredentialStatus;
@@ -26,7 +27,8 @@ use crate::history::{self, Step};
 use crate::metrics::{self, RotationLabels};
 use crate::provider::redact::escape_controls;
 use crate::provider::{
-    CreateRequest, Deleted, ErrorKind, ProviderError, Retire, SecretApi, TokenProvider, ValueOrigin,
+    CreateRequest, Deleted, ErrorKind, ProviderError, RemoteSecret, Retire, SecretApi,
+    TokenProvider, ValueOrigin,
 };
 use crate::store::{Claim, CredentialRecord, Store, StoreError, Versioned};
 use crate::token::Token;
@@ -123,6 +125,9 @@ pub enum StartReason {
     OnLogin,
     /// The current secret is older than `max_secret_age`.
     MaxSecretAge,
+    /// The provider expires the current secret soon (Entra `endDateTime`):
+    /// due `before_expiry` before that, whatever the trigger.
+    ProviderExpiry,
 }
 
 impl StartReason {
@@ -132,6 +137,7 @@ impl StartReason {
             StartReason::Forced => "forced",
             StartReason::OnLogin => "on_login",
             StartReason::MaxSecretAge => "max_secret_age",
+            StartReason::ProviderExpiry => "provider_expiry",
         }
     }
 }
@@ -380,6 +386,37 @@ impl Rotator {
         Ok(once)
     }
 
+    /// Lists the provider's secrets once to learn when the current secret
+    /// expires, where the API states expiries and the journal knows the
+    /// secret's id but not its expiry ([`expiry::worth_listing`]: the
+    /// bootstrap secret named by `initial_secret_id`). No call at all for
+    /// an API that states no expiry (MapsIndoors), nor once the expiry is
+    /// known. Under the claim if it is free (another actor holding it
+    /// lists too, and learns the same); the expiry is written with the
+    /// journal's compare-and-swap. `Ok(true)`: learnt and recorded.
+    pub async fn learn_expiry(&self, stop: &CancellationToken) -> Result<bool, RotationError> {
+        if !self.secret_api.lists_expiry() {
+            return Ok(false);
+        }
+        // Read first: most starts have nothing to learn, and take no claim.
+        let worth = |r: &CredentialRecord| expiry::worth_listing(r, true);
+        match self.store.load_settled(&self.name).await? {
+            Some(record) if worth(&record.value) => {}
+            _ => return Ok(false),
+        }
+        let Some(claim) = self.store.claim(&self.name, false).await? else {
+            return Ok(false);
+        };
+        let mut run = self.start_run(claim, stop, None).await?;
+        if !worth(&run.record.value) {
+            return Ok(false);
+        }
+        run.check_go()?;
+        let bearer = run.bearer().await?;
+        let listed = run.guard(self.secret_api.list(&bearer)).await??;
+        Ok(run.learn_expiry(&listed).await)
+    }
+
     /// Reads the journal under `claim` and sets up a run on it.
     async fn start_run<'a>(
         &'a self,
@@ -460,8 +497,20 @@ impl Rotator {
             .secret_created
             .get_or_create(&label)
             .set(metrics::unix_seconds(record.current.created_at));
+        match record.current.expires_at {
+            Some(at) => {
+                metrics::global()
+                    .secret_expiry
+                    .get_or_create(&label)
+                    .set(metrics::unix_seconds(at));
+            }
+            None => {
+                metrics::global().secret_expiry.remove(&label);
+            }
+        }
         if let Some(status) = &self.status {
             status.send_modify(|s| {
+                s.secret_expires_at = record.current.expires_at;
                 s.rotation_phase = record.phase().to_string();
                 s.rotation_waiting_for = super::waiting_for(record, &self.name);
                 s.last_rotated_at = record.last_rotated_at;
@@ -636,6 +685,7 @@ impl Run<'_> {
                         id: new.id,
                         // The value the journal holds is the one sent.
                         value: chosen.unwrap_or(new.value),
+                        expires_at: new.expires_at,
                     }
                 }
                 Next::Probe { id } => {
@@ -714,6 +764,7 @@ impl Run<'_> {
                     let bearer = self.bearer().await?;
                     let secrets = self.guard(r.secret_api.list(&bearer)).await??;
                     crash_point!("rotation-after-list");
+                    self.learn_expiry(&secrets).await;
                     Event::Listed { secrets }
                 }
                 Next::Delete { ids } => {
@@ -750,6 +801,39 @@ impl Run<'_> {
             }
         }
         events
+    }
+
+    /// Records what `listed` says about the expiry of the journal's secrets
+    /// ([`expiry::learn`]), by compare-and-swap on the record this run
+    /// holds (S1). Best effort: a lost swap or a store error leaves the
+    /// record as it was (the journal's next write then re-reads), and the
+    /// next listing teaches it again. `true`: recorded.
+    async fn learn_expiry(&mut self, listed: &[RemoteSecret]) -> bool {
+        let r = self.rotator;
+        let Some(next) = expiry::learn(&self.record.value, listed) else {
+            return false;
+        };
+        match r
+            .store
+            .compare_and_swap(&r.name, Some(self.record.version), &next)
+            .await
+        {
+            Ok(version) => {
+                if let Some(at) = next.current.expires_at {
+                    info!(step = "expiry", expires_at = %humantime::format_rfc3339_seconds(at), "the provider's listing says when the current secret expires");
+                }
+                self.record = Versioned {
+                    version,
+                    value: next,
+                };
+                r.publish(&self.record.value);
+                true
+            }
+            Err(e) => {
+                info!(step = "expiry", error = %e, "the secret's provider expiry was not recorded; the next listing tries again");
+                false
+            }
+        }
     }
 
     /// Stops the run before a side effect when shut down (S4) or when the
@@ -834,6 +918,7 @@ impl Run<'_> {
         let bearer = self.bearer().await?;
         let listed = self.guard(r.secret_api.list(&bearer)).await??;
         crash_point!("rotation-after-list");
+        self.learn_expiry(&listed).await;
         let earlier = listed.into_iter().filter(|s| {
             super::parse_tag(&r.name, &s.description)
                 .is_some_and(|tag| machine::superseded(&tag, rid, keep))
@@ -931,6 +1016,16 @@ pub async fn run_schedule(
         let mut requested = false;
         // The last run ended in a refusal only an operator can lift.
         let mut needs_operator = false;
+        // The bootstrap secret's provider expiry, once, before the first
+        // plan: a rotation may be due before it whatever the trigger.
+        if rotator.secret_api.lists_expiry() {
+            match rotator.learn_expiry(&shutdown).await {
+                Ok(_) => {}
+                Err(RotationError::Shutdown) => return,
+                Err(e) => warn!(step = "expiry", error = %e, "cannot list the provider's secrets to learn when the current secret expires; it is learnt at the next listing (rotation)"),
+            }
+        }
+        let mut expiry_warned = ExpiryWarned::default();
         loop {
             let retry_wait = retry_at.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
             // Re-read every time: `rekeyd rotate` or `set-secret` may have
@@ -939,7 +1034,12 @@ pub async fn run_schedule(
             let plan = match rotator.store.load_settled(&rotator.name).await {
                 Ok(Some(record)) => {
                     rotator.publish(&record.value);
-                    finished = config.is_none() && !record.value.is_unfinished();
+                    expiry_warned.check(&rotator, &record.value, config.as_ref());
+                    // A secret with a provider expiry is watched (warned
+                    // about) even when rekeyd does not rotate it.
+                    finished = config.is_none()
+                        && !record.value.is_unfinished()
+                        && record.value.current.expires_at.is_none();
                     let (plan, due_at) = plan(
                         &record.value,
                         config.as_ref(),
@@ -1072,6 +1172,84 @@ pub async fn run_schedule(
     .await
 }
 
+/// How often the same expiry warning is logged again while it stands.
+const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(3600);
+
+/// The expiry warning of one credential: shown in status and as a metric
+/// at every schedule tick, logged when it first appears or changes and then
+/// at most every [`EXPIRY_WARNING_EVERY`], not at every tick.
+#[derive(Default)]
+struct ExpiryWarned {
+    last: Option<(ExpiryState, Instant)>,
+}
+
+impl ExpiryWarned {
+    fn check(
+        &mut self,
+        rotator: &Rotator,
+        record: &CredentialRecord,
+        rotation: Option<&RotationConfig>,
+    ) {
+        let now = (rotator.clock)();
+        let current = &record.current;
+        let state = schedule::expiry_state(
+            current.created_at,
+            current.expires_at,
+            rotation.map(|r| r.before_expiry),
+            now,
+        );
+        let warning = expiry_warning(state, current.id.as_deref(), rotation.is_some());
+        if let Some(status) = &rotator.status {
+            status.send_if_modified(|s| {
+                let changed = s.secret_expiry_warning != warning;
+                s.secret_expiry_warning = warning.clone();
+                changed
+            });
+        }
+        let Some(text) = warning else {
+            self.last = None;
+            return;
+        };
+        let due = match self.last {
+            Some((was, at)) => was != state || at.elapsed() >= EXPIRY_WARNING_EVERY,
+            None => true,
+        };
+        if !due {
+            return;
+        }
+        self.last = Some((state, Instant::now()));
+        match state {
+            ExpiryState::Expired(_) => error!(step = "expiry", "{}", escape_controls(&text)),
+            _ => warn!(step = "expiry", "{}", escape_controls(&text)),
+        }
+    }
+}
+
+/// The status line and log message for an [`ExpiryState`]: the secret's
+/// provider id and the time, never its value (I7).
+fn expiry_warning(state: ExpiryState, id: Option<&str>, rotates: bool) -> Option<String> {
+    let secret = match id {
+        Some(id) => format!("the current secret ({id})"),
+        None => "the current secret".to_string(),
+    };
+    let fix = if rotates {
+        "the rotation that should replace it has not succeeded (see last_rotation_error)"
+    } else {
+        "rekeyd does not rotate it ([credentials.rotation] is not configured): replace it with `rekeyd set-secret`"
+    };
+    match state {
+        ExpiryState::Fine => None,
+        ExpiryState::Near(at) => Some(format!(
+            "{secret} expires at the provider at {}; {fix}",
+            humantime::format_rfc3339_seconds(at)
+        )),
+        ExpiryState::Expired(at) => Some(format!(
+            "{secret} expired at the provider at {}: logins with it fail; {fix}",
+            humantime::format_rfc3339_seconds(at)
+        )),
+    }
+}
+
 /// What the schedule says to do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Plan {
@@ -1085,10 +1263,13 @@ enum Plan {
 
 /// Pure scheduling decision: backoff after failures first, then unfinished
 /// journal work is resumed, a requested rotation started, or the next
-/// scheduled one waited for: by the trigger, or when the current secret
-/// reaches `max_secret_age`, whichever comes first. Also returns when the
-/// next rotation is due. Without a rotation config (no longer configured)
-/// only unfinished work is done.
+/// scheduled one waited for: by the trigger, when the current secret
+/// reaches `max_secret_age`, or `before_expiry` ahead of the provider's
+/// expiry of the current secret ([`schedule::expiry_due`]), whichever comes
+/// first; the last two apply whatever the trigger (`manual` included). Also
+/// returns when the next rotation is due. Without a rotation config (not,
+/// or no longer, configured) only unfinished work is done; a near expiry is
+/// then only warned about ([`schedule::expiry_state`]).
 fn plan(
     record: &CredentialRecord,
     rotation: Option<&RotationConfig>,
@@ -1101,11 +1282,23 @@ fn plan(
     let aged = rotation
         .and_then(|r| r.max_secret_age)
         .and_then(|max| schedule::aged_out(record.current.created_at, max));
-    let (due_at, reason) = match (scheduled, aged) {
-        (Some(s), Some(a)) if a < s => (Some(a), StartReason::MaxSecretAge),
-        (None, Some(a)) => (Some(a), StartReason::MaxSecretAge),
-        (s, _) => (s, StartReason::Schedule),
-    };
+    let expiry = rotation.and_then(|r| {
+        let current = &record.current;
+        let at = current.expires_at?;
+        Some(schedule::expiry_due(current.created_at, at, r.before_expiry))
+    });
+    // The earliest; on a tie the schedule names it, then the age bound.
+    let (due_at, reason) = [
+        (scheduled, StartReason::Schedule),
+        (aged, StartReason::MaxSecretAge),
+        (expiry, StartReason::ProviderExpiry),
+    ]
+    .into_iter()
+    .filter_map(|(at, reason)| Some((at?, reason)))
+    .min_by_key(|(at, _)| *at)
+    .map_or((None, StartReason::Schedule), |(at, reason)| {
+        (Some(at), reason)
+    });
     let plan = if !retry_wait.is_zero() {
         Plan::Wait(retry_wait)
     } else if record.is_unfinished() {
@@ -1175,6 +1368,7 @@ mod tests {
                 id: None,
                 value: SecretString::from("v"),
                 created_at: created,
+                expires_at: None,
             })
         }
     }
@@ -1185,6 +1379,7 @@ mod tests {
             grace: Duration::from_secs(60),
             on_login: false,
             max_secret_age,
+            before_expiry: None,
         }
     }
 
@@ -1279,6 +1474,64 @@ mod tests {
     }
 
     #[test]
+    fn provider_expiry_makes_a_rotation_due_whatever_the_trigger() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(86400);
+        let mut expiring = record(t0, Rotation::Idle);
+        expiring.current.expires_at = Some(t0 + 30 * day);
+        // Earlier than the schedule: the expiry wins (a third of the
+        // 30-day lifetime before it).
+        let monthly = rotation(RotationTrigger::Every(60 * day), None);
+        let (p, due) = plan(&expiring, Some(&monthly), t0 + day, false, Duration::ZERO);
+        assert_eq!(due, Some(t0 + 20 * day));
+        assert_eq!(p, Plan::Wait(19 * day));
+        assert_eq!(
+            plan(&expiring, Some(&monthly), t0 + 20 * day, false, Duration::ZERO).0,
+            Plan::Rotate {
+                begin: Some(StartReason::ProviderExpiry)
+            }
+        );
+        // A schedule that comes first still names the rotation.
+        let weekly = rotation(RotationTrigger::Every(7 * day), None);
+        assert_eq!(
+            plan(&expiring, Some(&weekly), t0 + 7 * day, false, Duration::ZERO),
+            (
+                Plan::Rotate {
+                    begin: Some(StartReason::Schedule)
+                },
+                Some(t0 + 7 * day)
+            )
+        );
+        // A manual trigger (no schedule) still rotates before the expiry,
+        // `before_expiry` ahead of it when set.
+        let mut manual = rotation(RotationTrigger::Manual, None);
+        manual.before_expiry = Some(2 * day);
+        assert_eq!(
+            plan(&expiring, Some(&manual), t0 + 27 * day, false, Duration::ZERO),
+            (Plan::Wait(day), Some(t0 + 28 * day))
+        );
+        assert_eq!(
+            plan(&expiring, Some(&manual), t0 + 28 * day, false, Duration::ZERO).0,
+            Plan::Rotate {
+                begin: Some(StartReason::ProviderExpiry)
+            }
+        );
+        // No expiry known: a manual trigger never rotates by itself.
+        let unknown = record(t0, Rotation::Idle);
+        assert_eq!(
+            plan(&unknown, Some(&manual), t0 + 900 * day, false, Duration::ZERO),
+            (Plan::Wait(day), None)
+        );
+        // Without rotation configured: never rotated, only warned about.
+        let (p, due) = plan(&expiring, None, t0 + 29 * day, false, Duration::ZERO);
+        assert_eq!((p, due), (Plan::Wait(day), None));
+        assert_eq!(
+            schedule::expiry_state(t0, expiring.current.expires_at, None, t0 + 29 * day),
+            schedule::ExpiryState::Near(t0 + 30 * day)
+        );
+    }
+
+    #[test]
     fn rotation_ids_differ() {
         assert_ne!(new_rotation_id(), new_rotation_id());
         assert!(!new_rotation_id().contains(':'));
@@ -1300,6 +1553,7 @@ mod tests {
         let e = Event::Created {
             id: Some("x".into()),
             value: SecretString::from("topsecret"),
+            expires_at: None,
         };
         assert!(!format!("{e:?}").contains("topsecret"));
     }

@@ -42,10 +42,12 @@ pub enum Event {
     /// Secrets of earlier attempts of the rotation (values lost) are gone.
     TaggedDeleted,
     /// The provider created the replacement and returned its value (its id
-    /// is `None` where the API replaces the one secret and has no ids).
+    /// is `None` where the API replaces the one secret and has no ids), and
+    /// when the provider says it expires ([`crate::provider::NewSecret`]).
     Created {
         id: Option<String>,
         value: SecretString,
+        expires_at: Option<SystemTime>,
     },
     /// The login with the value of an interrupted caller-chosen create
     /// ([`Next::Probe`]): accepted or consistently refused.
@@ -213,15 +215,25 @@ pub fn step(
                 attempt: attempt.clone(),
             },
         ),
-        (Rotation::Creating { rid, .. }, Event::Created { id, value }) => {
+        (
+            Rotation::Creating { rid, .. },
+            Event::Created {
+                id,
+                value,
+                expires_at,
+            },
+        ) => {
             let mut next = record.clone();
             let created = Audit::new(Step::Created).rid(rid).secret(id.as_deref());
+            // The provider's expiry goes with the value: promotion makes
+            // this entry current, and the schedule rotates before it.
             next.rotation = Rotation::Created {
                 rid: rid.clone(),
                 pending: SecretEntry {
                     id,
                     value,
                     created_at: ctx.now,
+                    expires_at,
                 },
             };
             audited(persist(next, Next::Verify), [created])
@@ -257,6 +269,7 @@ pub fn step(
                         id: Some(id),
                         value: value.clone(),
                         created_at: ctx.now,
+                        expires_at: None,
                     },
                 };
                 audited(persist(next, Next::Verify), [adopted])
@@ -770,6 +783,7 @@ mod tests {
             id: Some("old".into()),
             value: SecretString::from("old-value"),
             created_at: t0(),
+            expires_at: None,
         })
     }
 
@@ -779,6 +793,7 @@ mod tests {
             description: description.into(),
             client_id: client.map(Into::into),
             created_at: Some(t0()),
+            expires_at: None,
         }
     }
 
@@ -806,6 +821,7 @@ mod tests {
         let created = Event::Created {
             id: Some("new".into()),
             value: SecretString::from("new-value"),
+            expires_at: None,
         };
         let t = step(&t.record, created, &ctx(t0())).unwrap();
         assert!(t.persist);
@@ -872,6 +888,38 @@ mod tests {
     }
 
     #[test]
+    fn the_provider_expiry_of_a_new_secret_goes_from_created_to_current() {
+        let expiry = t0() + Duration::from_secs(90 * 86400);
+        let created = || Event::Created {
+            id: Some("new".into()),
+            value: SecretString::from("new-value"),
+            expires_at: Some(expiry),
+        };
+        // Several secrets at once: promoted after verification.
+        let t = step(&idle(), begin(), &ctx(t0())).unwrap();
+        let t = step(&t.record, created(), &ctx(t0())).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.record.pending().unwrap().expires_at, Some(expiry));
+        assert_eq!(t.record.current.expires_at, None, "the old one's is kept");
+        let t = step(&t.record, Event::Verified, &ctx(t0())).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.record.current.expires_at, Some(expiry));
+        assert_eq!(t.record.rotation.old().unwrap().expires_at, None);
+        // An API that replaces its secret: current at once.
+        let mut replace = ctx(t0());
+        replace.caps = crate::provider::replace::CAPABILITIES;
+        let chosen = Event::Begin {
+            rid: "r1".into(),
+            chosen: Some(SecretString::from("new-value")),
+        };
+        let t = step(&idle(), chosen, &replace).unwrap();
+        let t = step(&t.record, created(), &replace).unwrap();
+        let t = step(&t.record, Event::Verified, &replace).unwrap();
+        assert_eq!(t.record.rotation.phase(), "idle");
+        assert_eq!(t.record.current.expires_at, Some(expiry));
+    }
+
+    #[test]
     fn resuming_creating_records_a_fresh_attempt_before_deleting() {
         let mut r = idle();
         r.rotation = Rotation::Creating {
@@ -928,6 +976,7 @@ mod tests {
                 id: Some("new".into()),
                 value: SecretString::from("new-value"),
                 created_at: t0(),
+                expires_at: None,
             },
         };
         let t = step(&r, Event::VerifyRejected, &ctx(t0())).unwrap();
@@ -951,6 +1000,7 @@ mod tests {
             id: Some("new".into()),
             value: SecretString::from("new-value"),
             created_at: t0(),
+            expires_at: None,
         };
         r.rotation = Rotation::Promoted {
             rid: "r1".into(),
@@ -958,6 +1008,7 @@ mod tests {
                 id: Some("old".into()),
                 value: SecretString::from("old-value"),
                 created_at: t0(),
+                expires_at: None,
             },
             delete_after: t0(),
         };
@@ -977,6 +1028,7 @@ mod tests {
         let created = Event::Created {
             id: Some("new".into()),
             value: SecretString::from("v"),
+            expires_at: None,
         };
         let t = step(&t.record, created, &c).unwrap();
         let t = step(&t.record, Event::Verified, &c).unwrap();
@@ -1067,6 +1119,7 @@ mod tests {
                 id: Some("new".into()),
                 value: SecretString::from("new-value"),
                 created_at: t0(),
+                expires_at: None,
             },
         };
         let t = step(&r, Event::VerifyRejected, &ctx(t0())).unwrap();
@@ -1152,6 +1205,7 @@ mod tests {
         let created = Event::Created {
             id: None,
             value: SecretString::from("chosen-value"),
+            expires_at: None,
         };
         let created = step(&t.record, created, &c).unwrap();
         assert_eq!(created.next, Next::Verify);
@@ -1251,6 +1305,7 @@ mod tests {
         let created = Event::Created {
             id: Some("x".into()),
             value: SecretString::from("x"),
+            expires_at: None,
         };
         assert!(step(&r, created, &c).is_err());
     }

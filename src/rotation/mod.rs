@@ -7,6 +7,7 @@
 //! installs a secret by hand among running rotations.
 
 pub mod driver;
+pub mod expiry;
 pub mod machine;
 pub mod operator;
 pub mod schedule;
@@ -104,6 +105,7 @@ mod tests {
             id: None,
             value: SecretString::from("v"),
             created_at: std::time::SystemTime::UNIX_EPOCH,
+            expires_at: None,
         });
         assert_eq!(waiting_for(&r, "maps"), None);
         r.rotation = Rotation::Created {

@@ -132,6 +132,7 @@ pub async fn set_secret(
         id: req.id,
         value: req.value,
         created_at: SystemTime::now(),
+        expires_at: None,
     };
     let mut installed = Installed::default();
     let record = match &existing {

@@ -763,6 +763,7 @@ mod tests {
             id: Some("id1".into()),
             value: SecretString::from("s3cret-value"),
             created_at: SystemTime::UNIX_EPOCH,
+            expires_at: None,
         });
         let got = decode("/p/credentials/a", 42, &record::encode(&record, 0)).unwrap();
         assert_eq!(got.version, 42);

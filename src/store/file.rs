@@ -487,6 +487,7 @@ mod tests {
             id: Some("id1".into()),
             value: SecretString::from(value),
             created_at: SystemTime::UNIX_EPOCH,
+            expires_at: None,
         })
     }
 

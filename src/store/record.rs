@@ -11,6 +11,12 @@ pub struct SecretEntry {
     pub id: Option<String>,
     pub value: SecretString,
     pub created_at: SystemTime,
+    /// When the provider says the secret stops working, on the provider's
+    /// clock (Entra `endDateTime`, RFC 7591 `client_secret_expires_at`);
+    /// `None`: it never expires, or rekeyd has not learnt when. A rotation
+    /// is due before then whatever the trigger says
+    /// ([`crate::rotation::schedule::expiry_due`]).
+    pub expires_at: Option<SystemTime>,
 }
 
 /// The rotation journal (DESIGN.md): written before every external effect so
@@ -245,6 +251,11 @@ pub(crate) struct DocSecret {
     pub id: Option<String>,
     pub value: String,
     pub created_at: String,
+    /// Written only when known, so that records of secrets without a
+    /// provider-side expiry read the same in a rekeyd that predates it;
+    /// absent in older records (read as unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -287,6 +298,7 @@ impl DocSecret {
             id: e.id.clone(),
             value: e.value.expose_secret().to_string(),
             created_at: time_to_text(e.created_at),
+            expires_at: e.expires_at.map(time_to_text),
         }
     }
 
@@ -297,6 +309,10 @@ impl DocSecret {
         Ok(SecretEntry {
             id: self.id,
             created_at: time_from_text(&format!("{field}.created_at"), &self.created_at)?,
+            expires_at: self
+                .expires_at
+                .map(|t| time_from_text(&format!("{field}.expires_at"), &t))
+                .transpose()?,
             value: SecretString::from(self.value),
         })
     }
@@ -463,6 +479,7 @@ mod tests {
             id: Some("s1".into()),
             value: SecretString::from("current-value"),
             created_at: SystemTime::UNIX_EPOCH,
+            expires_at: None,
         })
     }
 
@@ -487,6 +504,37 @@ mod tests {
         };
         let text = String::from_utf8(encode(&r, 1)).unwrap();
         assert!(!text.contains("chosen"), "{text}");
+    }
+
+    #[test]
+    fn a_provider_expiry_round_trips_and_is_written_only_when_known() {
+        let mut r = record();
+        let text = String::from_utf8(encode(&r, 1)).unwrap();
+        // A record without one reads the same in a rekeyd that predates it.
+        assert!(!text.contains("expires_at"), "{text}");
+        assert!(decode(text.as_bytes()).unwrap().1.current.expires_at.is_none());
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000);
+        r.current.expires_at = Some(at);
+        r.rotation = Rotation::Created {
+            rid: "r1".into(),
+            pending: SecretEntry {
+                id: Some("s2".into()),
+                value: SecretString::from("pending-value"),
+                created_at: SystemTime::UNIX_EPOCH,
+                expires_at: Some(at + std::time::Duration::from_secs(60)),
+            },
+        };
+        let (_, back) = decode(&encode(&r, 2)).unwrap();
+        assert_eq!(back.current.expires_at, Some(at));
+        assert_eq!(
+            back.pending().unwrap().expires_at,
+            Some(at + std::time::Duration::from_secs(60))
+        );
+        let bad = String::from_utf8(encode(&r, 2))
+            .unwrap()
+            .replacen("\"expires_at\": \"", "\"expires_at\": \"x", 1);
+        let err = decode(bad.as_bytes()).unwrap_err();
+        assert!(err.contains("current.expires_at"), "{err}");
     }
 
     #[test]

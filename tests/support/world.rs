@@ -111,6 +111,7 @@ impl World {
             id: Some(world.bootstrap.id.clone()),
             value: SecretString::from(world.bootstrap.value.clone()),
             created_at: SystemTime::now(),
+            expires_at: None,
         });
         FileStore::new(&world.dir.path().join("state"))
             .compare_and_swap(NAME, None, &record)

@@ -181,6 +181,7 @@ impl Fixture {
                 id: params.bootstrap_known.then(|| boot.0.clone()),
                 value: SecretString::from(boot.1.clone()),
                 created_at: long_ago,
+                expires_at: None,
             });
             w.store.record = Some((1, record));
             let drivers: Vec<usize> = (0..params.replicas)

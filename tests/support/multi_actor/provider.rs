@@ -324,6 +324,7 @@ impl World {
                 description: s.description.clone(),
                 client_id: Some(s.client.clone()),
                 created_at: Some(s.created_at),
+                expires_at: None,
             });
         }
         if !hidden.is_empty() {
@@ -373,6 +374,7 @@ impl World {
             return Ok(NewSecret {
                 id: None,
                 value: SecretString::from(value),
+                expires_at: None,
             });
         }
         if self.caps.replaces() {
@@ -416,6 +418,7 @@ impl World {
         Ok(NewSecret {
             id: (!self.caps.replaces()).then_some(id),
             value: SecretString::from(value),
+            expires_at: None,
         })
     }
 
