@@ -1031,10 +1031,12 @@ pub async fn run_schedule(
             // Re-read every time: `rekeyd rotate` or `set-secret` may have
             // changed the record while we slept.
             let mut finished = false;
+            // When the expiry warning changes next: wake then.
+            let mut expiry_check: Option<SystemTime> = None;
             let plan = match rotator.store.load_settled(&rotator.name).await {
                 Ok(Some(record)) => {
                     rotator.publish(&record.value);
-                    expiry_warned.check(&rotator, &record.value, config.as_ref());
+                    expiry_check = expiry_warned.check(&rotator, &record.value, config.as_ref());
                     // A secret with a provider expiry is watched (warned
                     // about) even when rekeyd does not rotate it.
                     finished = config.is_none()
@@ -1064,6 +1066,10 @@ pub async fn run_schedule(
                 // No schedule and nothing unfinished: this task's work is done.
                 Plan::Wait(_) if finished => return,
                 Plan::Wait(wait) => {
+                    let wait = match expiry_check {
+                        Some(at) => wait.min(schedule::wait_for(at, (rotator.clock)())),
+                        None => wait,
+                    };
                     // Long waits are cut into pieces: the schedule is on the
                     // wall clock, which may jump (suspend, NTP) while we sleep.
                     tokio::select! {
@@ -1184,20 +1190,20 @@ struct ExpiryWarned {
 }
 
 impl ExpiryWarned {
+    /// Shows and logs where the current secret stands; returns when that
+    /// changes next (the schedule wakes then).
     fn check(
         &mut self,
         rotator: &Rotator,
         record: &CredentialRecord,
         rotation: Option<&RotationConfig>,
-    ) {
+    ) -> Option<SystemTime> {
         let now = (rotator.clock)();
         let current = &record.current;
-        let state = schedule::expiry_state(
-            current.created_at,
-            current.expires_at,
-            rotation.map(|r| r.before_expiry),
-            now,
-        );
+        let rotates = rotation.map(|r| r.before_expiry);
+        let state = schedule::expiry_state(current.created_at, current.expires_at, rotates, now);
+        let changes_at =
+            schedule::expiry_state_changes_at(current.created_at, current.expires_at, rotates, now);
         let warning = expiry_warning(state, current.id.as_deref(), rotation.is_some());
         if let Some(status) = &rotator.status {
             status.send_if_modified(|s| {
@@ -1208,20 +1214,20 @@ impl ExpiryWarned {
         }
         let Some(text) = warning else {
             self.last = None;
-            return;
+            return changes_at;
         };
         let due = match self.last {
             Some((was, at)) => was != state || at.elapsed() >= EXPIRY_WARNING_EVERY,
             None => true,
         };
-        if !due {
-            return;
+        if due {
+            self.last = Some((state, Instant::now()));
+            match state {
+                ExpiryState::Expired(_) => error!(step = "expiry", "{}", escape_controls(&text)),
+                _ => warn!(step = "expiry", "{}", escape_controls(&text)),
+            }
         }
-        self.last = Some((state, Instant::now()));
-        match state {
-            ExpiryState::Expired(_) => error!(step = "expiry", "{}", escape_controls(&text)),
-            _ => warn!(step = "expiry", "{}", escape_controls(&text)),
-        }
+        changes_at
     }
 }
 
@@ -1285,7 +1291,11 @@ fn plan(
     let expiry = rotation.and_then(|r| {
         let current = &record.current;
         let at = current.expires_at?;
-        Some(schedule::expiry_due(current.created_at, at, r.before_expiry))
+        Some(schedule::expiry_due(
+            current.created_at,
+            at,
+            r.before_expiry,
+        ))
     });
     // The earliest; on a tie the schedule names it, then the age bound.
     let (due_at, reason) = [
@@ -1486,7 +1496,14 @@ mod tests {
         assert_eq!(due, Some(t0 + 20 * day));
         assert_eq!(p, Plan::Wait(19 * day));
         assert_eq!(
-            plan(&expiring, Some(&monthly), t0 + 20 * day, false, Duration::ZERO).0,
+            plan(
+                &expiring,
+                Some(&monthly),
+                t0 + 20 * day,
+                false,
+                Duration::ZERO
+            )
+            .0,
             Plan::Rotate {
                 begin: Some(StartReason::ProviderExpiry)
             }
@@ -1494,7 +1511,13 @@ mod tests {
         // A schedule that comes first still names the rotation.
         let weekly = rotation(RotationTrigger::Every(7 * day), None);
         assert_eq!(
-            plan(&expiring, Some(&weekly), t0 + 7 * day, false, Duration::ZERO),
+            plan(
+                &expiring,
+                Some(&weekly),
+                t0 + 7 * day,
+                false,
+                Duration::ZERO
+            ),
             (
                 Plan::Rotate {
                     begin: Some(StartReason::Schedule)
@@ -1507,11 +1530,24 @@ mod tests {
         let mut manual = rotation(RotationTrigger::Manual, None);
         manual.before_expiry = Some(2 * day);
         assert_eq!(
-            plan(&expiring, Some(&manual), t0 + 27 * day, false, Duration::ZERO),
+            plan(
+                &expiring,
+                Some(&manual),
+                t0 + 27 * day,
+                false,
+                Duration::ZERO
+            ),
             (Plan::Wait(day), Some(t0 + 28 * day))
         );
         assert_eq!(
-            plan(&expiring, Some(&manual), t0 + 28 * day, false, Duration::ZERO).0,
+            plan(
+                &expiring,
+                Some(&manual),
+                t0 + 28 * day,
+                false,
+                Duration::ZERO
+            )
+            .0,
             Plan::Rotate {
                 begin: Some(StartReason::ProviderExpiry)
             }
@@ -1519,7 +1555,13 @@ mod tests {
         // No expiry known: a manual trigger never rotates by itself.
         let unknown = record(t0, Rotation::Idle);
         assert_eq!(
-            plan(&unknown, Some(&manual), t0 + 900 * day, false, Duration::ZERO),
+            plan(
+                &unknown,
+                Some(&manual),
+                t0 + 900 * day,
+                false,
+                Duration::ZERO
+            ),
             (Plan::Wait(day), None)
         );
         // Without rotation configured: never rotated, only warned about.

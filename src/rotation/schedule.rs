@@ -75,7 +75,9 @@ pub fn default_expiry_lead(created_at: SystemTime, expires_at: SystemTime) -> Du
 }
 
 fn lifetime(created_at: SystemTime, expires_at: SystemTime) -> Duration {
-    expires_at.duration_since(created_at).unwrap_or(Duration::ZERO)
+    expires_at
+        .duration_since(created_at)
+        .unwrap_or(Duration::ZERO)
 }
 
 /// How long before `expires_at` the rotation of a secret is due:
@@ -137,16 +139,39 @@ pub fn expiry_state(
         return ExpiryState::Fine;
     };
     if now >= expires_at {
-        return ExpiryState::Expired(expires_at);
+        ExpiryState::Expired(expires_at)
+    } else if now >= warn_from(created_at, expires_at, rotates) {
+        ExpiryState::Near(expires_at)
+    } else {
+        ExpiryState::Fine
     }
+}
+
+/// When [`expiry_state`] changes next after `now` (the warning starts, the
+/// secret expires), so that the schedule wakes then; `None`: not before the
+/// record changes.
+pub fn expiry_state_changes_at(
+    created_at: SystemTime,
+    expires_at: Option<SystemTime>,
+    rotates: Option<Option<Duration>>,
+    now: SystemTime,
+) -> Option<SystemTime> {
+    let expires_at = expires_at?;
+    [warn_from(created_at, expires_at, rotates), expires_at]
+        .into_iter()
+        .find(|at| *at > now)
+}
+
+fn warn_from(
+    created_at: SystemTime,
+    expires_at: SystemTime,
+    rotates: Option<Option<Duration>>,
+) -> SystemTime {
     let lead = match rotates {
         Some(before_expiry) => expiry_lead(created_at, expires_at, before_expiry) / 2,
         None => MAX_DEFAULT_EXPIRY_LEAD,
     };
-    match expires_at.checked_sub(lead) {
-        Some(warn_at) if now < warn_at => ExpiryState::Fine,
-        _ => ExpiryState::Near(expires_at),
-    }
+    expires_at.checked_sub(lead).unwrap_or(expires_at)
 }
 
 /// How long to wait from `now` until `due` (zero if already due).
@@ -225,13 +250,19 @@ mod tests {
         // Rotating with a 30-day lead (due at day 60): quiet until half the
         // lead is gone without a rotation.
         let rotates = Some(None);
-        assert_eq!(expiry_state(t0, exp, rotates, t0 + 61 * day), ExpiryState::Fine);
+        assert_eq!(
+            expiry_state(t0, exp, rotates, t0 + 61 * day),
+            ExpiryState::Fine
+        );
         assert_eq!(
             expiry_state(t0, exp, rotates, t0 + 76 * day),
             ExpiryState::Near(t0 + 90 * day)
         );
         // Not rotating: from 30 days before it on.
-        assert_eq!(expiry_state(t0, exp, None, t0 + 59 * day), ExpiryState::Fine);
+        assert_eq!(
+            expiry_state(t0, exp, None, t0 + 59 * day),
+            ExpiryState::Fine
+        );
         assert_eq!(
             expiry_state(t0, exp, None, t0 + 60 * day),
             ExpiryState::Near(t0 + 90 * day)
@@ -240,7 +271,20 @@ mod tests {
             expiry_state(t0, exp, None, t0 + 90 * day),
             ExpiryState::Expired(t0 + 90 * day)
         );
-        assert_eq!(expiry_state(t0, None, None, t0 + 900 * day), ExpiryState::Fine);
+        assert_eq!(
+            expiry_state(t0, None, None, t0 + 900 * day),
+            ExpiryState::Fine
+        );
+        // The schedule wakes when the state changes.
+        assert_eq!(
+            expiry_state_changes_at(t0, exp, rotates, t0),
+            Some(t0 + 75 * day)
+        );
+        assert_eq!(
+            expiry_state_changes_at(t0, exp, None, t0 + 61 * day),
+            Some(t0 + 90 * day)
+        );
+        assert_eq!(expiry_state_changes_at(t0, exp, None, t0 + 90 * day), None);
     }
 
     #[test]

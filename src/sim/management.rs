@@ -25,7 +25,10 @@
 //!   (`GET /v1.0/applications/{id}`), `addPassword` makes a secret whose
 //!   `secretText` only that reply shows, `removePassword` deletes one by
 //!   `keyId` (`204`). The sim takes the application's object id to be its
-//!   client id.
+//!   client id. Every password credential has an `endDateTime` (Graph's
+//!   default two years after creation, or the sim's secret lifetime when a
+//!   test sets one); a login with a secret past it is `401 invalid_client`
+//!   with `AADSTS7000222`.
 //!
 //! The management APIs take a bearer token of any client of their issuer
 //! (an administrative client in real deployments).
@@ -44,7 +47,7 @@ use tracing::debug;
 use super::Shared;
 use super::faults::Endpoint;
 use super::routes::{LoginError, field, is_form, json_response, parse_basic, parse_form, rfc3339};
-use super::state::{Issuer, Secret};
+use super::state::{AuthError, Issuer, Secret};
 
 /// Okta's documented limit of client secrets per app.
 pub const OKTA_MAX_SECRETS: usize = 2;
@@ -459,6 +462,21 @@ pub(super) async fn entra_token(
             StatusCode::OK,
             sh.token_body(t, json!({"token_type": "Bearer", "ext_expires_in": 3599})),
         ),
+        // An expired secret has its own code (AADSTS7000222), also a 401
+        // `invalid_client`: the value is right but past its endDateTime.
+        Err(LoginError::InvalidClient) if expired(&sh, client_id.as_deref(), secret.as_deref()) => {
+            json_response(
+                StatusCode::UNAUTHORIZED,
+                json!({
+                    "error": "invalid_client",
+                    "error_description": format!(
+                        "AADSTS7000222: The provided client secret keys for app '{}' are expired. Visit the Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials for added security: https://aka.ms/certCreds.",
+                        client_id.as_deref().unwrap_or_default()
+                    ),
+                    "error_codes": [7000222],
+                }),
+            )
+        }
         Err(LoginError::InvalidClient) => json_response(
             StatusCode::UNAUTHORIZED,
             json!({
@@ -474,6 +492,24 @@ pub(super) async fn entra_token(
     }
 }
 
+/// Whether `secret` is a secret of `client_id` that is refused only
+/// because it expired.
+fn expired(sh: &Shared, client_id: Option<&str>, secret: Option<&str>) -> bool {
+    let (Some(client_id), Some(secret)) = (client_id, secret) else {
+        return false;
+    };
+    sh.lock()
+        .registry
+        .authenticate(client_id, secret, Instant::now())
+        == Err(AuthError::Expired)
+}
+
+/// Graph's default lifetime of a password credential whose `addPassword`
+/// request sets no `endDateTime` ("application: addPassword": the default
+/// is `startDateTime` + 2 years).
+const GRAPH_DEFAULT_SECRET_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(2 * 365 * 86400);
+
 fn graph_error(status: StatusCode, code: &str, message: &str) -> Response {
     json_response(status, json!({"error": {"code": code, "message": message}}))
 }
@@ -484,7 +520,7 @@ fn password_credential(s: &Secret) -> Value {
         "displayName": s.description,
         "hint": s.value.chars().take(3).collect::<String>(),
         "startDateTime": rfc3339(s.created_at),
-        "endDateTime": null,
+        "endDateTime": rfc3339(s.expires_at.unwrap_or(s.created_at + GRAPH_DEFAULT_SECRET_LIFETIME)),
     })
 }
 

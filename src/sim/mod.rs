@@ -86,6 +86,9 @@ pub struct SimSecret {
     pub value: String,
     /// Okta: `false` once deactivated (it no longer logs in).
     pub active: bool,
+    /// When logins with it start to fail (Entra `endDateTime`), RFC 3339;
+    /// `None`: never.
+    pub expires_at: Option<String>,
 }
 
 impl fmt::Debug for SimSecret {
@@ -97,6 +100,7 @@ impl fmt::Debug for SimSecret {
             .field("created_at", &self.created_at)
             .field("value", &"<redacted>")
             .field("active", &self.active)
+            .field("expires_at", &self.expires_at)
             .finish()
     }
 }
@@ -111,6 +115,9 @@ pub struct SimStats {
     pub logins_ok: u64,
     /// Logins refused as `invalid_client`.
     pub logins_rejected: u64,
+    /// Of those, logins with a secret past its expiry (Entra answers them
+    /// `AADSTS7000222`).
+    pub logins_expired: u64,
     /// Successful `/oauth2/token` logins by client authentication method.
     pub oauth2_basic_logins: u64,
     pub oauth2_post_logins: u64,
@@ -322,6 +329,7 @@ impl SimProvider {
                 created_at: routes::rfc3339(s.created_at),
                 value: s.value.clone(),
                 active: s.active,
+                expires_at: s.expires_at.map(routes::rfc3339),
             })
             .collect()
     }
@@ -347,6 +355,22 @@ impl SimProvider {
     /// `token_lifetime` at the sim.
     pub fn set_token_reply(&self, reply: TokenReply) {
         self.shared.lock().token_reply = reply;
+    }
+
+    /// Secrets created from now on (through the API or
+    /// [`SimProvider::add_secret`]) expire this long after their creation:
+    /// logins with them then fail (Entra: `401 invalid_client`,
+    /// `AADSTS7000222`) and Entra's listing shows it as `endDateTime`.
+    /// `None` (the default): they never expire, and Entra shows Graph's
+    /// default `endDateTime`, two years after creation.
+    pub fn set_secret_lifetime(&self, lifetime: Option<Duration>) {
+        self.shared.lock().registry.secret_lifetime = lifetime;
+    }
+
+    /// Sets when secret `id` expires (`None`: never), as an operator
+    /// choosing an expiry in the portal would; `false` if there is none.
+    pub fn set_secret_expiry(&self, id: &str, at: Option<std::time::SystemTime>) -> bool {
+        self.shared.lock().registry.set_secret_expiry(id, at)
     }
 
     /// Propagation delay for secrets created through the API from now on.

@@ -426,6 +426,9 @@ impl Shared {
         };
         if let Err(why) = checked {
             st.stats.logins_rejected += 1;
+            if why == AuthError::Expired {
+                st.stats.logins_expired += 1;
+            }
             debug!(
                 ?endpoint,
                 client_id,

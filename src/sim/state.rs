@@ -50,6 +50,9 @@ pub(crate) struct Secret {
     pub value: String,
     /// Okta: a deactivated secret no longer logs in and may be deleted.
     pub active: bool,
+    /// Logins with this secret fail from this (wall-clock) time on: Entra's
+    /// `endDateTime`. `None`: it never expires.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// An issued access token. No `Debug` for the same reason as [`Secret`].
@@ -75,6 +78,8 @@ pub(crate) enum AuthError {
     UnknownClient,
     WrongSecret,
     NotYetPropagated,
+    /// The secret's `expires_at` has passed (Entra `AADSTS7000222`).
+    Expired,
 }
 
 impl AuthError {
@@ -83,6 +88,7 @@ impl AuthError {
             AuthError::UnknownClient => "unknown client",
             AuthError::WrongSecret => "wrong secret",
             AuthError::NotYetPropagated => "secret not yet propagated",
+            AuthError::Expired => "secret expired",
         }
     }
 }
@@ -94,6 +100,9 @@ pub(crate) struct Registry {
     tokens: HashMap<String, Token>,
     pub token_lifetime: Duration,
     pub propagation_delay: Duration,
+    /// Secrets created from now on expire this long after their creation
+    /// ([`Secret::expires_at`]); `None`: they never do.
+    pub secret_lifetime: Option<Duration>,
 }
 
 impl Registry {
@@ -104,6 +113,7 @@ impl Registry {
             tokens: HashMap::new(),
             token_lifetime,
             propagation_delay,
+            secret_lifetime: None,
         }
     }
 
@@ -142,15 +152,17 @@ impl Registry {
         } else {
             now
         };
+        let created_at = SystemTime::now();
         let secret = Secret {
             id: random_hex(rng, 16),
             client_id: client_id.to_owned(),
             customer_id,
             description: description.to_owned(),
-            created_at: SystemTime::now(),
+            created_at,
             usable_from,
             value: random_value(rng),
             active: true,
+            expires_at: self.secret_lifetime.map(|l| created_at + l),
         };
         self.secrets.push(secret.clone());
         Some(secret)
@@ -196,6 +208,18 @@ impl Registry {
         Some(secret.clone())
     }
 
+    /// Sets when secret `id` expires (`None`: never); `false` if there is
+    /// no such secret.
+    pub fn set_secret_expiry(&mut self, id: &str, at: Option<SystemTime>) -> bool {
+        match self.secrets.iter_mut().find(|s| s.id == id) {
+            Some(secret) => {
+                secret.expires_at = at;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The client's secret `id`, if it has one.
     pub fn secret_of_client(&self, client_id: &str, id: &str) -> Option<&Secret> {
         self.secrets
@@ -220,6 +244,12 @@ impl Registry {
             .ok_or(AuthError::WrongSecret)?;
         if now < matching.usable_from {
             return Err(AuthError::NotYetPropagated);
+        }
+        if matching
+            .expires_at
+            .is_some_and(|at| SystemTime::now() >= at)
+        {
+            return Err(AuthError::Expired);
         }
         Ok(())
     }

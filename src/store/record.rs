@@ -512,7 +512,14 @@ mod tests {
         let text = String::from_utf8(encode(&r, 1)).unwrap();
         // A record without one reads the same in a rekeyd that predates it.
         assert!(!text.contains("expires_at"), "{text}");
-        assert!(decode(text.as_bytes()).unwrap().1.current.expires_at.is_none());
+        assert!(
+            decode(text.as_bytes())
+                .unwrap()
+                .1
+                .current
+                .expires_at
+                .is_none()
+        );
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000);
         r.current.expires_at = Some(at);
         r.rotation = Rotation::Created {
@@ -530,9 +537,11 @@ mod tests {
             back.pending().unwrap().expires_at,
             Some(at + std::time::Duration::from_secs(60))
         );
-        let bad = String::from_utf8(encode(&r, 2))
-            .unwrap()
-            .replacen("\"expires_at\": \"", "\"expires_at\": \"x", 1);
+        let bad = String::from_utf8(encode(&r, 2)).unwrap().replacen(
+            "\"expires_at\": \"",
+            "\"expires_at\": \"x",
+            1,
+        );
         let err = decode(bad.as_bytes()).unwrap_err();
         assert!(err.contains("current.expires_at"), "{err}");
     }
