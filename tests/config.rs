@@ -438,6 +438,24 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].rotation.max_secret_age`"],
         ),
         (
+            "before_expiry zero",
+            with("[credentials.rotation]\nbefore_expiry = \"0s\"\n"),
+            vec![
+                "`credentials[0].rotation.before_expiry`",
+                "between 1s and 10 years",
+            ],
+        ),
+        (
+            "before_expiry negative",
+            with("[credentials.rotation]\nevery = \"1h\"\nbefore_expiry = \"-1d\"\n"),
+            vec!["`credentials[0].rotation.before_expiry`", "invalid duration"],
+        ),
+        (
+            "before_expiry without a unit",
+            with("[credentials.rotation]\nevery = \"1h\"\nbefore_expiry = 86400\n"),
+            vec!["`credentials[0].rotation.before_expiry`"],
+        ),
+        (
             "history_limit too small",
             with_table("[store]\nhistory_limit = 3"),
             vec!["`store.history_limit`", "between 10 and 100000"],
@@ -2005,5 +2023,28 @@ fn a_profiles_env_sink_is_named_after_the_profile() {
         SinkFormat::Env {
             variable: "REKEYD_MAPS_READ_2_TOKEN".into()
         }
+    );
+}
+
+#[test]
+fn before_expiry_alone_rotates_only_ahead_of_the_providers_expiry() {
+    let text = format!("{BASE}[credentials.rotation]\nbefore_expiry = \"14d\"\n");
+    let config = Config::from_toml(&text).unwrap();
+    let rotation = config.credentials[0].rotation.as_ref().unwrap();
+    assert_eq!(rotation.trigger, RotationTrigger::Manual);
+    assert_eq!(
+        rotation.before_expiry,
+        Some(Duration::from_secs(14 * 86400))
+    );
+    // Unset: the default lead, which `rekeyd check` describes.
+    let text = format!("{BASE}[credentials.rotation]\nevery = \"30d\"\n");
+    let config = Config::from_toml(&text).unwrap();
+    assert_eq!(
+        config.credentials[0]
+            .rotation
+            .as_ref()
+            .unwrap()
+            .before_expiry,
+        None
     );
 }

@@ -41,7 +41,7 @@ pub const FORMAT_VERSION: u32 = 1;
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     /// A rotation began (`rid`); `detail` says why (`schedule`, `forced`,
-    /// `on_login`, `max_secret_age`).
+    /// `on_login`, `max_secret_age`, `provider_expiry`).
     Started,
     /// An operator asked for a rotation (SIGUSR1, `rekeyd rotate`,
     /// `POST /v1/rotate/{name}`); followed by `started`.

@@ -1022,6 +1022,10 @@ pub async fn run_schedule(
             match rotator.learn_expiry(&shutdown).await {
                 Ok(_) => {}
                 Err(RotationError::Shutdown) => return,
+                // Without rotation configured the listing is a courtesy
+                // (the warning before expiry), which a token without Graph
+                // access cannot have: not worth a warning at every start.
+                Err(e) if config.is_none() => info!(step = "expiry", error = %e, "cannot list the provider's secrets to learn when the current secret expires; no expiry warning for it"),
                 Err(e) => warn!(step = "expiry", error = %e, "cannot list the provider's secrets to learn when the current secret expires; it is learnt at the next listing (rotation)"),
             }
         }
