@@ -1,7 +1,7 @@
 //! What each subcommand does. `main` only parses arguments and calls
 //! [`execute`]; everything here is testable in-process.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
@@ -821,6 +821,19 @@ async fn stored_status(config: &Config) -> Vec<Value> {
                         .last_rotated_at
                         .map(|t| humantime::format_rfc3339_seconds(t).to_string())
                 );
+                // The journal knows the expiry and can tell the warning
+                // without the daemon (the same rule as the daemon's).
+                let current = &record.value.current;
+                row["secret_expires_at"] = json!(
+                    current
+                        .expires_at
+                        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                );
+                row["secret_expiry_warning"] = json!(crate::rotation::driver::expiry_warning_at(
+                    &record.value,
+                    cred.rotation.as_ref(),
+                    SystemTime::now(),
+                ));
             }
             Ok(None) => row["last_error"] = json!("no secret stored yet"),
             Err(e) => row["last_error"] = json!(e.to_string()),

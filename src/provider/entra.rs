@@ -231,3 +231,52 @@ impl SecretApi for EntraSecrets {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::provider::Redactor;
+
+    fn reply(status: u16, body: &str) -> Reply {
+        Reply::received(
+            status,
+            Some("application/json".into()),
+            Bytes::from(body.to_string()),
+            &Redactor::default(),
+            &[],
+        )
+    }
+
+    fn at(text: &str) -> SystemTime {
+        humantime::parse_rfc3339(text).unwrap()
+    }
+
+    #[test]
+    fn the_listing_and_the_create_reply_say_when_a_secret_expires() {
+        let body = r#"{"passwordCredentials": [
+            {"keyId": "k1", "displayName": "rekeyd:app:r.1", "hint": "abc",
+             "startDateTime": "2026-01-02T03:04:05Z", "endDateTime": "2028-01-02T03:04:05.1234567Z"},
+            {"keyId": "k2", "displayName": null, "endDateTime": null},
+            {"keyId": "k3", "endDateTime": "not a time"}]}"#;
+        let listed = parse_list_reply("list", &reply(200, body), "app").unwrap();
+        assert_eq!(listed[0].created_at, Some(at("2026-01-02T03:04:05Z")));
+        assert_eq!(
+            listed[0].expires_at,
+            Some(at("2028-01-02T03:04:05.1234567Z"))
+        );
+        // None or unreadable: unknown, never "expired".
+        assert_eq!(listed[1].expires_at, None);
+        assert_eq!(listed[2].expires_at, None);
+
+        let body = r#"{"keyId": "k4", "secretText": "s3cr3t-value", "hint": "s3c",
+                       "startDateTime": "2026-01-02T03:04:05Z", "endDateTime": "2028-01-02T03:04:05Z"}"#;
+        let created = parse_create_reply("create", &reply(200, body)).unwrap();
+        assert_eq!(created.expires_at, Some(at("2028-01-02T03:04:05Z")));
+        // A reply without one: the secret's expiry is unknown.
+        let body = r#"{"keyId": "k5", "secretText": "s3cr3t-value"}"#;
+        let created = parse_create_reply("create", &reply(200, body)).unwrap();
+        assert_eq!(created.expires_at, None);
+    }
+}

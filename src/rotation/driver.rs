@@ -1235,6 +1235,23 @@ impl ExpiryWarned {
     }
 }
 
+/// The expiry warning for `record`'s current secret at `now`, as the
+/// daemon shows it in status (`rekeyd status` without a daemon uses it).
+pub fn expiry_warning_at(
+    record: &CredentialRecord,
+    rotation: Option<&RotationConfig>,
+    now: SystemTime,
+) -> Option<String> {
+    let current = &record.current;
+    let state = schedule::expiry_state(
+        current.created_at,
+        current.expires_at,
+        rotation.map(|r| r.before_expiry),
+        now,
+    );
+    expiry_warning(state, current.id.as_deref(), rotation.is_some())
+}
+
 /// The status line and log message for an [`ExpiryState`]: the secret's
 /// provider id and the time, never its value (I7).
 fn expiry_warning(state: ExpiryState, id: Option<&str>, rotates: bool) -> Option<String> {

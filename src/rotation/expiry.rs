@@ -9,22 +9,18 @@
 //! (`initial_secret_id`) and the API lists expiries (Entra `endDateTime`).
 
 use crate::provider::RemoteSecret;
-use crate::store::{CredentialRecord, Rotation, SecretEntry};
+use crate::store::{CredentialRecord, SecretEntry};
 
-/// The record with each of its secrets' expiries (current, pending, old)
-/// taken from `listed` where a listed secret of the same id states one
-/// that the record does not hold; `None` when there is nothing to learn.
-/// A listing never clears a known expiry: one that omits it says nothing.
+/// The record with the current secret's expiry taken from `listed` where
+/// a listed secret of its id states one the record does not hold; `None`
+/// when there is nothing to learn. Only the current secret's matters (the
+/// schedule and the warning look at it; a pending one's came with its
+/// create reply, an old one is about to go), so a listing during a
+/// rotation costs no extra journal write. A listing never clears a known
+/// expiry: one that omits it says nothing.
 pub fn learn(record: &CredentialRecord, listed: &[RemoteSecret]) -> Option<CredentialRecord> {
     let mut next = record.clone();
-    let mut changed = learn_entry(&mut next.current, listed);
-    match &mut next.rotation {
-        Rotation::Created { pending: entry, .. } | Rotation::Promoted { old: entry, .. } => {
-            changed |= learn_entry(entry, listed);
-        }
-        Rotation::Idle | Rotation::Creating { .. } => {}
-    }
-    changed.then_some(next)
+    learn_entry(&mut next.current, listed).then_some(next)
 }
 
 fn learn_entry(entry: &mut SecretEntry, listed: &[RemoteSecret]) -> bool {
@@ -58,6 +54,7 @@ mod tests {
     use secrecy::SecretString;
 
     use super::*;
+    use crate::store::Rotation;
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
@@ -101,18 +98,16 @@ mod tests {
     }
 
     #[test]
-    fn learns_the_old_secrets_expiry_while_promoted() {
+    fn only_the_current_secrets_expiry_is_learnt() {
         let mut r = record(Some("new"));
         r.rotation = Rotation::Promoted {
             rid: "r1".into(),
-            old: SecretEntry {
-                expires_at: None,
-                ..record(Some("old")).current
-            },
+            old: record(Some("old")).current,
             delete_after: t(1),
         };
-        let learnt = learn(&r, &[listed("old", Some(t(7)))]).unwrap();
-        assert_eq!(learnt.rotation.old().unwrap().expires_at, Some(t(7)));
-        assert_eq!(learnt.current.expires_at, None);
+        assert!(learn(&r, &[listed("old", Some(t(7)))]).is_none());
+        let learnt = learn(&r, &[listed("old", Some(t(7))), listed("new", Some(t(9)))]).unwrap();
+        assert_eq!(learnt.current.expires_at, Some(t(9)));
+        assert_eq!(learnt.rotation.old().unwrap().expires_at, None);
     }
 }
