@@ -138,6 +138,24 @@ fn sim_expiry(sim: &SimProvider, id: &str) -> SystemTime {
     humantime::parse_rfc3339(&secret.expires_at.expect("it expires")).unwrap()
 }
 
+/// Waits until the credential's status satisfies `accept`; on a timeout,
+/// fails with the status and the logs so far.
+async fn status_or_logs(
+    handle: &rekeyd::credential::CredentialHandle,
+    logs: &Capture,
+    accept: impl Fn(&rekeyd::credential::CredentialStatus) -> bool,
+) -> rekeyd::credential::CredentialStatus {
+    let mut rx = handle.status.clone();
+    match tokio::time::timeout(daemon::EVENT_TIMEOUT, rx.wait_for(|s| accept(s))).await {
+        Ok(s) => s.expect("engine alive").clone(),
+        Err(_) => panic!(
+            "timed out; status {:?}\n{}",
+            handle.status.borrow().clone(),
+            logs.text()
+        ),
+    }
+}
+
 /// Every value of `status` as the API and `rekeyd status` show it.
 fn status_json(status: &rekeyd::credential::CredentialStatus) -> String {
     serde_json::to_string(status).unwrap()
@@ -180,7 +198,7 @@ async fn a_secret_without_a_schedule_is_rotated_before_the_provider_expires_it()
     });
 
     // The bootstrap secret's expiry is learnt from the start-up listing.
-    let s = wait_status(&handle, |s| s.secret_expires_at.is_some()).await;
+    let s = status_or_logs(&handle, &logs, |s| s.secret_expires_at.is_some()).await;
     let learnt = s.secret_expires_at.unwrap();
     assert!(
         learnt
@@ -191,7 +209,7 @@ async fn a_secret_without_a_schedule_is_rotated_before_the_provider_expires_it()
     );
 
     // Rotated before the provider's expiry.
-    let s = wait_status(&handle, |s| {
+    let s = status_or_logs(&handle, &logs, |s| {
         s.last_rotated_at.is_some() && s.rotation_phase == "idle"
     })
     .await;

@@ -1016,19 +1016,9 @@ pub async fn run_schedule(
         let mut requested = false;
         // The last run ended in a refusal only an operator can lift.
         let mut needs_operator = false;
-        // The bootstrap secret's provider expiry, once, before the first
-        // plan: a rotation may be due before it whatever the trigger.
-        if rotator.secret_api.lists_expiry() {
-            match rotator.learn_expiry(&shutdown).await {
-                Ok(_) => {}
-                Err(RotationError::Shutdown) => return,
-                // Without rotation configured the listing is a courtesy
-                // (the warning before expiry), which a token without Graph
-                // access cannot have: not worth a warning at every start.
-                Err(e) if config.is_none() => info!(step = "expiry", error = %e, "cannot list the provider's secrets to learn when the current secret expires; no expiry warning for it"),
-                Err(e) => warn!(step = "expiry", error = %e, "cannot list the provider's secrets to learn when the current secret expires; it is learnt at the next listing (rotation)"),
-            }
-        }
+        // The bootstrap secret's provider expiry: listed for while the
+        // journal knows the current secret's id but not its expiry.
+        let mut learning = ExpiryLearning::new();
         let mut expiry_warned = ExpiryWarned::default();
         loop {
             let retry_wait = retry_at.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
@@ -1039,13 +1029,28 @@ pub async fn run_schedule(
             let mut expiry_check: Option<SystemTime> = None;
             let plan = match rotator.store.load_settled(&rotator.name).await {
                 Ok(Some(record)) => {
+                    let learn = rotator.secret_api.lists_expiry()
+                        && super::expiry::worth_listing(&record.value, true);
+                    if learn && learning.due() {
+                        match learning.attempt(&rotator, config.is_some(), &shutdown).await {
+                            // Plan again on the record with the expiry.
+                            Some(true) => continue,
+                            Some(false) => {}
+                            None => return,
+                        }
+                    }
                     rotator.publish(&record.value);
                     expiry_check = expiry_warned.check(&rotator, &record.value, config.as_ref());
+                    if learn {
+                        let next = SystemTime::now() + learning.next.saturating_duration_since(Instant::now());
+                        expiry_check = Some(expiry_check.map_or(next, |at| at.min(next)));
+                    }
                     // A secret with a provider expiry is watched (warned
                     // about) even when rekeyd does not rotate it.
                     finished = config.is_none()
                         && !record.value.is_unfinished()
-                        && record.value.current.expires_at.is_none();
+                        && record.value.current.expires_at.is_none()
+                        && !learn;
                     let (plan, due_at) = plan(
                         &record.value,
                         config.as_ref(),
@@ -1180,6 +1185,67 @@ pub async fn run_schedule(
     }
     .instrument(span)
     .await
+}
+
+/// Listings to learn the current secret's expiry ([`Rotator::learn_expiry`])
+/// at most this often: after one that did not show it, and as the bound of
+/// the backoff after failures.
+const EXPIRY_LISTING_EVERY: Duration = Duration::from_secs(3600);
+
+/// When the schedule lists next to learn the current secret's expiry:
+/// at start, then after a backoff while listing fails (another credential
+/// named by `secret_api_credential` may not have its secret stored yet; a
+/// store or provider outage), hourly while the listing does not show it.
+struct ExpiryLearning {
+    next: Instant,
+    failures: u32,
+}
+
+impl ExpiryLearning {
+    fn new() -> Self {
+        ExpiryLearning {
+            next: Instant::now(),
+            failures: 0,
+        }
+    }
+
+    fn due(&self) -> bool {
+        Instant::now() >= self.next
+    }
+
+    /// `Some(true)`: the expiry is recorded; `None`: shut down.
+    async fn attempt(
+        &mut self,
+        rotator: &Rotator,
+        rotates: bool,
+        stop: &CancellationToken,
+    ) -> Option<bool> {
+        match rotator.learn_expiry(stop).await {
+            Ok(learnt) => {
+                self.failures = 0;
+                self.next = Instant::now() + EXPIRY_LISTING_EVERY;
+                Some(learnt)
+            }
+            Err(RotationError::Shutdown) => None,
+            Err(e) => {
+                self.failures += 1;
+                let wait = retry_delay(self.failures).min(EXPIRY_LISTING_EVERY);
+                self.next = Instant::now() + wait;
+                let message = "cannot list the provider's secrets to learn when the current secret expires; trying again later";
+                // Without rotation configured the listing only serves the
+                // warning, which a token without Graph access cannot have:
+                // not worth a warning at every attempt. With rotation, the
+                // first failure warns: until the expiry is known, no
+                // rotation is due before it.
+                if rotates && self.failures == 1 {
+                    warn!(step = "expiry", error = %e, retry_in = %humantime::format_duration(whole_seconds(wait)), "{message}");
+                } else {
+                    info!(step = "expiry", error = %e, retry_in = %humantime::format_duration(whole_seconds(wait)), "{message}");
+                }
+                Some(false)
+            }
+        }
+    }
 }
 
 /// How often the same expiry warning is logged again while it stands.
