@@ -969,6 +969,7 @@ impl Sim {
                 replied.then(|| Event::Created {
                     id: Some(id),
                     value: SecretString::from(value),
+                    registration: None,
                 })
             }
             Next::Verify => {
@@ -3224,6 +3225,7 @@ fn any_event() -> impl Strategy<Value = (Event, u16)> {
             3 => Event::Created {
                 id: Some("s9".into()),
                 value: SecretString::from("value-9"),
+                registration: None,
             },
             4 => Event::Verified,
             5 => Event::VerifyRejected,

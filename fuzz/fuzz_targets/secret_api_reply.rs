@@ -57,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
             let other = NewSecret {
                 id: created.id.clone(),
                 value: SecretString::from("fuzz-other-value"),
+                registration_access_token: None,
             };
             assert_eq!(
                 format!("{created:?}"),

@@ -144,6 +144,7 @@ pub fn parse_create_reply(
     Ok(NewSecret {
         id: Some(created.key_id),
         value: SecretString::from(created.secret_text),
+        registration_access_token: None,
     })
 }
 

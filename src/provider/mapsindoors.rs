@@ -186,6 +186,7 @@ pub fn parse_create_reply(
     Ok(NewSecret {
         id: Some(created.id),
         value: SecretString::from(created.secret),
+        registration_access_token: None,
     })
 }
 

@@ -182,6 +182,7 @@ impl SecretApi for OktaSecrets {
             Ok(NewSecret {
                 id: Some(id),
                 value: value.clone(),
+                registration_access_token: None,
             })
         })
     }

@@ -82,6 +82,7 @@ impl SecretApi for ReplaceSecret {
             Ok(NewSecret {
                 id: None,
                 value: value.clone(),
+                registration_access_token: None,
             })
         })
     }

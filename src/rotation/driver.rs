@@ -7,6 +7,7 @@
 //! provider call; the crash tests abort the process there.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -28,7 +29,9 @@ use crate::provider::redact::escape_controls;
 use crate::provider::{
     CreateRequest, Deleted, ErrorKind, ProviderError, Retire, SecretApi, TokenProvider, ValueOrigin,
 };
-use crate::store::{Claim, CredentialRecord, Store, StoreError, Versioned};
+use crate::store::{
+    Claim, CredentialRecord, RegistrationToken, Store, StoreError, Versioned, sha256_hex,
+};
 use crate::token::Token;
 use crate::token::engine::SecretSource;
 
@@ -175,6 +178,78 @@ pub struct OnceOutcome {
 /// credential's own: `secret_api_credential`, an administrative client.
 pub trait BearerSource: Send + Sync {
     fn token(&self) -> BoxFuture<'_, Result<Token, ProviderError>>;
+
+    /// For an RFC 7592 registration: the `access_token_file` whose content
+    /// a registration access token the server hands out descends from
+    /// ([`RegistrationToken::file_sha256`]).
+    fn registration_file(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// The registration access token of an RFC 7592 client (RFC 7592 §3): the
+/// one the last update returned, which the store holds, unless the
+/// operator has put another one in `access_token_file` since (a file
+/// whose digest is not the stored token's origin).
+pub struct RegistrationBearer {
+    pub access_token_file: PathBuf,
+    pub store: Arc<dyn Store>,
+    /// The credential whose record holds the token.
+    pub name: String,
+}
+
+impl RegistrationBearer {
+    /// The token to use now: the stored one while the file still holds
+    /// what it descends from (or cannot be read), else the file's.
+    async fn current(&self) -> Result<SecretString, ProviderError> {
+        let op = "registration access token";
+        let record = self
+            .store
+            .load(&self.name)
+            .await
+            .map_err(|e| ProviderError::transient(op, e.to_string()))?;
+        let stored = record.and_then(|r| r.value.registration);
+        match (read_token_file(&self.access_token_file), stored) {
+            (Ok(file), Some(stored)) if sha256_hex(&file) != stored.file_sha256 => Ok(file),
+            (_, Some(stored)) => Ok(stored.value),
+            (Ok(file), None) => Ok(file),
+            (Err(e), None) => Err(ProviderError::transient(
+                op,
+                format!("cannot read {}: {e}", self.access_token_file.display()),
+            )),
+        }
+    }
+}
+
+/// A token file's content without surrounding white space (a trailing
+/// newline is what an editor or `echo` leaves); empty is an error.
+pub fn read_token_file(path: &Path) -> Result<SecretString, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("the file is empty".into());
+    }
+    Ok(SecretString::from(text.to_string()))
+}
+
+impl BearerSource for RegistrationBearer {
+    fn token(&self) -> BoxFuture<'_, Result<Token, ProviderError>> {
+        Box::pin(async move {
+            let value = self.current().await?;
+            // The token does not expire by itself (RFC 7592 §3 gives it no
+            // lifetime); a day keeps the run's cache from deciding anything.
+            Ok(Token::new(
+                value,
+                "Bearer".into(),
+                None,
+                Duration::from_secs(86400),
+            ))
+        })
+    }
+
+    fn registration_file(&self) -> Option<&Path> {
+        Some(&self.access_token_file)
+    }
 }
 
 /// A token of another credential (or token profile), logged in with the
@@ -632,10 +707,25 @@ impl Run<'_> {
                         secret_id = %escape_controls(new.id.as_deref().unwrap_or("(none)")),
                         "replacement secret created"
                     );
+                    let registration = match new.registration_access_token {
+                        Some(value) => {
+                            // The token just sent is dead now (RFC 7592
+                            // §3): the next call uses the new one, which
+                            // the write of this event stores first.
+                            self.bearer = None;
+                            Some(self.registration_token(value))
+                        }
+                        None => None,
+                    };
+                    let value = match (r.secret_api.capabilities().value, chosen) {
+                        // The value the journal holds is the one sent.
+                        (ValueOrigin::Caller { .. }, Some(chosen)) => chosen,
+                        _ => new.value,
+                    };
                     Event::Created {
                         id: new.id,
-                        // The value the journal holds is the one sent.
-                        value: chosen.unwrap_or(new.value),
+                        value,
+                        registration,
                     }
                 }
                 Next::Probe { id } => {
@@ -750,6 +840,27 @@ impl Run<'_> {
             }
         }
         events
+    }
+
+    /// A registration access token an update returned, with the digest of
+    /// the `access_token_file` content it descends from, read now (a file
+    /// an operator changed meanwhile wins at the next call anyway). Never
+    /// an error: the token must reach the journal. A file that cannot be
+    /// read keeps the lineage the record had.
+    fn registration_token(&self, value: SecretString) -> RegistrationToken {
+        let file_sha256 = self
+            .rotator
+            .secret_api_bearer
+            .as_ref()
+            .and_then(|b| b.registration_file())
+            .and_then(|file| read_token_file(file).ok())
+            .map(|content| sha256_hex(&content))
+            .or_else(|| {
+                let stored = self.record.value.registration.as_ref();
+                stored.map(|r| r.file_sha256.clone())
+            })
+            .unwrap_or_default();
+        RegistrationToken { value, file_sha256 }
     }
 
     /// Stops the run before a side effect when shut down (S4) or when the
@@ -1098,9 +1209,16 @@ fn plan(
 ) -> (Plan, Option<SystemTime>) {
     let since = record.last_rotated_at.unwrap_or(record.current.created_at);
     let scheduled = rotation.and_then(|r| schedule::next_due(&r.trigger, since));
+    // Counted from the last rotation when that is later than the secret's
+    // creation: a provider that kept the secret when asked for a new one
+    // (an RFC 7592 update) must not be asked again at once, forever.
+    let aged_since = record
+        .current
+        .created_at
+        .max(record.last_rotated_at.unwrap_or(record.current.created_at));
     let aged = rotation
         .and_then(|r| r.max_secret_age)
-        .and_then(|max| schedule::aged_out(record.current.created_at, max));
+        .and_then(|max| schedule::aged_out(aged_since, max));
     let (due_at, reason) = match (scheduled, aged) {
         (Some(s), Some(a)) if a < s => (Some(a), StartReason::MaxSecretAge),
         (None, Some(a)) => (Some(a), StartReason::MaxSecretAge),
@@ -1245,12 +1363,28 @@ mod tests {
     fn max_secret_age_forces_a_rotation_when_it_comes_first() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let day = Duration::from_secs(86400);
-        // Rotated by schedule recently, but the secret itself is old (an
-        // operator installed it long ago and the rotations since aborted).
-        let mut old = record(t0, Rotation::Idle);
-        old.last_rotated_at = Some(t0 + 9 * day);
+        // Never rotated by the schedule (the rotations aborted), and the
+        // secret is old: an operator installed it long ago.
+        let old = record(t0, Rotation::Idle);
         let weekly = rotation(RotationTrigger::Every(7 * day), Some(10 * day));
-        let (p, due) = plan(&old, Some(&weekly), t0 + 10 * day, false, Duration::ZERO);
+        // The schedule falls due first...
+        let (p, due) = plan(&old, Some(&weekly), t0 + 7 * day, false, Duration::ZERO);
+        assert_eq!(
+            p,
+            Plan::Rotate {
+                begin: Some(StartReason::Schedule)
+            }
+        );
+        assert_eq!(due, Some(t0 + 7 * day));
+        // ... and with a schedule longer than the bound, the bound decides.
+        let twelve_days = rotation(RotationTrigger::Every(12 * day), Some(10 * day));
+        let (p, due) = plan(
+            &old,
+            Some(&twelve_days),
+            t0 + 10 * day,
+            false,
+            Duration::ZERO,
+        );
         assert_eq!(
             p,
             Plan::Rotate {
@@ -1258,11 +1392,30 @@ mod tests {
             }
         );
         assert_eq!(due, Some(t0 + 10 * day));
-        // Younger than the bound: the schedule decides, and the gauge shows
-        // the earlier of the two.
-        let (p, due) = plan(&old, Some(&weekly), t0 + 9 * day, false, Duration::ZERO);
+        // Younger than the bound: the earlier of the two is waited for.
+        let (p, due) = plan(
+            &old,
+            Some(&twelve_days),
+            t0 + 9 * day,
+            false,
+            Duration::ZERO,
+        );
         assert_eq!(p, Plan::Wait(day));
         assert_eq!(due, Some(t0 + 10 * day));
+        // A provider that kept the secret when asked for a new one (an RFC
+        // 7592 update) at 9 days: the bound counts from then, or every
+        // run would ask again at once.
+        let mut kept = record(t0, Rotation::Idle);
+        kept.last_rotated_at = Some(t0 + 9 * day);
+        let (p, due) = plan(
+            &kept,
+            Some(&twelve_days),
+            t0 + 10 * day,
+            false,
+            Duration::ZERO,
+        );
+        assert_eq!(p, Plan::Wait(9 * day));
+        assert_eq!(due, Some(t0 + 19 * day));
         // A manual trigger rotates only when the secret gets too old.
         let manual = rotation(RotationTrigger::Manual, Some(30 * day));
         let fresh = record(t0, Rotation::Idle);
@@ -1300,6 +1453,7 @@ mod tests {
         let e = Event::Created {
             id: Some("x".into()),
             value: SecretString::from("topsecret"),
+            registration: None,
         };
         assert!(!format!("{e:?}").contains("topsecret"));
     }

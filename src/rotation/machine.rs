@@ -14,12 +14,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::{Tag, parse_tag};
 use crate::history::{Event as Audit, Step};
 use crate::provider::{Capabilities, Overlap, RemoteSecret};
-use crate::store::{CredentialRecord, RetiredSecret, Rotation, SecretEntry};
+use crate::store::{CredentialRecord, RegistrationToken, RetiredSecret, Rotation, SecretEntry};
 
 /// A tagged secret that the journal does not name is swept (S7) only once
 /// it is this old, so that a create whose reply is still on its way is not
@@ -46,6 +46,9 @@ pub enum Event {
     Created {
         id: Option<String>,
         value: SecretString,
+        /// A new RFC 7592 registration access token the reply carried: it
+        /// is stored in the same write as the secret.
+        registration: Option<RegistrationToken>,
     },
     /// The login with the value of an interrupted caller-chosen create
     /// ([`Next::Probe`]): accepted or consistently refused.
@@ -213,8 +216,40 @@ pub fn step(
                 attempt: attempt.clone(),
             },
         ),
-        (Rotation::Creating { rid, .. }, Event::Created { id, value }) => {
+        (
+            Rotation::Creating { rid, .. },
+            Event::Created {
+                id,
+                value,
+                registration,
+            },
+        ) => {
             let mut next = record.clone();
+            if registration.is_some() {
+                // The token the update was sent with is dead: the new one
+                // is in this write, before anything uses it.
+                next.registration = registration;
+            }
+            if ctx.caps.replaces() && value.expose_secret() == record.current.value.expose_secret()
+            {
+                // The server answered with the secret it had (an RFC 7592
+                // update that rotated only the registration access token,
+                // or nothing): nothing new to prove, nothing retired. It
+                // counts as the rotation, or a schedule would ask again at
+                // once.
+                next.rotation = Rotation::Idle;
+                next.last_rotated_at = Some(ctx.now);
+                let kept = Audit::new(Step::Completed)
+                    .rid(rid)
+                    .detail("the provider kept the client secret");
+                return Ok(audited(
+                    warned(
+                        persist(next, Next::Stable),
+                        "the provider kept the client secret: this rotation changed nothing else than what the provider chose to renew (the registration access token, if any)",
+                    ),
+                    [kept],
+                ));
+            }
             let created = Audit::new(Step::Created).rid(rid).secret(id.as_deref());
             next.rotation = Rotation::Created {
                 rid: rid.clone(),
@@ -806,6 +841,7 @@ mod tests {
         let created = Event::Created {
             id: Some("new".into()),
             value: SecretString::from("new-value"),
+            registration: None,
         };
         let t = step(&t.record, created, &ctx(t0())).unwrap();
         assert!(t.persist);
@@ -977,6 +1013,7 @@ mod tests {
         let created = Event::Created {
             id: Some("new".into()),
             value: SecretString::from("v"),
+            registration: None,
         };
         let t = step(&t.record, created, &c).unwrap();
         let t = step(&t.record, Event::Verified, &c).unwrap();
@@ -1152,6 +1189,7 @@ mod tests {
         let created = Event::Created {
             id: None,
             value: SecretString::from("chosen-value"),
+            registration: None,
         };
         let created = step(&t.record, created, &c).unwrap();
         assert_eq!(created.next, Next::Verify);
@@ -1251,6 +1289,7 @@ mod tests {
         let created = Event::Created {
             id: Some("x".into()),
             value: SecretString::from("x"),
+            registration: None,
         };
         assert!(step(&r, created, &c).is_err());
     }

@@ -373,6 +373,7 @@ impl World {
             return Ok(NewSecret {
                 id: None,
                 value: SecretString::from(value),
+                registration_access_token: None,
             });
         }
         if self.caps.replaces() {
@@ -416,6 +417,7 @@ impl World {
         Ok(NewSecret {
             id: (!self.caps.replaces()).then_some(id),
             value: SecretString::from(value),
+            registration_access_token: None,
         })
     }
 
