@@ -372,3 +372,44 @@ async fn a_crash_at_every_point_before_and_after_the_update_converges() {
     assert_eq!(w.read_status(&w.stored_token().await).await, 200);
     w.assert_nothing_leaked(&[&current]).await;
 }
+
+/// `rekeyd check` shows the registration and explains the path, with its
+/// limit, without any token.
+#[tokio::test]
+async fn rekeyd_check_shows_the_registration_and_its_path() {
+    let text = r#"state_dir = "/var/lib/rekeyd"
+[[credentials]]
+name = "app"
+provider = "oauth2"
+client_id = "registered"
+initial_secret_file = "/etc/rekeyd/app.secret"
+[credentials.endpoints]
+token_url = "https://idp.example/token"
+[credentials.registration]
+client_uri = "https://idp.example/reg/registered"
+access_token_file = "/etc/rekeyd/app.registration-token"
+[credentials.rotation]
+every = "30d"
+"#;
+    let config = Config::from_toml(text).unwrap();
+    let shown = rekeyd::commands::effective_config(&config).await;
+    let doc: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let credential = &doc["credentials"][0];
+    assert_eq!(
+        credential["registration"]["client_uri"],
+        "https://idp.example/reg/registered"
+    );
+    assert_eq!(
+        credential["registration"]["access_token_file"],
+        "/etc/rekeyd/app.registration-token"
+    );
+    let path = credential["rotation"]["path"].as_str().unwrap();
+    for fragment in [
+        "RFC 7592",
+        "new registration access token",
+        "stores both before using either",
+        "cannot be recovered",
+    ] {
+        assert!(path.contains(fragment), "{fragment:?} in {path}");
+    }
+}

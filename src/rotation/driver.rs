@@ -818,6 +818,11 @@ impl Run<'_> {
                 }
             };
             t = machine::step(&self.record.value, event, &r.context())?;
+            if t.record.last_rotated_at != self.record.value.last_rotated_at {
+                // A rotation the provider completed in its reply (an RFC
+                // 7592 update that kept the secret) counts as one.
+                outcome = Outcome::Rotated;
+            }
         }
     }
 
@@ -1429,6 +1434,69 @@ mod tests {
                 begin: Some(StartReason::MaxSecretAge)
             }
         );
+    }
+
+    #[tokio::test]
+    async fn the_stored_registration_token_is_used_until_the_file_changes() {
+        use secrecy::ExposeSecret;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("registration.token");
+        std::fs::write(&file, "rat-1\n").unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::file::FileStore::new(
+            &dir.path().join("state"),
+        ));
+        let bearer = RegistrationBearer {
+            access_token_file: file.clone(),
+            store: store.clone(),
+            name: "app".into(),
+        };
+        let token = || async {
+            bearer
+                .token()
+                .await
+                .unwrap()
+                .access_token
+                .expose_secret()
+                .to_string()
+        };
+        // No record yet: the file's token (without its newline).
+        assert_eq!(token().await, "rat-1");
+        // An update replaced it; the store holds the new one, descended
+        // from the file's content.
+        let mut record = CredentialRecord::new(SecretEntry {
+            id: None,
+            value: SecretString::from("secret"),
+            created_at: SystemTime::now(),
+        });
+        record.registration = Some(RegistrationToken {
+            value: SecretString::from("rat-2"),
+            file_sha256: sha256_hex(&SecretString::from("rat-1")),
+        });
+        store.compare_and_swap("app", None, &record).await.unwrap();
+        assert_eq!(token().await, "rat-2");
+        // The file cannot be read: the stored token still works.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(token().await, "rat-2");
+        // An operator hands over a new token: the file wins.
+        std::fs::write(&file, "rat-9").unwrap();
+        assert_eq!(token().await, "rat-9");
+        // An empty file holds no token: the stored one is used; without a
+        // stored one the error names the file.
+        std::fs::write(&file, " \n").unwrap();
+        assert_eq!(
+            token().await,
+            "rat-2",
+            "unreadable as a token: the stored one"
+        );
+        let missing = RegistrationBearer {
+            access_token_file: dir.path().join("absent"),
+            store: Arc::new(crate::store::file::FileStore::new(
+                &dir.path().join("other"),
+            )),
+            name: "app".into(),
+        };
+        let err = missing.token().await.unwrap_err().to_string();
+        assert!(err.contains("absent"), "{err}");
     }
 
     #[test]

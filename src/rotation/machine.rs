@@ -1161,6 +1161,84 @@ mod tests {
         record.chosen().unwrap().expose_secret().to_string()
     }
 
+    const REGISTRATION: Capabilities = crate::provider::registration::CAPABILITIES;
+
+    fn registration_token(value: &str) -> Option<RegistrationToken> {
+        Some(RegistrationToken {
+            value: SecretString::from(value),
+            file_sha256: "f".repeat(64),
+        })
+    }
+
+    #[test]
+    fn a_registration_update_stores_its_new_access_token_with_its_secret() {
+        let c = with_caps(t0(), REGISTRATION);
+        let t = step(&idle(), begin(), &c).unwrap();
+        assert!(matches!(t.next, Next::Create { .. }));
+        // The server replaced the secret and the access token: both in the
+        // one write before the login that proves the secret.
+        let created = Event::Created {
+            id: None,
+            value: SecretString::from("server-value"),
+            registration: registration_token("rat-2"),
+        };
+        let t = step(&t.record, created, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.next, Next::Verify);
+        assert_eq!(
+            t.record.pending().unwrap().value.expose_secret(),
+            "server-value"
+        );
+        let stored = t.record.registration.as_ref().unwrap();
+        assert_eq!(stored.value.expose_secret(), "rat-2");
+        let t = step(&t.record, Event::Verified, &c).unwrap();
+        assert_eq!(t.record.current.value.expose_secret(), "server-value");
+        assert!(!t.record.is_unfinished());
+        assert_eq!(
+            t.record.registration.unwrap().value.expose_secret(),
+            "rat-2",
+            "the token outlives the rotation"
+        );
+    }
+
+    #[test]
+    fn a_registration_update_that_kept_the_secret_completes_at_once() {
+        let c = with_caps(t0(), REGISTRATION);
+        let t = step(&idle(), begin(), &c).unwrap();
+        let kept = Event::Created {
+            id: None,
+            value: SecretString::from("old-value"),
+            registration: registration_token("rat-2"),
+        };
+        let t = step(&t.record, kept, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.next, Next::Stable, "nothing new to prove");
+        assert!(!t.record.is_unfinished());
+        assert_eq!(t.record.last_rotated_at, Some(t0()));
+        assert_eq!(t.record.current.value.expose_secret(), "old-value");
+        assert!(
+            !t.record
+                .knows_retired(&SecretString::from("old-value"), None),
+            "the current secret is not retired"
+        );
+        assert!(t.record.registration.is_some());
+        assert!(t.warnings[0].contains("kept the client secret"));
+        // Without a new token the stored one stays.
+        let mut with_token = idle();
+        with_token.registration = registration_token("rat-1");
+        let t = step(&with_token, begin(), &c).unwrap();
+        let kept = Event::Created {
+            id: None,
+            value: SecretString::from("old-value"),
+            registration: None,
+        };
+        let t = step(&t.record, kept, &c).unwrap();
+        assert_eq!(
+            t.record.registration.unwrap().value.expose_secret(),
+            "rat-1"
+        );
+    }
+
     #[test]
     fn a_chosen_value_is_written_before_the_call_and_sent_again_after_a_loss() {
         let c = with_caps(t0(), REPLACE);

@@ -528,6 +528,27 @@ mod tests {
     }
 
     #[test]
+    fn a_registration_access_token_round_trips_and_is_never_in_debug() {
+        let mut r = record();
+        let text = String::from_utf8(encode(&r, 1)).unwrap();
+        assert!(!text.contains("registration"), "absent when unused: {text}");
+        r.registration = Some(RegistrationToken {
+            value: SecretString::from("rat-value"),
+            file_sha256: "ab".repeat(32),
+        });
+        let (_, back) = decode(&encode(&r, 2)).unwrap();
+        let token = back.registration.as_ref().unwrap();
+        assert_eq!(token.value.expose_secret(), "rat-value");
+        assert_eq!(token.file_sha256, "ab".repeat(32));
+        assert!(!format!("{back:?}").contains("rat-value"));
+        let empty = String::from_utf8(encode(&r, 1))
+            .unwrap()
+            .replace("\"rat-value\"", "\"\"");
+        let err = decode(empty.as_bytes()).unwrap_err();
+        assert!(err.contains("registration.access_token"), "{err}");
+    }
+
+    #[test]
     fn an_empty_chosen_value_is_refused() {
         let mut r = record();
         r.rotation = Rotation::Creating {
