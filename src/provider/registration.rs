@@ -155,6 +155,15 @@ impl RegistrationApi {
         let mut metadata = self
             .call("registration read", Method::GET, bearer, None)
             .await?;
+        // §3 lets a server replace the token on a read too: the update
+        // then goes out with the new one, which is reported as new unless
+        // the update replaces it again. (Should the update fail, that
+        // token is lost with it: the refused-token error says what to do.)
+        let read_token = new_token(&metadata, &bearer.access_token);
+        let update_bearer = match &read_token {
+            Some(token) => &Token::new(token.clone(), "Bearer".into(), None, bearer.lifetime),
+            None => bearer,
+        };
         for field in NOT_SENT {
             metadata.remove(field);
         }
@@ -165,7 +174,7 @@ impl RegistrationApi {
             .call(
                 "registration update",
                 Method::PUT,
-                bearer,
+                update_bearer,
                 Some(&Value::Object(metadata)),
             )
             .await?;
@@ -184,14 +193,24 @@ impl RegistrationApi {
         };
         Ok(Updated {
             client_secret,
-            registration_access_token: text("registration_access_token")
-                .filter(|t| t.expose_secret() != bearer.access_token.expose_secret()),
+            registration_access_token: new_token(&reply, &update_bearer.access_token)
+                .or(read_token),
             client_secret_expires_at: reply
                 .get("client_secret_expires_at")
                 .and_then(Value::as_u64)
                 .filter(|t| *t > 0),
         })
     }
+}
+
+/// The reply's `registration_access_token` when it is not `sent`, the
+/// one the request carried.
+fn new_token(reply: &Map<String, Value>, sent: &SecretString) -> Option<SecretString> {
+    reply
+        .get("registration_access_token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty() && *t != sent.expose_secret())
+        .map(|t| SecretString::from(t.to_string()))
 }
 
 /// A refused read or update. A refused registration access token (401,
@@ -249,5 +268,120 @@ impl SecretApi for RegistrationApi {
     ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
         // Never asked: the one secret is replaced, never deleted.
         Box::pin(async { Ok(Deleted::NotFound) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::get;
+
+    use super::*;
+    use crate::config::EndpointsConfig;
+    use crate::provider::{HttpClient, Redactor};
+
+    const JSON: [(axum::http::HeaderName, &str); 1] =
+        [(axum::http::header::CONTENT_TYPE, "application/json")];
+
+    /// A registration endpoint that replaces its token on every read and
+    /// on every update (RFC 7592 §3 allows both) and keeps the secret; it
+    /// records the token each request carried.
+    async fn server() -> (Url, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let token = Arc::new(Mutex::new(0u32));
+        let reply = {
+            let seen = seen.clone();
+            move |headers: HeaderMap| {
+                let seen = seen.clone();
+                let token = token.clone();
+                async move {
+                    let auth = headers["authorization"].to_str().unwrap().to_string();
+                    seen.lock().unwrap().push(auth.clone());
+                    let mut current = token.lock().unwrap();
+                    if auth != format!("Bearer rat-{current}") {
+                        return (
+                            StatusCode::UNAUTHORIZED,
+                            JSON,
+                            r#"{"error":"invalid_token"}"#.to_string(),
+                        );
+                    }
+                    *current += 1;
+                    let body = serde_json::json!({
+                        "client_id": "c",
+                        "client_secret": "kept-secret",
+                        "client_name": "x",
+                        "registration_access_token": format!("rat-{current}"),
+                        "registration_client_uri": "ignored",
+                        "client_secret_expires_at": 0,
+                    });
+                    (StatusCode::OK, JSON, body.to_string())
+                }
+            }
+        };
+        let app = Router::new().route("/reg/c", get(reply.clone()).put(reply));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/reg/c").parse().unwrap(), seen)
+    }
+
+    fn api(url: Url) -> RegistrationApi {
+        let endpoints = EndpointsConfig {
+            token_url: url.clone(),
+            secrets_url: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+        };
+        let transport = Transport {
+            http: HttpClient::new(&endpoints).unwrap(),
+            redactor: Redactor::new(Vec::<String>::new()),
+            default_lifetime: Duration::from_secs(3600),
+        };
+        RegistrationApi::new(transport, url, "c".into(), std::path::Path::new("/etc/rat"))
+    }
+
+    fn bearer(value: &str) -> Token {
+        Token::new(
+            SecretString::from(value.to_string()),
+            "Bearer".into(),
+            None,
+            Duration::from_secs(60),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_token_replaced_by_the_read_carries_the_update() {
+        let (url, seen) = server().await;
+        let updated = api(url).update(&bearer("rat-0")).await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["Bearer rat-0", "Bearer rat-1"],
+            "the update went out with the token the read returned"
+        );
+        assert_eq!(
+            updated.registration_access_token.unwrap().expose_secret(),
+            "rat-2"
+        );
+        assert_eq!(updated.client_secret.expose_secret(), "kept-secret");
+        assert_eq!(updated.client_secret_expires_at, None, "0 is never");
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_needs_an_operator_and_names_the_file() {
+        let (url, _) = server().await;
+        let e = api(url).update(&bearer("stale")).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Refused);
+        assert_eq!(e.status, Some(401));
+        assert_eq!(e.code.as_deref(), Some("invalid_token"));
+        let text = e.to_string();
+        assert!(
+            text.contains("client authentication is not affected"),
+            "{text}"
+        );
+        assert!(text.contains("/etc/rat"), "{text}");
     }
 }
