@@ -556,7 +556,7 @@ async fn set_secret(
         verify,
         force,
         // No sweep finds an untagged secret rekeyd replaced (Okta).
-        retire_replaced: provider::capabilities_of(cred.provider).is_some_and(|c| !c.tags),
+        retire_replaced: provider::capabilities_of(cred).is_some_and(|c| !c.tags),
     };
     match operator::set_secret(store.as_ref(), provider.as_ref(), request, &shutdown).await {
         Ok(installed) => {
@@ -992,6 +992,11 @@ fn credential_json(
             "connect_timeout": dur(c.endpoints.connect_timeout),
             "request_timeout": dur(c.endpoints.request_timeout),
         },
+        "registration": c.registration.as_deref().map(|r| json!({
+            "client_uri": r.client_uri.as_str(),
+            "client_uri_proxy": proxies.route(&r.client_uri).describe(),
+            "access_token_file": r.access_token_file.display().to_string(),
+        })),
         "refresh": {
             "before_expiry": c.refresh.before_expiry.map(dur).unwrap_or_else(|| "70-80% of lifetime".into()),
             "default_lifetime": dur(c.refresh.default_lifetime),
@@ -1007,7 +1012,7 @@ fn credential_json(
             "before_expiry": r.before_expiry.map(dur).unwrap_or_else(|| crate::rotation::schedule::DEFAULT_EXPIRY_LEAD_TEXT.into()),
             "secret_api_credential": c.secret_api_credential.as_ref().map(|a| a.name.clone()),
             // The path the rotation takes with this provider's secret API.
-            "path": crate::provider::capabilities_of(c.provider).map(|caps| caps.path()),
+            "path": crate::provider::capabilities_of(c).map(|caps| caps.path()),
         })),
         "hooks": c.hooks.iter().map(|h| {
             let on: Vec<&str> = h.on.iter().map(|e| e.as_str()).collect();

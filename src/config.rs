@@ -386,6 +386,7 @@ struct RawCredential {
     #[serde(default, deserialize_with = "strict_strings")]
     extra_params: BTreeMap<String, String>,
     endpoints: Option<RawEndpoints>,
+    registration: Option<RawRegistration>,
     refresh: Option<RawRefresh>,
     rotation: Option<RawRotation>,
     #[serde(default)]
@@ -433,6 +434,15 @@ struct RawEndpoints {
     allow_insecure_http: bool,
     connect_timeout: Option<RawScalar>,
     request_timeout: Option<RawScalar>,
+}
+
+/// `[credentials.registration]`: RFC 7592 client registration management.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistration {
+    #[serde(default, deserialize_with = "strict_string")]
+    client_uri: Option<String>,
+    access_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1051,6 +1061,22 @@ impl std::fmt::Debug for ParamValue {
     }
 }
 
+/// `[credentials.registration]`: where an RFC 7591 client's registration
+/// is managed (RFC 7592 §2: `GET` reads it, `PUT` with the full metadata
+/// updates it and may return a new `client_secret` and a new
+/// `registration_access_token`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistrationConfig {
+    /// `client_uri`: the `registration_client_uri` the server returned when
+    /// the client was registered (RFC 7591 §3.2.1, RFC 7592 §3).
+    pub client_uri: Url,
+    /// `access_token_file`: a file holding the registration access token
+    /// the server returned (RFC 7592 §3). rekeyd keeps the token it is
+    /// given by each update in its store; a change of this file's content
+    /// (an operator handing over a new token) takes precedence.
+    pub access_token_file: PathBuf,
+}
+
 /// A resolved `secret_api_credential`: whose token calls a credential's
 /// secret API, and how that token is obtained.
 #[derive(Debug, Clone, PartialEq)]
@@ -1081,6 +1107,10 @@ pub struct CredentialConfig {
     /// calls the secret API (an administrative client: Okta's and Auth0's
     /// management APIs); `None`: the credential's own token.
     pub secret_api_credential: Option<Box<SecretApiCredential>>,
+    /// `[credentials.registration]` (provider oauth2 only): the client's
+    /// RFC 7592 registration, through which its secret is rotated. Boxed
+    /// like the ids: most credentials have none.
+    pub registration: Option<Box<RegistrationConfig>>,
     /// The bootstrap secret's file: `initial_secret_file` as written, or
     /// `$CREDENTIALS_DIRECTORY/<initial_secret_credential>` resolved when
     /// the configuration was loaded; `None` for a credential name loaded
@@ -1168,6 +1198,7 @@ impl CredentialConfig {
             customer_id: self.customer_id.clone(),
             ids: self.ids.clone(),
             secret_api_credential: None,
+            registration: None,
             initial_secret_file: self.initial_secret_file.clone(),
             initial_secret_credential: self.initial_secret_credential.clone(),
             initial_secret_id: self.initial_secret_id.clone(),
@@ -2543,7 +2574,12 @@ fn validate_credential(
     let defaults = ids
         .as_deref()
         .map_or((None, None), |ids| ids.default_urls(&client_id));
+    let insecure_http = rc.endpoints.as_ref().is_some_and(|e| e.allow_insecure_http);
     let endpoints = validate_endpoints(i, provider, &defaults, rc.endpoints)?;
+    let registration = rc
+        .registration
+        .map(|r| validate_registration(i, provider, insecure_http, r))
+        .transpose()?;
 
     let (before_expiry, default_lifetime, min_forced_interval) =
         rc.refresh.map_or((None, None, None), |r| {
@@ -2596,7 +2632,7 @@ fn validate_credential(
 
     let rotation = rc
         .rotation
-        .map(|r| validate_rotation(i, provider, r))
+        .map(|r| validate_rotation(i, provider, registration.is_some(), r))
         .transpose()?;
     if rotation.is_some() && provider == ProviderKind::MapsIndoors && rc.customer_id.is_none() {
         return Err(ConfigError::invalid(
@@ -2612,6 +2648,12 @@ fn validate_credential(
         ));
     }
     if let Some(admin) = &rc.secret_api_credential {
+        if registration.is_some() {
+            return Err(ConfigError::invalid(
+                key("secret_api_credential"),
+                "does not apply with [credentials.registration]: the registration access token calls that API",
+            ));
+        }
         if rotation.is_none() {
             return Err(ConfigError::invalid(
                 key("secret_api_credential"),
@@ -2669,6 +2711,7 @@ fn validate_credential(
                 login: None,
             })
         }),
+        registration: registration.map(Box::new),
         initial_secret_file,
         initial_secret_credential: rc.initial_secret_credential,
         initial_secret_id: rc.initial_secret_id,
@@ -3144,13 +3187,54 @@ fn host_is_loopback(url: &Url) -> bool {
     }
 }
 
+/// `[credentials.registration]`: only for `provider = "oauth2"` (the other
+/// providers have their own secret APIs), both keys required.
+fn validate_registration(
+    i: usize,
+    provider: ProviderKind,
+    allow_insecure_http: bool,
+    raw: RawRegistration,
+) -> Result<RegistrationConfig, ConfigError> {
+    let key = |field: &str| format!("credentials[{i}].registration.{field}");
+    if provider != ProviderKind::OAuth2 {
+        return Err(ConfigError::invalid(
+            format!("credentials[{i}].registration"),
+            format!(
+                "applies only to provider oauth2 (RFC 7592); provider {} has its own secret API",
+                provider.as_str()
+            ),
+        ));
+    }
+    let client_uri = raw
+        .client_uri
+        .filter(|u| !u.trim().is_empty())
+        .ok_or_else(|| ConfigError::invalid(key("client_uri"), "is required"))?;
+    let client_uri = parse_url(&key("client_uri"), &client_uri, allow_insecure_http)?;
+    let access_token_file = raw
+        .access_token_file
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| ConfigError::invalid(key("access_token_file"), "is required"))?;
+    Ok(RegistrationConfig {
+        client_uri,
+        access_token_file,
+    })
+}
+
 fn validate_rotation(
     i: usize,
     provider: ProviderKind,
+    registration: bool,
     raw: RawRotation,
 ) -> Result<RotationConfig, ConfigError> {
     let key = |field: &str| format!("credentials[{i}].rotation.{field}");
-    if !provider.has_secret_api() {
+    if provider == ProviderKind::OAuth2 && !registration {
+        return Err(ConfigError::invalid(
+            format!("credentials[{i}].rotation"),
+            "provider oauth2 rotates its secret only through RFC 7592 registration management: \
+             add [credentials.registration] with client_uri and access_token_file",
+        ));
+    }
+    if !provider.has_secret_api() && !registration {
         return Err(ConfigError::invalid(
             format!("credentials[{i}].rotation"),
             format!(

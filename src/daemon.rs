@@ -23,7 +23,7 @@ use crate::credential::{self, CredentialChannels, CredentialHandle, CredentialSt
 use crate::metrics;
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
-use crate::rotation::driver::{BearerSource, LoginBearer};
+use crate::rotation::driver::{BearerSource, LoginBearer, RegistrationBearer};
 use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
 use crate::serve::{activation, api, hooks, http, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
@@ -637,13 +637,21 @@ async fn fan_out(from: Arc<Notify>, to: Vec<Arc<Notify>>, cancel: CancellationTo
 }
 
 /// Where `cred`'s secret API gets its bearer token: `None` for its own
-/// login, else `secret_api_credential`'s token, logged in with the secret
-/// the store holds for that credential.
+/// login; an RFC 7592 registration's access token; else
+/// `secret_api_credential`'s token, logged in with the secret the store
+/// holds for that credential.
 pub(crate) fn secret_api_bearer(
     cred: &CredentialConfig,
     clients: &provider::HttpClients,
     store: &Arc<dyn Store>,
 ) -> Result<Option<Arc<dyn BearerSource>>, provider::ProviderError> {
+    if let Some(registration) = &cred.registration {
+        return Ok(Some(Arc::new(RegistrationBearer {
+            access_token_file: registration.access_token_file.clone(),
+            store: store.clone(),
+            name: cred.name.clone(),
+        })));
+    }
     let Some(admin) = &cred.secret_api_credential else {
         return Ok(None);
     };

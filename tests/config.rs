@@ -253,6 +253,19 @@ scope = "https://graph.microsoft.com/.default"
 /// (what is wrong, config text, fragments the error must contain)
 fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
     let with = |extra: &str| format!("{BASE}{extra}");
+    // An oauth2 credential with `keys` and, after its endpoints, `tables`.
+    let oauth2 = |keys: &str, tables: &str| {
+        format!(
+            "state_dir = \"/var/lib/rekeyd\"\n[[credentials]]\nname = \"idp\"\nprovider = \"oauth2\"\n\
+             client_id = \"c\"\ninitial_secret_file = \"/etc/rekeyd/idp.secret\"\n{keys}\
+             [credentials.endpoints]\ntoken_url = \"https://idp.example/token\"\n{tables}"
+        )
+    };
+    let registration = |uri: &str| {
+        format!(
+            "[credentials.registration]\nclient_uri = \"{uri}\"\naccess_token_file = \"/etc/rekeyd/rat\"\n"
+        )
+    };
     // A top-level table goes between state_dir and the credentials.
     let with_table = |table: &str| {
         BASE.replacen(
@@ -877,6 +890,44 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             )
             .replace("customer_id = \"cust\"\n", ""),
             vec!["`credentials[0].domain`", "letters, digits"],
+        ),
+        (
+            "oauth2 rotation without registration management",
+            oauth2("", "[credentials.rotation]\nevery = \"30d\"\n"),
+            vec!["`credentials[0].rotation`", "RFC 7592", "[credentials.registration]"],
+        ),
+        (
+            "registration for a provider with its own secret API",
+            with(&registration("https://idp.example/reg/c")),
+            vec!["`credentials[0].registration`", "only to provider oauth2"],
+        ),
+        (
+            "registration without client_uri",
+            oauth2("", "[credentials.registration]\naccess_token_file = \"/etc/rekeyd/rat\"\n"),
+            vec!["`credentials[0].registration.client_uri`", "is required"],
+        ),
+        (
+            "registration without access_token_file",
+            oauth2("", "[credentials.registration]\nclient_uri = \"https://idp.example/reg/c\"\n"),
+            vec!["`credentials[0].registration.access_token_file`", "is required"],
+        ),
+        (
+            "registration client_uri over plain http",
+            oauth2("", &registration("http://idp.example/reg/c")),
+            vec!["`credentials[0].registration.client_uri`", "plain http"],
+        ),
+        (
+            "unknown registration key",
+            oauth2("", &format!("{}token = \"x\"\n", registration("https://idp.example/reg/c"))),
+            vec!["unknown field `token`", "credentials[0].registration"],
+        ),
+        (
+            "registration with secret_api_credential",
+            oauth2(
+                "secret_api_credential = \"idp\"\n",
+                &format!("{}[credentials.rotation]\nevery = \"30d\"\n", registration("https://idp.example/reg/c")),
+            ),
+            vec!["`credentials[0].secret_api_credential`", "registration access token"],
         ),
     ];
     if cfg!(feature = "etcd") {

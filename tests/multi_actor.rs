@@ -168,18 +168,21 @@ fn random_interleavings_keep_the_invariants() {
 /// The same chaos against the Okta and Auth0 shapes of a secret API
 /// (caller-chosen values; two secrets at most, deactivated before deleted;
 /// one secret replaced atomically; Keycloak has Auth0's shape, Entra the
-/// MapsIndoors shape `random_interleavings_keep_the_invariants` runs): I1 after every call (with an atomic
+/// MapsIndoors shape `random_interleavings_keep_the_invariants` runs) and
+/// an RFC 7592 registration whose server keeps the secret on an update:
+/// I1 after every call (with an atomic
 /// replacement, the new value the journal holds counts), I4 and S1 at
 /// every deactivation and delete, and in the end a stable journal and no
 /// secret rekeyd created that the journal does not name (I3, without
 /// tags). `MULTI_ACTOR_PROFILE_SEEDS=N` runs N seeds per profile (default
-/// 400); `MULTI_ACTOR_PROFILE=okta|auth0 MULTI_ACTOR_SEED=S` one seed with
+/// 400); `MULTI_ACTOR_PROFILE=okta|auth0|registration MULTI_ACTOR_SEED=S` one seed with
 /// its trace.
 #[test]
-fn random_interleavings_keep_the_invariants_with_okta_and_auth0() {
+fn random_interleavings_keep_the_invariants_with_every_secret_api_shape() {
     let profiles = [
         ("okta", rekeyd::provider::okta::CAPABILITIES),
         ("auth0", rekeyd::provider::auth0::CAPABILITIES),
+        ("registration", rekeyd::provider::registration::CAPABILITIES),
     ];
     if let (Some(seed), Ok(name)) = (
         env_u64("MULTI_ACTOR_SEED"),
@@ -188,7 +191,7 @@ fn random_interleavings_keep_the_invariants_with_okta_and_auth0() {
         let (_, caps) = profiles
             .iter()
             .find(|(n, _)| *n == name)
-            .expect("MULTI_ACTOR_PROFILE is okta or auth0");
+            .expect("MULTI_ACTOR_PROFILE is okta, auth0 or registration");
         let report = run_seed_with(seed, true, *caps);
         for line in report.trace.as_deref().unwrap_or_default() {
             println!("{line}");

@@ -972,6 +972,7 @@ impl Sim {
                     id: Some(id),
                     value: SecretString::from(value),
                     expires_at: None,
+                    registration: None,
                 })
             }
             Next::Verify => {
@@ -3230,6 +3231,7 @@ fn any_event() -> impl Strategy<Value = (Event, u16)> {
                 id: Some("s9".into()),
                 value: SecretString::from("value-9"),
                 expires_at: None,
+                registration: None,
             },
             4 => Event::Verified,
             5 => Event::VerifyRejected,

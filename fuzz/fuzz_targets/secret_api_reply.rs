@@ -58,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
                 id: created.id.clone(),
                 value: SecretString::from("fuzz-other-value"),
                 expires_at: None,
+                registration_access_token: None,
             };
             assert_eq!(
                 format!("{created:?}"),

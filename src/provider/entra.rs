@@ -159,6 +159,7 @@ pub fn parse_create_reply(
         id: Some(created.key_id),
         value: SecretString::from(created.secret_text),
         expires_at: created.end_date_time.as_deref().and_then(graph_time),
+        registration_access_token: None,
     })
 }
 

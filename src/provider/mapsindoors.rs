@@ -188,6 +188,7 @@ pub fn parse_create_reply(
         id: Some(created.id),
         value: SecretString::from(created.secret),
         expires_at: None,
+        registration_access_token: None,
     })
 }
 

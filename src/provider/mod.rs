@@ -16,6 +16,7 @@ pub mod mapsindoors;
 pub mod oauth2;
 pub mod okta;
 pub mod redact;
+pub mod registration;
 pub mod replace;
 
 use std::fmt;
@@ -71,6 +72,9 @@ pub struct NewSecret {
     /// `endDateTime`; RFC 7591 `client_secret_expires_at`, where 0 means
     /// never and is `None` here); `None`: never, or the API does not say.
     pub expires_at: Option<std::time::SystemTime>,
+    /// A new RFC 7592 registration access token the reply carried (the old
+    /// one then stops working); persisted with the new secret.
+    pub registration_access_token: Option<SecretString>,
 }
 
 /// What rekeyd asks a secret API to create.
@@ -183,6 +187,9 @@ impl Capabilities {
         let value = match self.value {
             ValueOrigin::Server if self.tags => {
                 "the provider generates the new secret; rekeyd tags it, so a secret whose reply was lost is found by its tag and deleted"
+            }
+            ValueOrigin::Server if self.replaces() => {
+                "an update of the client's registration (RFC 7592) answers with its secret, which the server may have replaced, and perhaps a new registration access token; rekeyd stores both before using either (a reply lost after the server replaced the secret cannot be recovered: the server shows that value only once)"
             }
             ValueOrigin::Server => "the provider generates the new secret and shows it once",
             ValueOrigin::Caller { .. } => {
@@ -388,6 +395,14 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
             url.clone(),
             cred.client_id.clone(),
         ))),
+        (ProviderKind::OAuth2, _, _) => cred.registration.as_ref().map(|r| {
+            Arc::new(registration::RegistrationApi::new(
+                transport.clone(),
+                r.client_uri.clone(),
+                cred.client_id.clone(),
+                &r.access_token_file,
+            )) as Arc<dyn SecretApi>
+        }),
         _ => None,
     };
     let token: Arc<dyn TokenProvider> = match cred.provider {
@@ -405,10 +420,12 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
     Ok(Built { token, secrets })
 }
 
-/// What the secret API of `provider` can do, without building it; `None`
-/// for a provider rekeyd cannot rotate.
-pub fn capabilities_of(provider: ProviderKind) -> Option<Capabilities> {
-    match provider {
+/// What the secret API of `cred` can do, without building it; `None` for
+/// a credential rekeyd cannot rotate (Mappls; oauth2 without
+/// `[credentials.registration]`).
+pub fn capabilities_of(cred: &CredentialConfig) -> Option<Capabilities> {
+    match cred.provider {
+        ProviderKind::OAuth2 if cred.registration.is_some() => Some(registration::CAPABILITIES),
         ProviderKind::MapsIndoors => Some(Capabilities::SERVER_TAGGED),
         ProviderKind::Okta => Some(okta::CAPABILITIES),
         ProviderKind::Auth0 => Some(auth0::CAPABILITIES),

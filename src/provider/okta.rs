@@ -184,6 +184,7 @@ impl SecretApi for OktaSecrets {
                 id: Some(id),
                 value: value.clone(),
                 expires_at: None,
+                registration_access_token: None,
             })
         })
     }

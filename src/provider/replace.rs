@@ -83,6 +83,7 @@ impl SecretApi for ReplaceSecret {
                 id: None,
                 value: value.clone(),
                 expires_at: None,
+                registration_access_token: None,
             })
         })
     }

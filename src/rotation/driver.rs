@@ -7,6 +7,7 @@
 //! provider call; the crash tests abort the process there.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -30,7 +31,9 @@ use crate::provider::{
     CreateRequest, Deleted, ErrorKind, ProviderError, RemoteSecret, Retire, SecretApi,
     TokenProvider, ValueOrigin,
 };
-use crate::store::{Claim, CredentialRecord, Store, StoreError, Versioned};
+use crate::store::{
+    Claim, CredentialRecord, RegistrationToken, Store, StoreError, Versioned, sha256_hex,
+};
 use crate::token::Token;
 use crate::token::engine::SecretSource;
 
@@ -48,12 +51,8 @@ macro_rules! crash_point {
 }
 
 /// Crash points reached only with other secret APIs than MapsIndoors':
-/// between an Okta secret's deactivation and its delete, and after the
-/// write that completes an atomic replacement (Auth0).
-pub const PROVIDER_CRASH_POINTS: &[&str] = &[
-    "rotation-after-deactivate",
-    "rotation-after-persist-replaced",
-];
+/// between an Okta secret's deactivation and its delete.
+pub const PROVIDER_CRASH_POINTS: &[&str] = &["rotation-after-deactivate"];
 
 /// Every crash point on the MapsIndoors path, for the crash tests.
 pub const CRASH_POINTS: &[&str] = &[
@@ -181,6 +180,78 @@ pub struct OnceOutcome {
 /// credential's own: `secret_api_credential`, an administrative client.
 pub trait BearerSource: Send + Sync {
     fn token(&self) -> BoxFuture<'_, Result<Token, ProviderError>>;
+
+    /// For an RFC 7592 registration: the `access_token_file` whose content
+    /// a registration access token the server hands out descends from
+    /// ([`RegistrationToken::file_sha256`]).
+    fn registration_file(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// The registration access token of an RFC 7592 client (RFC 7592 §3): the
+/// one the last update returned, which the store holds, unless the
+/// operator has put another one in `access_token_file` since (a file
+/// whose digest is not the stored token's origin).
+pub struct RegistrationBearer {
+    pub access_token_file: PathBuf,
+    pub store: Arc<dyn Store>,
+    /// The credential whose record holds the token.
+    pub name: String,
+}
+
+impl RegistrationBearer {
+    /// The token to use now: the stored one while the file still holds
+    /// what it descends from (or cannot be read), else the file's.
+    async fn current(&self) -> Result<SecretString, ProviderError> {
+        let op = "registration access token";
+        let record = self
+            .store
+            .load(&self.name)
+            .await
+            .map_err(|e| ProviderError::transient(op, e.to_string()))?;
+        let stored = record.and_then(|r| r.value.registration);
+        match (read_token_file(&self.access_token_file), stored) {
+            (Ok(file), Some(stored)) if sha256_hex(&file) != stored.file_sha256 => Ok(file),
+            (_, Some(stored)) => Ok(stored.value),
+            (Ok(file), None) => Ok(file),
+            (Err(e), None) => Err(ProviderError::transient(
+                op,
+                format!("cannot read {}: {e}", self.access_token_file.display()),
+            )),
+        }
+    }
+}
+
+/// A token file's content without surrounding white space (a trailing
+/// newline is what an editor or `echo` leaves); empty is an error.
+pub fn read_token_file(path: &Path) -> Result<SecretString, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("the file is empty".into());
+    }
+    Ok(SecretString::from(text.to_string()))
+}
+
+impl BearerSource for RegistrationBearer {
+    fn token(&self) -> BoxFuture<'_, Result<Token, ProviderError>> {
+        Box::pin(async move {
+            let value = self.current().await?;
+            // The token does not expire by itself (RFC 7592 §3 gives it no
+            // lifetime); a day keeps the run's cache from deciding anything.
+            Ok(Token::new(
+                value,
+                "Bearer".into(),
+                None,
+                Duration::from_secs(86400),
+            ))
+        })
+    }
+
+    fn registration_file(&self) -> Option<&Path> {
+        Some(&self.access_token_file)
+    }
 }
 
 /// A token of another credential (or token profile), logged in with the
@@ -630,17 +701,6 @@ impl Run<'_> {
                         }
                     }
                     ("promoted", "idle") => crash_point!("rotation-after-persist-retire"),
-                    ("created", "idle") if r.secret_api.capabilities().replaces() => {
-                        crash_point!("rotation-after-persist-replaced");
-                        info!(
-                            step = "promote",
-                            "new secret verified and in use; the provider replaced the old one"
-                        );
-                        self.bearer = None;
-                        if let Some(refresh) = &r.refresh_now {
-                            refresh.notify_one();
-                        }
-                    }
                     ("idle", "idle") if t.next == Next::Stable => {
                         crash_point!("rotation-after-persist-idle");
                     }
@@ -681,11 +741,26 @@ impl Run<'_> {
                         secret_id = %escape_controls(new.id.as_deref().unwrap_or("(none)")),
                         "replacement secret created"
                     );
+                    let registration = match new.registration_access_token {
+                        Some(value) => {
+                            // The token just sent is dead now (RFC 7592
+                            // §3): the next call uses the new one, which
+                            // the write of this event stores first.
+                            self.bearer = None;
+                            Some(self.registration_token(value))
+                        }
+                        None => None,
+                    };
+                    let value = match (r.secret_api.capabilities().value, chosen) {
+                        // The value the journal holds is the one sent.
+                        (ValueOrigin::Caller { .. }, Some(chosen)) => chosen,
+                        _ => new.value,
+                    };
                     Event::Created {
                         id: new.id,
-                        // The value the journal holds is the one sent.
-                        value: chosen.unwrap_or(new.value),
+                        value,
                         expires_at: new.expires_at,
+                        registration,
                     }
                 }
                 Next::Probe { id } => {
@@ -709,10 +784,6 @@ impl Run<'_> {
                         .clone();
                     if self.verify(&pending, "new secret").await?.is_some() {
                         crash_point!("rotation-after-verify");
-                        if r.secret_api.capabilities().replaces() {
-                            // Nothing is left to retire: this completes it.
-                            outcome = Outcome::Rotated;
-                        }
                         Event::Verified
                     } else {
                         outcome = Outcome::Aborted;
@@ -779,6 +850,11 @@ impl Run<'_> {
                 }
             };
             t = machine::step(&self.record.value, event, &r.context())?;
+            if t.record.last_rotated_at != self.record.value.last_rotated_at {
+                // A rotation the provider completed in its reply (an RFC
+                // 7592 update that kept the secret) counts as one.
+                outcome = Outcome::Rotated;
+            }
         }
     }
 
@@ -834,6 +910,27 @@ impl Run<'_> {
                 false
             }
         }
+    }
+
+    /// A registration access token an update returned, with the digest of
+    /// the `access_token_file` content it descends from, read now (a file
+    /// an operator changed meanwhile wins at the next call anyway). Never
+    /// an error: the token must reach the journal. A file that cannot be
+    /// read keeps the lineage the record had.
+    fn registration_token(&self, value: SecretString) -> RegistrationToken {
+        let file_sha256 = self
+            .rotator
+            .secret_api_bearer
+            .as_ref()
+            .and_then(|b| b.registration_file())
+            .and_then(|file| read_token_file(file).ok())
+            .map(|content| sha256_hex(&content))
+            .or_else(|| {
+                let stored = self.record.value.registration.as_ref();
+                stored.map(|r| r.file_sha256.clone())
+            })
+            .unwrap_or_default();
+        RegistrationToken { value, file_sha256 }
     }
 
     /// Stops the run before a side effect when shut down (S4) or when the
@@ -1372,17 +1469,27 @@ fn plan(
 ) -> (Plan, Option<SystemTime>) {
     let since = record.last_rotated_at.unwrap_or(record.current.created_at);
     let scheduled = rotation.and_then(|r| schedule::next_due(&r.trigger, since));
+    // Counted from the last rotation when that is later than the secret's
+    // creation: a provider that kept the secret when asked for a new one
+    // (an RFC 7592 update) must not be asked again at once, forever.
+    let aged_since = record
+        .current
+        .created_at
+        .max(record.last_rotated_at.unwrap_or(record.current.created_at));
     let aged = rotation
         .and_then(|r| r.max_secret_age)
-        .and_then(|max| schedule::aged_out(record.current.created_at, max));
+        .and_then(|max| schedule::aged_out(aged_since, max));
+    // Where the last rotation ended after the expiry's due time and the
+    // current secret still expires then, the provider kept the secret (an
+    // RFC 7592 server may): asking again at once would loop, so only the
+    // warning is left (`schedule::expiry_state`).
     let expiry = rotation.and_then(|r| {
         let current = &record.current;
-        let at = current.expires_at?;
-        Some(schedule::expiry_due(
-            current.created_at,
-            at,
-            r.before_expiry,
-        ))
+        let due = schedule::expiry_due(current.created_at, current.expires_at?, r.before_expiry);
+        record
+            .last_rotated_at
+            .is_none_or(|last| last < due)
+            .then_some(due)
     });
     // The earliest; on a tie the schedule names it, then the age bound.
     let (due_at, reason) = [
@@ -1537,12 +1644,28 @@ mod tests {
     fn max_secret_age_forces_a_rotation_when_it_comes_first() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let day = Duration::from_secs(86400);
-        // Rotated by schedule recently, but the secret itself is old (an
-        // operator installed it long ago and the rotations since aborted).
-        let mut old = record(t0, Rotation::Idle);
-        old.last_rotated_at = Some(t0 + 9 * day);
+        // Never rotated by the schedule (the rotations aborted), and the
+        // secret is old: an operator installed it long ago.
+        let old = record(t0, Rotation::Idle);
         let weekly = rotation(RotationTrigger::Every(7 * day), Some(10 * day));
-        let (p, due) = plan(&old, Some(&weekly), t0 + 10 * day, false, Duration::ZERO);
+        // The schedule falls due first...
+        let (p, due) = plan(&old, Some(&weekly), t0 + 7 * day, false, Duration::ZERO);
+        assert_eq!(
+            p,
+            Plan::Rotate {
+                begin: Some(StartReason::Schedule)
+            }
+        );
+        assert_eq!(due, Some(t0 + 7 * day));
+        // ... and with a schedule longer than the bound, the bound decides.
+        let twelve_days = rotation(RotationTrigger::Every(12 * day), Some(10 * day));
+        let (p, due) = plan(
+            &old,
+            Some(&twelve_days),
+            t0 + 10 * day,
+            false,
+            Duration::ZERO,
+        );
         assert_eq!(
             p,
             Plan::Rotate {
@@ -1550,11 +1673,30 @@ mod tests {
             }
         );
         assert_eq!(due, Some(t0 + 10 * day));
-        // Younger than the bound: the schedule decides, and the gauge shows
-        // the earlier of the two.
-        let (p, due) = plan(&old, Some(&weekly), t0 + 9 * day, false, Duration::ZERO);
+        // Younger than the bound: the earlier of the two is waited for.
+        let (p, due) = plan(
+            &old,
+            Some(&twelve_days),
+            t0 + 9 * day,
+            false,
+            Duration::ZERO,
+        );
         assert_eq!(p, Plan::Wait(day));
         assert_eq!(due, Some(t0 + 10 * day));
+        // A provider that kept the secret when asked for a new one (an RFC
+        // 7592 update) at 9 days: the bound counts from then, or every
+        // run would ask again at once.
+        let mut kept = record(t0, Rotation::Idle);
+        kept.last_rotated_at = Some(t0 + 9 * day);
+        let (p, due) = plan(
+            &kept,
+            Some(&twelve_days),
+            t0 + 10 * day,
+            false,
+            Duration::ZERO,
+        );
+        assert_eq!(p, Plan::Wait(9 * day));
+        assert_eq!(due, Some(t0 + 19 * day));
         // A manual trigger rotates only when the secret gets too old.
         let manual = rotation(RotationTrigger::Manual, Some(30 * day));
         let fresh = record(t0, Rotation::Idle);
@@ -1568,6 +1710,70 @@ mod tests {
                 begin: Some(StartReason::MaxSecretAge)
             }
         );
+    }
+
+    #[tokio::test]
+    async fn the_stored_registration_token_is_used_until_the_file_changes() {
+        use secrecy::ExposeSecret;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("registration.token");
+        std::fs::write(&file, "rat-1\n").unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::file::FileStore::new(
+            &dir.path().join("state"),
+        ));
+        let bearer = RegistrationBearer {
+            access_token_file: file.clone(),
+            store: store.clone(),
+            name: "app".into(),
+        };
+        let token = || async {
+            bearer
+                .token()
+                .await
+                .unwrap()
+                .access_token
+                .expose_secret()
+                .to_string()
+        };
+        // No record yet: the file's token (without its newline).
+        assert_eq!(token().await, "rat-1");
+        // An update replaced it; the store holds the new one, descended
+        // from the file's content.
+        let mut record = CredentialRecord::new(SecretEntry {
+            id: None,
+            value: SecretString::from("secret"),
+            created_at: SystemTime::now(),
+            expires_at: None,
+        });
+        record.registration = Some(RegistrationToken {
+            value: SecretString::from("rat-2"),
+            file_sha256: sha256_hex(&SecretString::from("rat-1")),
+        });
+        store.compare_and_swap("app", None, &record).await.unwrap();
+        assert_eq!(token().await, "rat-2");
+        // The file cannot be read: the stored token still works.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(token().await, "rat-2");
+        // An operator hands over a new token: the file wins.
+        std::fs::write(&file, "rat-9").unwrap();
+        assert_eq!(token().await, "rat-9");
+        // An empty file holds no token: the stored one is used; without a
+        // stored one the error names the file.
+        std::fs::write(&file, " \n").unwrap();
+        assert_eq!(
+            token().await,
+            "rat-2",
+            "unreadable as a token: the stored one"
+        );
+        let missing = RegistrationBearer {
+            access_token_file: dir.path().join("absent"),
+            store: Arc::new(crate::store::file::FileStore::new(
+                &dir.path().join("other"),
+            )),
+            name: "app".into(),
+        };
+        let err = missing.token().await.unwrap_err().to_string();
+        assert!(err.contains("absent"), "{err}");
     }
 
     #[test]
@@ -1651,6 +1857,15 @@ mod tests {
             ),
             (Plan::Wait(day), None)
         );
+        // A rotation after the due time that left the expiry as it was (a
+        // server that kept its secret): not asked again at once, forever;
+        // the warning is what is left.
+        let mut kept = expiring.clone();
+        kept.last_rotated_at = Some(t0 + 28 * day);
+        assert_eq!(
+            plan(&kept, Some(&manual), t0 + 28 * day, false, Duration::ZERO),
+            (Plan::Wait(day), None)
+        );
         // Without rotation configured: never rotated, only warned about.
         let (p, due) = plan(&expiring, None, t0 + 29 * day, false, Duration::ZERO);
         assert_eq!((p, due), (Plan::Wait(day), None));
@@ -1683,6 +1898,7 @@ mod tests {
             id: Some("x".into()),
             value: SecretString::from("topsecret"),
             expires_at: None,
+            registration: None,
         };
         assert!(!format!("{e:?}").contains("topsecret"));
     }

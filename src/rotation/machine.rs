@@ -14,12 +14,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::{Tag, parse_tag};
 use crate::history::{Event as Audit, Step};
-use crate::provider::{Capabilities, Overlap, RemoteSecret};
-use crate::store::{CredentialRecord, RetiredSecret, Rotation, SecretEntry};
+use crate::provider::{Capabilities, Overlap, RemoteSecret, Retire, ValueOrigin};
+use crate::store::{CredentialRecord, RegistrationToken, RetiredSecret, Rotation, SecretEntry};
 
 /// A tagged secret that the journal does not name is swept (S7) only once
 /// it is this old, so that a create whose reply is still on its way is not
@@ -48,6 +48,9 @@ pub enum Event {
         id: Option<String>,
         value: SecretString,
         expires_at: Option<SystemTime>,
+        /// A new RFC 7592 registration access token the reply carried: it
+        /// is stored in the same write as the secret.
+        registration: Option<RegistrationToken>,
     },
     /// The login with the value of an interrupted caller-chosen create
     /// ([`Next::Probe`]): accepted or consistently refused.
@@ -221,9 +224,40 @@ pub fn step(
                 id,
                 value,
                 expires_at,
+                registration,
             },
         ) => {
             let mut next = record.clone();
+            if registration.is_some() {
+                // The token the update was sent with is dead: the new one
+                // is in this write, before anything uses it.
+                next.registration = registration;
+            }
+            if ctx.caps.replaces() && value.expose_secret() == record.current.value.expose_secret()
+            {
+                // The server answered with the secret it had (an RFC 7592
+                // update that rotated only the registration access token,
+                // or nothing): nothing new to prove, nothing retired. It
+                // counts as the rotation, or a schedule would ask again at
+                // once.
+                next.rotation = Rotation::Idle;
+                next.last_rotated_at = Some(ctx.now);
+                // The reply's expiry is the kept secret's (a server may
+                // have extended it); none said leaves the known one.
+                if expires_at.is_some() {
+                    next.current.expires_at = expires_at;
+                }
+                let kept = Audit::new(Step::Completed)
+                    .rid(rid)
+                    .detail("the provider kept the client secret");
+                return Ok(audited(
+                    warned(
+                        persist(next, Next::Stable),
+                        "the provider kept the client secret: this rotation changed nothing else than what the provider chose to renew (the registration access token, if any)",
+                    ),
+                    [kept],
+                ));
+            }
             let created = Audit::new(Step::Created).rid(rid).secret(id.as_deref());
             // The provider's expiry goes with the value: promotion makes
             // this entry current, and the schedule rotates before it.
@@ -284,26 +318,6 @@ pub fn step(
             ),
         },
 
-        (Rotation::Created { rid, pending }, Event::Verified) if ctx.caps.replaces() => {
-            // The provider replaced the old secret when it took the new
-            // one: there is no grace period to wait out and nothing to
-            // delete. The old value is remembered (by digest) so that
-            // set-secret refuses it (S6).
-            let mut next = record.clone();
-            next.current = pending.clone();
-            next.rotation = Rotation::Idle;
-            next.last_rotated_at = Some(ctx.now);
-            next.remember_retired([RetiredSecret::of(&record.current)]);
-            let id = pending.id.as_deref();
-            let audit = [
-                Audit::new(Step::Verified).rid(rid).secret(id),
-                Audit::new(Step::Completed)
-                    .rid(rid)
-                    .secret(id)
-                    .detail("the provider replaced the previous secret"),
-            ];
-            audited(persist(next, Next::Stable), audit)
-        }
         (Rotation::Created { rid, pending }, Event::VerifyRejected) if ctx.caps.replaces() => {
             // The old secret may be gone already: never drop the new value.
             // Back to creating with the same value, which the next run
@@ -338,16 +352,28 @@ pub fn step(
                 ..record.clone()
             };
             let id = pending.id.as_deref();
+            let until = humantime::format_rfc3339_seconds(delete_after);
+            // Where the provider replaced the old secret, it stays in the
+            // journal all the same: logins try it while the new one
+            // propagates (Auth0: up to about 30 s), and a replacement
+            // request delayed from an earlier rotation, which would set
+            // an older value again, is met by the check at the end (S5).
+            let detail = if ctx.caps.replaces() {
+                format!(
+                    "the provider replaced the previous secret; logins still try it until {until}"
+                )
+            } else {
+                format!(
+                    "previous secret {} kept until {until}",
+                    record.current.id.as_deref().unwrap_or("(id unknown)")
+                )
+            };
             let audit = [
                 Audit::new(Step::Verified).rid(rid).secret(id),
                 Audit::new(Step::Promoted)
                     .rid(rid)
                     .secret(id)
-                    .detail(format!(
-                        "previous secret {} kept until {}",
-                        record.current.id.as_deref().unwrap_or("(id unknown)"),
-                        humantime::format_rfc3339_seconds(delete_after)
-                    )),
+                    .detail(detail),
             ];
             audited(persist(next, Next::WaitUntil(delete_after)), audit)
         }
@@ -382,7 +408,14 @@ pub fn step(
             let mut next = record.clone();
             next.rotation = Rotation::Idle;
             next.last_rotated_at = Some(ctx.now);
-            let mut warnings = retire_entry(&mut next, old);
+            let mut warnings = if ctx.caps.retire == Retire::Replaced {
+                // Gone at the provider with the replacement: nothing to
+                // delete; remembered (by digest) so set-secret refuses it.
+                next.remember_retired([RetiredSecret::of(old)]);
+                Vec::new()
+            } else {
+                retire_entry(&mut next, old)
+            };
             let t = plan_retire(record, next, &secrets, ctx, true);
             warnings.extend(t.warnings);
             let completed = Audit::new(Step::Completed)
@@ -395,6 +428,34 @@ pub fn step(
                 audit,
                 ..t
             }
+        }
+        (Rotation::Promoted { rid, old, .. }, Event::CurrentRejected) if ctx.caps.replaces() => {
+            // The provider held one secret: something set another value
+            // since the new one was proven (a replacement request delayed
+            // from an earlier rotation, which may have set the old value
+            // again). The old value becomes current, and the proven one is
+            // set again (or, server-generated, the update asked for
+            // again): logins try both meanwhile, and neither is dropped.
+            let mut next = record.clone();
+            next.current = old.clone();
+            next.rotation = Rotation::Creating {
+                rid: rid.clone(),
+                attempt: "1".into(),
+                chosen: match ctx.caps.value {
+                    ValueOrigin::Caller { .. } => Some(record.current.value.clone()),
+                    ValueOrigin::Server => None,
+                },
+            };
+            let aborted = Audit::new(Step::Aborted).rid(rid).detail(
+                "the provider refuses the new secret after its promotion; the previous one is current again and the new one is set again",
+            );
+            audited(
+                warned(
+                    persist(next, Next::Stable),
+                    "the provider refuses the new secret after its promotion (was another value set since?); the previous secret is current again and the new one is set again on the next run",
+                ),
+                [aborted],
+            )
         }
         (Rotation::Promoted { rid, old, .. }, Event::CurrentRejected) => {
             // S5: the old secret is still valid at the provider; it becomes
@@ -822,6 +883,7 @@ mod tests {
             id: Some("new".into()),
             value: SecretString::from("new-value"),
             expires_at: None,
+            registration: None,
         };
         let t = step(&t.record, created, &ctx(t0())).unwrap();
         assert!(t.persist);
@@ -894,6 +956,7 @@ mod tests {
             id: Some("new".into()),
             value: SecretString::from("new-value"),
             expires_at: Some(expiry),
+            registration: None,
         };
         // Several secrets at once: promoted after verification.
         let t = step(&idle(), begin(), &ctx(t0())).unwrap();
@@ -905,7 +968,7 @@ mod tests {
         assert!(t.persist);
         assert_eq!(t.record.current.expires_at, Some(expiry));
         assert_eq!(t.record.rotation.old().unwrap().expires_at, None);
-        // An API that replaces its secret: current at once.
+        // An API that replaces its secret: current once proven too.
         let mut replace = ctx(t0());
         replace.caps = crate::provider::replace::CAPABILITIES;
         let chosen = Event::Begin {
@@ -915,6 +978,30 @@ mod tests {
         let t = step(&idle(), chosen, &replace).unwrap();
         let t = step(&t.record, created(), &replace).unwrap();
         let t = step(&t.record, Event::Verified, &replace).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.record.current.expires_at, Some(expiry));
+    }
+
+    #[test]
+    fn a_kept_secret_takes_the_expiry_the_reply_states() {
+        let expiry = t0() + Duration::from_secs(90 * 86400);
+        let mut replace = ctx(t0());
+        replace.caps = crate::provider::replace::CAPABILITIES;
+        let mut r = idle();
+        r.rotation = Rotation::Creating {
+            rid: "r1".into(),
+            attempt: "1".into(),
+            chosen: None,
+        };
+        // The server answered with the secret it had, and when it expires.
+        let kept = Event::Created {
+            id: None,
+            value: SecretString::from("old-value"),
+            expires_at: Some(expiry),
+            registration: None,
+        };
+        let t = step(&r, kept, &replace).unwrap();
+        assert!(t.persist);
         assert_eq!(t.record.rotation.phase(), "idle");
         assert_eq!(t.record.current.expires_at, Some(expiry));
     }
@@ -1029,6 +1116,7 @@ mod tests {
             id: Some("new".into()),
             value: SecretString::from("v"),
             expires_at: None,
+            registration: None,
         };
         let t = step(&t.record, created, &c).unwrap();
         let t = step(&t.record, Event::Verified, &c).unwrap();
@@ -1177,6 +1265,96 @@ mod tests {
         record.chosen().unwrap().expose_secret().to_string()
     }
 
+    const REGISTRATION: Capabilities = crate::provider::registration::CAPABILITIES;
+
+    fn registration_token(value: &str) -> Option<RegistrationToken> {
+        Some(RegistrationToken {
+            value: SecretString::from(value),
+            file_sha256: "f".repeat(64),
+        })
+    }
+
+    #[test]
+    fn a_registration_update_stores_its_new_access_token_with_its_secret() {
+        let c = with_caps(t0(), REGISTRATION);
+        let t = step(&idle(), begin(), &c).unwrap();
+        assert!(matches!(t.next, Next::Create { .. }));
+        // The server replaced the secret and the access token: both in the
+        // one write before the login that proves the secret.
+        let created = Event::Created {
+            id: None,
+            value: SecretString::from("server-value"),
+            expires_at: None,
+            registration: registration_token("rat-2"),
+        };
+        let t = step(&t.record, created, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.next, Next::Verify);
+        assert_eq!(
+            t.record.pending().unwrap().value.expose_secret(),
+            "server-value"
+        );
+        let stored = t.record.registration.as_ref().unwrap();
+        assert_eq!(stored.value.expose_secret(), "rat-2");
+        let t = step(&t.record, Event::Verified, &c).unwrap();
+        assert_eq!(t.record.current.value.expose_secret(), "server-value");
+        let t = step(
+            &t.record,
+            Event::Resume,
+            &with_caps(t0() + GRACE, REGISTRATION),
+        )
+        .unwrap();
+        let t = step(&t.record, Event::CurrentVerified, &c).unwrap();
+        let t = step(&t.record, Event::Listed { secrets: vec![] }, &c).unwrap();
+        assert!(!t.record.is_unfinished());
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        assert_eq!(
+            t.record.registration.unwrap().value.expose_secret(),
+            "rat-2",
+            "the token outlives the rotation"
+        );
+    }
+
+    #[test]
+    fn a_registration_update_that_kept_the_secret_completes_at_once() {
+        let c = with_caps(t0(), REGISTRATION);
+        let t = step(&idle(), begin(), &c).unwrap();
+        let kept = Event::Created {
+            id: None,
+            value: SecretString::from("old-value"),
+            expires_at: None,
+            registration: registration_token("rat-2"),
+        };
+        let t = step(&t.record, kept, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.next, Next::Stable, "nothing new to prove");
+        assert!(!t.record.is_unfinished());
+        assert_eq!(t.record.last_rotated_at, Some(t0()));
+        assert_eq!(t.record.current.value.expose_secret(), "old-value");
+        assert!(
+            !t.record
+                .knows_retired(&SecretString::from("old-value"), None),
+            "the current secret is not retired"
+        );
+        assert!(t.record.registration.is_some());
+        assert!(t.warnings[0].contains("kept the client secret"));
+        // Without a new token the stored one stays.
+        let mut with_token = idle();
+        with_token.registration = registration_token("rat-1");
+        let t = step(&with_token, begin(), &c).unwrap();
+        let kept = Event::Created {
+            id: None,
+            value: SecretString::from("old-value"),
+            expires_at: None,
+            registration: None,
+        };
+        let t = step(&t.record, kept, &c).unwrap();
+        assert_eq!(
+            t.record.registration.unwrap().value.expose_secret(),
+            "rat-1"
+        );
+    }
+
     #[test]
     fn a_chosen_value_is_written_before_the_call_and_sent_again_after_a_loss() {
         let c = with_caps(t0(), REPLACE);
@@ -1199,13 +1377,14 @@ mod tests {
     }
 
     #[test]
-    fn a_replacing_api_completes_at_verification_and_never_drops_the_new_value() {
+    fn a_replacing_api_keeps_the_old_value_through_the_grace_and_never_drops_the_new_one() {
         let c = with_caps(t0(), REPLACE);
         let t = step(&idle(), begin_chosen("chosen-value"), &c).unwrap();
         let created = Event::Created {
             id: None,
             value: SecretString::from("chosen-value"),
             expires_at: None,
+            registration: None,
         };
         let created = step(&t.record, created, &c).unwrap();
         assert_eq!(created.next, Next::Verify);
@@ -1219,18 +1398,54 @@ mod tests {
         assert_eq!(t.record.current.value.expose_secret(), "old-value");
         assert!(t.record.retire.is_empty(), "nothing of ours is deleted");
 
-        // Accepted: current at once, nothing to wait for or delete.
-        let t = step(&created.record, Event::Verified, &c).unwrap();
+        // Accepted: current at once; the replaced value stays in the
+        // journal through the grace period (logins still try it while the
+        // new one propagates).
+        let promoted = step(&created.record, Event::Verified, &c).unwrap();
+        assert!(promoted.persist);
+        assert_eq!(promoted.next, Next::WaitUntil(t0() + GRACE));
+        assert_eq!(
+            promoted.record.current.value.expose_secret(),
+            "chosen-value"
+        );
+        assert_eq!(
+            promoted
+                .record
+                .rotation
+                .old()
+                .unwrap()
+                .value
+                .expose_secret(),
+            "old-value"
+        );
+        let later = with_caps(t0() + GRACE, REPLACE);
+        let t = step(&promoted.record, Event::GraceOver, &later).unwrap();
+        assert_eq!(t.next, Next::VerifyCurrent);
+        let t = step(&t.record, Event::CurrentVerified, &later).unwrap();
+        assert_eq!(t.next, Next::List);
+        // The API lists nothing; nothing is deleted, nothing warned about.
+        let t = step(&t.record, Event::Listed { secrets: vec![] }, &later).unwrap();
         assert!(t.persist);
         assert_eq!(t.next, Next::Stable);
-        assert_eq!(t.record.current.value.expose_secret(), "chosen-value");
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
         assert!(!t.record.is_unfinished());
-        assert_eq!(t.record.last_rotated_at, Some(t0()));
+        assert_eq!(t.record.last_rotated_at, Some(t0() + GRACE));
         assert!(
             t.record
                 .knows_retired(&SecretString::from("old-value"), None),
             "S6: set-secret refuses the replaced value"
         );
+
+        // Refused after the grace period (a delayed replacement from an
+        // earlier rotation set another value): the old value is current
+        // again, the proven one is set again; neither is dropped.
+        let t = step(&promoted.record, Event::CurrentRejected, &later).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.record.current.value.expose_secret(), "old-value");
+        assert_eq!(chosen_of(&t.record), "chosen-value");
+        assert!(t.record.retire.is_empty());
+        let t = step(&t.record, Event::Resume, &later).unwrap();
+        assert!(matches!(t.next, Next::Create { .. }));
     }
 
     #[test]
@@ -1306,6 +1521,7 @@ mod tests {
             id: Some("x".into()),
             value: SecretString::from("x"),
             expires_at: None,
+            registration: None,
         };
         assert!(step(&r, created, &c).is_err());
     }

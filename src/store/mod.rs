@@ -16,7 +16,9 @@ use futures_util::future::BoxFuture;
 
 use crate::config::{Config, StoreConfig};
 
-pub use record::{CredentialRecord, RetiredSecret, Rotation, SecretEntry, sha256_hex};
+pub use record::{
+    CredentialRecord, RegistrationToken, RetiredSecret, Rotation, SecretEntry, sha256_hex,
+};
 
 /// A value together with the version it was read at.
 #[derive(Debug, Clone)]

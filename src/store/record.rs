@@ -112,6 +112,17 @@ pub fn sha256_hex(value: &SecretString) -> String {
     hex::encode(sha2::Sha256::digest(value.expose_secret().as_bytes()))
 }
 
+/// An RFC 7592 registration access token the server handed out in an
+/// update reply (the one `access_token_file` held stops working then).
+#[derive(Debug, Clone)]
+pub struct RegistrationToken {
+    pub value: SecretString,
+    /// The SHA-256 (hex, [`sha256_hex`]) of the `access_token_file`
+    /// content this token descends from: once the file holds something
+    /// else, an operator handed over a new token, and the file wins.
+    pub file_sha256: String,
+}
+
 /// How many retired secrets the record remembers for `set-secret`.
 pub const RETIRED_HISTORY: usize = 16;
 
@@ -132,6 +143,9 @@ pub struct CredentialRecord {
     /// yet: the journal is unfinished until it is, so a crash in between
     /// does not skip the sweep.
     pub listing_owed: bool,
+    /// The registration access token an RFC 7592 update returned (`None`:
+    /// the one in `access_token_file` is in use).
+    pub registration: Option<RegistrationToken>,
 }
 
 impl CredentialRecord {
@@ -143,6 +157,7 @@ impl CredentialRecord {
             retire: Vec::new(),
             retired: Vec::new(),
             listing_owed: false,
+            registration: None,
         }
     }
 
@@ -232,6 +247,15 @@ pub(crate) struct Document {
     pub retired: Vec<DocRetired>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub listing_owed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<DocRegistration>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DocRegistration {
+    pub access_token: String,
+    pub file_sha256: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -353,6 +377,10 @@ impl Document {
             retire: record.retire.iter().map(DocRetired::from).collect(),
             retired: record.retired.iter().map(DocRetired::from).collect(),
             listing_owed: record.listing_owed,
+            registration: record.registration.as_ref().map(|r| DocRegistration {
+                access_token: r.value.expose_secret().to_string(),
+                file_sha256: r.file_sha256.clone(),
+            }),
         }
     }
 
@@ -403,6 +431,16 @@ impl Document {
             retire: retired_entries("retire", self.retire)?,
             retired: retired_entries("retired", self.retired)?,
             listing_owed: self.listing_owed,
+            registration: match self.registration {
+                Some(r) if r.access_token.is_empty() => {
+                    return Err("registration.access_token is empty".into());
+                }
+                Some(r) => Some(RegistrationToken {
+                    value: SecretString::from(r.access_token),
+                    file_sha256: r.file_sha256,
+                }),
+                None => None,
+            },
         };
         if record.retire.iter().any(|r| r.id.is_none()) {
             return Err("retire: an entry without an id".into());
@@ -544,6 +582,27 @@ mod tests {
         );
         let err = decode(bad.as_bytes()).unwrap_err();
         assert!(err.contains("current.expires_at"), "{err}");
+    }
+
+    #[test]
+    fn a_registration_access_token_round_trips_and_is_never_in_debug() {
+        let mut r = record();
+        let text = String::from_utf8(encode(&r, 1)).unwrap();
+        assert!(!text.contains("registration"), "absent when unused: {text}");
+        r.registration = Some(RegistrationToken {
+            value: SecretString::from("rat-value"),
+            file_sha256: "ab".repeat(32),
+        });
+        let (_, back) = decode(&encode(&r, 2)).unwrap();
+        let token = back.registration.as_ref().unwrap();
+        assert_eq!(token.value.expose_secret(), "rat-value");
+        assert_eq!(token.file_sha256, "ab".repeat(32));
+        assert!(!format!("{back:?}").contains("rat-value"));
+        let empty = String::from_utf8(encode(&r, 1))
+            .unwrap()
+            .replace("\"rat-value\"", "\"\"");
+        let err = decode(empty.as_bytes()).unwrap_err();
+        assert!(err.contains("registration.access_token"), "{err}");
     }
 
     #[test]

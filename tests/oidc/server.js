@@ -19,6 +19,18 @@
 //                         tokens, i.e. `expires_in` (default 600)
 //   OIDC_STRICT_AUTH_METHOD  "0" to turn off the strict auth-method check
 //                         described below (default on)
+//   OIDC_REGISTRATION_FILE   turns on RFC 7591 dynamic registration and RFC
+//                         7592 registration management (the registration
+//                         access token is replaced by every update) and
+//                         writes two initial access tokens there as JSON,
+//                         before LISTENING: {"initial_access_token",
+//                         "rotating_initial_access_token"}. A client
+//                         registered with the second one gets a new
+//                         client_secret from every update too (a
+//                         registration policy, which RFC 7592 §2.2 allows).
+//                         `POST /__test/drop-next-update-reply` makes the
+//                         next successful update commit and then close the
+//                         connection without a reply (a lost reply).
 //
 // Endpoints (oidc-provider defaults, issuer = http://127.0.0.1:<port>):
 //   POST /token                     token endpoint
@@ -139,6 +151,24 @@ const actualPort = server.address().port;
 stage(`bound to 127.0.0.1:${actualPort}`);
 const issuer = `http://127.0.0.1:${actualPort}`;
 
+const registrationFile = process.env.OIDC_REGISTRATION_FILE;
+const registrationFeatures = registrationFile ? {
+  registration: {
+    enabled: true,
+    initialAccessToken: true,
+    policies: {
+      // Runs on registration and, for clients registered with an initial
+      // access token carrying it, on every update: a new secret per update.
+      'rotate-secret': async (ctx, properties) => {
+        if (ctx.method === 'PUT') {
+          properties.client_secret = randomBytes(32).toString('base64url');
+        }
+      },
+    },
+  },
+  registrationManagement: { enabled: true, rotateRegistrationAccessToken: true },
+} : {};
+
 const provider = new Provider(issuer, {
   clients,
   jwks: { keys: [signingJwk] },
@@ -157,6 +187,7 @@ const provider = new Provider(issuer, {
       ),
     },
     revocation: { enabled: true },
+    ...registrationFeatures,
     // resourceIndicators stays at its default (enabled, no defaultResource):
     // a client_credentials request without `resource` yields an opaque token.
   },
@@ -226,6 +257,34 @@ function readBody(req) {
     req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
     req.on('error', reject);
   });
+}
+
+// Lost replies of registration updates (see OIDC_REGISTRATION_FILE): the
+// update commits, then the connection closes before the reply is sent.
+let dropUpdateReplies = 0;
+provider.use(async (ctx, next) => {
+  if (registrationFile && ctx.method === 'POST' && ctx.path === '/__test/drop-next-update-reply') {
+    dropUpdateReplies += 1;
+    ctx.status = 204;
+    return;
+  }
+  await next();
+  if (ctx.method === 'PUT' && ctx.path.startsWith('/reg/') && ctx.status === 200 && dropUpdateReplies > 0) {
+    dropUpdateReplies -= 1;
+    process.stderr.write(`${ctx.method} ${ctx.path} -> committed, reply dropped\n`);
+    ctx.req.socket.destroy();
+  }
+});
+
+if (registrationFile) {
+  const { writeFileSync } = await import('node:fs');
+  const plain = await new provider.InitialAccessToken({}).save();
+  const rotating = await new provider.InitialAccessToken({ policies: ['rotate-secret'] }).save();
+  writeFileSync(registrationFile, JSON.stringify({
+    initial_access_token: plain,
+    rotating_initial_access_token: rotating,
+  }));
+  stage('registration enabled');
 }
 
 server.on('request', provider.callback());

@@ -77,6 +77,9 @@ pub struct OidcOptions {
     /// Replace the two default clients with this JSON array of client
     /// metadata (oidc-provider / RFC 7591 field names).
     pub clients: Option<serde_json::Value>,
+    /// RFC 7591 registration and RFC 7592 management (server.js
+    /// `OIDC_REGISTRATION_FILE`): see [`OidcServer::register`].
+    pub registration: bool,
 }
 
 impl Default for OidcOptions {
@@ -85,6 +88,7 @@ impl Default for OidcOptions {
             token_ttl_secs: None,
             strict_auth_method: true,
             clients: None,
+            registration: false,
         }
     }
 }
@@ -95,6 +99,18 @@ pub struct OidcServer {
     pub post_secret: String,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    /// With [`OidcOptions::registration`]: the initial access tokens.
+    registration: Option<serde_json::Value>,
+    _registration_dir: Option<tempfile::TempDir>,
+}
+
+/// A client registered through RFC 7591 ([`OidcServer::register`]).
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub client_id: String,
+    pub client_secret: String,
+    pub registration_client_uri: String,
+    pub registration_access_token: String,
 }
 
 impl OidcServer {
@@ -167,6 +183,14 @@ impl OidcServer {
         if let Some(clients) = &opts.clients {
             cmd.env("OIDC_CLIENTS", clients.to_string());
         }
+        let registration_dir = opts.registration.then(|| tempfile::tempdir().unwrap());
+        let registration_file = registration_dir
+            .as_ref()
+            .map(|d| d.path().join("registration.json"));
+        match &registration_file {
+            Some(file) => cmd.env("OIDC_REGISTRATION_FILE", file),
+            None => cmd.env_remove("OIDC_REGISTRATION_FILE"),
+        };
 
         let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
@@ -227,13 +251,97 @@ impl OidcServer {
         // Keep draining stdout (nothing more is expected there).
         tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
 
+        // Written before LISTENING.
+        let registration = registration_file.map(|file| {
+            serde_json::from_slice(&std::fs::read(file).expect("registration file"))
+                .expect("registration file is JSON")
+        });
         Ok(OidcServer {
             port,
             basic_secret,
             post_secret,
             child,
             logs,
+            registration,
+            _registration_dir: registration_dir,
         })
+    }
+
+    /// Registers a `client_credentials` client (RFC 7591 §3) with
+    /// `client_secret_basic`; `rotating`: every update also replaces its
+    /// secret. Needs [`OidcOptions::registration`].
+    pub async fn register(&self, rotating: bool) -> Registered {
+        let tokens = self
+            .registration
+            .as_ref()
+            .expect("started with registration");
+        let iat = tokens[if rotating {
+            "rotating_initial_access_token"
+        } else {
+            "initial_access_token"
+        }]
+        .as_str()
+        .unwrap();
+        let metadata = serde_json::json!({
+            "grant_types": ["client_credentials"],
+            "response_types": [],
+            "redirect_uris": [],
+            "token_endpoint_auth_method": "client_secret_basic",
+            "client_name": "rekeyd test client",
+        });
+        let resp = reqwest::Client::new()
+            .post(format!("{}/reg", self.base_url()))
+            .bearer_auth(iat)
+            .header("content-type", "application/json")
+            .body(metadata.to_string())
+            .send()
+            .await
+            .expect("registration request");
+        let status = resp.status();
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.bytes().await.unwrap()).expect("registration reply");
+        assert_eq!(status, 201, "registration: {body}\n{}", self.logs());
+        let text = |field: &str| {
+            body[field]
+                .as_str()
+                .unwrap_or_else(|| panic!("{field} in {body}"))
+                .to_string()
+        };
+        Registered {
+            client_id: text("client_id"),
+            client_secret: text("client_secret"),
+            registration_client_uri: text("registration_client_uri"),
+            registration_access_token: text("registration_access_token"),
+        }
+    }
+
+    /// Makes the next successful registration update commit and then close
+    /// its connection without a reply.
+    pub async fn drop_next_update_reply(&self) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/__test/drop-next-update-reply", self.base_url()))
+            .send()
+            .await
+            .expect("fault request");
+        assert_eq!(resp.status(), 204);
+    }
+
+    /// `GET` of the client's registration with `token`: the HTTP status and
+    /// the body.
+    pub async fn read_registration(
+        &self,
+        client: &Registered,
+        token: &str,
+    ) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .get(&client.registration_client_uri)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("registration read");
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap_or_default())
     }
 
     pub fn base_url(&self) -> String {

@@ -366,15 +366,27 @@ impl World {
                 .find(|s| s.client == CLIENT && s.deleted_at.is_none() && s.value == v)
                 .map(|s| (s.id.clone(), s.value.clone()))
         });
-        if self.caps.replaces()
-            && let Some((id, value)) = unchanged
-        {
+        // An RFC 7592 server that keeps the secret on an update (as
+        // oidc-provider does): the client's live secret comes back. (One
+        // that replaces it server-side cannot be covered by any journal
+        // when the reply is lost: the documented limit, not simulated.)
+        let kept = (self.caps == rekeyd::provider::registration::CAPABILITIES)
+            .then(|| {
+                self.provider
+                    .secrets
+                    .iter()
+                    .find(|s| s.client == CLIENT && s.deleted_at.is_none())
+                    .map(|s| (s.id.clone(), s.value.clone()))
+            })
+            .flatten();
+        if let Some((id, value)) = unchanged.filter(|_| self.caps.replaces()).or(kept) {
             // Setting the value the client already has changes nothing.
             self.note(Call::Create, |_| format!("-> {id} (same value, unchanged)"));
             return Ok(NewSecret {
                 id: None,
                 value: SecretString::from(value),
                 expires_at: None,
+                registration_access_token: None,
             });
         }
         if self.caps.replaces() {
@@ -419,6 +431,7 @@ impl World {
             id: (!self.caps.replaces()).then_some(id),
             value: SecretString::from(value),
             expires_at: None,
+            registration_access_token: None,
         })
     }
 
