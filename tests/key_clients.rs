@@ -1,0 +1,419 @@
+//! Key-based clients against a real authorization server (`oidc-provider`
+//! from npm, tests/oidc/server.js): `private_key_jwt` logins signed with
+//! ES256, RS256 and EdDSA keys (RFC 7523 §2.2), a new assertion for every
+//! attempt, a replayed assertion refused by the server, and
+//! `client_assertion_file` read afresh after the file is replaced the way
+//! the kubelet replaces a projected service-account token.
+
+#[path = "support/daemon.rs"]
+mod daemon;
+#[path = "support/oidc.rs"]
+mod oidc;
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use oidc::{OidcOptions, OidcServer};
+use rekeyd::provider::assertion;
+use rekeyd::provider::key::{Alg, ClientKey, generate_pem};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+
+/// A client_secret_basic client that introspects the others' tokens.
+const INTROSPECTOR: &str = "introspector";
+const INTROSPECTOR_SECRET: &str = "introspector-secret-0123456789";
+
+fn key_client(client_id: &str, key: &ClientKey) -> Value {
+    json!({
+        "client_id": client_id,
+        "grant_types": ["client_credentials"],
+        "response_types": [],
+        "redirect_uris": [],
+        "token_endpoint_auth_method": "private_key_jwt",
+        "token_endpoint_auth_signing_alg": key.alg().as_str(),
+        "jwks": {"keys": [key.public_jwk()]},
+    })
+}
+
+async fn server(clients: Vec<Value>) -> Option<OidcServer> {
+    let mut all = clients;
+    all.push(json!({
+        "client_id": INTROSPECTOR,
+        "client_secret": INTROSPECTOR_SECRET,
+        "grant_types": ["client_credentials"],
+        "response_types": [],
+        "redirect_uris": [],
+        "token_endpoint_auth_method": "client_secret_basic",
+    }));
+    OidcServer::start_with(OidcOptions {
+        clients: Some(Value::Array(all)),
+        log_assertions: true,
+        ..OidcOptions::default()
+    })
+    .await
+}
+
+fn credential(name: &str, client_id: &str, key_file: &str, server: &OidcServer) -> String {
+    format!(
+        r#"
+[[credentials]]
+name = "{name}"
+provider = "oauth2"
+client_id = "{client_id}"
+auth_method = "private_key_jwt"
+initial_key_file = "{{dir}}/{key_file}"
+scope = "api:read"
+[credentials.endpoints]
+token_url = "{}"
+"#,
+        server.token_url()
+    )
+}
+
+/// The JOSE header and claims of a compact JWS.
+fn decode(jwt: &str) -> (Value, Value) {
+    let mut parts = jwt.split('.');
+    let mut part = || serde_json::from_slice(&B64.decode(parts.next().unwrap()).unwrap()).unwrap();
+    (part(), part())
+}
+
+/// Polls `check` until it holds (the server's log is written by another
+/// process: there is no event to await).
+async fn eventually(what: &str, server: &OidcServer, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 60 s; server log:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn private_key_jwt_logs_in_with_es256_rs256_and_eddsa_keys() {
+    let es_pem = generate_pem(Alg::Es256).unwrap();
+    let es = ClientKey::from_file_text(&es_pem).unwrap();
+    let rs_pem = generate_pem(Alg::Rs256).unwrap();
+    let rs = ClientKey::from_file_text(&rs_pem).unwrap();
+    // The Ed25519 key comes as a JWK file with its own kid.
+    let mut ed_jwk: Value = serde_json::from_str(
+        ClientKey::from_file_text(&generate_pem(Alg::EdDsa).unwrap())
+            .unwrap()
+            .to_secret()
+            .expose_secret(),
+    )
+    .unwrap();
+    ed_jwk["kid"] = "ed-key-1".into();
+    let ed = ClientKey::from_jwk_json(&ed_jwk.to_string()).unwrap();
+    let Some(server) = server(vec![
+        key_client("es-client", &es),
+        key_client("rs-client", &rs),
+        key_client("ed-client", &ed),
+    ])
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    daemon::write_secret(dir.path(), "es.pem", &es_pem);
+    daemon::write_secret(dir.path(), "rs.pem", &rs_pem);
+    daemon::write_secret(dir.path(), "ed.jwk", &ed_jwk.to_string());
+    let config = format!(
+        "state_dir = \"{{dir}}/state\"\n{}{}{}",
+        credential("es", "es-client", "es.pem", &server),
+        credential("rs", "rs-client", "rs.pem", &server),
+        credential("ed", "ed-client", "ed.jwk", &server),
+    );
+    let d = daemon::TestDaemon::start_in(dir, &config).await;
+    for (name, client, key) in [("es", "es-client", &es), ("rs", "rs-client", &rs), ("ed", "ed-client", &ed)] {
+        let handle = d.handle(name);
+        let token = daemon::wait_token(&handle, |_| true).await;
+        let info = server
+            .introspect(INTROSPECTOR, INTROSPECTOR_SECRET, token.access_token.expose_secret())
+            .await;
+        assert_eq!(info["active"], true, "{name}: {info}\n{}", server.logs());
+        assert_eq!(info["client_id"], client);
+        // The assertion the server accepted: signed with this key.
+        let accepted: Vec<(Value, Value)> = server
+            .assertions()
+            .iter()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, jwt)| decode(jwt))
+            .filter(|(_, claims)| claims["iss"] == client)
+            .collect();
+        assert_eq!(accepted.len(), 1, "{name}: {accepted:?}");
+        let (header, claims) = &accepted[0];
+        assert_eq!(header["alg"], key.alg().as_str());
+        assert_eq!(header["kid"], key.kid());
+        assert_eq!(claims["sub"], client);
+        assert_eq!(claims["aud"], server.token_url());
+        assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 60);
+        // Status shows the method and the key in use, never the key.
+        let status = handle.status.borrow().clone();
+        let auth = status.client_auth.expect("client_auth in status");
+        assert_eq!(auth.auth_method, "private_key_jwt");
+        assert_eq!(auth.key_id.as_deref(), Some(key.kid()));
+        assert!(auth.key_created_at.is_some());
+        let shown = serde_json::to_string(&*handle.status.borrow()).unwrap();
+        let d_value = private_d(key);
+        assert!(!shown.contains(&d_value), "{shown}");
+    }
+    // The kid of a PEM key is its RFC 7638 thumbprint; a JWK keeps its own.
+    assert_eq!(es.kid(), es.thumbprint());
+    assert_eq!(ed.kid(), "ed-key-1");
+    d.stop().await;
+}
+
+fn private_d(key: &ClientKey) -> String {
+    let jwk: Value = serde_json::from_str(key.to_secret().expose_secret()).unwrap();
+    jwk["d"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn every_attempt_has_its_own_jti_and_a_replayed_assertion_is_refused() {
+    let key = ClientKey::from_file_text(&generate_pem(Alg::Es256).unwrap()).unwrap();
+    // "stranger" is registered with another key than rekeyd holds: every
+    // login is refused, and each retry must still sign anew.
+    let other = ClientKey::from_file_text(&generate_pem(Alg::Es256).unwrap()).unwrap();
+    let Some(server) = server(vec![key_client("app", &key), key_client("stranger", &other)]).await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pem = generate_pem(Alg::Es256).unwrap();
+    let held = ClientKey::from_file_text(&pem).unwrap();
+    daemon::write_secret(dir.path(), "app.jwk", key.to_secret().expose_secret());
+    daemon::write_secret(dir.path(), "stranger.pem", &pem);
+    let config = format!(
+        "state_dir = \"{{dir}}/state\"\n{}{}",
+        credential("app", "app", "app.jwk", &server),
+        credential("stranger", "stranger", "stranger.pem", &server),
+    );
+    let d = daemon::TestDaemon::start_in(dir, &config).await;
+
+    // Refused logins, retried at once on request: a new jti each time.
+    let stranger = d.handle("stranger");
+    let of_stranger = || {
+        server
+            .assertions()
+            .into_iter()
+            .filter(|(_, jwt)| decode(jwt).1["iss"] == "stranger")
+            .collect::<Vec<_>>()
+    };
+    for attempts in 1..=3 {
+        eventually("a refused attempt", &server, || of_stranger().len() >= attempts).await;
+        stranger.refresh_now.notify_one();
+    }
+    let refused = of_stranger();
+    assert!(refused.iter().all(|(status, _)| *status == 401), "{refused:?}");
+    let mut jtis: Vec<String> = refused
+        .iter()
+        .map(|(_, jwt)| decode(jwt).1["jti"].as_str().unwrap().to_string())
+        .collect();
+    let attempts = jtis.len();
+    jtis.sort();
+    jtis.dedup();
+    assert_eq!(jtis.len(), attempts, "a jti was sent twice");
+    assert!(refused.iter().all(|(_, jwt)| decode(jwt).0["kid"] == held.kid()));
+    let status = daemon::wait_status(&stranger, |s| s.last_error.is_some()).await;
+    let error = status.last_error.unwrap();
+    assert!(error.contains("invalid_client"), "{error}");
+    for (_, jwt) in &refused {
+        assert!(!error.contains(jwt.as_str()), "{error}");
+    }
+
+    // The server refuses an assertion it has seen (RFC 7523 §3 item 7):
+    // rekeyd's first one, sent again.
+    let app = d.handle("app");
+    let first = daemon::wait_token(&app, |_| true).await;
+    let sent: Vec<String> = server
+        .assertions()
+        .into_iter()
+        .filter(|(status, jwt)| *status == 200 && decode(jwt).1["iss"] == "app")
+        .map(|(_, jwt)| jwt)
+        .collect();
+    assert_eq!(sent.len(), 1);
+    let replay = |assertion: String| {
+        let url = server.token_url();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", "app"),
+                    ("client_assertion_type", assertion::JWT_BEARER),
+                    ("client_assertion", assertion.as_str()),
+                ])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(replay(sent[0].clone()).await, 401, "{}", server.logs());
+    // The same request with a newly minted assertion is accepted, so the
+    // refusal above was the replay.
+    let fresh = assertion::mint(&key, "app", &server.token_url(), SystemTime::now()).unwrap();
+    assert_eq!(replay(fresh.expose_secret().to_string()).await, 200);
+    assert_eq!(replay(fresh.expose_secret().to_string()).await, 401);
+
+    // rekeyd's next login mints a new one and succeeds.
+    app.refresh_now.notify_one();
+    let second = daemon::wait_token(&app, |t| {
+        t.access_token.expose_secret() != first.access_token.expose_secret()
+    })
+    .await;
+    assert!(second.received_at > first.received_at);
+    let by_rekeyd: Vec<String> = server
+        .assertions()
+        .into_iter()
+        .filter(|(status, jwt)| *status == 200 && decode(jwt).1["iss"] == "app")
+        .map(|(_, jwt)| decode(&jwt).1["jti"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(by_rekeyd.len(), 3, "rekeyd's two logins and the minted one");
+    assert_ne!(by_rekeyd[0], by_rekeyd[2]);
+    d.stop().await;
+}
+
+/// Writes `token` the way the kubelet updates a projected volume: a new
+/// timestamped directory, a `..data` symlink swapped to it by rename, and
+/// `token -> ..data/token` unchanged.
+fn kubelet_write(volume: &Path, generation: u32, token: &str) {
+    let data = volume.join(format!("..2026_11_30_{generation:02}"));
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("token"), token).unwrap();
+    let tmp = volume.join("..data_tmp");
+    std::os::unix::fs::symlink(data.file_name().unwrap(), &tmp).unwrap();
+    std::fs::rename(&tmp, volume.join("..data")).unwrap();
+    let link = volume.join("token");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("..data/token", &link).unwrap();
+    }
+}
+
+fn assertion_file_config(server: &OidcServer, volume: &Path) -> String {
+    format!(
+        r#"state_dir = "{{dir}}/state"
+[[credentials]]
+name = "workload"
+provider = "oauth2"
+client_id = "workload"
+auth_method = "client_assertion_file"
+client_assertion_file = "{}/token"
+scope = "api:read"
+[credentials.endpoints]
+token_url = "{}"
+"#,
+        volume.display(),
+        server.token_url()
+    )
+}
+
+#[tokio::test]
+async fn client_assertion_file_is_read_afresh_when_the_platform_replaces_it() {
+    // The platform's issuer: a key the server trusts for client "workload"
+    // (in Entra: the federated credential's issuer and subject).
+    let issuer = ClientKey::from_file_text(&generate_pem(Alg::Es256).unwrap()).unwrap();
+    let Some(server) = server(vec![key_client("workload", &issuer)]).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("tokens");
+    std::fs::create_dir(&volume).unwrap();
+    let mint = || {
+        assertion::mint(&issuer, "workload", &server.token_url(), SystemTime::now())
+            .unwrap()
+            .expose_secret()
+            .to_string()
+    };
+    let one = mint();
+    kubelet_write(&volume, 1, &one);
+    let config = assertion_file_config(&server, &volume);
+    let d = daemon::TestDaemon::start_in(dir, &config).await;
+    let handle = d.handle("workload");
+    let first = daemon::wait_token(&handle, |_| true).await;
+    assert_eq!(server.assertions(), vec![(200, one.clone())]);
+    let auth = handle.status.borrow().client_auth.clone().unwrap();
+    assert_eq!(auth.auth_method, "client_assertion_file");
+    assert_eq!(
+        auth.assertion_file.as_deref(),
+        Some(volume.join("token").to_str().unwrap())
+    );
+    assert!(auth.key_id.is_none());
+    // Nothing is stored for the credential.
+    assert!(!d.dir.path().join("state").join("workload.json").exists());
+
+    let two = mint();
+    kubelet_write(&volume, 2, &two);
+    handle.refresh_now.notify_one();
+    let second = daemon::wait_token(&handle, |t| {
+        t.access_token.expose_secret() != first.access_token.expose_secret()
+    })
+    .await;
+    assert!(second.received_at > first.received_at);
+    assert_eq!(
+        server.assertions(),
+        vec![(200, one), (200, two)],
+        "the replaced file's assertion, and only it, was sent"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_assertion_file_is_reported_with_its_expiry() {
+    let issuer = ClientKey::from_file_text(&generate_pem(Alg::Es256).unwrap()).unwrap();
+    let Some(server) = server(vec![key_client("workload", &issuer)]).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("tokens");
+    std::fs::create_dir(&volume).unwrap();
+    let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let claims = assertion::claims("workload", &server.token_url(), issued, assertion::new_jti());
+    let expired = assertion::sign(&issuer, &claims).unwrap();
+    kubelet_write(&volume, 1, expired.expose_secret());
+    let config = assertion_file_config(&server, &volume);
+    let d = daemon::TestDaemon::start_in(dir, &config).await;
+    let status = daemon::wait_status(&d.handle("workload"), |s| s.last_error.is_some()).await;
+    let error = status.last_error.unwrap();
+    assert!(
+        error.contains("expired at 2023-11-14T22:14:20Z")
+            && error.contains(volume.join("token").to_str().unwrap()),
+        "{error}"
+    );
+    assert!(!error.contains(expired.expose_secret()), "{error}");
+    assert!(server.assertions().is_empty(), "an expired assertion is not sent");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_file_that_does_not_parse_is_a_config_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5IGF0IGFsbA==\n-----END PRIVATE KEY-----\n";
+    daemon::write_secret(dir.path(), "bad.pem", text);
+    let config = format!(
+        "state_dir = \"{0}/state\"\n[[credentials]]\nname = \"app\"\nprovider = \"oauth2\"\n\
+         client_id = \"app\"\nauth_method = \"private_key_jwt\"\ninitial_key_file = \"{0}/bad.pem\"\n\
+         [credentials.endpoints]\ntoken_url = \"http://127.0.0.1:9/token\"\n",
+        dir.path().display()
+    );
+    let config = rekeyd::config::Config::from_toml(&config).unwrap();
+    let err = match rekeyd::daemon::start(&config, tokio_util::sync::CancellationToken::new()).await
+    {
+        Ok(_) => panic!("a daemon with an unusable key started"),
+        Err(e) => e,
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains("credentials[0].initial_key_file")
+            && message.contains("PKCS#8")
+            && !message.contains("bm90IGEga2V5"),
+        "{message}"
+    );
+    assert_eq!(err.exit_code(), 78);
+}
