@@ -129,11 +129,19 @@ async fn private_key_jwt_logs_in_with_es256_rs256_and_eddsa_keys() {
         credential("ed", "ed-client", "ed.jwk", &server),
     );
     let d = daemon::TestDaemon::start_in(dir, &config).await;
-    for (name, client, key) in [("es", "es-client", &es), ("rs", "rs-client", &rs), ("ed", "ed-client", &ed)] {
+    for (name, client, key) in [
+        ("es", "es-client", &es),
+        ("rs", "rs-client", &rs),
+        ("ed", "ed-client", &ed),
+    ] {
         let handle = d.handle(name);
         let token = daemon::wait_token(&handle, |_| true).await;
         let info = server
-            .introspect(INTROSPECTOR, INTROSPECTOR_SECRET, token.access_token.expose_secret())
+            .introspect(
+                INTROSPECTOR,
+                INTROSPECTOR_SECRET,
+                token.access_token.expose_secret(),
+            )
             .await;
         assert_eq!(info["active"], true, "{name}: {info}\n{}", server.logs());
         assert_eq!(info["client_id"], client);
@@ -151,7 +159,10 @@ async fn private_key_jwt_logs_in_with_es256_rs256_and_eddsa_keys() {
         assert_eq!(header["kid"], key.kid());
         assert_eq!(claims["sub"], client);
         assert_eq!(claims["aud"], server.token_url());
-        assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 60);
+        assert_eq!(
+            claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+            60
+        );
         // Status shows the method and the key in use, never the key.
         let status = handle.status.borrow().clone();
         let auth = status.client_auth.expect("client_auth in status");
@@ -162,6 +173,18 @@ async fn private_key_jwt_logs_in_with_es256_rs256_and_eddsa_keys() {
         let d_value = private_d(key);
         assert!(!shown.contains(&d_value), "{shown}");
     }
+    // The store holds the key as a private JWK, mode 0600, not the PEM.
+    let record = d.dir.path().join("state/credentials/rs.json");
+    let meta = std::fs::metadata(&record).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    let stored = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        stored.contains(rs.kid()) && !stored.contains("BEGIN"),
+        "{stored}"
+    );
     // The kid of a PEM key is its RFC 7638 thumbprint; a JWK keeps its own.
     assert_eq!(es.kid(), es.thumbprint());
     assert_eq!(ed.kid(), "ed-key-1");
@@ -179,7 +202,11 @@ async fn every_attempt_has_its_own_jti_and_a_replayed_assertion_is_refused() {
     // "stranger" is registered with another key than rekeyd holds: every
     // login is refused, and each retry must still sign anew.
     let other = ClientKey::from_file_text(&generate_pem(Alg::Es256).unwrap()).unwrap();
-    let Some(server) = server(vec![key_client("app", &key), key_client("stranger", &other)]).await
+    let Some(server) = server(vec![
+        key_client("app", &key),
+        key_client("stranger", &other),
+    ])
+    .await
     else {
         return;
     };
@@ -205,11 +232,17 @@ async fn every_attempt_has_its_own_jti_and_a_replayed_assertion_is_refused() {
             .collect::<Vec<_>>()
     };
     for attempts in 1..=3 {
-        eventually("a refused attempt", &server, || of_stranger().len() >= attempts).await;
+        eventually("a refused attempt", &server, || {
+            of_stranger().len() >= attempts
+        })
+        .await;
         stranger.refresh_now.notify_one();
     }
     let refused = of_stranger();
-    assert!(refused.iter().all(|(status, _)| *status == 401), "{refused:?}");
+    assert!(
+        refused.iter().all(|(status, _)| *status == 401),
+        "{refused:?}"
+    );
     let mut jtis: Vec<String> = refused
         .iter()
         .map(|(_, jwt)| decode(jwt).1["jti"].as_str().unwrap().to_string())
@@ -218,7 +251,11 @@ async fn every_attempt_has_its_own_jti_and_a_replayed_assertion_is_refused() {
     jtis.sort();
     jtis.dedup();
     assert_eq!(jtis.len(), attempts, "a jti was sent twice");
-    assert!(refused.iter().all(|(_, jwt)| decode(jwt).0["kid"] == held.kid()));
+    assert!(
+        refused
+            .iter()
+            .all(|(_, jwt)| decode(jwt).0["kid"] == held.kid())
+    );
     let status = daemon::wait_status(&stranger, |s| s.last_error.is_some()).await;
     let error = status.last_error.unwrap();
     assert!(error.contains("invalid_client"), "{error}");
@@ -346,7 +383,8 @@ async fn client_assertion_file_is_read_afresh_when_the_platform_replaces_it() {
     );
     assert!(auth.key_id.is_none());
     // Nothing is stored for the credential.
-    assert!(!d.dir.path().join("state").join("workload.json").exists());
+    let records = d.dir.path().join("state").join("credentials");
+    assert!(!records.join("workload.json").exists());
 
     let two = mint();
     kubelet_write(&volume, 2, &two);
@@ -374,7 +412,12 @@ async fn an_expired_assertion_file_is_reported_with_its_expiry() {
     let volume = dir.path().join("tokens");
     std::fs::create_dir(&volume).unwrap();
     let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    let claims = assertion::claims("workload", &server.token_url(), issued, assertion::new_jti());
+    let claims = assertion::claims(
+        "workload",
+        &server.token_url(),
+        issued,
+        assertion::new_jti(),
+    );
     let expired = assertion::sign(&issuer, &claims).unwrap();
     kubelet_write(&volume, 1, expired.expose_secret());
     let config = assertion_file_config(&server, &volume);
@@ -387,7 +430,10 @@ async fn an_expired_assertion_file_is_reported_with_its_expiry() {
         "{error}"
     );
     assert!(!error.contains(expired.expose_secret()), "{error}");
-    assert!(server.assertions().is_empty(), "an expired assertion is not sent");
+    assert!(
+        server.assertions().is_empty(),
+        "an expired assertion is not sent"
+    );
     d.stop().await;
 }
 
@@ -416,4 +462,195 @@ async fn a_key_file_that_does_not_parse_is_a_config_error_naming_the_key() {
         "{message}"
     );
     assert_eq!(err.exit_code(), 78);
+}
+
+/// I7 for keys: a daemon at trace level (text and JSON logs) whose clients
+/// log in with keys and an assertion file, including refused logins,
+/// writes neither a private key (its PEM lines, its JWK, any private
+/// member) nor any assertion it sent, to its logs or `rekeyd status`.
+async fn key_material_never_reaches_the_logs(log_format: &str) {
+    let rs_pem = generate_pem(Alg::Rs256).unwrap();
+    let rs = ClientKey::from_file_text(&rs_pem).unwrap();
+    let ed_pem = generate_pem(Alg::EdDsa).unwrap();
+    let ed = ClientKey::from_file_text(&ed_pem).unwrap();
+    let issuer = ClientKey::from_file_text(&generate_pem(Alg::Es256).unwrap()).unwrap();
+    let other = ClientKey::from_file_text(&generate_pem(Alg::Es256).unwrap()).unwrap();
+    let Some(server) = OidcServer::start_with(OidcOptions {
+        clients: Some(json!([
+            key_client("app", &rs),
+            key_client("stranger", &other),
+            key_client("workload", &issuer)
+        ])),
+        log_assertions: true,
+        token_ttl_secs: Some(2),
+        ..OidcOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    daemon::write_secret(dir.path(), "app.pem", &rs_pem);
+    daemon::write_secret(dir.path(), "stranger.pem", &ed_pem);
+    let volume = dir.path().join("tokens");
+    std::fs::create_dir(&volume).unwrap();
+    let workload_assertion =
+        assertion::mint(&issuer, "workload", &server.token_url(), SystemTime::now()).unwrap();
+    kubelet_write(&volume, 1, workload_assertion.expose_secret());
+    let config = format!(
+        "state_dir = \"{d}/state\"\n[api]\nlisten = \"unix:{d}/api.sock\"\nkey_file = \"{d}/api.key\"\n\
+         [log]\nformat = \"{log_format}\"\n{}{}\n[[credentials]]\nname = \"workload\"\nprovider = \"oauth2\"\n\
+         client_id = \"workload\"\nauth_method = \"client_assertion_file\"\n\
+         client_assertion_file = \"{d}/tokens/token\"\n[credentials.endpoints]\ntoken_url = \"{}\"\n",
+        credential("app", "app", "app.pem", &server),
+        credential("stranger", "stranger", "stranger.pem", &server),
+        server.token_url(),
+    )
+    .replace("{dir}", &d);
+    let config_path = dir.path().join("rekeyd.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let rekeyd = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rekeyd"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "trace");
+        cmd
+    };
+    let mut child = rekeyd(&["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut buf).unwrap();
+        buf
+    });
+    let stop = scopeguard(pid);
+    // Several refreshes of "app" (2 s tokens), refusals of "stranger", and
+    // the assertion file's one accepted and its replays refused.
+    let count = |client: &str, status: u16| {
+        server
+            .assertions()
+            .iter()
+            .filter(|(s, jwt)| *s == status && decode(jwt).1["iss"] == client)
+            .count()
+    };
+    eventually("refreshes and refusals", &server, || {
+        count("app", 200) >= 3 && count("stranger", 401) >= 1 && count("workload", 200) >= 1
+    })
+    .await;
+    let status = rekeyd(&["status", "--json"]).output().unwrap();
+    let status_text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status_text.contains(rs.kid()),
+        "status shows the key id: {status_text}"
+    );
+    drop(stop);
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    let logs = String::from_utf8(reader.join().unwrap()).unwrap() + &stdout + &status_text;
+    assert!(
+        logs.contains("TRACE") && logs.contains("oauth2 login failed"),
+        "trace logging was on and the logins logged ({} bytes)",
+        logs.len()
+    );
+    assert!(logs.contains("invalid_client"), "the refusals were logged");
+
+    let mut never: Vec<String> = Vec::new();
+    for pem in [&rs_pem, &ed_pem] {
+        never.extend(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+                .map(str::to_string),
+        );
+    }
+    for key in [&rs, &ed] {
+        let secret = key.to_secret();
+        never.push(secret.expose_secret().to_string());
+        let jwk: Value = serde_json::from_str(secret.expose_secret()).unwrap();
+        for member in ["d", "p", "q", "dp", "dq", "qi"] {
+            if let Some(v) = jwk[member].as_str() {
+                never.push(v.to_string());
+            }
+        }
+    }
+    let sent = server.assertions();
+    assert!(sent.len() >= 5);
+    for (_, jwt) in &sent {
+        never.push(jwt.clone());
+        never.push(jwt.rsplit('.').next().unwrap().to_string());
+    }
+    for value in &never {
+        assert!(
+            !logs.contains(value.as_str()),
+            "key material or an assertion reached the logs"
+        );
+    }
+}
+
+/// Sends SIGTERM to the daemon when dropped (a failed assertion must not
+/// leave it running).
+struct Terminate(i32);
+
+impl Drop for Terminate {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+    }
+}
+
+fn scopeguard(pid: i32) -> Terminate {
+    Terminate(pid)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_logs_at_trace_hold_no_key_or_assertion() {
+    key_material_never_reaches_the_logs("text").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_at_trace_hold_no_key_or_assertion() {
+    key_material_never_reaches_the_logs("json").await;
+}
+
+/// A token endpoint that echoes the client assertion it was sent in its
+/// refusal: the error rekeyd keeps holds it only as `[redacted]`.
+#[tokio::test]
+async fn an_echoed_assertion_is_scrubbed_from_the_error() {
+    use axum::{Form, Json, Router, http::StatusCode, routing::post};
+    use std::collections::HashMap;
+    let app = Router::new().route(
+        "/token",
+        post(|Form(form): Form<HashMap<String, String>>| async move {
+            let echoed = form.get("client_assertion").cloned().unwrap_or_default();
+            (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "invalid_client", "error_description": format!("bad {echoed}")})),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    daemon::write_secret(dir.path(), "app.pem", &generate_pem(Alg::Es256).unwrap());
+    let config = format!(
+        "state_dir = \"{{dir}}/state\"\n[[credentials]]\nname = \"app\"\nprovider = \"oauth2\"\n\
+         client_id = \"app\"\nauth_method = \"private_key_jwt\"\ninitial_key_file = \"{{dir}}/app.pem\"\n\
+         [credentials.endpoints]\ntoken_url = \"http://{addr}/token\"\n"
+    );
+    let d = daemon::TestDaemon::start_in(dir, &config).await;
+    let status = daemon::wait_status(&d.handle("app"), |s| s.last_error.is_some()).await;
+    let error = status.last_error.unwrap();
+    assert!(error.contains("bad [redacted]"), "{error}");
+    // No part of a JWS survives: its header always starts like this.
+    assert!(!error.contains("eyJ"), "{error}");
+    d.stop().await;
 }
