@@ -81,6 +81,52 @@ fn annotated_example_means_what_it_says() {
     );
 }
 
+/// The commented key-based credentials at the end of the annotated example
+/// parse as they are shown once uncommented.
+#[test]
+fn annotated_key_based_clients_parse() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rekeyd.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let section = &text[text.find("# Key-based clients").expect("the section")..];
+    let toml: String = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.starts_with("[credentials")
+                || l.starts_with("[[credentials")
+                || l.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                })
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = Config::from_toml(&format!("state_dir = \"/var/lib/rekeyd\"\n{toml}")).unwrap();
+    let reports = config.credential("reports").unwrap();
+    assert_eq!(
+        reports.auth_method,
+        rekeyd::config::AuthMethod::PrivateKeyJwt
+    );
+    assert_eq!(
+        reports.initial_secret_file.as_deref(),
+        Some(Path::new("/etc/rekeyd/reports.key"))
+    );
+    assert_eq!(
+        reports.assertion.as_ref().unwrap().audience.as_deref(),
+        Some("https://sso.example.internal")
+    );
+    let graph = config.credential("graph").unwrap();
+    assert_eq!(
+        graph.auth_method,
+        rekeyd::config::AuthMethod::ClientAssertionFile
+    );
+    assert_eq!(
+        graph.assertion.as_ref().unwrap().file.as_deref(),
+        Some(Path::new(
+            "/var/run/secrets/azure/tokens/azure-identity-token"
+        ))
+    );
+}
+
 #[test]
 fn environment_overrides_keys() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rekeyd.toml");
