@@ -533,6 +533,26 @@ async fn set_secret(
         eprintln!("rekeyd: no secret on stdin");
         return EXIT_FAILURE;
     }
+    // A private_key_jwt credential stores its key as a private JWK
+    // (provider::key): a PEM or JWK on stdin is converted, and checked.
+    let value = match cred.auth_method {
+        crate::config::AuthMethod::ClientAssertionFile => {
+            eprintln!(
+                "rekeyd: credential {name:?} authenticates with client_assertion_file: nothing is stored for it"
+            );
+            return EXIT_CONFIG;
+        }
+        crate::config::AuthMethod::PrivateKeyJwt => {
+            match provider::key::ClientKey::from_file_text(value.expose_secret()) {
+                Ok(key) => key.to_secret(),
+                Err(e) => {
+                    eprintln!("rekeyd: the private key on stdin {e}");
+                    return EXIT_FAILURE;
+                }
+            }
+        }
+        _ => value,
+    };
     let provider = match provider::build(cred) {
         Ok(p) => p,
         Err(e) => {

@@ -59,6 +59,10 @@ pub struct ClientAuthStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub key_created_at: Option<SystemTime>,
+    /// `private_key_jwt`: the stored key's public JWK (with `kid`, `alg`,
+    /// `use`), the one to register at the server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_jwk: Option<serde_json::Value>,
     /// `client_assertion_file`: the file read for every login.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub assertion_file: Option<String>,
@@ -73,16 +77,16 @@ impl ClientAuthStatus {
     ) -> Option<ClientAuthStatus> {
         use crate::config::AuthMethod;
         match cred.auth_method {
-            AuthMethod::PrivateKeyJwt => Some(ClientAuthStatus {
-                auth_method: cred.auth_method.as_str(),
-                key_id: current.and_then(|c| {
-                    crate::provider::key::from_secret(&c.value)
-                        .ok()
-                        .map(|k| k.kid().to_string())
-                }),
-                key_created_at: current.map(|c| c.created_at),
-                assertion_file: None,
-            }),
+            AuthMethod::PrivateKeyJwt => {
+                let key = current.and_then(|c| crate::provider::key::from_secret(&c.value).ok());
+                Some(ClientAuthStatus {
+                    auth_method: cred.auth_method.as_str(),
+                    key_id: key.as_ref().map(|k| k.kid().to_string()),
+                    key_created_at: current.map(|c| c.created_at),
+                    public_jwk: key.as_ref().map(|k| k.public_jwk()),
+                    assertion_file: None,
+                })
+            }
             AuthMethod::ClientAssertionFile => Some(ClientAuthStatus {
                 auth_method: cred.auth_method.as_str(),
                 assertion_file: (cred.assertion.as_ref())

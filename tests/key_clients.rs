@@ -654,3 +654,93 @@ async fn an_echoed_assertion_is_scrubbed_from_the_error() {
     assert!(!error.contains("eyJ"), "{error}");
     d.stop().await;
 }
+
+/// `rekeyd set-secret` converts a PEM key on stdin into the stored JWK,
+/// `rekeyd status --json` (daemon down: from the store) shows its kid, age
+/// and public JWK but nothing private, and a client_assertion_file
+/// credential has nothing to set.
+#[test]
+fn set_secret_stores_a_pem_key_as_a_jwk_and_status_shows_its_public_half() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let config_path = dir.path().join("rekeyd.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "state_dir = \"{d}/state\"\n[[credentials]]\nname = \"app\"\nprovider = \"oauth2\"\n\
+             client_id = \"app\"\nauth_method = \"private_key_jwt\"\ninitial_key_file = \"{d}/app.pem\"\n\
+             [credentials.endpoints]\ntoken_url = \"http://127.0.0.1:9/token\"\n\
+             [[credentials]]\nname = \"workload\"\nprovider = \"oauth2\"\nclient_id = \"w\"\n\
+             auth_method = \"client_assertion_file\"\nclient_assertion_file = \"{d}/token\"\n\
+             [credentials.endpoints]\ntoken_url = \"http://127.0.0.1:9/token\"\n"
+        ),
+    )
+    .unwrap();
+    let pem = generate_pem(Alg::EdDsa).unwrap();
+    let key = ClientKey::from_file_text(&pem).unwrap();
+    let set = |name: &str, input: &str| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+            .args(["set-secret", name, "--no-verify", "--config"])
+            .arg(&config_path)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let bad = set("app", "not a key at all");
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("neither PEM") && !stderr.contains("not a key at all"),
+        "{stderr}"
+    );
+    let out = set("app", &pem);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = set("workload", "x");
+    assert_eq!(out.status.code(), Some(78));
+
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+        .args(["status", "--json", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let rows = doc["credentials"].as_array().unwrap();
+    let app = rows.iter().find(|r| r["name"] == "app").unwrap();
+    assert_eq!(app["auth_method"], "private_key_jwt");
+    assert_eq!(app["key_id"], key.kid());
+    assert!(app["key_created_at"].is_string());
+    assert_eq!(app["public_jwk"], key.public_jwk());
+    assert!(!text.contains(&private_d(&key)), "{text}");
+    let workload = rows.iter().find(|r| r["name"] == "workload").unwrap();
+    assert_eq!(workload["auth_method"], "client_assertion_file");
+    assert_eq!(workload["assertion_file"], format!("{d}/token"));
+    assert!(workload["last_error"].is_null(), "{workload}");
+    // The text table says the same in words.
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+        .args(["status", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&format!("app: private_key_jwt, key {}, age ", key.kid()))
+            && table.contains(&format!(
+                "workload: client_assertion_file, assertion read from {d}/token"
+            )),
+        "{table}"
+    );
+}
