@@ -185,6 +185,17 @@ async fn private_key_jwt_logs_in_with_es256_rs256_and_eddsa_keys() {
         stored.contains(rs.kid()) && !stored.contains("BEGIN"),
         "{stored}"
     );
+    // Debug of the configuration and of the keys shows no key material.
+    for key in [&es, &rs, &ed] {
+        let d_value = private_d(key);
+        let config = format!("{:?}", d.config);
+        let shown = format!("{key:?}");
+        assert!(
+            !config.contains(&d_value) && !shown.contains(&d_value),
+            "{shown}"
+        );
+        assert!(shown.contains(key.kid()), "{shown}");
+    }
     // The kid of a PEM key is its RFC 7638 thumbprint; a JWK keeps its own.
     assert_eq!(es.kid(), es.thumbprint());
     assert_eq!(ed.kid(), "ed-key-1");
