@@ -76,7 +76,8 @@ fn path(profile: Profile) -> Vec<(&'static str, &'static str)> {
             ("rotation-after-create", "creating"),
             ("rotation-after-persist-created", "created"),
             ("rotation-after-verify", "created"),
-            ("rotation-after-persist-replaced", "idle"),
+            ("rotation-after-persist-promoted", "promoted"),
+            ("rotation-after-persist-retire", "idle"),
         ],
     }
 }

@@ -353,7 +353,8 @@ async fn a_crash_at_every_point_before_and_after_the_update_converges() {
     for (point, phase) in [
         ("rotation-after-persist-created", "created"),
         ("rotation-after-verify", "created"),
-        ("rotation-after-persist-replaced", "idle"),
+        ("rotation-after-persist-promoted", "promoted"),
+        ("rotation-after-persist-retire", "idle"),
     ] {
         let out = w.rotate(Some(point)).await;
         assert_eq!(out.status.signal(), Some(SIGABRT), "{point}: {}", w.logs);

@@ -564,3 +564,73 @@ async fn entra_login_refusals_show_their_aadsts_code() {
     assert_eq!(e.code.as_deref(), Some("invalid_client"));
     assert!(e.to_string().contains("AADSTS7000215"), "{e}");
 }
+
+/// Auth0 replaces its one secret, so a replacement request delayed from an
+/// earlier rotation would set the earlier value again after a later
+/// rotation. The replaced value stays in the journal through the grace
+/// period: logins still try it, and the check at the end of the grace
+/// period finds the provider holding another value than the promoted
+/// one. The earlier value becomes current again (it logs in) and the
+/// promoted one is set again; nothing is dropped, nothing locks out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth0_a_delayed_replacement_from_an_earlier_rotation_heals() {
+    let w = world(Profile::Auth0, Duration::ZERO).await;
+    assert_eq!(w.rotate(true).await.unwrap(), Outcome::Rotated);
+    let first = w.record().await.current.value.expose_secret().to_string();
+
+    // The next rotation, with a grace period the delayed request lands in.
+    let mut rotator = w.rotator(Duration::from_secs(2));
+    rotator.grace = Duration::from_secs(3);
+    let run =
+        tokio::spawn(async move { rotator.rotate(true, false, &CancellationToken::new()).await });
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while w.record().await.phase() != "promoted" {
+        assert!(tokio::time::Instant::now() < deadline, "never promoted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = w.record().await.current.value.expose_secret().to_string();
+    assert_ne!(second, first);
+    // The earlier rotation's request arrives now: the provider holds the
+    // first value again.
+    let cred = w.config.credential("app").unwrap();
+    let admin = cred.secret_api_credential.as_ref().unwrap();
+    let admin_token = rekeyd::provider::build(admin.login.as_ref().unwrap())
+        .unwrap()
+        .login(&SecretString::from(w.admin.1.clone()))
+        .await
+        .unwrap();
+    let api = rekeyd::provider::build_secret_api(cred).unwrap().unwrap();
+    let stale = SecretString::from(first.clone());
+    api.create(
+        &admin_token,
+        rekeyd::provider::CreateRequest {
+            description: "",
+            value: Some(&stale),
+        },
+    )
+    .await
+    .unwrap();
+    w.engine_login()
+        .await
+        .expect("the replaced value is still tried during the grace period");
+
+    let outcome = tokio::time::timeout(TIMEOUT, run).await.unwrap().unwrap();
+    assert_eq!(outcome.unwrap(), Outcome::Aborted);
+    let record = w.record().await;
+    assert_eq!(record.current.value.expose_secret(), first, "current again");
+    assert_eq!(
+        record.chosen().map(|v| v.expose_secret().to_string()),
+        Some(second.clone()),
+        "the promoted value is kept, to be set again"
+    );
+    w.engine_login().await.expect("I1");
+
+    // The next run sets it again and completes.
+    assert_eq!(w.rotate(false).await.unwrap(), Outcome::Rotated);
+    let record = w.record().await;
+    assert_eq!(record.phase(), "idle");
+    assert_eq!(record.current.value.expose_secret(), second);
+    let held = w.sim.secrets(APP);
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].value, second, "the provider holds the stored value");
+}

@@ -49,12 +49,8 @@ macro_rules! crash_point {
 }
 
 /// Crash points reached only with other secret APIs than MapsIndoors':
-/// between an Okta secret's deactivation and its delete, and after the
-/// write that completes an atomic replacement (Auth0).
-pub const PROVIDER_CRASH_POINTS: &[&str] = &[
-    "rotation-after-deactivate",
-    "rotation-after-persist-replaced",
-];
+/// between an Okta secret's deactivation and its delete.
+pub const PROVIDER_CRASH_POINTS: &[&str] = &["rotation-after-deactivate"];
 
 /// Every crash point on the MapsIndoors path, for the crash tests.
 pub const CRASH_POINTS: &[&str] = &[
@@ -656,17 +652,6 @@ impl Run<'_> {
                         }
                     }
                     ("promoted", "idle") => crash_point!("rotation-after-persist-retire"),
-                    ("created", "idle") if r.secret_api.capabilities().replaces() => {
-                        crash_point!("rotation-after-persist-replaced");
-                        info!(
-                            step = "promote",
-                            "new secret verified and in use; the provider replaced the old one"
-                        );
-                        self.bearer = None;
-                        if let Some(refresh) = &r.refresh_now {
-                            refresh.notify_one();
-                        }
-                    }
                     ("idle", "idle") if t.next == Next::Stable => {
                         crash_point!("rotation-after-persist-idle");
                     }
@@ -749,10 +734,6 @@ impl Run<'_> {
                         .clone();
                     if self.verify(&pending, "new secret").await?.is_some() {
                         crash_point!("rotation-after-verify");
-                        if r.secret_api.capabilities().replaces() {
-                            // Nothing is left to retire: this completes it.
-                            outcome = Outcome::Rotated;
-                        }
                         Event::Verified
                     } else {
                         outcome = Outcome::Aborted;

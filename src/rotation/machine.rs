@@ -18,7 +18,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{Tag, parse_tag};
 use crate::history::{Event as Audit, Step};
-use crate::provider::{Capabilities, Overlap, RemoteSecret};
+use crate::provider::{Capabilities, Overlap, RemoteSecret, Retire, ValueOrigin};
 use crate::store::{CredentialRecord, RegistrationToken, RetiredSecret, Rotation, SecretEntry};
 
 /// A tagged secret that the journal does not name is swept (S7) only once
@@ -306,26 +306,6 @@ pub fn step(
             ),
         },
 
-        (Rotation::Created { rid, pending }, Event::Verified) if ctx.caps.replaces() => {
-            // The provider replaced the old secret when it took the new
-            // one: there is no grace period to wait out and nothing to
-            // delete. The old value is remembered (by digest) so that
-            // set-secret refuses it (S6).
-            let mut next = record.clone();
-            next.current = pending.clone();
-            next.rotation = Rotation::Idle;
-            next.last_rotated_at = Some(ctx.now);
-            next.remember_retired([RetiredSecret::of(&record.current)]);
-            let id = pending.id.as_deref();
-            let audit = [
-                Audit::new(Step::Verified).rid(rid).secret(id),
-                Audit::new(Step::Completed)
-                    .rid(rid)
-                    .secret(id)
-                    .detail("the provider replaced the previous secret"),
-            ];
-            audited(persist(next, Next::Stable), audit)
-        }
         (Rotation::Created { rid, pending }, Event::VerifyRejected) if ctx.caps.replaces() => {
             // The old secret may be gone already: never drop the new value.
             // Back to creating with the same value, which the next run
@@ -360,16 +340,28 @@ pub fn step(
                 ..record.clone()
             };
             let id = pending.id.as_deref();
+            let until = humantime::format_rfc3339_seconds(delete_after);
+            // Where the provider replaced the old secret, it stays in the
+            // journal all the same: logins try it while the new one
+            // propagates (Auth0: up to about 30 s), and a replacement
+            // request delayed from an earlier rotation, which would set
+            // an older value again, is met by the check at the end (S5).
+            let detail = if ctx.caps.replaces() {
+                format!(
+                    "the provider replaced the previous secret; logins still try it until {until}"
+                )
+            } else {
+                format!(
+                    "previous secret {} kept until {until}",
+                    record.current.id.as_deref().unwrap_or("(id unknown)")
+                )
+            };
             let audit = [
                 Audit::new(Step::Verified).rid(rid).secret(id),
                 Audit::new(Step::Promoted)
                     .rid(rid)
                     .secret(id)
-                    .detail(format!(
-                        "previous secret {} kept until {}",
-                        record.current.id.as_deref().unwrap_or("(id unknown)"),
-                        humantime::format_rfc3339_seconds(delete_after)
-                    )),
+                    .detail(detail),
             ];
             audited(persist(next, Next::WaitUntil(delete_after)), audit)
         }
@@ -404,7 +396,14 @@ pub fn step(
             let mut next = record.clone();
             next.rotation = Rotation::Idle;
             next.last_rotated_at = Some(ctx.now);
-            let mut warnings = retire_entry(&mut next, old);
+            let mut warnings = if ctx.caps.retire == Retire::Replaced {
+                // Gone at the provider with the replacement: nothing to
+                // delete; remembered (by digest) so set-secret refuses it.
+                next.remember_retired([RetiredSecret::of(old)]);
+                Vec::new()
+            } else {
+                retire_entry(&mut next, old)
+            };
             let t = plan_retire(record, next, &secrets, ctx, true);
             warnings.extend(t.warnings);
             let completed = Audit::new(Step::Completed)
@@ -417,6 +416,34 @@ pub fn step(
                 audit,
                 ..t
             }
+        }
+        (Rotation::Promoted { rid, old, .. }, Event::CurrentRejected) if ctx.caps.replaces() => {
+            // The provider held one secret: something set another value
+            // since the new one was proven (a replacement request delayed
+            // from an earlier rotation, which may have set the old value
+            // again). The old value becomes current, and the proven one is
+            // set again (or, server-generated, the update asked for
+            // again): logins try both meanwhile, and neither is dropped.
+            let mut next = record.clone();
+            next.current = old.clone();
+            next.rotation = Rotation::Creating {
+                rid: rid.clone(),
+                attempt: "1".into(),
+                chosen: match ctx.caps.value {
+                    ValueOrigin::Caller { .. } => Some(record.current.value.clone()),
+                    ValueOrigin::Server => None,
+                },
+            };
+            let aborted = Audit::new(Step::Aborted).rid(rid).detail(
+                "the provider refuses the new secret after its promotion; the previous one is current again and the new one is set again",
+            );
+            audited(
+                warned(
+                    persist(next, Next::Stable),
+                    "the provider refuses the new secret after its promotion (was another value set since?); the previous secret is current again and the new one is set again on the next run",
+                ),
+                [aborted],
+            )
         }
         (Rotation::Promoted { rid, old, .. }, Event::CurrentRejected) => {
             // S5: the old secret is still valid at the provider; it becomes
@@ -1193,7 +1220,16 @@ mod tests {
         assert_eq!(stored.value.expose_secret(), "rat-2");
         let t = step(&t.record, Event::Verified, &c).unwrap();
         assert_eq!(t.record.current.value.expose_secret(), "server-value");
+        let t = step(
+            &t.record,
+            Event::Resume,
+            &with_caps(t0() + GRACE, REGISTRATION),
+        )
+        .unwrap();
+        let t = step(&t.record, Event::CurrentVerified, &c).unwrap();
+        let t = step(&t.record, Event::Listed { secrets: vec![] }, &c).unwrap();
         assert!(!t.record.is_unfinished());
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
         assert_eq!(
             t.record.registration.unwrap().value.expose_secret(),
             "rat-2",
@@ -1261,7 +1297,7 @@ mod tests {
     }
 
     #[test]
-    fn a_replacing_api_completes_at_verification_and_never_drops_the_new_value() {
+    fn a_replacing_api_keeps_the_old_value_through_the_grace_and_never_drops_the_new_one() {
         let c = with_caps(t0(), REPLACE);
         let t = step(&idle(), begin_chosen("chosen-value"), &c).unwrap();
         let created = Event::Created {
@@ -1281,18 +1317,54 @@ mod tests {
         assert_eq!(t.record.current.value.expose_secret(), "old-value");
         assert!(t.record.retire.is_empty(), "nothing of ours is deleted");
 
-        // Accepted: current at once, nothing to wait for or delete.
-        let t = step(&created.record, Event::Verified, &c).unwrap();
+        // Accepted: current at once; the replaced value stays in the
+        // journal through the grace period (logins still try it while the
+        // new one propagates).
+        let promoted = step(&created.record, Event::Verified, &c).unwrap();
+        assert!(promoted.persist);
+        assert_eq!(promoted.next, Next::WaitUntil(t0() + GRACE));
+        assert_eq!(
+            promoted.record.current.value.expose_secret(),
+            "chosen-value"
+        );
+        assert_eq!(
+            promoted
+                .record
+                .rotation
+                .old()
+                .unwrap()
+                .value
+                .expose_secret(),
+            "old-value"
+        );
+        let later = with_caps(t0() + GRACE, REPLACE);
+        let t = step(&promoted.record, Event::GraceOver, &later).unwrap();
+        assert_eq!(t.next, Next::VerifyCurrent);
+        let t = step(&t.record, Event::CurrentVerified, &later).unwrap();
+        assert_eq!(t.next, Next::List);
+        // The API lists nothing; nothing is deleted, nothing warned about.
+        let t = step(&t.record, Event::Listed { secrets: vec![] }, &later).unwrap();
         assert!(t.persist);
         assert_eq!(t.next, Next::Stable);
-        assert_eq!(t.record.current.value.expose_secret(), "chosen-value");
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
         assert!(!t.record.is_unfinished());
-        assert_eq!(t.record.last_rotated_at, Some(t0()));
+        assert_eq!(t.record.last_rotated_at, Some(t0() + GRACE));
         assert!(
             t.record
                 .knows_retired(&SecretString::from("old-value"), None),
             "S6: set-secret refuses the replaced value"
         );
+
+        // Refused after the grace period (a delayed replacement from an
+        // earlier rotation set another value): the old value is current
+        // again, the proven one is set again; neither is dropped.
+        let t = step(&promoted.record, Event::CurrentRejected, &later).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.record.current.value.expose_secret(), "old-value");
+        assert_eq!(chosen_of(&t.record), "chosen-value");
+        assert!(t.record.retire.is_empty());
+        let t = step(&t.record, Event::Resume, &later).unwrap();
+        assert!(matches!(t.next, Next::Create { .. }));
     }
 
     #[test]
