@@ -1012,7 +1012,12 @@ fn credential_json(
         "client_id": c.client_id,
         "customer_id": c.customer_id,
         "ids": c.ids.as_deref().map(|ids| ids.fields().into_iter().collect::<serde_json::Map<_, _>>()),
-        "initial_secret_file": c.initial_secret_file.as_ref().map(|p| p.display().to_string()),
+        // private_key_jwt keeps its initial_key_file there.
+        (if c.auth_method == crate::config::AuthMethod::PrivateKeyJwt {
+            "initial_key_file"
+        } else {
+            "initial_secret_file"
+        }): c.initial_secret_file.as_ref().map(|p| p.display().to_string()),
         "initial_secret_credential": c.initial_secret_credential,
         "initial_secret_id": c.initial_secret_id,
         "scope": c.scope,

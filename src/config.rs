@@ -1195,6 +1195,7 @@ pub struct TokenProfile {
 
 impl CredentialConfig {
     /// The key that named the bootstrap secret, for errors about it:
+    /// `initial_key_file` (`private_key_jwt`: the bootstrap key),
     /// `initial_secret_credential` or `initial_secret_file`.
     pub fn initial_secret_key(&self) -> &'static str {
         if self.auth_method == AuthMethod::PrivateKeyJwt {

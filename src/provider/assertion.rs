@@ -108,7 +108,7 @@ pub enum FileError {
     #[error("the client assertion file {path} is empty")]
     Empty { path: String },
     #[error(
-        "the client assertion in {path} expired at {expired_at} (the platform that writes it has not replaced it)"
+        "the client assertion in {path} expired at {expired_at} (the platform has not replaced it)"
     )]
     Expired { path: String, expired_at: String },
 }
