@@ -755,3 +755,41 @@ fn set_secret_stores_a_pem_key_as_a_jwk_and_status_shows_its_public_half() {
         "{table}"
     );
 }
+
+/// A credential switched from a secret to a key keeps the secret in the
+/// store: its logins fail saying so (without the secret), and `rekeyd
+/// set-secret` installs the key.
+#[tokio::test]
+async fn a_stored_secret_is_not_a_key_and_the_error_says_what_to_do() {
+    // The store outlives both daemons.
+    let state = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    daemon::write_secret(dir.path(), "app.secret", "old-client-secret-value");
+    let secret_config = format!(
+        "state_dir = \"{}\"\n[[credentials]]\nname = \"app\"\nprovider = \"oauth2\"\n\
+         client_id = \"app\"\ninitial_secret_file = \"{{dir}}/app.secret\"\n\
+         [credentials.endpoints]\ntoken_url = \"http://127.0.0.1:9/token\"\n",
+        state.path().display()
+    );
+    // The secret-based daemon stores its secret, then the configuration
+    // changes to a key.
+    let d = daemon::TestDaemon::start_in(dir, &secret_config).await;
+    d.stop().await;
+    assert!(state.path().join("credentials/app.json").exists());
+    let dir = tempfile::tempdir().unwrap();
+    daemon::write_secret(dir.path(), "app.pem", &generate_pem(Alg::Es256).unwrap());
+    let key_config = secret_config.replace(
+        "initial_secret_file = \"{dir}/app.secret\"",
+        "auth_method = \"private_key_jwt\"\ninitial_key_file = \"{dir}/app.pem\"",
+    );
+    assert_ne!(key_config, secret_config);
+    let d = daemon::TestDaemon::start_in(dir, &key_config).await;
+    let status = daemon::wait_status(&d.handle("app"), |s| s.last_error.is_some()).await;
+    let error = status.last_error.unwrap();
+    assert!(
+        error.contains("stored private key cannot be used") && error.contains("rekeyd set-secret"),
+        "{error}"
+    );
+    assert!(!error.contains("old-client-secret-value"), "{error}");
+    d.stop().await;
+}

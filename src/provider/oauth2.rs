@@ -79,7 +79,12 @@ impl OAuth2 {
                     operation: OP,
                     status: None,
                     code: None,
-                    detail: format!("the stored private key cannot be used: it {e}"),
+                    // E.g. a credential switched from a secret to a key:
+                    // the store still holds the secret.
+                    detail: format!(
+                        "the stored private key cannot be used: it {e}; install the key with \
+                         `rekeyd set-secret NAME < KEYFILE`"
+                    ),
                     retry_after: None,
                 })?;
                 assertion::mint(
