@@ -124,11 +124,25 @@ async fn private_key_jwt_logs_in_with_es256_rs256_and_eddsa_keys() {
     daemon::write_secret(dir.path(), "ed.jwk", &ed_jwk.to_string());
     let config = format!(
         "state_dir = \"{{dir}}/state\"\n{}{}{}",
-        credential("es", "es-client", "es.pem", &server),
+        // A token profile signs with the credential's key.
+        credential("es", "es-client", "es.pem", &server)
+            + "[[credentials.tokens]]\nname = \"es-write\"\nscope = \"api:write\"\n",
         credential("rs", "rs-client", "rs.pem", &server),
         credential("ed", "ed-client", "ed.jwk", &server),
     );
     let d = daemon::TestDaemon::start_in(dir, &config).await;
+    let profile = daemon::wait_token(&d.handle("es-write"), |_| true).await;
+    let info = server
+        .introspect(
+            INTROSPECTOR,
+            INTROSPECTOR_SECRET,
+            profile.access_token.expose_secret(),
+        )
+        .await;
+    assert_eq!(
+        (info["client_id"].as_str(), info["scope"].as_str()),
+        (Some("es-client"), Some("api:write"))
+    );
     for (name, client, key) in [
         ("es", "es-client", &es),
         ("rs", "rs-client", &rs),
@@ -153,16 +167,22 @@ async fn private_key_jwt_logs_in_with_es256_rs256_and_eddsa_keys() {
             .map(|(_, jwt)| decode(jwt))
             .filter(|(_, claims)| claims["iss"] == client)
             .collect();
-        assert_eq!(accepted.len(), 1, "{name}: {accepted:?}");
-        let (header, claims) = &accepted[0];
-        assert_eq!(header["alg"], key.alg().as_str());
-        assert_eq!(header["kid"], key.kid());
-        assert_eq!(claims["sub"], client);
-        assert_eq!(claims["aud"], server.token_url());
-        assert_eq!(
-            claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
-            60
-        );
+        // "es" logged in for its token profile too, with its own jti.
+        let logins = if name == "es" { 2 } else { 1 };
+        assert_eq!(accepted.len(), logins, "{name}: {accepted:?}");
+        for (header, claims) in &accepted {
+            assert_eq!(header["alg"], key.alg().as_str());
+            assert_eq!(header["kid"], key.kid());
+            assert_eq!(claims["sub"], client);
+            assert_eq!(claims["aud"], server.token_url());
+            assert_eq!(
+                claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+                60
+            );
+        }
+        if logins == 2 {
+            assert_ne!(accepted[0].1["jti"], accepted[1].1["jti"]);
+        }
         // Status shows the method and the key in use, never the key.
         let status = handle.status.borrow().clone();
         let auth = status.client_auth.expect("client_auth in status");
