@@ -533,6 +533,26 @@ async fn set_secret(
         eprintln!("rekeyd: no secret on stdin");
         return EXIT_FAILURE;
     }
+    // A private_key_jwt credential stores its key as a private JWK
+    // (provider::key): a PEM or JWK on stdin is converted, and checked.
+    let value = match cred.auth_method {
+        crate::config::AuthMethod::ClientAssertionFile => {
+            eprintln!(
+                "rekeyd: credential {name:?} authenticates with client_assertion_file: nothing is stored for it"
+            );
+            return EXIT_CONFIG;
+        }
+        crate::config::AuthMethod::PrivateKeyJwt => {
+            match provider::key::ClientKey::from_file_text(value.expose_secret()) {
+                Ok(key) => key.to_secret(),
+                Err(e) => {
+                    eprintln!("rekeyd: the private key on stdin {e}");
+                    return EXIT_FAILURE;
+                }
+            }
+        }
+        _ => value,
+    };
     let provider = match provider::build(cred) {
         Ok(p) => p,
         Err(e) => {
@@ -757,6 +777,28 @@ async fn status(config: &Config, as_json: bool) -> u8 {
                 println!("{line}");
             }
         }
+        // Key-based clients: the key in use and its age, or the file.
+        for row in &rows {
+            if let Some(file) = row["assertion_file"].as_str() {
+                println!(
+                    "{}: client_assertion_file, assertion read from {file}",
+                    s_of(row, "name")
+                );
+            }
+            if let Some(kid) = row["key_id"].as_str() {
+                let age = (row["key_created_at"].as_str())
+                    .and_then(|t| humantime::parse_rfc3339(t).ok())
+                    .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                    .map_or("-".to_string(), |d| {
+                        humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
+                            .to_string()
+                    });
+                println!(
+                    "{}: private_key_jwt, key {kid}, age {age}",
+                    s_of(row, "name")
+                );
+            }
+        }
         // Which tokens are profiles of which credential.
         for row in &rows {
             if let Some(credential) = row["profile_of"].as_str() {
@@ -835,8 +877,20 @@ async fn stored_status(config: &Config) -> Vec<Value> {
                     SystemTime::now(),
                 ));
             }
+            Ok(None) if cred.stores_nothing() => {}
             Ok(None) => row["last_error"] = json!("no secret stored yet"),
             Err(e) => row["last_error"] = json!(e.to_string()),
+        }
+        // The method, key id and age (private_key_jwt) or file in use.
+        let current = match store.load(&cred.name).await {
+            Ok(Some(record)) => Some(record.value.current),
+            _ => None,
+        };
+        if let Some(auth) = crate::credential::ClientAuthStatus::of(cred, current.as_ref())
+            && let (Some(row), Ok(Value::Object(auth))) =
+                (row.as_object_mut(), serde_json::to_value(auth))
+        {
+            row.extend(auth);
         }
         rows.push(row);
         // A profile's token lives only in the daemon; what the store tells
@@ -974,15 +1028,19 @@ fn credential_json(
         "client_id": c.client_id,
         "customer_id": c.customer_id,
         "ids": c.ids.as_deref().map(|ids| ids.fields().into_iter().collect::<serde_json::Map<_, _>>()),
-        "initial_secret_file": c.initial_secret_file.as_ref().map(|p| p.display().to_string()),
+        // private_key_jwt keeps its initial_key_file there.
+        (if c.auth_method == crate::config::AuthMethod::PrivateKeyJwt {
+            "initial_key_file"
+        } else {
+            "initial_secret_file"
+        }): c.initial_secret_file.as_ref().map(|p| p.display().to_string()),
         "initial_secret_credential": c.initial_secret_credential,
         "initial_secret_id": c.initial_secret_id,
         "scope": c.scope,
         "audience": c.audience,
-        "auth_method": match c.auth_method {
-            crate::config::AuthMethod::ClientSecretBasic => "client_secret_basic",
-            crate::config::AuthMethod::ClientSecretPost => "client_secret_post",
-        },
+        "auth_method": c.auth_method.as_str(),
+        "assertion_audience": c.assertion.as_ref().and_then(|a| a.audience.clone()),
+        "client_assertion_file": c.assertion.as_ref().and_then(|a| a.file.as_ref()).map(|p| p.display().to_string()),
         "extra_params": c.extra_params.keys().map(|k| (k.clone(), json!("[redacted]"))).collect::<serde_json::Map<_, _>>(),
         "endpoints": {
             "token_url": c.endpoints.token_url.as_str(),

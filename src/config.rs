@@ -375,6 +375,10 @@ struct RawCredential {
     initial_secret_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "strict_string")]
     initial_secret_credential: Option<String>,
+    initial_key_file: Option<PathBuf>,
+    client_assertion_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "strict_string")]
+    assertion_audience: Option<String>,
     #[serde(default, deserialize_with = "strict_string")]
     initial_secret_id: Option<String>,
     #[serde(default, deserialize_with = "strict_string")]
@@ -858,6 +862,35 @@ impl ProviderIds {
 pub enum AuthMethod {
     ClientSecretBasic,
     ClientSecretPost,
+    /// RFC 7523 §2.2 with a JWT rekeyd signs with the credential's key for
+    /// every attempt (OpenID Connect Core §9); the store holds the key.
+    PrivateKeyJwt,
+    /// RFC 7523 §2.2 with a JWT a platform writes to
+    /// [`AssertionConfig::file`]; nothing is stored.
+    ClientAssertionFile,
+}
+
+impl AuthMethod {
+    /// The configuration's name for it (`auth_method`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ClientSecretBasic => "client_secret_basic",
+            AuthMethod::ClientSecretPost => "client_secret_post",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
+            AuthMethod::ClientAssertionFile => "client_assertion_file",
+        }
+    }
+}
+
+/// Settings of the assertion-based methods ([`AuthMethod::PrivateKeyJwt`],
+/// [`AuthMethod::ClientAssertionFile`]); holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssertionConfig {
+    /// `assertion_audience`: the `aud` of the assertions rekeyd signs;
+    /// `None`: the token endpoint URL (RFC 7523 §3 item 3).
+    pub audience: Option<String>,
+    /// `client_assertion_file`: read afresh for every login.
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1125,6 +1158,11 @@ pub struct CredentialConfig {
     pub scope: Option<String>,
     pub audience: Option<String>,
     pub auth_method: AuthMethod,
+    /// With `private_key_jwt` or `client_assertion_file`; boxed, as most
+    /// credentials have none. (A `private_key_jwt` credential's
+    /// `initial_key_file` is kept in `initial_secret_file`: it bootstraps
+    /// the store the same way.)
+    pub assertion: Option<Box<AssertionConfig>>,
     /// Extra form parameters of the token request (values may be
     /// assertions, so they are redacted in `Debug`).
     pub extra_params: BTreeMap<String, ParamValue>,
@@ -1162,13 +1200,22 @@ pub struct TokenProfile {
 
 impl CredentialConfig {
     /// The key that named the bootstrap secret, for errors about it:
+    /// `initial_key_file` (`private_key_jwt`: the bootstrap key),
     /// `initial_secret_credential` or `initial_secret_file`.
     pub fn initial_secret_key(&self) -> &'static str {
-        if self.initial_secret_credential.is_some() {
+        if self.auth_method == AuthMethod::PrivateKeyJwt {
+            "initial_key_file"
+        } else if self.initial_secret_credential.is_some() {
             "initial_secret_credential"
         } else {
             "initial_secret_file"
         }
+    }
+
+    /// Whether the store holds nothing for this credential
+    /// (`client_assertion_file`: the platform's file is the credential).
+    pub fn stores_nothing(&self) -> bool {
+        self.auth_method == AuthMethod::ClientAssertionFile
     }
 
     /// The bootstrap secret's file; for credential `index` (error keys),
@@ -1205,6 +1252,7 @@ impl CredentialConfig {
             scope: profile.scope.clone(),
             audience: profile.audience.clone(),
             auth_method: self.auth_method,
+            assertion: self.assertion.clone(),
             extra_params: profile.extra_params.clone(),
             endpoints: self.endpoints.clone(),
             refresh: self.refresh.clone(),
@@ -1301,6 +1349,9 @@ impl Config {
         warnings.extend(shared_client_warnings(&self.credentials));
         warnings.extend(shared_secret_warnings(&self.credentials));
         for (i, cred) in self.credentials.iter().enumerate() {
+            if cred.stores_nothing() {
+                continue;
+            }
             if let Err(ConfigError::Invalid { key, reason }) = cred.initial_secret_path(i) {
                 warnings.push(ConfigWarning {
                     key,
@@ -1321,7 +1372,9 @@ impl Config {
     /// the store already holds a secret.
     pub fn require_credentials(&self) -> Result<(), ConfigError> {
         for (i, cred) in self.credentials.iter().enumerate() {
-            cred.initial_secret_path(i)?;
+            if !cred.stores_nothing() {
+                cred.initial_secret_path(i)?;
+            }
         }
         Ok(())
     }
@@ -2519,10 +2572,26 @@ fn validate_credential(
     let auth_method = match (standard, rc.auth_method.as_deref()) {
         (true, None | Some("client_secret_basic")) => AuthMethod::ClientSecretBasic,
         (_, Some("client_secret_post")) => AuthMethod::ClientSecretPost,
+        (_, Some(method @ ("private_key_jwt" | "client_assertion_file")))
+            if provider != ProviderKind::OAuth2 =>
+        {
+            return Err(ConfigError::invalid(
+                key("auth_method"),
+                format!(
+                    "{method} is supported with provider oauth2 only, not {}",
+                    provider.as_str()
+                ),
+            ));
+        }
+        (_, Some("private_key_jwt")) => AuthMethod::PrivateKeyJwt,
+        (_, Some("client_assertion_file")) => AuthMethod::ClientAssertionFile,
         (true, Some(other)) => {
             return Err(ConfigError::invalid(
                 key("auth_method"),
-                format!("expected client_secret_basic or client_secret_post, got {other:?}"),
+                format!(
+                    "expected client_secret_basic, client_secret_post, private_key_jwt or \
+                     client_assertion_file, got {other:?}"
+                ),
             ));
         }
         // MapsIndoors and Mappls only accept the secret in the form body.
@@ -2538,7 +2607,22 @@ fn validate_credential(
         }
     };
 
+    let (initial_secret_file, assertion) = validate_assertion_method(
+        i,
+        auth_method,
+        AssertionKeys {
+            initial_secret_given: rc.initial_secret_file.is_some()
+                || rc.initial_secret_credential.is_some(),
+            initial_key_file: rc.initial_key_file,
+            client_assertion_file: rc.client_assertion_file,
+            assertion_audience: rc.assertion_audience,
+            rotation: rc.rotation.is_some(),
+            registration: rc.registration.is_some(),
+            extra_params: &rc.extra_params,
+        },
+    )?;
     let initial_secret_file = match (rc.initial_secret_file, &rc.initial_secret_credential) {
+        _ if assertion.is_some() => initial_secret_file,
         (None, None) => {
             return Err(ConfigError::invalid(
                 key("initial_secret_file"),
@@ -2718,6 +2802,7 @@ fn validate_credential(
         scope: rc.scope,
         audience: rc.audience,
         auth_method,
+        assertion: assertion.map(Box::new),
         extra_params: rc
             .extra_params
             .into_iter()
@@ -2730,6 +2815,171 @@ fn validate_credential(
         hooks,
         tokens,
     })
+}
+
+/// The keys of the assertion-based methods, as one credential gives them.
+struct AssertionKeys<'a> {
+    /// `initial_secret_file` or `initial_secret_credential` is set.
+    initial_secret_given: bool,
+    initial_key_file: Option<PathBuf>,
+    client_assertion_file: Option<PathBuf>,
+    assertion_audience: Option<String>,
+    rotation: bool,
+    registration: bool,
+    extra_params: &'a BTreeMap<String, String>,
+}
+
+/// Checks the keys of `private_key_jwt` and `client_assertion_file`
+/// (credential `i`): each method's own keys are required with it and
+/// refused without it. Returns the bootstrap key file (kept where the
+/// bootstrap secret's would be) and the method's settings, `None` for the
+/// secret-based methods.
+fn validate_assertion_method(
+    i: usize,
+    method: AuthMethod,
+    raw: AssertionKeys<'_>,
+) -> Result<(Option<PathBuf>, Option<AssertionConfig>), ConfigError> {
+    let key = |field: &str| format!("credentials[{i}].{field}");
+    let absolute = |field: &str, path: PathBuf| {
+        if path.is_absolute() {
+            Ok(path)
+        } else {
+            Err(ConfigError::invalid(
+                key(field),
+                format!("must be an absolute path, got {path:?}"),
+            ))
+        }
+    };
+    let keyed = matches!(
+        method,
+        AuthMethod::PrivateKeyJwt | AuthMethod::ClientAssertionFile
+    );
+    if !keyed {
+        for (given, field) in [
+            (raw.initial_key_file.is_some(), "initial_key_file"),
+            (raw.client_assertion_file.is_some(), "client_assertion_file"),
+            (raw.assertion_audience.is_some(), "assertion_audience"),
+        ] {
+            if given {
+                return Err(ConfigError::invalid(
+                    key(field),
+                    format!(
+                        "applies only with auth_method = \"{}\" (auth_method is {:?})",
+                        if field == "client_assertion_file" {
+                            "client_assertion_file"
+                        } else {
+                            "private_key_jwt"
+                        },
+                        method.as_str()
+                    ),
+                ));
+            }
+        }
+        return Ok((None, None));
+    }
+    // RFC 7521 §4.2: rekeyd sets both; an operator's would be a second one.
+    for param in ["client_assertion", "client_assertion_type"] {
+        if raw.extra_params.contains_key(param) {
+            return Err(ConfigError::invalid(
+                key(&format!("extra_params.{param}")),
+                format!(
+                    "is set by rekeyd itself with auth_method = {:?}",
+                    method.as_str()
+                ),
+            ));
+        }
+    }
+    if raw.rotation || raw.registration {
+        let table = if raw.rotation {
+            "rotation"
+        } else {
+            "registration"
+        };
+        return Err(ConfigError::invalid(
+            key(table),
+            match method {
+                AuthMethod::PrivateKeyJwt => {
+                    "key rotation is not supported yet: remove [credentials.".to_string()
+                        + table
+                        + "] (rekeyd logs in with the key from initial_key_file, replace the key by hand)"
+                }
+                _ => format!(
+                    "does not apply with auth_method = \"client_assertion_file\": rekeyd stores \
+                     nothing to rotate, the platform replaces the assertion; remove [credentials.{table}]"
+                ),
+            },
+        ));
+    }
+    if raw.initial_secret_given {
+        return Err(ConfigError::invalid(
+            key("initial_secret_file"),
+            format!(
+                "does not apply with auth_method = {:?}: {}",
+                method.as_str(),
+                if method == AuthMethod::PrivateKeyJwt {
+                    "the client authenticates with a key; give initial_key_file instead"
+                } else {
+                    "the client authenticates with the assertion in client_assertion_file; nothing is stored"
+                }
+            ),
+        ));
+    }
+    if method == AuthMethod::PrivateKeyJwt {
+        if raw.client_assertion_file.is_some() {
+            return Err(ConfigError::invalid(
+                key("client_assertion_file"),
+                "applies only with auth_method = \"client_assertion_file\"; private_key_jwt signs its own assertions with initial_key_file's key",
+            ));
+        }
+        let file = raw.initial_key_file.ok_or_else(|| {
+            ConfigError::invalid(
+                key("initial_key_file"),
+                "is required with auth_method = \"private_key_jwt\": a PEM (PKCS#8) or JWK file \
+                 with the client's private key (read only while the store holds no key for this credential)",
+            )
+        })?;
+        if let Some(audience) = &raw.assertion_audience
+            && audience.trim().is_empty()
+        {
+            return Err(ConfigError::invalid(
+                key("assertion_audience"),
+                "must not be empty",
+            ));
+        }
+        Ok((
+            Some(absolute("initial_key_file", file)?),
+            Some(AssertionConfig {
+                audience: raw.assertion_audience,
+                file: None,
+            }),
+        ))
+    } else {
+        for (given, field) in [
+            (raw.initial_key_file.is_some(), "initial_key_file"),
+            (raw.assertion_audience.is_some(), "assertion_audience"),
+        ] {
+            if given {
+                return Err(ConfigError::invalid(
+                    key(field),
+                    "applies only with auth_method = \"private_key_jwt\" (the platform's assertion carries its own audience)",
+                ));
+            }
+        }
+        let file = raw.client_assertion_file.ok_or_else(|| {
+            ConfigError::invalid(
+                key("client_assertion_file"),
+                "is required with auth_method = \"client_assertion_file\": the file a platform \
+                 keeps an assertion in (e.g. a Kubernetes projected service-account token)",
+            )
+        })?;
+        Ok((
+            None,
+            Some(AssertionConfig {
+                audience: None,
+                file: Some(absolute("client_assertion_file", file)?),
+            }),
+        ))
+    }
 }
 
 /// A credential's or token profile's name: it is a URL path segment

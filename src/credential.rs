@@ -47,6 +47,65 @@ pub struct CredentialStatus {
     /// ([`crate::rotation::schedule::expiry_state`]): what and when, never
     /// the secret.
     pub secret_expiry_warning: Option<String>,
+    /// For the assertion-based client authentication methods only: the
+    /// method and the key or file in use (fields flattened into the row).
+    #[serde(flatten)]
+    pub client_auth: Option<ClientAuthStatus>,
+}
+
+/// How a `private_key_jwt` or `client_assertion_file` client
+/// authenticates, as status shows it. Holds no secret: a `kid` is public
+/// (it names the key to the server).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClientAuthStatus {
+    pub auth_method: &'static str,
+    /// `private_key_jwt`: the stored key's `kid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// `private_key_jwt`: when the key was stored (its age counts from here).
+    #[serde(
+        serialize_with = "serialize_time",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub key_created_at: Option<SystemTime>,
+    /// `private_key_jwt`: the stored key's public JWK (with `kid`, `alg`,
+    /// `use`), the one to register at the server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_jwk: Option<serde_json::Value>,
+    /// `client_assertion_file`: the file read for every login.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assertion_file: Option<String>,
+}
+
+impl ClientAuthStatus {
+    /// The status of `cred`'s client authentication with `current`, the
+    /// store's current entry; `None` for the secret-based methods.
+    pub fn of(
+        cred: &crate::config::CredentialConfig,
+        current: Option<&crate::store::SecretEntry>,
+    ) -> Option<ClientAuthStatus> {
+        use crate::config::AuthMethod;
+        match cred.auth_method {
+            AuthMethod::PrivateKeyJwt => {
+                let key = current.and_then(|c| crate::provider::key::from_secret(&c.value).ok());
+                Some(ClientAuthStatus {
+                    auth_method: cred.auth_method.as_str(),
+                    key_id: key.as_ref().map(|k| k.kid().to_string()),
+                    key_created_at: current.map(|c| c.created_at),
+                    public_jwk: key.as_ref().map(|k| k.public_jwk()),
+                    assertion_file: None,
+                })
+            }
+            AuthMethod::ClientAssertionFile => Some(ClientAuthStatus {
+                auth_method: cred.auth_method.as_str(),
+                assertion_file: (cred.assertion.as_ref())
+                    .and_then(|a| a.file.as_ref())
+                    .map(|f| f.display().to_string()),
+                ..ClientAuthStatus::default()
+            }),
+            AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost => None,
+        }
+    }
 }
 
 fn serialize_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {

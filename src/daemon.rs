@@ -28,7 +28,7 @@ use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, syst
 use crate::serve::{activation, api, hooks, http, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
 use crate::token::Token;
-use crate::token::engine::{Engine, StoreSecrets};
+use crate::token::engine::{Engine, NoStoredSecret, SecretSource, StoreSecrets};
 use crate::token::policy::RefreshPolicy;
 
 /// How long shutdown waits for tasks to finish their current step.
@@ -389,6 +389,8 @@ pub(crate) async fn prepare(
         secret_api_bearer(cred, &shared.clients, &shared.store).map_err(setup)?;
     let bootstrap = match shared.store.load(&cred.name).await? {
         Some(_) => None,
+        // client_assertion_file: the platform's file is the credential.
+        None if cred.stores_nothing() => None,
         None => Some(read_initial_secret(i, cred)?),
     };
     Ok(Prepared {
@@ -461,10 +463,17 @@ async fn launch(
             .get_or_create(&label)
             .set(metrics::unix_seconds(record.value.current.created_at));
         channels.status.send_modify(|s| {
+            s.client_auth = credential::ClientAuthStatus::of(&cred, Some(&record.value.current));
             s.rotation_phase = record.value.phase().to_string();
             s.rotation_waiting_for = crate::rotation::waiting_for(&record.value, &cred.name);
             s.last_rotated_at = record.value.last_rotated_at;
         });
+    }
+
+    if cred.stores_nothing() {
+        channels
+            .status
+            .send_modify(|s| s.client_auth = credential::ClientAuthStatus::of(&cred, None));
     }
 
     let cancel = shutdown.child_token();
@@ -661,10 +670,7 @@ pub(crate) fn secret_api_bearer(
         .expect("a loaded configuration resolves secret_api_credential");
     Ok(Some(Arc::new(LoginBearer {
         provider: provider::build_with(login, clients)?,
-        secrets: Arc::new(StoreSecrets {
-            store: store.clone(),
-            name: admin.secret_of.clone(),
-        }),
+        secrets: secret_source(login, store, &admin.secret_of),
     })))
 }
 
@@ -712,16 +718,31 @@ pub(crate) fn engine(
     Engine {
         name: cred.name.clone(),
         provider,
-        secrets: Arc::new(StoreSecrets {
-            store: store.clone(),
-            name: secret_of.to_string(),
-        }),
+        secrets: secret_source(cred, store, secret_of),
         policy: RefreshPolicy {
             before_expiry: cred.refresh.before_expiry,
         },
         rotate_on_login: cred.rotation.as_ref().is_some_and(|r| r.on_login),
         login_slots: login_slots.clone(),
         channels,
+    }
+}
+
+/// Where the logins of `cred` get their secret: the store, under
+/// `secret_of`; nowhere for `client_assertion_file`, whose provider reads
+/// the platform's file for every login instead.
+fn secret_source(
+    cred: &CredentialConfig,
+    store: &Arc<dyn Store>,
+    secret_of: &str,
+) -> Arc<dyn SecretSource> {
+    if cred.stores_nothing() {
+        Arc::new(NoStoredSecret)
+    } else {
+        Arc::new(StoreSecrets {
+            store: store.clone(),
+            name: secret_of.to_string(),
+        })
     }
 }
 
@@ -1197,6 +1218,16 @@ fn read_initial_secret(i: usize, cred: &CredentialConfig) -> Result<SecretString
             reason: format!("{} is empty", path.display()),
         }
         .into());
+    }
+    if cred.auth_method == crate::config::AuthMethod::PrivateKeyJwt {
+        // The store keeps the key as a private JWK (provider::key); the
+        // reason names the format problem, never the file's content.
+        let key_pair =
+            provider::key::ClientKey::from_file_text(secret).map_err(|e| ConfigError::Invalid {
+                key,
+                reason: format!("{} {e}", path.display()),
+            })?;
+        return Ok(key_pair.to_secret());
     }
     Ok(SecretString::from(secret.to_string()))
 }

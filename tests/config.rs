@@ -81,6 +81,52 @@ fn annotated_example_means_what_it_says() {
     );
 }
 
+/// The commented key-based credentials at the end of the annotated example
+/// parse as they are shown once uncommented.
+#[test]
+fn annotated_key_based_clients_parse() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rekeyd.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let section = &text[text.find("# Key-based clients").expect("the section")..];
+    let toml: String = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.starts_with("[credentials")
+                || l.starts_with("[[credentials")
+                || l.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                })
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = Config::from_toml(&format!("state_dir = \"/var/lib/rekeyd\"\n{toml}")).unwrap();
+    let reports = config.credential("reports").unwrap();
+    assert_eq!(
+        reports.auth_method,
+        rekeyd::config::AuthMethod::PrivateKeyJwt
+    );
+    assert_eq!(
+        reports.initial_secret_file.as_deref(),
+        Some(Path::new("/etc/rekeyd/reports.key"))
+    );
+    assert_eq!(
+        reports.assertion.as_ref().unwrap().audience.as_deref(),
+        Some("https://sso.example.internal")
+    );
+    let graph = config.credential("graph").unwrap();
+    assert_eq!(
+        graph.auth_method,
+        rekeyd::config::AuthMethod::ClientAssertionFile
+    );
+    assert_eq!(
+        graph.assertion.as_ref().unwrap().file.as_deref(),
+        Some(Path::new(
+            "/var/run/secrets/azure/tokens/azure-identity-token"
+        ))
+    );
+}
+
 #[test]
 fn environment_overrides_keys() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rekeyd.toml");
@@ -930,6 +976,100 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].secret_api_credential`", "registration access token"],
         ),
     ];
+    // An oauth2 credential authenticating with a key or an assertion file
+    // (no initial_secret_file): `keys`, then `tables` after its endpoints.
+    let keyed = |keys: &str, tables: &str| {
+        format!(
+            "state_dir = \"/var/lib/rekeyd\"\n[[credentials]]\nname = \"idp\"\nprovider = \"oauth2\"\n\
+             client_id = \"c\"\n{keys}\
+             [credentials.endpoints]\ntoken_url = \"https://idp.example/token\"\n{tables}"
+        )
+    };
+    let jwt = "auth_method = \"private_key_jwt\"\n";
+    let key_file = "initial_key_file = \"/etc/rekeyd/idp.key\"\n";
+    let file_method = "auth_method = \"client_assertion_file\"\n";
+    let assertion_file = "client_assertion_file = \"/var/run/secrets/tokens/idp\"\n";
+    cases.extend([
+        (
+            "private_key_jwt without initial_key_file",
+            keyed(jwt, ""),
+            vec!["`credentials[0].initial_key_file`", "is required with auth_method = \"private_key_jwt\""],
+        ),
+        (
+            "private_key_jwt with initial_secret_file too",
+            keyed(&format!("{jwt}{key_file}initial_secret_file = \"/etc/rekeyd/idp.secret\"\n"), ""),
+            vec!["`credentials[0].initial_secret_file`", "give initial_key_file instead"],
+        ),
+        (
+            "initial_key_file with a secret-based method",
+            oauth2(key_file, ""),
+            vec!["`credentials[0].initial_key_file`", "applies only with auth_method = \"private_key_jwt\""],
+        ),
+        (
+            "relative initial_key_file",
+            keyed(&format!("{jwt}initial_key_file = \"idp.key\"\n"), ""),
+            vec!["`credentials[0].initial_key_file`", "absolute path"],
+        ),
+        (
+            "private_key_jwt with another provider",
+            "state_dir = \"/var/lib/rekeyd\"\n[[credentials]]\nname = \"kc\"\nprovider = \"keycloak\"\n\
+             base_url = \"https://sso.example.com\"\nrealm = \"r\"\nclient_uuid = \"u\"\nclient_id = \"c\"\n\
+             auth_method = \"private_key_jwt\"\ninitial_key_file = \"/etc/rekeyd/kc.key\"\n"
+                .to_string(),
+            vec!["`credentials[0].auth_method`", "provider oauth2 only"],
+        ),
+        (
+            "private_key_jwt with rotation",
+            keyed(
+                &format!("{jwt}{key_file}"),
+                &format!("{}[credentials.rotation]\nevery = \"30d\"\n", registration("https://idp.example/reg/c")),
+            ),
+            vec!["`credentials[0].rotation`", "key rotation is not supported yet"],
+        ),
+        (
+            "an empty assertion_audience",
+            keyed(&format!("{jwt}{key_file}assertion_audience = \"\"\n"), ""),
+            vec!["`credentials[0].assertion_audience`", "must not be empty"],
+        ),
+        (
+            "client_assertion in extra_params with private_key_jwt",
+            keyed(&format!("{jwt}{key_file}extra_params = {{ client_assertion = \"x\" }}\n"), ""),
+            vec!["`credentials[0].extra_params.client_assertion`", "set by rekeyd itself"],
+        ),
+        (
+            "client_assertion_file method without the file",
+            keyed(file_method, ""),
+            vec!["`credentials[0].client_assertion_file`", "is required with auth_method = \"client_assertion_file\""],
+        ),
+        (
+            "client_assertion_file with an initial secret",
+            keyed(&format!("{file_method}{assertion_file}initial_secret_file = \"/etc/rekeyd/idp.secret\"\n"), ""),
+            vec!["`credentials[0].initial_secret_file`", "nothing is stored"],
+        ),
+        (
+            "client_assertion_file with initial_key_file",
+            keyed(&format!("{file_method}{assertion_file}{key_file}"), ""),
+            vec!["`credentials[0].initial_key_file`", "applies only with auth_method = \"private_key_jwt\""],
+        ),
+        (
+            "client_assertion_file with rotation",
+            keyed(
+                &format!("{file_method}{assertion_file}"),
+                &format!("{}[credentials.rotation]\nevery = \"30d\"\n", registration("https://idp.example/reg/c")),
+            ),
+            vec!["`credentials[0].rotation`", "stores nothing to rotate"],
+        ),
+        (
+            "client_assertion_file with a secret-based method",
+            oauth2(assertion_file, ""),
+            vec!["`credentials[0].client_assertion_file`", "applies only with auth_method = \"client_assertion_file\""],
+        ),
+        (
+            "unknown auth_method",
+            oauth2("auth_method = \"tls_client_auth\"\n", ""),
+            vec!["`credentials[0].auth_method`", "private_key_jwt or client_assertion_file"],
+        ),
+    ]);
     if cfg!(feature = "etcd") {
         let etcd = |keys: &str| with_table(&format!("[store]\nkind = \"etcd\"\n{keys}"));
         cases.extend([

@@ -2472,3 +2472,116 @@ systemctl poweroff
     assert_eq!(v("start_broken_main_pid"), "0", "{result}");
     assert!(v("check_refused") != "0", "{result}");
 }
+
+#[test]
+fn workload_identity_component_projects_the_entra_token_for_rekeyd_alone() {
+    let Some(kubectl) = tool("kubectl", "kubernetes-client") else {
+        return;
+    };
+    if !tools::kubectl_at_least(&kubectl, 21, "kustomize components") {
+        return;
+    }
+    // Its configuration: an Entra client that logs in with the projected
+    // token as its assertion, nothing stored, nothing rotated.
+    let toml = read("deploy/kubernetes/workload-identity/rekeyd.toml");
+    let config = load_config(&toml);
+    let base = load_config(&read("deploy/kubernetes/rekeyd.toml"));
+    assert_eq!(config.store, base.store);
+    let cred = &config.credentials[0];
+    assert_eq!(
+        cred.auth_method,
+        rekeyd::config::AuthMethod::ClientAssertionFile
+    );
+    assert!(cred.rotation.is_none() && cred.initial_secret_file.is_none());
+    assert!(
+        cred.endpoints
+            .token_url
+            .as_str()
+            .starts_with("https://login.microsoftonline.com/")
+            && cred
+                .endpoints
+                .token_url
+                .as_str()
+                .ends_with("/oauth2/v2.0/token")
+    );
+    let token_file = cred.assertion.as_ref().unwrap().file.clone().unwrap();
+
+    let tmp = tempfile::Builder::new()
+        .prefix("overlay")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let overlay = tmp.path().canonicalize().unwrap();
+    let dir = |rel: &str| relative(&overlay, &root().join(rel).canonicalize().unwrap());
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "resources:\n  - {}\ncomponents:\n  - {}\nnamespace: payments\n",
+            dir("deploy/kubernetes").display(),
+            dir("deploy/kubernetes/workload-identity").display()
+        ),
+    )
+    .unwrap();
+    let out = run_ok(Command::new(kubectl).arg("kustomize").arg(&overlay));
+    let docs: Vec<Yaml> = serde_yaml_ng::Deserializer::from_str(&out)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &Yaml| !d.is_null())
+        .collect();
+    assert_eq!(
+        one(&docs, "ConfigMap")["data"]["rekeyd.toml"].as_str(),
+        Some(toml.as_str())
+    );
+    // No bootstrap secret, and nothing refers to one.
+    assert!(
+        find(&docs, "Secret")
+            .iter()
+            .all(|s| !name(s).starts_with("rekeyd-bootstrap")),
+        "{out}"
+    );
+    assert!(!out.contains("rekeyd-bootstrap"), "{out}");
+
+    let deployment = one(&docs, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let rekeyd_container = &pod["initContainers"][0];
+    assert_eq!(rekeyd_container["name"].as_str(), Some("rekeyd"));
+    hardened(rekeyd_container, pod);
+    // The token file rekeyd.toml names is the projected token, with the
+    // audience Entra's token exchange expects, read-only, for rekeyd only.
+    let mounted = mounts(rekeyd_container, pod);
+    let (mount_path, volume, read_only) = mounted
+        .iter()
+        .find(|(_, v, _)| v["name"].as_str() == Some("azure-identity-token"))
+        .expect("the Entra token is mounted into rekeyd");
+    assert!(*read_only);
+    let source = &volume["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(
+        source["audience"].as_str(),
+        Some("api://AzureADTokenExchange")
+    );
+    assert_eq!(
+        Path::new(mount_path).join(source["path"].as_str().unwrap()),
+        token_file
+    );
+    for container in pod["containers"].as_sequence().unwrap() {
+        assert!(
+            mounts(container, pod)
+                .iter()
+                .all(|(_, v, _)| v["name"].as_str() != Some("azure-identity-token")),
+            "only rekeyd gets the token"
+        );
+    }
+    // The configuration volume still holds rekeyd.toml.
+    let config_volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"].as_str() == Some("rekeyd-config"))
+        .unwrap();
+    let sources = config_volume["projected"]["sources"].as_sequence().unwrap();
+    assert_eq!(sources.len(), 1);
+    assert!(
+        sources[0]["configMap"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("rekeyd-config")
+    );
+}

@@ -7,9 +7,11 @@
 //! Whatever text a provider sends reaches an error only scrubbed of the
 //! credential's secrets ([`redact`]).
 
+pub mod assertion;
 pub mod auth0;
 pub mod entra;
 pub mod http;
+pub mod key;
 pub mod keycloak;
 pub mod mappls;
 pub mod mapsindoors;

@@ -2,8 +2,11 @@
 //!
 //! The client authenticates with HTTP Basic (`client_secret_basic`, the
 //! default, id and secret form-encoded first as §2.3.1 demands) or in the
-//! form body (`client_secret_post`). Errors follow §5.2; `invalid_client`
-//! may come as 400 or 401 depending on the server.
+//! form body (`client_secret_post`), or with a JWT assertion (RFC 7523
+//! §2.2): one it signs with its key for every attempt (`private_key_jwt`,
+//! the store's value is the key) or one a platform writes to a file
+//! (`client_assertion_file`, nothing stored). Errors follow §5.2;
+//! `invalid_client` may come as 400 or 401 depending on the server.
 
 use base64::Engine as _;
 use futures_util::future::BoxFuture;
@@ -11,7 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use super::http::{self, Transport};
-use super::{ErrorKind, ProviderError, TokenProvider};
+use super::{ErrorKind, ProviderError, TokenProvider, assertion, key};
 use crate::config::{AuthMethod, CredentialConfig};
 use crate::token::Token;
 
@@ -22,6 +25,11 @@ pub struct OAuth2 {
     auth_method: AuthMethod,
     /// scope, audience and operator-given extra form fields.
     params: Vec<(String, String)>,
+    /// `private_key_jwt`: the assertions' `aud` (`assertion_audience`, else
+    /// the token endpoint URL, RFC 7523 §3 item 3).
+    assertion_audience: String,
+    /// `client_assertion_file`: where the platform writes the assertion.
+    assertion_file: Option<std::path::PathBuf>,
 }
 
 impl OAuth2 {
@@ -44,6 +52,49 @@ impl OAuth2 {
             client_id: cred.client_id.clone(),
             auth_method: cred.auth_method,
             params,
+            assertion_audience: cred
+                .assertion
+                .as_ref()
+                .and_then(|a| a.audience.clone())
+                .unwrap_or_else(|| cred.endpoints.token_url.to_string()),
+            assertion_file: cred.assertion.as_ref().and_then(|a| a.file.clone()),
+        }
+    }
+
+    /// The assertion of this attempt: newly signed with the stored key, or
+    /// read afresh from the platform's file. Its failures are local ones
+    /// (no request was sent).
+    fn assertion(&self, secret: &SecretString) -> Result<SecretString, ProviderError> {
+        const OP: &str = "oauth2 login";
+        match (self.auth_method, &self.assertion_file) {
+            (AuthMethod::ClientAssertionFile, Some(path)) => {
+                assertion::read_file(path, std::time::SystemTime::now())
+                    // The platform replaces the file by itself: try again.
+                    .map_err(|e| ProviderError::transient(OP, e.to_string()))
+            }
+            _ => {
+                let key = key::from_secret(secret).map_err(|e| ProviderError {
+                    // The stored key will not parse on a retry either.
+                    kind: ErrorKind::Refused,
+                    operation: OP,
+                    status: None,
+                    code: None,
+                    // E.g. a credential switched from a secret to a key:
+                    // the store still holds the secret.
+                    detail: format!(
+                        "the stored private key cannot be used: it {e}; install the key with \
+                         `rekeyd set-secret NAME < KEYFILE`"
+                    ),
+                    retry_after: None,
+                })?;
+                assertion::mint(
+                    &key,
+                    &self.client_id,
+                    &self.assertion_audience,
+                    std::time::SystemTime::now(),
+                )
+                .map_err(|e| ProviderError::transient(OP, e.to_string()))
+            }
         }
     }
 }
@@ -88,6 +139,21 @@ impl TokenProvider for OAuth2 {
                     form.push(("client_id", &self.client_id));
                     form.push(("client_secret", secret.expose_secret()));
                 }
+                AuthMethod::PrivateKeyJwt | AuthMethod::ClientAssertionFile => {}
+            }
+            // A new assertion per attempt, retries included: servers refuse
+            // a `jti` they have seen (RFC 7523 §3 item 7). It is a
+            // credential too, so the reply is scrubbed of it (`encoded`).
+            let signed;
+            if matches!(
+                self.auth_method,
+                AuthMethod::PrivateKeyJwt | AuthMethod::ClientAssertionFile
+            ) {
+                signed = self.assertion(secret)?;
+                encoded = Some(signed.clone());
+                form.push(("client_id", &self.client_id));
+                form.push(("client_assertion_type", assertion::JWT_BEARER));
+                form.push(("client_assertion", signed.expose_secret()));
             }
             let request = request.form(&form);
             http::token_request(

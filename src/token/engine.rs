@@ -71,6 +71,22 @@ impl SecretSource for StoreSecrets {
     }
 }
 
+/// For a credential that stores nothing (`client_assertion_file`): an
+/// empty secret, which its provider does not use.
+pub struct NoStoredSecret;
+
+impl SecretSource for NoStoredSecret {
+    fn secrets(&self) -> BoxFuture<'_, Result<Secrets, String>> {
+        Box::pin(async {
+            Ok(Secrets {
+                current: SecretString::from(String::new()),
+                pending: None,
+                old: None,
+            })
+        })
+    }
+}
+
 pub struct Engine {
     pub name: String,
     pub provider: Arc<dyn TokenProvider>,

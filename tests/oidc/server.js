@@ -19,6 +19,17 @@
 //                         tokens, i.e. `expires_in` (default 600)
 //   OIDC_STRICT_AUTH_METHOD  "0" to turn off the strict auth-method check
 //                         described below (default on)
+//   OIDC_LOG_ASSERTIONS   "1": every /token request that carries a
+//                         `client_assertion` (RFC 7523 private_key_jwt, or
+//                         a platform's assertion) logs one stderr line
+//                         `ASSERTION <status> <client_assertion>` once it
+//                         is answered, so a test can see which assertion
+//                         (jti, kid, alg) the server was sent and what it
+//                         answered. A client is registered for
+//                         private_key_jwt through OIDC_CLIENTS with
+//                         `token_endpoint_auth_method: "private_key_jwt"`,
+//                         `jwks: {keys: [<public JWK>]}` and optionally
+//                         `token_endpoint_auth_signing_alg`.
 //   OIDC_REGISTRATION_FILE   turns on RFC 7591 dynamic registration and RFC
 //                         7592 registration management (the registration
 //                         access token is replaced by every update) and
@@ -101,6 +112,7 @@ if (!Number.isInteger(tokenTtl) || tokenTtl <= 0) {
 }
 
 const strictAuthMethod = process.env.OIDC_STRICT_AUTH_METHOD !== '0';
+const logAssertions = process.env.OIDC_LOG_ASSERTIONS === '1';
 
 function defaultClients() {
   const basic = process.env.OIDC_BASIC_SECRET;
@@ -215,7 +227,8 @@ function decodeBasicClientId(header) {
 // test harness uses with HTTP Basic for any client.
 const authenticatedPaths = new Set(['/token', '/token/revocation']);
 provider.use(async (ctx, next) => {
-  if (strictAuthMethod && ctx.method === 'POST' && authenticatedPaths.has(ctx.path)) {
+  let assertion;
+  if ((strictAuthMethod || logAssertions) && ctx.method === 'POST' && authenticatedPaths.has(ctx.path)) {
     const auth = ctx.get('authorization');
     const usedBasic = auth !== '';
     let clientId;
@@ -227,14 +240,17 @@ provider.use(async (ctx, next) => {
       const form = new URLSearchParams(raw);
       clientId = form.get('client_id') ?? undefined;
       usedPost = form.has('client_secret');
+      assertion = form.get('client_assertion') ?? undefined;
       // The stream is drained now; oidc-provider's body parser falls back to
       // req.body for a non-readable request (it logs a one-off warning).
       ctx.req.body = raw;
     }
     const registered = clientId !== undefined ? authMethodOf.get(clientId) : undefined;
     if (
-      (usedBasic && registered === 'client_secret_post')
-      || (usedPost && registered === 'client_secret_basic')
+      strictAuthMethod && (
+        (usedBasic && registered === 'client_secret_post')
+        || (usedPost && registered === 'client_secret_basic')
+      )
     ) {
       ctx.status = 401;
       ctx.set('Cache-Control', 'no-store');
@@ -248,6 +264,9 @@ provider.use(async (ctx, next) => {
   }
   await next();
   process.stderr.write(`${ctx.method} ${ctx.path} -> ${ctx.status}\n`);
+  if (logAssertions && assertion !== undefined && ctx.path === '/token') {
+    process.stderr.write(`ASSERTION ${ctx.status} ${assertion}\n`);
+  }
 });
 
 function readBody(req) {

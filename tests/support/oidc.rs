@@ -80,6 +80,9 @@ pub struct OidcOptions {
     /// RFC 7591 registration and RFC 7592 management (server.js
     /// `OIDC_REGISTRATION_FILE`): see [`OidcServer::register`].
     pub registration: bool,
+    /// Log every client assertion sent to /token with the answer's status
+    /// (server.js `OIDC_LOG_ASSERTIONS`): see [`OidcServer::assertions`].
+    pub log_assertions: bool,
 }
 
 impl Default for OidcOptions {
@@ -89,6 +92,7 @@ impl Default for OidcOptions {
             strict_auth_method: true,
             clients: None,
             registration: false,
+            log_assertions: false,
         }
     }
 }
@@ -177,6 +181,11 @@ impl OidcServer {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if opts.log_assertions {
+            cmd.env("OIDC_LOG_ASSERTIONS", "1");
+        } else {
+            cmd.env_remove("OIDC_LOG_ASSERTIONS");
+        }
         if let Some(ttl) = opts.token_ttl_secs {
             cmd.env("OIDC_TOKEN_TTL", ttl.to_string());
         }
@@ -366,6 +375,21 @@ impl OidcServer {
 
     pub fn discovery_url(&self) -> String {
         format!("{}/.well-known/openid-configuration", self.base_url())
+    }
+
+    /// The client assertions the token endpoint answered so far, in order:
+    /// (HTTP status, assertion). Needs [`OidcOptions::log_assertions`].
+    pub fn assertions(&self) -> Vec<(u16, String)> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("ASSERTION ")?;
+                let (status, assertion) = rest.split_once(' ')?;
+                Some((status.parse().ok()?, assertion.to_string()))
+            })
+            .collect()
     }
 
     /// The server's stderr so far (oidc-provider notices and one
