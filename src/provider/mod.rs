@@ -114,8 +114,11 @@ pub enum Overlap {
     Many { max: Option<u32> },
     /// Creating replaces the client's secret atomically: the old one stops
     /// working at once. Only safe with [`ValueOrigin::Caller`] (the new
-    /// value is in the journal before the call), and logins try both values
-    /// until the new one is proven.
+    /// value is in the journal before the call; RFC 7592, which cannot
+    /// offer it, is the documented exception), and logins try both values
+    /// until the new one is proven. The replaced value stays in the
+    /// journal through the grace period all the same (promoted), so a
+    /// value set again by a delayed request is met by the final check (S5).
     Replace,
 }
 
@@ -203,7 +206,7 @@ impl Capabilities {
                 "old and new are both valid (at most {max} at once) until the grace period ends and the new one is proven again"
             ),
             Overlap::Many { max: None } => "old and new are both valid until the grace period ends and the new one is proven again".to_string(),
-            Overlap::Replace => "the provider replaces the old secret at once, so logins try both values until the new one is proven".to_string(),
+            Overlap::Replace => "the provider replaces the old secret at once, so logins try both values until the new one is proven, and the replaced one still through the grace period, at whose end the new one is proven again".to_string(),
         };
         let retire = match self.retire {
             Retire::Delete => "then the old secret is deleted",
