@@ -515,7 +515,7 @@ async fn rotate(config: &Config, name: &str) -> u8 {
 async fn set_secret(
     config: &Config,
     name: &str,
-    id: Option<String>,
+    mut id: Option<String>,
     verify: bool,
     force: bool,
 ) -> u8 {
@@ -544,7 +544,11 @@ async fn set_secret(
         }
         crate::config::AuthMethod::PrivateKeyJwt => {
             match provider::key::ClientKey::from_file_text(value.expose_secret()) {
-                Ok(key) => key.to_secret(),
+                // A key is published (and withdrawn) under its kid.
+                Ok(key) => {
+                    id = id.or_else(|| Some(key.kid().to_string()));
+                    key.to_secret()
+                }
                 Err(e) => {
                     eprintln!("rekeyd: the private key on stdin {e}");
                     return EXIT_FAILURE;

@@ -2889,7 +2889,9 @@ fn validate_assertion_method(
             ));
         }
     }
-    if raw.rotation || raw.registration {
+    // private_key_jwt rotates its key where the key is published (the
+    // registration's jwks, checked with [credentials.rotation]).
+    if method == AuthMethod::ClientAssertionFile && (raw.rotation || raw.registration) {
         let table = if raw.rotation {
             "rotation"
         } else {
@@ -2897,17 +2899,10 @@ fn validate_assertion_method(
         };
         return Err(ConfigError::invalid(
             key(table),
-            match method {
-                AuthMethod::PrivateKeyJwt => {
-                    "key rotation is not supported yet: remove [credentials.".to_string()
-                        + table
-                        + "] (rekeyd logs in with the key from initial_key_file, replace the key by hand)"
-                }
-                _ => format!(
-                    "does not apply with auth_method = \"client_assertion_file\": rekeyd stores \
-                     nothing to rotate, the platform replaces the assertion; remove [credentials.{table}]"
-                ),
-            },
+            format!(
+                "does not apply with auth_method = \"client_assertion_file\": rekeyd stores \
+                 nothing to rotate, the platform replaces the assertion; remove [credentials.{table}]"
+            ),
         ));
     }
     if raw.initial_secret_given {

@@ -746,13 +746,25 @@ fn secret_source(
     }
 }
 
+/// The provider's id of a bootstrap secret: `initial_secret_id`; for a
+/// `private_key_jwt` key its `kid`, the id the key is published under (a
+/// key rotation withdraws it by that id).
+pub(crate) fn bootstrap_id(cred: &CredentialConfig, secret: &SecretString) -> Option<String> {
+    if cred.auth_method == crate::config::AuthMethod::PrivateKeyJwt {
+        if let Ok(key) = provider::key::from_secret(secret) {
+            return Some(key.kid().to_string());
+        }
+    }
+    cred.initial_secret_id.clone()
+}
+
 pub(crate) async fn store_bootstrap(
     store: &dyn Store,
     cred: &CredentialConfig,
     secret: SecretString,
 ) -> Result<(), DaemonError> {
     let record = CredentialRecord::new(SecretEntry {
-        id: cred.initial_secret_id.clone(),
+        id: bootstrap_id(cred, &secret),
         value: secret,
         created_at: SystemTime::now(),
         expires_at: None,

@@ -389,6 +389,23 @@ impl ClientKey {
     }
 }
 
+/// The id of a published public JWK: its `kid`, else its RFC 7638
+/// thumbprint; `None` for a member that is not a JWK rekeyd can read (it
+/// is then nobody's to touch).
+pub fn public_key_id(jwk: &serde_json::Value) -> Option<String> {
+    if let Some(kid) = jwk.get("kid").and_then(serde_json::Value::as_str) {
+        return Some(kid.to_string());
+    }
+    let parsed: Jwk = serde_json::from_value(jwk.clone()).ok()?;
+    let complete = match parsed.kty.as_str() {
+        "EC" => parsed.crv.is_some() && parsed.x.is_some() && parsed.y.is_some(),
+        "RSA" => parsed.n.is_some() && parsed.e.is_some(),
+        "OKP" => parsed.crv.is_some() && parsed.x.is_some(),
+        _ => false,
+    };
+    complete.then(|| thumbprint(&parsed))
+}
+
 /// Reads the key the store holds for a credential (its private JWK).
 ///
 /// # Errors
@@ -505,6 +522,16 @@ fn rsa_jwk(der: &[u8]) -> Result<Jwk, KeyError> {
         qi: u(key.coefficient),
         ..Jwk::default()
     })
+}
+
+/// A new key pair of the type that signs with `alg` (RSA: 2048 bits),
+/// from the operating system's CSPRNG: the next key of a key rotation.
+/// Its `kid` is its RFC 7638 thumbprint.
+///
+/// # Errors
+/// [`KeyError::Sign`] if the library cannot generate a key.
+pub fn generate(alg: Alg) -> Result<ClientKey, KeyError> {
+    ClientKey::from_file_text(&generate_pem(alg)?)
 }
 
 /// A new key pair's PKCS#8 document as PEM, for tests and bootstrap

@@ -11,6 +11,7 @@ pub mod assertion;
 pub mod auth0;
 pub mod entra;
 pub mod http;
+pub mod jwks;
 pub mod key;
 pub mod keycloak;
 pub mod mappls;
@@ -28,7 +29,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use secrecy::SecretString;
 
-use crate::config::{CredentialConfig, ProviderKind};
+use crate::config::{AuthMethod, CredentialConfig, ProviderKind};
 use crate::token::Token;
 
 pub use http::{HttpClient, HttpClients};
@@ -86,7 +87,9 @@ pub struct CreateRequest<'a> {
     /// cannot carry one ignores it ([`Capabilities::tags`]).
     pub description: &'a str,
     /// The value rekeyd generated and persisted before this call
-    /// ([`ValueOrigin::Caller`]); `None`: the provider generates it.
+    /// ([`ValueOrigin::Caller`]; with [`ValueOrigin::Key`] the private JWK,
+    /// of which the API publishes the public part); `None`: the provider
+    /// generates it.
     pub value: Option<&'a SecretString>,
 }
 
@@ -103,6 +106,13 @@ pub enum ValueOrigin {
     /// before the call, so a lost reply loses nothing: a retry sends the
     /// same value.
     Caller { alphabet: &'static str },
+    /// A key-based client (`private_key_jwt`, RFC 7523 §2.2): rekeyd
+    /// generates a key pair of the current key's type and the journal
+    /// holds its private JWK before the call ([`key`]); the API is given
+    /// only the public JWK. As with [`ValueOrigin::Caller`], a lost reply
+    /// loses nothing, and ids are key ids (`kid`), which rekeyd knows
+    /// before the call.
+    Key,
 }
 
 /// How a new secret lives next to the old one at the provider.
@@ -200,6 +210,9 @@ impl Capabilities {
             ValueOrigin::Caller { .. } => {
                 "rekeyd generates the new secret (256 bits from a CSPRNG) and stores it before the call, so a lost reply loses nothing"
             }
+            ValueOrigin::Key => {
+                "rekeyd generates a new key pair of the current key's type and stores the private key before publishing the public one next to the current key, so a lost reply loses nothing (the key id finds an interrupted publish)"
+            }
         };
         let overlap = match self.overlap {
             Overlap::Many { max: Some(max) } => format!(
@@ -264,6 +277,14 @@ pub trait SecretApi: Send + Sync {
         bearer: &'a Token,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Deleted, ProviderError>>;
+    /// A new RFC 7592 registration access token that a call since the last
+    /// question returned (§3: any call may replace it, after which the old
+    /// one stops working), taken out of the API: the rotation stores it
+    /// before the next call. `create` returns its own in
+    /// [`NewSecret::registration_access_token`].
+    fn take_renewed_registration_token(&self) -> Option<SecretString> {
+        None
+    }
 }
 
 /// How the token engine and the rotation should treat a failure.
@@ -401,12 +422,17 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
             cred.client_id.clone(),
         ))),
         (ProviderKind::OAuth2, _, _) => cred.registration.as_ref().map(|r| {
-            Arc::new(registration::RegistrationApi::new(
+            let api = registration::RegistrationApi::new(
                 transport.clone(),
                 r.client_uri.clone(),
                 cred.client_id.clone(),
                 &r.access_token_file,
-            )) as Arc<dyn SecretApi>
+            );
+            if cred.auth_method == AuthMethod::PrivateKeyJwt {
+                Arc::new(registration::RegistrationKeys::new(api)) as Arc<dyn SecretApi>
+            } else {
+                Arc::new(api) as Arc<dyn SecretApi>
+            }
         }),
         _ => None,
     };
@@ -430,7 +456,10 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
 /// `[credentials.registration]`).
 pub fn capabilities_of(cred: &CredentialConfig) -> Option<Capabilities> {
     match cred.provider {
-        ProviderKind::OAuth2 if cred.registration.is_some() => Some(registration::CAPABILITIES),
+        ProviderKind::OAuth2 if cred.registration.is_some() => Some(match cred.auth_method {
+            AuthMethod::PrivateKeyJwt => registration::KEY_CAPABILITIES,
+            _ => registration::CAPABILITIES,
+        }),
         ProviderKind::MapsIndoors => Some(Capabilities::SERVER_TAGGED),
         ProviderKind::Okta => Some(okta::CAPABILITIES),
         ProviderKind::Auth0 => Some(auth0::CAPABILITIES),

@@ -31,6 +31,8 @@
 //! access token and RFC 7591 §3.2.2 (`400 invalid_client_metadata`) for
 //! the metadata.
 
+use std::sync::Mutex;
+
 use futures_util::future::BoxFuture;
 use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
@@ -38,6 +40,7 @@ use serde_json::{Map, Value};
 use url::Url;
 
 use super::http::{Reply, Transport, with_json};
+use super::jwks;
 use super::{
     Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, Overlap, ProviderError,
     RemoteSecret, Retire, SecretApi, ValueOrigin, classify_secret_api,
@@ -72,6 +75,11 @@ pub struct RegistrationApi {
     client_id: String,
     /// `access_token_file`, named in the error for a refused token.
     token_file: String,
+    /// The registration access token a reply replaced the sent one with
+    /// (§3), until the rotation takes it to store it
+    /// ([`SecretApi::take_renewed_registration_token`]); calls meanwhile
+    /// are sent with it, the one that works.
+    renewed: Mutex<Option<SecretString>>,
 }
 
 /// What an update returned: the client's secret (perhaps unchanged), a new
@@ -96,6 +104,19 @@ impl RegistrationApi {
             client_uri,
             client_id,
             token_file: token_file.display().to_string(),
+            renewed: Mutex::new(None),
+        }
+    }
+
+    fn renewed(&self) -> std::sync::MutexGuard<'_, Option<SecretString>> {
+        self.renewed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The token to send: one a reply replaced `bearer` with, if any.
+    fn live(&self, bearer: &Token) -> Token {
+        match self.renewed().as_ref() {
+            Some(token) => Token::new(token.clone(), "Bearer".into(), None, bearer.lifetime),
+            None => bearer.clone(),
         }
     }
 
@@ -121,7 +142,13 @@ impl RegistrationApi {
             .transport
             .send(operation, request, &[&bearer.access_token])
             .await?;
-        self.read(operation, &reply)
+        let body = self.read(operation, &reply)?;
+        if let Some(token) = new_token(&body, &bearer.access_token) {
+            // The sent token is dead (§3): kept until stored, and sent
+            // from now on.
+            *self.renewed() = Some(token);
+        }
+        Ok(body)
     }
 
     /// A 2xx reply's JSON object, which must describe this client; a
@@ -148,22 +175,26 @@ impl RegistrationApi {
         Ok(body)
     }
 
-    /// Reads the client's metadata and writes it back unchanged (RFC 7592
-    /// §2.1, §2.2): the update the server may answer with a new secret or
-    /// a new registration access token.
-    pub async fn update(&self, bearer: &Token) -> Result<Updated, ProviderError> {
-        let mut metadata = self
-            .call("registration read", Method::GET, bearer, None)
-            .await?;
-        // §3 lets a server replace the token on a read too: the update
-        // then goes out with the new one, which is reported as new unless
-        // the update replaces it again. (Should the update fail, that
-        // token is lost with it: the refused-token error says what to do.)
-        let read_token = new_token(&metadata, &bearer.access_token);
-        let update_bearer = match &read_token {
-            Some(token) => &Token::new(token.clone(), "Bearer".into(), None, bearer.lifetime),
-            None => bearer,
-        };
+    /// The client's metadata (RFC 7592 §2.1).
+    async fn get(&self, bearer: &Token) -> Result<Map<String, Value>, ProviderError> {
+        self.call("registration read", Method::GET, &self.live(bearer), None)
+            .await
+    }
+
+    /// Reads the client's metadata, lets `edit` change it and writes all of
+    /// it back (RFC 7592 §2.1, §2.2): the reply, or `None` when `edit`
+    /// says nothing changes (no write). A token a reply replaces is sent
+    /// from then on (§3 lets a server replace it on a read too) and kept
+    /// for the rotation to store.
+    async fn edit(
+        &self,
+        bearer: &Token,
+        edit: impl FnOnce(&mut Map<String, Value>) -> Result<bool, ProviderError>,
+    ) -> Result<Option<Map<String, Value>>, ProviderError> {
+        let mut metadata = self.get(bearer).await?;
+        if !edit(&mut metadata)? {
+            return Ok(None);
+        }
         for field in NOT_SENT {
             metadata.remove(field);
         }
@@ -174,10 +205,20 @@ impl RegistrationApi {
             .call(
                 "registration update",
                 Method::PUT,
-                update_bearer,
+                &self.live(bearer),
                 Some(&Value::Object(metadata)),
             )
             .await?;
+        Ok(Some(reply))
+    }
+
+    /// Reads the client's metadata and writes it back unchanged (RFC 7592
+    /// §2.1, §2.2): the update the server may answer with a new secret or
+    /// a new registration access token.
+    pub async fn update(&self, bearer: &Token) -> Result<Updated, ProviderError> {
+        let Some(reply) = self.edit(bearer, |_| Ok(true)).await? else {
+            unreachable!("an unchanged write is still written");
+        };
         let text = |field: &str| {
             reply
                 .get(field)
@@ -193,8 +234,7 @@ impl RegistrationApi {
         };
         Ok(Updated {
             client_secret,
-            registration_access_token: new_token(&reply, &update_bearer.access_token)
-                .or(read_token),
+            registration_access_token: self.renewed().take(),
             client_secret_expires_at: reply
                 .get("client_secret_expires_at")
                 .and_then(Value::as_u64)
@@ -273,6 +313,152 @@ impl SecretApi for RegistrationApi {
     ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
         // Never asked: the one secret is replaced, never deleted.
         Box::pin(async { Ok(Deleted::NotFound) })
+    }
+
+    fn take_renewed_registration_token(&self) -> Option<SecretString> {
+        self.renewed().take()
+    }
+}
+
+/// A `private_key_jwt` client's keys in its registration's `jwks` (RFC
+/// 7591 §2: the client's JWK Set by value): a new key is published *next
+/// to* the current one by an update whose `jwks` holds both, and the old
+/// one withdrawn by an update without it. Each update sends the whole set
+/// as read just before, so the one-call steps are idempotent: publishing
+/// a key the set holds, or withdrawing one it lacks, writes nothing.
+pub struct RegistrationKeys {
+    api: RegistrationApi,
+}
+
+/// Keys rekeyd generates, any number published at once, listed (by `kid`)
+/// and withdrawn one by one.
+pub const KEY_CAPABILITIES: Capabilities = Capabilities {
+    value: ValueOrigin::Key,
+    overlap: Overlap::Many { max: None },
+    retire: Retire::Delete,
+    tags: false,
+    lists: true,
+};
+
+impl RegistrationKeys {
+    pub fn new(api: RegistrationApi) -> Self {
+        RegistrationKeys { api }
+    }
+}
+
+/// The registration's `jwks`; a client whose keys are fetched from its
+/// `jwks_uri` is refused: its keys are published where that URI points
+/// (`[credentials.jwks]`), not in the registration.
+fn registered_keys(
+    operation: &'static str,
+    metadata: &Map<String, Value>,
+) -> Result<Value, ProviderError> {
+    if metadata.contains_key("jwks_uri") && !metadata.contains_key("jwks") {
+        return Err(ProviderError {
+            kind: ErrorKind::Refused,
+            operation,
+            status: None,
+            code: None,
+            detail: "the client's keys are fetched from its jwks_uri, not registered as jwks: \
+                     publish them where jwks_uri points ([credentials.jwks]) instead"
+                .into(),
+            retry_after: None,
+        });
+    }
+    Ok(metadata
+        .get("jwks")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({ "keys": [] })))
+}
+
+impl SecretApi for RegistrationKeys {
+    fn capabilities(&self) -> Capabilities {
+        KEY_CAPABILITIES
+    }
+
+    fn list<'a>(
+        &'a self,
+        bearer: &'a Token,
+    ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
+        Box::pin(async move {
+            let metadata = self.api.get(bearer).await?;
+            let set = registered_keys("registration read", &metadata)?;
+            Ok(jwks::listing(&set, &self.api.client_id))
+        })
+    }
+
+    fn create<'a>(
+        &'a self,
+        bearer: &'a Token,
+        request: CreateRequest<'a>,
+    ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
+        Box::pin(async move {
+            let op = "registration update";
+            let (kid, public) = jwks::public_of(op, request.value)?;
+            self.api
+                .edit(bearer, |metadata| {
+                    let set = registered_keys(op, metadata)?;
+                    match jwks::with_key(&set, &public) {
+                        Some(set) => {
+                            metadata.insert("jwks".into(), set);
+                            Ok(true)
+                        }
+                        None => Ok(false),
+                    }
+                })
+                .await?;
+            Ok(NewSecret {
+                id: Some(kid),
+                value: request.value.cloned().expect("public_of checked it"),
+                expires_at: None,
+                registration_access_token: self.api.renewed().take(),
+            })
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        bearer: &'a Token,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
+        Box::pin(async move {
+            let op = "registration update";
+            let written = self
+                .api
+                .edit(bearer, |metadata| {
+                    let set = registered_keys(op, metadata)?;
+                    let Some(left) = jwks::without(&set, id) else {
+                        return Ok(false);
+                    };
+                    if jwks::ids(&left).is_empty() {
+                        // I1: the machine withdraws a key only once another
+                        // is proven; a set this would empty means the
+                        // registration is not what the journal says.
+                        return Err(ProviderError {
+                            kind: ErrorKind::Refused,
+                            operation: op,
+                            status: None,
+                            code: None,
+                            detail: format!(
+                                "withdrawing key {id} would leave the client without a registered key; \
+                                 nothing was changed"
+                            ),
+                            retry_after: None,
+                        });
+                    }
+                    metadata.insert("jwks".into(), left);
+                    Ok(true)
+                })
+                .await?;
+            Ok(match written {
+                Some(_) => Deleted::Deleted,
+                None => Deleted::NotFound,
+            })
+        })
+    }
+
+    fn take_renewed_registration_token(&self) -> Option<SecretString> {
+        self.api.renewed().take()
     }
 }
 

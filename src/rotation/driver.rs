@@ -26,6 +26,7 @@ use crate::config::RotationConfig;
 use crate::credential::CredentialStatus;
 use crate::history::{self, Step};
 use crate::metrics::{self, RotationLabels};
+use crate::provider::key;
 use crate::provider::redact::escape_controls;
 use crate::provider::{
     CreateRequest, Deleted, ErrorKind, ProviderError, RemoteSecret, Retire, SecretApi,
@@ -327,6 +328,10 @@ struct Run<'a> {
     /// Why this run begins a rotation, until its `started` step is
     /// recorded in the history.
     reason: Option<StartReason>,
+    /// A registration access token a list or delete call returned (RFC
+    /// 7592 §3), until a journal write holds it: the next transition
+    /// carries it, whatever it is, so it is stored before the next call.
+    renewed_registration: Option<RegistrationToken>,
     /// Committed steps not yet in the history, in commit order, each batch
     /// with the time of its step ([`Run::record_history`]).
     history: Vec<(SystemTime, Vec<history::Event>)>,
@@ -370,7 +375,7 @@ impl Rotator {
         let idle = !run.record.value.is_unfinished();
         let event = if let Some(reason) = begin.filter(|_| idle) {
             run.reason = Some(reason);
-            self.begin_event().await?
+            self.begin_event(&run.record.value).await?
         } else {
             if !idle {
                 run.announce_resume();
@@ -448,7 +453,7 @@ impl Rotator {
             });
         if let Some(reason) = begin {
             run.reason = Some(reason);
-            let event = self.begin_event().await?;
+            let event = self.begin_event(&run.record.value).await?;
             once.began = Some(run.drive(event).await?);
         }
         once.waiting_until = run.waiting_until;
@@ -512,13 +517,14 @@ impl Rotator {
             max_wait,
             waiting_until: None,
             reason: None,
+            renewed_registration: None,
             history: Vec::new(),
         })
     }
 
-    /// The event that starts a new rotation, once the store has shown it
-    /// can record one.
-    async fn begin_event(&self) -> Result<Event, RotationError> {
+    /// The event that starts a new rotation of `record`, once the store
+    /// has shown it can record one.
+    async fn begin_event(&self, record: &CredentialRecord) -> Result<Event, RotationError> {
         // I2: a full or read-only disk stops us before the provider
         // creates a secret we could not record.
         self.store.check_writable(&self.name).await?;
@@ -526,6 +532,20 @@ impl Rotator {
         info!(step = "rotate", rid = %rid, "rotation started");
         let chosen = match self.secret_api.capabilities().value {
             ValueOrigin::Caller { alphabet } => Some(crate::provider::generate_value(alphabet)),
+            ValueOrigin::Key => {
+                // The same type as the current key: the server accepts it
+                // (its registration names the signing algorithm).
+                let alg = key::from_secret(&record.current.value)
+                    .map(|k| k.alg())
+                    .unwrap_or(key::Alg::Es256);
+                let next = key::generate(alg).map_err(|e| {
+                    RotationError::Provider(ProviderError::transient(
+                        "key generation",
+                        e.to_string(),
+                    ))
+                })?;
+                Some(next.to_secret())
+            }
             ValueOrigin::Server => None,
         };
         Ok(Event::Begin { rid, chosen })
@@ -605,8 +625,49 @@ impl Run<'_> {
     /// the claim, so another process appends after them, never between).
     async fn drive(&mut self, first: Event) -> Result<Outcome, RotationError> {
         let outcome = self.drive_steps(first).await;
+        if outcome.is_err() {
+            self.store_renewed_registration().await;
+        }
         self.flush_history().await;
         outcome
+    }
+
+    /// A call that replaced the registration access token and then failed
+    /// (or a run stopped before its next write) leaves the new token in
+    /// memory only: stored now, in the record as it is, so the next run
+    /// sends the token that works. A lost swap reads and tries again.
+    async fn store_renewed_registration(&mut self) {
+        let r = self.rotator;
+        for _ in 0..MAX_CONFLICTS {
+            let Some(token) = self.renewed_registration.clone() else {
+                return;
+            };
+            let mut next = self.record.value.clone();
+            next.registration = Some(token);
+            match r
+                .store
+                .compare_and_swap(&r.name, Some(self.record.version), &next)
+                .await
+            {
+                Ok(version) => {
+                    self.record = Versioned {
+                        version,
+                        value: next,
+                    };
+                    self.renewed_registration = None;
+                    return;
+                }
+                Err(StoreError::Conflict { .. }) => match r.store.load_settled(&r.name).await {
+                    Ok(Some(record)) => self.record = record,
+                    _ => break,
+                },
+                Err(_) => break,
+            }
+        }
+        error!(
+            step = "rotate",
+            "a new registration access token the server returned could not be stored; the management channel may be lost (put a new token in access_token_file)"
+        );
     }
 
     /// Queues the history entries of a step whose journal write has landed
@@ -639,6 +700,13 @@ impl Run<'_> {
         let mut conflicts = 0;
         let mut t = machine::step(&self.record.value, first, &r.context())?;
         loop {
+            if let Some(token) = &self.renewed_registration {
+                // The token the last call was sent with is dead (RFC 7592
+                // §3): whatever this step is, its write stores the new one
+                // before any further call.
+                t.record.registration = Some(token.clone());
+                t.persist = true;
+            }
             for w in &t.warnings {
                 // They quote ids and client ids the provider listed.
                 warn!(step = "rotate", "{}", escape_controls(w));
@@ -679,6 +747,7 @@ impl Run<'_> {
                     version,
                     value: t.record.clone(),
                 };
+                self.renewed_registration = None;
                 r.publish(&self.record.value);
                 // After the write that commits them (see crate::history).
                 let events = self.audit_events(&t.audit);
@@ -734,7 +803,10 @@ impl Run<'_> {
                         description: &description,
                         value: chosen.as_ref(),
                     };
-                    let new = self.guard(r.secret_api.create(&bearer, request)).await??;
+                    let new = self.guard(r.secret_api.create(&bearer, request)).await;
+                    // A failed create may have replaced the token first.
+                    self.take_renewed_registration();
+                    let new = new??;
                     crash_point!("rotation-after-create");
                     info!(
                         step = "create",
@@ -753,7 +825,7 @@ impl Run<'_> {
                     };
                     let value = match (r.secret_api.capabilities().value, chosen) {
                         // The value the journal holds is the one sent.
-                        (ValueOrigin::Caller { .. }, Some(chosen)) => chosen,
+                        (ValueOrigin::Caller { .. } | ValueOrigin::Key, Some(chosen)) => chosen,
                         _ => new.value,
                     };
                     Event::Created {
@@ -833,20 +905,29 @@ impl Run<'_> {
                 }
                 Next::List => {
                     let bearer = self.bearer().await?;
-                    let secrets = self.guard(r.secret_api.list(&bearer)).await??;
+                    let secrets = self.guard(r.secret_api.list(&bearer)).await;
+                    self.take_renewed_registration();
+                    let secrets = secrets??;
                     crash_point!("rotation-after-list");
                     self.learn_expiry(&secrets).await;
                     Event::Listed { secrets }
                 }
                 Next::Delete { ids } => {
-                    for id in &ids {
+                    let mut done = Vec::with_capacity(ids.len());
+                    for id in ids {
                         // Between deletes too: each one is a side effect.
                         self.check_go()?;
-                        let deleted = self.delete(id).await?;
+                        let deleted = self.delete(&id).await?;
                         crash_point!("rotation-after-delete-old");
-                        info!(step = "delete", secret_id = %escape_controls(id), already_gone = deleted == Deleted::NotFound, "retired secret deleted");
+                        info!(step = "delete", secret_id = %escape_controls(&id), already_gone = deleted == Deleted::NotFound, "retired secret deleted");
+                        done.push(id);
+                        if self.renewed_registration.is_some() {
+                            // The token changed: it is stored before the
+                            // next delete, which the machine asks for again.
+                            break;
+                        }
                     }
-                    Event::RetireDeleted { ids }
+                    Event::RetireDeleted { ids: done }
                 }
             };
             t = machine::step(&self.record.value, event, &r.context())?;
@@ -1013,7 +1094,9 @@ impl Run<'_> {
     async fn delete_tagged(&mut self, rid: &str, keep: &str) -> Result<(), RotationError> {
         let r = self.rotator;
         let bearer = self.bearer().await?;
-        let listed = self.guard(r.secret_api.list(&bearer)).await??;
+        let listed = self.guard(r.secret_api.list(&bearer)).await;
+        self.take_renewed_registration();
+        let listed = listed??;
         crash_point!("rotation-after-list");
         self.learn_expiry(&listed).await;
         let earlier = listed.into_iter().filter(|s| {
@@ -1034,12 +1117,27 @@ impl Run<'_> {
     /// or deactivated first (both licensed by the write before, S1).
     async fn delete(&mut self, id: &str) -> Result<Deleted, RotationError> {
         let bearer = self.bearer().await?;
-        let api = &self.rotator.secret_api;
+        let api = self.rotator.secret_api.clone();
         if api.capabilities().retire == Retire::DeactivateThenDelete {
-            self.guard(api.deactivate(&bearer, id)).await??;
+            let deactivated = self.guard(api.deactivate(&bearer, id)).await;
+            self.take_renewed_registration();
+            deactivated??;
             crash_point!("rotation-after-deactivate");
         }
-        Ok(self.guard(api.delete(&bearer, id)).await??)
+        let deleted = self.guard(api.delete(&bearer, id)).await;
+        self.take_renewed_registration();
+        Ok(deleted??)
+    }
+
+    /// Takes a registration access token the last call returned out of
+    /// the API (failed calls included: the server may have replaced it
+    /// before the failure), for the next journal write to store.
+    fn take_renewed_registration(&mut self) {
+        if let Some(value) = self.rotator.secret_api.take_renewed_registration_token() {
+            self.renewed_registration = Some(self.registration_token(value));
+            // The token this run held is dead.
+            self.bearer = None;
+        }
     }
 
     /// Logs in with `secret`, retrying while it propagates: `Ok(Some(token))`

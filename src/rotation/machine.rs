@@ -442,7 +442,9 @@ pub fn step(
                 rid: rid.clone(),
                 attempt: "1".into(),
                 chosen: match ctx.caps.value {
-                    ValueOrigin::Caller { .. } => Some(record.current.value.clone()),
+                    ValueOrigin::Caller { .. } | ValueOrigin::Key => {
+                        Some(record.current.value.clone())
+                    }
                     ValueOrigin::Server => None,
                 },
             };
