@@ -1059,6 +1059,11 @@ fn credential_json(
             "client_uri_proxy": proxies.route(&r.client_uri).describe(),
             "access_token_file": r.access_token_file.display().to_string(),
         })),
+        "jwks": c.jwks.as_deref().map(|j| json!({
+            "file": j.file.as_ref().map(|f| f.display().to_string()),
+            "serve_path": j.serve_path,
+            "kubernetes_secret": j.kubernetes_secret.as_ref().map(|s| s.secret.clone()),
+        })),
         "refresh": {
             "before_expiry": c.refresh.before_expiry.map(dur).unwrap_or_else(|| "70-80% of lifetime".into()),
             "default_lifetime": dur(c.refresh.default_lifetime),

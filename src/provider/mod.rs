@@ -12,6 +12,7 @@ pub mod auth0;
 pub mod entra;
 pub mod http;
 pub mod jwks;
+pub mod jwks_publish;
 pub mod key;
 pub mod keycloak;
 pub mod mappls;
@@ -421,6 +422,13 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
             url.clone(),
             cred.client_id.clone(),
         ))),
+        // Registration wins (configuration makes the two exclusive).
+        (ProviderKind::OAuth2, _, _) if cred.registration.is_none() => {
+            cred.jwks.as_ref().map(|j| {
+                Arc::new(jwks_publish::JwksKeys::new(cred.client_id.clone(), j))
+                    as Arc<dyn SecretApi>
+            })
+        }
         (ProviderKind::OAuth2, _, _) => cred.registration.as_ref().map(|r| {
             let api = registration::RegistrationApi::new(
                 transport.clone(),
@@ -453,13 +461,15 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
 
 /// What the secret API of `cred` can do, without building it; `None` for
 /// a credential rekeyd cannot rotate (Mappls; oauth2 without
-/// `[credentials.registration]`).
+/// `[credentials.registration]` or `[credentials.jwks]`).
 pub fn capabilities_of(cred: &CredentialConfig) -> Option<Capabilities> {
     match cred.provider {
         ProviderKind::OAuth2 if cred.registration.is_some() => Some(match cred.auth_method {
             AuthMethod::PrivateKeyJwt => registration::KEY_CAPABILITIES,
             _ => registration::CAPABILITIES,
         }),
+        // `[credentials.jwks]`: keys published for the client's jwks_uri.
+        ProviderKind::OAuth2 if cred.jwks.is_some() => Some(registration::KEY_CAPABILITIES),
         ProviderKind::MapsIndoors => Some(Capabilities::SERVER_TAGGED),
         ProviderKind::Okta => Some(okta::CAPABILITIES),
         ProviderKind::Auth0 => Some(auth0::CAPABILITIES),
