@@ -153,7 +153,11 @@ fn jwks_serve_path_defaults_its_file_and_a_secret_takes_the_store_namespace() {
     assert_eq!(jwks.serve_path.as_deref(), Some("/jwks/idp.json"));
     let secret = jwks.kubernetes_secret.as_ref().unwrap();
     assert_eq!(
-        (secret.namespace.as_deref(), secret.secret.as_str(), secret.key.as_str()),
+        (
+            secret.namespace.as_deref(),
+            secret.secret.as_str(),
+            secret.key.as_str()
+        ),
         (Some("apps"), "idp-jwks", "jwks.json")
     );
     let caps = rekeyd::provider::capabilities_of(&config.credentials[0]).unwrap();

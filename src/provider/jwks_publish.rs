@@ -136,16 +136,14 @@ impl Target {
     fn describe(&self) -> String {
         match self {
             Target::File(path) => format!("JWKS file {}", path.display()),
-            Target::Secret(s) => format!(
-                "JWKS Secret {}{}[{}]",
-                s.sink
-                    .namespace
-                    .as_deref()
+            Target::Secret(s) => {
+                // The namespace the client resolved, once it is built.
+                let namespace = (s.api.get().map(|(_, ns)| ns.as_str()))
+                    .or(s.sink.namespace.as_deref())
                     .map(|n| format!("{n}/"))
-                    .unwrap_or_default(),
-                s.sink.secret,
-                s.sink.key
-            ),
+                    .unwrap_or_default();
+                format!("JWKS Secret {namespace}{}[{}]", s.sink.secret, s.sink.key)
+            }
         }
     }
 
@@ -177,11 +175,17 @@ impl Target {
         }
     }
 
-    fn read_file(&self, operation: &'static str, path: &Path) -> Result<Option<Value>, ProviderError> {
+    fn read_file(
+        &self,
+        operation: &'static str,
+        path: &Path,
+    ) -> Result<Option<Value>, ProviderError> {
         match std::fs::read(path) {
             Ok(bytes) => self.parse(operation, &bytes).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.failure(operation, ErrorKind::Transient, format!("cannot read: {e}"))),
+            Err(e) => {
+                Err(self.failure(operation, ErrorKind::Transient, format!("cannot read: {e}")))
+            }
         }
     }
 
@@ -219,7 +223,11 @@ impl Target {
                     return Ok(false);
                 };
                 write_file(path, &set).map_err(|e| {
-                    self.failure(operation, ErrorKind::Transient, format!("cannot write: {e}"))
+                    self.failure(
+                        operation,
+                        ErrorKind::Transient,
+                        format!("cannot write: {e}"),
+                    )
                 })?;
                 Ok(true)
             }
@@ -325,12 +333,16 @@ impl SecretTarget {
 /// The set's bytes in a Secret (`data`, else `stringData` as some tools
 /// leave it).
 fn secret_set<'s>(secret: &'s Secret, key: &str) -> Option<&'s [u8]> {
-    (secret.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.as_slice()))
-        .or_else(|| {
-            (secret.string_data.as_ref())
-                .and_then(|d| d.get(key))
-                .map(|s| s.as_bytes())
-        })
+    (secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.as_slice()))
+    .or_else(|| {
+        (secret.string_data.as_ref())
+            .and_then(|d| d.get(key))
+            .map(|s| s.as_bytes())
+    })
 }
 
 /// Writes `set` to `path` atomically and durably (a web server never
@@ -378,7 +390,8 @@ impl SecretApi for JwksKeys {
     ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
         Box::pin(async move {
             let ids = self.ids().await?;
-            let set = json!({ "keys": ids.iter().map(|id| json!({ "kid": id })).collect::<Vec<_>>() });
+            let set =
+                json!({ "keys": ids.iter().map(|id| json!({ "kid": id })).collect::<Vec<_>>() });
             Ok(jwks::listing(&set, &self.client_id))
         })
     }

@@ -109,7 +109,9 @@ pub fn router(state: ApiState, diag_elsewhere: bool) -> Router {
 
 /// The diagnostics listener: probes and metrics, never a token.
 pub fn diag_router(registry: Arc<Registry>) -> Router {
-    diag_routes().fallback(jwks_or_not_found).with_state(registry)
+    diag_routes()
+        .fallback(jwks_or_not_found)
+        .with_state(registry)
 }
 
 /// How long a server may cache a served JWK Set (RFC 9111 `max-age`):
