@@ -237,7 +237,7 @@ serve_path = "{SERVE_PATH}"
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let new_kid = record.current.id.clone().unwrap();
-    assert_eq!(jwks::ids(&set), [new_kid.clone()], "exactly the new key");
+    assert_eq!(jwks::ids(&set), [new_kid.as_str()], "exactly the new key");
     assert_ne!(new_kid, first.kid());
 
     // The server was sent assertions signed with the new key and accepted

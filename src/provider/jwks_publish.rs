@@ -59,7 +59,8 @@ type Edit<'a> = &'a (dyn Fn(Option<&Value>) -> Result<Option<Value>, ProviderErr
 /// One place the set is published.
 enum Target {
     File(PathBuf),
-    Secret(SecretTarget),
+    /// Boxed: the API client is large, a file path small.
+    Secret(Box<SecretTarget>),
 }
 
 /// The data key [`crate::config::JWKS_SECRET_KEY`] of a Secret; the API
@@ -86,10 +87,10 @@ impl JwksKeys {
             targets.push(Target::File(file.clone()));
         }
         if let Some(sink) = &config.kubernetes_secret {
-            targets.push(Target::Secret(SecretTarget {
+            targets.push(Target::Secret(Box::new(SecretTarget {
                 sink: sink.clone(),
                 api: OnceCell::new(),
-            }));
+            })));
         }
         JwksKeys { client_id, targets }
     }
