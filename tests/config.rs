@@ -1019,12 +1019,9 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].auth_method`", "provider oauth2 only"],
         ),
         (
-            "private_key_jwt with rotation",
-            keyed(
-                &format!("{jwt}{key_file}"),
-                &format!("{}[credentials.rotation]\nevery = \"30d\"\n", registration("https://idp.example/reg/c")),
-            ),
-            vec!["`credentials[0].rotation`", "key rotation is not supported yet"],
+            "private_key_jwt rotation with nowhere to publish the key",
+            keyed(&format!("{jwt}{key_file}"), "[credentials.rotation]\nevery = \"30d\"\n"),
+            vec!["`credentials[0].rotation`", "[credentials.registration]"],
         ),
         (
             "an empty assertion_audience",
