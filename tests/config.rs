@@ -114,12 +114,14 @@ fn annotated_key_based_clients_parse() {
         reports.assertion.as_ref().unwrap().audience.as_deref(),
         Some("https://sso.example.internal")
     );
-    let jwks = reports.jwks.as_deref().expect("[credentials.jwks]");
+    let billing = config.credential("billing").unwrap();
+    let jwks = billing.jwks.as_deref().expect("[credentials.jwks]");
     assert_eq!(
         jwks.file.as_deref(),
-        Some(Path::new("/srv/www/jwks/reports.json"))
+        Some(Path::new("/srv/www/jwks/billing.json"))
     );
-    assert!(reports.rotation.is_some(), "rotates through the JWK Set");
+    assert!(billing.rotation.is_some(), "rotates through the JWK Set");
+    assert!(billing.registration.is_none());
     let graph = config.credential("graph").unwrap();
     assert_eq!(
         graph.auth_method,
@@ -1056,9 +1058,9 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].auth_method`", "provider oauth2 only"],
         ),
         (
-            "private_key_jwt rotation with nowhere to publish",
+            "private_key_jwt rotation with nowhere to publish the key",
             keyed(&format!("{jwt}{key_file}"), "[credentials.rotation]\nevery = \"30d\"\n"),
-            vec!["`credentials[0].rotation`", "[credentials.jwks]"],
+            vec!["`credentials[0].rotation`", "[credentials.registration]"],
         ),
         (
             "jwks with a secret-based method",

@@ -223,6 +223,9 @@ impl Capabilities {
             Overlap::Replace => "the provider replaces the old secret at once, so logins try both values until the new one is proven, and the replaced one still through the grace period, at whose end the new one is proven again".to_string(),
         };
         let retire = match self.retire {
+            _ if self.value == ValueOrigin::Key => {
+                "then the old public key is withdrawn and the old private key forgotten"
+            }
             Retire::Delete => "then the old secret is deleted",
             Retire::DeactivateThenDelete => "then the old secret is deactivated and deleted",
             Retire::Replaced => "nothing is left to delete",
