@@ -808,7 +808,7 @@ pub(crate) async fn store_bootstrap(
 /// `[credentials.jwks]` has no set yet: a fresh install serves its
 /// bootstrap key at once (the server can verify the first login), and a
 /// set that exists is left to the rotation.
-async fn publish_initial_key(
+pub(crate) async fn publish_initial_key(
     store: &dyn Store,
     cred: &CredentialConfig,
     jwks: &crate::config::JwksConfig,
@@ -831,7 +831,8 @@ async fn publish_initial_key(
 }
 
 /// Makes sure the store holds a secret for credential `i` of `config`,
-/// reading `initial_secret_file` when it does not (for `rekeyd rotate`).
+/// reading `initial_secret_file` when it does not, and that a
+/// `[credentials.jwks]` publishes it (for `rekeyd rotate`).
 pub async fn ensure_bootstrapped(
     config: &Config,
     i: usize,
@@ -841,6 +842,9 @@ pub async fn ensure_bootstrapped(
     if store.load(&cred.name).await?.is_none() {
         let secret = read_initial_secret(i, cred)?;
         store_bootstrap(store, cred, secret).await?;
+    }
+    if let Some(jwks) = &cred.jwks {
+        publish_initial_key(store, cred, jwks).await?;
     }
     Ok(())
 }

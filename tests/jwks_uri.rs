@@ -199,6 +199,17 @@ serve_path = "{SERVE_PATH}"
     let set: Value = serde_json::from_slice(&reply.bytes().await.unwrap()).unwrap();
     assert_eq!(jwks::ids(&set), [first.kid()]);
     assert!(set["keys"][0].get("d").is_none(), "public members only");
+    let http = reqwest::Client::new();
+    let post = http
+        .post(format!("http://{diag}{SERVE_PATH}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 405);
+    let other = reqwest::get(format!("http://{diag}/jwks/other.json"))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404, "only the configured path is served");
 
     // The server fetched the set through the jwks_uri and accepts the key.
     let handle = d.handle("app");
