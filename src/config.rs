@@ -1704,7 +1704,13 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         }
     }
 
-    complete_jwks(&mut credentials, &state_dir, diag.is_some(), &store)?;
+    complete_jwks(
+        &mut credentials,
+        &state_dir,
+        diag.is_some(),
+        &store,
+        &sink_paths,
+    )?;
     check_one_owner_per_secret(&credentials)?;
     resolve_secret_api_credentials(&mut credentials)?;
 
@@ -1723,12 +1729,14 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
 /// says: the default file of a `serve_path` without `file`
 /// (`<state_dir>/jwks/<credential>.json`), the `[store]` cluster and
 /// namespace for a Secret; and checks that a `serve_path` has a
-/// diagnostics listener and that no two credentials publish to one place.
+/// diagnostics listener and that no two credentials (nor a token sink,
+/// `sink_paths`) write to one place.
 fn complete_jwks(
     credentials: &mut [CredentialConfig],
     state_dir: &Path,
     diag: bool,
     store: &StoreConfig,
+    sink_paths: &HashSet<PathBuf>,
 ) -> Result<(), ConfigError> {
     let mut files = HashMap::new();
     let mut paths = HashMap::new();
@@ -1755,6 +1763,14 @@ fn complete_jwks(
             if jwks.file.is_none() {
                 jwks.file = Some(state_dir.join("jwks").join(format!("{}.json", cred.name)));
             }
+        }
+        if let Some(file) = &jwks.file
+            && sink_paths.contains(file)
+        {
+            return Err(ConfigError::invalid(
+                key("file"),
+                format!("{} is a token sink's path", file.display()),
+            ));
         }
         if let Some(file) = &jwks.file
             && let Some(first) = files.insert(file.clone(), i)

@@ -1111,6 +1111,14 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].jwks.kubernetes_secret`", "not a Kubernetes object name"],
         ),
         (
+            "jwks file that a token sink writes",
+            keyed(
+                &format!("{jwt}{key_file}"),
+                "[[credentials.sinks]]\npath = \"/run/app/token\"\n[credentials.jwks]\nfile = \"/run/app/token\"\n",
+            ),
+            vec!["`credentials[0].jwks.file`", "is a token sink's path"],
+        ),
+        (
             "jwks serve_path twice",
             {
                 let one = keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\nserve_path = \"/jwks/idp.json\"\n");
