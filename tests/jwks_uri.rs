@@ -318,6 +318,17 @@ async fn the_secret_publisher_adds_and_withdraws_keys_through_conflicts() {
     let old = key::generate(Alg::Es256).unwrap();
     let new = key::generate(Alg::Es256).unwrap();
 
+    // An account that may not create Secrets is told to create it first.
+    fake.fail(kube_fake::FailRule {
+        method: Some(axum::http::Method::POST),
+        kind: Some(kube_fake::Kind::Secret),
+        code: 403,
+        remaining: Some(1),
+    });
+    let e = keys.publish_initial(&old.to_secret()).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Refused);
+    assert!(e.to_string().contains("create it beforehand"), "{e}");
+
     // Created with the bootstrap key; an existing set is left alone.
     assert!(keys.publish_initial(&old.to_secret()).await.unwrap());
     assert!(!keys.publish_initial(&new.to_secret()).await.unwrap());

@@ -246,6 +246,7 @@ impl Target {
                         return Ok(false);
                     };
                     let bytes = serde_json::to_vec_pretty(&set).expect("a JSON value serializes");
+                    let creating = current.is_none();
                     let result = match current {
                         None => {
                             let secret = Secret {
@@ -288,6 +289,17 @@ impl Target {
                         // Written by someone else since the read (409), or
                         // deleted (404): read again and edit that.
                         Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => continue,
+                        Err(e) if creating && api_code(&e) == Some(403) => {
+                            return Err(self.failure(
+                                operation,
+                                ErrorKind::Refused,
+                                format!(
+                                    "{}; the Secret does not exist and this account may not create it: \
+                                     create it beforehand (an empty Secret will do)",
+                                    describe_api_error(&e)
+                                ),
+                            ));
+                        }
                         Err(e) => return Err(self.api_failure(operation, &e)),
                     }
                 }
