@@ -199,6 +199,14 @@ pub fn step(
         (Rotation::Idle, Event::Begin { rid, chosen }) if !record.is_unfinished() => {
             let mut next = record.clone();
             let attempt = next_attempt("");
+            if ctx.caps.value == ValueOrigin::Key && next.current.id.is_none() {
+                // A key stored without its id (installed before keys were
+                // rotated) is published under its kid: named now, so that
+                // its withdrawal at the end can find it.
+                next.current.id = crate::provider::key::from_secret(&next.current.value)
+                    .ok()
+                    .map(|key| key.kid().to_string());
+            }
             // A caller-chosen value is in this write, before the call (I2).
             next.rotation = Rotation::Creating {
                 rid: rid.clone(),
@@ -1514,6 +1522,25 @@ mod tests {
         let t = step(&interrupted, refused, &c).unwrap();
         assert!(!t.persist);
         assert!(matches!(t.next, Next::Create { .. }));
+    }
+
+    #[test]
+    fn a_key_stored_without_an_id_is_named_by_its_kid_when_a_rotation_begins() {
+        let c = with_caps(t0(), crate::provider::registration::KEY_CAPABILITIES);
+        let key = crate::provider::key::generate(crate::provider::key::Alg::Es256).unwrap();
+        let stored = CredentialRecord::new(SecretEntry {
+            id: None,
+            value: key.to_secret(),
+            created_at: t0(),
+            expires_at: None,
+        });
+        let begin = Event::Begin {
+            rid: "r".into(),
+            chosen: Some(key.to_secret()),
+        };
+        let t = step(&stored, begin, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.record.current.id.as_deref(), Some(key.kid()));
     }
 
     #[test]
