@@ -480,6 +480,7 @@ struct RawRotation {
     on_login: bool,
     max_secret_age: Option<RawScalar>,
     before_expiry: Option<RawScalar>,
+    verify_window: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -959,7 +960,23 @@ pub struct RotationConfig {
     /// (Entra `endDateTime`) a rotation is due, whatever the trigger says;
     /// `None`: [`crate::rotation::schedule::default_expiry_lead`].
     pub before_expiry: Option<Duration>,
+    /// `verify_window`: how long a login with a new secret or key is
+    /// retried while the provider may not accept it yet, before it counts
+    /// as refused; `None`: [`CredentialConfig::verify_window`]'s default.
+    pub verify_window: Option<Duration>,
 }
+
+/// How long a new secret is retried before it counts as refused, unless
+/// `verify_window` says otherwise: the providers rekeyd knows accept a new
+/// secret within seconds (Auth0 documents up to 30 s).
+pub const DEFAULT_VERIFY_WINDOW: Duration = Duration::from_secs(60);
+
+/// The default verify window of keys published at a `jwks_uri`
+/// (`[credentials.jwks]`): the server fetches the new set only once its
+/// cached copy is old enough (the served `max-age` is 30 s; oidc-provider
+/// refetches for an unknown `kid` at most once a minute), so a new key
+/// needs longer than a new secret to be accepted.
+pub const JWKS_URI_VERIFY_WINDOW: Duration = Duration::from_secs(180);
 
 pub use crate::format::SinkFormat;
 
@@ -1246,6 +1263,18 @@ impl CredentialConfig {
             "initial_secret_credential"
         } else {
             "initial_secret_file"
+        }
+    }
+
+    /// How long a rotation retries a login with the new secret or key
+    /// before it counts as refused: `[credentials.rotation]
+    /// verify_window`, else [`JWKS_URI_VERIFY_WINDOW`] for keys published
+    /// at a `jwks_uri`, else [`DEFAULT_VERIFY_WINDOW`].
+    pub fn verify_window(&self) -> Duration {
+        match self.rotation.as_ref().and_then(|r| r.verify_window) {
+            Some(window) => window,
+            None if self.jwks.is_some() => JWKS_URI_VERIFY_WINDOW,
+            None => DEFAULT_VERIFY_WINDOW,
         }
     }
 
@@ -3788,12 +3817,25 @@ fn validate_rotation(
             ));
         }
     }
+    let verify_window = raw
+        .verify_window
+        .map(|w| duration(&key("verify_window"), w))
+        .transpose()?;
+    if let Some(window) = verify_window
+        && !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&window)
+    {
+        return Err(ConfigError::invalid(
+            key("verify_window"),
+            "must be between 1s and 1h: how long a login with the new secret or key is retried before it counts as refused",
+        ));
+    }
     Ok(RotationConfig {
         trigger,
         grace,
         on_login: raw.on_login,
         max_secret_age,
         before_expiry,
+        verify_window,
     })
 }
 

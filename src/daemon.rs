@@ -24,7 +24,7 @@ use crate::metrics;
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
 use crate::rotation::driver::{BearerSource, LoginBearer, RegistrationBearer};
-use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
+use crate::rotation::driver::{Rotator, run_schedule, system_clock};
 use crate::serve::{activation, api, hooks, http, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
 use crate::token::Token;
@@ -722,7 +722,7 @@ pub(crate) fn rotator(
             .rotation
             .as_ref()
             .map_or(crate::config::DEFAULT_ROTATION_GRACE, |r| r.grace),
-        verify_window: DEFAULT_VERIFY_WINDOW,
+        verify_window: cred.verify_window(),
         status: channels.map(|c| c.status.clone()),
         refresh_now: channels.map(|c| c.promoted.clone()),
         clock: system_clock(),

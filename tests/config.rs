@@ -1058,6 +1058,11 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].auth_method`", "provider oauth2 only"],
         ),
         (
+            "a verify_window of zero",
+            keyed(&format!("{jwt}{key_file}"), &format!("{}[credentials.rotation]\nevery = \"30d\"\nverify_window = \"0s\"\n", registration("https://idp.example/reg/c"))),
+            vec!["`credentials[0].rotation.verify_window`", "between 1s and 1h"],
+        ),
+        (
             "private_key_jwt rotation with nowhere to publish the key",
             keyed(&format!("{jwt}{key_file}"), "[credentials.rotation]\nevery = \"30d\"\n"),
             vec!["`credentials[0].rotation`", "[credentials.registration]"],
