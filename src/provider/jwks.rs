@@ -12,7 +12,7 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 
 use super::key;
-use super::{ProviderError, RemoteSecret};
+use super::{ErrorKind, ProviderError, RemoteSecret};
 
 /// The keys of a set; a missing or malformed `keys` member is none.
 fn keys(set: &Value) -> &[Value] {
@@ -54,14 +54,41 @@ pub fn with_key(set: &Value, public: &Value) -> Option<Value> {
 }
 
 /// The set without the key `id`; `None` when it holds no such key.
-pub fn without(set: &Value, id: &str) -> Option<Value> {
+///
+/// # Errors
+/// [`ErrorKind::Refused`] (naming `operation`) when several different
+/// keys carry the id (RFC 7517 §4.5 lets keys of different types share a
+/// `kid`): one of them is not rekeyd's, and it cannot tell which.
+pub fn without(
+    set: &Value,
+    id: &str,
+    operation: &'static str,
+) -> Result<Option<Value>, ProviderError> {
     let before = keys(set);
-    let after: Vec<Value> = before
+    let (matching, after): (Vec<&Value>, Vec<&Value>) = before
         .iter()
-        .filter(|k| key::public_key_id(k).as_deref() != Some(id))
-        .cloned()
-        .collect();
-    (after.len() != before.len()).then(|| json!({ "keys": after }))
+        .partition(|k| key::public_key_id(k).as_deref() == Some(id));
+    // Copies of one key (with and without `kid`, say) are one key.
+    let prints: Vec<Option<String>> = matching.iter().map(|k| key::public_thumbprint(k)).collect();
+    let one_key = prints
+        .first()
+        .is_some_and(|first| first.is_some() && prints.iter().all(|p| p == first));
+    if matching.len() > 1 && !one_key {
+        return Err(ProviderError {
+            kind: ErrorKind::Refused,
+            operation,
+            status: None,
+            code: None,
+            detail: format!(
+                "{} different keys carry the id {id}; rekeyd cannot tell which is its own, \
+                 so none is withdrawn (remove the one no longer used by hand)",
+                matching.len()
+            ),
+            retry_after: None,
+        });
+    }
+    let after: Vec<Value> = after.into_iter().cloned().collect();
+    Ok((!matching.is_empty()).then(|| json!({ "keys": after })))
 }
 
 /// The public JWK of the private key a rotation chose
@@ -95,9 +122,12 @@ mod tests {
         let both = with_key(&set, &b.public_jwk()).unwrap();
         assert_eq!(ids(&both), [a.kid(), b.kid()]);
         assert!(with_key(&both, &b.public_jwk()).is_none(), "idempotent");
-        let only_b = without(&both, a.kid()).unwrap();
+        let only_b = without(&both, a.kid(), "w").unwrap().unwrap();
         assert_eq!(ids(&only_b), [b.kid()]);
-        assert!(without(&only_b, a.kid()).is_none(), "already gone");
+        assert!(
+            without(&only_b, a.kid(), "w").unwrap().is_none(),
+            "already gone"
+        );
         assert_eq!(listing(&only_b, "c")[0].client_id.as_deref(), Some("c"));
     }
 
@@ -108,7 +138,7 @@ mod tests {
         public.as_object_mut().unwrap().remove("kid");
         let set = json!({"keys": [public, {"kty": "unknown"}]});
         assert_eq!(ids(&set), [a.thumbprint()]);
-        let left = without(&set, &a.thumbprint()).unwrap();
+        let left = without(&set, &a.thumbprint(), "w").unwrap().unwrap();
         assert_eq!(left["keys"].as_array().unwrap().len(), 1, "junk kept");
         assert!(ids(&json!({"keys": "nope"})).is_empty());
     }

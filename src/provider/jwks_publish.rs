@@ -440,7 +440,11 @@ impl SecretApi for JwksKeys {
     ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
         Box::pin(async move {
             let edit = |set: Option<&Value>| -> Result<Option<Value>, ProviderError> {
-                let Some(left) = set.and_then(|set| jwks::without(set, id)) else {
+                let Some(left) = set
+                    .map(|set| jwks::without(set, id, WITHDRAW))
+                    .transpose()?
+                    .flatten()
+                else {
                     return Ok(None);
                 };
                 if jwks::ids(&left).is_empty() {

@@ -396,6 +396,12 @@ pub fn public_key_id(jwk: &serde_json::Value) -> Option<String> {
     if let Some(kid) = jwk.get("kid").and_then(serde_json::Value::as_str) {
         return Some(kid.to_string());
     }
+    public_thumbprint(jwk)
+}
+
+/// The RFC 7638 thumbprint of a published public JWK, whatever its `kid`
+/// says: which key it is. `None` for a member rekeyd cannot read.
+pub fn public_thumbprint(jwk: &serde_json::Value) -> Option<String> {
     let parsed: Jwk = serde_json::from_value(jwk.clone()).ok()?;
     let complete = match parsed.kty.as_str() {
         "EC" => parsed.crv.is_some() && parsed.x.is_some() && parsed.y.is_some(),

@@ -365,10 +365,23 @@ fn registered_keys(
             retry_after: None,
         });
     }
-    Ok(metadata
-        .get("jwks")
-        .cloned()
-        .unwrap_or_else(|| serde_json::json!({ "keys": [] })))
+    match metadata.get("jwks") {
+        None => Ok(serde_json::json!({ "keys": [] })),
+        Some(set) if set.get("keys").is_some_and(Value::is_array) => Ok(set.clone()),
+        // I1: a set rekeyd cannot read (a JSON string, `keys` not an array)
+        // may hold the key the client signs with now; writing a set of
+        // rekeyd's own in its place would withdraw it.
+        Some(_) => Err(ProviderError {
+            kind: ErrorKind::Refused,
+            operation,
+            status: None,
+            code: None,
+            detail: "the registration's jwks is not a JWK Set ({\"keys\": [...]}); \
+                     rekeyd does not overwrite it"
+                .into(),
+            retry_after: None,
+        }),
+    }
 }
 
 impl SecretApi for RegistrationKeys {
@@ -427,7 +440,7 @@ impl SecretApi for RegistrationKeys {
                 .api
                 .edit(bearer, |metadata| {
                     let set = registered_keys(op, metadata)?;
-                    let Some(left) = jwks::without(&set, id) else {
+                    let Some(left) = jwks::without(&set, id, op)? else {
                         return Ok(false);
                     };
                     if jwks::ids(&left).is_empty() {
@@ -660,6 +673,69 @@ mod tests {
             .map(|s| s.id)
             .collect();
         assert_eq!(listed, [new.kid()]);
+    }
+
+    #[tokio::test]
+    async fn a_jwks_that_is_no_set_is_never_overwritten() {
+        use crate::provider::key::{Alg, generate};
+        let old = generate(Alg::Es256).unwrap();
+        let new = generate(Alg::Es256).unwrap();
+        // A server that keeps the set as a JSON string, and one whose
+        // `keys` is an object: both hold the key the client signs with.
+        let encoded = serde_json::json!({"keys": [old.public_jwk()]}).to_string();
+        let odd = [
+            Value::String(encoded),
+            serde_json::json!({"keys": {"0": old.public_jwk()}}),
+        ];
+        for jwks in odd {
+            let metadata = serde_json::json!({"client_id": "c", "jwks": jwks.clone()});
+            let (url, state) = key_server(metadata.clone()).await;
+            let keys = RegistrationKeys::new(api(url));
+            let request = CreateRequest {
+                description: "",
+                value: Some(&new.to_secret()),
+            };
+            let e = keys.create(&bearer("rat"), request).await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+            assert!(e.detail.contains("not a JWK Set"), "{e}");
+            assert_eq!(*state.lock().unwrap(), metadata, "nothing was written");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kid_shared_by_another_key_withdraws_neither() {
+        use crate::provider::key::{Alg, generate};
+        let ours = generate(Alg::Es256).unwrap();
+        let theirs = generate(Alg::Rs256).unwrap();
+        let current = generate(Alg::Es256).unwrap();
+        // RFC 7517 §4.5: keys of different types may share a kid.
+        let mut shared = theirs.public_jwk();
+        shared["kid"] = ours.kid().into();
+        let metadata = serde_json::json!({
+            "client_id": "c",
+            "jwks": {"keys": [ours.public_jwk(), shared, current.public_jwk()]},
+        });
+        let (url, state) = key_server(metadata.clone()).await;
+        let keys = RegistrationKeys::new(api(url));
+        let e = keys.delete(&bearer("rat"), ours.kid()).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        assert!(e.detail.contains("2 different keys"), "{e}");
+        assert_eq!(*state.lock().unwrap(), metadata, "nothing was written");
+        // Two copies of one key (one without kid) are withdrawn together.
+        let mut copy = ours.public_jwk();
+        copy.as_object_mut().unwrap().remove("kid");
+        let metadata = serde_json::json!({
+            "client_id": "c",
+            "jwks": {"keys": [ours.public_jwk(), copy, current.public_jwk()]},
+        });
+        let (url, state) = key_server(metadata).await;
+        let keys = RegistrationKeys::new(api(url));
+        assert_eq!(
+            keys.delete(&bearer("rat"), ours.kid()).await.unwrap(),
+            Deleted::Deleted
+        );
+        let left = state.lock().unwrap()["jwks"].clone();
+        assert_eq!(jwks::ids(&left), [current.kid()]);
     }
 
     #[tokio::test]
