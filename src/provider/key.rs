@@ -174,6 +174,17 @@ impl ClientKey {
         }
         let block = pem::parse(trimmed)
             .map_err(|e| format(format!("is not valid PEM ({})", pem_problem(&e))))?;
+        // RFC 1421 §4.6.1.1: OpenSSL's legacy encrypted `EC/RSA PRIVATE
+        // KEY` keeps its label and says so in a header.
+        if block
+            .headers()
+            .get("Proc-Type")
+            .is_some_and(|t| t.contains("ENCRYPTED"))
+        {
+            return Err(format(
+                "is an encrypted private key; rekeyd needs it unencrypted (e.g. openssl pkcs8 -topk8 -nocrypt)",
+            ));
+        }
         let der = block.contents();
         let jwk = match block.tag() {
             "PRIVATE KEY" => pkcs8_to_jwk(der)?,
@@ -668,6 +679,11 @@ mod tests {
             "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
         )
         .unwrap_err();
+        assert!(err.to_string().contains("encrypted"), "{err}");
+        let legacy = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
+                      DEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\n\
+                      AAAA\n-----END RSA PRIVATE KEY-----\n";
+        let err = ClientKey::from_file_text(legacy).unwrap_err();
         assert!(err.to_string().contains("encrypted"), "{err}");
         let err = ClientKey::from_file_text("secret-value-123")
             .unwrap_err()
