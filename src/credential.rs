@@ -108,6 +108,23 @@ impl ClientAuthStatus {
     }
 }
 
+impl ClientAuthStatus {
+    /// Follows a new current entry of the journal (a key rotation promoted
+    /// a new key): the key fields of a `private_key_jwt` status name it.
+    pub fn follow(&mut self, current: &crate::store::SecretEntry) {
+        if self.auth_method != crate::config::AuthMethod::PrivateKeyJwt.as_str()
+            || (self.key_id.is_some() && self.key_created_at == Some(current.created_at))
+        {
+            // Not a key, or this key already (parsing an RSA key is not free).
+            return;
+        }
+        let key = crate::provider::key::from_secret(&current.value).ok();
+        self.key_id = key.as_ref().map(|k| k.kid().to_string());
+        self.key_created_at = Some(current.created_at);
+        self.public_jwk = key.as_ref().map(|k| k.public_jwk());
+    }
+}
+
 fn serialize_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     match t {
         Some(t) => s.serialize_some(&humantime::format_rfc3339_seconds(*t).to_string()),

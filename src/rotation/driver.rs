@@ -605,6 +605,9 @@ impl Rotator {
                 s.rotation_phase = record.phase().to_string();
                 s.rotation_waiting_for = super::waiting_for(record, &self.name);
                 s.last_rotated_at = record.last_rotated_at;
+                if let Some(auth) = &mut s.client_auth {
+                    auth.follow(&record.current);
+                }
             });
         }
     }

@@ -39,6 +39,8 @@
 //                         registered with the second one gets a new
 //                         client_secret from every update too (a
 //                         registration policy, which RFC 7592 §2.2 allows).
+//                         OIDC_KEEP_REGISTRATION_TOKEN=1 keeps the token
+//                         across updates instead (rotation off).
 //                         `POST /__test/drop-next-update-reply` makes the
 //                         next successful update commit and then close the
 //                         connection without a reply (a lost reply).
@@ -178,7 +180,10 @@ const registrationFeatures = registrationFile ? {
       },
     },
   },
-  registrationManagement: { enabled: true, rotateRegistrationAccessToken: true },
+  registrationManagement: {
+    enabled: true,
+    rotateRegistrationAccessToken: process.env.OIDC_KEEP_REGISTRATION_TOKEN !== '1',
+  },
 } : {};
 
 const provider = new Provider(issuer, {

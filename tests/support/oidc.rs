@@ -80,6 +80,10 @@ pub struct OidcOptions {
     /// RFC 7591 registration and RFC 7592 management (server.js
     /// `OIDC_REGISTRATION_FILE`): see [`OidcServer::register`].
     pub registration: bool,
+    /// With [`OidcOptions::registration`]: the server keeps the
+    /// registration access token across updates (server.js
+    /// `OIDC_KEEP_REGISTRATION_TOKEN`) instead of replacing it.
+    pub keep_registration_token: bool,
     /// Log every client assertion sent to /token with the answer's status
     /// (server.js `OIDC_LOG_ASSERTIONS`): see [`OidcServer::assertions`].
     pub log_assertions: bool,
@@ -92,6 +96,7 @@ impl Default for OidcOptions {
             strict_auth_method: true,
             clients: None,
             registration: false,
+            keep_registration_token: false,
             log_assertions: false,
         }
     }
@@ -200,6 +205,11 @@ impl OidcServer {
             Some(file) => cmd.env("OIDC_REGISTRATION_FILE", file),
             None => cmd.env_remove("OIDC_REGISTRATION_FILE"),
         };
+        if opts.keep_registration_token {
+            cmd.env("OIDC_KEEP_REGISTRATION_TOKEN", "1");
+        } else {
+            cmd.env_remove("OIDC_KEEP_REGISTRATION_TOKEN");
+        }
 
         let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
@@ -280,6 +290,24 @@ impl OidcServer {
     /// `client_secret_basic`; `rotating`: every update also replaces its
     /// secret. Needs [`OidcOptions::registration`].
     pub async fn register(&self, rotating: bool) -> Registered {
+        let metadata = serde_json::json!({
+            "grant_types": ["client_credentials"],
+            "response_types": [],
+            "redirect_uris": [],
+            "token_endpoint_auth_method": "client_secret_basic",
+            "client_name": "rekeyd test client",
+        });
+        self.register_metadata(metadata, rotating).await
+    }
+
+    /// Registers a client with `metadata` (RFC 7591 §2); `rotating` as for
+    /// [`OidcServer::register`]. A client without a secret
+    /// (`private_key_jwt`) has an empty [`Registered::client_secret`].
+    pub async fn register_metadata(
+        &self,
+        metadata: serde_json::Value,
+        rotating: bool,
+    ) -> Registered {
         let tokens = self
             .registration
             .as_ref()
@@ -291,13 +319,6 @@ impl OidcServer {
         }]
         .as_str()
         .unwrap();
-        let metadata = serde_json::json!({
-            "grant_types": ["client_credentials"],
-            "response_types": [],
-            "redirect_uris": [],
-            "token_endpoint_auth_method": "client_secret_basic",
-            "client_name": "rekeyd test client",
-        });
         let resp = reqwest::Client::new()
             .post(format!("{}/reg", self.base_url()))
             .bearer_auth(iat)
@@ -318,7 +339,10 @@ impl OidcServer {
         };
         Registered {
             client_id: text("client_id"),
-            client_secret: text("client_secret"),
+            client_secret: body["client_secret"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             registration_client_uri: text("registration_client_uri"),
             registration_access_token: text("registration_access_token"),
         }
