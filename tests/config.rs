@@ -114,6 +114,11 @@ fn annotated_key_based_clients_parse() {
         reports.assertion.as_ref().unwrap().audience.as_deref(),
         Some("https://sso.example.internal")
     );
+    let billing = config.credential("billing").unwrap();
+    assert_eq!(
+        billing.endpoints.secrets_url.as_ref().unwrap().as_str(),
+        "https://example.okta.com/api/v1/apps/0oa5e6f7g8/credentials/jwks"
+    );
     let graph = config.credential("graph").unwrap();
     assert_eq!(
         graph.auth_method,
