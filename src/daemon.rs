@@ -750,10 +750,10 @@ fn secret_source(
 /// `private_key_jwt` key its `kid`, the id the key is published under (a
 /// key rotation withdraws it by that id).
 pub(crate) fn bootstrap_id(cred: &CredentialConfig, secret: &SecretString) -> Option<String> {
-    if cred.auth_method == crate::config::AuthMethod::PrivateKeyJwt {
-        if let Ok(key) = provider::key::from_secret(secret) {
-            return Some(key.kid().to_string());
-        }
+    if cred.auth_method == crate::config::AuthMethod::PrivateKeyJwt
+        && let Ok(key) = provider::key::from_secret(secret)
+    {
+        return Some(key.kid().to_string());
     }
     cred.initial_secret_id.clone()
 }

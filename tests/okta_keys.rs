@@ -402,3 +402,60 @@ async fn a_crash_at_every_step_leaves_a_working_key_and_ends_with_one() {
     assert!(kids.len() > points.len(), "rotations happened: {kids:?}");
     w.assert_nothing_leaked();
 }
+
+/// The API itself, called as the rotation calls it: adding a key twice
+/// adds it once, and the app's only active key is never deactivated (I1),
+/// whatever the caller asks.
+#[tokio::test]
+async fn adding_twice_adds_once_and_the_last_active_key_stays() {
+    let w = World::new(Alg::Es256).await;
+    let cred = w.config.credential("app").unwrap();
+    let api = rekeyd::provider::build_secret_api(cred).unwrap().unwrap();
+    let admin = rekeyd::provider::build(w.config.credential("admin").unwrap()).unwrap();
+    let bearer = admin
+        .login(&SecretString::from(w.admin_secret.clone()))
+        .await
+        .unwrap();
+    let next = key::generate(Alg::Es256).unwrap();
+    for _ in 0..2 {
+        let created = api
+            .create(
+                &bearer,
+                rekeyd::provider::CreateRequest {
+                    description: "",
+                    value: Some(&next.to_secret()),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(created.id.as_deref(), Some(next.kid()));
+    }
+    assert_eq!(w.published().0, [w.first.kid(), next.kid()]);
+    assert_eq!(w.sim.stats().requests_to(Endpoint::OktaKeysAdd), 1);
+    let listed: Vec<String> = api
+        .list(&bearer)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(listed, [w.first.kid(), next.kid()], "listed by kid");
+
+    // Retire the bootstrap key; then the new one is the last active key.
+    api.deactivate(&bearer, w.first.kid()).await.unwrap();
+    api.delete(&bearer, w.first.kid()).await.unwrap();
+    let refused = api.deactivate(&bearer, next.kid()).await.unwrap_err();
+    assert_eq!(
+        refused.kind,
+        rekeyd::provider::ErrorKind::Refused,
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("only active key"), "{refused}");
+    assert_eq!(w.published().1, [next.kid()], "still active");
+    assert_eq!(w.login_with(&next).await, 200);
+    assert_eq!(
+        api.delete(&bearer, w.first.kid()).await.unwrap(),
+        rekeyd::provider::Deleted::NotFound,
+        "gone is done"
+    );
+}

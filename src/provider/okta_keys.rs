@@ -241,7 +241,9 @@ impl SecretApi for OktaKeys {
                 registration_access_token: None,
             };
             // Publishing twice is publishing once: a key whose reply was
-            // lost is listed under its kid already.
+            // lost is listed under its kid already. (Listed but inactive,
+            // someone deactivated it: the login that proves it fails, and
+            // the rotation retires it as any refused key.)
             if find(&self.keys(bearer).await?, &kid).is_some() {
                 return Ok(new());
             }

@@ -12,8 +12,9 @@
 //!   inactive key may be deleted (`DELETE …/{id}`, `204`);
 //! - a login with `client_assertion` is accepted when the JWS verifies
 //!   with an ACTIVE key of the client whose `kid` its header names, `iss`
-//!   = `sub` = the client id, `exp` is ahead and its `jti` was not seen
-//!   before; anything else is `401 invalid_client`.
+//!   = `sub` = the client id, `aud` the token endpoint's URL, `exp` is
+//!   ahead and its `jti` was not seen before; anything else is `401
+//!   invalid_client`.
 //!
 //! The key registry and the assertion check are plain data and functions
 //! with the time passed in, unit-tested below; the handlers translate.
@@ -43,6 +44,9 @@ use super::state::Issuer;
 
 /// `client_assertion_type` of a JWT assertion (RFC 7523 §2.2).
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Okta's token endpoint, the audience its assertions must name.
+const TOKEN_PATH: &str = "/oauth2/v1/token";
 
 /// One published key: its public JWK as added, Okta's id and status.
 #[derive(Clone, Debug, PartialEq)]
@@ -178,6 +182,10 @@ impl KeyRegistry {
         };
         if iss != sub || client_id.is_some_and(|c| c != iss) {
             return Err("iss, sub and client_id differ");
+        }
+        // Okta wants its token endpoint's URL as the audience.
+        if !text(&body, "aud").is_some_and(|aud| aud.ends_with(TOKEN_PATH)) {
+            return Err("aud is not the token endpoint");
         }
         let kid = text(&head, "kid").ok_or("no kid in the header")?;
         let key = self
@@ -427,8 +435,18 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     fn minted(key: &crate::provider::key::ClientKey, client: &str, jti: &str, now: u64) -> String {
+        minted_for(key, client, jti, now, "http://sim/oauth2/v1/token")
+    }
+
+    fn minted_for(
+        key: &crate::provider::key::ClientKey,
+        client: &str,
+        jti: &str,
+        now: u64,
+        aud: &str,
+    ) -> String {
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now);
-        let claims = assertion::claims(client, "http://sim/oauth2/v1/token", at, jti.into());
+        let claims = assertion::claims(client, aud, at, jti.into());
         assertion::sign(key, &claims)
             .unwrap()
             .expose_secret()
@@ -484,6 +502,14 @@ mod tests {
         assert_eq!(
             r.authenticate(Some("intruder"), &minted(&key, "app", "c", NOW), NOW),
             Err("iss, sub and client_id differ")
+        );
+        assert_eq!(
+            r.authenticate(
+                None,
+                &minted_for(&key, "app", "f", NOW, "http://sim/other"),
+                NOW
+            ),
+            Err("aud is not the token endpoint")
         );
         let stale = minted(&key, "app", "d", NOW - 3600);
         assert_eq!(r.authenticate(None, &stale, NOW), Err("expired"));
