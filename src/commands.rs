@@ -16,9 +16,7 @@ use crate::proxy::ProxyEnv;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
-use crate::rotation::driver::{
-    DEFAULT_VERIFY_WINDOW, Outcome, RotationError, Rotator, system_clock,
-};
+use crate::rotation::driver::{Outcome, RotationError, Rotator, system_clock};
 use crate::rotation::operator;
 use crate::store;
 use crate::{client, daemon, demo, logging, once, provider};
@@ -472,7 +470,7 @@ async fn rotate(config: &Config, name: &str) -> u8 {
             .rotation
             .as_ref()
             .map_or(crate::config::DEFAULT_ROTATION_GRACE, |r| r.grace),
-        verify_window: DEFAULT_VERIFY_WINDOW,
+        verify_window: cred.verify_window(),
         status: None,
         refresh_now: None,
         clock: system_clock(),
@@ -1059,6 +1057,11 @@ fn credential_json(
             "client_uri_proxy": proxies.route(&r.client_uri).describe(),
             "access_token_file": r.access_token_file.display().to_string(),
         })),
+        "jwks": c.jwks.as_deref().map(|j| json!({
+            "file": j.file.as_ref().map(|f| f.display().to_string()),
+            "serve_path": j.serve_path,
+            "kubernetes_secret": j.kubernetes_secret.as_ref().map(|s| s.secret.clone()),
+        })),
         "refresh": {
             "before_expiry": c.refresh.before_expiry.map(dur).unwrap_or_else(|| "70-80% of lifetime".into()),
             "default_lifetime": dur(c.refresh.default_lifetime),
@@ -1070,6 +1073,7 @@ fn credential_json(
             "grace": dur(r.grace),
             "on_login": r.on_login,
             "max_secret_age": r.max_secret_age.map(dur),
+            "verify_window": dur(c.verify_window()),
             // Where the provider says when the secret expires (Entra).
             "before_expiry": r.before_expiry.map(dur).unwrap_or_else(|| crate::rotation::schedule::DEFAULT_EXPIRY_LEAD_TEXT.into()),
             "secret_api_credential": c.secret_api_credential.as_ref().map(|a| a.name.clone()),

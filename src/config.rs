@@ -391,6 +391,7 @@ struct RawCredential {
     extra_params: BTreeMap<String, String>,
     endpoints: Option<RawEndpoints>,
     registration: Option<RawRegistration>,
+    jwks: Option<RawJwks>,
     refresh: Option<RawRefresh>,
     rotation: Option<RawRotation>,
     #[serde(default)]
@@ -449,6 +450,18 @@ struct RawRegistration {
     access_token_file: Option<PathBuf>,
 }
 
+/// `[credentials.jwks]`: where a `private_key_jwt` client's public keys
+/// are published for a server that fetches its `jwks_uri`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwks {
+    file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "strict_string")]
+    serve_path: Option<String>,
+    #[serde(default, deserialize_with = "strict_string")]
+    kubernetes_secret: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRefresh {
@@ -467,6 +480,7 @@ struct RawRotation {
     on_login: bool,
     max_secret_age: Option<RawScalar>,
     before_expiry: Option<RawScalar>,
+    verify_window: Option<RawScalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -946,7 +960,23 @@ pub struct RotationConfig {
     /// (Entra `endDateTime`) a rotation is due, whatever the trigger says;
     /// `None`: [`crate::rotation::schedule::default_expiry_lead`].
     pub before_expiry: Option<Duration>,
+    /// `verify_window`: how long a login with a new secret or key is
+    /// retried while the provider may not accept it yet, before it counts
+    /// as refused; `None`: [`CredentialConfig::verify_window`]'s default.
+    pub verify_window: Option<Duration>,
 }
+
+/// How long a new secret is retried before it counts as refused, unless
+/// `verify_window` says otherwise: the providers rekeyd knows accept a new
+/// secret within seconds (Auth0 documents up to 30 s).
+pub const DEFAULT_VERIFY_WINDOW: Duration = Duration::from_secs(60);
+
+/// The default verify window of keys published at a `jwks_uri`
+/// (`[credentials.jwks]`): the server fetches the new set only once its
+/// cached copy is old enough (the served `max-age` is 30 s; oidc-provider
+/// refetches for an unknown `kid` at most once a minute), so a new key
+/// needs longer than a new secret to be accepted.
+pub const JWKS_URI_VERIFY_WINDOW: Duration = Duration::from_secs(180);
 
 pub use crate::format::SinkFormat;
 
@@ -1110,6 +1140,27 @@ pub struct RegistrationConfig {
     pub access_token_file: PathBuf,
 }
 
+/// The data key of a `[credentials.jwks]` Kubernetes Secret.
+pub const JWKS_SECRET_KEY: &str = "jwks.json";
+
+/// `[credentials.jwks]`: a `private_key_jwt` client's public keys as a
+/// JWK Set (RFC 7517 §5) where a server fetches them as the client's
+/// `jwks_uri` (RFC 7591 §2): a file rekeyd writes, perhaps served at
+/// `serve_path` on the diagnostics listener, and/or a Kubernetes Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksConfig {
+    /// `file` (absolute), else `<state_dir>/jwks/<credential>.json` when
+    /// `serve_path` is set (filled in once `state_dir` is known); written
+    /// atomically and durably, mode 0644 (public keys).
+    pub file: Option<PathBuf>,
+    /// `serve_path`: where the diagnostics listener serves `file`.
+    pub serve_path: Option<String>,
+    /// `kubernetes_secret`: the Secret whose [`JWKS_SECRET_KEY`] holds the
+    /// set, in the `[store]` namespace (kind kubernetes), else the pod's
+    /// or kubeconfig context's.
+    pub kubernetes_secret: Option<SecretSink>,
+}
+
 /// A resolved `secret_api_credential`: whose token calls a credential's
 /// secret API, and how that token is obtained.
 #[derive(Debug, Clone, PartialEq)]
@@ -1144,6 +1195,9 @@ pub struct CredentialConfig {
     /// RFC 7592 registration, through which its secret is rotated. Boxed
     /// like the ids: most credentials have none.
     pub registration: Option<Box<RegistrationConfig>>,
+    /// `[credentials.jwks]` (oauth2 with `private_key_jwt` only): where
+    /// the client's public keys are published for its `jwks_uri`.
+    pub jwks: Option<Box<JwksConfig>>,
     /// The bootstrap secret's file: `initial_secret_file` as written, or
     /// `$CREDENTIALS_DIRECTORY/<initial_secret_credential>` resolved when
     /// the configuration was loaded; `None` for a credential name loaded
@@ -1212,6 +1266,18 @@ impl CredentialConfig {
         }
     }
 
+    /// How long a rotation retries a login with the new secret or key
+    /// before it counts as refused: `[credentials.rotation]
+    /// verify_window`, else [`JWKS_URI_VERIFY_WINDOW`] for keys published
+    /// at a `jwks_uri`, else [`DEFAULT_VERIFY_WINDOW`].
+    pub fn verify_window(&self) -> Duration {
+        match self.rotation.as_ref().and_then(|r| r.verify_window) {
+            Some(window) => window,
+            None if self.jwks.is_some() => JWKS_URI_VERIFY_WINDOW,
+            None => DEFAULT_VERIFY_WINDOW,
+        }
+    }
+
     /// Whether the store holds nothing for this credential
     /// (`client_assertion_file`: the platform's file is the credential).
     pub fn stores_nothing(&self) -> bool {
@@ -1246,6 +1312,7 @@ impl CredentialConfig {
             ids: self.ids.clone(),
             secret_api_credential: None,
             registration: None,
+            jwks: None,
             initial_secret_file: self.initial_secret_file.clone(),
             initial_secret_credential: self.initial_secret_credential.clone(),
             initial_secret_id: self.initial_secret_id.clone(),
@@ -1666,6 +1733,13 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         }
     }
 
+    complete_jwks(
+        &mut credentials,
+        &state_dir,
+        diag.is_some(),
+        &store,
+        &sink_paths,
+    )?;
     check_one_owner_per_secret(&credentials)?;
     resolve_secret_api_credentials(&mut credentials)?;
 
@@ -1678,6 +1752,83 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         history_limit,
         credentials,
     })
+}
+
+/// Completes every `[credentials.jwks]` with what the whole configuration
+/// says: the default file of a `serve_path` without `file`
+/// (`<state_dir>/jwks/<credential>.json`), the `[store]` cluster and
+/// namespace for a Secret; and checks that a `serve_path` has a
+/// diagnostics listener and that no two credentials (nor a token sink,
+/// `sink_paths`) write to one place.
+fn complete_jwks(
+    credentials: &mut [CredentialConfig],
+    state_dir: &Path,
+    diag: bool,
+    store: &StoreConfig,
+    sink_paths: &HashSet<PathBuf>,
+) -> Result<(), ConfigError> {
+    let mut files = HashMap::new();
+    let mut paths = HashMap::new();
+    let mut secrets = HashMap::new();
+    for (i, cred) in credentials.iter_mut().enumerate() {
+        let Some(jwks) = cred.jwks.as_deref_mut() else {
+            continue;
+        };
+        let key = |field: &str| format!("credentials[{i}].jwks.{field}");
+        if let Some(path) = &jwks.serve_path {
+            if !diag {
+                return Err(ConfigError::invalid(
+                    key("serve_path"),
+                    "needs the diagnostics listener: add [diag] listen (or write the set with \
+                     file where a web server serves it)",
+                ));
+            }
+            if let Some(first) = paths.insert(path.clone(), i) {
+                return Err(ConfigError::invalid(
+                    key("serve_path"),
+                    format!("{path:?} is served for credentials[{first}] already"),
+                ));
+            }
+            if jwks.file.is_none() {
+                jwks.file = Some(state_dir.join("jwks").join(format!("{}.json", cred.name)));
+            }
+        }
+        if let Some(file) = &jwks.file
+            && sink_paths.contains(file)
+        {
+            return Err(ConfigError::invalid(
+                key("file"),
+                format!("{} is a token sink's path", file.display()),
+            ));
+        }
+        if let Some(file) = &jwks.file
+            && let Some(first) = files.insert(file.clone(), i)
+        {
+            return Err(ConfigError::invalid(
+                key("file"),
+                format!(
+                    "{} is written for credentials[{first}] already",
+                    file.display()
+                ),
+            ));
+        }
+        if let Some(secret) = &mut jwks.kubernetes_secret {
+            if let StoreConfig::Kubernetes(store) = store {
+                secret.namespace = store.namespace.clone();
+                secret.kubeconfig = store.kubeconfig.clone();
+            }
+            if let Some(first) = secrets.insert(secret.secret.clone(), i) {
+                return Err(ConfigError::invalid(
+                    key("kubernetes_secret"),
+                    format!(
+                        "Secret {:?} is written for credentials[{first}] already",
+                        secret.secret
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Points each `secret_api_credential` at the credential or token profile
@@ -2731,9 +2882,13 @@ fn validate_credential(
             .transpose()?,
     };
 
+    let jwks = rc
+        .jwks
+        .map(|j| validate_jwks(i, provider, auth_method, registration.is_some(), j))
+        .transpose()?;
     let rotation = rc
         .rotation
-        .map(|r| validate_rotation(i, provider, registration.is_some(), r))
+        .map(|r| validate_rotation(i, provider, registration.is_some() || jwks.is_some(), r))
         .transpose()?;
     if rotation.is_some() && provider == ProviderKind::MapsIndoors && rc.customer_id.is_none() {
         return Err(ConfigError::invalid(
@@ -2818,6 +2973,7 @@ fn validate_credential(
             })
         }),
         registration: registration.map(Box::new),
+        jwks: jwks.map(Box::new),
         initial_secret_file,
         initial_secret_credential: rc.initial_secret_credential,
         initial_secret_id: rc.initial_secret_id,
@@ -3506,21 +3662,118 @@ fn validate_registration(
     })
 }
 
+/// `[credentials.jwks]`: only for an oauth2 `private_key_jwt` client
+/// without `[credentials.registration]` (whose keys are in the
+/// registration), with somewhere to publish. `state_dir`, the default
+/// file and the Secret's cluster are filled in by [`validate`].
+fn validate_jwks(
+    i: usize,
+    provider: ProviderKind,
+    method: AuthMethod,
+    registration: bool,
+    raw: RawJwks,
+) -> Result<JwksConfig, ConfigError> {
+    let table = format!("credentials[{i}].jwks");
+    let key = |field: &str| format!("{table}.{field}");
+    if provider != ProviderKind::OAuth2 || method != AuthMethod::PrivateKeyJwt {
+        return Err(ConfigError::invalid(
+            table,
+            "applies only to provider oauth2 with auth_method = \"private_key_jwt\" \
+             (it publishes the client's public keys for its jwks_uri)",
+        ));
+    }
+    if registration {
+        return Err(ConfigError::invalid(
+            table,
+            "does not apply with [credentials.registration]: keys are published in the \
+             registration's jwks there; give one of the two",
+        ));
+    }
+    if raw.file.is_none() && raw.serve_path.is_none() && raw.kubernetes_secret.is_none() {
+        return Err(ConfigError::invalid(
+            table,
+            "needs file, serve_path or kubernetes_secret: somewhere to publish the keys",
+        ));
+    }
+    if let Some(file) = &raw.file
+        && !file.is_absolute()
+    {
+        return Err(ConfigError::invalid(
+            key("file"),
+            format!("must be an absolute path, got {file:?}"),
+        ));
+    }
+    if let Some(path) = &raw.serve_path {
+        let segments_ok = path.len() > 1
+            && path.starts_with('/')
+            && path[1..].split('/').all(|s| {
+                !s.is_empty()
+                    && s != "."
+                    && s != ".."
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c))
+            });
+        if !segments_ok {
+            return Err(ConfigError::invalid(
+                key("serve_path"),
+                format!(
+                    "{path:?} is not a path like \"/jwks/app.json\" (segments of a-z, A-Z, \
+                     0-9, '-', '.', '_', '~')"
+                ),
+            ));
+        }
+        if crate::serve::api::DIAG_PATHS
+            .iter()
+            .any(|p| p.split('/').nth(1) == path.split('/').nth(1))
+        {
+            return Err(ConfigError::invalid(
+                key("serve_path"),
+                format!("{path:?} is a diagnostics path of rekeyd's own"),
+            ));
+        }
+    }
+    let kubernetes_secret = match raw.kubernetes_secret {
+        None => None,
+        Some(name) => {
+            if !is_dns_subdomain(&name) {
+                return Err(ConfigError::invalid(
+                    key("kubernetes_secret"),
+                    format!(
+                        "{name:?} is not a Kubernetes object name (lowercase a-z, 0-9, '-' and '.', at most 253)"
+                    ),
+                ));
+            }
+            Some(SecretSink {
+                namespace: None,
+                secret: name,
+                key: JWKS_SECRET_KEY.to_string(),
+                kubeconfig: None,
+            })
+        }
+    };
+    Ok(JwksConfig {
+        file: raw.file,
+        serve_path: raw.serve_path,
+        kubernetes_secret,
+    })
+}
+
 fn validate_rotation(
     i: usize,
     provider: ProviderKind,
-    registration: bool,
+    published: bool,
     raw: RawRotation,
 ) -> Result<RotationConfig, ConfigError> {
     let key = |field: &str| format!("credentials[{i}].rotation.{field}");
-    if provider == ProviderKind::OAuth2 && !registration {
+    if provider == ProviderKind::OAuth2 && !published {
         return Err(ConfigError::invalid(
             format!("credentials[{i}].rotation"),
-            "provider oauth2 rotates its secret only through RFC 7592 registration management: \
-             add [credentials.registration] with client_uri and access_token_file",
+            "provider oauth2 rotates its secret only through RFC 7592 registration management \
+             (add [credentials.registration] with client_uri and access_token_file) or, for a \
+             private_key_jwt client whose server fetches its jwks_uri, [credentials.jwks]",
         ));
     }
-    if !provider.has_secret_api() && !registration {
+    if !provider.has_secret_api() && !published {
         return Err(ConfigError::invalid(
             format!("credentials[{i}].rotation"),
             format!(
@@ -3605,12 +3858,25 @@ fn validate_rotation(
             ));
         }
     }
+    let verify_window = raw
+        .verify_window
+        .map(|w| duration(&key("verify_window"), w))
+        .transpose()?;
+    if let Some(window) = verify_window
+        && !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&window)
+    {
+        return Err(ConfigError::invalid(
+            key("verify_window"),
+            "must be between 1s and 1h: how long a login with the new secret or key is retried before it counts as refused",
+        ));
+    }
     Ok(RotationConfig {
         trigger,
         grace,
         on_login: raw.on_login,
         max_secret_age,
         before_expiry,
+        verify_window,
     })
 }
 

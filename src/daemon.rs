@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -24,7 +24,7 @@ use crate::metrics;
 use crate::notify::{self, Notifier};
 use crate::provider::{self, HttpClients, SecretApi, TokenProvider};
 use crate::rotation::driver::{BearerSource, LoginBearer, RegistrationBearer};
-use crate::rotation::driver::{DEFAULT_VERIFY_WINDOW, Rotator, run_schedule, system_clock};
+use crate::rotation::driver::{Rotator, run_schedule, system_clock};
 use crate::serve::{activation, api, hooks, http, sink};
 use crate::store::{self, CredentialRecord, SecretEntry, Store, StoreError};
 use crate::token::Token;
@@ -65,6 +65,9 @@ pub struct Registry {
     /// Token profile name -> the credential it belongs to. Apart from the
     /// handles so that a credential without profiles costs nothing more.
     profile_of: RwLock<Arc<BTreeMap<String, String>>>,
+    /// `[credentials.jwks]` `serve_path` -> the JWKS file the diagnostics
+    /// listener serves there; replaced with the credentials.
+    jwks_files: RwLock<Arc<BTreeMap<String, PathBuf>>>,
     /// Pinged on every token or status change of any credential.
     pub changed: Notify,
     /// Set when a credential's token engine ended without being asked to:
@@ -84,6 +87,7 @@ impl Registry {
         Registry {
             map: RwLock::new(Arc::new(BTreeMap::new())),
             profile_of: RwLock::new(Arc::new(BTreeMap::new())),
+            jwks_files: RwLock::new(Arc::new(BTreeMap::new())),
             changed: Notify::new(),
             engine_died: AtomicBool::new(false),
         }
@@ -109,6 +113,19 @@ impl Registry {
         *self.profile_of.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(profile_of);
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
         self.changed.notify_one();
+    }
+
+    /// Sets the JWKS files the diagnostics listener serves, by path.
+    pub fn set_jwks_files(&self, files: BTreeMap<String, PathBuf>) {
+        *self.jwks_files.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(files);
+    }
+
+    /// The JWKS file served at `path`, if any (`[credentials.jwks]`
+    /// `serve_path`).
+    pub fn jwks_file(&self, path: &str) -> Option<PathBuf> {
+        (self.jwks_files.read().unwrap_or_else(|e| e.into_inner()))
+            .get(path)
+            .cloned()
     }
 
     /// Which credential the token profile `name` belongs to; `None` for a
@@ -340,6 +357,12 @@ impl Running {
     }
 
     fn publish(&self) {
+        self.shared.registry.set_jwks_files(
+            (self.credentials.values())
+                .filter_map(|r| r.config.jwks.as_deref())
+                .filter_map(|j| Some((j.serve_path.clone()?, j.file.clone()?)))
+                .collect(),
+        );
         let credentials =
             (self.credentials.iter()).map(|(name, r)| (name.clone(), r.handle.clone()));
         let profiles = (self.profiles.iter()).map(|(name, p)| (name.clone(), p.handle.clone()));
@@ -422,6 +445,9 @@ async fn launch(
     let cred = p.config;
     if let Some(secret) = p.bootstrap {
         store_bootstrap(store.as_ref(), &cred, secret).await?;
+    }
+    if let Some(jwks) = &cred.jwks {
+        publish_initial_key(store.as_ref(), &cred, jwks).await?;
     }
     let (channels, mut handle) = match channels {
         Some(channels) => {
@@ -696,7 +722,7 @@ pub(crate) fn rotator(
             .rotation
             .as_ref()
             .map_or(crate::config::DEFAULT_ROTATION_GRACE, |r| r.grace),
-        verify_window: DEFAULT_VERIFY_WINDOW,
+        verify_window: cred.verify_window(),
         status: channels.map(|c| c.status.clone()),
         refresh_now: channels.map(|c| c.promoted.clone()),
         clock: system_clock(),
@@ -778,8 +804,35 @@ pub(crate) async fn store_bootstrap(
     Ok(())
 }
 
+/// Publishes the key the store holds for `cred` where its
+/// `[credentials.jwks]` has no set yet: a fresh install serves its
+/// bootstrap key at once (the server can verify the first login), and a
+/// set that exists is left to the rotation.
+pub(crate) async fn publish_initial_key(
+    store: &dyn Store,
+    cred: &CredentialConfig,
+    jwks: &crate::config::JwksConfig,
+) -> Result<(), DaemonError> {
+    let Some(record) = store.load(&cred.name).await? else {
+        return Ok(());
+    };
+    let publisher = provider::jwks_publish::JwksKeys::new(cred.client_id.clone(), jwks);
+    match publisher.publish_initial(&record.value.current.value).await {
+        Ok(true) => {
+            info!(credential = %cred.name, step = "bootstrap", "current public key published as the JWK Set");
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) => Err(DaemonError::Setup {
+            name: cred.name.clone(),
+            reason: format!("cannot publish the current public key: {e}"),
+        }),
+    }
+}
+
 /// Makes sure the store holds a secret for credential `i` of `config`,
-/// reading `initial_secret_file` when it does not (for `rekeyd rotate`).
+/// reading `initial_secret_file` when it does not, and that a
+/// `[credentials.jwks]` publishes it (for `rekeyd rotate`).
 pub async fn ensure_bootstrapped(
     config: &Config,
     i: usize,
@@ -789,6 +842,9 @@ pub async fn ensure_bootstrapped(
     if store.load(&cred.name).await?.is_none() {
         let secret = read_initial_secret(i, cred)?;
         store_bootstrap(store, cred, secret).await?;
+    }
+    if let Some(jwks) = &cred.jwks {
+        publish_initial_key(store, cred, jwks).await?;
     }
     Ok(())
 }

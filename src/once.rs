@@ -192,6 +192,11 @@ async fn credential(p: Prepared, shared: &Shared) -> CredentialReport {
     {
         return failed(format!("cannot store the initial secret: {e}"));
     }
+    if let Some(jwks) = &p.config.jwks
+        && let Err(e) = daemon::publish_initial_key(shared.store.as_ref(), &p.config, jwks).await
+    {
+        return failed(e.to_string());
+    }
     let stop = &shared.shutdown;
     let cred = &p.config;
 

@@ -115,8 +115,16 @@ fn annotated_key_based_clients_parse() {
         Some("https://sso.example.internal")
     );
     let billing = config.credential("billing").unwrap();
+    let jwks = billing.jwks.as_deref().expect("[credentials.jwks]");
     assert_eq!(
-        billing.endpoints.secrets_url.as_ref().unwrap().as_str(),
+        jwks.file.as_deref(),
+        Some(Path::new("/srv/www/jwks/billing.json"))
+    );
+    assert!(billing.rotation.is_some(), "rotates through the JWK Set");
+    assert!(billing.registration.is_none());
+    let ledger = config.credential("ledger").unwrap();
+    assert_eq!(
+        ledger.endpoints.secrets_url.as_ref().unwrap().as_str(),
         "https://example.okta.com/api/v1/apps/0oa5e6f7g8/credentials/jwks"
     );
     let graph = config.credential("graph").unwrap();
@@ -130,6 +138,37 @@ fn annotated_key_based_clients_parse() {
             "/var/run/secrets/azure/tokens/azure-identity-token"
         ))
     );
+}
+
+#[test]
+fn jwks_serve_path_defaults_its_file_and_a_secret_takes_the_store_namespace() {
+    let config = Config::from_toml(
+        "state_dir = \"/var/lib/rekeyd\"\n[diag]\nlisten = \"127.0.0.1:9861\"\n\
+         [store]\nkind = \"kubernetes\"\nnamespace = \"apps\"\n\
+         [[credentials]]\nname = \"idp\"\nprovider = \"oauth2\"\nclient_id = \"c\"\n\
+         auth_method = \"private_key_jwt\"\ninitial_key_file = \"/etc/rekeyd/idp.key\"\n\
+         [credentials.endpoints]\ntoken_url = \"https://idp.example/token\"\n\
+         [credentials.rotation]\nevery = \"30d\"\n\
+         [credentials.jwks]\nserve_path = \"/jwks/idp.json\"\nkubernetes_secret = \"idp-jwks\"\n",
+    )
+    .unwrap();
+    let jwks = config.credentials[0].jwks.as_deref().unwrap();
+    assert_eq!(
+        jwks.file.as_deref(),
+        Some(Path::new("/var/lib/rekeyd/jwks/idp.json"))
+    );
+    assert_eq!(jwks.serve_path.as_deref(), Some("/jwks/idp.json"));
+    let secret = jwks.kubernetes_secret.as_ref().unwrap();
+    assert_eq!(
+        (
+            secret.namespace.as_deref(),
+            secret.secret.as_str(),
+            secret.key.as_str()
+        ),
+        (Some("apps"), "idp-jwks", "jwks.json")
+    );
+    let caps = rekeyd::provider::capabilities_of(&config.credentials[0]).unwrap();
+    assert_eq!(caps.value, rekeyd::provider::ValueOrigin::Key);
 }
 
 #[test]
@@ -1072,9 +1111,83 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].auth_method`", "provider oauth2 only"],
         ),
         (
-            "oauth2 private_key_jwt rotation without a registration",
+            "a verify_window of zero",
+            keyed(&format!("{jwt}{key_file}"), &format!("{}[credentials.rotation]\nevery = \"30d\"\nverify_window = \"0s\"\n", registration("https://idp.example/reg/c"))),
+            vec!["`credentials[0].rotation.verify_window`", "between 1s and 1h"],
+        ),
+        (
+            "private_key_jwt rotation with nowhere to publish the key",
             keyed(&format!("{jwt}{key_file}"), "[credentials.rotation]\nevery = \"30d\"\n"),
-            vec!["`credentials[0].rotation`", "RFC 7592 registration management"],
+            vec!["`credentials[0].rotation`", "[credentials.registration]"],
+        ),
+        (
+            "jwks with a secret-based method",
+            oauth2("", "[credentials.jwks]\nfile = \"/srv/jwks/idp.json\"\n"),
+            vec!["`credentials[0].jwks`", "auth_method = \"private_key_jwt\""],
+        ),
+        (
+            "jwks with registration",
+            keyed(
+                &format!("{jwt}{key_file}"),
+                &format!("{}[credentials.jwks]\nfile = \"/srv/jwks/idp.json\"\n", registration("https://idp.example/reg/c")),
+            ),
+            vec!["`credentials[0].jwks`", "does not apply with [credentials.registration]"],
+        ),
+        (
+            "jwks with nowhere to publish",
+            keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\n"),
+            vec!["`credentials[0].jwks`", "needs file, serve_path or kubernetes_secret"],
+        ),
+        (
+            "jwks with a relative file",
+            keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\nfile = \"jwks.json\"\n"),
+            vec!["`credentials[0].jwks.file`", "absolute path"],
+        ),
+        (
+            "jwks unknown key",
+            keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\nurl = \"https://x\"\n"),
+            vec!["unknown field `url`", "credentials[0]"],
+        ),
+        (
+            "jwks serve_path without a diagnostics listener",
+            keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\nserve_path = \"/jwks/idp.json\"\n"),
+            vec!["`credentials[0].jwks.serve_path`", "needs the diagnostics listener"],
+        ),
+        (
+            "jwks serve_path that is not a path",
+            keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\nserve_path = \"jwks/../x\"\n"),
+            vec!["`credentials[0].jwks.serve_path`", "is not a path like"],
+        ),
+        (
+            "jwks serve_path over a diagnostics path",
+            keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\nserve_path = \"/metrics\"\n"),
+            vec!["`credentials[0].jwks.serve_path`", "diagnostics path of rekeyd's own"],
+        ),
+        (
+            "jwks kubernetes_secret that is not an object name",
+            keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\nkubernetes_secret = \"Client_Keys\"\n"),
+            vec!["`credentials[0].jwks.kubernetes_secret`", "not a Kubernetes object name"],
+        ),
+        (
+            "jwks file that a token sink writes",
+            keyed(
+                &format!("{jwt}{key_file}"),
+                "[[credentials.sinks]]\npath = \"/run/app/token\"\n[credentials.jwks]\nfile = \"/run/app/token\"\n",
+            ),
+            vec!["`credentials[0].jwks.file`", "is a token sink's path"],
+        ),
+        (
+            "jwks serve_path twice",
+            {
+                let one = keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\nserve_path = \"/jwks/idp.json\"\n");
+                let credential = &one[one.find("[[credentials]]").unwrap()..];
+                format!(
+                    "{}\n[diag]\nlisten = \"127.0.0.1:9861\"\n{credential}{}",
+                    one[..one.find("[[credentials]]").unwrap()].trim_end(),
+                    credential.replace("name = \"idp\"", "name = \"idp2\"")
+                )
+            },
+            vec!["`credentials[1].jwks.serve_path`", "is served for credentials[0] already"],
         ),
         (
             "an empty assertion_audience",

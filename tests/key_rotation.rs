@@ -353,6 +353,45 @@ async fn rsa_and_ed25519_keys_rotate_to_keys_of_their_type() {
     }
 }
 
+/// The daemon rotates the key on request: its status follows the key in
+/// use (id, age) and the rotation phase, and its token engine logs in with
+/// the new key once it is promoted.
+#[tokio::test]
+async fn the_daemon_status_shows_the_key_in_use_and_the_rotation_phase() {
+    let Some(w) = World::new(Alg::Es256, false).await else {
+        return;
+    };
+    let text = std::fs::read_to_string(&w.config_path).unwrap();
+    let d = daemon::TestDaemon::start_in(tempfile::tempdir().unwrap(), &text).await;
+    let handle = d.handle("app");
+    daemon::wait_token(&handle, |_| true).await;
+    let before = daemon::wait_status(&handle, |s| s.client_auth.is_some()).await;
+    let auth = before.client_auth.clone().unwrap();
+    assert_eq!(auth.auth_method, "private_key_jwt");
+    assert_eq!(auth.key_id.as_deref(), Some(w.first.kid()));
+    assert_eq!(before.rotation_phase, "idle");
+
+    handle.rotate_now.notify_one();
+    let after = daemon::wait_status(&handle, |s| {
+        s.last_rotated_at.is_some() && s.rotation_phase == "idle"
+    })
+    .await;
+    let auth = after.client_auth.clone().unwrap();
+    let record = w.record().await;
+    let current = key::from_secret(&record.current.value).unwrap();
+    assert_eq!(auth.key_id.as_deref(), Some(current.kid()), "the new key");
+    assert_ne!(current.kid(), w.first.kid());
+    assert_eq!(auth.key_created_at, Some(record.current.created_at));
+    assert_eq!(auth.public_jwk.as_ref(), Some(&current.public_jwk()));
+    let json = serde_json::to_string(&after).unwrap();
+    assert!(
+        !json.contains(&private_d(&record.current.value)),
+        "no private key in the status"
+    );
+    d.stop().await;
+    assert_eq!(w.published().await, [current.kid()]);
+}
+
 /// The publishing update commits at the server but its reply is lost:
 /// the journal holds the new key, so nothing is lost. The next run finds
 /// the key in the registration by its `kid`, proves it and goes on; no

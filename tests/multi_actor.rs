@@ -175,14 +175,17 @@ fn random_interleavings_keep_the_invariants() {
 /// every deactivation and delete, and in the end a stable journal and no
 /// secret rekeyd created that the journal does not name (I3, without
 /// tags). `MULTI_ACTOR_PROFILE_SEEDS=N` runs N seeds per profile (default
-/// 400); `MULTI_ACTOR_PROFILE=okta|auth0|registration MULTI_ACTOR_SEED=S` one seed with
-/// its trace.
+/// 400); `MULTI_ACTOR_PROFILE=okta|auth0|registration|keys MULTI_ACTOR_SEED=S` one seed with
+/// its trace. Key publishers (`keys`: a registration's `jwks`, a JWKS
+/// file) have the shape of a caller-chosen value, several at once, listed
+/// without tags, published once however often asked.
 #[test]
 fn random_interleavings_keep_the_invariants_with_every_secret_api_shape() {
     let profiles = [
         ("okta", rekeyd::provider::okta::CAPABILITIES),
         ("auth0", rekeyd::provider::auth0::CAPABILITIES),
         ("registration", rekeyd::provider::registration::CAPABILITIES),
+        ("keys", rekeyd::provider::registration::KEY_CAPABILITIES),
     ];
     if let (Some(seed), Ok(name)) = (
         env_u64("MULTI_ACTOR_SEED"),
@@ -191,7 +194,7 @@ fn random_interleavings_keep_the_invariants_with_every_secret_api_shape() {
         let (_, caps) = profiles
             .iter()
             .find(|(n, _)| *n == name)
-            .expect("MULTI_ACTOR_PROFILE is okta, auth0 or registration");
+            .expect("MULTI_ACTOR_PROFILE is okta, auth0, registration or keys");
         let report = run_seed_with(seed, true, *caps);
         for line in report.trace.as_deref().unwrap_or_default() {
             println!("{line}");

@@ -12,6 +12,7 @@ pub mod auth0;
 pub mod entra;
 pub mod http;
 pub mod jwks;
+pub mod jwks_publish;
 pub mod key;
 pub mod keycloak;
 pub mod mappls;
@@ -223,6 +224,9 @@ impl Capabilities {
             Overlap::Replace => "the provider replaces the old secret at once, so logins try both values until the new one is proven, and the replaced one still through the grace period, at whose end the new one is proven again".to_string(),
         };
         let retire = match self.retire {
+            _ if self.value == ValueOrigin::Key => {
+                "then the old public key is withdrawn and the old private key forgotten"
+            }
             Retire::Delete => "then the old secret is deleted",
             Retire::DeactivateThenDelete => "then the old secret is deactivated and deleted",
             Retire::Replaced => "nothing is left to delete",
@@ -430,6 +434,13 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
             url.clone(),
             cred.client_id.clone(),
         ))),
+        // Registration wins (configuration makes the two exclusive).
+        (ProviderKind::OAuth2, _, _) if cred.registration.is_none() => {
+            cred.jwks.as_ref().map(|j| {
+                Arc::new(jwks_publish::JwksKeys::new(cred.client_id.clone(), j))
+                    as Arc<dyn SecretApi>
+            })
+        }
         (ProviderKind::OAuth2, _, _) => cred.registration.as_ref().map(|r| {
             let api = registration::RegistrationApi::new(
                 transport.clone(),
@@ -462,13 +473,15 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
 
 /// What the secret API of `cred` can do, without building it; `None` for
 /// a credential rekeyd cannot rotate (Mappls; oauth2 without
-/// `[credentials.registration]`).
+/// `[credentials.registration]` or `[credentials.jwks]`).
 pub fn capabilities_of(cred: &CredentialConfig) -> Option<Capabilities> {
     match cred.provider {
         ProviderKind::OAuth2 if cred.registration.is_some() => Some(match cred.auth_method {
             AuthMethod::PrivateKeyJwt => registration::KEY_CAPABILITIES,
             _ => registration::CAPABILITIES,
         }),
+        // `[credentials.jwks]`: keys published for the client's jwks_uri.
+        ProviderKind::OAuth2 if cred.jwks.is_some() => Some(registration::KEY_CAPABILITIES),
         ProviderKind::MapsIndoors => Some(Capabilities::SERVER_TAGGED),
         ProviderKind::Okta if cred.auth_method == AuthMethod::PrivateKeyJwt => {
             Some(okta_keys::CAPABILITIES)

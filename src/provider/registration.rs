@@ -575,4 +575,107 @@ mod tests {
         );
         assert!(text.contains("/etc/rat"), "{text}");
     }
+
+    /// A registration holding `metadata`; every `PUT` body replaces it.
+    async fn key_server(metadata: Value) -> (Url, Arc<Mutex<Value>>) {
+        let state = Arc::new(Mutex::new(metadata));
+        let get_state = state.clone();
+        let put_state = state.clone();
+        let app = Router::new().route(
+            "/reg/c",
+            get(move || {
+                let state = get_state.clone();
+                async move { (JSON, state.lock().unwrap().to_string()) }
+            })
+            .put(move |body: String| {
+                let state = put_state.clone();
+                async move {
+                    let mut written: Value = serde_json::from_str(&body).unwrap();
+                    written["client_id"] = "c".into();
+                    *state.lock().unwrap() = written.clone();
+                    (JSON, written.to_string())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/reg/c").parse().unwrap(), state)
+    }
+
+    #[tokio::test]
+    async fn keys_are_published_next_to_the_old_and_the_last_one_is_never_withdrawn() {
+        use crate::provider::key::{Alg, generate};
+        let old = generate(Alg::Es256).unwrap();
+        let new = generate(Alg::Es256).unwrap();
+        let metadata = serde_json::json!({
+            "client_id": "c",
+            "client_name": "kept",
+            "jwks": {"keys": [old.public_jwk()]},
+        });
+        let (url, state) = key_server(metadata).await;
+        let keys = RegistrationKeys::new(api(url));
+        let bearer = bearer("rat");
+        let request = CreateRequest {
+            description: "",
+            value: Some(&new.to_secret()),
+        };
+        let created = keys.create(&bearer, request).await.unwrap();
+        assert_eq!(created.id.as_deref(), Some(new.kid()));
+        let listed: Vec<String> = keys
+            .list(&bearer)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(listed, [old.kid(), new.kid()]);
+        assert_eq!(
+            state.lock().unwrap()["client_name"],
+            "kept",
+            "the rest is written back"
+        );
+        let written = state.lock().unwrap().to_string();
+        assert!(
+            !written.contains(&private_d(&new)),
+            "only the public key is sent"
+        );
+
+        assert_eq!(
+            keys.delete(&bearer, old.kid()).await.unwrap(),
+            Deleted::Deleted
+        );
+        assert_eq!(
+            keys.delete(&bearer, old.kid()).await.unwrap(),
+            Deleted::NotFound
+        );
+        let e = keys.delete(&bearer, new.kid()).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Refused);
+        assert!(e.detail.contains("without a registered key"), "{e}");
+        let listed: Vec<String> = keys
+            .list(&bearer)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(listed, [new.kid()]);
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_keys_are_at_a_jwks_uri_is_refused_with_the_reason() {
+        let metadata = serde_json::json!({"client_id": "c", "jwks_uri": "https://c.example/jwks"});
+        let (url, _) = key_server(metadata).await;
+        let e = RegistrationKeys::new(api(url))
+            .list(&bearer("rat"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Refused);
+        assert!(e.detail.contains("jwks_uri"), "{e}");
+    }
+
+    fn private_d(key: &crate::provider::key::ClientKey) -> String {
+        let jwk: Value = serde_json::from_str(key.to_secret().expose_secret()).unwrap();
+        jwk["d"].as_str().unwrap().to_string()
+    }
 }

@@ -71,7 +71,7 @@ pub const CRASH_POINTS: &[&str] = &[
 
 /// New secrets can take a while to be accepted everywhere: keep trying the
 /// pending secret this long before calling it rejected.
-pub const DEFAULT_VERIFY_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_VERIFY_WINDOW: Duration = crate::config::DEFAULT_VERIFY_WINDOW;
 
 /// Lost compare-and-swaps in one run before it gives up (to be resumed
 /// later): each one means another actor moved the journal on.
@@ -1685,6 +1685,7 @@ mod tests {
             on_login: false,
             max_secret_age,
             before_expiry: None,
+            verify_window: None,
         }
     }
 

@@ -199,6 +199,14 @@ pub fn step(
         (Rotation::Idle, Event::Begin { rid, chosen }) if !record.is_unfinished() => {
             let mut next = record.clone();
             let attempt = next_attempt("");
+            if ctx.caps.value == ValueOrigin::Key && next.current.id.is_none() {
+                // A key stored without its id (installed before keys were
+                // rotated) is published under its kid: named now, so that
+                // its withdrawal at the end can find it.
+                next.current.id = crate::provider::key::from_secret(&next.current.value)
+                    .ok()
+                    .map(|key| key.kid().to_string());
+            }
             // A caller-chosen value is in this write, before the call (I2).
             next.rotation = Rotation::Creating {
                 rid: rid.clone(),
@@ -606,7 +614,8 @@ fn attempt_of(record: &CredentialRecord) -> String {
 }
 
 /// Resuming a caller-chosen create under an API that keeps several
-/// secrets: the listing shows whether the interrupted call made one. The
+/// secrets: the listing shows whether the interrupted call made one. A key
+/// ([`ValueOrigin::Key`]) is found by its kid. For a secret, the
 /// journal knows the client's current secret and every secret it retires
 /// or retired; exactly one secret besides those may be ours, and a login
 /// with the value decides ([`Next::Probe`]). None: create. More than one:
@@ -642,6 +651,23 @@ fn find_chosen(
         },
         attempt: attempt_of(record),
     };
+    if ctx.caps.value == ValueOrigin::Key {
+        // A key is published under its kid, which follows from the key the
+        // journal holds: the listing shows it or not, and nothing else
+        // listed can be taken for it (a listing that lags behind the
+        // publish shows someone else's key as the only unknown one). A
+        // second publish of the same key writes nothing.
+        let kid = record
+            .chosen()
+            .and_then(|chosen| crate::provider::key::from_secret(chosen).ok())
+            .map(|key| key.kid().to_string());
+        return match kid {
+            Some(kid) if listed.iter().any(|s| s.id == kid) => {
+                stay(record, Next::Probe { id: kid })
+            }
+            _ => stay(record, create),
+        };
+    }
     match unknown.as_slice() {
         [] => stay(record, create),
         [one] => stay(record, Next::Probe { id: one.id.clone() }),
@@ -1496,6 +1522,67 @@ mod tests {
         let t = step(&interrupted, refused, &c).unwrap();
         assert!(!t.persist);
         assert!(matches!(t.next, Next::Create { .. }));
+    }
+
+    #[test]
+    fn a_key_stored_without_an_id_is_named_by_its_kid_when_a_rotation_begins() {
+        let c = with_caps(t0(), crate::provider::registration::KEY_CAPABILITIES);
+        let key = crate::provider::key::generate(crate::provider::key::Alg::Es256).unwrap();
+        let stored = CredentialRecord::new(SecretEntry {
+            id: None,
+            value: key.to_secret(),
+            created_at: t0(),
+            expires_at: None,
+        });
+        let begin = Event::Begin {
+            rid: "r".into(),
+            chosen: Some(key.to_secret()),
+        };
+        let t = step(&stored, begin, &c).unwrap();
+        assert!(t.persist);
+        assert_eq!(t.record.current.id.as_deref(), Some(key.kid()));
+    }
+
+    #[test]
+    fn an_interrupted_key_publish_is_found_by_its_kid_never_by_elimination() {
+        let c = with_caps(t0(), crate::provider::registration::KEY_CAPABILITIES);
+        let key = crate::provider::key::generate(crate::provider::key::Alg::Es256).unwrap();
+        let begin = Event::Begin {
+            rid: "r".into(),
+            chosen: Some(key.to_secret()),
+        };
+        let t = step(&idle(), begin, &c).unwrap();
+        let t = step(&t.record, Event::Resume, &c).unwrap();
+        assert_eq!(t.next, Next::List);
+        let interrupted = t.record;
+
+        // A listing that lags behind the publish shows someone else's key
+        // as the only unknown one: not taken for ours, the key is
+        // published (again: idempotent).
+        let lagging = vec![
+            listed("old", "", Some("client")),
+            listed("operators-key", "", Some("client")),
+        ];
+        let t = step(
+            &interrupted,
+            Event::Listed {
+                secrets: lagging.clone(),
+            },
+            &c,
+        )
+        .unwrap();
+        assert!(matches!(t.next, Next::Create { .. }), "{:?}", t.next);
+
+        // The listing shows the kid: a login with the key proves it.
+        let mut shown = lagging;
+        shown.push(listed(key.kid(), "", Some("client")));
+        let t = step(&interrupted, Event::Listed { secrets: shown }, &c).unwrap();
+        assert_eq!(
+            t.next,
+            Next::Probe {
+                id: key.kid().to_string()
+            }
+        );
     }
 
     #[test]

@@ -109,7 +109,56 @@ pub fn router(state: ApiState, diag_elsewhere: bool) -> Router {
 
 /// The diagnostics listener: probes and metrics, never a token.
 pub fn diag_router(registry: Arc<Registry>) -> Router {
-    diag_routes().fallback(diag_only).with_state(registry)
+    diag_routes()
+        .fallback(jwks_or_not_found)
+        .with_state(registry)
+}
+
+/// How long a server may cache a served JWK Set (RFC 9111 `max-age`):
+/// well inside the rotation's verify window, so that a server honouring
+/// it fetches a newly published key while rekeyd still tries it.
+pub const JWKS_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// `GET {serve_path}`: the JWKS file of a `[credentials.jwks]`, read
+/// afresh for every request (a few hundred bytes, replaced atomically),
+/// as `application/jwk-set+json` (RFC 7517 §8.5.1); any other path is
+/// not found.
+async fn jwks_or_not_found(
+    State(registry): State<Arc<Registry>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Response {
+    let Some(file) = registry.jwks_file(uri.path()) else {
+        return diag_only().await;
+    };
+    if method != axum::http::Method::GET && method != axum::http::Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "a JWK Set is read with GET",
+        );
+    }
+    match tokio::fs::read(&file).await {
+        Ok(body) => (
+            [
+                (header::CONTENT_TYPE, "application/jwk-set+json".to_string()),
+                (
+                    header::CACHE_CONTROL,
+                    format!("max-age={}", JWKS_MAX_AGE.as_secs()),
+                ),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(path = %uri.path(), file = %file.display(), error = %e, "cannot read the JWKS file to serve");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "jwks_unavailable",
+                "the JWK Set is not published yet",
+            )
+        }
+    }
 }
 
 fn diag_routes() -> Router<Arc<Registry>> {

@@ -30,6 +30,15 @@
 //                         `token_endpoint_auth_method: "private_key_jwt"`,
 //                         `jwks: {keys: [<public JWK>]}` and optionally
 //                         `token_endpoint_auth_signing_alg`.
+//   OIDC_JWKS_URI_FRESH   seconds a client's key set fetched from its
+//                         jwks_uri is trusted (default: oidc-provider's own,
+//                         at least 60 s, longer when the reply's
+//                         Cache-Control max-age or Expires says so). Once
+//                         that has passed, an assertion whose kid the set
+//                         lacks makes the server fetch the set again
+//                         (lib/helpers/jwt.js), so a newly published key is
+//                         accepted that much later; tests of key rotation
+//                         shorten it rather than wait a minute.
 //   OIDC_REGISTRATION_FILE   turns on RFC 7591 dynamic registration and RFC
 //                         7592 registration management (the registration
 //                         access token is replaced by every update) and
@@ -188,6 +197,13 @@ const registrationFeatures = registrationFile ? {
 
 const provider = new Provider(issuer, {
   clients,
+  // oidc-provider refuses to fetch from special-use addresses, loopback
+  // included (SSRF protection, lib/helpers/fetch_request.js, by the
+  // dispatcher it passes here); a test's jwks_uri is on loopback.
+  fetch: (url, options) => {
+    if (new URL(url).hostname === '127.0.0.1') delete options.dispatcher;
+    return globalThis.fetch(url, options);
+  },
   jwks: { keys: [signingJwk] },
   cookies: { keys: [randomBytes(32).toString('base64url')] },
   scopes: ['openid', 'offline_access', 'api:read', 'api:write', 'api:admin'],
@@ -212,6 +228,29 @@ const provider = new Provider(issuer, {
     ClientCredentials: tokenTtl,
   },
 });
+
+const jwksUriFresh = process.env.OIDC_JWKS_URI_FRESH;
+if (jwksUriFresh !== undefined) {
+  const fresh = Number.parseInt(jwksUriFresh, 10);
+  if (!Number.isInteger(fresh) || fresh < 0) fail(`invalid OIDC_JWKS_URI_FRESH ${JSON.stringify(jwksUriFresh)}`);
+  // Static clients are kept as one instance each, and so is their key
+  // store: cap the freshness each refresh of it sets.
+  const { Client } = provider;
+  const find = Client.find.bind(Client);
+  Client.find = async (id) => {
+    const client = await find(id);
+    const keystore = client?.jwksUri ? client.asymmetricKeyStore : undefined;
+    if (keystore && !keystore.capped) {
+      const refresh = keystore.refresh.bind(keystore);
+      keystore.refresh = async () => {
+        await refresh();
+        keystore.freshUntil = Math.min(keystore.freshUntil, Math.floor(Date.now() / 1000) + fresh);
+      };
+      keystore.capped = true;
+    }
+    return client;
+  };
+}
 
 function decodeBasicClientId(header) {
   const [scheme, value] = header.split(' ');

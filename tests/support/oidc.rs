@@ -87,6 +87,10 @@ pub struct OidcOptions {
     /// Log every client assertion sent to /token with the answer's status
     /// (server.js `OIDC_LOG_ASSERTIONS`): see [`OidcServer::assertions`].
     pub log_assertions: bool,
+    /// Seconds a key set fetched from a client's `jwks_uri` is trusted
+    /// before an unknown `kid` makes the server fetch it again (server.js
+    /// `OIDC_JWKS_URI_FRESH`); `None`: oidc-provider's own (at least 60).
+    pub jwks_uri_fresh_secs: Option<u64>,
 }
 
 impl Default for OidcOptions {
@@ -98,6 +102,7 @@ impl Default for OidcOptions {
             registration: false,
             keep_registration_token: false,
             log_assertions: false,
+            jwks_uri_fresh_secs: None,
         }
     }
 }
@@ -191,6 +196,10 @@ impl OidcServer {
         } else {
             cmd.env_remove("OIDC_LOG_ASSERTIONS");
         }
+        match opts.jwks_uri_fresh_secs {
+            Some(secs) => cmd.env("OIDC_JWKS_URI_FRESH", secs.to_string()),
+            None => cmd.env_remove("OIDC_JWKS_URI_FRESH"),
+        };
         if let Some(ttl) = opts.token_ttl_secs {
             cmd.env("OIDC_TOKEN_TTL", ttl.to_string());
         }

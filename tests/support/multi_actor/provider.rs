@@ -348,7 +348,11 @@ impl World {
             return Err(server_error("create secret"));
         }
         let chosen = request.value.map(|v| v.expose_secret().to_string());
-        if matches!(self.caps.value, ValueOrigin::Caller { .. }) && chosen.is_none() {
+        if matches!(
+            self.caps.value,
+            ValueOrigin::Caller { .. } | ValueOrigin::Key
+        ) && chosen.is_none()
+        {
             self.note(Call::Create, |_| "without a value -> 400".into());
             return Err(refused("create secret", "a value is required"));
         }
@@ -379,6 +383,19 @@ impl World {
                     .map(|s| (s.id.clone(), s.value.clone()))
             })
             .flatten();
+        if self.caps.value == ValueOrigin::Key
+            && let Some((id, _)) = &unchanged
+        {
+            // A key publisher adds a key once: publishing the key the set
+            // holds writes nothing (registration jwks, a JWKS file).
+            self.note(Call::Create, |_| format!("-> {id} (key already published)"));
+            return Ok(NewSecret {
+                id: Some(id.clone()),
+                value: SecretString::from(chosen.clone().unwrap_or_default()),
+                expires_at: None,
+                registration_access_token: None,
+            });
+        }
         if let Some((id, value)) = unchanged.filter(|_| self.caps.replaces()).or(kept) {
             // Setting the value the client already has changes nothing.
             self.note(Call::Create, |_| format!("-> {id} (same value, unchanged)"));
@@ -402,9 +419,16 @@ impl World {
                 s.deleted_at = Some(now);
             }
         }
+        // A key is published under its kid (a registration's jwks, a JWKS
+        // file), which follows from the key.
+        let kid = chosen
+            .as_deref()
+            .filter(|_| self.caps.value == ValueOrigin::Key)
+            .and_then(|v| rekeyd::provider::key::from_secret(&SecretString::from(v)).ok())
+            .map(|k| k.kid().to_string());
         let (id, value) =
             self.provider
-                .add_valued(None, description, CLIENT, wall, chosen.as_deref());
+                .add_valued(kid.as_deref(), description, CLIENT, wall, chosen.as_deref());
         self.provider.created_by_rekeyd.insert(id.clone());
         let (accepted_in, listed_in) = self.new_secret_lags();
         let now = Instant::now();
