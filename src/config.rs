@@ -2723,6 +2723,9 @@ fn validate_credential(
     let auth_method = match (standard, rc.auth_method.as_deref()) {
         (true, None | Some("client_secret_basic")) => AuthMethod::ClientSecretBasic,
         (_, Some("client_secret_post")) => AuthMethod::ClientSecretPost,
+        // Okta's token endpoint takes private_key_jwt too, and its
+        // Management API publishes the app's keys (`okta_keys`).
+        (_, Some("private_key_jwt")) if provider == ProviderKind::Okta => AuthMethod::PrivateKeyJwt,
         (_, Some(method @ ("private_key_jwt" | "client_assertion_file")))
             if provider != ProviderKind::OAuth2 =>
         {
@@ -2806,11 +2809,25 @@ fn validate_credential(
 
     check_request_params(&key(""), provider, &rc.extra_params, rc.audience.is_some())?;
 
-    let defaults = ids
+    let mut defaults = ids
         .as_deref()
         .map_or((None, None), |ids| ids.default_urls(&client_id));
+    let okta_keys = provider == ProviderKind::Okta && auth_method == AuthMethod::PrivateKeyJwt;
+    if okta_keys {
+        // A private_key_jwt app's keys live next to its secrets.
+        defaults.1 = defaults.1.map(|url| {
+            url.strip_suffix("/credentials/secrets")
+                .map_or(url.clone(), |app| format!("{app}/credentials/jwks"))
+        });
+    }
     let insecure_http = rc.endpoints.as_ref().is_some_and(|e| e.allow_insecure_http);
     let endpoints = validate_endpoints(i, provider, &defaults, rc.endpoints)?;
+    if okta_keys && rc.rotation.is_some() {
+        check_okta_jwks_url(
+            &key("endpoints.secrets_url"),
+            endpoints.secrets_url.as_ref(),
+        )?;
+    }
     let registration = rc
         .registration
         .map(|r| validate_registration(i, provider, insecure_http, r))
@@ -2879,7 +2896,12 @@ fn validate_credential(
             "is required when [credentials.rotation] is set (the MapsIndoors secret API is per customer)",
         ));
     }
-    if rotation.is_some() && provider == ProviderKind::Okta && rc.initial_secret_id.is_none() {
+    // A key's id is its kid, known from the key itself.
+    if rotation.is_some()
+        && provider == ProviderKind::Okta
+        && auth_method != AuthMethod::PrivateKeyJwt
+        && rc.initial_secret_id.is_none()
+    {
         return Err(ConfigError::invalid(
             key("initial_secret_id"),
             "is required to rotate with provider okta: an app holds at most two secrets, so the \
@@ -2971,6 +2993,25 @@ fn validate_credential(
         hooks,
         tokens,
     })
+}
+
+/// Okta publishes a `private_key_jwt` app's keys at
+/// `{org}/api/v1/apps/{appId}/credentials/jwks` (Management API, OAuth 2.0
+/// client JSON Web Keys): a rotation through any other URL (the app's
+/// secrets, say) would publish nothing. `field` names the key in errors.
+fn check_okta_jwks_url(field: &str, url: Option<&Url>) -> Result<(), ConfigError> {
+    let shape = url
+        .and_then(|u| u.path_segments())
+        .map(|s| s.filter(|s| !s.is_empty()).collect::<Vec<_>>());
+    match shape.as_deref() {
+        Some([.., "api", "v1", "apps", _, "credentials", "jwks"]) => Ok(()),
+        _ => Err(ConfigError::invalid(
+            field,
+            "must be the app's key URL, https://ORG/api/v1/apps/APP_ID/credentials/jwks, to \
+             rotate the key of a private_key_jwt app with provider okta (or leave it out: it is \
+             derived from org_url and app_id)",
+        )),
+    }
 }
 
 /// The keys of the assertion-based methods, as one credential gives them.

@@ -122,6 +122,11 @@ fn annotated_key_based_clients_parse() {
     );
     assert!(billing.rotation.is_some(), "rotates through the JWK Set");
     assert!(billing.registration.is_none());
+    let ledger = config.credential("ledger").unwrap();
+    assert_eq!(
+        ledger.endpoints.secrets_url.as_ref().unwrap().as_str(),
+        "https://example.okta.com/api/v1/apps/0oa5e6f7g8/credentials/jwks"
+    );
     let graph = config.credential("graph").unwrap();
     assert_eq!(
         graph.auth_method,
@@ -220,6 +225,30 @@ app_id = "0oa2"
 client_id = "admin"
 initial_secret_file = "/etc/rekeyd/admin.secret"
 "#;
+
+/// [`OKTA`] with the app authenticating with a key (`private_key_jwt`).
+fn okta_keys() -> String {
+    OKTA.replace(
+        "initial_secret_file = \"/etc/rekeyd/app.secret\"\ninitial_secret_id = \"ocs1\"\n",
+        "auth_method = \"private_key_jwt\"\ninitial_key_file = \"/etc/rekeyd/app.key\"\n",
+    )
+}
+
+#[test]
+fn an_okta_key_client_publishes_through_the_apps_jwks() {
+    let config = Config::from_toml(&okta_keys()).unwrap();
+    let app = config.credential("app").unwrap();
+    assert_eq!(app.auth_method.as_str(), "private_key_jwt");
+    assert_eq!(
+        app.endpoints.secrets_url.as_ref().unwrap().as_str(),
+        "https://example.okta.com/api/v1/apps/0oa1/credentials/jwks",
+        "derived from org_url and app_id; no initial_secret_id needed (a key's id is its kid)"
+    );
+    assert_eq!(
+        rekeyd::provider::capabilities_of(app),
+        Some(rekeyd::provider::okta_keys::CAPABILITIES)
+    );
+}
 
 #[test]
 fn okta_and_auth0_urls_derive_from_their_ids() {
@@ -923,6 +952,30 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "secret_api_credential without a rotation",
             with("secret_api_credential = \"maps\"\n"),
             vec!["`credentials[0].secret_api_credential`", "only to rotate"],
+        ),
+        (
+            "okta private_key_jwt rotation through the secrets URL",
+            okta_keys().replace(
+                "[credentials.rotation]",
+                "[credentials.endpoints]\nsecrets_url = \"https://example.okta.com/api/v1/apps/0oa1/credentials/secrets\"\n[credentials.rotation]",
+            ),
+            vec![
+                "`credentials[0].endpoints.secrets_url`",
+                "/credentials/jwks",
+            ],
+        ),
+        (
+            "okta private_key_jwt rotation without an administrative credential",
+            okta_keys().replace("secret_api_credential = \"admin\"\n", ""),
+            vec![
+                "`credentials[0].secret_api_credential`",
+                "required to rotate with provider okta",
+            ],
+        ),
+        (
+            "okta with client_assertion_file",
+            okta_keys().replace("private_key_jwt", "client_assertion_file"),
+            vec!["`credentials[0].auth_method`", "provider oauth2 only"],
         ),
         (
             "okta rotation without the bootstrap secret's id",

@@ -19,6 +19,7 @@ pub mod mappls;
 pub mod mapsindoors;
 pub mod oauth2;
 pub mod okta;
+pub mod okta_keys;
 pub mod redact;
 pub mod registration;
 pub mod replace;
@@ -408,6 +409,14 @@ pub fn build_all(cred: &CredentialConfig, clients: &HttpClients) -> Result<Built
         (ProviderKind::MapsIndoors, Some(url), Some(customer)) => Some(Arc::new(
             mapsindoors::MapsIndoorsSecrets::new(transport.clone(), url.clone(), customer.clone()),
         )),
+        // A private_key_jwt app's keys (`…/credentials/jwks`), not secrets.
+        (ProviderKind::Okta, Some(url), _) if cred.auth_method == AuthMethod::PrivateKeyJwt => {
+            Some(Arc::new(okta_keys::OktaKeys::new(
+                transport.clone(),
+                url.clone(),
+                cred.client_id.clone(),
+            )))
+        }
         (ProviderKind::Okta, Some(url), _) => Some(Arc::new(okta::OktaSecrets::new(
             transport.clone(),
             url.clone(),
@@ -474,6 +483,9 @@ pub fn capabilities_of(cred: &CredentialConfig) -> Option<Capabilities> {
         // `[credentials.jwks]`: keys published for the client's jwks_uri.
         ProviderKind::OAuth2 if cred.jwks.is_some() => Some(registration::KEY_CAPABILITIES),
         ProviderKind::MapsIndoors => Some(Capabilities::SERVER_TAGGED),
+        ProviderKind::Okta if cred.auth_method == AuthMethod::PrivateKeyJwt => {
+            Some(okta_keys::CAPABILITIES)
+        }
         ProviderKind::Okta => Some(okta::CAPABILITIES),
         ProviderKind::Auth0 => Some(auth0::CAPABILITIES),
         ProviderKind::Keycloak => Some(keycloak::CAPABILITIES),

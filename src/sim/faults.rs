@@ -39,6 +39,14 @@ pub enum Endpoint {
     OktaSecretsDeactivate,
     /// Okta: `DELETE …/secrets/{id}`
     OktaSecretsDelete,
+    /// Okta: `GET /api/v1/apps/{app}/credentials/jwks`
+    OktaKeysList,
+    /// Okta: `POST /api/v1/apps/{app}/credentials/jwks`
+    OktaKeysAdd,
+    /// Okta: `POST …/jwks/{id}/lifecycle/deactivate`
+    OktaKeysDeactivate,
+    /// Okta: `DELETE …/jwks/{id}`
+    OktaKeysDelete,
     /// Auth0: `POST /oauth/token`
     Auth0Token,
     /// Auth0: `PATCH /api/v2/clients/{client_id}`
@@ -110,6 +118,29 @@ impl Endpoint {
             (&Method::DELETE, ["api", "v1", "apps", _, "credentials", "secrets", _]) => {
                 Endpoint::OktaSecretsDelete
             }
+            (&Method::GET, ["api", "v1", "apps", _, "credentials", "jwks"]) => {
+                Endpoint::OktaKeysList
+            }
+            (&Method::POST, ["api", "v1", "apps", _, "credentials", "jwks"]) => {
+                Endpoint::OktaKeysAdd
+            }
+            (
+                &Method::POST,
+                [
+                    "api",
+                    "v1",
+                    "apps",
+                    _,
+                    "credentials",
+                    "jwks",
+                    _,
+                    "lifecycle",
+                    "deactivate",
+                ],
+            ) => Endpoint::OktaKeysDeactivate,
+            (&Method::DELETE, ["api", "v1", "apps", _, "credentials", "jwks", _]) => {
+                Endpoint::OktaKeysDelete
+            }
             (&Method::PATCH, ["api", "v2", "clients", _]) => Endpoint::Auth0ClientUpdate,
             (&Method::POST, ["realms", _, "protocol", "openid-connect", "token"]) => {
                 Endpoint::KeycloakToken
@@ -140,7 +171,8 @@ impl Endpoint {
         )
     }
 
-    /// Every secret API: MapsIndoors', Okta's and Auth0's.
+    /// Every secret API: MapsIndoors', Okta's (secrets and keys), Auth0's,
+    /// Keycloak's and Entra's.
     pub fn is_secrets(self) -> bool {
         matches!(
             self,
@@ -151,6 +183,10 @@ impl Endpoint {
                 | Endpoint::OktaSecretsCreate
                 | Endpoint::OktaSecretsDeactivate
                 | Endpoint::OktaSecretsDelete
+                | Endpoint::OktaKeysList
+                | Endpoint::OktaKeysAdd
+                | Endpoint::OktaKeysDeactivate
+                | Endpoint::OktaKeysDelete
                 | Endpoint::Auth0ClientUpdate
                 | Endpoint::KeycloakClientUpdate
                 | Endpoint::EntraList

@@ -54,7 +54,7 @@ pub const OKTA_MAX_SECRETS: usize = 2;
 
 /// The client of a valid bearer token from `issuer`, recorded as a
 /// caller; `None`: answer [`unauthorized`].
-fn bearer_client(sh: &Shared, headers: &HeaderMap, issuer: Issuer) -> Option<String> {
+pub(super) fn bearer_client(sh: &Shared, headers: &HeaderMap, issuer: Issuer) -> Option<String> {
     let token = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -72,11 +72,16 @@ fn bearer_client(sh: &Shared, headers: &HeaderMap, issuer: Issuer) -> Option<Str
     Some(client)
 }
 
-fn unauthorized() -> Response {
+pub(super) fn unauthorized() -> Response {
     (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")]).into_response()
 }
 
-fn okta_error(status: StatusCode, code: &str, summary: &str, cause: Option<&str>) -> Response {
+pub(super) fn okta_error(
+    status: StatusCode,
+    code: &str,
+    summary: &str,
+    cause: Option<&str>,
+) -> Response {
     let causes: Vec<Value> = cause
         .map(|c| json!({"errorSummary": c}))
         .into_iter()

@@ -25,6 +25,7 @@
 
 mod faults;
 mod management;
+mod okta_keys;
 mod routes;
 mod state;
 
@@ -41,6 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Endpoint, FaultScope, Faults};
+pub use okta_keys::SimKey;
 pub use routes::{ExpiresIn, TokenReply};
 
 use state::Registry;
@@ -143,6 +145,8 @@ impl SimStats {
 /// Everything mutable, behind one lock that is never held across an await.
 struct SimState {
     registry: Registry,
+    /// Okta apps' published public keys and seen assertion ids.
+    okta_keys: okta_keys::KeyRegistry,
     faults: Faults,
     stats: SimStats,
     token_reply: TokenReply,
@@ -184,6 +188,7 @@ impl SimProvider {
         let shared = Arc::new(Shared {
             state: Mutex::new(SimState {
                 registry: Registry::new(options.token_lifetime, options.propagation_delay),
+                okta_keys: okta_keys::KeyRegistry::default(),
                 faults: Faults::default(),
                 stats: SimStats::default(),
                 token_reply: TokenReply::default(),
@@ -238,6 +243,37 @@ impl SimProvider {
     /// derived from it (the app id is the client id in the sim).
     pub fn okta_org_url(&self) -> String {
         self.base_url()
+    }
+
+    /// Okta's key URL of app `app` (`…/credentials/jwks`), as
+    /// `endpoints.secrets_url` takes it.
+    pub fn okta_jwks_url(&self, app: &str) -> String {
+        format!("{}/api/v1/apps/{app}/credentials/jwks", self.base_url())
+    }
+
+    /// Publishes a public JWK for Okta app `app` (its `kid` required), as
+    /// an operator would in the admin console; active at once. Returns
+    /// Okta's id of it.
+    ///
+    /// # Panics
+    ///
+    /// If the JWK has no `kid` or one the app has already: a test bug.
+    pub fn add_okta_key(&self, app: &str, public_jwk: &serde_json::Value) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.shared
+            .lock()
+            .okta_keys
+            .add(app, public_jwk, now, &mut rand::rng())
+            .unwrap_or_else(|e| panic!("sim: add_okta_key refused: {e:?}"))
+            .id
+    }
+
+    /// Okta app `app`'s published keys in the order they were added.
+    pub fn okta_keys(&self, app: &str) -> Vec<SimKey> {
+        self.shared.lock().okta_keys.keys(app).to_vec()
     }
 
     /// Keycloak's base URL as `base_url` takes it (realm token and admin

@@ -34,7 +34,7 @@ use tracing::debug;
 
 use super::faults::{Endpoint, Fault};
 use super::state::{AuthError, Issued, Issuer};
-use super::{Shared, management};
+use super::{Shared, management, okta_keys};
 
 /// Size of the body sent by the `huge` fault, and the chunk it is cut into.
 const HUGE_BODY_BYTES: usize = 50 * 1024 * 1024;
@@ -53,7 +53,19 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/security/oauth/token", post(mappls_token))
         .route("/oauth2/token", post(oauth2_token))
         .route("/oauth2/introspect", post(oauth2_introspect))
-        .route("/oauth2/v1/token", post(oauth2_token))
+        .route("/oauth2/v1/token", post(okta_keys::token))
+        .route(
+            "/api/v1/apps/{app}/credentials/jwks",
+            get(okta_keys::list).post(okta_keys::add),
+        )
+        .route(
+            "/api/v1/apps/{app}/credentials/jwks/{id}",
+            delete(okta_keys::delete),
+        )
+        .route(
+            "/api/v1/apps/{app}/credentials/jwks/{id}/lifecycle/deactivate",
+            post(okta_keys::deactivate),
+        )
         .route(
             "/api/v1/apps/{app}/credentials/secrets",
             get(management::okta_list).post(management::okta_create),
@@ -528,7 +540,11 @@ async fn mappls_token(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: B
     }
 }
 
-async fn oauth2_token(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(super) async fn oauth2_token(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if !is_form(&headers) {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
     }

@@ -1,0 +1,393 @@
+//! Okta: a `private_key_jwt` app's public keys through the Management API
+//! ("Application Client Auth Credentials", OAuth 2.0 client JSON Web Keys,
+//! <https://developer.okta.com/docs/api/openapi/okta-management/management/tag/ApplicationSSOCredentialOAuth2ClientAuth>):
+//!
+//! - `GET    {org}/api/v1/apps/{appId}/credentials/jwks` lists the keys;
+//!   the documented example reply is `{"jwks": {"keys": [{id, kid, kty,
+//!   alg, use, e, n, status, created, lastUpdated, _links}]}}` (`status`
+//!   `ACTIVE` or `INACTIVE`). A bare JSON array or a `{"keys": […]}` set
+//!   is read too (assumed: Okta's other key listings answer arrays);
+//! - `POST   …/jwks` adds one: documented body the public JWK (`kid`,
+//!   `kty`, `alg`, `use`, `e`, `n`) with `status`, reply `201` with the
+//!   key and Okta's own `id`. Okta "supports both RSA and Elliptic Curve
+//!   (EC) keys"; EC members (`crv`, `x`, `y`) are sent as RFC 7518 §6.2
+//!   names them (assumed: the page shows only an RSA example). Ed25519
+//!   (`OKP`) keys are not documented: Okta refuses them, and the refusal
+//!   reaches the operator;
+//! - `POST   …/jwks/{keyId}/lifecycle/deactivate` deactivates one;
+//! - `DELETE …/jwks/{keyId}` deletes one (only an inactive one, as with
+//!   secrets: assumed from the `_links` the listing shows, `delete` only on
+//!   `INACTIVE` keys).
+//!
+//! `{keyId}` is Okta's `id` (`pks…`), not the JWK's `kid`. rekeyd names
+//! keys by `kid` everywhere (the journal, the listing it gives the
+//! rotation), so every call by key lists first and maps the `kid` to
+//! Okta's `id`. The page documents no limit on the number of keys.
+//! Errors are `{"errorCode", "errorSummary", "errorCauses"}` as for
+//! secrets; the API is called with an administrative client's token
+//! (`secret_api_credential`, scope `okta.apps.manage`).
+
+use futures_util::future::BoxFuture;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::Value;
+use url::Url;
+
+use super::http::{Reply, Transport, with_json};
+use super::jwks;
+use super::{
+    Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, Overlap, ProviderError,
+    RemoteSecret, Retire, SecretApi, ValueOrigin, classify_secret_api,
+};
+use crate::token::Token;
+
+/// Keys rekeyd generates, published next to the current one (the page
+/// documents no maximum), deactivated before they are deleted, listed by
+/// `kid` without tags.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    value: ValueOrigin::Key,
+    overlap: Overlap::Many { max: None },
+    retire: Retire::DeactivateThenDelete,
+    tags: false,
+    lists: true,
+};
+
+/// One key as Okta lists it (public members only; the rest is ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct OktaKey {
+    /// Okta's id (`pks…`), the one its calls by key take.
+    pub id: String,
+    /// The JWK's `kid`, the name rekeyd uses.
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// `ACTIVE` or `INACTIVE`.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub created: Option<String>,
+}
+
+impl OktaKey {
+    fn active(&self) -> bool {
+        self.status.as_deref() == Some("ACTIVE")
+    }
+}
+
+/// An app's keys at `…/api/v1/apps/{appId}/credentials/jwks`.
+pub struct OktaKeys {
+    transport: Transport,
+    /// `…/api/v1/apps/{appId}/credentials/jwks`.
+    url: Url,
+    /// The app's OAuth client id: every listed key is this client's.
+    client_id: String,
+}
+
+impl OktaKeys {
+    pub fn new(transport: Transport, url: Url, client_id: String) -> Self {
+        OktaKeys {
+            transport,
+            url,
+            client_id,
+        }
+    }
+
+    fn key_url(&self, id: &str, suffix: &[&str]) -> Url {
+        let mut url = self.url.clone();
+        url.path_segments_mut()
+            .expect("an http(s) URL has path segments")
+            .pop_if_empty()
+            .push(id)
+            .extend(suffix);
+        url
+    }
+
+    async fn call(
+        &self,
+        operation: &'static str,
+        request: reqwest::RequestBuilder,
+        bearer: &Token,
+    ) -> Result<Reply, ProviderError> {
+        let request = request
+            .bearer_auth(bearer.access_token.expose_secret())
+            .header(reqwest::header::ACCEPT, "application/json");
+        self.transport
+            .send(operation, request, &[&bearer.access_token])
+            .await
+    }
+
+    async fn keys(&self, bearer: &Token) -> Result<Vec<OktaKey>, ProviderError> {
+        const OP: &str = "okta list keys";
+        let request = self.transport.http.inner().get(self.url.clone());
+        let reply = self.call(OP, request, bearer).await?;
+        parse_list_reply(OP, &reply)
+    }
+}
+
+/// Reads a list reply: the documented `{"jwks": {"keys": […]}}`, a
+/// `{"keys": […]}` set or a bare array of keys. Keys without an `id` are
+/// skipped (nothing could be called on them).
+pub fn parse_list_reply(
+    operation: &'static str,
+    reply: &Reply,
+) -> Result<Vec<OktaKey>, ProviderError> {
+    if !(200..300).contains(&reply.status) {
+        return Err(reply.refusal(operation, classify_secret_api));
+    }
+    let body: Value = serde_json::from_slice(&reply.body)
+        .map_err(|_| reply.unexpected(operation, "expected JSON"))?;
+    let items = match &body {
+        Value::Array(items) => Some(items),
+        Value::Object(o) => o
+            .get("jwks")
+            .and_then(|j| j.get("keys"))
+            .or_else(|| o.get("keys"))
+            .and_then(Value::as_array),
+        _ => None,
+    }
+    .ok_or_else(|| reply.unexpected(operation, "expected the app's JSON Web Keys"))?;
+    Ok(items
+        .iter()
+        .filter_map(|k| serde_json::from_value::<OktaKey>(k.clone()).ok())
+        .filter(|k| !k.id.is_empty())
+        .collect())
+}
+
+/// The keys as a listing of `client_id`'s secrets, named by `kid`.
+pub fn listing(keys: &[OktaKey], client_id: &str) -> Vec<RemoteSecret> {
+    keys.iter()
+        .filter_map(|k| {
+            Some(RemoteSecret {
+                id: k.kid.clone().filter(|kid| !kid.is_empty())?,
+                description: String::new(),
+                client_id: Some(client_id.to_string()),
+                created_at: k
+                    .created
+                    .as_deref()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(std::time::SystemTime::from),
+                expires_at: None,
+            })
+        })
+        .collect()
+}
+
+/// The create body: the public JWK, active at once (the rotation proves
+/// it with a login before anything depends on it).
+pub fn create_body(public: &Value) -> Value {
+    let mut body = public.clone();
+    body["status"] = "ACTIVE".into();
+    body
+}
+
+/// Reads a create reply: the key with Okta's `id` on 2xx.
+pub fn parse_create_reply(
+    operation: &'static str,
+    reply: &Reply,
+) -> Result<OktaKey, ProviderError> {
+    if !(200..300).contains(&reply.status) {
+        return Err(reply.refusal(operation, classify_secret_api));
+    }
+    let created: OktaKey = serde_json::from_slice(&reply.body)
+        .map_err(|_| reply.unexpected(operation, "expected a JSON key with an id"))?;
+    if created.id.is_empty() {
+        return Err(reply.unexpected(operation, "empty key id"));
+    }
+    Ok(created)
+}
+
+/// Whether deactivating `target` would leave the app without an active
+/// key: it is active and no other is. Pure, for the I1 check.
+pub fn last_active(keys: &[OktaKey], target: &OktaKey) -> bool {
+    target.active() && !keys.iter().any(|k| k.id != target.id && k.active())
+}
+
+fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, ProviderError> {
+    match reply.status {
+        200..=299 => Ok(Deleted::Deleted),
+        404 => Ok(Deleted::NotFound),
+        _ => Err(reply.refusal(operation, classify_secret_api)),
+    }
+}
+
+fn find<'k>(keys: &'k [OktaKey], kid: &str) -> Option<&'k OktaKey> {
+    keys.iter().find(|k| k.kid.as_deref() == Some(kid))
+}
+
+impl SecretApi for OktaKeys {
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn list<'a>(
+        &'a self,
+        bearer: &'a Token,
+    ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
+        Box::pin(async move { Ok(listing(&self.keys(bearer).await?, &self.client_id)) })
+    }
+
+    fn create<'a>(
+        &'a self,
+        bearer: &'a Token,
+        request: CreateRequest<'a>,
+    ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "okta add key";
+            let (kid, public) = jwks::public_of(OP, request.value)?;
+            let new = || NewSecret {
+                id: Some(kid.clone()),
+                value: request.value.cloned().expect("public_of checked it"),
+                expires_at: None,
+                registration_access_token: None,
+            };
+            // Publishing twice is publishing once: a key whose reply was
+            // lost is listed under its kid already. (Listed but inactive,
+            // someone deactivated it: the login that proves it fails, and
+            // the rotation retires it as any refused key.)
+            if find(&self.keys(bearer).await?, &kid).is_some() {
+                return Ok(new());
+            }
+            let http = with_json(
+                self.transport.http.inner().post(self.url.clone()),
+                &create_body(&public),
+            );
+            let reply = self.call(OP, http, bearer).await?;
+            let created = parse_create_reply(OP, &reply)?;
+            if created.kid.as_deref().is_some_and(|k| k != kid) {
+                return Err(reply.unexpected(OP, "the added key carries another kid"));
+            }
+            Ok(new())
+        })
+    }
+
+    fn deactivate<'a>(
+        &'a self,
+        bearer: &'a Token,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "okta deactivate key";
+            let keys = self.keys(bearer).await?;
+            let Some(key) = find(&keys, id) else {
+                return Ok(Deleted::NotFound);
+            };
+            if !key.active() {
+                return Ok(Deleted::Deleted);
+            }
+            if last_active(&keys, key) {
+                // I1: the machine retires a key only once another is
+                // proven; an app whose only active key this is is not
+                // what the journal says.
+                return Err(ProviderError {
+                    kind: ErrorKind::Refused,
+                    operation: OP,
+                    status: None,
+                    code: None,
+                    detail: format!(
+                        "key {id} is the app's only active key: deactivating it would lock the \
+                         client out; nothing was changed"
+                    ),
+                    retry_after: None,
+                });
+            }
+            let url = self.key_url(&key.id, &["lifecycle", "deactivate"]);
+            let request = self.transport.http.inner().post(url);
+            let reply = self.call(OP, request, bearer).await?;
+            done_or_gone(OP, &reply)
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        bearer: &'a Token,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
+        Box::pin(async move {
+            const OP: &str = "okta delete key";
+            let keys = self.keys(bearer).await?;
+            let Some(key) = find(&keys, id) else {
+                return Ok(Deleted::NotFound);
+            };
+            let request = self
+                .transport
+                .http
+                .inner()
+                .delete(self.key_url(&key.id, &[]));
+            let reply = self.call(OP, request, bearer).await?;
+            done_or_gone(OP, &reply)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::Redactor;
+    use bytes::Bytes;
+
+    fn reply(status: u16, body: &str) -> Reply {
+        Reply::received(
+            status,
+            Some("application/json".into()),
+            Bytes::from(body.to_string()),
+            &Redactor::default(),
+            &[],
+        )
+    }
+
+    const DOCUMENTED: &str = r#"{"jwks":{"keys":[
+        {"id":"pks1","kid":"old","kty":"RSA","alg":"RS256","use":"sig","e":"AQAB","n":"x","status":"INACTIVE","created":"2023-02-21T20:08:24.000Z"},
+        {"id":"pks2","kid":"new","kty":"RSA","status":"ACTIVE","created":"garbage"},
+        {"kid":"no-id"}]}}"#;
+
+    #[test]
+    fn the_documented_listing_is_read_by_kid() {
+        let keys = parse_list_reply("list", &reply(200, DOCUMENTED)).unwrap();
+        assert_eq!(keys.len(), 2, "a key without an id is skipped");
+        let listed = listing(&keys, "app-client");
+        assert_eq!(listed[0].id, "old");
+        assert_eq!(listed[1].id, "new");
+        assert_eq!(listed[0].client_id.as_deref(), Some("app-client"));
+        assert!(listed[0].created_at.is_some());
+        assert!(listed[1].created_at.is_none());
+        let array = r#"[{"id":"pks9","kid":"k","status":"ACTIVE"}]"#;
+        assert_eq!(
+            parse_list_reply("list", &reply(200, array)).unwrap()[0].id,
+            "pks9"
+        );
+        let e = parse_list_reply("list", &reply(200, r#"{"x":1}"#)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+    }
+
+    #[test]
+    fn the_last_active_key_is_never_deactivated() {
+        let keys = parse_list_reply("list", &reply(200, DOCUMENTED)).unwrap();
+        assert!(last_active(&keys, &keys[1]), "pks2 is the only active key");
+        assert!(!last_active(&keys, &keys[0]), "pks1 is inactive");
+        let mut both = keys.clone();
+        both[0].status = Some("ACTIVE".into());
+        assert!(!last_active(&both, &both[1]));
+    }
+
+    #[test]
+    fn the_create_body_is_the_public_key_made_active() {
+        let key = crate::provider::key::generate(crate::provider::key::Alg::Es256).unwrap();
+        let body = create_body(&key.public_jwk());
+        assert_eq!(body["status"], "ACTIVE");
+        assert_eq!(body["kid"], key.kid());
+        assert_eq!(body["crv"], "P-256");
+        assert!(body.get("d").is_none());
+    }
+
+    #[test]
+    fn a_refusal_keeps_oktas_error_code_and_summary() {
+        let body = r#"{"errorCode":"E0000001","errorSummary":"Api validation failed: kty","errorCauses":[]}"#;
+        let e = parse_create_reply("add", &reply(400, body)).unwrap_err();
+        assert_eq!(e.status, Some(400));
+        assert_eq!(e.code.as_deref(), Some("E0000001"));
+        assert!(e.detail.contains("Api validation failed"), "{e}");
+        assert_eq!(e.kind, ErrorKind::Refused);
+        let ok = parse_create_reply("add", &reply(201, r#"{"id":"pks3","kid":"k"}"#)).unwrap();
+        assert_eq!(ok.id, "pks3");
+    }
+}
