@@ -135,7 +135,8 @@ Secret values (extra_params) are shown as \"[redacted]\"; secret files by their 
     SetSecret {
         /// Credential name, as in `[[credentials]] name`.
         name: String,
-        /// The provider's id of the secret, so that a later rotation may delete it.
+        /// The provider's id of the secret, so that a later rotation may delete it
+        /// (not for a key: rekeyd names a key by its RFC 7638 thumbprint).
         #[arg(long)]
         id: Option<String>,
         /// Install it even if the provider does not accept it right now.

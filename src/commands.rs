@@ -542,9 +542,17 @@ async fn set_secret(
         }
         crate::config::AuthMethod::PrivateKeyJwt => {
             match provider::key::ClientKey::from_file_text(value.expose_secret()) {
-                // A key is published (and withdrawn) under its kid.
+                // A key is listed (and withdrawn) by its RFC 7638
+                // thumbprint, whatever id a server gives it.
                 Ok(key) => {
-                    id = id.or_else(|| Some(key.kid().to_string()));
+                    let thumbprint = key.thumbprint();
+                    if id.as_ref().is_some_and(|given| *given != thumbprint) {
+                        eprintln!(
+                            "rekeyd: --id does not apply to a key: rekeyd names a published key by its RFC 7638 thumbprint ({thumbprint}); leave --id out"
+                        );
+                        return EXIT_USAGE;
+                    }
+                    id = Some(thumbprint);
                     key.to_secret()
                 }
                 Err(e) => {

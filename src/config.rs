@@ -1682,7 +1682,7 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         }
         credentials.push(cred);
     }
-    let mut sink_paths = HashSet::new();
+    let mut files = FileClaims::default();
     let mut sink_keys = HashSet::new();
     for (i, cred) in credentials.iter_mut().enumerate() {
         let own = cred
@@ -1699,10 +1699,11 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         for (key, sink) in own.chain(profiles) {
             match &mut sink.target {
                 SinkTarget::File(file) => {
-                    if !sink_paths.insert(file.path.clone()) {
+                    let key = format!("{key}.path");
+                    if let Some(first) = files.claim(&file.path, &key, "a token sink") {
                         return Err(ConfigError::invalid(
-                            format!("{key}.path"),
-                            format!("{} is used by another sink", file.path.display()),
+                            key,
+                            format!("{} is used by another sink ({first})", file.path.display()),
                         ));
                     }
                 }
@@ -1738,7 +1739,7 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         &state_dir,
         diag.is_some(),
         &store,
-        &sink_paths,
+        &mut files,
     )?;
     check_one_owner_per_secret(&credentials)?;
     resolve_secret_api_credentials(&mut credentials)?;
@@ -1759,15 +1760,14 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
 /// (`<state_dir>/jwks/<credential>.json`), the `[store]` cluster and
 /// namespace for a Secret; and checks that a `serve_path` has a
 /// diagnostics listener and that no two credentials (nor a token sink,
-/// `sink_paths`) write to one place.
+/// `files`) write to one place.
 fn complete_jwks(
     credentials: &mut [CredentialConfig],
     state_dir: &Path,
     diag: bool,
     store: &StoreConfig,
-    sink_paths: &HashSet<PathBuf>,
+    files: &mut FileClaims,
 ) -> Result<(), ConfigError> {
-    let mut files = HashMap::new();
     let mut paths = HashMap::new();
     let mut secrets = HashMap::new();
     for (i, cred) in credentials.iter_mut().enumerate() {
@@ -1794,22 +1794,11 @@ fn complete_jwks(
             }
         }
         if let Some(file) = &jwks.file
-            && sink_paths.contains(file)
+            && let Some(first) = files.claim(file, &key("file"), &format!("credentials[{i}]"))
         {
             return Err(ConfigError::invalid(
                 key("file"),
-                format!("{} is a token sink's path", file.display()),
-            ));
-        }
-        if let Some(file) = &jwks.file
-            && let Some(first) = files.insert(file.clone(), i)
-        {
-            return Err(ConfigError::invalid(
-                key("file"),
-                format!(
-                    "{} is written for credentials[{first}] already",
-                    file.display()
-                ),
+                format!("{} is written for {first} already", file.display()),
             ));
         }
         if let Some(secret) = &mut jwks.kubernetes_secret {
@@ -2100,6 +2089,37 @@ fn normalize_lexically(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// The files the configuration has rekeyd write (token sinks, JWKS files),
+/// so that no two writers share one, however it is spelt: by lexically
+/// normalized path, and, for a file that exists already, by device and
+/// inode ([`file_identity`]: a symlink, a hard link).
+#[derive(Default)]
+struct FileClaims {
+    by_path: HashMap<PathBuf, String>,
+    by_file: HashMap<(u64, u64), String>,
+}
+
+impl FileClaims {
+    /// Claims `path` for the writer `owner` (its description in errors,
+    /// with the config key `key`); `Some` names the writer that claimed
+    /// the file first.
+    fn claim(&mut self, path: &Path, key: &str, owner: &str) -> Option<String> {
+        let claimed_by = format!("{owner} (`{key}`)");
+        let normalized = normalize_lexically(path);
+        if let Some(first) = self.by_path.get(&normalized) {
+            return Some(first.clone());
+        }
+        if let Some(identity) = file_identity(path) {
+            if let Some(first) = self.by_file.get(&identity) {
+                return Some(first.clone());
+            }
+            self.by_file.insert(identity, claimed_by.clone());
+        }
+        self.by_path.insert(normalized, claimed_by);
+        None
+    }
 }
 
 /// Device and inode of the file at `path`, following symlinks, so that a

@@ -773,13 +773,13 @@ fn secret_source(
 }
 
 /// The provider's id of a bootstrap secret: `initial_secret_id`; for a
-/// `private_key_jwt` key its `kid`, the id the key is published under (a
-/// key rotation withdraws it by that id).
+/// `private_key_jwt` key its RFC 7638 thumbprint, the id every key
+/// publisher lists it by (a key rotation withdraws it by that id).
 pub(crate) fn bootstrap_id(cred: &CredentialConfig, secret: &SecretString) -> Option<String> {
     if cred.auth_method == crate::config::AuthMethod::PrivateKeyJwt
         && let Ok(key) = provider::key::from_secret(secret)
     {
-        return Some(key.kid().to_string());
+        return Some(key.thumbprint());
     }
     cred.initial_secret_id.clone()
 }

@@ -893,6 +893,18 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].tokens[0].sinks[0].path`", "another sink"],
         ),
         (
+            "token profile sink on the credential's file, spelt otherwise",
+            with(
+                "[[credentials.sinks]]\npath = \"/run/maps.token\"\n\
+                 [[credentials.tokens]]\nname = \"read\"\n\
+                 [[credentials.tokens.sinks]]\npath = \"/run/./x/../maps.token\"\n",
+            ),
+            vec![
+                "`credentials[0].tokens[0].sinks[0].path`",
+                "another sink (a token sink (`credentials[0].sinks[0].path`))",
+            ],
+        ),
+        (
             "token profile with a bad sink",
             with(
                 "[[credentials.tokens]]\nname = \"read\"\n[[credentials.tokens.sinks]]\npath = \"rel.token\"\n",
@@ -1174,7 +1186,15 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
                 &format!("{jwt}{key_file}"),
                 "[[credentials.sinks]]\npath = \"/run/app/token\"\n[credentials.jwks]\nfile = \"/run/app/token\"\n",
             ),
-            vec!["`credentials[0].jwks.file`", "is a token sink's path"],
+            vec!["`credentials[0].jwks.file`", "is written for a token sink (`credentials[0].sinks[0].path`) already"],
+        ),
+        (
+            "jwks file that a token sink writes, spelt otherwise",
+            keyed(
+                &format!("{jwt}{key_file}"),
+                "[[credentials.sinks]]\npath = \"/run/app/token\"\n[credentials.jwks]\nfile = \"/run/app/sub/../token\"\n",
+            ),
+            vec!["`credentials[0].jwks.file`", "is written for a token sink"],
         ),
         (
             "jwks serve_path twice",

@@ -65,8 +65,15 @@ impl World {
             ..OidcOptions::default()
         })
         .await?;
-        let pem = key::generate_pem(alg).unwrap();
-        let first = ClientKey::from_file_text(&pem).unwrap();
+        // The bootstrap key as an operator may make it: a JWK with a kid of
+        // its own choosing (rekeyd names every key by its thumbprint).
+        let generated = ClientKey::from_file_text(&key::generate_pem(alg).unwrap()).unwrap();
+        let mut jwk: serde_json::Value =
+            serde_json::from_str(generated.to_secret().expose_secret()).unwrap();
+        jwk["kid"] = "operators-key-1".into();
+        let bootstrap = jwk.to_string();
+        let first = ClientKey::from_file_text(&bootstrap).unwrap();
+        assert_ne!(first.kid(), first.thumbprint());
         let client = server
             .register_metadata(
                 json!({
@@ -82,7 +89,7 @@ impl World {
             )
             .await;
         let dir = tempfile::tempdir().unwrap();
-        daemon::write_secret(dir.path(), "app.key", &pem);
+        daemon::write_secret(dir.path(), "app.key", &bootstrap);
         daemon::write_secret(
             dir.path(),
             "registration.token",
@@ -170,6 +177,42 @@ grace = "0s"
         out
     }
 
+    /// `rekeyd set-secret --force` while a new key is being published
+    /// (phase creating): refused, with the reason and what to run, and
+    /// the journal untouched.
+    async fn set_secret_force_is_refused_while_a_key_is_published(&mut self) {
+        let before = self.record().await;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekeyd"));
+        cmd.args(["set-secret", "app", "--force", "--config"])
+            .arg(&self.config_path)
+            .env_remove("FAILPOINTS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let another = key::generate_pem(Alg::Es256).unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, another.as_bytes())
+            .await
+            .unwrap();
+        drop(stdin);
+        let out = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
+            .await
+            .expect("set-secret ends in time")
+            .unwrap();
+        let error = String::from_utf8_lossy(&out.stderr).to_string();
+        self.logs.push_str(&error);
+        assert!(!out.status.success(), "{error}");
+        assert!(
+            error.contains("publishing a new key") && error.contains("rekeyd rotate app"),
+            "{error}"
+        );
+        let after = self.record().await;
+        assert_eq!(after.phase(), before.phase(), "the journal is untouched");
+        assert_eq!(after.current.id, before.current.id);
+    }
+
     /// Notes every private key the journal holds, for the log check.
     async fn remember_keys(&mut self) {
         let Ok(Some(record)) = self.store().load("app").await else {
@@ -248,7 +291,7 @@ grace = "0s"
     async fn assert_current_key_works(&self, when: &str) {
         let record = self.record().await;
         let current = key::from_secret(&record.current.value).unwrap();
-        assert_eq!(record.current.id.as_deref(), Some(current.kid()), "{when}");
+        assert_eq!(record.current.id, Some(current.thumbprint()), "{when}");
         assert!(
             self.published().await.contains(&current.kid().to_string()),
             "{when}: the current key is published"
@@ -452,6 +495,10 @@ async fn a_crash_at_every_step_leaves_a_working_key_and_ends_with_one() {
             published.len() <= 2,
             "{point}: at most the old and the new key: {published:?}"
         );
+        if point == "rotation-after-create" {
+            w.set_secret_force_is_refused_while_a_key_is_published()
+                .await;
+        }
         // The next run finishes the rotation.
         let out = w.rotate(None).await;
         assert!(out.status.success(), "{point}: {}", w.logs);

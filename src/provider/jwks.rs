@@ -3,16 +3,18 @@
 //! an RFC 7592 registration's `jwks`, a JWKS file or Kubernetes Secret
 //! that a server fetches as the client's `jwks_uri`.
 //!
-//! A published key is named by its `kid`, else its RFC 7638 thumbprint
-//! ([`key::public_key_id`]); rekeyd's own keys always carry their `kid`.
-//! Members rekeyd cannot read are kept as they are: they are not its to
-//! touch.
+//! A published key is named by its RFC 7638 thumbprint
+//! ([`key::public_thumbprint`]), whatever its `kid` says: a server that
+//! drops or rewrites a `kid` when it stores a key, or a `kid` two keys
+//! share (RFC 7517 §4.5 allows it), never makes rekeyd withdraw the wrong
+//! key or miss its own. Members rekeyd cannot read are kept as they are:
+//! they are not its to touch.
 
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
 use super::key;
-use super::{ErrorKind, ProviderError, RemoteSecret};
+use super::{ProviderError, RemoteSecret};
 
 /// The keys of a set; a missing or malformed `keys` member is none.
 fn keys(set: &Value) -> &[Value] {
@@ -24,13 +26,15 @@ fn keys(set: &Value) -> &[Value] {
 
 /// The ids of the set's keys, in order.
 pub fn ids(set: &Value) -> Vec<String> {
-    keys(set).iter().filter_map(key::public_key_id).collect()
+    keys(set)
+        .iter()
+        .filter_map(key::public_thumbprint)
+        .collect()
 }
 
-/// The set's keys as a listing of `client_id`'s secrets (ids only).
-pub fn listing(set: &Value, client_id: &str) -> Vec<RemoteSecret> {
-    ids(set)
-        .into_iter()
+/// Published keys (by id) as a listing of `client_id`'s secrets.
+pub fn listing(ids: Vec<String>, client_id: &str) -> Vec<RemoteSecret> {
+    ids.into_iter()
         .map(|id| RemoteSecret {
             id,
             description: String::new(),
@@ -41,11 +45,11 @@ pub fn listing(set: &Value, client_id: &str) -> Vec<RemoteSecret> {
         .collect()
 }
 
-/// The set with `public` added, unless a key with its id is there already
+/// The set with `public` added, unless the key is there already
 /// (publishing twice is publishing once); `None` when nothing changes.
 pub fn with_key(set: &Value, public: &Value) -> Option<Value> {
-    let id = key::public_key_id(public);
-    if id.is_some() && keys(set).iter().any(|k| key::public_key_id(k) == id) {
+    let id = key::public_thumbprint(public);
+    if id.is_some() && keys(set).iter().any(|k| key::public_thumbprint(k) == id) {
         return None;
     }
     let mut all = keys(set).to_vec();
@@ -53,45 +57,19 @@ pub fn with_key(set: &Value, public: &Value) -> Option<Value> {
     Some(json!({ "keys": all }))
 }
 
-/// The set without the key `id`; `None` when it holds no such key.
-///
-/// # Errors
-/// [`ErrorKind::Refused`] (naming `operation`) when several different
-/// keys carry the id (RFC 7517 §4.5 lets keys of different types share a
-/// `kid`): one of them is not rekeyd's, and it cannot tell which.
-pub fn without(
-    set: &Value,
-    id: &str,
-    operation: &'static str,
-) -> Result<Option<Value>, ProviderError> {
+/// The set without the key `id` (a thumbprint; every copy of the key,
+/// whatever their `kid`s); `None` when it holds no such key.
+pub fn without(set: &Value, id: &str) -> Option<Value> {
     let before = keys(set);
-    let (matching, after): (Vec<&Value>, Vec<&Value>) = before
+    let after: Vec<Value> = before
         .iter()
-        .partition(|k| key::public_key_id(k).as_deref() == Some(id));
-    // Copies of one key (with and without `kid`, say) are one key.
-    let prints: Vec<Option<String>> = matching.iter().map(|k| key::public_thumbprint(k)).collect();
-    let one_key = prints
-        .first()
-        .is_some_and(|first| first.is_some() && prints.iter().all(|p| p == first));
-    if matching.len() > 1 && !one_key {
-        return Err(ProviderError {
-            kind: ErrorKind::Refused,
-            operation,
-            status: None,
-            code: None,
-            detail: format!(
-                "{} different keys carry the id {id}; rekeyd cannot tell which is its own, \
-                 so none is withdrawn (remove the one no longer used by hand)",
-                matching.len()
-            ),
-            retry_after: None,
-        });
-    }
-    let after: Vec<Value> = after.into_iter().cloned().collect();
-    Ok((!matching.is_empty()).then(|| json!({ "keys": after })))
+        .filter(|k| key::public_thumbprint(k).as_deref() != Some(id))
+        .cloned()
+        .collect();
+    (after.len() < before.len()).then(|| json!({ "keys": after }))
 }
 
-/// The public JWK of the private key a rotation chose
+/// The id (thumbprint) and public JWK of the private key a rotation chose
 /// ([`super::CreateRequest::value`]). `operation` names the call in the
 /// error, which never quotes the key.
 pub fn public_of(
@@ -106,48 +84,66 @@ pub fn public_of(
     };
     let key = key::from_secret(chosen)
         .map_err(|e| ProviderError::transient(operation, format!("the new key {e}")))?;
-    Ok((key.kid().to_string(), key.public_jwk()))
+    Ok((key.thumbprint(), key.public_jwk()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::key::{Alg, generate};
+    use crate::provider::key::{Alg, generate, generate_with_kid};
 
     #[test]
-    fn keys_are_added_once_and_removed_by_id() {
+    fn keys_are_added_once_and_removed_by_thumbprint() {
         let a = generate(Alg::Es256).unwrap();
         let b = generate(Alg::EdDsa).unwrap();
         let set = json!({"keys": [a.public_jwk()]});
         let both = with_key(&set, &b.public_jwk()).unwrap();
-        assert_eq!(ids(&both), [a.kid(), b.kid()]);
+        assert_eq!(ids(&both), [a.thumbprint(), b.thumbprint()]);
         assert!(with_key(&both, &b.public_jwk()).is_none(), "idempotent");
-        let only_b = without(&both, a.kid(), "w").unwrap().unwrap();
-        assert_eq!(ids(&only_b), [b.kid()]);
-        assert!(
-            without(&only_b, a.kid(), "w").unwrap().is_none(),
-            "already gone"
+        let only_b = without(&both, &a.thumbprint()).unwrap();
+        assert_eq!(ids(&only_b), [b.thumbprint()]);
+        assert!(without(&only_b, &a.thumbprint()).is_none(), "already gone");
+        assert_eq!(
+            listing(ids(&only_b), "c")[0].client_id.as_deref(),
+            Some("c")
         );
-        assert_eq!(listing(&only_b, "c")[0].client_id.as_deref(), Some("c"));
     }
 
     #[test]
-    fn a_key_without_kid_is_named_by_its_thumbprint_and_junk_is_kept() {
-        let a = generate(Alg::Es256).unwrap();
-        let mut public = a.public_jwk();
-        public.as_object_mut().unwrap().remove("kid");
-        let set = json!({"keys": [public, {"kty": "unknown"}]});
-        assert_eq!(ids(&set), [a.thumbprint()]);
-        let left = without(&set, &a.thumbprint(), "w").unwrap().unwrap();
-        assert_eq!(left["keys"].as_array().unwrap().len(), 1, "junk kept");
+    fn a_kid_dropped_rewritten_or_shared_does_not_change_which_key_is_which() {
+        // An operator's key with a kid of its choosing, as a server may
+        // store it: without the kid, with another, or next to a different
+        // key carrying the same kid (RFC 7517 §4.5).
+        let ours = generate_with_kid(Alg::Es256, "op-key-1");
+        assert_eq!(ours.kid(), "op-key-1");
+        let other = generate(Alg::Es256).unwrap();
+        let mut dropped = ours.public_jwk();
+        dropped.as_object_mut().unwrap().remove("kid");
+        let mut rewritten = ours.public_jwk();
+        rewritten["kid"] = "server-42".into();
+        let mut shared = other.public_jwk();
+        shared["kid"] = "op-key-1".into();
+        let set =
+            json!({"keys": [dropped, rewritten, shared, {"kty": "unknown", "kid": "op-key-1"}]});
+        assert_eq!(
+            ids(&set),
+            [ours.thumbprint(), ours.thumbprint(), other.thumbprint()]
+        );
+        assert!(
+            with_key(&set, &ours.public_jwk()).is_none(),
+            "ours is there"
+        );
+        let left = without(&set, &ours.thumbprint()).unwrap();
+        assert_eq!(ids(&left), [other.thumbprint()], "both copies of ours went");
+        assert_eq!(left["keys"].as_array().unwrap().len(), 2, "junk kept");
         assert!(ids(&json!({"keys": "nope"})).is_empty());
     }
 
     #[test]
     fn the_public_part_of_a_chosen_key_has_no_private_member() {
         let a = generate(Alg::Rs256).unwrap();
-        let (kid, public) = public_of("publish", Some(&a.to_secret())).unwrap();
-        assert_eq!(kid, a.kid());
+        let (id, public) = public_of("publish", Some(&a.to_secret())).unwrap();
+        assert_eq!(id, a.thumbprint());
         for private in ["d", "p", "q", "dp", "dq", "qi"] {
             assert!(public.get(private).is_none(), "{private}");
         }

@@ -8,7 +8,7 @@
 //! at `serve_path` on the diagnostics listener, or by any web server),
 //! and/or the data key `jwks.json` of a Kubernetes Secret (mounted into a
 //! web server's pod). [`JwksKeys`] is the [`SecretApi`] of a key rotation
-//! there: its listing is the published keys (by `kid`), `create` adds the
+//! there: its listing is the published keys (by thumbprint), `create` adds the
 //! new public key next to the others and `delete` withdraws one. Each
 //! write reads the set just before and leaves it alone when it already
 //! says what is wanted, so every step is idempotent (a retry after a lost
@@ -32,7 +32,7 @@ use tokio::sync::OnceCell;
 use super::registration::KEY_CAPABILITIES;
 use super::{
     Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, ProviderError, RemoteSecret,
-    SecretApi, jwks, key,
+    SecretApi, jwks,
 };
 use crate::config::{JwksConfig, SecretSink};
 use crate::store::kubernetes::{api_code, bounded, cluster_config, describe_api_error};
@@ -115,20 +115,25 @@ impl JwksKeys {
         Ok(written)
     }
 
-    /// The ids of the keys published anywhere (a key one place lacks, as
-    /// after an interrupted publish, is still listed).
+    /// The ids of the keys published in every place. A key only some
+    /// places hold is not listed: after a publish interrupted between two
+    /// places it is published again (idempotently: the places that hold
+    /// it are left alone) rather than taken as done, while a withdrawal
+    /// interrupted between them is repeated anyway, because the machine
+    /// deletes again a retired key it has seen listed (S7 `confirmed`).
     async fn ids(&self) -> Result<Vec<String>, ProviderError> {
-        let mut ids: Vec<String> = Vec::new();
+        let mut everywhere: Option<Vec<String>> = None;
         for target in &self.targets {
-            if let Some(set) = target.read(READ).await? {
-                for id in jwks::ids(&set) {
-                    if !ids.contains(&id) {
-                        ids.push(id);
-                    }
-                }
-            }
+            let here = match target.read(READ).await? {
+                Some(set) => jwks::ids(&set),
+                None => Vec::new(),
+            };
+            everywhere = Some(match everywhere {
+                None => here,
+                Some(so_far) => so_far.into_iter().filter(|id| here.contains(id)).collect(),
+            });
         }
-        Ok(ids)
+        Ok(everywhere.unwrap_or_default())
     }
 }
 
@@ -401,12 +406,7 @@ impl SecretApi for JwksKeys {
         &'a self,
         _bearer: &'a Token,
     ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
-        Box::pin(async move {
-            let ids = self.ids().await?;
-            let set =
-                json!({ "keys": ids.iter().map(|id| json!({ "kid": id })).collect::<Vec<_>>() });
-            Ok(jwks::listing(&set, &self.client_id))
-        })
+        Box::pin(async move { Ok(jwks::listing(self.ids().await?, &self.client_id)) })
     }
 
     fn create<'a>(
@@ -415,8 +415,7 @@ impl SecretApi for JwksKeys {
         request: CreateRequest<'a>,
     ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
         Box::pin(async move {
-            let (kid, public) = jwks::public_of(PUBLISH, request.value)?;
-            debug_assert!(key::public_key_id(&public).as_deref() == Some(kid.as_str()));
+            let (id, public) = jwks::public_of(PUBLISH, request.value)?;
             let edit = |set: Option<&Value>| -> Result<Option<Value>, ProviderError> {
                 let empty = json!({ "keys": [] });
                 Ok(jwks::with_key(set.unwrap_or(&empty), &public))
@@ -425,7 +424,7 @@ impl SecretApi for JwksKeys {
                 target.edit(PUBLISH, &edit).await?;
             }
             Ok(NewSecret {
-                id: Some(kid),
+                id: Some(id),
                 value: request.value.cloned().expect("public_of checked it"),
                 expires_at: None,
                 registration_access_token: None,
@@ -440,11 +439,7 @@ impl SecretApi for JwksKeys {
     ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
         Box::pin(async move {
             let edit = |set: Option<&Value>| -> Result<Option<Value>, ProviderError> {
-                let Some(left) = set
-                    .map(|set| jwks::without(set, id, WITHDRAW))
-                    .transpose()?
-                    .flatten()
-                else {
+                let Some(left) = set.and_then(|set| jwks::without(set, id)) else {
                     return Ok(None);
                 };
                 if jwks::ids(&left).is_empty() {
@@ -507,7 +502,7 @@ mod tests {
             !keys.publish_initial(&new.to_secret()).await.unwrap(),
             "an existing set is the rotation's"
         );
-        assert_eq!(jwks::ids(&published(&path)), [old.kid()]);
+        assert_eq!(jwks::ids(&published(&path)), [old.thumbprint()]);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, JWKS_FILE_MODE);
@@ -517,30 +512,37 @@ mod tests {
             value: Some(&new.to_secret()),
         };
         let created = keys.create(&bearer(), request).await.unwrap();
-        assert_eq!(created.id.as_deref(), Some(new.kid()));
+        assert_eq!(created.id, Some(new.thumbprint()));
         keys.create(&bearer(), request).await.unwrap();
-        assert_eq!(jwks::ids(&published(&path)), [old.kid(), new.kid()]);
+        assert_eq!(
+            jwks::ids(&published(&path)),
+            [old.thumbprint(), new.thumbprint()]
+        );
         let listed: Vec<String> = (keys.list(&bearer()).await.unwrap())
             .into_iter()
             .map(|s| s.id)
             .collect();
-        assert_eq!(listed, [old.kid(), new.kid()]);
+        assert_eq!(listed, [old.thumbprint(), new.thumbprint()]);
 
         assert_eq!(
-            keys.delete(&bearer(), old.kid()).await.unwrap(),
+            keys.delete(&bearer(), &old.thumbprint()).await.unwrap(),
             Deleted::Deleted
         );
         assert_eq!(
-            keys.delete(&bearer(), old.kid()).await.unwrap(),
+            keys.delete(&bearer(), &old.thumbprint()).await.unwrap(),
             Deleted::NotFound
         );
         let set = published(&path);
-        assert_eq!(jwks::ids(&set), [new.kid()]);
+        assert_eq!(jwks::ids(&set), [new.thumbprint()]);
         assert!(set["keys"][0].get("d").is_none(), "public members only");
 
-        let e = keys.delete(&bearer(), new.kid()).await.unwrap_err();
+        let e = keys.delete(&bearer(), &new.thumbprint()).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Refused);
-        assert_eq!(jwks::ids(&published(&path)), [new.kid()], "nothing changed");
+        assert_eq!(
+            jwks::ids(&published(&path)),
+            [new.thumbprint()],
+            "nothing changed"
+        );
     }
 
     #[tokio::test]
@@ -558,5 +560,52 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Refused);
         assert!(e.to_string().contains("jwks.json"), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), b"<html>");
+    }
+
+    #[tokio::test]
+    async fn a_key_counts_as_published_only_where_every_place_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        let keys = JwksKeys {
+            client_id: "c".into(),
+            targets: vec![Target::File(a.clone()), Target::File(b.clone())],
+        };
+        let old = generate(Alg::Es256).unwrap();
+        let new = generate(Alg::Es256).unwrap();
+        let listed = || async {
+            (keys.list(&bearer()).await.unwrap())
+                .into_iter()
+                .map(|s| s.id)
+                .collect::<Vec<_>>()
+        };
+        assert!(keys.publish_initial(&old.to_secret()).await.unwrap());
+        assert_eq!(listed().await, [old.thumbprint()]);
+
+        // A publish interrupted after the first place: not listed, so the
+        // resumed rotation publishes again, which completes the second.
+        let both = json!({"keys": [old.public_jwk(), new.public_jwk()]});
+        write_file(&a, &both).unwrap();
+        assert_eq!(listed().await, [old.thumbprint()]);
+        let request = CreateRequest {
+            description: "",
+            value: Some(&new.to_secret()),
+        };
+        keys.create(&bearer(), request).await.unwrap();
+        assert_eq!(published(&a), both, "the first place is left alone");
+        assert_eq!(
+            jwks::ids(&published(&b)),
+            [old.thumbprint(), new.thumbprint()]
+        );
+        assert_eq!(listed().await, [old.thumbprint(), new.thumbprint()]);
+
+        // A withdrawal interrupted after the first place: repeating it
+        // completes the second.
+        write_file(&a, &json!({"keys": [new.public_jwk()]})).unwrap();
+        assert_eq!(listed().await, [new.thumbprint()]);
+        assert_eq!(
+            keys.delete(&bearer(), &old.thumbprint()).await.unwrap(),
+            Deleted::Deleted
+        );
+        assert_eq!(jwks::ids(&published(&b)), [new.thumbprint()]);
     }
 }

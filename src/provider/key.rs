@@ -372,7 +372,10 @@ impl ClientKey {
         public
     }
 
-    /// The RFC 7638 thumbprint of the key (SHA-256, base64url).
+    /// The RFC 7638 thumbprint of the key (SHA-256, base64url): the id
+    /// the journal and every key publisher name it by (the `kid` is only
+    /// the hint in an assertion's header, RFC 7515 §4.1.4, and equals the
+    /// thumbprint for every key rekeyd generates).
     pub fn thumbprint(&self) -> String {
         thumbprint(&self.jwk)
     }
@@ -400,18 +403,10 @@ impl ClientKey {
     }
 }
 
-/// The id of a published public JWK: its `kid`, else its RFC 7638
-/// thumbprint; `None` for a member that is not a JWK rekeyd can read (it
-/// is then nobody's to touch).
-pub fn public_key_id(jwk: &serde_json::Value) -> Option<String> {
-    if let Some(kid) = jwk.get("kid").and_then(serde_json::Value::as_str) {
-        return Some(kid.to_string());
-    }
-    public_thumbprint(jwk)
-}
-
 /// The RFC 7638 thumbprint of a published public JWK, whatever its `kid`
-/// says: which key it is. `None` for a member rekeyd cannot read.
+/// says: which key it is, and the id rekeyd names a published key by (a
+/// server may drop or rewrite a `kid`, never the key's members). `None`
+/// for a member rekeyd cannot read (it is then nobody's to touch).
 pub fn public_thumbprint(jwk: &serde_json::Value) -> Option<String> {
     let parsed: Jwk = serde_json::from_value(jwk.clone()).ok()?;
     let complete = match parsed.kty.as_str() {
@@ -549,6 +544,16 @@ fn rsa_jwk(der: &[u8]) -> Result<Jwk, KeyError> {
 /// [`KeyError::Sign`] if the library cannot generate a key.
 pub fn generate(alg: Alg) -> Result<ClientKey, KeyError> {
     ClientKey::from_file_text(&generate_pem(alg)?)
+}
+
+/// A new key pair of `alg` with the `kid` an operator chose (not its
+/// thumbprint), for tests of keys named by their thumbprint.
+#[cfg(test)]
+pub fn generate_with_kid(alg: Alg, kid: &str) -> ClientKey {
+    let secret = generate(alg).expect("a key pair").to_secret();
+    let mut jwk: serde_json::Value = serde_json::from_str(secret.expose_secret()).expect("a JWK");
+    jwk["kid"] = kid.into();
+    ClientKey::from_jwk_json(&jwk.to_string()).expect("the same key")
 }
 
 /// A new key pair's PKCS#8 document as PEM, for tests and bootstrap

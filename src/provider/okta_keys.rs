@@ -43,7 +43,7 @@ use crate::token::Token;
 
 /// Keys rekeyd generates, published next to the current one (the page
 /// documents no maximum), deactivated before they are deleted, listed by
-/// `kid` without tags.
+/// RFC 7638 thumbprint without tags.
 pub const CAPABILITIES: Capabilities = Capabilities {
     value: ValueOrigin::Key,
     overlap: Overlap::Many { max: None },
@@ -57,9 +57,13 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 pub struct OktaKey {
     /// Okta's id (`pks…`), the one its calls by key take.
     pub id: String,
-    /// The JWK's `kid`, the name rekeyd uses.
+    /// The JWK's `kid`.
     #[serde(default)]
     pub kid: Option<String>,
+    /// The RFC 7638 thumbprint of the listed public members, the name
+    /// rekeyd uses ([`super::jwks`]); `None` when they are incomplete.
+    #[serde(skip)]
+    pub thumbprint: Option<String>,
     /// `ACTIVE` or `INACTIVE`.
     #[serde(default)]
     pub status: Option<String>,
@@ -148,17 +152,26 @@ pub fn parse_list_reply(
     .ok_or_else(|| reply.unexpected(operation, "expected the app's JSON Web Keys"))?;
     Ok(items
         .iter()
-        .filter_map(|k| serde_json::from_value::<OktaKey>(k.clone()).ok())
+        .filter_map(read_key)
         .filter(|k| !k.id.is_empty())
         .collect())
 }
 
-/// The keys as a listing of `client_id`'s secrets, named by `kid`.
+/// One key of a reply, named by its thumbprint.
+fn read_key(jwk: &Value) -> Option<OktaKey> {
+    let mut key: OktaKey = serde_json::from_value(jwk.clone()).ok()?;
+    key.thumbprint = super::key::public_thumbprint(jwk);
+    Some(key)
+}
+
+/// The keys as a listing of `client_id`'s secrets, named by thumbprint
+/// (a key whose members Okta does not list cannot be named, and is not
+/// rekeyd's to touch).
 pub fn listing(keys: &[OktaKey], client_id: &str) -> Vec<RemoteSecret> {
     keys.iter()
         .filter_map(|k| {
             Some(RemoteSecret {
-                id: k.kid.clone().filter(|kid| !kid.is_empty())?,
+                id: k.thumbprint.clone()?,
                 description: String::new(),
                 client_id: Some(client_id.to_string()),
                 created_at: k
@@ -188,8 +201,11 @@ pub fn parse_create_reply(
     if !(200..300).contains(&reply.status) {
         return Err(reply.refusal(operation, classify_secret_api));
     }
-    let created: OktaKey = serde_json::from_slice(&reply.body)
-        .map_err(|_| reply.unexpected(operation, "expected a JSON key with an id"))?;
+    let created = serde_json::from_slice::<Value>(&reply.body)
+        .ok()
+        .as_ref()
+        .and_then(read_key)
+        .ok_or_else(|| reply.unexpected(operation, "expected a JSON key with an id"))?;
     if created.id.is_empty() {
         return Err(reply.unexpected(operation, "empty key id"));
     }
@@ -210,8 +226,9 @@ fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, Provi
     }
 }
 
-fn find<'k>(keys: &'k [OktaKey], kid: &str) -> Option<&'k OktaKey> {
-    keys.iter().find(|k| k.kid.as_deref() == Some(kid))
+/// The key named `id` (its thumbprint).
+fn find<'k>(keys: &'k [OktaKey], id: &str) -> Option<&'k OktaKey> {
+    keys.iter().find(|k| k.thumbprint.as_deref() == Some(id))
 }
 
 impl SecretApi for OktaKeys {
@@ -233,18 +250,18 @@ impl SecretApi for OktaKeys {
     ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "okta add key";
-            let (kid, public) = jwks::public_of(OP, request.value)?;
+            let (id, public) = jwks::public_of(OP, request.value)?;
             let new = || NewSecret {
-                id: Some(kid.clone()),
+                id: Some(id.clone()),
                 value: request.value.cloned().expect("public_of checked it"),
                 expires_at: None,
                 registration_access_token: None,
             };
             // Publishing twice is publishing once: a key whose reply was
-            // lost is listed under its kid already. (Listed but inactive,
+            // lost is listed already. (Listed but inactive,
             // someone deactivated it: the login that proves it fails, and
             // the rotation retires it as any refused key.)
-            if find(&self.keys(bearer).await?, &kid).is_some() {
+            if find(&self.keys(bearer).await?, &id).is_some() {
                 return Ok(new());
             }
             let http = with_json(
@@ -253,8 +270,8 @@ impl SecretApi for OktaKeys {
             );
             let reply = self.call(OP, http, bearer).await?;
             let created = parse_create_reply(OP, &reply)?;
-            if created.kid.as_deref().is_some_and(|k| k != kid) {
-                return Err(reply.unexpected(OP, "the added key carries another kid"));
+            if created.thumbprint.as_deref().is_some_and(|t| t != id) {
+                return Err(reply.unexpected(OP, "the added key is another key"));
             }
             Ok(new())
         })
@@ -335,18 +352,42 @@ mod tests {
         )
     }
 
-    const DOCUMENTED: &str = r#"{"jwks":{"keys":[
-        {"id":"pks1","kid":"old","kty":"RSA","alg":"RS256","use":"sig","e":"AQAB","n":"x","status":"INACTIVE","created":"2023-02-21T20:08:24.000Z"},
-        {"id":"pks2","kid":"new","kty":"RSA","status":"ACTIVE","created":"garbage"},
-        {"kid":"no-id"}]}}"#;
+    /// The documented listing's shape (two RSA keys, one of them
+    /// inactive) around two real keys; the first with a kid of an
+    /// operator's choosing, the second as Okta may store a key (no kid), a
+    /// third without public members and a fourth without an id.
+    fn documented() -> (String, [crate::provider::key::ClientKey; 2]) {
+        use crate::provider::key::{Alg, generate, generate_with_kid};
+        let old = generate_with_kid(Alg::Rs256, "operators-kid");
+        let new = generate(Alg::Rs256).unwrap();
+        let mut first = old.public_jwk();
+        first["id"] = "pks1".into();
+        first["status"] = "INACTIVE".into();
+        first["created"] = "2023-02-21T20:08:24.000Z".into();
+        let mut second = new.public_jwk();
+        second.as_object_mut().unwrap().remove("kid");
+        second["id"] = "pks2".into();
+        second["status"] = "ACTIVE".into();
+        second["created"] = "garbage".into();
+        let body = serde_json::json!({"jwks": {"keys": [
+            first,
+            second,
+            {"id": "pks3", "kid": "members-hidden", "kty": "RSA", "status": "ACTIVE"},
+            {"kid": "no-id"},
+        ]}});
+        (body.to_string(), [old, new])
+    }
 
     #[test]
-    fn the_documented_listing_is_read_by_kid() {
-        let keys = parse_list_reply("list", &reply(200, DOCUMENTED)).unwrap();
-        assert_eq!(keys.len(), 2, "a key without an id is skipped");
+    fn the_documented_listing_is_read_by_thumbprint() {
+        let (body, [old, new]) = documented();
+        let keys = parse_list_reply("list", &reply(200, &body)).unwrap();
+        assert_eq!(keys.len(), 3, "a key without an id is skipped");
         let listed = listing(&keys, "app-client");
-        assert_eq!(listed[0].id, "old");
-        assert_eq!(listed[1].id, "new");
+        assert_eq!(listed.len(), 2, "a key without members is not named");
+        assert_eq!(listed[0].id, old.thumbprint());
+        assert_eq!(listed[1].id, new.thumbprint());
+        assert_eq!(find(&keys, &new.thumbprint()).unwrap().id, "pks2");
         assert_eq!(listed[0].client_id.as_deref(), Some("app-client"));
         assert!(listed[0].created_at.is_some());
         assert!(listed[1].created_at.is_none());
@@ -361,10 +402,13 @@ mod tests {
 
     #[test]
     fn the_last_active_key_is_never_deactivated() {
-        let keys = parse_list_reply("list", &reply(200, DOCUMENTED)).unwrap();
-        assert!(last_active(&keys, &keys[1]), "pks2 is the only active key");
-        assert!(!last_active(&keys, &keys[0]), "pks1 is inactive");
-        let mut both = keys.clone();
+        let (body, _) = documented();
+        let keys = parse_list_reply("list", &reply(200, &body)).unwrap();
+        assert!(!last_active(&keys, &keys[1]), "pks3 is active too");
+        let keys = &keys[..2];
+        assert!(last_active(keys, &keys[1]), "pks2 is the only active key");
+        assert!(!last_active(keys, &keys[0]), "pks1 is inactive");
+        let mut both = keys.to_vec();
         both[0].status = Some("ACTIVE".into());
         assert!(!last_active(&both, &both[1]));
     }

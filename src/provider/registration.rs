@@ -330,8 +330,8 @@ pub struct RegistrationKeys {
     api: RegistrationApi,
 }
 
-/// Keys rekeyd generates, any number published at once, listed (by `kid`)
-/// and withdrawn one by one.
+/// Keys rekeyd generates, any number published at once, listed (by RFC
+/// 7638 thumbprint, [`jwks`]) and withdrawn one by one.
 pub const KEY_CAPABILITIES: Capabilities = Capabilities {
     value: ValueOrigin::Key,
     overlap: Overlap::Many { max: None },
@@ -396,7 +396,7 @@ impl SecretApi for RegistrationKeys {
         Box::pin(async move {
             let metadata = self.api.get(bearer).await?;
             let set = registered_keys("registration read", &metadata)?;
-            Ok(jwks::listing(&set, &self.api.client_id))
+            Ok(jwks::listing(jwks::ids(&set), &self.api.client_id))
         })
     }
 
@@ -407,7 +407,7 @@ impl SecretApi for RegistrationKeys {
     ) -> BoxFuture<'a, Result<NewSecret, ProviderError>> {
         Box::pin(async move {
             let op = "registration update";
-            let (kid, public) = jwks::public_of(op, request.value)?;
+            let (id, public) = jwks::public_of(op, request.value)?;
             self.api
                 .edit(bearer, |metadata| {
                     let set = registered_keys(op, metadata)?;
@@ -421,7 +421,7 @@ impl SecretApi for RegistrationKeys {
                 })
                 .await?;
             Ok(NewSecret {
-                id: Some(kid),
+                id: Some(id),
                 value: request.value.cloned().expect("public_of checked it"),
                 expires_at: None,
                 registration_access_token: self.api.renewed().take(),
@@ -440,7 +440,7 @@ impl SecretApi for RegistrationKeys {
                 .api
                 .edit(bearer, |metadata| {
                     let set = registered_keys(op, metadata)?;
-                    let Some(left) = jwks::without(&set, id, op)? else {
+                    let Some(left) = jwks::without(&set, id) else {
                         return Ok(false);
                     };
                     if jwks::ids(&left).is_empty() {
@@ -634,7 +634,7 @@ mod tests {
             value: Some(&new.to_secret()),
         };
         let created = keys.create(&bearer, request).await.unwrap();
-        assert_eq!(created.id.as_deref(), Some(new.kid()));
+        assert_eq!(created.id, Some(new.thumbprint()));
         let listed: Vec<String> = keys
             .list(&bearer)
             .await
@@ -642,7 +642,7 @@ mod tests {
             .into_iter()
             .map(|s| s.id)
             .collect();
-        assert_eq!(listed, [old.kid(), new.kid()]);
+        assert_eq!(listed, [old.thumbprint(), new.thumbprint()]);
         assert_eq!(
             state.lock().unwrap()["client_name"],
             "kept",
@@ -655,14 +655,14 @@ mod tests {
         );
 
         assert_eq!(
-            keys.delete(&bearer, old.kid()).await.unwrap(),
+            keys.delete(&bearer, &old.thumbprint()).await.unwrap(),
             Deleted::Deleted
         );
         assert_eq!(
-            keys.delete(&bearer, old.kid()).await.unwrap(),
+            keys.delete(&bearer, &old.thumbprint()).await.unwrap(),
             Deleted::NotFound
         );
-        let e = keys.delete(&bearer, new.kid()).await.unwrap_err();
+        let e = keys.delete(&bearer, &new.thumbprint()).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Refused);
         assert!(e.detail.contains("without a registered key"), "{e}");
         let listed: Vec<String> = keys
@@ -672,7 +672,7 @@ mod tests {
             .into_iter()
             .map(|s| s.id)
             .collect();
-        assert_eq!(listed, [new.kid()]);
+        assert_eq!(listed, [new.thumbprint()]);
     }
 
     #[tokio::test]
@@ -703,39 +703,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_kid_shared_by_another_key_withdraws_neither() {
-        use crate::provider::key::{Alg, generate};
-        let ours = generate(Alg::Es256).unwrap();
+    async fn a_key_is_withdrawn_by_its_thumbprint_whatever_the_server_did_to_its_kid() {
+        use crate::provider::key::{Alg, generate, generate_with_kid};
+        // The operator's bootstrap key, registered with a kid of its own,
+        // stored by the server once without the kid and once under another;
+        // another key carries the operator's kid (RFC 7517 §4.5 allows it).
+        let ours = generate_with_kid(Alg::Es256, "op-key-1");
         let theirs = generate(Alg::Rs256).unwrap();
         let current = generate(Alg::Es256).unwrap();
-        // RFC 7517 §4.5: keys of different types may share a kid.
+        let mut dropped = ours.public_jwk();
+        dropped.as_object_mut().unwrap().remove("kid");
+        let mut rewritten = ours.public_jwk();
+        rewritten["kid"] = "server-7".into();
         let mut shared = theirs.public_jwk();
-        shared["kid"] = ours.kid().into();
+        shared["kid"] = "op-key-1".into();
         let metadata = serde_json::json!({
             "client_id": "c",
-            "jwks": {"keys": [ours.public_jwk(), shared, current.public_jwk()]},
-        });
-        let (url, state) = key_server(metadata.clone()).await;
-        let keys = RegistrationKeys::new(api(url));
-        let e = keys.delete(&bearer("rat"), ours.kid()).await.unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
-        assert!(e.detail.contains("2 different keys"), "{e}");
-        assert_eq!(*state.lock().unwrap(), metadata, "nothing was written");
-        // Two copies of one key (one without kid) are withdrawn together.
-        let mut copy = ours.public_jwk();
-        copy.as_object_mut().unwrap().remove("kid");
-        let metadata = serde_json::json!({
-            "client_id": "c",
-            "jwks": {"keys": [ours.public_jwk(), copy, current.public_jwk()]},
+            "jwks": {"keys": [dropped, rewritten, shared.clone(), current.public_jwk()]},
         });
         let (url, state) = key_server(metadata).await;
         let keys = RegistrationKeys::new(api(url));
+        let id = ours.thumbprint();
+        let listed: Vec<String> = (keys.list(&bearer("rat")).await.unwrap())
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert!(listed.contains(&id), "listed by thumbprint: {listed:?}");
         assert_eq!(
-            keys.delete(&bearer("rat"), ours.kid()).await.unwrap(),
+            keys.delete(&bearer("rat"), &id).await.unwrap(),
             Deleted::Deleted
         );
         let left = state.lock().unwrap()["jwks"].clone();
-        assert_eq!(jwks::ids(&left), [current.kid()]);
+        assert_eq!(
+            jwks::ids(&left),
+            [theirs.thumbprint(), current.thumbprint()]
+        );
+        assert_eq!(left["keys"][0], shared, "the other key is untouched");
     }
 
     #[tokio::test]

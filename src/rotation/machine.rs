@@ -201,11 +201,12 @@ pub fn step(
             let attempt = next_attempt("");
             if ctx.caps.value == ValueOrigin::Key && next.current.id.is_none() {
                 // A key stored without its id (installed before keys were
-                // rotated) is published under its kid: named now, so that
-                // its withdrawal at the end can find it.
+                // rotated) is named by its thumbprint now, the id every
+                // publisher lists it by, so that its withdrawal at the end
+                // can find it.
                 next.current.id = crate::provider::key::from_secret(&next.current.value)
                     .ok()
-                    .map(|key| key.kid().to_string());
+                    .map(|key| key.thumbprint());
             }
             // A caller-chosen value is in this write, before the call (I2).
             next.rotation = Rotation::Creating {
@@ -652,19 +653,17 @@ fn find_chosen(
         attempt: attempt_of(record),
     };
     if ctx.caps.value == ValueOrigin::Key {
-        // A key is published under its kid, which follows from the key the
-        // journal holds: the listing shows it or not, and nothing else
+        // A key is listed by its thumbprint, which follows from the key
+        // the journal holds: the listing shows it or not, and nothing else
         // listed can be taken for it (a listing that lags behind the
         // publish shows someone else's key as the only unknown one). A
         // second publish of the same key writes nothing.
-        let kid = record
+        let id = record
             .chosen()
             .and_then(|chosen| crate::provider::key::from_secret(chosen).ok())
-            .map(|key| key.kid().to_string());
-        return match kid {
-            Some(kid) if listed.iter().any(|s| s.id == kid) => {
-                stay(record, Next::Probe { id: kid })
-            }
+            .map(|key| key.thumbprint());
+        return match id {
+            Some(id) if listed.iter().any(|s| s.id == id) => stay(record, Next::Probe { id }),
             _ => stay(record, create),
         };
     }
@@ -1525,9 +1524,10 @@ mod tests {
     }
 
     #[test]
-    fn a_key_stored_without_an_id_is_named_by_its_kid_when_a_rotation_begins() {
+    fn a_key_stored_without_an_id_is_named_by_its_thumbprint_when_a_rotation_begins() {
         let c = with_caps(t0(), crate::provider::registration::KEY_CAPABILITIES);
-        let key = crate::provider::key::generate(crate::provider::key::Alg::Es256).unwrap();
+        // An operator's key with a kid of its own: the thumbprint names it.
+        let key = crate::provider::key::generate_with_kid(crate::provider::key::Alg::Es256, "op-1");
         let stored = CredentialRecord::new(SecretEntry {
             id: None,
             value: key.to_secret(),
@@ -1540,11 +1540,11 @@ mod tests {
         };
         let t = step(&stored, begin, &c).unwrap();
         assert!(t.persist);
-        assert_eq!(t.record.current.id.as_deref(), Some(key.kid()));
+        assert_eq!(t.record.current.id, Some(key.thumbprint()));
     }
 
     #[test]
-    fn an_interrupted_key_publish_is_found_by_its_kid_never_by_elimination() {
+    fn an_interrupted_key_publish_is_found_by_its_thumbprint_never_by_elimination() {
         let c = with_caps(t0(), crate::provider::registration::KEY_CAPABILITIES);
         let key = crate::provider::key::generate(crate::provider::key::Alg::Es256).unwrap();
         let begin = Event::Begin {
@@ -1573,14 +1573,14 @@ mod tests {
         .unwrap();
         assert!(matches!(t.next, Next::Create { .. }), "{:?}", t.next);
 
-        // The listing shows the kid: a login with the key proves it.
+        // The listing shows the key: a login with it proves it.
         let mut shown = lagging;
-        shown.push(listed(key.kid(), "", Some("client")));
+        shown.push(listed(&key.thumbprint(), "", Some("client")));
         let t = step(&interrupted, Event::Listed { secrets: shown }, &c).unwrap();
         assert_eq!(
             t.next,
             Next::Probe {
-                id: key.kid().to_string()
+                id: key.thumbprint()
             }
         );
     }

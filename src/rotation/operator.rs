@@ -61,6 +61,10 @@ pub enum SetSecretError {
     )]
     ChosenValueInFlight(String),
     #[error(
+        "a rotation of {0} is publishing a new key whose private half only its journal holds; the server may already have its public half. Run `rekeyd rotate {0}` to finish the rotation first (it proves the new key, then withdraws the old one); --force cannot replace this journal"
+    )]
+    KeyInFlight(String),
+    #[error(
         "the journal of {0} changed while this command ran (a rotation moved on); run it again"
     )]
     Changed(String),
@@ -107,8 +111,14 @@ pub async fn set_secret(
         // value can find that secret (a login), so replacing the journal
         // would leave an untagged orphan, which at Okta also takes one of
         // the app's two places (I3).
-        if r.value.chosen().is_some() {
-            return Err(SetSecretError::ChosenValueInFlight(req.name.to_string()));
+        if let Some(chosen) = r.value.chosen() {
+            let name = req.name.to_string();
+            return Err(match crate::provider::key::from_secret(chosen) {
+                // A key: published next to the old one; forgetting its
+                // private half would leave a public key nobody can use.
+                Ok(_) => SetSecretError::KeyInFlight(name),
+                Err(_) => SetSecretError::ChosenValueInFlight(name),
+            });
         }
         if r.value.is_unfinished() && !req.force {
             return Err(SetSecretError::Unfinished {
