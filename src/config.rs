@@ -3,7 +3,7 @@
 //! into a typed [`Config`]. Every validation error names the key it is about,
 //! so an operator can fix the file without reading our source.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
@@ -520,6 +520,10 @@ pub struct Config {
     pub history_limit: usize,
     pub credentials: Vec<CredentialConfig>,
 }
+
+/// The file store's directory under `state_dir` (one record, history and
+/// lock file per credential): only the store writes there.
+pub const FILE_STORE_DIR: &str = "credentials";
 
 /// How long a rotation claim outlives a holder that stopped renewing it.
 pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(15);
@@ -1682,8 +1686,8 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         }
         credentials.push(cred);
     }
-    let mut files = FileClaims::default();
-    let mut sink_keys = HashSet::new();
+    let mut files = FileClaims::reserve(&state_dir, api.as_ref(), diag.as_ref());
+    let mut secret_keys = SecretClaims::reserve(&store);
     for (i, cred) in credentials.iter_mut().enumerate() {
         let own = cred
             .sinks
@@ -1703,23 +1707,23 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
                     if let Some(first) = files.claim(&file.path, &key, "a token sink") {
                         return Err(ConfigError::invalid(
                             key,
-                            format!("{} is used by another sink ({first})", file.path.display()),
+                            format!(
+                                "{} is taken by {first}; each file has one writer",
+                                file.path.display()
+                            ),
                         ));
                     }
                 }
                 SinkTarget::KubernetesSecret(secret) => {
                     // Two writers of one key would overwrite each other
                     // with every token.
-                    let target = (
-                        secret.namespace.clone(),
-                        secret.secret.clone(),
-                        secret.key.clone(),
-                    );
-                    if !sink_keys.insert(target) {
+                    let claimed =
+                        secret_keys.claim(secret, &format!("{key}.secret"), "a token sink");
+                    if let Some(first) = claimed {
                         return Err(ConfigError::invalid(
                             format!("{key}.key"),
                             format!(
-                                "key {:?} of Secret {:?} is written by another sink",
+                                "key {:?} of Secret {:?} is taken by {first}; each key has one writer",
                                 secret.key, secret.secret
                             ),
                         ));
@@ -1739,7 +1743,7 @@ fn validate(raw: RawConfig, credentials_directory: Option<&Path>) -> Result<Conf
         &state_dir,
         diag.is_some(),
         &store,
-        &mut files,
+        (&mut files, &mut secret_keys),
     )?;
     check_one_owner_per_secret(&credentials)?;
     resolve_secret_api_credentials(&mut credentials)?;
@@ -1766,10 +1770,9 @@ fn complete_jwks(
     state_dir: &Path,
     diag: bool,
     store: &StoreConfig,
-    files: &mut FileClaims,
+    (files, secret_keys): (&mut FileClaims, &mut SecretClaims),
 ) -> Result<(), ConfigError> {
     let mut paths = HashMap::new();
-    let mut secrets = HashMap::new();
     for (i, cred) in credentials.iter_mut().enumerate() {
         let Some(jwks) = cred.jwks.as_deref_mut() else {
             continue;
@@ -1798,7 +1801,10 @@ fn complete_jwks(
         {
             return Err(ConfigError::invalid(
                 key("file"),
-                format!("{} is written for {first} already", file.display()),
+                format!(
+                    "{} is taken by {first}; each file has one writer",
+                    file.display()
+                ),
             ));
         }
         if let Some(secret) = &mut jwks.kubernetes_secret {
@@ -1806,12 +1812,16 @@ fn complete_jwks(
                 secret.namespace = store.namespace.clone();
                 secret.kubeconfig = store.kubeconfig.clone();
             }
-            if let Some(first) = secrets.insert(secret.secret.clone(), i) {
+            if let Some(first) = secret_keys.claim(
+                secret,
+                &key("kubernetes_secret"),
+                &format!("credentials[{i}]"),
+            ) {
                 return Err(ConfigError::invalid(
                     key("kubernetes_secret"),
                     format!(
-                        "Secret {:?} is written for credentials[{first}] already",
-                        secret.secret
+                        "key {:?} of Secret {:?} is taken by {first}; each key has one writer",
+                        secret.key, secret.secret
                     ),
                 ));
             }
@@ -2094,23 +2104,64 @@ fn normalize_lexically(path: &Path) -> PathBuf {
 /// The files the configuration has rekeyd write (token sinks, JWKS files),
 /// so that no two writers share one, however it is spelt: by lexically
 /// normalized path, and, for a file that exists already, by device and
-/// inode ([`file_identity`]: a symlink, a hard link).
+/// inode ([`file_identity`]: a symlink, a hard link). rekeyd's own files
+/// are claimed first ([`FileClaims::reserve`]): a token written over a
+/// credential's record would lose its secret (I1).
 #[derive(Default)]
 struct FileClaims {
     by_path: HashMap<PathBuf, String>,
     by_file: HashMap<(u64, u64), String>,
+    /// Directories only rekeyd itself writes in, lexically normalized and,
+    /// where they exist, resolved.
+    dirs: Vec<(PathBuf, String)>,
 }
 
 impl FileClaims {
+    /// Claims of rekeyd's own files under `state_dir` and the API's key
+    /// file and unix sockets.
+    fn reserve(state_dir: &Path, api: Option<&ApiConfig>, diag: Option<&DiagConfig>) -> Self {
+        let mut claims = FileClaims::default();
+        let store = state_dir.join(FILE_STORE_DIR);
+        let owner = format!("the record store ({})", store.display());
+        if let Ok(real) = std::fs::canonicalize(&store) {
+            claims.dirs.push((real, owner.clone()));
+        }
+        claims.dirs.push((normalize_lexically(&store), owner));
+        if let Some(api) = api {
+            claims.claim(&api.key_file, "api.key_file", "the API key");
+            if let ListenAddr::Unix(path) = &api.listen {
+                claims.claim(path, "api.listen", "the API socket");
+            }
+        }
+        if let Some(ListenAddr::Unix(path)) = diag.map(|d| &d.listen) {
+            claims.claim(path, "diag.listen", "the diagnostics socket");
+        }
+        claims
+    }
+
     /// Claims `path` for the writer `owner` (its description in errors,
     /// with the config key `key`); `Some` names the writer that claimed
     /// the file first.
     fn claim(&mut self, path: &Path, key: &str, owner: &str) -> Option<String> {
-        let claimed_by = format!("{owner} (`{key}`)");
         let normalized = normalize_lexically(path);
+        // Where the path leads: the file itself where it exists (a link to
+        // a record), else its directory (a link to the store's).
+        let resolved = std::fs::canonicalize(path).ok().or_else(|| {
+            (path.parent())
+                .and_then(|dir| std::fs::canonicalize(dir).ok())
+                .zip(path.file_name())
+                .map(|(dir, name)| dir.join(name))
+        });
+        for (dir, first) in &self.dirs {
+            if normalized.starts_with(dir) || resolved.as_ref().is_some_and(|r| r.starts_with(dir))
+            {
+                return Some(first.clone());
+            }
+        }
         if let Some(first) = self.by_path.get(&normalized) {
             return Some(first.clone());
         }
+        let claimed_by = format!("{owner} (`{key}`)");
         if let Some(identity) = file_identity(path) {
             if let Some(first) = self.by_file.get(&identity) {
                 return Some(first.clone());
@@ -2118,6 +2169,55 @@ impl FileClaims {
             self.by_file.insert(identity, claimed_by.clone());
         }
         self.by_path.insert(normalized, claimed_by);
+        None
+    }
+}
+
+/// The data keys of Kubernetes Secrets the configuration has rekeyd write
+/// (token sinks, JWKS Secrets), so that no two writers share one; the
+/// Kubernetes store's Secret is the store's alone ([`SecretClaims::reserve`]):
+/// a token written over a record would lose the credential's secret (I1).
+#[derive(Default)]
+struct SecretClaims {
+    /// `(namespace, Secret, key)` to the writer that claimed it.
+    keys: HashMap<(Option<String>, String, String), String>,
+    /// The store's Secret: `(namespace, name)`.
+    store: Option<(Option<String>, String)>,
+}
+
+impl SecretClaims {
+    fn reserve(store: &StoreConfig) -> Self {
+        SecretClaims {
+            keys: HashMap::new(),
+            store: match store {
+                StoreConfig::Kubernetes(k) => Some((k.namespace.clone(), k.secret.clone())),
+                _ => None,
+            },
+        }
+    }
+
+    /// Claims `sink`'s data key for the writer `owner` (config key `key`);
+    /// `Some` names the writer that holds it already.
+    fn claim(&mut self, sink: &SecretSink, key: &str, owner: &str) -> Option<String> {
+        if let Some((namespace, name)) = &self.store {
+            // A namespace left to the pod's own may be the store's: the
+            // same name is refused unless both namespaces are given and
+            // differ.
+            let same_namespace =
+                namespace.is_none() || sink.namespace.is_none() || *namespace == sink.namespace;
+            if *name == sink.secret && same_namespace {
+                return Some("the record store (`store.secret`)".to_string());
+            }
+        }
+        let target = (
+            sink.namespace.clone(),
+            sink.secret.clone(),
+            sink.key.clone(),
+        );
+        if let Some(first) = self.keys.get(&target) {
+            return Some(first.clone());
+        }
+        self.keys.insert(target, format!("{owner} (`{key}`)"));
         None
     }
 }

@@ -762,7 +762,19 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             with(
                 "[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app\"\n[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"app\"\nformat = \"env\"\n",
             ),
-            vec!["`credentials[0].sinks[1].key`", "another sink"],
+            vec![
+                "`credentials[0].sinks[1].key`",
+                "is taken by a token sink (`credentials[0].sinks[0].secret`)",
+            ],
+        ),
+        (
+            "a token sink in the store's Secret",
+            with_table("[store]\nkind = \"kubernetes\"\nnamespace = \"apps\"")
+                + "[[credentials.sinks]]\nkind = \"kubernetes-secret\"\nsecret = \"rekeyd-state\"\nkey = \"maps\"\n",
+            vec![
+                "`credentials[0].sinks[0].key`",
+                "Secret \"rekeyd-state\" is taken by the record store (`store.secret`)",
+            ],
         ),
         (
             "non-loopback API",
@@ -890,7 +902,7 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
                  [[credentials.tokens]]\nname = \"read\"\n\
                  [[credentials.tokens.sinks]]\npath = \"/run/maps.token\"\n",
             ),
-            vec!["`credentials[0].tokens[0].sinks[0].path`", "another sink"],
+            vec!["`credentials[0].tokens[0].sinks[0].path`", "is taken by a token sink (`credentials[0].sinks[0].path`)"],
         ),
         (
             "token profile sink on the credential's file, spelt otherwise",
@@ -901,8 +913,22 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ),
             vec![
                 "`credentials[0].tokens[0].sinks[0].path`",
-                "another sink (a token sink (`credentials[0].sinks[0].path`))",
+                "is taken by a token sink (`credentials[0].sinks[0].path`)",
             ],
+        ),
+        (
+            "token sink in the record store's directory",
+            with("[[credentials.sinks]]\npath = \"/var/lib/rekeyd/tokens/../credentials/maps.json\"\n"),
+            vec![
+                "`credentials[0].sinks[0].path`",
+                "is taken by the record store (/var/lib/rekeyd/credentials)",
+            ],
+        ),
+        (
+            "token sink on the API key file",
+            with("[[credentials.sinks]]\npath = \"/var/lib/rekeyd/api.key\"\n")
+                .replace("state_dir = \"/var/lib/rekeyd\"\n", "state_dir = \"/var/lib/rekeyd\"\n[api]\n"),
+            vec!["`credentials[0].sinks[0].path`", "is taken by the API key (`api.key_file`)"],
         ),
         (
             "token profile with a bad sink",
@@ -1181,12 +1207,18 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["`credentials[0].jwks.kubernetes_secret`", "not a Kubernetes object name"],
         ),
         (
+            "jwks kubernetes_secret that is the store's Secret",
+            keyed(&format!("{jwt}{key_file}"), "[credentials.jwks]\nkubernetes_secret = \"rekeyd-state\"\n")
+                .replacen("\n[[credentials]]", "\n[store]\nkind = \"kubernetes\"\n[[credentials]]", 1),
+            vec!["`credentials[0].jwks.kubernetes_secret`", "is taken by the record store"],
+        ),
+        (
             "jwks file that a token sink writes",
             keyed(
                 &format!("{jwt}{key_file}"),
                 "[[credentials.sinks]]\npath = \"/run/app/token\"\n[credentials.jwks]\nfile = \"/run/app/token\"\n",
             ),
-            vec!["`credentials[0].jwks.file`", "is written for a token sink (`credentials[0].sinks[0].path`) already"],
+            vec!["`credentials[0].jwks.file`", "is taken by a token sink (`credentials[0].sinks[0].path`)"],
         ),
         (
             "jwks file that a token sink writes, spelt otherwise",
@@ -1194,7 +1226,7 @@ fn invalid_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
                 &format!("{jwt}{key_file}"),
                 "[[credentials.sinks]]\npath = \"/run/app/token\"\n[credentials.jwks]\nfile = \"/run/app/sub/../token\"\n",
             ),
-            vec!["`credentials[0].jwks.file`", "is written for a token sink"],
+            vec!["`credentials[0].jwks.file`", "is taken by a token sink"],
         ),
         (
             "jwks serve_path twice",
@@ -1725,6 +1757,76 @@ fn two_spellings_of_one_secret_file_are_refused() {
     let checked = check(dir.path(), &text);
     assert_eq!(checked.code, Some(0), "{}", checked.stderr);
     assert!(!checked.stderr.contains("s3cr3t"), "{}", checked.stderr);
+}
+
+/// A token sink reached through links to rekeyd's own files: a link to
+/// the record store's directory, a link to a credential's record, or
+/// another sink's file by a second name. Each is refused (exit 78, the
+/// sink's key named) before anything is written: a token written over a
+/// record would lose the credential's secret.
+#[test]
+fn a_sink_reached_through_a_link_to_the_store_or_another_sink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let store = dir.path().join("state/credentials");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(store.join("maps.json"), "{}").unwrap();
+    std::os::unix::fs::symlink(&store, dir.path().join("tokens")).unwrap();
+    std::os::unix::fs::symlink(store.join("maps.json"), dir.path().join("maps.token")).unwrap();
+    std::fs::write(dir.path().join("real.token"), "").unwrap();
+    std::fs::hard_link(
+        dir.path().join("real.token"),
+        dir.path().join("other.token"),
+    )
+    .unwrap();
+    let sink = |path: &str| format!("[[credentials.sinks]]\npath = \"{path}\"\n");
+    let cases = [
+        (
+            "a linked store directory",
+            sink(&format!("{d}/tokens/maps.token")),
+            "sinks[0]",
+            "the record store",
+        ),
+        (
+            "a link to a record",
+            sink(&format!("{d}/maps.token")),
+            "sinks[0]",
+            "the record store",
+        ),
+        (
+            "another sink's file by a second name",
+            sink(&format!("{d}/real.token")) + &sink(&format!("{d}/other.token")),
+            "sinks[1]",
+            "a token sink (`credentials[0].sinks[0].path`)",
+        ),
+    ];
+    for (what, sinks, key, taken_by) in cases {
+        let text = config_of(
+            dir.path(),
+            &[maps_credential(
+                "maps",
+                &format!("{d}/maps.secret"),
+                None,
+                &sinks,
+            )],
+        );
+        let checked = check(dir.path(), &text);
+        assert_eq!(checked.code, Some(78), "{what}: {}", checked.stderr);
+        for fragment in [
+            format!("`credentials[0].{key}.path`"),
+            format!("is taken by {taken_by}"),
+        ] {
+            assert!(
+                checked.stderr.contains(&fragment),
+                "{what}: {fragment:?} not in {}",
+                checked.stderr
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(store.join("maps.json")).unwrap(),
+        "{}"
+    );
 }
 
 #[test]

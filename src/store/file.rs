@@ -40,7 +40,7 @@ impl FileStore {
     /// so a start-up that fails validation leaves the disk as it was.
     pub fn new(state_dir: &Path) -> FileStore {
         FileStore {
-            dir: state_dir.join("credentials"),
+            dir: state_dir.join(crate::config::FILE_STORE_DIR),
             history_limit: crate::history::DEFAULT_LIMIT,
         }
     }
