@@ -325,7 +325,7 @@ impl ClientKey {
         jwk.alg = Some(alg.as_str().to_string());
         let kid = match jwk.kid.as_deref() {
             Some(kid) if !kid.is_empty() => kid.to_string(),
-            _ => thumbprint(&jwk),
+            _ => canonical_thumbprint(&jwk),
         };
         jwk.kid = Some(kid.clone());
         Ok(ClientKey {
@@ -377,7 +377,7 @@ impl ClientKey {
     /// the hint in an assertion's header, RFC 7515 §4.1.4, and equals the
     /// thumbprint for every key rekeyd generates).
     pub fn thumbprint(&self) -> String {
-        thumbprint(&self.jwk)
+        canonical_thumbprint(&self.jwk)
     }
 
     /// Signs `message` (a JWS signing input) with [`ClientKey::alg`]: the
@@ -405,17 +405,69 @@ impl ClientKey {
 
 /// The RFC 7638 thumbprint of a published public JWK, whatever its `kid`
 /// says: which key it is, and the id rekeyd names a published key by (a
-/// server may drop or rewrite a `kid`, never the key's members). `None`
-/// for a member rekeyd cannot read (it is then nobody's to touch).
+/// server may drop or rewrite a `kid`, or re-encode the members, never
+/// change the key). `None` for a member rekeyd cannot read (it is then
+/// nobody's to touch).
 pub fn public_thumbprint(jwk: &serde_json::Value) -> Option<String> {
     let parsed: Jwk = serde_json::from_value(jwk.clone()).ok()?;
-    let complete = match parsed.kty.as_str() {
-        "EC" => parsed.crv.is_some() && parsed.x.is_some() && parsed.y.is_some(),
-        "RSA" => parsed.n.is_some() && parsed.e.is_some(),
-        "OKP" => parsed.crv.is_some() && parsed.x.is_some(),
-        _ => false,
+    canonical_public(&parsed).map(|canonical| thumbprint(&canonical))
+}
+
+/// The thumbprint of a key read from a file or the store: of its public
+/// members in canonical form, so that it equals [`public_thumbprint`] of
+/// the key as any server shows it.
+fn canonical_thumbprint(jwk: &Jwk) -> String {
+    canonical_public(jwk).as_ref().map_or_else(|| thumbprint(jwk), thumbprint)
+}
+
+/// The public members of `jwk` in the form RFC 7638 §3.3 hashes:
+/// base64url without padding, RSA integers without leading zero octets
+/// (RFC 7518 §6.3.1), EC coordinates of the curve's full size (RFC 7518
+/// §6.2.1.2). A server that stores a key re-encoded (padding, the standard
+/// alphabet, a sign octet before `n`) still shows the same key. `None`
+/// when a member is missing or not base64.
+fn canonical_public(jwk: &Jwk) -> Option<Jwk> {
+    let bytes = |member: &Option<String>| -> Option<Vec<u8>> {
+        let text = member.as_deref()?.trim_end_matches('=');
+        B64.decode(text.replace('+', "-").replace('/', "_")).ok()
     };
-    complete.then(|| thumbprint(&parsed))
+    let uint_member = |member: &Option<String>| b64(uint(&bytes(member)?));
+    let coordinate = |member: &Option<String>, size: usize| -> Option<String> {
+        let value = bytes(member)?;
+        let significant = uint(&value);
+        (significant.len() <= size).then(|| {
+            let mut full = vec![0; size - significant.len()];
+            full.extend_from_slice(significant);
+            B64.encode(full)
+        })
+    };
+    let mut public = Jwk {
+        kty: jwk.kty.clone(),
+        ..Jwk::default()
+    };
+    match jwk.kty.as_str() {
+        "RSA" => {
+            public.n = Some(uint_member(&jwk.n)?);
+            public.e = Some(uint_member(&jwk.e)?);
+        }
+        "EC" => {
+            let size = match jwk.crv.as_deref()? {
+                "P-256" => 32,
+                "P-384" => 48,
+                "P-521" => 66,
+                _ => return None,
+            };
+            public.crv = jwk.crv.clone();
+            public.x = Some(coordinate(&jwk.x, size)?);
+            public.y = Some(coordinate(&jwk.y, size)?);
+        }
+        "OKP" => {
+            public.crv = Some(jwk.crv.clone()?);
+            public.x = Some(B64.encode(bytes(&jwk.x)?));
+        }
+        _ => return None,
+    }
+    Some(public)
 }
 
 /// Reads the key the store holds for a credential (its private JWK).
@@ -604,6 +656,42 @@ mod tests {
             thumbprint(&jwk),
             "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
         );
+    }
+
+    #[test]
+    fn a_published_key_re_encoded_by_a_server_has_the_same_thumbprint() {
+        use serde_json::json;
+        let rfc = json!({"kty": "RSA", "n": RFC7638_N, "e": "AQAB"});
+        let expected = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs";
+        assert_eq!(public_thumbprint(&rfc).as_deref(), Some(expected));
+        // A sign octet before n, padding, the standard alphabet.
+        let mut n = vec![0u8];
+        n.extend(B64.decode(RFC7638_N).unwrap());
+        let signed = base64::engine::general_purpose::STANDARD.encode(&n);
+        let reencoded = json!({"kty": "RSA", "n": signed, "e": "AQAB==", "kid": "x"});
+        assert_eq!(public_thumbprint(&reencoded).as_deref(), Some(expected));
+        // An EC coordinate without its leading zero octets is padded back.
+        let key = generate(Alg::Es256).unwrap();
+        let mut public = key.public_jwk();
+        let mut x = vec![0u8; 32];
+        x[31] = 7;
+        public["x"] = B64.encode(&x).into();
+        let full = public_thumbprint(&public);
+        public["x"] = B64.encode([7u8]).into();
+        assert_eq!(public_thumbprint(&public), full);
+        assert_eq!(
+            public_thumbprint(&key.public_jwk()).unwrap(),
+            key.thumbprint(),
+            "rekeyd's own keys are canonical already"
+        );
+        for junk in [
+            json!({"kty": "RSA", "n": "***", "e": "AQAB"}),
+            json!({"kty": "EC", "crv": "P-256", "x": B64.encode([1u8; 33]), "y": "AQ"}),
+            json!({"kty": "EC", "crv": "secp256k1", "x": "AQ", "y": "AQ"}),
+            json!({"kty": "oct", "k": "AQ"}),
+        ] {
+            assert_eq!(public_thumbprint(&junk), None, "{junk}");
+        }
     }
 
     fn round_trip(alg: Alg, kty: &str) {
