@@ -817,17 +817,28 @@ pub(crate) async fn publish_initial_key(
         return Ok(());
     };
     let publisher = provider::jwks_publish::JwksKeys::new(cred.client_id.clone(), jwks);
-    match publisher.publish_initial(&record.value.current.value).await {
+    let current = &record.value.current.value;
+    match publisher.publish_initial(current).await {
         Ok(true) => {
             info!(credential = %cred.name, step = "bootstrap", "current public key published as the JWK Set");
-            Ok(())
         }
-        Ok(false) => Ok(()),
-        Err(e) => Err(DaemonError::Setup {
-            name: cred.name.clone(),
-            reason: format!("cannot publish the current public key: {e}"),
-        }),
+        Ok(false) => {}
+        Err(e) => {
+            return Err(DaemonError::Setup {
+                name: cred.name.clone(),
+                reason: format!("cannot publish the current public key: {e}"),
+            });
+        }
     }
+    // A set that existed is left to the rotation, but one without the key
+    // the client signs with makes every login fail: say why up front.
+    if let Ok(key) = provider::key::from_secret(current)
+        && let Ok(ids) = publisher.published_ids().await
+        && !ids.contains(&key.thumbprint())
+    {
+        warn!(credential = %cred.name, step = "bootstrap", key_id = %key.kid(), "the published JWK Set does not hold the current public key (a set written by someone else?); the server refuses logins until it does: add the key (`rekeyd status --json` shows public_jwk) or remove the set to have rekeyd write it");
+    }
+    Ok(())
 }
 
 /// Makes sure the store holds a secret for credential `i` of `config`,

@@ -813,3 +813,66 @@ async fn a_stored_secret_is_not_a_key_and_the_error_says_what_to_do() {
     assert!(!error.contains("old-client-secret-value"), "{error}");
     d.stop().await;
 }
+
+/// A JWKS file that exists already but lacks the key the client signs
+/// with (a set someone else wrote) is left to the rotation, and the start
+/// says so before any login fails, naming the key.
+#[tokio::test]
+async fn a_published_set_without_the_current_key_is_reported_at_start() {
+    use axum::{Json, Router, http::StatusCode, routing::post};
+    let app = Router::new().route(
+        "/token",
+        post(|| async {
+            (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "invalid_client"})),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let pem = generate_pem(Alg::Es256).unwrap();
+    let key = ClientKey::from_file_text(&pem).unwrap();
+    daemon::write_secret(dir.path(), "app.pem", &pem);
+    let someone_elses = ClientKey::from_file_text(&generate_pem(Alg::Es256).unwrap()).unwrap();
+    let set = json!({"keys": [someone_elses.public_jwk()]}).to_string();
+    std::fs::write(dir.path().join("jwks.json"), &set).unwrap();
+    let config_path = dir.path().join("rekeyd.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "state_dir = \"{d}/state\"\n[[credentials]]\nname = \"app\"\nprovider = \"oauth2\"\n\
+             client_id = \"app\"\nauth_method = \"private_key_jwt\"\ninitial_key_file = \"{d}/app.pem\"\n\
+             [credentials.endpoints]\ntoken_url = \"http://{addr}/token\"\n\
+             [credentials.rotation]\nevery = \"30d\"\n\
+             [credentials.jwks]\nfile = \"{d}/jwks.json\"\n"
+        ),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_rekeyd"))
+            .args(["rotate", "app", "--config"])
+            .arg(&config_path)
+            .env_remove("FAILPOINTS")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("rekeyd rotate ends in time")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the server refuses every login: {stderr}"
+    );
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("does not hold the current public key"))
+        .unwrap_or_else(|| panic!("no warning: {stderr}"));
+    assert!(warning.contains(key.kid()), "{warning}");
+    assert!(!stderr.contains(&private_d(&key)), "no private member");
+}

@@ -115,13 +115,13 @@ impl JwksKeys {
         Ok(written)
     }
 
-    /// The ids of the keys published in every place. A key only some
+    /// The ids (thumbprints) of the keys published in every place. A key only some
     /// places hold is not listed: after a publish interrupted between two
     /// places it is published again (idempotently: the places that hold
     /// it are left alone) rather than taken as done, while a withdrawal
     /// interrupted between them is repeated anyway, because the machine
     /// deletes again a retired key it has seen listed (S7 `confirmed`).
-    async fn ids(&self) -> Result<Vec<String>, ProviderError> {
+    pub async fn published_ids(&self) -> Result<Vec<String>, ProviderError> {
         let mut everywhere: Option<Vec<String>> = None;
         for target in &self.targets {
             let here = match target.read(READ).await? {
@@ -406,7 +406,7 @@ impl SecretApi for JwksKeys {
         &'a self,
         _bearer: &'a Token,
     ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
-        Box::pin(async move { Ok(jwks::listing(self.ids().await?, &self.client_id)) })
+        Box::pin(async move { Ok(jwks::listing(self.published_ids().await?, &self.client_id)) })
     }
 
     fn create<'a>(

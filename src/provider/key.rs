@@ -417,7 +417,9 @@ pub fn public_thumbprint(jwk: &serde_json::Value) -> Option<String> {
 /// members in canonical form, so that it equals [`public_thumbprint`] of
 /// the key as any server shows it.
 fn canonical_thumbprint(jwk: &Jwk) -> String {
-    canonical_public(jwk).as_ref().map_or_else(|| thumbprint(jwk), thumbprint)
+    canonical_public(jwk)
+        .as_ref()
+        .map_or_else(|| thumbprint(jwk), thumbprint)
 }
 
 /// The public members of `jwk` in the form RFC 7638 §3.3 hashes:
