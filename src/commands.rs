@@ -601,6 +601,11 @@ async fn set_secret(
                     installed.retiring.join(", ")
                 );
             }
+            if let Some(id) = &installed.left_in_place {
+                eprintln!(
+                    "rekeyd: {name}: the replaced secret {id} is left in place at the provider (the new one was not verified): remove it there once the new one works"
+                );
+            }
             eprintln!("rekeyd: {name}: secret installed; the daemon uses it from its next login");
             EXIT_OK
         }

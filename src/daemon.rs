@@ -288,6 +288,19 @@ impl Running {
                 prepared.push(prepare(i, cred, &self.shared).await?);
             }
         }
+        // I8: publishing a changed `[credentials.jwks]` can fail (a file
+        // that holds no JWK Set, a Secret this account may not write).
+        // Failing in `launch` would come after the running credential was
+        // stopped, leaving it without a token engine while the log says
+        // the previous configuration stays in force; so publish first,
+        // before anything is stopped. Publishing the key in use where no
+        // set exists yet changes nothing for the running credential, and
+        // `launch` repeats it as a no-op.
+        for p in &prepared {
+            if let Some(jwks) = &p.config.jwks {
+                publish_initial_key(self.shared.store.as_ref(), &p.config, jwks).await?;
+            }
+        }
         let keep: Vec<&str> = new.credentials.iter().map(|c| c.name.as_str()).collect();
         let removed: Vec<String> = self
             .credentials

@@ -24,6 +24,28 @@ fn keys(set: &Value) -> &[Value] {
         .unwrap_or_default()
 }
 
+/// The JWK members that hold private key material (RFC 7518 §6.2.2 EC
+/// `d`, §6.3.2 RSA `d` `p` `q` `dp` `dq` `qi` `oth`, §6.4.1 symmetric
+/// `k`; RFC 8037 §2 OKP `d`).
+pub const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+
+/// Whether any key of the set carries a private member
+/// ([`PRIVATE_MEMBERS`]): such a set must never be published (I7).
+pub fn holds_private_member(set: &Value) -> bool {
+    keys(set).iter().any(|k| {
+        k.as_object()
+            .is_some_and(|k| PRIVATE_MEMBERS.iter().any(|m| k.contains_key(*m)))
+    })
+}
+
+/// Whether `bytes` are a JWK Set (`{"keys": [...]}`) of public keys only:
+/// what may be served at a `jwks_uri`.
+pub fn is_public_set(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(bytes).is_ok_and(|set| {
+        set.get("keys").is_some_and(Value::is_array) && !holds_private_member(&set)
+    })
+}
+
 /// The ids of the set's keys, in order.
 pub fn ids(set: &Value) -> Vec<String> {
     keys(set)
@@ -91,6 +113,7 @@ pub fn public_of(
 mod tests {
     use super::*;
     use crate::provider::key::{Alg, generate, generate_with_kid};
+    use secrecy::ExposeSecret;
 
     #[test]
     fn keys_are_added_once_and_removed_by_thumbprint() {
@@ -137,6 +160,22 @@ mod tests {
         assert_eq!(ids(&left), [other.thumbprint()], "both copies of ours went");
         assert_eq!(left["keys"].as_array().unwrap().len(), 2, "junk kept");
         assert!(ids(&json!({"keys": "nope"})).is_empty());
+    }
+
+    #[test]
+    fn a_set_with_a_private_member_is_not_public() {
+        let a = generate(Alg::Es256).unwrap();
+        let public = json!({"keys": [a.public_jwk()]});
+        assert!(is_public_set(public.to_string().as_bytes()));
+        assert!(!holds_private_member(&public));
+        let private: Value = serde_json::from_str(a.to_secret().expose_secret()).unwrap();
+        let leaky = json!({"keys": [a.public_jwk(), private]});
+        assert!(holds_private_member(&leaky));
+        assert!(!is_public_set(leaky.to_string().as_bytes()));
+        let oct = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]});
+        assert!(!is_public_set(oct.to_string().as_bytes()));
+        assert!(!is_public_set(b"-----BEGIN PRIVATE KEY-----"));
+        assert!(!is_public_set(br#"{"kty":"EC"}"#));
     }
 
     #[test]

@@ -196,10 +196,27 @@ impl Target {
     }
 
     /// A set rekeyd cannot read is not overwritten: someone else's file
-    /// (or a wrong path) needs an operator.
+    /// (or a wrong path) needs an operator. Nor is a set that holds a
+    /// private key (a set written by hand from the private JWK): I7,
+    /// every write would carry it on into a file of mode 0644, and it
+    /// must not count as published.
     fn parse(&self, operation: &'static str, bytes: &[u8]) -> Result<Value, ProviderError> {
         match serde_json::from_slice::<Value>(bytes) {
-            Ok(set) if set.get("keys").is_some_and(Value::is_array) => Ok(set),
+            Ok(set) if set.get("keys").is_some_and(Value::is_array) => {
+                if jwks::holds_private_member(&set) {
+                    return Err(self.failure(
+                        operation,
+                        ErrorKind::Refused,
+                        format!(
+                            "holds a private key member ({}): a published set holds public keys \
+                             only; remove the private members (`rekeyd status --json` shows the \
+                             public_jwk) and keep the private key away from it",
+                            jwks::PRIVATE_MEMBERS.join(", ")
+                        ),
+                    ));
+                }
+                Ok(set)
+            }
             _ => Err(self.failure(
                 operation,
                 ErrorKind::Refused,

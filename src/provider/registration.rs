@@ -366,7 +366,23 @@ fn registered_keys(
         });
     }
     match metadata.get("jwks") {
-        None => Ok(serde_json::json!({ "keys": [] })),
+        // I1: RFC 7592 §2.1 has the read show every registered field, and
+        // §2.2 has an update clear what it leaves out. A read without
+        // `jwks` cannot be taken for an empty set: the server holds the
+        // key the client signs with somewhere, and a set of the new key
+        // alone would replace it before the new key is proven.
+        None => Err(ProviderError {
+            kind: ErrorKind::Refused,
+            operation,
+            status: None,
+            code: None,
+            detail: "the registration shows no jwks (nor jwks_uri): the server keeps the \
+                     client's keys where its registration does not show them, so an update \
+                     with a JWK Set would replace them; register the client's public key as \
+                     jwks"
+                .into(),
+            retry_after: None,
+        }),
         Some(set) if set.get("keys").is_some_and(Value::is_array) => Ok(set.clone()),
         // I1: a set rekeyd cannot read (a JSON string, `keys` not an array)
         // may hold the key the client signs with now; writing a set of
@@ -739,6 +755,31 @@ mod tests {
             [theirs.thumbprint(), current.thumbprint()]
         );
         assert_eq!(left["keys"][0], shared, "the other key is untouched");
+    }
+
+    /// RFC 7592 §2.1 has the read show all registered metadata, and §2.2
+    /// has the server clear what an update leaves out. A server whose read
+    /// leaves out `jwks` (keys kept elsewhere, or hidden from reads) would
+    /// take a set of the new key alone as the whole set: the key the client
+    /// signs with now would go before the new one is proven (I1).
+    #[tokio::test]
+    async fn a_registration_whose_read_shows_no_jwks_gets_no_set_written() {
+        use crate::provider::key::{Alg, generate};
+        let new = generate(Alg::Es256).unwrap();
+        let metadata = serde_json::json!({
+            "client_id": "c",
+            "token_endpoint_auth_method": "private_key_jwt",
+        });
+        let (url, state) = key_server(metadata.clone()).await;
+        let keys = RegistrationKeys::new(api(url));
+        let request = CreateRequest {
+            description: "",
+            value: Some(&new.to_secret()),
+        };
+        let e = keys.create(&bearer("rat"), request).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        assert!(e.detail.contains("shows no jwks"), "{e}");
+        assert_eq!(*state.lock().unwrap(), metadata, "nothing was written");
     }
 
     #[tokio::test]

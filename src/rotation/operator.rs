@@ -82,6 +82,11 @@ pub struct Installed {
     /// Provider ids now in the journal's retire list: the daemon deletes
     /// them after checking that they are this client's (S7).
     pub retiring: Vec<String>,
+    /// The provider id of the replaced secret that `retire_replaced` asked
+    /// to retire but that is left in place, because the new value was
+    /// installed without verification: the operator removes it once the
+    /// new one is known to work.
+    pub left_in_place: Option<String>,
 }
 
 /// Installs `req.value` as the current secret of `req.name` (S6).
@@ -175,9 +180,17 @@ pub async fn set_secret(
             let same = replaced.id == new.id || replaced.sha256 == RetiredSecret::of(&new).sha256;
             let known = next.retire.iter().any(|x| x.id == replaced.id);
             if req.retire_replaced && replaced.id.is_some() && !same && !known {
-                // Unconfirmed: a listing shows it is this client's before
-                // it is deleted (S7).
-                next.retire.push(replaced);
+                if req.verify {
+                    // Unconfirmed: a listing shows it is this client's
+                    // before it is deleted (S7).
+                    next.retire.push(replaced);
+                } else {
+                    // I1: nothing proved the new value (--no-verify), and
+                    // the replaced one may be the only one that works: it
+                    // is left in place, and in the journal's hands never
+                    // counted retired, so it can be installed again.
+                    installed.left_in_place = replaced.id;
+                }
             }
             next.current = new;
             next

@@ -139,6 +139,18 @@ async fn jwks_or_not_found(
         );
     }
     match tokio::fs::read(&file).await {
+        // I7: this listener is often on every interface. Only a set of
+        // public keys leaves through it, whatever the file holds (a private
+        // JWK written into it by hand, the key file named as `file` by
+        // mistake, a file replaced behind rekeyd's back).
+        Ok(body) if !crate::provider::jwks::is_public_set(&body) => {
+            tracing::warn!(path = %uri.path(), file = %file.display(), "the JWKS file holds no JWK Set of public keys; not served");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "jwks_unavailable",
+                "the JWK Set is not published yet",
+            )
+        }
         Ok(body) => (
             [
                 (header::CONTENT_TYPE, "application/jwk-set+json".to_string()),
