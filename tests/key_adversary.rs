@@ -276,13 +276,21 @@ struct Okta {
 
 impl Okta {
     async fn new() -> Okta {
+        let first = key::generate(Alg::Es256).unwrap();
+        let other = key::generate(Alg::Es256).unwrap();
+        let published = vec![first.public_jwk(), other.public_jwk()];
+        Okta::with_keys(first, other, published).await
+    }
+
+    /// The app with the public JWKs `published` (each with a kid of its
+    /// own) and the store holding `first`.
+    async fn with_keys(first: ClientKey, other: ClientKey, published: Vec<Value>) -> Okta {
         let sim = SimProvider::start(SimOptions::default()).await.unwrap();
         sim.add_client(APP, "org");
         sim.add_client(ADMIN, "org");
-        let first = key::generate(Alg::Es256).unwrap();
-        let other = key::generate(Alg::Es256).unwrap();
-        sim.add_okta_key(APP, &first.public_jwk());
-        sim.add_okta_key(APP, &other.public_jwk());
+        for jwk in &published {
+            sim.add_okta_key(APP, jwk);
+        }
         let (admin_id, admin_secret) = sim.add_secret(ADMIN, "");
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
@@ -414,6 +422,45 @@ async fn set_secret_without_verification_never_withdraws_the_working_key() {
         .rekeyd(&["set-secret", "app"], pem_of_first.expose_secret())
         .await;
     assert!(ok, "the working key can be installed again: {out}");
+    w.sim.shutdown().await;
+    drop(w.dir);
+}
+
+/// `key` with the kid `kid` (the same key material).
+fn with_kid(key: &ClientKey, kid: &str) -> ClientKey {
+    let mut jwk = private_jwk(key);
+    jwk["kid"] = kid.into();
+    ClientKey::from_jwk_json(&jwk.to_string()).unwrap()
+}
+
+/// I3, a quirky app: Okta holds the bootstrap key twice, under two kids
+/// (uploaded twice, once by hand and once by a script). rekeyd names a key
+/// by its thumbprint, so both are the one key it withdraws: a rotation
+/// that deactivated and deleted only the first copy would leave the old
+/// key active, still accepted and forgotten by the journal.
+#[tokio::test]
+async fn every_copy_of_a_withdrawn_key_goes_at_okta() {
+    let generated = key::generate(Alg::Es256).unwrap();
+    let first = with_kid(&generated, "first-by-hand");
+    let copy = with_kid(&generated, "first-by-script");
+    let unused = key::generate(Alg::Es256).unwrap();
+    let published = vec![first.public_jwk(), copy.public_jwk()];
+    let w = Okta::with_keys(first, unused, published).await;
+    let (ok, out) = w.rekeyd(&["rotate", "app"], "").await;
+    assert!(ok, "{out}");
+
+    let state = w.dir.path().join("state");
+    let record = FileStore::new(&state).load("app").await.unwrap().unwrap();
+    assert_eq!(record.value.phase(), "idle", "{out}");
+    let current = key::from_secret(&record.value.current.value).unwrap();
+    let keys: Vec<(String, bool)> = (w.sim.okta_keys(APP).into_iter())
+        .map(|k| (k.kid, k.active))
+        .collect();
+    assert_eq!(
+        keys,
+        [(current.kid().to_string(), true)],
+        "exactly the new key is left\n{out}"
+    );
     w.sim.shutdown().await;
     drop(w.dir);
 }

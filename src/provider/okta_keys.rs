@@ -213,9 +213,14 @@ pub fn parse_create_reply(
 }
 
 /// Whether deactivating `target` would leave the app without an active
-/// key: it is active and no other is. Pure, for the I1 check.
+/// key: it is active and no other is (another copy of the same key,
+/// [`copies`], does not count: it goes with it). Pure, for the I1 check.
 pub fn last_active(keys: &[OktaKey], target: &OktaKey) -> bool {
-    target.active() && !keys.iter().any(|k| k.id != target.id && k.active())
+    let copy = |k: &OktaKey| k.thumbprint.is_some() && k.thumbprint == target.thumbprint;
+    target.active()
+        && !keys
+            .iter()
+            .any(|k| k.id != target.id && !copy(k) && k.active())
 }
 
 fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, ProviderError> {
@@ -229,6 +234,15 @@ fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, Provi
 /// The key named `id` (its thumbprint).
 fn find<'k>(keys: &'k [OktaKey], id: &str) -> Option<&'k OktaKey> {
     keys.iter().find(|k| k.thumbprint.as_deref() == Some(id))
+}
+
+/// Every listed copy of the key named `id`: Okta may hold one key under
+/// several kids (added twice), and a withdrawn key must go under all of
+/// them, or it stays accepted while the journal forgets it (I3).
+fn copies<'k>(keys: &'k [OktaKey], id: &str) -> Vec<&'k OktaKey> {
+    keys.iter()
+        .filter(|k| k.thumbprint.as_deref() == Some(id))
+        .collect()
 }
 
 impl SecretApi for OktaKeys {
@@ -285,13 +299,15 @@ impl SecretApi for OktaKeys {
         Box::pin(async move {
             const OP: &str = "okta deactivate key";
             let keys = self.keys(bearer).await?;
-            let Some(key) = find(&keys, id) else {
+            let copies = copies(&keys, id);
+            if copies.is_empty() {
                 return Ok(Deleted::NotFound);
-            };
-            if !key.active() {
+            }
+            let active: Vec<&OktaKey> = copies.into_iter().filter(|k| k.active()).collect();
+            if active.is_empty() {
                 return Ok(Deleted::Deleted);
             }
-            if last_active(&keys, key) {
+            if active.iter().any(|key| last_active(&keys, key)) {
                 // I1: the machine retires a key only once another is
                 // proven; an app whose only active key this is is not
                 // what the journal says.
@@ -307,10 +323,16 @@ impl SecretApi for OktaKeys {
                     retry_after: None,
                 });
             }
-            let url = self.key_url(&key.id, &["lifecycle", "deactivate"]);
-            let request = self.transport.http.inner().post(url);
-            let reply = self.call(OP, request, bearer).await?;
-            done_or_gone(OP, &reply)
+            let mut done = Deleted::NotFound;
+            for key in active {
+                let url = self.key_url(&key.id, &["lifecycle", "deactivate"]);
+                let request = self.transport.http.inner().post(url);
+                let reply = self.call(OP, request, bearer).await?;
+                if done_or_gone(OP, &reply)? == Deleted::Deleted {
+                    done = Deleted::Deleted;
+                }
+            }
+            Ok(done)
         })
     }
 
@@ -322,16 +344,19 @@ impl SecretApi for OktaKeys {
         Box::pin(async move {
             const OP: &str = "okta delete key";
             let keys = self.keys(bearer).await?;
-            let Some(key) = find(&keys, id) else {
-                return Ok(Deleted::NotFound);
-            };
-            let request = self
-                .transport
-                .http
-                .inner()
-                .delete(self.key_url(&key.id, &[]));
-            let reply = self.call(OP, request, bearer).await?;
-            done_or_gone(OP, &reply)
+            let mut done = Deleted::NotFound;
+            for key in copies(&keys, id) {
+                let request = self
+                    .transport
+                    .http
+                    .inner()
+                    .delete(self.key_url(&key.id, &[]));
+                let reply = self.call(OP, request, bearer).await?;
+                if done_or_gone(OP, &reply)? == Deleted::Deleted {
+                    done = Deleted::Deleted;
+                }
+            }
+            Ok(done)
         })
     }
 }
@@ -411,6 +436,17 @@ mod tests {
         let mut both = keys.to_vec();
         both[0].status = Some("ACTIVE".into());
         assert!(!last_active(&both, &both[1]));
+        // A second copy of the same key (another kid) goes with it: it
+        // does not count as the key that stays active.
+        let mut copy = both[1].clone();
+        copy.id = "pks9".into();
+        let only_copies = [both[1].clone(), copy];
+        assert!(last_active(&only_copies, &only_copies[0]));
+        assert_eq!(copies(&only_copies, &new_thumbprint(&only_copies)).len(), 2);
+    }
+
+    fn new_thumbprint(keys: &[OktaKey]) -> String {
+        keys[0].thumbprint.clone().unwrap()
     }
 
     #[test]
