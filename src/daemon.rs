@@ -831,7 +831,12 @@ pub(crate) async fn publish_initial_key(
     };
     let publisher = provider::jwks_publish::JwksKeys::new(cred.client_id.clone(), jwks);
     let current = &record.value.current.value;
-    match publisher.publish_initial(current).await {
+    // I3: a place added mid-rotation gets the pending or old key too.
+    let live: Vec<&SecretString> = std::iter::once(current)
+        .chain(record.value.pending().map(|p| &p.value))
+        .chain(record.value.rotation.old().map(|o| &o.value))
+        .collect();
+    match publisher.publish_initial_keys(&live).await {
         Ok(true) => {
             info!(credential = %cred.name, step = "bootstrap", "current public key published as the JWK Set");
         }

@@ -7,6 +7,8 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/kube_fake.rs"]
+mod kube_fake;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -463,4 +465,101 @@ async fn every_copy_of_a_withdrawn_key_goes_at_okta() {
     );
     w.sim.shutdown().await;
     drop(w.dir);
+}
+
+/// I3, a reload mid-rotation: the grace period of a rotation is running
+/// (the old key `old` and the new `new` both published in the JWKS file)
+/// when the operator adds a Kubernetes Secret as a second place. A place
+/// with no set yet must get every key the journal still counts on, not
+/// the current one alone: a key counts as published only where every
+/// place holds it, so the old key would never be listed again, its
+/// withdrawal would be given up as "gone", and it would stay in the file,
+/// accepted, forgotten by the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_added_mid_rotation_gets_every_key_the_journal_counts_on() {
+    let fake = kube_fake::KubeFake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, _) = counting_token_endpoint().await;
+    let old = key::generate(Alg::Es256).unwrap();
+    let new = key::generate(Alg::Es256).unwrap();
+    daemon::write_secret(
+        dir.path(),
+        "app.pem",
+        &key::generate_pem(Alg::Es256).unwrap(),
+    );
+    let file = dir.path().join("www/jwks.json");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let both = json!({"keys": [old.public_jwk(), new.public_jwk()]});
+    std::fs::write(&file, both.to_string()).unwrap();
+
+    let text = format!(
+        "{}[credentials.rotation]\nevery = \"24h\"\ngrace = \"1h\"\n",
+        key_credential_config(dir.path(), &token_url, &file)
+    )
+    .replace(
+        "[credentials.jwks]\n",
+        "[credentials.jwks]\nkubernetes_secret = \"app-jwks\"\n",
+    );
+    let mut config = Config::from_toml(&text).unwrap();
+    let kubeconfig = fake.kubeconfig(dir.path(), "apps", "token-a");
+    let jwks = config.credentials[0].jwks.as_deref_mut().unwrap();
+    jwks.kubernetes_secret.as_mut().unwrap().kubeconfig = Some(kubeconfig);
+
+    // The journal in the grace period: `new` promoted, `old` kept.
+    let store = Arc::new(FileStore::new(&config.state_dir));
+    let entry = |k: &ClientKey| SecretEntry {
+        id: Some(k.thumbprint()),
+        value: k.to_secret(),
+        created_at: SystemTime::now(),
+        expires_at: None,
+    };
+    let mut record = CredentialRecord::new(entry(&new));
+    record.rotation = rekeyd::store::Rotation::Promoted {
+        rid: "r1".into(),
+        old: entry(&old),
+        delete_after: SystemTime::now(),
+    };
+    store.compare_and_swap("app", None, &record).await.unwrap();
+
+    // The daemon (re)starts the credential with the new place.
+    rekeyd::daemon::ensure_bootstrapped(&config, 0, store.as_ref())
+        .await
+        .unwrap();
+    let in_secret = || -> Vec<String> {
+        let data = fake.secret_data("apps", "app-jwks").expect("the Secret");
+        rekeyd::provider::jwks::ids(&serde_json::from_slice(&data["jwks.json"]).unwrap())
+    };
+    let mut held = in_secret();
+    held.sort();
+    let mut both_ids = vec![old.thumbprint(), new.thumbprint()];
+    both_ids.sort();
+    assert_eq!(held, both_ids, "the new place holds what the file holds");
+
+    // The grace period ends: the old key goes from both places.
+    let cred = config.credential("app").unwrap();
+    let rotator = rekeyd::rotation::driver::Rotator {
+        name: "app".into(),
+        client_id: "app".into(),
+        provider: rekeyd::provider::build(cred).unwrap(),
+        secret_api: rekeyd::provider::build_secret_api(cred).unwrap().unwrap(),
+        secret_api_bearer: None,
+        store: store.clone(),
+        grace: Duration::ZERO,
+        verify_window: Duration::from_secs(5),
+        status: None,
+        refresh_now: None,
+        clock: rekeyd::rotation::driver::system_clock(),
+    };
+    let once = rotator
+        .settle_once(None, Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(once.phase, "idle", "{once:?}");
+    let in_file: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        rekeyd::provider::jwks::ids(&in_file),
+        [new.thumbprint()],
+        "the old key is withdrawn from the file"
+    );
+    assert_eq!(in_secret(), [new.thumbprint()]);
 }

@@ -101,10 +101,33 @@ impl JwksKeys {
     /// the first start it is the rotation's to change. Returns whether
     /// anything was written.
     pub async fn publish_initial(&self, current: &SecretString) -> Result<bool, ProviderError> {
-        let (_, public) = jwks::public_of(PUBLISH, Some(current))?;
+        self.publish_initial_keys(&[current]).await
+    }
+
+    /// [`JwksKeys::publish_initial`] with every key the journal still
+    /// counts on (the current one first, then a pending or a promoted
+    /// rotation's old one): a place added while a rotation runs must hold
+    /// what the other places hold, because a key counts as published only
+    /// where every place holds it ([`JwksKeys::published_ids`]); with the
+    /// current key alone there, the old key would never be listed again
+    /// and stay published, forgotten (I3).
+    pub async fn publish_initial_keys(
+        &self,
+        keys: &[&SecretString],
+    ) -> Result<bool, ProviderError> {
+        let mut publics = Vec::with_capacity(keys.len());
+        for key in keys {
+            let (_, public) = jwks::public_of(PUBLISH, Some(key))?;
+            publics.push(public);
+        }
         let edit = |set: Option<&Value>| -> Result<Option<Value>, ProviderError> {
             Ok(match set {
-                None => Some(json!({ "keys": [public.clone()] })),
+                None => {
+                    let set = (publics.iter()).fold(json!({ "keys": [] }), |set, public| {
+                        jwks::with_key(&set, public).unwrap_or(set)
+                    });
+                    Some(set)
+                }
                 Some(_) => None,
             })
         };
