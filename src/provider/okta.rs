@@ -172,18 +172,7 @@ impl SecretApi for OktaSecrets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Redactor;
-    use bytes::Bytes;
-
-    fn reply(status: u16, body: &str) -> Reply {
-        Reply::received(
-            status,
-            Some("application/json".into()),
-            Bytes::from(body.to_string()),
-            &Redactor::default(),
-            &[],
-        )
-    }
+    use crate::provider::okta_api::tests::reply;
 
     #[test]
     fn a_listing_is_the_apps_secrets_with_their_creation_time() {

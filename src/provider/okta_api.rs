@@ -143,12 +143,14 @@ fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, Provi
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::provider::Redactor;
     use bytes::Bytes;
 
-    fn reply(status: u16, body: &str) -> Reply {
+    /// A JSON reply as Okta's Management API answers, for the adapters'
+    /// tests too.
+    pub(in crate::provider) fn reply(status: u16, body: &str) -> Reply {
         Reply::received(
             status,
             Some("application/json".into()),

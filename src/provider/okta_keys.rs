@@ -286,18 +286,7 @@ impl SecretApi for OktaKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Redactor;
-    use bytes::Bytes;
-
-    fn reply(status: u16, body: &str) -> Reply {
-        Reply::received(
-            status,
-            Some("application/json".into()),
-            Bytes::from(body.to_string()),
-            &Redactor::default(),
-            &[],
-        )
-    }
+    use crate::provider::okta_api::tests::reply;
 
     /// The documented listing's shape (two RSA keys, one of them
     /// inactive) around two real keys; the first with a kid of an
