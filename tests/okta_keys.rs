@@ -19,6 +19,7 @@ use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use rand::Rng;
 use rekeyd::config::Config;
 use rekeyd::provider::assertion;
 use rekeyd::provider::key::{self, Alg, ClientKey};
@@ -29,11 +30,13 @@ use rekeyd::store::{CredentialRecord, SecretEntry, Store};
 use rekeyd::token::engine::StoreSecrets;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 const APP: &str = "app-client";
 const ADMIN: &str = "admin-client";
 const SIGABRT: i32 = 6;
+const SIGKILL: i32 = 9;
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct World {
@@ -137,8 +140,8 @@ initial_secret_file = "{d}/admin.secret"
         self.store().load("app").await.unwrap().unwrap().value
     }
 
-    /// `rekeyd rotate app`, with one crash point armed if given.
-    async fn rotate(&mut self, failpoint: Option<&str>) -> Output {
+    /// `rekeyd rotate app`, logging everything, no crash point armed.
+    fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekeyd"));
         cmd.args(["rotate", "app", "--config"])
             .arg(&self.config_path)
@@ -146,6 +149,12 @@ initial_secret_file = "{d}/admin.secret"
             .env_remove("FAILPOINTS")
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        cmd
+    }
+
+    /// `rekeyd rotate app`, with one crash point armed if given.
+    async fn rotate(&mut self, failpoint: Option<&str>) -> Output {
+        let mut cmd = self.command();
         if let Some(point) = failpoint {
             cmd.env("FAILPOINTS", format!("{point}=return"));
         }
@@ -458,4 +467,91 @@ async fn adding_twice_adds_once_and_the_last_active_key_stays() {
         rekeyd::provider::Deleted::NotFound,
         "gone is done"
     );
+}
+
+/// Everything `pipe` carries until its writer is gone, read as it is
+/// written so that a full pipe never holds the writer up.
+fn read_all(
+    mut pipe: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+) -> tokio::task::JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
+        let mut text = Vec::new();
+        pipe.read_to_end(&mut text).await.unwrap();
+        text
+    })
+}
+
+/// `kill -9` of `rekeyd rotate` at random moments, many times: after each
+/// kill the journal's current key is active at Okta and its token
+/// endpoint accepts it, never more than the old and the new key are
+/// listed, and a last undisturbed run leaves exactly one key, the
+/// journal's. Everything the killed runs printed is checked for private
+/// keys too.
+#[tokio::test]
+async fn kill_9_at_random_moments_ends_with_one_working_key() {
+    const KILLS: usize = 30;
+    let mut w = World::new(Alg::Es256).await;
+    // How long an undisturbed rotation takes here: the kills fall
+    // anywhere within that (the random moment is the point of the test).
+    let started = tokio::time::Instant::now();
+    let out = w.rotate(None).await;
+    assert!(out.status.success(), "{}", w.logs);
+    let run = started.elapsed().as_millis() as u64;
+    w.assert_one_key().await;
+    let mut rng = rand::rng();
+    let mut phases = std::collections::BTreeMap::<&'static str, u32>::new();
+    let mut kills = 0;
+    for i in 0..KILLS {
+        let mut child = w
+            .command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = read_all(child.stdout.take().unwrap());
+        let stderr = read_all(child.stderr.take().unwrap());
+        // A run that ends before its moment is simply not killed.
+        let delay = Duration::from_millis(rng.random_range(0..run.max(2)));
+        let status = match tokio::time::timeout(delay, child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => {
+                child.start_kill().unwrap();
+                tokio::time::timeout(RUN_TIMEOUT, child.wait())
+                    .await
+                    .expect("a killed run ends")
+                    .unwrap()
+            }
+        };
+        if status.signal() == Some(SIGKILL) {
+            kills += 1;
+        }
+        for pipe in [stderr, stdout] {
+            w.logs
+                .push_str(&String::from_utf8_lossy(&pipe.await.unwrap()));
+        }
+        w.remember_keys().await;
+        let record = w.record().await;
+        *phases.entry(record.phase()).or_default() += 1;
+        w.assert_current_key_works(&format!("after kill {i}")).await;
+        let current = key::from_secret(&record.current.value).unwrap();
+        assert_eq!(
+            w.login_with(&current).await,
+            200,
+            "after kill {i}: Okta's token endpoint accepts the current key"
+        );
+    }
+    // Finish whatever the last kill interrupted.
+    let out = w.rotate(None).await;
+    assert!(out.status.success(), "{}", w.logs);
+    let last = w.assert_one_key().await;
+    assert_eq!(
+        w.record().await.current.id.as_deref(),
+        Some(last.kid()),
+        "the journal names the published key"
+    );
+    eprintln!(
+        "okta key kill loop: {kills} kills within {run} ms, phases after each run {phases:?}"
+    );
+    assert!(kills >= KILLS / 2, "enough runs were killed: {kills}");
+    w.assert_nothing_leaked();
 }

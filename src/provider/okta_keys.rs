@@ -28,16 +28,16 @@
 //! (`secret_api_credential`, scope `okta.apps.manage`).
 
 use futures_util::future::BoxFuture;
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
 
-use super::http::{Reply, Transport, with_json};
+use super::http::{Reply, Transport};
 use super::jwks;
+use super::okta_api::{ClientAuthCredentials, accepted, created_at};
 use super::{
     Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, Overlap, ProviderError,
-    RemoteSecret, Retire, SecretApi, ValueOrigin, classify_secret_api,
+    RemoteSecret, Retire, SecretApi, ValueOrigin,
 };
 use crate::token::Token;
 
@@ -80,9 +80,8 @@ impl OktaKey {
 
 /// An app's keys at `…/api/v1/apps/{appId}/credentials/jwks`.
 pub struct OktaKeys {
-    transport: Transport,
     /// `…/api/v1/apps/{appId}/credentials/jwks`.
-    url: Url,
+    api: ClientAuthCredentials,
     /// The app's OAuth client id: every listed key is this client's.
     client_id: String,
 }
@@ -90,40 +89,14 @@ pub struct OktaKeys {
 impl OktaKeys {
     pub fn new(transport: Transport, url: Url, client_id: String) -> Self {
         OktaKeys {
-            transport,
-            url,
+            api: ClientAuthCredentials::new(transport, url),
             client_id,
         }
     }
 
-    fn key_url(&self, id: &str, suffix: &[&str]) -> Url {
-        let mut url = self.url.clone();
-        url.path_segments_mut()
-            .expect("an http(s) URL has path segments")
-            .pop_if_empty()
-            .push(id)
-            .extend(suffix);
-        url
-    }
-
-    async fn call(
-        &self,
-        operation: &'static str,
-        request: reqwest::RequestBuilder,
-        bearer: &Token,
-    ) -> Result<Reply, ProviderError> {
-        let request = request
-            .bearer_auth(bearer.access_token.expose_secret())
-            .header(reqwest::header::ACCEPT, "application/json");
-        self.transport
-            .send(operation, request, &[&bearer.access_token])
-            .await
-    }
-
     async fn keys(&self, bearer: &Token) -> Result<Vec<OktaKey>, ProviderError> {
         const OP: &str = "okta list keys";
-        let request = self.transport.http.inner().get(self.url.clone());
-        let reply = self.call(OP, request, bearer).await?;
+        let reply = self.api.list(OP, bearer).await?;
         parse_list_reply(OP, &reply)
     }
 }
@@ -135,9 +108,7 @@ pub fn parse_list_reply(
     operation: &'static str,
     reply: &Reply,
 ) -> Result<Vec<OktaKey>, ProviderError> {
-    if !(200..300).contains(&reply.status) {
-        return Err(reply.refusal(operation, classify_secret_api));
-    }
+    accepted(operation, reply)?;
     let body: Value = serde_json::from_slice(&reply.body)
         .map_err(|_| reply.unexpected(operation, "expected JSON"))?;
     let items = match &body {
@@ -174,11 +145,7 @@ pub fn listing(keys: &[OktaKey], client_id: &str) -> Vec<RemoteSecret> {
                 id: k.thumbprint.clone()?,
                 description: String::new(),
                 client_id: Some(client_id.to_string()),
-                created_at: k
-                    .created
-                    .as_deref()
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    .map(std::time::SystemTime::from),
+                created_at: created_at(k.created.as_deref()),
                 expires_at: None,
             })
         })
@@ -198,9 +165,7 @@ pub fn parse_create_reply(
     operation: &'static str,
     reply: &Reply,
 ) -> Result<OktaKey, ProviderError> {
-    if !(200..300).contains(&reply.status) {
-        return Err(reply.refusal(operation, classify_secret_api));
-    }
+    accepted(operation, reply)?;
     let created = serde_json::from_slice::<Value>(&reply.body)
         .ok()
         .as_ref()
@@ -216,14 +181,6 @@ pub fn parse_create_reply(
 /// key: it is active and no other is. Pure, for the I1 check.
 pub fn last_active(keys: &[OktaKey], target: &OktaKey) -> bool {
     target.active() && !keys.iter().any(|k| k.id != target.id && k.active())
-}
-
-fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, ProviderError> {
-    match reply.status {
-        200..=299 => Ok(Deleted::Deleted),
-        404 => Ok(Deleted::NotFound),
-        _ => Err(reply.refusal(operation, classify_secret_api)),
-    }
 }
 
 /// The key named `id` (its thumbprint).
@@ -264,11 +221,10 @@ impl SecretApi for OktaKeys {
             if find(&self.keys(bearer).await?, &id).is_some() {
                 return Ok(new());
             }
-            let http = with_json(
-                self.transport.http.inner().post(self.url.clone()),
-                &create_body(&public),
-            );
-            let reply = self.call(OP, http, bearer).await?;
+            let reply = self
+                .api
+                .create(OP, bearer, &create_body(&public), None)
+                .await?;
             let created = parse_create_reply(OP, &reply)?;
             if created.thumbprint.as_deref().is_some_and(|t| t != id) {
                 return Err(reply.unexpected(OP, "the added key is another key"));
@@ -307,10 +263,7 @@ impl SecretApi for OktaKeys {
                     retry_after: None,
                 });
             }
-            let url = self.key_url(&key.id, &["lifecycle", "deactivate"]);
-            let request = self.transport.http.inner().post(url);
-            let reply = self.call(OP, request, bearer).await?;
-            done_or_gone(OP, &reply)
+            self.api.deactivate(OP, bearer, &key.id).await
         })
     }
 
@@ -325,13 +278,7 @@ impl SecretApi for OktaKeys {
             let Some(key) = find(&keys, id) else {
                 return Ok(Deleted::NotFound);
             };
-            let request = self
-                .transport
-                .http
-                .inner()
-                .delete(self.key_url(&key.id, &[]));
-            let reply = self.call(OP, request, bearer).await?;
-            done_or_gone(OP, &reply)
+            self.api.delete(OP, bearer, &key.id).await
         })
     }
 }
@@ -339,18 +286,7 @@ impl SecretApi for OktaKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Redactor;
-    use bytes::Bytes;
-
-    fn reply(status: u16, body: &str) -> Reply {
-        Reply::received(
-            status,
-            Some("application/json".into()),
-            Bytes::from(body.to_string()),
-            &Redactor::default(),
-            &[],
-        )
-    }
+    use crate::provider::okta_api::tests::reply;
 
     /// The documented listing's shape (two RSA keys, one of them
     /// inactive) around two real keys; the first with a kid of an
