@@ -20,9 +20,9 @@
 //!   `INACTIVE` keys).
 //!
 //! `{keyId}` is Okta's `id` (`pks…`), not the JWK's `kid`. rekeyd names
-//! keys by `kid` everywhere (the journal, the listing it gives the
-//! rotation), so every call by key lists first and maps the `kid` to
-//! Okta's `id`. The page documents no limit on the number of keys.
+//! keys by their RFC 7638 thumbprint everywhere (the journal, the listing
+//! it gives the rotation; [`super::jwks`]), so every call by key lists
+//! first and maps the thumbprint of the listed members to Okta's `id`. The page documents no limit on the number of keys.
 //! Errors are `{"errorCode", "errorSummary", "errorCauses"}` as for
 //! secrets; the API is called with an administrative client's token
 //! (`secret_api_credential`, scope `okta.apps.manage`).
