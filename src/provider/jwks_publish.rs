@@ -8,13 +8,13 @@
 //! at `serve_path` on the diagnostics listener, or by any web server),
 //! and/or the data key `jwks.json` of a Kubernetes Secret (mounted into a
 //! web server's pod). [`JwksKeys`] is the [`SecretApi`] of a key rotation
-//! there: its listing is the published keys (by thumbprint), `create` adds the
-//! new public key next to the others and `delete` withdraws one. Each
-//! write reads the set just before and leaves it alone when it already
-//! says what is wanted, so every step is idempotent (a retry after a lost
-//! write or a crash writes nothing new), and a write that would leave no
-//! key is refused (I1). Only public members ever leave the private JWK
-//! ([`super::key::ClientKey::public_jwk`]).
+//! there: its listing is the published keys (by thumbprint), `create`
+//! adds the new public key next to the others and `delete` withdraws one.
+//! Each write reads the set just before and leaves it alone when it
+//! already says what is wanted, so every step is idempotent (a retry after
+//! a lost write or a crash writes nothing new), and a write that would
+//! leave no key is refused (I1). Only public members ever leave the
+//! private JWK ([`super::key::ClientKey::public_jwk`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -115,12 +115,13 @@ impl JwksKeys {
         Ok(written)
     }
 
-    /// The ids (thumbprints) of the keys published in every place. A key only some
-    /// places hold is not listed: after a publish interrupted between two
-    /// places it is published again (idempotently: the places that hold
-    /// it are left alone) rather than taken as done, while a withdrawal
-    /// interrupted between them is repeated anyway, because the machine
-    /// deletes again a retired key it has seen listed (S7 `confirmed`).
+    /// The ids (thumbprints) of the keys published in every place. A key
+    /// only some places hold is not listed: after a publish interrupted
+    /// between two places it is published again (idempotently: the places
+    /// that hold it are left alone) rather than taken as done, while a
+    /// withdrawal interrupted between them is repeated anyway, because the
+    /// machine deletes again a retired key it has seen listed (S7
+    /// `confirmed`).
     pub async fn published_ids(&self) -> Result<Vec<String>, ProviderError> {
         let mut everywhere: Option<Vec<String>> = None;
         for target in &self.targets {
