@@ -434,3 +434,101 @@ async fn kill_9_at_random_moments_leaves_the_current_key_in_both_places() {
     assert_eq!(kills, KILLS, "enough runs were killed");
     w.assert_nothing_leaked();
 }
+
+/// Spawns `rekeyd rotate app` with the Secret's writes stalled, waits
+/// until its file write shows `want` (its next write, the Secret's, is
+/// then on its way or stalled) and kills it there.
+async fn kill_between_the_places(w: &World, want: impl Fn(&[String]) -> bool) {
+    w.fake.stall(kube_fake::Stall {
+        method: Some(axum::http::Method::PUT),
+        kind: Some(kube_fake::Kind::Secret),
+    });
+    let mut child = w
+        .command()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // No signal crosses the process boundary at that moment but the file
+    // itself (written atomically, so each read sees a whole set).
+    let deadline = tokio::time::Instant::now() + RUN_TIMEOUT;
+    while !want(&w.in_file()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the file never showed the write: {:?}",
+            w.in_file()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its file write"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.signal(), Some(SIGKILL));
+}
+
+/// A kill after the file was written and before the Secret was, once
+/// while a new key is published and once while the old one is withdrawn
+/// (the Secret's write is stalled at the fake API server, so the kill
+/// falls there every time): the journal's current key is in both places
+/// and logs in, the listing (keys every place holds) sends the next run
+/// to publish again or withdraw again, and that run ends with exactly one
+/// key in both places: the key the journal chose, not a third one.
+#[tokio::test]
+async fn a_kill_between_the_file_and_the_secret_is_finished_by_the_next_run() {
+    let Some(mut w) = World::new().await else {
+        return;
+    };
+    let out = w.rotate(None).await;
+    assert!(out.status.success(), "{}", w.logs);
+    let second = w.assert_one_key("the first run").await.thumbprint();
+
+    // Killed while publishing: the new key is in the file only.
+    kill_between_the_places(&w, |ids| ids.len() == 2).await;
+    w.remember_keys().await;
+    let record = w.record().await;
+    assert_eq!(record.phase(), "creating", "{}", w.logs);
+    let chosen = key::from_secret(record.chosen().unwrap())
+        .unwrap()
+        .thumbprint();
+    assert_eq!(w.in_file(), [second.as_str(), chosen.as_str()]);
+    assert_eq!(w.in_secret(), [second.as_str()], "the write was stalled");
+    w.assert_current_key_works("after a kill while publishing")
+        .await;
+    // The stalled write may still land (as a real server may apply a
+    // request whose sender died): either way the next run finishes.
+    w.fake.unstall();
+    let out = w.rotate(None).await;
+    assert!(out.status.success(), "{}", w.logs);
+    let third = w
+        .assert_one_key("the run after a kill while publishing")
+        .await
+        .thumbprint();
+    assert_eq!(third, chosen, "the chosen key was published, not another");
+
+    // Killed while withdrawing: the old key is gone from the file only.
+    // (The crash leaves a rotation with only its withdrawal to do.)
+    let out = w.rotate(Some("rotation-after-persist-retire")).await;
+    assert_eq!(out.status.signal(), Some(SIGABRT), "{}", w.logs);
+    let fourth = w.record().await.current.id.unwrap();
+    assert_eq!(w.in_secret(), [third.as_str(), fourth.as_str()]);
+    kill_between_the_places(&w, |ids| ids.len() == 1).await;
+    assert_eq!(w.in_file(), [fourth.as_str()]);
+    assert_eq!(
+        w.in_secret(),
+        [third.as_str(), fourth.as_str()],
+        "the write was stalled"
+    );
+    w.assert_current_key_works("after a kill while withdrawing")
+        .await;
+    w.fake.unstall();
+    let out = w.rotate(None).await;
+    assert!(out.status.success(), "{}", w.logs);
+    let last = w
+        .assert_one_key("the run after a kill while withdrawing")
+        .await;
+    assert_eq!(last.thumbprint(), fourth, "the withdrawal was finished");
+    w.assert_nothing_leaked();
+}
