@@ -85,18 +85,34 @@ struct World {
     privates: Vec<String>,
 }
 
-/// The web server of the client's `jwks_uri`: the Secret's set, or 404
-/// while there is none.
-async fn serve_secret(fake: Arc<kube_fake::KubeFake>) -> std::net::SocketAddr {
+/// Where the web server of the client's `jwks_uri` reads the set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The Secret's `jwks.json`, as a pod mounting the Secret would.
+    Secret,
+    /// The file.
+    File,
+}
+
+/// The web server of the client's `jwks_uri`: the set `source` holds, or
+/// 404 while there is none.
+async fn serve_set(
+    fake: Arc<kube_fake::KubeFake>,
+    file: PathBuf,
+    source: Source,
+) -> std::net::SocketAddr {
     let app = Router::new().route(
         JWKS_PATH,
         get(move || {
-            let fake = fake.clone();
+            let (fake, file) = (fake.clone(), file.clone());
             async move {
-                match fake
-                    .secret_data(NAMESPACE, SECRET)
-                    .and_then(|mut data| data.remove(JWKS_SECRET_KEY))
-                {
+                let set = match source {
+                    Source::Secret => fake
+                        .secret_data(NAMESPACE, SECRET)
+                        .and_then(|mut data| data.remove(JWKS_SECRET_KEY)),
+                    Source::File => std::fs::read(&file).ok(),
+                };
+                match set {
                     Some(set) => ([("content-type", "application/json")], set).into_response(),
                     None => StatusCode::NOT_FOUND.into_response(),
                 }
@@ -114,8 +130,17 @@ impl World {
     /// Secret, and a configuration that publishes them in a file and in
     /// the Secret. `None` when Node.js is missing (skipped).
     async fn new() -> Option<World> {
+        World::with(Source::Secret, true).await
+    }
+
+    /// A server whose client fetches its keys from `source`, and a
+    /// configuration that publishes them in a file and, if `secret`, in
+    /// the Secret.
+    async fn with(source: Source, secret: bool) -> Option<World> {
         let fake = Arc::new(kube_fake::KubeFake::start().await);
-        let web = serve_secret(fake.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("www/jwks.json");
+        let web = serve_set(fake.clone(), file.clone(), source).await;
         let server = OidcServer::start_with(OidcOptions {
             clients: Some(json!([{
                 "client_id": CLIENT_ID,
@@ -132,36 +157,11 @@ impl World {
         .await?;
         let pem = key::generate_pem(Alg::Es256).unwrap();
         let first = ClientKey::from_file_text(&pem).unwrap();
-        let dir = tempfile::tempdir().unwrap();
         daemon::write_secret(dir.path(), "app.key", &pem);
         let kubeconfig = fake.kubeconfig(dir.path(), NAMESPACE, "token-a");
-        let d = dir.path().display();
-        let file = dir.path().join("www/jwks.json");
-        let text = format!(
-            r#"state_dir = "{d}/state"
-
-[[credentials]]
-name = "app"
-provider = "oauth2"
-client_id = "{CLIENT_ID}"
-auth_method = "private_key_jwt"
-initial_key_file = "{d}/app.key"
-[credentials.endpoints]
-token_url = "{token_url}"
-[credentials.rotation]
-every = "24h"
-grace = "0s"
-[credentials.jwks]
-file = "{file}"
-kubernetes_secret = "{SECRET}"
-"#,
-            token_url = server.token_url(),
-            file = file.display(),
-        );
         let config_path = dir.path().join("rekeyd.toml");
-        std::fs::write(&config_path, &text).unwrap();
-        let config = Config::from_toml(&text).unwrap();
         let privates = vec![private_d(&first.to_secret())];
+        let config = write_config(&config_path, dir.path(), &server, &file, secret);
         Some(World {
             server,
             fake,
@@ -176,6 +176,57 @@ kubernetes_secret = "{SECRET}"
         })
     }
 
+    /// Rewrites the configuration: the keys published in the file and, if
+    /// `secret`, in the Secret.
+    fn reconfigure(&mut self, secret: bool) {
+        self.config = write_config(
+            &self.config_path,
+            self._dir.path(),
+            &self.server,
+            &self.file,
+            secret,
+        );
+    }
+}
+
+/// Writes the configuration to `path`: the keys published in `file` and,
+/// if `secret`, in the Secret.
+fn write_config(
+    path: &std::path::Path,
+    dir: &std::path::Path,
+    server: &OidcServer,
+    file: &std::path::Path,
+    secret: bool,
+) -> Config {
+    let d = dir.display();
+    let mut text = format!(
+        r#"state_dir = "{d}/state"
+
+[[credentials]]
+name = "app"
+provider = "oauth2"
+client_id = "{CLIENT_ID}"
+auth_method = "private_key_jwt"
+initial_key_file = "{d}/app.key"
+[credentials.endpoints]
+token_url = "{token_url}"
+[credentials.rotation]
+every = "24h"
+grace = "0s"
+[credentials.jwks]
+file = "{file}"
+"#,
+        token_url = server.token_url(),
+        file = file.display(),
+    );
+    if secret {
+        text.push_str(&format!("kubernetes_secret = \"{SECRET}\"\n"));
+    }
+    std::fs::write(path, &text).unwrap();
+    Config::from_toml(&text).unwrap()
+}
+
+impl World {
     fn store(&self) -> FileStore {
         FileStore::new(&self.config.state_dir)
     }
@@ -530,5 +581,31 @@ async fn a_kill_between_the_file_and_the_secret_is_finished_by_the_next_run() {
         .assert_one_key("the run after a kill while withdrawing")
         .await;
     assert_eq!(last.thumbprint(), fourth, "the withdrawal was finished");
+    w.assert_nothing_leaked();
+}
+
+/// A Secret added to the places (the configuration changed between two
+/// runs, or by a reload) while a rotation's new key is published in the
+/// file but not yet proven: the new place gets every key the journal
+/// holds published (the current one and the pending one), so the
+/// rotation goes on and ends with exactly one key in both places.
+#[tokio::test]
+async fn a_place_added_while_a_new_key_is_unproven_is_given_both_keys() {
+    let Some(mut w) = World::with(Source::File, false).await else {
+        return;
+    };
+    let out = w.rotate(Some("rotation-after-persist-created")).await;
+    assert_eq!(out.status.signal(), Some(SIGABRT), "{}", w.logs);
+    let record = w.record().await;
+    assert_eq!(record.phase(), "created");
+    let pending = record.pending().unwrap().id.clone().unwrap();
+    let first = w.first.thumbprint();
+    assert_eq!(w.in_file(), [first.as_str(), pending.as_str()]);
+
+    w.reconfigure(true);
+    let out = w.rotate(None).await;
+    assert!(out.status.success(), "{}", w.logs);
+    let last = w.assert_one_key("after the Secret was added").await;
+    assert_eq!(last.thumbprint(), pending, "the rotation went on");
     w.assert_nothing_leaked();
 }
