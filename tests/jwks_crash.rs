@@ -1,15 +1,16 @@
 //! Key rotation of a `private_key_jwt` client whose keys rekeyd publishes
 //! for its `jwks_uri` (`[credentials.jwks]`) in two places at once, a file
 //! and a Kubernetes Secret (the fake API server), interrupted: a crash at
-//! every step of the rotation, and `kill -9` at random moments. After
-//! every interruption the journal's current key is in both places and a
-//! real server (oidc-provider, `tests/oidc`) accepts a login signed with
-//! it; a clean run then ends with exactly one key in both places, the
-//! journal's.
+//! every step of the rotation, `kill -9` at random moments, and `kill -9`
+//! between the two writes of one step. After every interruption the
+//! journal's current key is in both places and a real server
+//! (oidc-provider, `tests/oidc`) accepts a login signed with it; a clean
+//! run then ends with exactly one key in both places, the journal's. And
+//! a place added to the configuration in the middle of a rotation.
 //!
 //! The server fetches the client's `jwks_uri` from a web server the test
 //! runs, which serves the Secret's `jwks.json` as a pod mounting the
-//! Secret would, and trusts what it fetched for no time at all
+//! Secret would (or the file, where said), and trusts what it fetched for no time at all
 //! (`OIDC_JWKS_URI_FRESH=0`), so every login with a key it has not seen
 //! fetches the set again: a login shows what is published now.
 //!
