@@ -95,16 +95,30 @@ impl JwksKeys {
         JwksKeys { client_id, targets }
     }
 
-    /// Publishes the public part of `current` (the key the client signs
-    /// with now) wherever no set exists yet, so that a fresh install
+    /// Publishes the public parts of `keys` (private JWKs, in the order
+    /// of the set: the keys the journal holds as published, the current
+    /// one among them) wherever no set exists yet, so that a fresh install
     /// serves its bootstrap key. A set that exists is left alone: after
     /// the first start it is the rotation's to change. Returns whether
-    /// anything was written.
-    pub async fn publish_initial(&self, current: &SecretString) -> Result<bool, ProviderError> {
-        let (_, public) = jwks::public_of(PUBLISH, Some(current))?;
+    /// anything was written (never, for no keys).
+    ///
+    /// A place added while a rotation is unfinished must get the
+    /// rotation's keys too, not only the current one: given only the
+    /// current key while a new key awaits its proof, the new place would
+    /// lack the key the rotation then promotes, and withdrawing the old
+    /// key would leave that place's set empty, which is refused on every
+    /// run.
+    pub async fn publish_initial(&self, keys: &[&SecretString]) -> Result<bool, ProviderError> {
+        let mut public = Vec::with_capacity(keys.len());
+        for key in keys {
+            public.push(jwks::public_of(PUBLISH, Some(key))?.1);
+        }
+        if public.is_empty() {
+            return Ok(false);
+        }
         let edit = |set: Option<&Value>| -> Result<Option<Value>, ProviderError> {
             Ok(match set {
-                None => Some(json!({ "keys": [public.clone()] })),
+                None => Some(json!({ "keys": public.clone() })),
                 Some(_) => None,
             })
         };
@@ -498,9 +512,9 @@ mod tests {
         let old = generate(Alg::Es256).unwrap();
         let new = generate(Alg::Es256).unwrap();
 
-        assert!(keys.publish_initial(&old.to_secret()).await.unwrap());
+        assert!(keys.publish_initial(&[&old.to_secret()]).await.unwrap());
         assert!(
-            !keys.publish_initial(&new.to_secret()).await.unwrap(),
+            !keys.publish_initial(&[&new.to_secret()]).await.unwrap(),
             "an existing set is the rotation's"
         );
         assert_eq!(jwks::ids(&published(&path)), [old.thumbprint()]);
@@ -547,6 +561,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_place_gets_every_key_given_in_order_and_none_for_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let keys = file_keys(&path);
+        assert!(!keys.publish_initial(&[]).await.unwrap());
+        assert!(!path.exists(), "no keys: no set");
+        let (current, pending) = (generate(Alg::Es256).unwrap(), generate(Alg::Es256).unwrap());
+        assert!(
+            keys.publish_initial(&[&current.to_secret(), &pending.to_secret()])
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            jwks::ids(&published(&path)),
+            [current.thumbprint(), pending.thumbprint()]
+        );
+    }
+
+    #[tokio::test]
     async fn a_file_that_is_not_a_set_is_never_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwks.json");
@@ -579,7 +612,7 @@ mod tests {
                 .map(|s| s.id)
                 .collect::<Vec<_>>()
         };
-        assert!(keys.publish_initial(&old.to_secret()).await.unwrap());
+        assert!(keys.publish_initial(&[&old.to_secret()]).await.unwrap());
         assert_eq!(listed().await, [old.thumbprint()]);
 
         // A publish interrupted after the first place: not listed, so the
