@@ -488,34 +488,31 @@ async fn kill_9_at_random_moments_leaves_the_current_key_in_both_places() {
 }
 
 /// Spawns `rekeyd rotate app` with the Secret's writes stalled, waits
-/// until its file write shows `want` (its next write, the Secret's, is
-/// then on its way or stalled) and kills it there.
+/// until its Secret write reaches the fake API server (the file, written
+/// first, then shows `want`) and kills it there.
 async fn kill_between_the_places(w: &World, want: impl Fn(&[String]) -> bool) {
-    w.fake.stall(kube_fake::Stall {
+    let stall = kube_fake::Stall {
         method: Some(axum::http::Method::PUT),
         kind: Some(kube_fake::Kind::Secret),
-    });
+    };
+    let held_before = w.fake.held();
+    w.fake.stall(stall);
     let mut child = w
         .command()
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // No signal crosses the process boundary at that moment but the file
-    // itself (written atomically, so each read sees a whole set).
-    let deadline = tokio::time::Instant::now() + RUN_TIMEOUT;
-    while !want(&w.in_file()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the file never showed the write: {:?}",
-            w.in_file()
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before its file write"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    tokio::select! {
+        _ = w.fake.stalled(held_before + 1) => {}
+        status = child.wait() => panic!("the run ended before its Secret write: {status:?}"),
+        _ = tokio::time::sleep(RUN_TIMEOUT) => panic!("the Secret write never came"),
     }
+    assert!(
+        want(&w.in_file()),
+        "the file shows the write first: {:?}",
+        w.in_file()
+    );
     child.start_kill().unwrap();
     let status = child.wait().await.unwrap();
     assert_eq!(status.signal(), Some(SIGKILL));
