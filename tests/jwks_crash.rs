@@ -24,6 +24,8 @@ mod daemon;
 mod kube_fake;
 #[path = "support/oidc.rs"]
 mod oidc;
+#[path = "support/rotate_runs.rs"]
+mod rotate_runs;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -43,13 +45,12 @@ use rekeyd::provider::key::{self, Alg, ClientKey};
 use rekeyd::provider::{assertion, jwks};
 use rekeyd::store::file::FileStore;
 use rekeyd::store::{CredentialRecord, Store};
-use secrecy::{ExposeSecret, SecretString};
+use rotate_runs::{RUN_TIMEOUT, RotateRuns, private_d};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
-use tokio::process::Command;
 
 const SIGABRT: i32 = 6;
 const SIGKILL: i32 = 9;
-const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const CLIENT_ID: &str = "jwks-client";
 const NAMESPACE: &str = "apps";
 const SECRET: &str = "app-jwks";
@@ -74,16 +75,11 @@ struct World {
     /// The bootstrap key.
     first: ClientKey,
     _dir: tempfile::TempDir,
-    config_path: PathBuf,
     config: Config,
-    kubeconfig: PathBuf,
     /// The JWKS file.
     file: PathBuf,
-    /// Everything rekeyd printed.
-    logs: String,
-    /// Every private key rekeyd held (their `d` members must never be
-    /// printed).
-    privates: Vec<String>,
+    /// The runs of `rekeyd rotate app`, their output and the keys they held.
+    runs: RotateRuns,
 }
 
 /// Where the web server of the client's `jwks_uri` reads the set.
@@ -161,19 +157,18 @@ impl World {
         daemon::write_secret(dir.path(), "app.key", &pem);
         let kubeconfig = fake.kubeconfig(dir.path(), NAMESPACE, "token-a");
         let config_path = dir.path().join("rekeyd.toml");
-        let privates = vec![private_d(&first.to_secret())];
         let config = write_config(&config_path, dir.path(), &server, &file, secret);
+        let mut runs = RotateRuns::new(config_path);
+        runs.env.push(("KUBECONFIG".into(), kubeconfig));
+        runs.privates.push(private_d(&first.to_secret()));
         Some(World {
             server,
             fake,
             first,
             _dir: dir,
-            config_path,
             config,
-            kubeconfig,
             file,
-            logs: String::new(),
-            privates,
+            runs,
         })
     }
 
@@ -181,7 +176,7 @@ impl World {
     /// `secret`, in the Secret.
     fn reconfigure(&mut self, secret: bool) {
         self.config = write_config(
-            &self.config_path,
+            &self.runs.config_path,
             self._dir.path(),
             &self.server,
             &self.file,
@@ -236,54 +231,17 @@ impl World {
         self.store().load("app").await.unwrap().unwrap().value
     }
 
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekeyd"));
-        cmd.args(["rotate", "app", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "trace")
-            .env("KUBECONFIG", &self.kubeconfig)
-            // Never the cluster the tests may run in: the fake only.
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("KUBERNETES_SERVICE_PORT")
-            .env_remove("FAILPOINTS")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        cmd
-    }
-
     /// `rekeyd rotate app`, with one crash point armed if given.
     async fn rotate(&mut self, failpoint: Option<&str>) -> Output {
-        let mut cmd = self.command();
-        if let Some(point) = failpoint {
-            cmd.env("FAILPOINTS", format!("{point}=return"));
-        }
-        let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
-            .await
-            .expect("rekeyd rotate ends in time")
-            .unwrap();
-        self.logs.push_str(&String::from_utf8_lossy(&out.stderr));
-        self.logs.push_str(&String::from_utf8_lossy(&out.stdout));
+        let out = self.runs.rotate(failpoint).await;
         self.remember_keys().await;
         out
     }
 
     /// Notes every private key the journal holds, for the log check.
     async fn remember_keys(&mut self) {
-        let Ok(Some(record)) = self.store().load("app").await else {
-            return;
-        };
-        let record = record.value;
-        let entries = [
-            Some(&record.current.value),
-            record.pending().map(|p| &p.value),
-            record.rotation.old().map(|o| &o.value),
-            record.chosen(),
-        ];
-        for value in entries.into_iter().flatten() {
-            let d = private_d(value);
-            if !self.privates.contains(&d) {
-                self.privates.push(d);
-            }
+        if let Ok(Some(record)) = self.store().load("app").await {
+            self.runs.remember_keys(&record.value);
         }
     }
 
@@ -347,7 +305,7 @@ impl World {
             200,
             "I1 {when}: phase {}\n{}",
             record.phase(),
-            self.logs
+            self.runs.logs
         );
     }
 
@@ -355,7 +313,7 @@ impl World {
     /// one key in both places, the journal's, and the server accepts it.
     async fn assert_one_key(&self, when: &str) -> ClientKey {
         let record = self.record().await;
-        assert_eq!(record.phase(), "idle", "{when}: {}", self.logs);
+        assert_eq!(record.phase(), "idle", "{when}: {}", self.runs.logs);
         assert!(record.retire.is_empty(), "{when}: {:?}", record.retire);
         let current = key::from_secret(&record.current.value).unwrap();
         let id = current.thumbprint();
@@ -368,17 +326,8 @@ impl World {
 
     /// I7: no private key in anything rekeyd printed.
     fn assert_nothing_leaked(&self) {
-        assert!(!self.logs.is_empty());
-        for d in &self.privates {
-            assert!(!self.logs.contains(d), "a private key reached the output");
-        }
+        self.runs.assert_nothing_leaked(&[]);
     }
-}
-
-/// The private member of a stored key (`d`: the one every key type has).
-fn private_d(stored: &SecretString) -> String {
-    let jwk: Value = serde_json::from_str(stored.expose_secret()).unwrap();
-    jwk["d"].as_str().unwrap().to_string()
 }
 
 /// A published set holds public members only.
@@ -400,10 +349,15 @@ async fn a_crash_at_every_step_leaves_the_current_key_in_both_places() {
     let mut kids = vec![w.first.thumbprint()];
     for point in POINTS {
         let out = w.rotate(Some(point)).await;
-        assert_eq!(out.status.signal(), Some(SIGABRT), "{point}: {}", w.logs);
+        assert_eq!(
+            out.status.signal(),
+            Some(SIGABRT),
+            "{point}: {}",
+            w.runs.logs
+        );
         w.assert_current_key_works(&format!("after {point}")).await;
         let out = w.rotate(None).await;
-        assert!(out.status.success(), "{point}: {}", w.logs);
+        assert!(out.status.success(), "{point}: {}", w.runs.logs);
         let key = w.assert_one_key(&format!("the run after {point}")).await;
         if !kids.contains(&key.thumbprint()) {
             kids.push(key.thumbprint());
@@ -431,13 +385,13 @@ async fn kill_9_at_random_moments_leaves_the_current_key_in_both_places() {
     };
     // The first run publishes the bootstrap key, which later runs do not.
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     w.assert_one_key("the first run").await;
     // How long an undisturbed rotation takes here: the kills fall
     // anywhere within that.
     let started = tokio::time::Instant::now();
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let run = started.elapsed().as_millis() as u64;
     w.assert_one_key("the measured run").await;
     let mut rng = rand::rng();
@@ -448,20 +402,8 @@ async fn kill_9_at_random_moments_leaves_the_current_key_in_both_places() {
     let mut split = 0;
     while kills < KILLS && runs < MAX_RUNS {
         runs += 1;
-        let mut child = w
-            .command()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
         let delay = Duration::from_millis(rng.random_range(0..run.max(2)));
-        if tokio::time::timeout(delay, child.wait()).await.is_err() {
-            child.start_kill().unwrap();
-        }
-        let status = tokio::time::timeout(RUN_TIMEOUT, child.wait())
-            .await
-            .expect("rekeyd rotate ends in time")
-            .unwrap();
+        let status = w.runs.rotate_killed_after(delay).await;
         if status.signal() == Some(SIGKILL) {
             kills += 1;
         } else {
@@ -477,7 +419,7 @@ async fn kill_9_at_random_moments_leaves_the_current_key_in_both_places() {
     }
     // Finish whatever the last kill interrupted.
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     w.assert_one_key("the last run").await;
     eprintln!(
         "jwks kill loop: {kills} kills in {runs} runs of {run} ms, phases after each \
@@ -498,6 +440,7 @@ async fn kill_between_the_places(w: &World, want: impl Fn(&[String]) -> bool) {
     let held_before = w.fake.held();
     w.fake.stall(stall);
     let mut child = w
+        .runs
         .command()
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -531,14 +474,14 @@ async fn a_kill_between_the_file_and_the_secret_is_finished_by_the_next_run() {
         return;
     };
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let second = w.assert_one_key("the first run").await.thumbprint();
 
     // Killed while publishing: the new key is in the file only.
     kill_between_the_places(&w, |ids| ids.len() == 2).await;
     w.remember_keys().await;
     let record = w.record().await;
-    assert_eq!(record.phase(), "creating", "{}", w.logs);
+    assert_eq!(record.phase(), "creating", "{}", w.runs.logs);
     let chosen = key::from_secret(record.chosen().unwrap())
         .unwrap()
         .thumbprint();
@@ -550,7 +493,7 @@ async fn a_kill_between_the_file_and_the_secret_is_finished_by_the_next_run() {
     // request whose sender died): either way the next run finishes.
     w.fake.unstall();
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let third = w
         .assert_one_key("the run after a kill while publishing")
         .await
@@ -560,7 +503,7 @@ async fn a_kill_between_the_file_and_the_secret_is_finished_by_the_next_run() {
     // Killed while withdrawing: the old key is gone from the file only.
     // (The crash leaves a rotation with only its withdrawal to do.)
     let out = w.rotate(Some("rotation-after-persist-retire")).await;
-    assert_eq!(out.status.signal(), Some(SIGABRT), "{}", w.logs);
+    assert_eq!(out.status.signal(), Some(SIGABRT), "{}", w.runs.logs);
     let fourth = w.record().await.current.id.unwrap();
     assert_eq!(w.in_secret(), [third.as_str(), fourth.as_str()]);
     kill_between_the_places(&w, |ids| ids.len() == 1).await;
@@ -574,7 +517,7 @@ async fn a_kill_between_the_file_and_the_secret_is_finished_by_the_next_run() {
         .await;
     w.fake.unstall();
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let last = w
         .assert_one_key("the run after a kill while withdrawing")
         .await;
@@ -593,7 +536,7 @@ async fn a_place_added_while_a_new_key_is_unproven_is_given_both_keys() {
         return;
     };
     let out = w.rotate(Some("rotation-after-persist-created")).await;
-    assert_eq!(out.status.signal(), Some(SIGABRT), "{}", w.logs);
+    assert_eq!(out.status.signal(), Some(SIGABRT), "{}", w.runs.logs);
     let record = w.record().await;
     assert_eq!(record.phase(), "created");
     let pending = record.pending().unwrap().id.clone().unwrap();
@@ -602,7 +545,7 @@ async fn a_place_added_while_a_new_key_is_unproven_is_given_both_keys() {
 
     w.reconfigure(true);
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let last = w.assert_one_key("after the Secret was added").await;
     assert_eq!(last.thumbprint(), pending, "the rotation went on");
     w.assert_nothing_leaked();
