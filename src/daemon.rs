@@ -817,10 +817,15 @@ pub(crate) async fn store_bootstrap(
     Ok(())
 }
 
-/// Publishes the key the store holds for `cred` where its
+/// Publishes the keys the store holds as published for `cred` where its
 /// `[credentials.jwks]` has no set yet: a fresh install serves its
 /// bootstrap key at once (the server can verify the first login), and a
-/// set that exists is left to the rotation.
+/// set that exists is left to the rotation. During a rotation that is
+/// the current key with the new key awaiting its proof (phase created)
+/// or the old key in its grace period (promoted): a place added then
+/// holds what the others hold ([`JwksKeys::publish_initial`]).
+///
+/// [`JwksKeys::publish_initial`]: provider::jwks_publish::JwksKeys::publish_initial
 pub(crate) async fn publish_initial_key(
     store: &dyn Store,
     cred: &CredentialConfig,
@@ -830,13 +835,18 @@ pub(crate) async fn publish_initial_key(
         return Ok(());
     };
     let publisher = provider::jwks_publish::JwksKeys::new(cred.client_id.clone(), jwks);
-    let current = &record.value.current.value;
-    // I3: a place added mid-rotation gets the pending or old key too.
-    let live: Vec<&SecretString> = std::iter::once(current)
-        .chain(record.value.pending().map(|p| &p.value))
-        .chain(record.value.rotation.old().map(|o| &o.value))
-        .collect();
-    match publisher.publish_initial_keys(&live).await {
+    let journal = &record.value;
+    let current = &journal.current.value;
+    // In the order a rotation's writes leave them: old, current, new.
+    let keys: Vec<&SecretString> = [
+        journal.rotation.old().map(|old| &old.value),
+        Some(current),
+        journal.pending().map(|pending| &pending.value),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match publisher.publish_initial(&keys).await {
         Ok(true) => {
             info!(credential = %cred.name, step = "bootstrap", "current public key published as the JWK Set");
         }

@@ -325,13 +325,13 @@ async fn the_secret_publisher_adds_and_withdraws_keys_through_conflicts() {
         code: 403,
         remaining: Some(1),
     });
-    let e = keys.publish_initial(&old.to_secret()).await.unwrap_err();
+    let e = keys.publish_initial(&[&old.to_secret()]).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Refused);
     assert!(e.to_string().contains("create it beforehand"), "{e}");
 
     // Created with the bootstrap key; an existing set is left alone.
-    assert!(keys.publish_initial(&old.to_secret()).await.unwrap());
-    assert!(!keys.publish_initial(&new.to_secret()).await.unwrap());
+    assert!(keys.publish_initial(&[&old.to_secret()]).await.unwrap());
+    assert!(!keys.publish_initial(&[&new.to_secret()]).await.unwrap());
     assert_eq!(jwks::ids(&set()), [old.kid()]);
 
     fake.inject_conflicts_adding_keys(2, "other");

@@ -139,7 +139,7 @@ async fn a_published_set_holding_a_private_key_is_refused_not_rewritten() {
     let keys = file_publisher(&path);
 
     let e = keys
-        .publish_initial(&current.to_secret())
+        .publish_initial(&[&current.to_secret()])
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Refused, "{e}");

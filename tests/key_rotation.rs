@@ -15,9 +15,10 @@
 mod daemon;
 #[path = "support/oidc.rs"]
 mod oidc;
+#[path = "support/rotate_runs.rs"]
+mod rotate_runs;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -31,13 +32,13 @@ use rekeyd::rotation::driver::{BearerSource, LoginBearer};
 use rekeyd::store::file::FileStore;
 use rekeyd::store::{CredentialRecord, Store};
 use rekeyd::token::engine::StoreSecrets;
+use rotate_runs::{RUN_TIMEOUT, RotateRuns, private_d};
 use secrecy::ExposeSecret;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::process::Command;
 
 const SIGABRT: i32 = 6;
 const SIGKILL: i32 = 9;
-const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct World {
     server: OidcServer,
@@ -45,13 +46,9 @@ struct World {
     /// The key the client was registered with (the bootstrap key).
     first: ClientKey,
     _dir: tempfile::TempDir,
-    config_path: PathBuf,
     config: Config,
-    /// Everything rekeyd printed.
-    logs: String,
-    /// Every private key rekeyd held (their `d` members must never be
-    /// printed).
-    privates: Vec<String>,
+    /// The runs of `rekeyd rotate app`, their output and the keys they held.
+    runs: RotateRuns,
 }
 
 impl World {
@@ -121,16 +118,15 @@ grace = "0s"
         let config_path = dir.path().join("rekeyd.toml");
         std::fs::write(&config_path, &text).unwrap();
         let config = Config::from_toml(&text).unwrap();
-        let privates = vec![private_d(&first.to_secret())];
+        let mut runs = RotateRuns::new(config_path);
+        runs.privates.push(private_d(&first.to_secret()));
         Some(World {
             server,
             client,
             first,
             _dir: dir,
-            config_path,
             config,
-            logs: String::new(),
-            privates,
+            runs,
         })
     }
 
@@ -150,29 +146,9 @@ grace = "0s"
         }
     }
 
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekeyd"));
-        cmd.args(["rotate", "app", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "trace")
-            .env_remove("FAILPOINTS")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        cmd
-    }
-
     /// `rekeyd rotate app`, with one crash point armed if given.
     async fn rotate(&mut self, failpoint: Option<&str>) -> Output {
-        let mut cmd = self.command();
-        if let Some(point) = failpoint {
-            cmd.env("FAILPOINTS", format!("{point}=return"));
-        }
-        let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
-            .await
-            .expect("rekeyd rotate ends in time")
-            .unwrap();
-        self.logs.push_str(&String::from_utf8_lossy(&out.stderr));
-        self.logs.push_str(&String::from_utf8_lossy(&out.stdout));
+        let out = self.runs.rotate(failpoint).await;
         self.remember_keys().await;
         out
     }
@@ -184,7 +160,7 @@ grace = "0s"
         let before = self.record().await;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekeyd"));
         cmd.args(["set-secret", "app", "--force", "--config"])
-            .arg(&self.config_path)
+            .arg(&self.runs.config_path)
             .env_remove("FAILPOINTS")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -202,7 +178,7 @@ grace = "0s"
             .expect("set-secret ends in time")
             .unwrap();
         let error = String::from_utf8_lossy(&out.stderr).to_string();
-        self.logs.push_str(&error);
+        self.runs.logs.push_str(&error);
         assert!(!out.status.success(), "{error}");
         assert!(
             error.contains("publishing a new key") && error.contains("rekeyd rotate app"),
@@ -215,21 +191,8 @@ grace = "0s"
 
     /// Notes every private key the journal holds, for the log check.
     async fn remember_keys(&mut self) {
-        let Ok(Some(record)) = self.store().load("app").await else {
-            return;
-        };
-        let record = record.value;
-        let entries = [
-            Some(&record.current.value),
-            record.pending().map(|p| &p.value),
-            record.rotation.old().map(|o| &o.value),
-            record.chosen(),
-        ];
-        for value in entries.into_iter().flatten() {
-            let d = private_d(value);
-            if !self.privates.contains(&d) {
-                self.privates.push(d);
-            }
+        if let Ok(Some(record)) = self.store().load("app").await {
+            self.runs.remember_keys(&record.value);
         }
     }
 
@@ -296,14 +259,14 @@ grace = "0s"
             self.published().await.contains(&current.kid().to_string()),
             "{when}: the current key is published"
         );
-        assert!(self.engine_login().await, "I1 {when}: {}", self.logs);
+        assert!(self.engine_login().await, "I1 {when}: {}", self.runs.logs);
     }
 
     /// The end state of every rotation: idle, one key published, the
     /// journal's, accepted by the server.
     async fn assert_one_key(&self) -> ClientKey {
         let record = self.record().await;
-        assert_eq!(record.phase(), "idle", "{}", self.logs);
+        assert_eq!(record.phase(), "idle", "{}", self.runs.logs);
         let current = key::from_secret(&record.current.value).unwrap();
         assert_eq!(self.published().await, [current.kid()], "exactly one key");
         assert_eq!(self.login_with(&current).await, 200);
@@ -314,22 +277,10 @@ grace = "0s"
     /// I7: no private key and no registration access token in anything
     /// rekeyd printed.
     async fn assert_nothing_leaked(&self) {
-        assert!(!self.logs.is_empty());
-        for d in &self.privates {
-            assert!(!self.logs.contains(d), "a private key reached the output");
-        }
-        let mut tokens = vec![self.client.registration_access_token.clone()];
-        tokens.push(self.stored_token().await);
-        for token in tokens {
-            assert!(!self.logs.contains(&token), "a token reached the output");
-        }
+        let first = self.client.registration_access_token.clone();
+        let stored = self.stored_token().await;
+        self.runs.assert_nothing_leaked(&[&first, &stored]);
     }
-}
-
-/// The private member of a stored key (`d`: the one every key type has).
-fn private_d(stored: &secrecy::SecretString) -> String {
-    let jwk: Value = serde_json::from_str(stored.expose_secret()).unwrap();
-    jwk["d"].as_str().unwrap().to_string()
 }
 
 /// The whole path with a server that replaces the registration access
@@ -345,7 +296,7 @@ async fn a_key_rotation_publishes_proves_and_withdraws_through_the_registration(
     assert_eq!(w.login_with(&w.first).await, 200);
 
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let second = w.assert_one_key().await;
     assert_ne!(second.kid(), w.first.kid(), "a new key");
     assert_eq!(second.alg(), Alg::Es256, "of the same type");
@@ -368,14 +319,14 @@ async fn a_key_rotation_publishes_proves_and_withdraws_through_the_registration(
 
     // Again, from what the first rotation stored.
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let third = w.assert_one_key().await;
     assert_ne!(third.kid(), second.kid());
     assert_eq!(w.login_with(&second).await, 401);
     assert!(
-        w.logs.contains("rotation complete"),
+        w.runs.logs.contains("rotation complete"),
         "the run says what it did: {}",
-        w.logs
+        w.runs.logs
     );
     w.assert_nothing_leaked().await;
 }
@@ -388,7 +339,7 @@ async fn rsa_and_ed25519_keys_rotate_to_keys_of_their_type() {
             return;
         };
         let out = w.rotate(None).await;
-        assert!(out.status.success(), "{alg:?}: {}", w.logs);
+        assert!(out.status.success(), "{alg:?}: {}", w.runs.logs);
         let next = w.assert_one_key().await;
         assert_eq!(next.alg(), alg);
         assert_ne!(next.kid(), w.first.kid());
@@ -404,7 +355,7 @@ async fn the_daemon_status_shows_the_key_in_use_and_the_rotation_phase() {
     let Some(w) = World::new(Alg::Es256, false).await else {
         return;
     };
-    let text = std::fs::read_to_string(&w.config_path).unwrap();
+    let text = std::fs::read_to_string(&w.runs.config_path).unwrap();
     let d = daemon::TestDaemon::start_in(tempfile::tempdir().unwrap(), &text).await;
     let handle = d.handle("app");
     daemon::wait_token(&handle, |_| true).await;
@@ -446,7 +397,7 @@ async fn a_lost_publish_reply_is_found_by_its_key_id_and_finished() {
     };
     w.server.drop_next_update_reply().await;
     let out = w.rotate(None).await;
-    assert!(!out.status.success(), "the reply was lost: {}", w.logs);
+    assert!(!out.status.success(), "the reply was lost: {}", w.runs.logs);
     let record = w.record().await;
     assert_eq!(record.phase(), "creating");
     let chosen = key::from_secret(record.chosen().unwrap()).unwrap();
@@ -458,7 +409,7 @@ async fn a_lost_publish_reply_is_found_by_its_key_id_and_finished() {
     assert!(w.engine_login().await, "I1");
 
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let last = w.assert_one_key().await;
     assert_eq!(last.kid(), chosen.kid(), "the key found, not a second one");
     w.assert_nothing_leaked().await;
@@ -488,7 +439,12 @@ async fn a_crash_at_every_step_leaves_a_working_key_and_ends_with_one() {
     let mut kids = vec![w.first.kid().to_string()];
     for point in points {
         let out = w.rotate(Some(point)).await;
-        assert_eq!(out.status.signal(), Some(SIGABRT), "{point}: {}", w.logs);
+        assert_eq!(
+            out.status.signal(),
+            Some(SIGABRT),
+            "{point}: {}",
+            w.runs.logs
+        );
         w.assert_current_key_works(&format!("after {point}")).await;
         let published = w.published().await;
         assert!(
@@ -501,7 +457,7 @@ async fn a_crash_at_every_step_leaves_a_working_key_and_ends_with_one() {
         }
         // The next run finishes the rotation.
         let out = w.rotate(None).await;
-        assert!(out.status.success(), "{point}: {}", w.logs);
+        assert!(out.status.success(), "{point}: {}", w.runs.logs);
         let key = w.assert_one_key().await;
         // A crash before the create leaves nothing to finish but a fresh
         // attempt; every other one finishes with a new key.
@@ -527,25 +483,16 @@ async fn kill_9_at_random_moments_ends_with_one_working_key() {
     // anywhere within that (the random moment is the point of the test).
     let started = tokio::time::Instant::now();
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let run = started.elapsed().as_millis() as u64;
     let mut rng = rand::rng();
     let mut phases = std::collections::BTreeMap::<&'static str, u32>::new();
     let mut kills = 0;
     for i in 0..KILLS {
-        let mut child = w
-            .command()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
         // A run that ends before its moment is simply not killed.
         let delay = Duration::from_millis(rng.random_range(0..run.max(2)));
-        if tokio::time::timeout(delay, child.wait()).await.is_err() {
-            child.start_kill().unwrap();
-            if child.wait().await.unwrap().signal() == Some(SIGKILL) {
-                kills += 1;
-            }
+        if w.runs.rotate_killed_after(delay).await.signal() == Some(SIGKILL) {
+            kills += 1;
         }
         w.remember_keys().await;
         let Ok(Some(_)) = w.store().load("app").await else {
@@ -559,7 +506,7 @@ async fn kill_9_at_random_moments_ends_with_one_working_key() {
     }
     // Finish whatever the last kill interrupted.
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let last = w.assert_one_key().await;
     assert_eq!(
         w.record().await.current.id.as_deref(),

@@ -12,13 +12,15 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/rotate_runs.rs"]
+mod rotate_runs;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use rand::Rng;
 use rekeyd::config::Config;
 use rekeyd::provider::assertion;
 use rekeyd::provider::key::{self, Alg, ClientKey};
@@ -27,27 +29,23 @@ use rekeyd::sim::{Endpoint, FaultScope, Faults, SimOptions, SimProvider};
 use rekeyd::store::file::FileStore;
 use rekeyd::store::{CredentialRecord, SecretEntry, Store};
 use rekeyd::token::engine::StoreSecrets;
+use rotate_runs::{RotateRuns, private_d};
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::Value;
-use tokio::process::Command;
 
 const APP: &str = "app-client";
 const ADMIN: &str = "admin-client";
 const SIGABRT: i32 = 6;
-const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+const SIGKILL: i32 = 9;
 
 struct World {
     sim: SimProvider,
     /// The bootstrap key, published at the sim.
     first: ClientKey,
     dir: tempfile::TempDir,
-    config_path: PathBuf,
     config: Config,
     admin_secret: String,
-    /// Everything rekeyd printed.
-    logs: String,
-    /// The `d` member of every private key rekeyd held.
-    privates: Vec<String>,
+    /// The runs of `rekeyd rotate app`, their output and the keys they held.
+    runs: RotateRuns,
 }
 
 impl World {
@@ -116,16 +114,15 @@ initial_secret_file = "{d}/admin.secret"
             .compare_and_swap("admin", None, &admin)
             .await
             .unwrap();
-        let privates = vec![private_d(&first.to_secret())];
+        let mut runs = RotateRuns::new(config_path);
+        runs.privates.push(private_d(&first.to_secret()));
         World {
             sim,
             first,
             dir,
-            config_path,
             config,
             admin_secret,
-            logs: String::new(),
-            privates,
+            runs,
         }
     }
 
@@ -139,43 +136,15 @@ initial_secret_file = "{d}/admin.secret"
 
     /// `rekeyd rotate app`, with one crash point armed if given.
     async fn rotate(&mut self, failpoint: Option<&str>) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekeyd"));
-        cmd.args(["rotate", "app", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "trace")
-            .env_remove("FAILPOINTS")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        if let Some(point) = failpoint {
-            cmd.env("FAILPOINTS", format!("{point}=return"));
-        }
-        let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
-            .await
-            .expect("rekeyd rotate ends in time")
-            .unwrap();
-        self.logs.push_str(&String::from_utf8_lossy(&out.stderr));
-        self.logs.push_str(&String::from_utf8_lossy(&out.stdout));
+        let out = self.runs.rotate(failpoint).await;
         self.remember_keys().await;
         out
     }
 
     /// Notes every private key the journal holds, for the log check.
     async fn remember_keys(&mut self) {
-        let Ok(Some(record)) = self.store().load("app").await else {
-            return;
-        };
-        let record = record.value;
-        let entries = [
-            Some(&record.current.value),
-            record.pending().map(|p| &p.value),
-            record.rotation.old().map(|o| &o.value),
-            record.chosen(),
-        ];
-        for value in entries.into_iter().flatten() {
-            let d = private_d(value);
-            if !self.privates.contains(&d) {
-                self.privates.push(d);
-            }
+        if let Ok(Some(record)) = self.store().load("app").await {
+            self.runs.remember_keys(&record.value);
         }
     }
 
@@ -237,14 +206,14 @@ initial_secret_file = "{d}/admin.secret"
             active.contains(&current.kid().to_string()),
             "{when}: the current key is published and active: {all:?}"
         );
-        assert!(self.engine_login().await, "I1 {when}: {}", self.logs);
+        assert!(self.engine_login().await, "I1 {when}: {}", self.runs.logs);
     }
 
     /// The end of every rotation: idle, exactly one key at the sim, active,
     /// the journal's, accepted there; the bootstrap key refused.
     async fn assert_one_key(&self) -> ClientKey {
         let record = self.record().await;
-        assert_eq!(record.phase(), "idle", "{}", self.logs);
+        assert_eq!(record.phase(), "idle", "{}", self.runs.logs);
         let current = key::from_secret(&record.current.value).unwrap();
         let (all, active) = self.published();
         assert_eq!(all, [current.kid()], "exactly one key");
@@ -261,18 +230,11 @@ initial_secret_file = "{d}/admin.secret"
         current
     }
 
-    /// I7: no private key, admin secret or token in anything rekeyd
-    /// printed.
+    /// I7: no private key, admin secret or token (the sim's start with
+    /// `sim_`) in anything rekeyd printed.
     fn assert_nothing_leaked(&self) {
-        assert!(!self.logs.is_empty());
-        for d in &self.privates {
-            assert!(!self.logs.contains(d), "a private key reached the output");
-        }
-        assert!(
-            !self.logs.contains(&self.admin_secret),
-            "the admin secret reached the output"
-        );
-        assert!(!self.logs.contains("sim_"), "a token reached the output");
+        self.runs
+            .assert_nothing_leaked(&[self.admin_secret.as_str(), "sim_"]);
     }
 
     /// Whether any file under the state directory holds `d`.
@@ -291,12 +253,6 @@ initial_secret_file = "{d}/admin.secret"
     }
 }
 
-/// The private member of a stored key (`d`: every key type has one).
-fn private_d(stored: &secrecy::SecretString) -> String {
-    let jwk: Value = serde_json::from_str(stored.expose_secret()).unwrap();
-    jwk["d"].as_str().unwrap().to_string()
-}
-
 /// The whole path: a new key of the same type added next to the old one,
 /// proven by a login signed with it, the old one deactivated then deleted
 /// and forgotten by the store; then a second rotation from there.
@@ -306,7 +262,7 @@ async fn a_key_rotation_adds_proves_deactivates_and_deletes() {
         let mut w = World::new(alg).await;
         assert_eq!(w.login_with(&w.first).await, 200, "the bootstrap key works");
         let out = w.rotate(None).await;
-        assert!(out.status.success(), "{alg:?}: {}", w.logs);
+        assert!(out.status.success(), "{alg:?}: {}", w.runs.logs);
         let second = w.assert_one_key().await;
         assert_ne!(second.kid(), w.first.kid(), "a new key");
         assert_eq!(second.alg(), alg, "of the bootstrap key's type");
@@ -326,7 +282,7 @@ async fn a_key_rotation_adds_proves_deactivates_and_deletes() {
         );
 
         let out = w.rotate(None).await;
-        assert!(out.status.success(), "{}", w.logs);
+        assert!(out.status.success(), "{}", w.runs.logs);
         let third = w.assert_one_key().await;
         assert_ne!(third.kid(), second.kid());
         assert_eq!(w.login_with(&second).await, 401);
@@ -348,7 +304,7 @@ async fn a_lost_add_reply_is_found_by_its_key_id_not_added_twice() {
         ..Faults::default()
     });
     let out = w.rotate(None).await;
-    assert!(!out.status.success(), "the reply was lost: {}", w.logs);
+    assert!(!out.status.success(), "the reply was lost: {}", w.runs.logs);
     let record = w.record().await;
     assert_eq!(record.phase(), "creating");
     let chosen = key::from_secret(record.chosen().unwrap()).unwrap();
@@ -360,7 +316,7 @@ async fn a_lost_add_reply_is_found_by_its_key_id_not_added_twice() {
     assert!(w.engine_login().await, "I1");
 
     let out = w.rotate(None).await;
-    assert!(out.status.success(), "{}", w.logs);
+    assert!(out.status.success(), "{}", w.runs.logs);
     let last = w.assert_one_key().await;
     assert_eq!(last.kid(), chosen.kid(), "the key found, not a second one");
     assert_eq!(w.sim.stats().requests_to(Endpoint::OktaKeysAdd), 1);
@@ -389,11 +345,16 @@ async fn a_crash_at_every_step_leaves_a_working_key_and_ends_with_one() {
     let mut kids = vec![w.first.kid().to_string()];
     for (point, phase) in points {
         let out = w.rotate(Some(point)).await;
-        assert_eq!(out.status.signal(), Some(SIGABRT), "{point}: {}", w.logs);
+        assert_eq!(
+            out.status.signal(),
+            Some(SIGABRT),
+            "{point}: {}",
+            w.runs.logs
+        );
         assert_eq!(w.record().await.rotation.phase(), phase, "{point}");
         w.assert_current_key_works(&format!("after {point}")).await;
         let out = w.rotate(None).await;
-        assert!(out.status.success(), "{point}: {}", w.logs);
+        assert!(out.status.success(), "{point}: {}", w.runs.logs);
         let key = w.assert_one_key().await;
         if !kids.contains(&key.kid().to_string()) {
             kids.push(key.kid().to_string());
@@ -458,4 +419,58 @@ async fn adding_twice_adds_once_and_the_last_active_key_stays() {
         rekeyd::provider::Deleted::NotFound,
         "gone is done"
     );
+}
+
+/// `kill -9` of `rekeyd rotate` at random moments, many times: after each
+/// kill the journal's current key is active at Okta and its token
+/// endpoint accepts it, never more than the old and the new key are
+/// listed, and a last undisturbed run leaves exactly one key, the
+/// journal's. Everything the killed runs printed is checked for private
+/// keys too.
+#[tokio::test]
+async fn kill_9_at_random_moments_ends_with_one_working_key() {
+    const KILLS: usize = 30;
+    let mut w = World::new(Alg::Es256).await;
+    // How long an undisturbed rotation takes here: the kills fall
+    // anywhere within that (the random moment is the point of the test).
+    let started = tokio::time::Instant::now();
+    let out = w.rotate(None).await;
+    assert!(out.status.success(), "{}", w.runs.logs);
+    let run = started.elapsed().as_millis() as u64;
+    w.assert_one_key().await;
+    let mut rng = rand::rng();
+    let mut phases = std::collections::BTreeMap::<&'static str, u32>::new();
+    let mut kills = 0;
+    for i in 0..KILLS {
+        // A run that ends before its moment is simply not killed.
+        let delay = Duration::from_millis(rng.random_range(0..run.max(2)));
+        let status = w.runs.rotate_killed_after(delay).await;
+        if status.signal() == Some(SIGKILL) {
+            kills += 1;
+        }
+        w.remember_keys().await;
+        let record = w.record().await;
+        *phases.entry(record.phase()).or_default() += 1;
+        w.assert_current_key_works(&format!("after kill {i}")).await;
+        let current = key::from_secret(&record.current.value).unwrap();
+        assert_eq!(
+            w.login_with(&current).await,
+            200,
+            "after kill {i}: Okta's token endpoint accepts the current key"
+        );
+    }
+    // Finish whatever the last kill interrupted.
+    let out = w.rotate(None).await;
+    assert!(out.status.success(), "{}", w.runs.logs);
+    let last = w.assert_one_key().await;
+    assert_eq!(
+        w.record().await.current.id.as_deref(),
+        Some(last.kid()),
+        "the journal names the published key"
+    );
+    eprintln!(
+        "okta key kill loop: {kills} kills within {run} ms, phases after each run {phases:?}"
+    );
+    assert!(kills >= KILLS / 2, "enough runs were killed: {kills}");
+    w.assert_nothing_leaked();
 }

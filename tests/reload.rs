@@ -6,7 +6,9 @@
 //! staying in force.
 //!
 //! The daemon is a child process; the simulated provider runs in the test;
-//! the API listens on a unix socket in the test's temporary directory.
+//! the API listens on a unix socket in the test's temporary directory. A
+//! `[credentials.jwks]` `serve_path` a reload adds is served from then on
+//! (with a real server, oidc-provider, for the credential's logins).
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +17,8 @@ use std::time::Duration;
 use rekeyd::sim::{Endpoint, FaultScope, Faults, SimOptions, SimProvider};
 use tokio::time::Instant;
 
+#[path = "support/oidc.rs"]
+mod oidc;
 #[path = "support/process.rs"]
 mod process;
 
@@ -410,5 +414,119 @@ async fn sighup_adds_keeps_and_removes_token_profiles() {
     }
     daemon.token("a", &key).await;
     daemon.assert_running();
+    daemon.stop().await;
+}
+
+/// A reload that adds `[credentials.jwks] serve_path` to a running
+/// `private_key_jwt` credential: its restart publishes the key in use
+/// (nothing was published before) and the diagnostics listener serves
+/// the set at that path from then on; a reload that takes the path away
+/// stops serving it. The server knows the key from its registration (its
+/// own `jwks`): the point here is what the daemon serves, not a fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adding_a_jwks_serve_path_serves_the_set() {
+    use rekeyd::provider::jwks;
+    use rekeyd::provider::key::{self, Alg, ClientKey};
+
+    const SERVE_PATH: &str = "/jwks/app.json";
+    let pem = key::generate_pem(Alg::Es256).unwrap();
+    let key = ClientKey::from_file_text(&pem).unwrap();
+    let Some(server) = oidc::OidcServer::start_with(oidc::OidcOptions {
+        clients: Some(serde_json::json!([{
+            "client_id": "key-client",
+            "grant_types": ["client_credentials"],
+            "response_types": [],
+            "redirect_uris": [],
+            "token_endpoint_auth_method": "private_key_jwt",
+            "token_endpoint_auth_signing_alg": "ES256",
+            "jwks": {"keys": [key.public_jwk()]},
+        }])),
+        ..oidc::OidcOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    rekeyd::fsutil::write_atomic(&dir.path().join("app.key"), pem.as_bytes(), 0o600).unwrap();
+    let config = dir.path().join("rekeyd.toml");
+    let write_config = |jwks: &str| {
+        let text = format!(
+            r#"state_dir = "{d}/state"
+[diag]
+listen = "unix:{d}/diag.sock"
+
+[[credentials]]
+name = "app"
+provider = "oauth2"
+client_id = "key-client"
+auth_method = "private_key_jwt"
+initial_key_file = "{d}/app.key"
+[credentials.endpoints]
+token_url = "{token_url}"
+{jwks}"#,
+            token_url = server.token_url(),
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write_config("");
+    let mut daemon = process::RekeydProcess::spawn(&config, &dir.path().join("daemon.log"), &[]);
+    let diag = reqwest::Client::builder()
+        .unix_socket(dir.path().join("diag.sock"))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let get = async |path: &str| {
+        diag.get(format!("http://localhost{path}"))
+            .send()
+            .await
+            .ok()
+    };
+    // Ready: the credential logged in with its key.
+    let deadline = Instant::now() + TIMEOUT;
+    while get("/readyz").await.is_none_or(|r| r.status() != 200) {
+        daemon.keep_waiting("ready", deadline).await;
+    }
+    let status = |r: Option<reqwest::Response>| r.expect("the listener answers").status();
+    assert_eq!(status(get(SERVE_PATH).await), 404, "nothing configured yet");
+
+    // Added: published at the credential's restart and served at once.
+    write_config(&format!(
+        "[credentials.jwks]\nserve_path = \"{SERVE_PATH}\"\n"
+    ));
+    daemon.signal(libc::SIGHUP);
+    let deadline = Instant::now() + TIMEOUT;
+    while !daemon.log().contains("configuration reloaded") {
+        daemon.keep_waiting("the first reload", deadline).await;
+    }
+    let reply = get(SERVE_PATH).await.expect("the listener answers");
+    assert_eq!(reply.status(), 200, "{}", daemon.log());
+    assert_eq!(reply.headers()["content-type"], "application/jwk-set+json");
+    let set: serde_json::Value = serde_json::from_slice(&reply.bytes().await.unwrap()).unwrap();
+    assert_eq!(jwks::ids(&set), [key.thumbprint()], "the key in use");
+    assert!(set["keys"][0].get("d").is_none(), "public members only");
+    assert!(dir.path().join("state/jwks/app.json").exists());
+    assert!(
+        daemon
+            .log()
+            .contains("current public key published as the JWK Set"),
+        "{}",
+        daemon.log()
+    );
+
+    // Taken away: no longer served (the file stays where it was).
+    write_config("");
+    daemon.signal(libc::SIGHUP);
+    let deadline = Instant::now() + TIMEOUT;
+    while daemon.log().matches("configuration reloaded").count() < 2 {
+        daemon.keep_waiting("the second reload", deadline).await;
+    }
+    assert_eq!(status(get(SERVE_PATH).await), 404);
+    assert_eq!(status(get("/readyz").await), 200, "{}", daemon.log());
+    let private: serde_json::Value =
+        serde_json::from_str(secrecy::ExposeSecret::expose_secret(&key.to_secret())).unwrap();
+    let d_member = private["d"].as_str().unwrap();
+    assert!(!daemon.log().contains(d_member), "a private key in the log");
     daemon.stop().await;
 }

@@ -8,13 +8,13 @@
 //! at `serve_path` on the diagnostics listener, or by any web server),
 //! and/or the data key `jwks.json` of a Kubernetes Secret (mounted into a
 //! web server's pod). [`JwksKeys`] is the [`SecretApi`] of a key rotation
-//! there: its listing is the published keys (by thumbprint), `create` adds the
-//! new public key next to the others and `delete` withdraws one. Each
-//! write reads the set just before and leaves it alone when it already
-//! says what is wanted, so every step is idempotent (a retry after a lost
-//! write or a crash writes nothing new), and a write that would leave no
-//! key is refused (I1). Only public members ever leave the private JWK
-//! ([`super::key::ClientKey::public_jwk`]).
+//! there: its listing is the published keys (by thumbprint), `create`
+//! adds the new public key next to the others and `delete` withdraws one.
+//! Each write reads the set just before and leaves it alone when it
+//! already says what is wanted, so every step is idempotent (a retry after
+//! a lost write or a crash writes nothing new), and a write that would
+//! leave no key is refused (I1). Only public members ever leave the
+//! private JWK ([`super::key::ClientKey::public_jwk`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -95,39 +95,30 @@ impl JwksKeys {
         JwksKeys { client_id, targets }
     }
 
-    /// Publishes the public part of `current` (the key the client signs
-    /// with now) wherever no set exists yet, so that a fresh install
+    /// Publishes the public parts of `keys` (private JWKs, in the order
+    /// of the set: the keys the journal holds as published, the current
+    /// one among them) wherever no set exists yet, so that a fresh install
     /// serves its bootstrap key. A set that exists is left alone: after
     /// the first start it is the rotation's to change. Returns whether
-    /// anything was written.
-    pub async fn publish_initial(&self, current: &SecretString) -> Result<bool, ProviderError> {
-        self.publish_initial_keys(&[current]).await
-    }
-
-    /// [`JwksKeys::publish_initial`] with every key the journal still
-    /// counts on (the current one first, then a pending or a promoted
-    /// rotation's old one): a place added while a rotation runs must hold
-    /// what the other places hold, because a key counts as published only
-    /// where every place holds it ([`JwksKeys::published_ids`]); with the
-    /// current key alone there, the old key would never be listed again
-    /// and stay published, forgotten (I3).
-    pub async fn publish_initial_keys(
-        &self,
-        keys: &[&SecretString],
-    ) -> Result<bool, ProviderError> {
-        let mut publics = Vec::with_capacity(keys.len());
+    /// anything was written (never, for no keys).
+    ///
+    /// A place added while a rotation is unfinished must get the
+    /// rotation's keys too, not only the current one: given only the
+    /// current key while a new key awaits its proof, the new place would
+    /// lack the key the rotation then promotes, and withdrawing the old
+    /// key would leave that place's set empty, which is refused on every
+    /// run.
+    pub async fn publish_initial(&self, keys: &[&SecretString]) -> Result<bool, ProviderError> {
+        let mut public = Vec::with_capacity(keys.len());
         for key in keys {
-            let (_, public) = jwks::public_of(PUBLISH, Some(key))?;
-            publics.push(public);
+            public.push(jwks::public_of(PUBLISH, Some(key))?.1);
+        }
+        if public.is_empty() {
+            return Ok(false);
         }
         let edit = |set: Option<&Value>| -> Result<Option<Value>, ProviderError> {
             Ok(match set {
-                None => {
-                    let set = (publics.iter()).fold(json!({ "keys": [] }), |set, public| {
-                        jwks::with_key(&set, public).unwrap_or(set)
-                    });
-                    Some(set)
-                }
+                None => Some(json!({ "keys": public.clone() })),
                 Some(_) => None,
             })
         };
@@ -138,12 +129,13 @@ impl JwksKeys {
         Ok(written)
     }
 
-    /// The ids (thumbprints) of the keys published in every place. A key only some
-    /// places hold is not listed: after a publish interrupted between two
-    /// places it is published again (idempotently: the places that hold
-    /// it are left alone) rather than taken as done, while a withdrawal
-    /// interrupted between them is repeated anyway, because the machine
-    /// deletes again a retired key it has seen listed (S7 `confirmed`).
+    /// The ids (thumbprints) of the keys published in every place. A key
+    /// only some places hold is not listed: after a publish interrupted
+    /// between two places it is published again (idempotently: the places
+    /// that hold it are left alone) rather than taken as done, while a
+    /// withdrawal interrupted between them is repeated anyway, because the
+    /// machine deletes again a retired key it has seen listed (S7
+    /// `confirmed`).
     pub async fn published_ids(&self) -> Result<Vec<String>, ProviderError> {
         let mut everywhere: Option<Vec<String>> = None;
         for target in &self.targets {
@@ -537,9 +529,9 @@ mod tests {
         let old = generate(Alg::Es256).unwrap();
         let new = generate(Alg::Es256).unwrap();
 
-        assert!(keys.publish_initial(&old.to_secret()).await.unwrap());
+        assert!(keys.publish_initial(&[&old.to_secret()]).await.unwrap());
         assert!(
-            !keys.publish_initial(&new.to_secret()).await.unwrap(),
+            !keys.publish_initial(&[&new.to_secret()]).await.unwrap(),
             "an existing set is the rotation's"
         );
         assert_eq!(jwks::ids(&published(&path)), [old.thumbprint()]);
@@ -586,6 +578,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_place_gets_every_key_given_in_order_and_none_for_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let keys = file_keys(&path);
+        assert!(!keys.publish_initial(&[]).await.unwrap());
+        assert!(!path.exists(), "no keys: no set");
+        let (current, pending) = (generate(Alg::Es256).unwrap(), generate(Alg::Es256).unwrap());
+        assert!(
+            keys.publish_initial(&[&current.to_secret(), &pending.to_secret()])
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            jwks::ids(&published(&path)),
+            [current.thumbprint(), pending.thumbprint()]
+        );
+    }
+
+    #[tokio::test]
     async fn a_file_that_is_not_a_set_is_never_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwks.json");
@@ -618,7 +629,7 @@ mod tests {
                 .map(|s| s.id)
                 .collect::<Vec<_>>()
         };
-        assert!(keys.publish_initial(&old.to_secret()).await.unwrap());
+        assert!(keys.publish_initial(&[&old.to_secret()]).await.unwrap());
         assert_eq!(listed().await, [old.thumbprint()]);
 
         // A publish interrupted after the first place: not listed, so the

@@ -19,6 +19,7 @@ pub mod mappls;
 pub mod mapsindoors;
 pub mod oauth2;
 pub mod okta;
+pub mod okta_api;
 pub mod okta_keys;
 pub mod redact;
 pub mod registration;

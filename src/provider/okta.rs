@@ -15,14 +15,15 @@
 //! (`secret_api_credential`, scope `okta.apps.manage`).
 
 use futures_util::future::BoxFuture;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use url::Url;
 
-use super::http::{Reply, Transport, with_json};
+use super::http::{Reply, Transport};
+use super::okta_api::{ClientAuthCredentials, accepted, created_at};
 use super::{
     ALPHANUMERIC, Capabilities, CreateRequest, Deleted, NewSecret, Overlap, ProviderError,
-    RemoteSecret, Retire, SecretApi, ValueOrigin, classify_secret_api,
+    RemoteSecret, Retire, SecretApi, ValueOrigin,
 };
 use crate::token::Token;
 
@@ -44,9 +45,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 };
 
 pub struct OktaSecrets {
-    transport: Transport,
     /// `…/api/v1/apps/{appId}/credentials/secrets`.
-    url: Url,
+    api: ClientAuthCredentials,
     /// The app's OAuth client id: every listed secret is this client's.
     client_id: String,
 }
@@ -54,35 +54,9 @@ pub struct OktaSecrets {
 impl OktaSecrets {
     pub fn new(transport: Transport, url: Url, client_id: String) -> Self {
         OktaSecrets {
-            transport,
-            url,
+            api: ClientAuthCredentials::new(transport, url),
             client_id,
         }
-    }
-
-    fn secret_url(&self, id: &str, suffix: &[&str]) -> Url {
-        let mut url = self.url.clone();
-        url.path_segments_mut()
-            .expect("an https URL has path segments")
-            .pop_if_empty()
-            .push(id)
-            .extend(suffix);
-        url
-    }
-
-    async fn call(
-        &self,
-        operation: &'static str,
-        request: reqwest::RequestBuilder,
-        bearer: &Token,
-        carried: Option<&SecretString>,
-    ) -> Result<Reply, ProviderError> {
-        let request = request
-            .bearer_auth(bearer.access_token.expose_secret())
-            .header(reqwest::header::ACCEPT, "application/json");
-        let mut secrets = vec![&bearer.access_token];
-        secrets.extend(carried);
-        self.transport.send(operation, request, &secrets).await
     }
 }
 
@@ -98,9 +72,7 @@ pub fn parse_list_reply(
         #[serde(default)]
         created: Option<String>,
     }
-    if !(200..300).contains(&reply.status) {
-        return Err(reply.refusal(operation, classify_secret_api));
-    }
+    accepted(operation, reply)?;
     let items: Vec<Item> = serde_json::from_slice(&reply.body)
         .map_err(|_| reply.unexpected(operation, "expected a JSON list of secrets"))?;
     Ok(items
@@ -112,10 +84,7 @@ pub fn parse_list_reply(
             // by a tag, so nothing is swept by one either (I4).
             description: String::new(),
             client_id: Some(client_id.to_string()),
-            created_at: i
-                .created
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-                .map(std::time::SystemTime::from),
+            created_at: created_at(i.created.as_deref()),
             expires_at: None,
         })
         .collect())
@@ -127,23 +96,13 @@ pub fn parse_create_reply(operation: &'static str, reply: &Reply) -> Result<Stri
     struct Created {
         id: String,
     }
-    if !(200..300).contains(&reply.status) {
-        return Err(reply.refusal(operation, classify_secret_api));
-    }
+    accepted(operation, reply)?;
     let created: Created = serde_json::from_slice(&reply.body)
         .map_err(|_| reply.unexpected(operation, "expected a JSON secret with an id"))?;
     if created.id.is_empty() {
         return Err(reply.unexpected(operation, "empty secret id"));
     }
     Ok(created.id)
-}
-
-fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, ProviderError> {
-    match reply.status {
-        200..=299 => Ok(Deleted::Deleted),
-        404 => Ok(Deleted::NotFound),
-        _ => Err(reply.refusal(operation, classify_secret_api)),
-    }
 }
 
 impl SecretApi for OktaSecrets {
@@ -157,8 +116,7 @@ impl SecretApi for OktaSecrets {
     ) -> BoxFuture<'a, Result<Vec<RemoteSecret>, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "okta list secrets";
-            let request = self.transport.http.inner().get(self.url.clone());
-            let reply = self.call(OP, request, bearer, None).await?;
+            let reply = self.api.list(OP, bearer).await?;
             parse_list_reply(OP, &reply, &self.client_id)
         })
     }
@@ -177,8 +135,7 @@ impl SecretApi for OktaSecrets {
                 ));
             };
             let body = serde_json::json!({ "client_secret": value.expose_secret() });
-            let http = with_json(self.transport.http.inner().post(self.url.clone()), &body);
-            let reply = self.call(OP, http, bearer, Some(value)).await?;
+            let reply = self.api.create(OP, bearer, &body, Some(value)).await?;
             let id = parse_create_reply(OP, &reply)?;
             Ok(NewSecret {
                 id: Some(id),
@@ -196,10 +153,7 @@ impl SecretApi for OktaSecrets {
     ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "okta deactivate secret";
-            let url = self.secret_url(id, &["lifecycle", "deactivate"]);
-            let request = self.transport.http.inner().post(url);
-            let reply = self.call(OP, request, bearer, None).await?;
-            done_or_gone(OP, &reply)
+            self.api.deactivate(OP, bearer, id).await
         })
     }
 
@@ -210,9 +164,7 @@ impl SecretApi for OktaSecrets {
     ) -> BoxFuture<'a, Result<Deleted, ProviderError>> {
         Box::pin(async move {
             const OP: &str = "okta delete secret";
-            let request = self.transport.http.inner().delete(self.secret_url(id, &[]));
-            let reply = self.call(OP, request, bearer, None).await?;
-            done_or_gone(OP, &reply)
+            self.api.delete(OP, bearer, id).await
         })
     }
 }
@@ -220,18 +172,7 @@ impl SecretApi for OktaSecrets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Redactor;
-    use bytes::Bytes;
-
-    fn reply(status: u16, body: &str) -> Reply {
-        Reply::received(
-            status,
-            Some("application/json".into()),
-            Bytes::from(body.to_string()),
-            &Redactor::default(),
-            &[],
-        )
-    }
+    use crate::provider::okta_api::tests::reply;
 
     #[test]
     fn a_listing_is_the_apps_secrets_with_their_creation_time() {

@@ -20,24 +20,24 @@
 //!   `INACTIVE` keys).
 //!
 //! `{keyId}` is Okta's `id` (`pks…`), not the JWK's `kid`. rekeyd names
-//! keys by `kid` everywhere (the journal, the listing it gives the
-//! rotation), so every call by key lists first and maps the `kid` to
-//! Okta's `id`. The page documents no limit on the number of keys.
+//! keys by their RFC 7638 thumbprint everywhere (the journal, the listing
+//! it gives the rotation; [`super::jwks`]), so every call by key lists
+//! first and maps the thumbprint of the listed members to Okta's `id`. The page documents no limit on the number of keys.
 //! Errors are `{"errorCode", "errorSummary", "errorCauses"}` as for
 //! secrets; the API is called with an administrative client's token
 //! (`secret_api_credential`, scope `okta.apps.manage`).
 
 use futures_util::future::BoxFuture;
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
 
-use super::http::{Reply, Transport, with_json};
+use super::http::{Reply, Transport};
 use super::jwks;
+use super::okta_api::{ClientAuthCredentials, accepted, created_at};
 use super::{
     Capabilities, CreateRequest, Deleted, ErrorKind, NewSecret, Overlap, ProviderError,
-    RemoteSecret, Retire, SecretApi, ValueOrigin, classify_secret_api,
+    RemoteSecret, Retire, SecretApi, ValueOrigin,
 };
 use crate::token::Token;
 
@@ -80,9 +80,8 @@ impl OktaKey {
 
 /// An app's keys at `…/api/v1/apps/{appId}/credentials/jwks`.
 pub struct OktaKeys {
-    transport: Transport,
     /// `…/api/v1/apps/{appId}/credentials/jwks`.
-    url: Url,
+    api: ClientAuthCredentials,
     /// The app's OAuth client id: every listed key is this client's.
     client_id: String,
 }
@@ -90,40 +89,14 @@ pub struct OktaKeys {
 impl OktaKeys {
     pub fn new(transport: Transport, url: Url, client_id: String) -> Self {
         OktaKeys {
-            transport,
-            url,
+            api: ClientAuthCredentials::new(transport, url),
             client_id,
         }
     }
 
-    fn key_url(&self, id: &str, suffix: &[&str]) -> Url {
-        let mut url = self.url.clone();
-        url.path_segments_mut()
-            .expect("an http(s) URL has path segments")
-            .pop_if_empty()
-            .push(id)
-            .extend(suffix);
-        url
-    }
-
-    async fn call(
-        &self,
-        operation: &'static str,
-        request: reqwest::RequestBuilder,
-        bearer: &Token,
-    ) -> Result<Reply, ProviderError> {
-        let request = request
-            .bearer_auth(bearer.access_token.expose_secret())
-            .header(reqwest::header::ACCEPT, "application/json");
-        self.transport
-            .send(operation, request, &[&bearer.access_token])
-            .await
-    }
-
     async fn keys(&self, bearer: &Token) -> Result<Vec<OktaKey>, ProviderError> {
         const OP: &str = "okta list keys";
-        let request = self.transport.http.inner().get(self.url.clone());
-        let reply = self.call(OP, request, bearer).await?;
+        let reply = self.api.list(OP, bearer).await?;
         parse_list_reply(OP, &reply)
     }
 }
@@ -135,9 +108,7 @@ pub fn parse_list_reply(
     operation: &'static str,
     reply: &Reply,
 ) -> Result<Vec<OktaKey>, ProviderError> {
-    if !(200..300).contains(&reply.status) {
-        return Err(reply.refusal(operation, classify_secret_api));
-    }
+    accepted(operation, reply)?;
     let body: Value = serde_json::from_slice(&reply.body)
         .map_err(|_| reply.unexpected(operation, "expected JSON"))?;
     let items = match &body {
@@ -174,11 +145,7 @@ pub fn listing(keys: &[OktaKey], client_id: &str) -> Vec<RemoteSecret> {
                 id: k.thumbprint.clone()?,
                 description: String::new(),
                 client_id: Some(client_id.to_string()),
-                created_at: k
-                    .created
-                    .as_deref()
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    .map(std::time::SystemTime::from),
+                created_at: created_at(k.created.as_deref()),
                 expires_at: None,
             })
         })
@@ -198,9 +165,7 @@ pub fn parse_create_reply(
     operation: &'static str,
     reply: &Reply,
 ) -> Result<OktaKey, ProviderError> {
-    if !(200..300).contains(&reply.status) {
-        return Err(reply.refusal(operation, classify_secret_api));
-    }
+    accepted(operation, reply)?;
     let created = serde_json::from_slice::<Value>(&reply.body)
         .ok()
         .as_ref()
@@ -221,14 +186,6 @@ pub fn last_active(keys: &[OktaKey], target: &OktaKey) -> bool {
         && !keys
             .iter()
             .any(|k| k.id != target.id && !copy(k) && k.active())
-}
-
-fn done_or_gone(operation: &'static str, reply: &Reply) -> Result<Deleted, ProviderError> {
-    match reply.status {
-        200..=299 => Ok(Deleted::Deleted),
-        404 => Ok(Deleted::NotFound),
-        _ => Err(reply.refusal(operation, classify_secret_api)),
-    }
 }
 
 /// The key named `id` (its thumbprint).
@@ -278,11 +235,10 @@ impl SecretApi for OktaKeys {
             if find(&self.keys(bearer).await?, &id).is_some() {
                 return Ok(new());
             }
-            let http = with_json(
-                self.transport.http.inner().post(self.url.clone()),
-                &create_body(&public),
-            );
-            let reply = self.call(OP, http, bearer).await?;
+            let reply = self
+                .api
+                .create(OP, bearer, &create_body(&public), None)
+                .await?;
             let created = parse_create_reply(OP, &reply)?;
             if created.thumbprint.as_deref().is_some_and(|t| t != id) {
                 return Err(reply.unexpected(OP, "the added key is another key"));
@@ -325,10 +281,7 @@ impl SecretApi for OktaKeys {
             }
             let mut done = Deleted::NotFound;
             for key in active {
-                let url = self.key_url(&key.id, &["lifecycle", "deactivate"]);
-                let request = self.transport.http.inner().post(url);
-                let reply = self.call(OP, request, bearer).await?;
-                if done_or_gone(OP, &reply)? == Deleted::Deleted {
+                if self.api.deactivate(OP, bearer, &key.id).await? == Deleted::Deleted {
                     done = Deleted::Deleted;
                 }
             }
@@ -346,13 +299,7 @@ impl SecretApi for OktaKeys {
             let keys = self.keys(bearer).await?;
             let mut done = Deleted::NotFound;
             for key in copies(&keys, id) {
-                let request = self
-                    .transport
-                    .http
-                    .inner()
-                    .delete(self.key_url(&key.id, &[]));
-                let reply = self.call(OP, request, bearer).await?;
-                if done_or_gone(OP, &reply)? == Deleted::Deleted {
+                if self.api.delete(OP, bearer, &key.id).await? == Deleted::Deleted {
                     done = Deleted::Deleted;
                 }
             }
@@ -364,18 +311,7 @@ impl SecretApi for OktaKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Redactor;
-    use bytes::Bytes;
-
-    fn reply(status: u16, body: &str) -> Reply {
-        Reply::received(
-            status,
-            Some("application/json".into()),
-            Bytes::from(body.to_string()),
-            &Redactor::default(),
-            &[],
-        )
-    }
+    use crate::provider::okta_api::tests::reply;
 
     /// The documented listing's shape (two RSA keys, one of them
     /// inactive) around two real keys; the first with a kid of an

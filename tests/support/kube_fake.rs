@@ -123,6 +123,9 @@ pub struct KubeFake {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     stalls: watch::Sender<Vec<Stall>>,
+    /// Requests held by a stall so far: a client's request reaching the
+    /// server is the signal a test waits on.
+    stalled: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -136,14 +139,20 @@ impl KubeFake {
     pub async fn start() -> KubeFake {
         let state = Arc::new(Mutex::new(State::default()));
         let stalls = watch::Sender::new(Vec::<Stall>::new());
+        let stalled = watch::Sender::new(0u64);
         let app = Router::new().fallback({
             let state = state.clone();
             let stalls = stalls.clone();
+            let stalled = stalled.clone();
             move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
                 let state = state.clone();
                 let mut stalls = stalls.subscribe();
+                let stalled = stalled.clone();
                 async move {
                     if let Some((kind, _, _)) = route(uri.path()) {
+                        if stalls.borrow().iter().any(|s| s.matches(&method, kind)) {
+                            stalled.send_modify(|n| *n += 1);
+                        }
                         // Answered once no stall matches any more: a request
                         // the client gave up on may still land late, as on a
                         // real server.
@@ -164,6 +173,7 @@ impl KubeFake {
             addr,
             state,
             stalls,
+            stalled,
             task,
         }
     }
@@ -213,6 +223,16 @@ impl KubeFake {
     /// Requests matching `stall` get no answer until [`KubeFake::unstall`].
     pub fn stall(&self, stall: Stall) {
         self.stalls.send_modify(|s| s.push(stall));
+    }
+
+    /// How many requests a stall has held so far.
+    pub fn held(&self) -> u64 {
+        *self.stalled.borrow()
+    }
+
+    /// Waits until `n` requests in all have been held by a stall.
+    pub async fn stalled(&self, n: u64) {
+        let _ = self.stalled.subscribe().wait_for(|held| *held >= n).await;
     }
 
     /// Answers the stalled requests and stalls no more.
