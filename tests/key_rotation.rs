@@ -153,40 +153,69 @@ grace = "0s"
         out
     }
 
-    /// `rekeyd set-secret --force` while a new key is being published
-    /// (phase creating): refused, with the reason and what to run, and
-    /// the journal untouched.
-    async fn set_secret_force_is_refused_while_a_key_is_published(&mut self) {
-        let before = self.record().await;
+    /// `rekeyd set-secret app` with `stdin`, `--force` if asked: its
+    /// status and what it printed.
+    async fn set_secret(&mut self, stdin: &str, force: bool) -> (bool, String) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekeyd"));
-        cmd.args(["set-secret", "app", "--force", "--config"])
+        cmd.args(["set-secret", "app", "--config"])
             .arg(&self.runs.config_path)
             .env_remove("FAILPOINTS")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if force {
+            cmd.arg("--force");
+        }
         let mut child = cmd.spawn().unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let another = key::generate_pem(Alg::Es256).unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut stdin, another.as_bytes())
+        let mut pipe = child.stdin.take().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut pipe, stdin.as_bytes())
             .await
             .unwrap();
-        drop(stdin);
+        drop(pipe);
         let out = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
             .await
             .expect("set-secret ends in time")
             .unwrap();
         let error = String::from_utf8_lossy(&out.stderr).to_string();
         self.runs.logs.push_str(&error);
-        assert!(!out.status.success(), "{error}");
-        assert!(
-            error.contains("publishing a new key") && error.contains("rekeyd rotate app"),
-            "{error}"
-        );
+        (out.status.success(), error)
+    }
+
+    /// While a new key is being published (phase creating), `rekeyd
+    /// set-secret` is refused with the reason and both ways out, the
+    /// journal untouched; `--force` with the key in use (verified first)
+    /// ends the rotation, and the key being published is retired by its
+    /// thumbprint, for the next run to withdraw once a listing shows it.
+    async fn set_secret_while_a_key_is_published(&mut self) {
+        let before = self.record().await;
+        let chosen = key::from_secret(before.chosen().expect("a key in flight")).unwrap();
+        let current = before.current.value.expose_secret().to_string();
+        let (ok, error) = self.set_secret(&current, false).await;
+        assert!(!ok, "{error}");
+        for part in ["publishing a new key", "rekeyd rotate app", "--force"] {
+            assert!(error.contains(part), "{part}: {error}");
+        }
         let after = self.record().await;
         assert_eq!(after.phase(), before.phase(), "the journal is untouched");
-        assert_eq!(after.current.id, before.current.id);
+
+        let (ok, error) = self.set_secret(&current, true).await;
+        assert!(ok, "{error}");
+        let after = self.record().await;
+        assert_eq!(
+            after.phase(),
+            "retiring",
+            "the rotation is over, a key to withdraw"
+        );
+        assert_eq!(after.current.id, before.current.id, "the key in use stays");
+        assert!(
+            after
+                .retire
+                .iter()
+                .any(|r| r.id == Some(chosen.thumbprint())),
+            "the key being published is retired by its thumbprint: {:?}",
+            after.retire
+        );
     }
 
     /// Notes every private key the journal holds, for the log check.
@@ -452,8 +481,7 @@ async fn a_crash_at_every_step_leaves_a_working_key_and_ends_with_one() {
             "{point}: at most the old and the new key: {published:?}"
         );
         if point == "rotation-after-create" {
-            w.set_secret_force_is_refused_while_a_key_is_published()
-                .await;
+            w.set_secret_while_a_key_is_published().await;
         }
         // The next run finishes the rotation.
         let out = w.rotate(None).await;

@@ -61,7 +61,7 @@ pub enum SetSecretError {
     )]
     ChosenValueInFlight(String),
     #[error(
-        "a rotation of {0} is publishing a new key whose private half only its journal holds; the server may already have its public half. Run `rekeyd rotate {0}` to finish the rotation first (it proves the new key, then withdraws the old one); --force cannot replace this journal"
+        "a rotation of {0} is publishing a new key whose private half only its journal holds; the server may already have its public half. Run `rekeyd rotate {0}` to finish the rotation first (it proves the new key, then withdraws the old one), or repeat with --force to replace the journal (the key is verified first; the daemon withdraws the key being published once a listing shows it)"
     )]
     KeyInFlight(String),
     #[error(
@@ -118,12 +118,14 @@ pub async fn set_secret(
         // the app's two places (I3).
         if let Some(chosen) = r.value.chosen() {
             let name = req.name.to_string();
-            return Err(match crate::provider::key::from_secret(chosen) {
-                // A key: published next to the old one; forgetting its
-                // private half would leave a public key nobody can use.
-                Ok(_) => SetSecretError::KeyInFlight(name),
-                Err(_) => SetSecretError::ChosenValueInFlight(name),
-            });
+            match crate::provider::key::from_secret(chosen) {
+                // A key is listed by its thumbprint, which the journal's
+                // value gives: forced, it is retired by that id like any
+                // unconfirmed secret (S7, [`discarded`]), never orphaned.
+                Ok(_) if req.force => {}
+                Ok(_) => return Err(SetSecretError::KeyInFlight(name)),
+                Err(_) => return Err(SetSecretError::ChosenValueInFlight(name)),
+            }
         }
         if r.value.is_unfinished() && !req.force {
             return Err(SetSecretError::Unfinished {
@@ -161,6 +163,7 @@ pub async fn set_secret(
                 // client's (S7), so none is left untracked (I3).
                 let new_digest = RetiredSecret::of(&new).sha256;
                 for (entry, created_here) in discarded(&r.value) {
+                    let entry = &entry;
                     // A secret the rotation created is ours without a
                     // listing (S7).
                     let retired = RetiredSecret {
@@ -224,13 +227,34 @@ pub async fn set_secret(
 
 /// The secrets an unfinished rotation created or had committed to deleting,
 /// each with whether the rotation created it: the pending one (created), or
-/// the promoted one and the old one (promoted). The secret that was current
-/// before the rotation began is left in place, as an install on an idle
-/// journal leaves it.
-fn discarded(record: &CredentialRecord) -> Vec<(&SecretEntry, bool)> {
+/// the promoted one and the old one (promoted), or a key being published
+/// (creating; a secret being created there is refused earlier, no listing
+/// could find it). The secret that was current before the rotation began
+/// is left in place, as an install on an idle journal leaves it.
+fn discarded(record: &CredentialRecord) -> Vec<(SecretEntry, bool)> {
     match &record.rotation {
-        Rotation::Created { pending, .. } => vec![(pending, true)],
-        Rotation::Promoted { old, .. } => vec![(&record.current, true), (old, false)],
+        Rotation::Created { pending, .. } => vec![(pending.clone(), true)],
+        Rotation::Promoted { old, .. } => {
+            vec![(record.current.clone(), true), (old.clone(), false)]
+        }
+        // A key being published may be at the server or not: its
+        // thumbprint names it in a listing, which shows whether it is this
+        // client's before it is withdrawn (S7).
+        Rotation::Creating {
+            chosen: Some(chosen),
+            ..
+        } => match crate::provider::key::from_secret(chosen) {
+            Ok(key) => vec![(
+                SecretEntry {
+                    id: Some(key.thumbprint()),
+                    value: chosen.clone(),
+                    created_at: SystemTime::now(),
+                    expires_at: None,
+                },
+                false,
+            )],
+            Err(_) => Vec::new(),
+        },
         Rotation::Idle | Rotation::Creating { .. } => Vec::new(),
     }
 }
