@@ -685,14 +685,17 @@ async fn fan_out(from: Arc<Notify>, to: Vec<Arc<Notify>>, cancel: CancellationTo
 }
 
 /// Where `cred`'s secret API gets its bearer token: `None` for its own
-/// login; an RFC 7592 registration's access token; else
-/// `secret_api_credential`'s token, logged in with the secret the store
-/// holds for that credential.
+/// login; an RFC 7592 registration's access token; none at all for a JWK
+/// Set rekeyd publishes itself; else `secret_api_credential`'s token,
+/// logged in with the secret the store holds for that credential.
 pub(crate) fn secret_api_bearer(
     cred: &CredentialConfig,
     clients: &provider::HttpClients,
     store: &Arc<dyn Store>,
 ) -> Result<Option<Arc<dyn BearerSource>>, provider::ProviderError> {
+    if cred.jwks.is_some() {
+        return Ok(Some(Arc::new(crate::rotation::driver::NoBearer)));
+    }
     if let Some(registration) = &cred.registration {
         return Ok(Some(Arc::new(RegistrationBearer {
             access_token_file: registration.access_token_file.clone(),

@@ -48,6 +48,7 @@ use rekeyd::store::{CredentialRecord, Store};
 use rotate_runs::{RUN_TIMEOUT, RotateRuns, private_d};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const SIGABRT: i32 = 6;
 const SIGKILL: i32 = 9;
@@ -548,5 +549,89 @@ async fn a_place_added_while_a_new_key_is_unproven_is_given_both_keys() {
     assert!(out.status.success(), "{}", w.runs.logs);
     let last = w.assert_one_key("after the Secret was added").await;
     assert_eq!(last.thumbprint(), pending, "the rotation went on");
+    w.assert_nothing_leaked();
+}
+
+/// A set that lost the key in use (a hand edit, a revert) makes every
+/// login fail. Publishing needs no login (rekeyd writes the set itself),
+/// so `rekeyd rotate` repairs it: a new key is published next to what the
+/// set holds, proven and promoted, and the server accepts it; the lost key
+/// is never withdrawn from a place that does not hold it.
+#[tokio::test]
+async fn a_rotation_repairs_a_set_that_lost_the_key_in_use() {
+    let Some(mut w) = World::new().await else {
+        return;
+    };
+    let out = w.rotate(None).await;
+    assert!(out.status.success(), "{}", w.runs.logs);
+    let lost = w.assert_one_key("the first rotation").await;
+
+    // Someone writes a set without the key in use, in both places.
+    let other = ClientKey::from_file_text(&key::generate_pem(Alg::Es256).unwrap()).unwrap();
+    let set = json!({"keys": [other.public_jwk()]});
+    std::fs::write(&w.file, set.to_string()).unwrap();
+    w.fake.set_secret_entry(
+        NAMESPACE,
+        SECRET,
+        JWKS_SECRET_KEY,
+        set.to_string().as_bytes(),
+    );
+    // A login with a key the server has not seen makes it fetch the set
+    // again (it keeps the keys it fetched until then): from now on it
+    // does not accept the lost key.
+    assert_eq!(w.login_with(&other).await, 200, "the server reads the set");
+    assert!(
+        !w.in_file().contains(&lost.thumbprint()),
+        "the set lost the key"
+    );
+
+    // The run proves and promotes a new key, then waits for a listing to
+    // show the lost key (never, here: it waits as it would for a listing
+    // that lags); it is stopped there, as an operator would stop it.
+    let mut child = w
+        .runs
+        .command()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let waiting = tokio::time::timeout(RUN_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            w.runs.logs.push_str(&line);
+            w.runs.logs.push('\n');
+            if line.contains("waiting before deleting") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("the run gets to its wait in time");
+    assert!(waiting, "the run ended early: {}", w.runs.logs);
+    let pid = child.id().expect("running") as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let stopped = child.wait().await.unwrap();
+    assert!(
+        stopped.code().is_some(),
+        "a handled stop, not a kill: {stopped:?}"
+    );
+    let record = w.record().await;
+    assert_eq!(record.phase(), "retiring", "{}", w.runs.logs);
+    let current = key::from_secret(&record.current.value).unwrap();
+    assert_ne!(current.thumbprint(), lost.thumbprint(), "a new key");
+    assert_eq!(
+        w.login_with(&current).await,
+        200,
+        "repaired: {}",
+        w.runs.logs
+    );
+    for (place, ids) in [("file", w.in_file()), ("Secret", w.in_secret())] {
+        assert_eq!(
+            ids,
+            [other.thumbprint(), current.thumbprint()],
+            "{place}: the set as found, with the new key"
+        );
+    }
     w.assert_nothing_leaked();
 }

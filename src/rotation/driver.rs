@@ -255,6 +255,27 @@ impl BearerSource for RegistrationBearer {
     }
 }
 
+/// No bearer at all: for a secret API that calls no server, the JWK Set
+/// rekeyd publishes itself ([`crate::provider::jwks_publish`], written
+/// with rekeyd's own rights). A rotation then never logs in with the
+/// current key before it publishes, so it can repair a set that lost the
+/// key in use (a hand edit, a revert): the new key is published, proven
+/// and promoted while the lost one is not there to log in with.
+pub struct NoBearer;
+
+impl BearerSource for NoBearer {
+    fn token(&self) -> BoxFuture<'_, Result<Token, ProviderError>> {
+        Box::pin(async {
+            Ok(Token::new(
+                SecretString::from(String::new()),
+                "Bearer".into(),
+                None,
+                Duration::from_secs(86400),
+            ))
+        })
+    }
+}
+
 /// A token of another credential (or token profile), logged in with the
 /// secret the store holds for it: its current one, else (refused) the
 /// pending or old one of its own rotation, as its token engine would.
